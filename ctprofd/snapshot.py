@@ -1,0 +1,78 @@
+"""The result of one probe pass: per-process and per-thread counters plus the summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .summary import ProbeSummary
+
+
+@dataclass(frozen=True)
+class ThreadSample:
+    """One thread's cumulative counters as read in this snapshot."""
+
+    tid: int
+    comm: str
+    allocated_bytes: int
+    deallocated_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"tid": self.tid, "comm": self.comm, "allocated_bytes": self.allocated_bytes,
+                "deallocated_bytes": self.deallocated_bytes}
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One jemalloc process. Its byte totals are the sum over the threads read now plus the
+    last-read values of its threads that exited or could not be read this time
+    (`retained_*`), so they never go backwards while the process lives."""
+
+    pid: int
+    start_time: int
+    comm: str
+    exe: str
+    build_id: str | None
+    uid: int
+    unit: str
+    threads: tuple[ThreadSample, ...]
+    retained_allocated_bytes: int = 0
+    retained_deallocated_bytes: int = 0
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.retained_allocated_bytes + sum(t.allocated_bytes for t in self.threads)
+
+    @property
+    def deallocated_bytes(self) -> int:
+        return self.retained_deallocated_bytes + sum(t.deallocated_bytes for t in self.threads)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Process identity: a reused pid has another start time."""
+        return (self.pid, self.start_time)
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "comm": self.comm, "exe": self.exe, "build_id": self.build_id,
+                "start_time": self.start_time, "uid": self.uid, "unit": self.unit,
+                "allocated_bytes": self.allocated_bytes,
+                "deallocated_bytes": self.deallocated_bytes,
+                "threads": [t.to_dict() for t in self.threads]}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One completed probe pass."""
+
+    timestamp: float
+    duration_seconds: float
+    summary: ProbeSummary
+    failures: dict[str, int] = field(default_factory=dict)
+    processes: tuple[ProcessSample, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The `ctprofd snapshot --json` form (a contract)."""
+        return {"timestamp": self.timestamp,
+                "duration_seconds": self.duration_seconds,
+                "probe_summary": self.summary.to_dict(),
+                "failures": dict(sorted(self.failures.items())),
+                "processes": [p.to_dict() for p in self.processes]}

@@ -1,0 +1,88 @@
+"""The per-snapshot probe summary: tally of outcomes, plurality, privilege gate, log line."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import tags
+
+REMEDIATION_HINT = (
+    "grant ptrace rights: setcap cap_sys_ptrace+eip $(command -v ctprofd), or run as root, "
+    "or sysctl kernel.yama.ptrace_scope=0"
+)
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """Per-snapshot probe outcome, following the CtprofProbeSummary contract."""
+
+    tgids_walked: int = 0
+    jemalloc_detected: int = 0
+    probed_ok: int = 0
+    failed: int = 0
+    dominant_failure: str | None = None
+    privilege_dominant: bool = False
+
+    def remediation_hint(self) -> str | None:
+        """The fixed one-line fix-it text, present exactly when privilege dominates."""
+        return REMEDIATION_HINT if self.privilege_dominant else None
+
+    def log_line(self) -> str:
+        """The operator log line for this snapshot."""
+        line = (f"probe: {self.tgids_walked} tgids walked, {self.jemalloc_detected} jemalloc "
+                f"detected, {self.probed_ok} probed OK, {self.failed} failed")
+        if self.failed:
+            hint = f"; hint: {REMEDIATION_HINT}" if self.privilege_dominant else ""
+            line += f" (dominant: {self.dominant_failure}{hint})"
+        return line
+
+    def to_dict(self) -> dict:
+        """The JSON form: the six fields plus `remediation_hint`."""
+        return {
+            "tgids_walked": self.tgids_walked,
+            "jemalloc_detected": self.jemalloc_detected,
+            "probed_ok": self.probed_ok,
+            "failed": self.failed,
+            "dominant_failure": self.dominant_failure,
+            "privilege_dominant": self.privilege_dominant,
+            "remediation_hint": self.remediation_hint(),
+        }
+
+
+def dominant_tag(failures: Counter[str]) -> str | None:
+    """The most frequent actionable tag; ties go to the tag listed first in the contract
+    (attach tags in pipeline order, then probe tags in pipeline order), so the result
+    never depends on arrival order."""
+    ranked = [(-failures[tag], tags.ALL_TAGS.index(tag)) for tag in tags.ACTIONABLE
+              if failures[tag] > 0]
+    if not ranked:
+        return None
+    return tags.ALL_TAGS[min(ranked)[1]]
+
+
+@dataclass
+class Tally:
+    """Counts every outcome of one probe pass, and derives the summary from them."""
+
+    tgids_walked: int = 0
+    jemalloc_detected: int = 0
+    probed_ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def fail(self, tag: str, count: int = 1) -> None:
+        """Record `count` outcomes with `tag` (actionable or not)."""
+        self.failures[tag] += count
+
+    def summary(self) -> ProbeSummary:
+        """The contract view of this tally."""
+        failed = sum(n for tag, n in self.failures.items() if tag in tags.ACTIONABLE)
+        privilege = sum(self.failures[tag] for tag in tags.PRIVILEGE)
+        return ProbeSummary(
+            tgids_walked=self.tgids_walked,
+            jemalloc_detected=self.jemalloc_detected,
+            probed_ok=self.probed_ok,
+            failed=failed,
+            dominant_failure=dominant_tag(self.failures),
+            privilege_dominant=failed > 0 and 2 * privilege >= failed,
+        )
