@@ -1,0 +1,169 @@
+"""One probe pass over the host: walk /proc, attach to jemalloc processes, read their
+threads, tally every outcome, and return a Snapshot. State (thread pointers, per-process
+totals, the layout cache) lives in the Capturer across passes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Collection
+
+from . import tags
+from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
+from .cache import LayoutCache
+from .debuginfo import DebugSearch
+from .layout import NotJemalloc
+from .probe import ProcessState, ThreadProber
+from .procfs import ProcessInfo, iter_processes, list_threads
+from .ptrace import Tracer
+from .snapshot import ProcessSample, Snapshot
+from .summary import Tally
+from .tags import ProbeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureSettings:
+    """What a Capturer reads and where it looks."""
+
+    proc_root: str = "/proc"
+    cache_dir: str | None = None
+    debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
+    debuginfod_urls: tuple[str, ...] = ()
+    select: Callable[[ProcessInfo], bool] | None = None
+    on_thread_stop: Callable[[float], None] | None = None
+
+
+@dataclass(frozen=True)
+class CaptureStats:
+    """Cumulative counters about the capture itself."""
+
+    ptrace_stops: int
+    elf_opens: int
+    torn_reads: int
+    cache_hits: int
+    cache_misses: int
+    cache_entries: int
+
+
+@dataclass
+class _Tracked:
+    """A process seen before: the binary it ran and what attaching to it gave."""
+
+    identity: BinaryIdentity
+    result: ProcessState | NotJemalloc
+    build_id: str | None = None
+    retained: tuple[int, int] = field(default=(0, 0))
+
+
+class Capturer:
+    """Takes snapshots. Not thread-safe: call `capture` from one thread only (ptrace ties
+    each tracee to the thread that seized it)."""
+
+    def __init__(self, settings: CaptureSettings | None = None) -> None:
+        self.settings = settings or CaptureSettings()
+        self.cache = LayoutCache(self.settings.cache_dir)
+        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs))
+        self.tracer = Tracer()
+        self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
+        self._tracked: dict[tuple[int, int], _Tracked] = {}
+
+    @property
+    def stats(self) -> CaptureStats:
+        return CaptureStats(self.tracer.stops, self.attacher.elf_opens, self.prober.torn_reads,
+                            self.cache.hits, self.cache.misses, len(self.cache))
+
+    def capture(self, pids: Collection[int] | None = None,
+                cancel: threading.Event | None = None) -> Snapshot:
+        """Probe every tgid (or just `pids`); returns early, partial, when `cancel` is set."""
+        started, clock = time.time(), time.monotonic()
+        self.tracer.release_pending()
+        tally = Tally()
+        samples: list[ProcessSample] = []
+        seen: set[tuple[int, int]] = set()
+        complete = True
+        for process in iter_processes(self.settings.proc_root,
+                                      sorted(pids) if pids is not None else None):
+            if cancel is not None and cancel.is_set():
+                complete = False
+                break
+            if isinstance(process, int):
+                tally.tgids_walked += 1
+                tally.fail(tags.PID_MISSING)
+                continue
+            if self.settings.select is not None and not self.settings.select(process):
+                continue
+            tally.tgids_walked += 1
+            seen.add(process.key)
+            sample = self._probe_process(process, tally)
+            if sample is not None:
+                samples.append(sample)
+        if complete and pids is None:
+            self._forget_all_but(seen)
+        self.tracer.release_pending()
+        snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
+                            summary=tally.summary(), failures=dict(tally.failures),
+                            processes=tuple(samples))
+        log.info("%s", snapshot.summary.log_line())
+        return snapshot
+
+    def _probe_process(self, process: ProcessInfo, tally: Tally) -> ProcessSample | None:
+        try:
+            tracked = self._track(process)
+        except ProbeError as error:
+            tally.fail(error.tag)
+            log.debug("%s", error)
+            return None
+        except Exception as exc:  # one odd process must never cost the whole snapshot
+            tally.fail(tags.WORKER_PANIC)
+            log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
+                        type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
+        state = tracked.result
+        if isinstance(state, NotJemalloc):
+            tally.fail(tags.JEMALLOC_NOT_FOUND)
+            return None
+        tally.jemalloc_detected += 1
+        threads = self.prober.probe(process.pid, state, list_threads(process), tally)
+        read = {t.tid for t in threads}
+        unread = [s for tid, s in state.threads.items() if tid not in read]
+        return ProcessSample(
+            pid=process.pid, start_time=process.start_time, comm=process.comm,
+            exe=process.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
+            threads=tuple(threads),
+            retained_allocated_bytes=tracked.retained[0] + state.retained_allocated
+            + sum(s.allocated for s in unread),
+            retained_deallocated_bytes=tracked.retained[1] + state.retained_deallocated
+            + sum(s.deallocated for s in unread))
+
+    def _track(self, process: ProcessInfo) -> _Tracked:
+        """The tracked state of a process, (re)attaching when it is new or exec'ed."""
+        identity = exe_identity(process)
+        tracked = self._tracked.get(process.key)
+        if tracked is not None and tracked.identity == identity:
+            return tracked
+        retained = (0, 0)
+        if tracked is not None and isinstance(tracked.result, ProcessState):
+            # exec'ed another binary: what its old image counted stays in its totals
+            old = tracked.result
+            retained = (tracked.retained[0] + old.retained_allocated
+                        + sum(s.allocated for s in old.threads.values()),
+                        tracked.retained[1] + old.retained_deallocated
+                        + sum(s.deallocated for s in old.threads.values()))
+        result = self.attacher.attach(process, identity)
+        if isinstance(result, Attachment):
+            tracked = _Tracked(identity, ProcessState(result), result.layout.build_id, retained)
+        else:
+            tracked = _Tracked(identity, result, None, retained)
+        self._tracked[process.key] = tracked
+        return tracked
+
+    def _forget_all_but(self, alive: set[tuple[int, int]]) -> None:
+        for key in [k for k in self._tracked if k not in alive]:
+            del self._tracked[key]
+        in_use = {t.identity.key for t in self._tracked.values()}
+        self.cache.forget({k for k in self.cache.memory_keys()
+                           if k.startswith("file:") and k not in in_use})

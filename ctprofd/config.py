@@ -1,0 +1,302 @@
+"""The daemon's YAML configuration: frozen dataclasses, strict one-line validation errors,
+the process-selection predicate, and `ctprofd check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import yaml
+
+if TYPE_CHECKING:
+    from .procfs import ProcessInfo
+
+DEFAULT_PATH = "/etc/ctprofd/ctprofd.yaml"
+EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
+EX_CONFIG = 78
+LABEL_NAMES = ("pid", "comm", "unit", "exe", "user")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line: `SOURCE: KEY: PROBLEM`."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Matchers:
+    """One include or exclude block; a process matches when any single entry matches."""
+
+    comm: tuple[re.Pattern[str], ...] = ()
+    exe: tuple[str, ...] = ()
+    unit: tuple[str, ...] = ()
+    uid: tuple[int, ...] = ()
+
+    def empty(self) -> bool:
+        return not (self.comm or self.exe or self.unit or self.uid)
+
+    def matches(self, info: ProcessInfo) -> bool:
+        return (any(p.search(info.comm) for p in self.comm)
+                or any(fnmatch.fnmatchcase(info.unit, g) for g in self.unit)
+                or info.uid in self.uid
+                or self._exe_matches(info))
+
+    def _exe_matches(self, info: ProcessInfo) -> bool:
+        """An unreadable executable link (exit race, policy) matches no glob."""
+        if not self.exe:
+            return False
+        try:
+            exe = info.exe
+        except OSError:
+            return False
+        return any(fnmatch.fnmatchcase(exe, g) for g in self.exe)
+
+
+@dataclass(frozen=True)
+class Selection:
+    include: Matchers = Matchers()
+    exclude: Matchers = Matchers()
+
+    def selects(self, info: ProcessInfo) -> bool:
+        """Walked: included (or no include rule at all) and not excluded."""
+        included = self.include.empty() or self.include.matches(info)
+        return included and not self.exclude.matches(info)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated daemon configuration; defaults equal config/ctprofd.yaml."""
+
+    listen: str = ":19455"
+    interval: float = 15.0
+    cache_dir: str | None = "/var/cache/ctprofd"
+    state_dir: str = "/var/lib/ctprofd"
+    debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
+    debuginfod_urls: tuple[str, ...] = ()
+    selection: Selection = Selection()
+    labels: tuple[str, ...] = ("pid", "comm", "unit")
+    max_series: int = 10000
+    series_retention: float = 300.0
+    web_config_file: str | None = None
+    log_level: str = "info"
+    source: str = field(default="<defaults>", compare=False)
+
+
+def build_select(selection: Selection) -> Callable[[ProcessInfo], bool]:
+    """The `CaptureSettings.select` predicate for this selection."""
+    return selection.selects
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split HOST:PORT ("" host = every address; IPv6 hosts in brackets); ValueError if bad."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:19455")
+    return host, int(port)
+
+
+def load(path: str) -> Config:
+    """Read and validate the YAML file at `path`; ConfigError on any problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(path, "", f"cannot read: {getattr(err, 'strerror', None) or err}")
+    return parse(text, path)
+
+
+def load_default() -> Config:
+    """The embedded default configuration (ctprofd/default.yaml)."""
+    return load(str(EMBEDDED_DEFAULT))
+
+
+def parse(text: str, source: str) -> Config:
+    """Validate YAML text; `source` names it in errors."""
+    raw = load_yaml(text, source)
+    return _Validator(source).config(raw)
+
+
+def load_yaml(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML into a mapping (empty document = {}); one-line ConfigError if malformed."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(source, "", f"invalid YAML{where}: {problem}")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", f"expected a mapping at top level, got {_kind(raw)}")
+    return raw
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+class Reader:
+    """Typed accessors that raise one-line ConfigErrors naming the source and key path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                path = f"{key}.{name}" if key else str(name)
+                raise self.fail(path, f"unknown key (known: {', '.join(allowed)})")
+        return value
+
+    def string(self, value: Any, key: str, nullable: bool = False) -> str | None:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_kind(value)}")
+        return value
+
+    def number(self, value: Any, key: str, minimum: float, exclusive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"expected a number, got {_kind(value)}")
+        if value < minimum or (exclusive and value == minimum):
+            raise self.fail(key, f"must be {'>' if exclusive else '>='} {minimum:g}, got {value}")
+        return float(value)
+
+    def integer(self, value: Any, key: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def items(self, value: Any, key: str) -> list[tuple[str, Any]]:
+        """(key path, item) pairs of a list."""
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list, got {_kind(value)}")
+        return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+    def strings(self, value: Any, key: str) -> tuple[str, ...]:
+        return tuple(self.string(item, path) for path, item in self.items(value, key))
+
+
+class _Validator(Reader):
+    """Turns the raw YAML mapping into a Config."""
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        d = Config()
+        names = tuple(n for n in Config.__dataclass_fields__ if n != "source")
+        raw = self.mapping(raw, "", names)
+        get = raw.get
+        return Config(
+            listen=self._listen(get("listen", d.listen)),
+            interval=self.number(get("interval", d.interval), "interval", 0, exclusive=True),
+            cache_dir=self.string(get("cache_dir", d.cache_dir), "cache_dir", nullable=True),
+            state_dir=self.string(get("state_dir", d.state_dir), "state_dir"),
+            debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
+            debuginfod_urls=self._urls(get("debuginfod_urls", [])),
+            selection=self._selection(get("selection", {})),
+            labels=self._labels(get("labels", list(d.labels))),
+            max_series=self.integer(get("max_series", d.max_series), "max_series", 1),
+            series_retention=self.number(get("series_retention", d.series_retention),
+                                         "series_retention", 0),
+            web_config_file=self.string(get("web_config_file"), "web_config_file", nullable=True),
+            log_level=self._log_level(get("log_level", d.log_level)),
+            source=self.source,
+        )
+
+    def _listen(self, value: Any) -> str:
+        text = self.string(value, "listen")
+        try:
+            parse_listen(text)
+        except ValueError as err:
+            raise self.fail("listen", str(err))
+        return text
+
+    def _urls(self, value: Any) -> tuple[str, ...]:
+        urls = self.strings(value, "debuginfod_urls")
+        for i, url in enumerate(urls):
+            if not re.match(r"https?://[^/\s]+", url):
+                raise self.fail(f"debuginfod_urls[{i}]", f"not an http(s) URL: {url!r}")
+        return urls
+
+    def _selection(self, value: Any) -> Selection:
+        raw = self.mapping(value, "selection", ("include", "exclude"))
+        return Selection(include=self._matchers(raw.get("include", {}), "selection.include"),
+                         exclude=self._matchers(raw.get("exclude", {}), "selection.exclude"))
+
+    def _matchers(self, value: Any, key: str) -> Matchers:
+        raw = self.mapping(value, key, ("comm", "exe", "unit", "uid"))
+        patterns = []
+        for path, item in self.items(raw.get("comm", []), f"{key}.comm"):
+            try:
+                patterns.append(re.compile(self.string(item, path)))
+            except re.error as err:
+                raise self.fail(path, f"invalid regex {item!r}: {err.msg}")
+        uids = tuple(self.integer(item, path, 0)
+                     for path, item in self.items(raw.get("uid", []), f"{key}.uid"))
+        return Matchers(comm=tuple(patterns), exe=self.strings(raw.get("exe", []), f"{key}.exe"),
+                        unit=self.strings(raw.get("unit", []), f"{key}.unit"), uid=uids)
+
+    def _labels(self, value: Any) -> tuple[str, ...]:
+        labels = self.strings(value, "labels")
+        for i, name in enumerate(labels):
+            if name not in LABEL_NAMES:
+                raise self.fail(f"labels[{i}]", f"unknown label {name!r} "
+                                f"(choose from {', '.join(LABEL_NAMES)})")
+            if name in labels[:i]:
+                raise self.fail(f"labels[{i}]", f"duplicate label {name!r}")
+        return labels
+
+    def _log_level(self, value: Any) -> str:
+        level = self.string(value, "log_level")
+        if level not in LOG_LEVELS:
+            raise self.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        return level
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """`ctprofd check-config PATH`: print `PATH: OK` or the one-line error; 0 or 78."""
+    from .web import load_web_config
+
+    try:
+        config = load(args.path)
+        if config.web_config_file:
+            load_web_config(config.web_config_file)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.path}: OK")
+    return 0
+
+
+def add_check_config_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `check-config PATH` (also validates the web config file it names)."""
+    parser = subparsers.add_parser(
+        "check-config", help="validate a configuration file",
+        description="Validate a ctprofd configuration file (and the web config file it "
+                    "names); print OK or a one-line error. Exit 0, or 78 on a bad config.")
+    parser.add_argument("path", metavar="PATH", help="the YAML configuration file")
+    parser.set_defaults(func=check_config)
+    return parser

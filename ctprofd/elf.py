@@ -1,0 +1,140 @@
+"""Facts about one ELF object that locating jemalloc's TSD needs: build-id, PT_TLS,
+the TSD symbol, debuglink, TLS relocations. Pure reads of an open file."""
+
+from __future__ import annotations
+
+import mmap
+import re
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+TSD_SYMBOL = re.compile(r"^(?:\w*_)?tsd_tls$")  # tsd_tls, je_tsd_tls, _rjem_je_tsd_tls, …
+MALLCTL_SYMBOL = re.compile(r"^(?:\w*_)?mallctl$")
+JEMALLOC_MARKER = b"<jemalloc>: "
+R_X86_64_TPOFF64 = 18
+
+
+@dataclass(frozen=True)
+class TlsSegment:
+    """The PT_TLS program header: where the module's TLS block image lives and its size."""
+
+    vaddr: int
+    memsz: int
+    align: int
+
+    def static_block_offset(self) -> int:
+        """Distance below the thread pointer of module 1's TLS block (x86_64 variant II),
+        as glibc computes it: round_up(memsz - firstbyte, align) + firstbyte."""
+        align = max(self.align, 1)
+        firstbyte = (-self.vaddr) & (align - 1)
+        return -(-(self.memsz - firstbyte) // align) * align + firstbyte
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    value: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TpoffReloc:
+    """An R_X86_64_TPOFF64 relocation: the GOT slot the loader fills with a TP offset."""
+
+    offset: int
+    symbol: str | None  # None when against the module (symbol index 0)
+    addend: int
+
+
+def open_elf(stream: BinaryIO) -> ELFFile:
+    """Parse the ELF header; raises ELFError or ValueError for a non-ELF file."""
+    return ELFFile(stream)
+
+
+def is_x86_64(elf: ELFFile) -> bool:
+    return elf.elfclass == 64 and elf["e_machine"] == "EM_X86_64"
+
+
+def build_id(elf: ELFFile) -> str | None:
+    """NT_GNU_BUILD_ID as lowercase hex, or None."""
+    for segment in elf.iter_segments("PT_NOTE"):
+        for note in segment.iter_notes():
+            if note["n_type"] == "NT_GNU_BUILD_ID":
+                return note["n_desc"]
+    for section in elf.iter_sections("SHT_NOTE"):
+        for note in section.iter_notes():
+            if note["n_type"] == "NT_GNU_BUILD_ID":
+                return note["n_desc"]
+    return None
+
+
+def tls_segment(elf: ELFFile) -> TlsSegment | None:
+    for segment in elf.iter_segments("PT_TLS"):
+        return TlsSegment(segment["p_vaddr"], segment["p_memsz"], segment["p_align"])
+    return None
+
+
+def _symbol_tables(elf: ELFFile) -> list[SymbolTableSection]:
+    return [s for s in elf.iter_sections() if isinstance(s, SymbolTableSection)
+            and s["sh_type"] in ("SHT_SYMTAB", "SHT_DYNSYM")]
+
+
+def has_symtab(elf: ELFFile) -> bool:
+    return elf.get_section_by_name(".symtab") is not None
+
+
+def tsd_symbol(elf: ELFFile) -> Symbol | None:
+    """jemalloc's thread-local TSD variable, from .symtab or .dynsym."""
+    for table in _symbol_tables(elf):
+        for sym in table.iter_symbols():
+            if sym["st_info"]["type"] == "STT_TLS" and TSD_SYMBOL.match(sym.name):
+                return Symbol(sym.name, sym["st_value"], sym["st_size"])
+    return None
+
+
+def exports_mallctl(elf: ELFFile) -> bool:
+    """True when the dynamic symbol table defines jemalloc's `mallctl` (maybe prefixed)."""
+    table = elf.get_section_by_name(".dynsym")
+    if not isinstance(table, SymbolTableSection):
+        return False
+    return any(sym["st_shndx"] != "SHN_UNDEF" and MALLCTL_SYMBOL.match(sym.name)
+               for sym in table.iter_symbols())
+
+
+def has_jemalloc_marker(stream: BinaryIO) -> bool:
+    """jemalloc's message prefix is in the file: a stripped binary may still be jemalloc."""
+    with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return view.find(JEMALLOC_MARKER) >= 0
+
+
+def has_debug_info(elf: ELFFile) -> bool:
+    section = elf.get_section_by_name(".debug_info") or elf.get_section_by_name(".zdebug_info")
+    return section is not None and section["sh_type"] != "SHT_NOBITS" and section["sh_size"] > 0
+
+
+def debuglink(elf: ELFFile) -> tuple[str, int] | None:
+    """The .gnu_debuglink file name and its CRC32, or None."""
+    section = elf.get_section_by_name(".gnu_debuglink")
+    if section is None:
+        return None
+    data = section.data()
+    name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    crc_at = (len(name) + 1 + 3) & ~3
+    return name, int.from_bytes(data[crc_at:crc_at + 4], "little")
+
+
+def tpoff_relocations(elf: ELFFile) -> list[TpoffReloc]:
+    """R_X86_64_TPOFF64 dynamic relocations (initial-exec TLS accesses)."""
+    relocs = []
+    for section in elf.iter_sections("SHT_RELA"):
+        symtab = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+        for rel in section.iter_relocations():
+            if rel["r_info_type"] != R_X86_64_TPOFF64:
+                continue
+            index = rel["r_info_sym"]
+            name = symtab.get_symbol(index).name if index and symtab is not None else None
+            relocs.append(TpoffReloc(rel["r_offset"], name or None, rel["r_addend"]))
+    return relocs

@@ -1,0 +1,114 @@
+"""Probing the threads of one attached process: thread pointers once per thread life,
+then only memory reads; counters that never go backwards."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import memory, tags
+from .attach import Attachment
+from .procfs import ThreadInfo
+from .ptrace import Tracer
+from .snapshot import ThreadSample
+from .summary import Tally
+from .tags import ProbeError
+
+ADDRESS_LIMIT = 1 << 64
+_U64 = struct.Struct("<Q")
+
+
+def _counters(data: bytes) -> tuple[int, int]:
+    """(thread_allocated, thread_deallocated) from a read spanning both counters."""
+    return _U64.unpack_from(data, 0)[0], _U64.unpack_from(data, len(data) - 8)[0]
+
+
+@dataclass
+class ThreadState:
+    """What is known about one thread (tid + start time) across snapshots."""
+
+    start_time: int
+    counters_at: int  # address of thread_allocated
+    allocated: int = 0
+    deallocated: int = 0
+
+
+@dataclass
+class ProcessState:
+    """Per-process state: the attachment, its threads, and totals of threads gone."""
+
+    attachment: Attachment
+    threads: dict[int, ThreadState] = field(default_factory=dict)
+    retained_allocated: int = 0
+    retained_deallocated: int = 0
+
+    def retire(self, tid: int) -> None:
+        """Fold a thread that exited into the retained totals."""
+        state = self.threads.pop(tid)
+        self.retained_allocated += state.allocated
+        self.retained_deallocated += state.deallocated
+
+
+class ThreadProber:
+    """Reads the counters of all threads of a process in as few syscalls as possible."""
+
+    def __init__(self, tracer: Tracer, on_stop: Callable[[float], None] | None = None) -> None:
+        self.tracer = tracer
+        self.on_stop = on_stop
+        self.torn_reads = 0
+
+    def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo],
+              tally: Tally) -> list[ThreadSample]:
+        """Read every listed thread; failures are tallied; returns the threads read."""
+        listed = {t.tid: t for t in threads}
+        for tid in [tid for tid, s in state.threads.items()
+                    if tid not in listed or listed[tid].start_time != s.start_time]:
+            state.retire(tid)
+        for thread in threads:
+            if thread.tid not in state.threads:
+                self._locate(thread, state, tally)
+        readable = [t for t in threads if t.tid in state.threads]
+        return self._read(pid, state, readable, tally)
+
+    def _locate(self, thread: ThreadInfo, state: ProcessState, tally: Tally) -> None:
+        try:
+            pointer = self.tracer.thread_pointer(thread.tid)
+        except ProbeError as error:
+            tally.fail(error.tag)
+            return
+        if self.on_stop:
+            self.on_stop(pointer.stopped_seconds)
+        layout = state.attachment.layout
+        address = pointer.fs_base + state.attachment.tsd_delta + layout.allocated_offset
+        end = address - layout.allocated_offset + layout.deallocated_offset + 8
+        if pointer.fs_base == 0 or not 0 < address < end <= ADDRESS_LIMIT:
+            tally.fail(tags.TLS_ARITHMETIC)
+            return
+        state.threads[thread.tid] = ThreadState(thread.start_time, address)
+
+    def _read(self, pid: int, state: ProcessState, threads: list[ThreadInfo],
+              tally: Tally) -> list[ThreadSample]:
+        layout = state.attachment.layout
+        span = layout.deallocated_offset - layout.allocated_offset + 8
+        ranges = [(state.threads[t.tid].counters_at, span) for t in threads]
+        samples = []
+        for thread, data in zip(threads, memory.read_ranges(pid, ranges)):
+            if isinstance(data, OSError):
+                tally.fail(tags.PROCESS_VM_READV)
+                continue
+            known = state.threads[thread.tid]
+            allocated, deallocated = _counters(data)
+            if allocated < known.allocated or deallocated < known.deallocated:
+                # The target was writing the word as we copied it: read once more, and never
+                # let a counter go backwards either way.
+                self.torn_reads += 1
+                again = memory.read_ranges(pid, [(known.counters_at, span)])[0]
+                if not isinstance(again, OSError):
+                    allocated, deallocated = _counters(again)
+            known.allocated = max(known.allocated, allocated)
+            known.deallocated = max(known.deallocated, deallocated)
+            tally.probed_ok += 1
+            samples.append(ThreadSample(thread.tid, thread.comm, known.allocated,
+                                        known.deallocated))
+        return samples

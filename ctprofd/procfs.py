@@ -1,0 +1,176 @@
+"""Reading /proc: tgids, threads, identity (pid + start time), owner and systemd unit.
+
+Every function takes the proc root so tests and containers can point it elsewhere.
+A process that exits mid-read raises OSError (FileNotFoundError/ProcessLookupError);
+callers treat that as a lost race, not an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterator
+
+_UNIT_RE = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
+
+
+@dataclass(frozen=True)
+class StatLine:
+    """The fields of /proc/PID/stat (or /proc/PID/task/TID/stat) that ctprofd uses."""
+
+    comm: str
+    state: str
+    start_time: int  # clock ticks after boot (field 22): with the id, the identity
+
+
+def parse_stat(text: str) -> StatLine:
+    """Parse a stat line; the comm may itself contain spaces and parentheses."""
+    head, _, tail = text.rpartition(")")
+    comm = head.partition("(")[2]
+    fields = tail.split()
+    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]))
+
+
+def read_stat(path: str) -> StatLine:
+    """Read and parse one stat file."""
+    with open(path, "rb") as f:
+        return parse_stat(f.read().decode("utf-8", "replace"))
+
+
+def unit_from_cgroup(text: str) -> str:
+    """The innermost systemd unit (.service, .scope, …) named in a /proc/PID/cgroup file."""
+    for line in text.splitlines():
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        if hierarchy == "" or "name=systemd" in hierarchy:
+            units = [part for part in path.split("/") if _UNIT_RE.match(part)]
+            if units:
+                return units[-1]
+    return ""
+
+
+def list_pids(directory: str) -> list[int]:
+    """Numeric entries of a /proc or /proc/PID/task directory, sorted."""
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+class ProcessInfo:
+    """What selection filters and labels see of one tgid, read lazily from /proc."""
+
+    def __init__(self, proc_root: str, pid: int, stat: StatLine) -> None:
+        self.proc_root = proc_root
+        self.pid = pid
+        self.comm = stat.comm
+        self.start_time = stat.start_time
+        self.state = stat.state
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start_time)
+
+    def path(self, *parts: str) -> str:
+        """A path below /proc/PID."""
+        return os.path.join(self.proc_root, str(self.pid), *parts)
+
+    @cached_property
+    def exe(self) -> str:
+        """The executable's path as the kernel names it (may end in ' (deleted)');
+        raises OSError when unreadable (exit race, or not allowed)."""
+        return os.readlink(self.path("exe"))
+
+    @cached_property
+    def uid(self) -> int:
+        """Real uid, -1 when unreadable."""
+        try:
+            with open(self.path("status"), "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return -1
+
+    @cached_property
+    def unit(self) -> str:
+        """The systemd unit from the cgroup path, '' when none or unreadable."""
+        try:
+            with open(self.path("cgroup"), "rb") as f:
+                return unit_from_cgroup(f.read().decode("utf-8", "replace"))
+        except OSError:
+            return ""
+
+    def __repr__(self) -> str:
+        return f"ProcessInfo(pid={self.pid}, comm={self.comm!r})"
+
+
+def iter_processes(proc_root: str = "/proc",
+                   pids: list[int] | None = None) -> Iterator[ProcessInfo | int]:
+    """Every tgid but our own: a ProcessInfo, or the bare pid when its stat vanished."""
+    own = os.getpid()
+    for pid in (pids if pids is not None else list_pids(proc_root)):
+        if pid == own:
+            continue
+        try:
+            stat = read_stat(os.path.join(proc_root, str(pid), "stat"))
+        except (OSError, ValueError, IndexError):
+            yield pid
+            continue
+        yield ProcessInfo(proc_root, pid, stat)
+
+
+@dataclass(frozen=True)
+class ThreadInfo:
+    """One thread of a process: its id, thread start time and name."""
+
+    tid: int
+    start_time: int
+    comm: str
+
+
+def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
+    """The threads alive now; threads that exit while listed are left out."""
+    threads = []
+    task_dir = process.path("task")
+    for tid in list_pids(task_dir):
+        try:
+            stat = read_stat(os.path.join(task_dir, str(tid), "stat"))
+        except (OSError, ValueError, IndexError):
+            continue
+        threads.append(ThreadInfo(tid, stat.start_time, stat.comm))
+    return threads
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps with a file behind it."""
+
+    start: int
+    end: int
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def map_files_name(self) -> str:
+        """The entry name of this mapping under /proc/PID/map_files."""
+        return f"{self.start:x}-{self.end:x}"
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """File-backed mappings (anonymous and pseudo ones like [heap] are left out)."""
+    mappings = []
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        start, _, end = fields[0].partition("-")
+        mappings.append(Mapping(int(start, 16), int(end, 16), int(fields[2], 16),
+                                int(fields[4]), fields[5]))
+    return mappings
+
+
+def read_maps(process: ProcessInfo) -> list[Mapping]:
+    """The process's file-backed mappings; raises OSError when unreadable."""
+    with open(process.path("maps"), "rb") as f:
+        return parse_maps(f.read().decode("utf-8", "replace"))

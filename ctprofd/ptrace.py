@@ -1,0 +1,152 @@
+"""Reading a thread's thread pointer (fs_base) with ptrace, stopping it as briefly as possible.
+
+Seize, interrupt, a bounded wait for the stop, one register read, detach: the detach
+happens on every path. errno is turned into the contract's tags right here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from dataclasses import dataclass
+
+from . import tags
+from .tags import ProbeError
+
+PTRACE_DETACH = 17
+PTRACE_GETREGSET = 0x4204
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_EVENT_STOP = 128
+NT_PRSTATUS = 1
+WALL = 0x40000000  # __WALL: wait for threads, not only for children
+USER_REGS_WORDS = 27  # sizeof(struct user_regs_struct) / 8 on x86_64
+FS_BASE_WORD = 21
+STOP_TIMEOUT = 0.25
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _ptrace(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p = 0) -> int:
+    """Raw ptrace; raises OSError with the call's errno."""
+    ctypes.set_errno(0)
+    result = _libc.ptrace(request, tid, addr, data)
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+@dataclass(frozen=True)
+class ThreadPointer:
+    """fs_base of a thread, and how long reading it kept the thread stopped."""
+
+    fs_base: int
+    stopped_seconds: float
+
+
+def _wait_for_stop(tid: int, deadline: float) -> int:
+    """Wait, polling without blocking, until `tid` reports a stop; returns the status."""
+    pause = 0.00002
+    while True:
+        try:
+            waited, status = os.waitpid(tid, os.WNOHANG | WALL)
+        except ChildProcessError as exc:
+            raise ProbeError(tags.WAITPID, f"tid {tid}: waitpid: {exc.strerror}") from None
+        if waited == tid:
+            if not os.WIFSTOPPED(status):
+                raise ProbeError(tags.WAITPID, f"tid {tid}: exited while being stopped")
+            return status
+        if time.monotonic() >= deadline:
+            raise ProbeError(tags.WAITPID, f"tid {tid}: no stop within {STOP_TIMEOUT * 1000:.0f} ms")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.002)
+
+
+def _read_fs_base(tid: int) -> int:
+    regs = (ctypes.c_uint64 * USER_REGS_WORDS)()
+    iov = _IoVec(ctypes.cast(regs, ctypes.c_void_p), ctypes.sizeof(regs))
+    try:
+        _ptrace(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
+    except OSError as exc:
+        raise ProbeError(tags.GET_REGSET, f"tid {tid}: PTRACE_GETREGSET: {exc.strerror}") from None
+    if iov.len < (FS_BASE_WORD + 1) * 8:
+        raise ProbeError(tags.GET_REGSET, f"tid {tid}: short register set ({iov.len} bytes)")
+    return regs[FS_BASE_WORD]
+
+
+class Tracer:
+    """Reads thread pointers. Must be used from one OS thread: ptrace ties a tracee to the
+    thread that seized it. Threads that could not be detached yet (no stop arrived in
+    time) are retried by `release_pending()`; the kernel detaches them if we exit."""
+
+    def __init__(self, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.stop_timeout = stop_timeout
+        self.stops = 0
+        self._pending: set[int] = set()
+
+    def thread_pointer(self, tid: int) -> ThreadPointer:
+        """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag."""
+        try:
+            _ptrace(PTRACE_SEIZE, tid)
+        except OSError as exc:
+            raise ProbeError(tags.PTRACE_SEIZE,
+                             f"tid {tid}: PTRACE_SEIZE: {errno.errorcode.get(exc.errno, '?')} "
+                             f"({exc.strerror})") from None
+        stopped_at = time.monotonic()
+        signal_to_forward = 0
+        stopped = False
+        try:
+            try:
+                _ptrace(PTRACE_INTERRUPT, tid)
+            except OSError as exc:
+                raise ProbeError(tags.PTRACE_INTERRUPT,
+                                 f"tid {tid}: PTRACE_INTERRUPT: {exc.strerror}") from None
+            status = _wait_for_stop(tid, stopped_at + self.stop_timeout)
+            stopped = True
+            self.stops += 1
+            if status >> 16 != PTRACE_EVENT_STOP:
+                # A signal-delivery stop raced our interrupt: hand the signal back on detach.
+                signal_to_forward = os.WSTOPSIG(status)
+            fs_base = _read_fs_base(tid)
+        finally:
+            self._detach(tid, signal_to_forward, stopped)
+        return ThreadPointer(fs_base, time.monotonic() - stopped_at)
+
+    def _detach(self, tid: int, signal: int, stopped: bool) -> None:
+        try:
+            _ptrace(PTRACE_DETACH, tid, 0, signal)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH and not stopped and os.path.exists(f"/proc/{tid}"):
+                self._pending.add(tid)  # still running toward our stop: detach it later
+
+    def release_pending(self) -> None:
+        """Detach the threads whose stop arrived after we gave up waiting."""
+        for tid in list(self._pending):
+            try:
+                waited, status = os.waitpid(tid, os.WNOHANG | WALL)
+            except ChildProcessError:
+                self._pending.discard(tid)
+                continue
+            if waited == tid:
+                signal = 0
+                if os.WIFSTOPPED(status) and status >> 16 != PTRACE_EVENT_STOP:
+                    signal = os.WSTOPSIG(status)
+                try:
+                    _ptrace(PTRACE_DETACH, tid, 0, signal)
+                except OSError:
+                    pass
+                self._pending.discard(tid)
+
+    @property
+    def pending(self) -> int:
+        """Threads still attached, waiting for their stop to detach them."""
+        return len(self._pending)
