@@ -1,0 +1,101 @@
+"""The probe-summary contract: actionable filter, plurality, tie-break, privilege gate."""
+
+from collections import Counter
+
+import pytest
+
+from ctprofd import tags
+from ctprofd.summary import REMEDIATION_HINT, ProbeSummary, Tally, dominant_tag
+
+
+def summarize(**counts: int) -> ProbeSummary:
+    tally = Tally(tgids_walked=10, jemalloc_detected=2, probed_ok=5)
+    for name, n in counts.items():
+        tally.fail(name.replace("_", "-"), n)
+    return tally.summary()
+
+
+def test_zero_tgids_gives_all_zero_and_no_dominant():
+    summary = Tally().summary()
+    assert summary == ProbeSummary(0, 0, 0, 0, None, False)
+    assert summary.remediation_hint() is None
+
+
+def test_zero_failures_is_not_privilege_dominant():
+    summary = summarize()
+    assert (summary.failed, summary.dominant_failure, summary.privilege_dominant) == (0, None, False)
+
+
+def test_non_actionable_tags_never_count():
+    summary = summarize(jemalloc_not_found=50, readlink_failure=7)
+    assert summary.failed == 0
+    assert summary.dominant_failure is None
+    assert not summary.privilege_dominant
+
+
+def test_exactly_half_ptrace_is_privilege_dominant():
+    summary = summarize(ptrace_seize=1, ptrace_interrupt=1, waitpid=2)
+    assert summary.failed == 4
+    assert summary.privilege_dominant
+    assert summary.remediation_hint() == REMEDIATION_HINT
+
+
+def test_just_under_half_ptrace_is_not_privilege_dominant():
+    summary = summarize(ptrace_seize=2, waitpid=3)
+    assert not summary.privilege_dominant
+    assert summary.remediation_hint() is None
+
+
+def test_privilege_dominant_while_another_tag_wins_the_plurality():
+    summary = summarize(ptrace_seize=2, ptrace_interrupt=2, dwarf_parse_failure=3)
+    assert summary.privilege_dominant
+    assert summary.dominant_failure == tags.DWARF_PARSE_FAILURE
+
+
+def test_ptrace_tag_dominant_without_privilege_dominating():
+    summary = summarize(ptrace_seize=3, waitpid=2, get_regset=2, tls_arithmetic=2)
+    assert summary.dominant_failure == tags.PTRACE_SEIZE
+    assert not summary.privilege_dominant
+
+
+@pytest.mark.parametrize("first,second", [
+    (tags.PTRACE_SEIZE, tags.DWARF_PARSE_FAILURE),
+    (tags.WAITPID, tags.PTRACE_INTERRUPT),
+    (tags.PROCESS_VM_READV, tags.PID_MISSING),
+])
+def test_ties_break_by_contract_order_regardless_of_arrival(first, second):
+    expected = min(first, second, key=tags.ALL_TAGS.index)
+    assert dominant_tag(Counter({first: 2, second: 2})) == expected
+    assert dominant_tag(Counter({second: 2, first: 2})) == expected
+
+
+def test_log_line_without_failures():
+    assert summarize().log_line() == (
+        "probe: 10 tgids walked, 2 jemalloc detected, 5 probed OK, 0 failed")
+
+
+def test_log_line_names_dominant_and_hint_when_privilege_dominates():
+    line = summarize(ptrace_seize=3, waitpid=1).log_line()
+    assert line.endswith(f"4 failed (dominant: ptrace-seize; hint: {REMEDIATION_HINT})")
+
+
+def test_log_line_without_hint_when_privilege_does_not_dominate():
+    line = summarize(waitpid=3, ptrace_seize=1).log_line()
+    assert line.endswith("4 failed (dominant: waitpid)")
+
+
+def test_hint_names_setcap_root_and_yama():
+    assert "setcap cap_sys_ptrace+eip" in REMEDIATION_HINT
+    assert "root" in REMEDIATION_HINT
+    assert "kernel.yama.ptrace_scope" in REMEDIATION_HINT
+
+
+def test_json_form_has_the_seven_keys():
+    assert set(summarize(waitpid=1).to_dict()) == {
+        "tgids_walked", "jemalloc_detected", "probed_ok", "failed", "dominant_failure",
+        "privilege_dominant", "remediation_hint"}
+
+
+def test_unknown_tag_is_rejected():
+    with pytest.raises(ValueError):
+        tags.ProbeError("made-up", "x")
