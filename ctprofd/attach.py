@@ -1,24 +1,26 @@
-"""Attaching to one tgid: which binary it runs, whether jemalloc is in it, and where each
-thread's TSD lies relative to its thread pointer. Results are cached per binary."""
+"""Attaching to one tgid: which binary it runs, whether jemalloc is in it (the executable
+or a shared object), and where each thread's TSD lies relative to its thread pointer.
+Every distinct binary is parsed at most once; results are cached by identity and build-id."""
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from . import tags
+from . import elf, memory, tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for
-from .layout import resolve_executable
-from .procfs import ProcessInfo, read_maps
+from .layout import resolve_object
+from .procfs import Mapping, ProcessInfo, read_maps
 from .tags import ProbeError
-from . import elf
 
 
 @dataclass(frozen=True)
 class BinaryIdentity:
-    """A file as the kernel sees it; stat of /proc/PID/exe, no open needed."""
+    """A file as the kernel sees it, from a stat through /proc: no open needed."""
 
     dev: int
     ino: int
@@ -38,71 +40,106 @@ class Attachment:
     tsd_delta: int
 
 
-def exe_identity(process: ProcessInfo) -> BinaryIdentity:
-    """Identity of the running executable; raises ProbeError(readlink-failure)."""
-    try:
-        st = os.stat(process.path("exe"))
-    except OSError as exc:
-        raise ProbeError(tags.READLINK_FAILURE,
-                         f"pid {process.pid}: /proc/{process.pid}/exe: {exc.strerror}") from None
+def identity_of(path: str) -> BinaryIdentity:
+    """stat() of a /proc magic link (exe, map_files/…); raises OSError."""
+    st = os.stat(path)
     return BinaryIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def exe_identity(process: ProcessInfo) -> BinaryIdentity:
+    """Identity of the running executable; raises ProbeError(readlink-failure)."""
+    try:
+        return identity_of(process.path("exe"))
+    except OSError as exc:
+        raise ProbeError(tags.READLINK_FAILURE,
+                         f"pid {process.pid}: /proc/{process.pid}/exe: {exc.strerror}") from None
+
+
+def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
+    """The offset-0 mapping of each distinct mapped file, in address order."""
+    seen: set[tuple[int, str]] = set()
+    firsts = []
+    for mapping in mappings:
+        if mapping.offset == 0 and (mapping.inode, mapping.path) not in seen:
+            seen.add((mapping.inode, mapping.path))
+            firsts.append(mapping)
+    return firsts
+
+
 class Attacher:
-    """Resolves processes to Attachments, parsing each distinct binary at most once."""
+    """Resolves processes to Attachments."""
 
     def __init__(self, cache: LayoutCache, search: DebugSearch) -> None:
         self.cache = cache
         self.search = search
-        self.elf_opens = 0  # binaries parsed since start: zero growth on an unchanged host
+        self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
 
-    def resolve_binary(self, process: ProcessInfo, identity: BinaryIdentity) -> Resolution:
-        """The executable's resolution, from the cache or by parsing it once."""
-        cached = self.cache.get(identity.key)
-        if cached is not None:
-            return cached
-        exe = process.exe
-        try:
-            stream = open(process.path("exe"), "rb")
-        except OSError as exc:
-            raise ProbeError(tags.READLINK_FAILURE, f"pid {process.pid}: open {exe}: "
-                             f"{exc.strerror}") from None
-        with stream:
-            self.elf_opens += 1
-            resolution = self._resolve_by_build_id(stream) or resolve_executable(
-                stream, exe, object_dirs_for(exe, process.path("root")), self.search)
-        self.cache.put(identity.key, resolution)
-        if isinstance(resolution, TsdLayout) and resolution.build_id:
-            self.cache.put(f"build-id:{resolution.build_id}", resolution)
+    def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
+        """Attach to a process; raises ProbeError with the attach tag on failure."""
+        resolution = self._resolve(process.path("exe"), identity, process.exe,
+                                   object_dirs_for(process.exe, process.path("root")), False)
+        if isinstance(resolution, TsdLayout):
+            return Attachment(resolution, resolution.static_tsd_delta())
+        return self._attach_shared(process)
+
+    def _resolve(self, path: str, identity: BinaryIdentity, what: str,
+                 object_dirs: list[str], shared: bool) -> Resolution:
+        """A binary's resolution from the cache, or by parsing it once. Raises ProbeError
+        for a LayoutFailure."""
+        resolution = self.cache.get(identity.key)
+        if resolution is None:
+            try:
+                stream = open(path, "rb")
+            except OSError as exc:
+                raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror}") from None
+            with stream:
+                self.elf_opens += 1
+                resolution = (self._known_build(stream)
+                              or resolve_object(stream, what, object_dirs, self.search, shared))
+            self.cache.put(identity.key, resolution)
+            if isinstance(resolution, TsdLayout) and resolution.build_id:
+                self.cache.put(f"build-id:{resolution.build_id}", resolution)
+        if isinstance(resolution, LayoutFailure):
+            raise ProbeError(resolution.tag, resolution.message)
         return resolution
 
-    def _resolve_by_build_id(self, stream) -> Resolution | None:
-        """A layout known for this build-id (resolved elsewhere, or imported)."""
+    def _known_build(self, stream: BinaryIO) -> Resolution | None:
+        """A layout already known for this build-id (resolved elsewhere, or imported)."""
         try:
             build_id = elf.build_id(elf.open_elf(stream))
-        except Exception:  # a malformed file: resolve_executable reports it properly
+        except Exception:  # malformed: resolve_object turns it into a LayoutFailure
             return None
         finally:
             stream.seek(0)
         return self.cache.get(f"build-id:{build_id}") if build_id else None
 
-    def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
-        """Attach to a process; raises ProbeError with the attach tag on failure."""
-        resolution = self.resolve_binary(process, identity)
-        if isinstance(resolution, LayoutFailure):
-            raise ProbeError(resolution.tag, resolution.message)
-        if isinstance(resolution, TsdLayout):
-            return Attachment(resolution, resolution.static_tsd_delta())
-        self._check_shared_objects(process)
-        return resolution
-
-    def _check_shared_objects(self, process: ProcessInfo) -> None:
+    def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
         try:
             mappings = read_maps(process)
         except OSError as exc:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
-        for mapping in mappings:
-            if "libjemalloc" in os.path.basename(mapping.path):
-                raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: jemalloc in "
-                                 f"{mapping.path}: shared objects are not supported yet")
+        exe = process.exe.removesuffix(" (deleted)")
+        for mapping in _first_mappings(mappings):
+            if mapping.path == exe:
+                continue
+            link = process.path("map_files", mapping.map_files_name)
+            try:
+                identity = identity_of(link)
+            except OSError:
+                continue  # unmapped since we read the maps
+            resolution = self._resolve(link, identity, mapping.path,
+                                       object_dirs_for(mapping.path, process.path("root")), True)
+            if isinstance(resolution, TsdLayout):
+                return Attachment(resolution, self._dso_delta(process, mapping, resolution))
+        return NotJemalloc()
+
+    @staticmethod
+    def _dso_delta(process: ProcessInfo, mapping: Mapping, layout: TsdLayout) -> int:
+        """Read the GOT slot the dynamic loader filled with the TLS block's TP offset."""
+        assert layout.tpoff_got is not None
+        slot = memory.read_ranges(process.pid, [(mapping.start + layout.tpoff_got, 8)])[0]
+        if isinstance(slot, OSError):
+            raise ProbeError(tags.PROCESS_VM_READV, f"pid {process.pid}: GOT slot of "
+                             f"{mapping.path}: {slot.strerror}")
+        return layout.dso_tsd_delta(struct.unpack("<q", slot)[0])

@@ -11,7 +11,7 @@ from . import __version__
 from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
 from .debuginfo import DebugSearch
-from .layout import LayoutFailure, NotJemalloc, TsdLayout, object_dirs_for, resolve_executable
+from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
 from .snapshot import Snapshot
 
 
@@ -46,20 +46,22 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_offsets(args: argparse.Namespace) -> int:
     search = DebugSearch(tuple(args.debug_dir) or ("/usr/lib/debug",))
     try:
-        stream = open(args.binary, "rb")
+        result = resolve_path(args.binary, search)
     except OSError as exc:
         print(f"ctprofd: {args.binary}: {exc.strerror}", file=sys.stderr)
         return 1
-    with stream:
-        result = resolve_executable(stream, args.binary, object_dirs_for(args.binary, "/"),
-                                    search)
     if isinstance(result, TsdLayout):
         print(f"build-id:            {result.build_id or '(none)'}")
         print(f"dwarf:               {result.dwarf_source}")
         print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
         print(f"thread_allocated:    {result.allocated_offset}")
         print(f"thread_deallocated:  {result.deallocated_offset}")
-        print(f"static TLS block:    {result.static_block_offset} bytes below the thread pointer")
+        if result.in_executable:
+            print(f"TLS:                 executable, block {result.static_block_offset} bytes "
+                  "below the thread pointer")
+        else:
+            print(f"TLS:                 shared object, initial-exec GOT slot at "
+                  f"+{result.tpoff_got:#x} from its first mapping")
         return 0
     if isinstance(result, NotJemalloc):
         print(f"ctprofd: {args.binary}: not linked with jemalloc ({result.reason})",

@@ -58,6 +58,11 @@ def is_x86_64(elf: ELFFile) -> bool:
     return elf.elfclass == 64 and elf["e_machine"] == "EM_X86_64"
 
 
+def is_shared_library(elf: ELFFile) -> bool:
+    """ET_DYN without an interpreter: a library, not a PIE executable."""
+    return elf["e_type"] == "ET_DYN" and not any(True for _ in elf.iter_segments("PT_INTERP"))
+
+
 def build_id(elf: ELFFile) -> str | None:
     """NT_GNU_BUILD_ID as lowercase hex, or None."""
     for segment in elf.iter_segments("PT_NOTE"):

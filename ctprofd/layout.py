@@ -131,17 +131,55 @@ def _with_debug_file(image, build_id, object_dirs, search, what, use):
         return use(debug_image, source)
 
 
-def resolve_executable(stream: BinaryIO, what: str, object_dirs: list[str],
-                       search: DebugSearch) -> Resolution:
-    """Resolve jemalloc linked into an executable (static TLS, module 1).
+def _is_jemalloc(image, stream, symbol: elf.Symbol | None, shared: bool) -> bool:
+    if shared:  # the dynamic symbol table survives stripping
+        return elf.exports_mallctl(image) and elf.tls_segment(image) is not None
+    if symbol is not None:
+        return True
+    return not elf.has_symtab(image) and elf.has_jemalloc_marker(stream)
+
+
+def _tsd_symbol_from_debug(debug_image, symbol: elf.Symbol | None, what: str) -> elf.Symbol:
+    """The TSD variable from the object, its debug file's symbols, or its DWARF location."""
+    found = symbol or elf.tsd_symbol(debug_image)
+    if found is not None:
+        return found
+    try:
+        name, offset = dwarf.tls_variable_offset(debug_image, TSD_SYMBOLS)
+    except dwarf.DwarfError as exc:
+        raise _Failure(tags.DWARF_PARSE_FAILURE, f"{what}: no TSD symbol: {exc}") from None
+    return elf.Symbol(name, offset, 0)
+
+
+def _tpoff_reloc(image, what: str) -> elf.TpoffReloc:
+    """The initial-exec relocation whose GOT slot gives the TSD's offset from the TP."""
+    relocs = elf.tpoff_relocations(image)
+    for reloc in relocs:
+        if reloc.symbol is None or reloc.symbol in TSD_SYMBOLS:
+            return reloc
+    model = "no initial-exec TLS relocation" if not relocs else "TLS relocations name other symbols"
+    raise _Failure(tags.JEMALLOC_IN_DSO, f"{what}: {model}; jemalloc built for dynamic TLS "
+                   "(general-dynamic model) is not supported")
+
+
+def _first_load_page(image) -> int:
+    for segment in image.iter_segments("PT_LOAD"):
+        return segment["p_vaddr"] & ~0xFFF
+    raise _Failure(tags.DWARF_PARSE_FAILURE, "no PT_LOAD segment")
+
+
+def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,
+                   shared: bool = False) -> Resolution:
+    """Resolve jemalloc linked into an executable (static TLS, module 1) or, with `shared`,
+    into a shared object loaded at start (initial-exec TLS through a TPOFF64 GOT slot).
 
     `what` names the binary in messages; `object_dirs` are where its debuglink may point.
+    Never raises: a malformed file is a LayoutFailure.
     """
     try:
         image = elf.open_elf(stream)
         symbol = elf.tsd_symbol(image)
-        stripped = symbol is None and not elf.has_symtab(image)
-        if symbol is None and not (stripped and elf.has_jemalloc_marker(stream)):
+        if not _is_jemalloc(image, stream, symbol, shared):
             return NotJemalloc()
         if not elf.is_x86_64(image):
             return LayoutFailure(tags.ARCH_MISMATCH,
@@ -149,25 +187,40 @@ def resolve_executable(stream: BinaryIO, what: str, object_dirs: list[str],
                                  "only x86_64 is supported")
         tls = elf.tls_segment(image)
         if tls is None:
-            return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: TSD symbol but no PT_TLS")
+            return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: jemalloc but no PT_TLS")
         build_id = elf.build_id(image)
+        placement: dict = {"static_block_offset": tls.static_block_offset()}
+        if shared:
+            reloc = _tpoff_reloc(image, what)
+            placement = {"tpoff_got": reloc.offset - _first_load_page(image),
+                         "tpoff_addend": reloc.addend,
+                         "tpoff_symbolic": reloc.symbol is not None}
 
         def from_debug(debug_image, source: str) -> TsdLayout:
-            found = symbol or elf.tsd_symbol(debug_image)
-            if found is None:
-                raise _Failure(tags.DWARF_PARSE_FAILURE, f"{what}: no TSD symbol in {source}")
+            found = _tsd_symbol_from_debug(debug_image, symbol, f"{what} ({source})")
             offsets = _offsets(debug_image, f"{what} ({source})")
             return TsdLayout(build_id, found.name, found.value, offsets.allocated,
-                             offsets.deallocated, static_block_offset=tls.static_block_offset(),
-                             dwarf_source=source)
+                             offsets.deallocated, dwarf_source=source, **placement)
 
-        if elf.has_debug_info(image) and symbol is not None:
+        if elf.has_debug_info(image):
             return from_debug(image, "embedded")
         return _with_debug_file(image, build_id, object_dirs, search, what, from_debug)
     except _Failure as failure:
         return failure.result
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError) as exc:
+    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError,
+            UnicodeDecodeError) as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: malformed ELF: {exc}")
+
+
+def resolve_path(path: str, search: DebugSearch) -> Resolution:
+    """Resolve a file on disk, as a shared library or an executable by its ELF type."""
+    with open(path, "rb") as stream:
+        try:
+            shared = elf.is_shared_library(elf.open_elf(stream))
+        except (ELFError, ValueError) as exc:
+            return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}")
+        stream.seek(0)
+        return resolve_object(stream, path, object_dirs_for(path, "/"), search, shared)
 
 
 def object_dirs_for(exe_path: str, root: str) -> list[str]:
