@@ -1,0 +1,190 @@
+"""Config validation: defaults, one-line errors naming file and key, the selection predicate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from ctprofd import config
+from ctprofd.procfs import ProcessInfo, StatLine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "ctprofd.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    return message[len(path) + 2:]
+
+
+def test_embedded_default_is_the_repo_file_and_equals_dataclass_defaults():
+    assert config.EMBEDDED_DEFAULT.is_symlink()
+    assert os.readlink(config.EMBEDDED_DEFAULT) == "../config/ctprofd.yaml"
+    assert config.EMBEDDED_DEFAULT.resolve() == REPO / "config" / "ctprofd.yaml"
+    assert config.load_default() == config.Config()
+
+
+def test_every_key_is_documented_in_the_default_file():
+    text = (REPO / "config" / "ctprofd.yaml").read_text()
+    for name in config.Config.__dataclass_fields__:
+        if name != "source":
+            assert f"\n{name}:" in text, name
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert config.load(write(tmp_path, "")) == config.Config()
+
+
+def test_values_are_read(tmp_path):
+    cfg = config.load(write(tmp_path, """
+listen: "127.0.0.1:9999"
+interval: 2.5
+cache_dir: null
+labels: [comm, user]
+max_series: 5
+selection:
+  include: {comm: ["^redis"], uid: [0]}
+  exclude: {exe: ["/usr/bin/*"]}
+debuginfod_urls: ["https://debuginfod.example/"]
+"""))
+    assert cfg.listen == "127.0.0.1:9999"
+    assert cfg.interval == 2.5
+    assert cfg.cache_dir is None
+    assert cfg.labels == ("comm", "user")
+    assert cfg.max_series == 5
+    assert cfg.selection.include.comm[0].pattern == "^redis"
+    assert cfg.selection.include.uid == (0,)
+    assert cfg.selection.exclude.exe == ("/usr/bin/*",)
+    assert cfg.debuginfod_urls == ("https://debuginfod.example/",)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("selection:\n  include:\n    comm: ['foo(']\n",
+     "selection.include.comm[0]: invalid regex 'foo(': missing ), unterminated subpattern"),
+    ("colour: red\n", "colour: unknown key"),
+    ("selection:\n  exclude:\n    pid: [1]\n", "selection.exclude.pid: unknown key"),
+    ("interval: fast\n", "interval: expected a number, got a string"),
+    ("interval: 0\n", "interval: must be > 0"),
+    ("interval: true\n", "interval: expected a number, got a boolean"),
+    ("max_series: 1.5\n", "max_series: expected an integer, got a number"),
+    ("max_series: 0\n", "max_series: must be >= 1, got 0"),
+    ("labels: [pid, host]\n", "labels[1]: unknown label 'host'"),
+    ("labels: [pid, pid]\n", "labels[1]: duplicate label 'pid'"),
+    ("labels: pid\n", "labels: expected a list, got a string"),
+    ("listen: 19455\n", "listen: expected a string, got an integer"),
+    ("listen: 'localhost'\n", "listen: 'localhost' is not HOST:PORT"),
+    ("listen: '::1:80'\n", "listen: '::1:80': put an IPv6 address in brackets"),
+    ("debug_dirs: [/usr/lib/debug, 3]\n", "debug_dirs[1]: expected a string, got an integer"),
+    ("debuginfod_urls: [ftp://x]\n", "debuginfod_urls[0]: not an http(s) URL"),
+    ("selection:\n  include:\n    uid: [-1]\n", "selection.include.uid[0]: must be >= 0"),
+    ("selection: []\n", "selection: expected a mapping, got a list"),
+    ("log_level: loud\n", "log_level: must be one of debug, info, warning, error"),
+    ("state_dir: null\n", "state_dir: expected a string, got null"),
+    ("- a\n- b\n", "expected a mapping at top level, got a list"),
+    ("interval: [\n", "invalid YAML at line 2 column 1"),
+])
+def test_errors_are_one_line_naming_file_and_key(tmp_path, text, expected):
+    assert error_of(tmp_path, text).startswith(expected)
+
+
+def test_unreadable_file(tmp_path):
+    missing = str(tmp_path / "absent.yaml")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(missing)
+    assert str(info.value) == f"{missing}: cannot read: No such file or directory"
+
+
+def test_parse_listen():
+    assert config.parse_listen(":19455") == ("", 19455)
+    assert config.parse_listen("[::1]:80") == ("::1", 80)
+    assert config.parse_listen("10.0.0.1:0") == ("10.0.0.1", 0)
+    with pytest.raises(ValueError):
+        config.parse_listen("host:70000")
+
+
+def fake_process(root: Path, pid: int, comm: str, exe: str | None, uid: int,
+                 unit: str) -> ProcessInfo:
+    """A ProcessInfo over a hand-made /proc/PID tree (exe None = unreadable link)."""
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    cgroup = f"/system.slice/{unit}" if unit else "/user.slice"
+    (d / "cgroup").write_text(f"0::{cgroup}\n")
+    if exe is not None:
+        (d / "exe").symlink_to(exe)
+    return ProcessInfo(str(root), pid, StatLine(comm=comm, state="S", start_time=100 + pid))
+
+
+def selected(tmp_path: Path, yaml_text: str, processes: list[ProcessInfo]) -> list[int]:
+    select = config.build_select(config.load(write(tmp_path, yaml_text)).selection)
+    return [p.pid for p in processes if select(p)]
+
+
+@pytest.fixture
+def processes(tmp_path):
+    root = tmp_path / "proc"
+    return [fake_process(root, 10, "redis-server", "/usr/bin/redis-server", 100,
+                         "redis.service"),
+            fake_process(root, 11, "envoy", "/opt/envoy/bin/envoy", 0, "envoy.service"),
+            fake_process(root, 12, "bash", "/usr/bin/bash", 1000, ""),
+            fake_process(root, 13, "ghost", None, 1000, "")]
+
+
+def test_no_rules_selects_everything(tmp_path, processes):
+    assert selected(tmp_path, "", processes) == [10, 11, 12, 13]
+
+
+def test_include_any_rule_and_exclude_wins(tmp_path, processes):
+    text = """
+selection:
+  include: {comm: ["^redis"], unit: ["envoy.*"], uid: [1000]}
+  exclude: {exe: ["/usr/bin/b*"]}
+"""
+    assert selected(tmp_path, text, processes) == [10, 11, 13]
+
+
+def test_exclude_only(tmp_path, processes):
+    text = "selection:\n  exclude: {uid: [0], comm: ['^ba']}\n"
+    assert selected(tmp_path, text, processes) == [10, 13]
+
+
+def test_unreadable_exe_matches_no_glob(tmp_path, processes):
+    assert selected(tmp_path, "selection:\n  include: {exe: ['*']}\n", processes) == [10, 11, 12]
+    assert selected(tmp_path, "selection:\n  exclude: {exe: ['*']}\n", processes) == [13]
+
+
+def test_check_config_reports_ok_or_error(tmp_path, capsys):
+    good = write(tmp_path, "interval: 5\n")
+    assert config.check_config(argparse.Namespace(path=good)) == 0
+    assert capsys.readouterr().out == f"{good}: OK\n"
+    bad = write(tmp_path, "interval: -5\n")
+    assert config.check_config(argparse.Namespace(path=bad)) == config.EX_CONFIG
+    assert capsys.readouterr().err == f"{bad}: interval: must be > 0, got -5\n"
+
+
+def test_check_config_validates_the_web_config_it_names(tmp_path, capsys):
+    web = tmp_path / "web.yaml"
+    web.write_text("basic_auth_users:\n  alice: not-a-hash\n")
+    path = write(tmp_path, f"web_config_file: {web}\n")
+    assert config.check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
+    assert capsys.readouterr().err.startswith(f"{web}: basic_auth_users.alice: ")
+
+
+def test_add_check_config_parser_sets_func(tmp_path):
+    parser = argparse.ArgumentParser()
+    config.add_check_config_parser(parser.add_subparsers())
+    args = parser.parse_args(["check-config", write(tmp_path, "")])
+    assert args.func(args) == 0
