@@ -14,6 +14,7 @@ from . import tags
 from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
+from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .probe import ProcessState, ThreadProber
 from .procfs import ProcessInfo, iter_processes, list_threads
@@ -66,7 +67,9 @@ class Capturer:
     def __init__(self, settings: CaptureSettings | None = None) -> None:
         self.settings = settings or CaptureSettings()
         self.cache = LayoutCache(self.settings.cache_dir)
-        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs))
+        urls = self.settings.debuginfod_urls or urls_from_environment()
+        client = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
+        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs, client))
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
         self._tracked: dict[tuple[int, int], _Tracked] = {}

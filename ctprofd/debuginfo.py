@@ -1,8 +1,9 @@
-"""Finding an object's external debug file: build-id path, then .gnu_debuglink with CRC.
+"""Finding an object's external debug file: build-id path, .gnu_debuglink with CRC, then
+debuginfod.
 
 Search order (REFERENCE.md §3): `<debug_dir>/.build-id/xx/rest.debug` for each configured
 debug dir; then the debuglink name next to the object, in its `.debug/` subfolder and under
-`<debug_dir>/<object dir>/`, rejecting a CRC mismatch.
+`<debug_dir>/<object dir>/`, rejecting a CRC mismatch; then the debuginfod servers.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import os
 import zlib
 from dataclasses import dataclass
 
+from .debuginfod import DebuginfodClient
+
 
 @dataclass(frozen=True)
 class DebugSearch:
     """Where external debug files are looked for."""
 
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
+    debuginfod: DebuginfodClient | None = None
 
 
 class DebugFileNotFound(Exception):
@@ -69,4 +73,9 @@ def find_debug_file(build_id: str | None, link: tuple[str, int] | None,
             tried.append(f"debuglink {name} not found")
     else:
         tried.append("no .gnu_debuglink")
+    if build_id and search.debuginfod is not None:
+        fetched = search.debuginfod.fetch(build_id)
+        if fetched is not None:
+            return fetched
+        tried.append(f"not on debuginfod ({' '.join(search.debuginfod.urls)})")
     raise DebugFileNotFound("; ".join(tried))

@@ -1,0 +1,88 @@
+"""A small debuginfod client: GET /buildid/ID/debuginfo from each server in turn, with a
+timeout, a size cap, downloads kept in the cache directory, and failures remembered for
+a while so a down server is not asked again on every snapshot."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+log = logging.getLogger(__name__)
+BUILD_ID = re.compile(r"^[0-9a-f]{8,128}$")
+
+
+class DebuginfodClient:
+    """Fetches debug files by build-id; thread-safe enough for one capture thread."""
+
+    def __init__(self, urls: tuple[str, ...], directory: str | None, timeout: float = 5.0,
+                 max_bytes: int = 1 << 30, failure_ttl: float = 300.0) -> None:
+        self.urls = tuple(u.rstrip("/") for u in urls)
+        self.directory = directory
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.failure_ttl = failure_ttl
+        self._failed_until: dict[str, float] = {}  # server or server+build-id -> time
+
+    def _download_dir(self) -> str:
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="ctprofd-debuginfod-")
+        path = os.path.join(self.directory, "debuginfod")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def fetch(self, build_id: str) -> tuple[str, str] | None:
+        """(path, source) of the debug file for `build_id`, or None; never raises."""
+        if not self.urls or not BUILD_ID.match(build_id):
+            return None
+        try:
+            target = os.path.join(self._download_dir(), build_id + ".debug")
+        except OSError as exc:
+            log.warning("debuginfod: cannot create download directory: %s", exc.strerror)
+            return None
+        for url in self.urls:
+            if os.path.isfile(target):
+                return target, f"debuginfod {url}"
+            now = time.monotonic()
+            if self._failed_until.get(url, 0) > now or self._failed_until.get(
+                    f"{url} {build_id}", 0) > now:
+                continue
+            try:
+                self._download(f"{url}/buildid/{build_id}/debuginfo", target)
+                return target, f"debuginfod {url}"
+            except urllib.error.HTTPError as exc:  # the server answered: this build only
+                self._failed_until[f"{url} {build_id}"] = now + self.failure_ttl
+                log.debug("debuginfod %s: %s: HTTP %s", url, build_id, exc.code)
+            except (OSError, ValueError) as exc:  # down, slow or oversized: the whole server
+                self._failed_until[url] = now + self.failure_ttl
+                log.warning("debuginfod %s: %s; not asking it again for %.0f s",
+                            url, getattr(exc, "reason", exc), self.failure_ttl)
+        return None
+
+    def _download(self, url: str, target: str) -> None:
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=self.timeout) as response:
+                copied = 0
+                while chunk := response.read(1 << 20):
+                    copied += len(chunk)
+                    if copied > self.max_bytes:
+                        raise ValueError(f"debug file over {self.max_bytes} bytes")
+                    out.write(chunk)
+            os.replace(partial, target)
+        except BaseException:
+            os.unlink(partial)
+            raise
+
+    def __repr__(self) -> str:
+        return f"DebuginfodClient({' '.join(self.urls)})"
+
+
+def urls_from_environment() -> tuple[str, ...]:
+    """DEBUGINFOD_URLS, space separated, as elfutils reads it."""
+    return tuple(os.environ.get("DEBUGINFOD_URLS", "").split())
