@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from .layout import LayoutFailure, Resolution, resolution_from_dict
+from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -56,6 +56,11 @@ class LayoutCache:
         entry = (resolution, time.time())
         self._memory[key] = entry
         self._store(key, entry)
+
+    def layouts(self) -> list[TsdLayout]:
+        """Every layout held in memory, once per build."""
+        found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}
+        return list(found.values())
 
     def memory_keys(self) -> list[str]:
         return list(self._memory)

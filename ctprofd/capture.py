@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from . import tags
+from . import offsets_file, tags
 from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
@@ -34,6 +34,7 @@ class CaptureSettings:
     cache_dir: str | None = None
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
+    offsets_files: tuple[str, ...] = ()
     select: Callable[[ProcessInfo], bool] | None = None
     on_thread_stop: Callable[[float], None] | None = None
 
@@ -67,6 +68,10 @@ class Capturer:
     def __init__(self, settings: CaptureSettings | None = None) -> None:
         self.settings = settings or CaptureSettings()
         self.cache = LayoutCache(self.settings.cache_dir)
+        for path in self.settings.offsets_files:  # raises OffsetsFileError
+            for layout in offsets_file.load(path):
+                self.cache.put(f"build-id:{layout.build_id}",
+                               replace(layout, dwarf_source=f"imported from {path}"))
         urls = self.settings.debuginfod_urls or urls_from_environment()
         client = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
         self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs, client))

@@ -13,6 +13,8 @@ from .capture import Capturer, CaptureSettings
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
 from .snapshot import Snapshot
+from .cache import LayoutCache
+from . import offsets_file
 
 
 def _snapshot_table(snapshot: Snapshot) -> str:
@@ -43,33 +45,85 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_layout(result: TsdLayout) -> None:
+    print(f"build-id:            {result.build_id or '(none)'}")
+    print(f"dwarf:               {result.dwarf_source}")
+    print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
+    print(f"thread_allocated:    {result.allocated_offset}")
+    print(f"thread_deallocated:  {result.deallocated_offset}")
+    if result.in_executable:
+        print(f"TLS:                 executable, block {result.static_block_offset} bytes "
+              "below the thread pointer")
+    else:
+        print(f"TLS:                 shared object, initial-exec GOT slot at "
+              f"+{result.tpoff_got:#x} from its first mapping")
+
+
+def _resolve_or_explain(binary: str, search: DebugSearch) -> TsdLayout | None:
+    try:
+        result = resolve_path(binary, search)
+    except OSError as exc:
+        print(f"ctprofd: {binary}: {exc.strerror}", file=sys.stderr)
+        return None
+    if isinstance(result, NotJemalloc):
+        print(f"ctprofd: {binary}: not linked with jemalloc ({result.reason})", file=sys.stderr)
+        return None
+    if isinstance(result, LayoutFailure):
+        print(f"ctprofd: {result.tag}: {result.message}", file=sys.stderr)
+        return None
+    return result
+
+
+def _offsets_export(path: str, binaries: list[str], search: DebugSearch) -> int:
+    if binaries:
+        layouts = [_resolve_or_explain(b, search) for b in binaries]
+        if None in layouts:
+            return 1
+    else:  # everything jemalloc that runs here now
+        capturer = Capturer(CaptureSettings(debug_dirs=search.debug_dirs))
+        capturer.capture()
+        layouts = capturer.cache.layouts()
+    try:
+        count = offsets_file.dump([l for l in layouts if l is not None], path)
+    except OSError as exc:
+        print(f"ctprofd: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} layouts to {path}")
+    return 0
+
+
+def _offsets_import(path: str, cache_dir: str) -> int:
+    try:
+        layouts = offsets_file.load(path)
+    except offsets_file.OffsetsFileError as exc:
+        print(f"ctprofd: {exc}", file=sys.stderr)
+        return 1
+    cache = LayoutCache(cache_dir)
+    for layout in layouts:
+        cache.put(f"build-id:{layout.build_id}", layout)
+    if cache.directory is None:
+        print(f"ctprofd: {cache_dir}: cannot write the cache directory", file=sys.stderr)
+        return 1
+    print(f"imported {len(layouts)} layouts into {cache_dir}")
+    return 0
+
+
 def cmd_offsets(args: argparse.Namespace) -> int:
     search = DebugSearch(tuple(args.debug_dir) or ("/usr/lib/debug",))
-    try:
-        result = resolve_path(args.binary, search)
-    except OSError as exc:
-        print(f"ctprofd: {args.binary}: {exc.strerror}", file=sys.stderr)
-        return 1
-    if isinstance(result, TsdLayout):
-        print(f"build-id:            {result.build_id or '(none)'}")
-        print(f"dwarf:               {result.dwarf_source}")
-        print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
-        print(f"thread_allocated:    {result.allocated_offset}")
-        print(f"thread_deallocated:  {result.deallocated_offset}")
-        if result.in_executable:
-            print(f"TLS:                 executable, block {result.static_block_offset} bytes "
-                  "below the thread pointer")
-        else:
-            print(f"TLS:                 shared object, initial-exec GOT slot at "
-                  f"+{result.tpoff_got:#x} from its first mapping")
-        return 0
-    if isinstance(result, NotJemalloc):
-        print(f"ctprofd: {args.binary}: not linked with jemalloc ({result.reason})",
+    action, rest = args.args[0], args.args[1:]
+    if action == "export" and rest:
+        return _offsets_export(rest[0], rest[1:], search)
+    if action == "import" and len(rest) == 1:
+        return _offsets_import(rest[0], args.cache_dir)
+    if len(args.args) != 1:
+        print("ctprofd: usage: ctprofd offsets BINARY | export FILE [BINARY...] | import FILE",
               file=sys.stderr)
+        return 2
+    layout = _resolve_or_explain(action, search)
+    if layout is None:
         return 1
-    assert isinstance(result, LayoutFailure)
-    print(f"ctprofd: {result.tag}: {result.message}", file=sys.stderr)
-    return 1
+    _print_layout(layout)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="debug file root (repeatable; default /usr/lib/debug)")
     snap.set_defaults(func=cmd_snapshot)
 
-    offsets = commands.add_parser("offsets", help="show where a binary keeps jemalloc's counters")
-    offsets.add_argument("binary")
+    offsets = commands.add_parser(
+        "offsets", help="show, export or import where binaries keep jemalloc's counters",
+        description="ctprofd offsets BINARY: show the layout; ctprofd offsets export FILE "
+        "[BINARY...]: write layouts by build-id (default: of every jemalloc process running); "
+        "ctprofd offsets import FILE: validate them and add them to the cache directory")
+    offsets.add_argument("args", nargs="+", metavar="BINARY | export FILE [BINARY...] | import FILE")
+    offsets.add_argument("--cache-dir", default="/var/cache/ctprofd",
+                         help="cache directory that import writes to (default %(default)s)")
     offsets.add_argument("--debug-dir", action="append", default=[],
                          help="debug file root (repeatable; default /usr/lib/debug)")
     offsets.set_defaults(func=cmd_offsets)

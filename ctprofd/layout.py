@@ -96,8 +96,16 @@ def resolution_from_dict(data: dict) -> Resolution:
 def validate(layout: TsdLayout) -> None:
     """Reject layouts no jemalloc could have (from a corrupt cache or offsets file)."""
     ints = (layout.symbol_offset, layout.allocated_offset, layout.deallocated_offset)
-    if not all(isinstance(v, int) and 0 <= v < 1 << 20 for v in ints):
+    if not all(type(v) is int and 0 <= v < 1 << 20 for v in ints):
         raise ValueError("offsets must be integers in [0, 1 MiB)")
+    for name in ("static_block_offset", "tpoff_got"):
+        value = getattr(layout, name)
+        if value is not None and not (type(value) is int and 0 <= value < 1 << 40):
+            raise ValueError(f"{name} must be a non-negative integer")
+    if type(layout.tpoff_addend) is not int or type(layout.tpoff_symbolic) is not bool:
+        raise ValueError("tpoff_addend must be an integer and tpoff_symbolic a boolean")
+    if not isinstance(layout.symbol, str) or not isinstance(layout.dwarf_source, str):
+        raise ValueError("symbol and dwarf_source must be strings")
     if not layout.allocated_offset < layout.deallocated_offset:
         raise ValueError("thread_deallocated must come after thread_allocated")
     if (layout.static_block_offset is None) == (layout.tpoff_got is None):

@@ -1,0 +1,166 @@
+"""State across snapshots: per-series byte counters that never go backwards, live bytes,
+process and thread counts, a series cap, and a JSON form to survive daemon restarts.
+
+A process is (pid, start time). Each one credits its series with its own counters since its
+start; when it exits, its last counters are folded into the series so memory stays bounded by
+the processes alive now. A process that is alive but missing from a snapshot (a transient
+failure, or deselected) keeps its credit without being counted twice when it comes back.
+"""
+
+from __future__ import annotations
+
+import pwd
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from .snapshot import ProcessSample, Snapshot
+
+SeriesKey = tuple[str, ...]
+STATE_VERSION = 1
+
+
+@lru_cache(maxsize=4096)
+def username(uid: int) -> str:
+    """The user name of a uid, or the number when it has none here."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+@dataclass(frozen=True)
+class SeriesValues:
+    """One exported series."""
+
+    labels: SeriesKey
+    allocated_bytes: int
+    deallocated_bytes: int
+    live_bytes: int
+    processes: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class AggregateView:
+    """An immutable rendering of the aggregate after one snapshot."""
+
+    label_names: tuple[str, ...] = ()
+    series: tuple[SeriesValues, ...] = ()
+    dropped: int = 0
+
+
+@dataclass
+class _Process:
+    """A tracked process: its series, last counters, and the part of them (`base_*`)
+    already credited to an earlier series it belonged to."""
+
+    series: SeriesKey
+    allocated: int
+    deallocated: int
+    base_allocated: int = 0
+    base_deallocated: int = 0
+
+
+@dataclass
+class _Series:
+    folded_allocated: int = 0
+    folded_deallocated: int = 0
+    last_active: float = 0.0
+
+
+class Aggregator:
+    """Folds snapshots into series. Used by one thread; `update` returns immutable views."""
+
+    def __init__(self, labels: tuple[str, ...], max_series: int, retention: float,
+                 user_of: Callable[[int], str] = username) -> None:
+        self.labels = labels
+        self.max_series = max_series
+        self.retention = retention
+        self._user_of = user_of
+        self._processes: dict[tuple[int, int], _Process] = {}
+        self._series: dict[SeriesKey, _Series] = {}
+
+    def series_key(self, process: ProcessSample) -> SeriesKey:
+        values = {"pid": lambda: str(process.pid), "comm": lambda: process.comm,
+                  "unit": lambda: process.unit, "exe": lambda: process.exe,
+                  "user": lambda: self._user_of(process.uid)}
+        return tuple(values[name]() for name in self.labels)
+
+    def update(self, snapshot: Snapshot, alive: Callable[[int, int], bool]) -> AggregateView:
+        """Take in one snapshot. `alive(pid, start_time)` tells whether a process missing
+        from it still runs; only processes that do not are folded away."""
+        now = snapshot.timestamp
+        live: dict[SeriesKey, list[int]] = {}
+        for sample in snapshot.processes:
+            key = self.series_key(sample)
+            self._track(sample, key)
+            counts = live.setdefault(key, [0, 0, 0])
+            counts[0] += sample.allocated_bytes - sample.deallocated_bytes
+            counts[1] += 1
+            counts[2] += len(sample.threads)
+        present = {sample.key for sample in snapshot.processes}
+        for ident in [i for i in self._processes if i not in present]:
+            if not alive(*ident):
+                self._fold(self._processes.pop(ident))
+        for process in self._processes.values():
+            self._series.setdefault(process.series, _Series()).last_active = now
+        for key in [k for k, s in self._series.items() if s.last_active + self.retention < now]:
+            del self._series[key]
+        return self._view(live)
+
+    def _track(self, sample: ProcessSample, key: SeriesKey) -> None:
+        allocated, deallocated = sample.allocated_bytes, sample.deallocated_bytes
+        process = self._processes.get(sample.key)
+        if process is None:
+            self._processes[sample.key] = _Process(key, allocated, deallocated)
+            return
+        if allocated < process.allocated or deallocated < process.deallocated:
+            # Counters restarted under the same identity: a new image after execve.
+            self._fold(process)
+            process.base_allocated = process.base_deallocated = 0
+        elif key != process.series:
+            # Renamed or moved: what was counted so far stays with the old series.
+            self._fold(process)
+            process.base_allocated, process.base_deallocated = (process.allocated,
+                                                                process.deallocated)
+        process.series, process.allocated, process.deallocated = key, allocated, deallocated
+
+    def _fold(self, process: _Process) -> None:
+        series = self._series.setdefault(process.series, _Series())
+        series.folded_allocated += process.allocated - process.base_allocated
+        series.folded_deallocated += process.deallocated - process.base_deallocated
+
+    def _view(self, live: dict[SeriesKey, list[int]]) -> AggregateView:
+        totals = {key: [s.folded_allocated, s.folded_deallocated]
+                  for key, s in self._series.items()}
+        for process in self._processes.values():
+            total = totals[process.series]
+            total[0] += process.allocated - process.base_allocated
+            total[1] += process.deallocated - process.base_deallocated
+        series = tuple(
+            SeriesValues(key, allocated, deallocated, *live.get(key, (0, 0, 0)))
+            for key, (allocated, deallocated) in list(totals.items())[:self.max_series])
+        return AggregateView(self.labels, series, max(0, len(totals) - self.max_series))
+
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-able form of everything needed to continue the counters later."""
+        return {"version": STATE_VERSION, "labels": list(self.labels),
+                "series": [[list(k), s.folded_allocated, s.folded_deallocated, s.last_active]
+                           for k, s in self._series.items()],
+                "processes": [[pid, start, list(p.series), p.allocated, p.deallocated,
+                               p.base_allocated, p.base_deallocated]
+                              for (pid, start), p in self._processes.items()]}
+
+    def restore(self, state: dict[str, Any], same_boot: bool) -> bool:
+        """Continue from `to_state` output; False (nothing restored) when it was made with
+        other labels or another format. From another boot, every process there has exited."""
+        if state.get("version") != STATE_VERSION or tuple(state.get("labels", ())) != self.labels:
+            return False
+        self._series = {tuple(k): _Series(a, d, t) for k, a, d, t in state["series"]}
+        self._processes = {(pid, start): _Process(tuple(k), a, d, ba, bd)
+                           for pid, start, k, a, d, ba, bd in state["processes"]}
+        if not same_boot:
+            for ident in list(self._processes):
+                self._fold(self._processes.pop(ident))
+        return True
