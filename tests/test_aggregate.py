@@ -1,0 +1,186 @@
+"""Aggregate state across hand-built snapshots: counters never go backwards, live bytes do not
+drift, pid reuse, transient misses, exec, renames, the series cap, retention and persistence."""
+
+from __future__ import annotations
+
+import json
+
+from ctprofd.aggregate import Aggregator, AggregateView, SeriesValues, username
+from ctprofd.snapshot import ProcessSample, Snapshot, ThreadSample
+from ctprofd.summary import ProbeSummary
+
+
+def proc(pid: int, *threads: tuple[int, int], start: int = 1, comm: str = "app",
+         unit: str = "app.service", uid: int = 0, retained: tuple[int, int] = (0, 0),
+         exe: str = "/usr/bin/app") -> ProcessSample:
+    return ProcessSample(
+        pid=pid, start_time=start, comm=comm, exe=exe, build_id=None, uid=uid, unit=unit,
+        threads=tuple(ThreadSample(pid + i, comm, a, d) for i, (a, d) in enumerate(threads)),
+        retained_allocated_bytes=retained[0], retained_deallocated_bytes=retained[1])
+
+
+def snap(t: float, *processes: ProcessSample) -> Snapshot:
+    return Snapshot(timestamp=t, duration_seconds=0.01, summary=ProbeSummary(),
+                    processes=processes)
+
+
+def alive_set(*idents: tuple[int, int]):
+    return lambda pid, start: (pid, start) in idents
+
+
+NONE_ALIVE = alive_set()
+
+
+def by_labels(view: AggregateView) -> dict[tuple[str, ...], SeriesValues]:
+    return {s.labels: s for s in view.series}
+
+
+def grouped(labels=("comm",), max_series=100, retention=300.0) -> Aggregator:
+    return Aggregator(labels, max_series, retention, user_of=lambda uid: f"user{uid}")
+
+
+def test_a_new_process_contributes_its_counters_since_its_start():
+    view = grouped(("pid", "comm", "unit")).update(snap(0, proc(10, (100, 40), (50, 10))),
+                                                   NONE_ALIVE)
+    assert view.label_names == ("pid", "comm", "unit")
+    assert view.series == (SeriesValues(("10", "app", "app.service"), 150, 50, 100, 1, 2),)
+    assert view.dropped == 0
+
+
+def test_label_values_include_exe_and_user_name():
+    agg = Aggregator(("exe", "user"), 100, 300.0, user_of=lambda uid: {7: "seven"}[uid])
+    view = agg.update(snap(0, proc(10, (1, 0), uid=7)), NONE_ALIVE)
+    assert view.series[0].labels == ("/usr/bin/app", "seven")
+
+
+def test_username_falls_back_to_the_number():
+    assert username(0) == "root"
+    assert username(2_000_000_000) == "2000000000"
+
+
+def test_thread_exit_keeps_the_counters():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40), (50, 10))), NONE_ALIVE)
+    # the second thread ended: the capturer keeps its last values as retained bytes
+    view = agg.update(snap(1, proc(10, (120, 60), retained=(50, 10))), NONE_ALIVE)
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 170, 70, 100, 1, 1)
+
+
+def test_process_exit_keeps_counters_and_drops_live_bytes():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40)), proc(11, (30, 0))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(11, (35, 5))), NONE_ALIVE)
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 135, 45, 30, 1, 1)
+    view = agg.update(snap(2), NONE_ALIVE)
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 135, 45, 0, 0, 0)
+
+
+def test_restart_under_the_same_comm_does_not_drift_live_bytes():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (1000, 400))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(20, (300, 100))), NONE_ALIVE)  # 10 exited, 20 started
+    series = by_labels(view)[("app",)]
+    assert (series.allocated_bytes, series.deallocated_bytes) == (1300, 500)
+    assert series.live_bytes == 200  # only the new process's, not 1300 - 500
+
+
+def test_pid_reuse_is_a_new_process():
+    agg = grouped(("pid",))
+    agg.update(snap(0, proc(10, (1000, 400), start=5)), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (10, 0), start=9)), NONE_ALIVE)
+    assert view.series == (SeriesValues(("10",), 1010, 400, 10, 1, 1),)
+
+
+def test_a_process_missing_while_alive_is_neither_lost_nor_counted_twice():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40)), proc(11, (10, 0))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(11, (10, 0))), alive_set((10, 1)))
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 110, 40, 10, 1, 1)
+    view = agg.update(snap(2, proc(10, (150, 50)), proc(11, (10, 0))), NONE_ALIVE)
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 160, 50, 110, 2, 2)
+
+
+def test_exec_restarts_the_counters_without_going_backwards():
+    agg = grouped(("pid",))
+    agg.update(snap(0, proc(10, (1000, 400), comm="sh")), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (20, 5), comm="app")), NONE_ALIVE)
+    assert view.series == (SeriesValues(("10",), 1020, 405, 15, 1, 1),)
+
+
+def test_a_rename_moves_later_counts_to_the_new_series_and_keeps_the_sum_exact():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40), comm="old")), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
+    series = by_labels(view)
+    assert series[("old",)] == SeriesValues(("old",), 100, 40, 0, 0, 0)
+    assert series[("new",)] == SeriesValues(("new",), 30, 5, 85, 1, 1)
+
+
+def test_counters_never_go_backwards_over_a_mixed_history():
+    agg = grouped(("unit",))
+    history = [
+        snap(0, proc(1, (10, 0)), proc(2, (20, 5), (7, 7))),
+        snap(1, proc(1, (15, 5)), proc(2, (25, 6), retained=(7, 7))),
+        snap(2, proc(2, (30, 9), retained=(7, 7)), proc(3, (1, 1), start=4)),
+        snap(3, proc(1, (90, 80), start=8), proc(3, (1, 1), start=4)),
+        snap(4),
+    ]
+    last = (0, 0)
+    for s in history:
+        view = agg.update(s, NONE_ALIVE)
+        series = by_labels(view)[("app.service",)]
+        now = (series.allocated_bytes, series.deallocated_bytes)
+        assert now >= last and now[1] >= last[1]
+        last = now
+    assert last == (15 + 30 + 7 + 1 + 90, 5 + 9 + 7 + 1 + 80)
+
+
+def test_series_beyond_the_cap_are_dropped_and_counted_first_seen_win():
+    agg = grouped(("pid",), max_series=2)
+    agg.update(snap(0, proc(30, (1, 0)), proc(20, (1, 0))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (1, 0)), proc(20, (1, 0)), proc(30, (1, 0))),
+                      NONE_ALIVE)
+    assert [s.labels for s in view.series] == [("30",), ("20",)]
+    assert view.dropped == 1
+
+
+def test_empty_series_are_kept_for_the_retention_then_forgotten():
+    agg = grouped(("pid",), retention=10)
+    agg.update(snap(0, proc(10, (5, 1))), NONE_ALIVE)
+    assert agg.update(snap(9, proc(20, (1, 0))), NONE_ALIVE).series[0].allocated_bytes == 5
+    view = agg.update(snap(11, proc(20, (1, 0))), NONE_ALIVE)
+    assert [s.labels for s in view.series] == [("20",)]
+
+
+def test_memory_is_bounded_by_live_processes_and_retained_series():
+    agg = grouped(("comm",), retention=5)
+    for i in range(1000):
+        agg.update(snap(i, proc(1000 + i, (i, 0), comm=f"c{i % 3}")), NONE_ALIVE)
+    state = agg.to_state()
+    assert len(state["processes"]) == 1 and len(state["series"]) == 3
+
+
+def test_state_round_trip_continues_the_counters():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40)), proc(11, (7, 1))), NONE_ALIVE)
+    agg.update(snap(1, proc(11, (8, 1))), NONE_ALIVE)
+    state = json.loads(json.dumps(agg.to_state()))
+    again = grouped()
+    assert again.restore(state, same_boot=True)
+    view = again.update(snap(2, proc(11, (9, 2))), NONE_ALIVE)
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 109, 42, 7, 1, 1)
+
+
+def test_state_from_another_boot_folds_every_process():
+    agg = grouped()
+    agg.update(snap(0, proc(1, (100, 40))), NONE_ALIVE)
+    again = grouped()
+    assert again.restore(agg.to_state(), same_boot=False)
+    view = again.update(snap(1, proc(1, (500, 100))), alive_set((1, 1)))  # same pid and start
+    assert by_labels(view)[("app",)] == SeriesValues(("app",), 600, 140, 400, 1, 1)
+
+
+def test_state_with_other_labels_is_not_restored():
+    agg = grouped(("comm",))
+    assert not grouped(("pid",)).restore(agg.to_state(), same_boot=True)
+    assert not grouped().restore({"version": 99}, same_boot=True)
