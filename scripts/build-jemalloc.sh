@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Build jemalloc from Debian's source package, with debug info, into a cache dir.
+#
+#   scripts/build-jemalloc.sh     (as root; env CTPROFD_JEMALLOC_DIR overrides the dir)
+#
+# Result (default /var/cache/ctprofd/jemalloc-5.3.0):
+#   lib/libjemalloc.a  lib/libjemalloc_pic.a  lib/libjemalloc.so.2  lib/libjemalloc.so -> libjemalloc.so.2
+#   include/jemalloc/jemalloc.h  .ctprofd-complete (stamp, written last)
+# Default configure options plus CFLAGS="-g -O2": symbols are the public names
+# (malloc, mallctl, ...) and je_-prefixed internals (je_tsd_tls).
+# Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
+# dir beside the target, then renamed into place, under a lock).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
+
+JEMALLOC_VERSION=5.3.0
+CFLAGS_JEMALLOC="-g -O2"
+DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
+STAMP=.ctprofd-complete
+FILES=(lib/libjemalloc.a lib/libjemalloc_pic.a lib/libjemalloc.so.2 lib/libjemalloc.so
+       include/jemalloc/jemalloc.h)
+
+is_complete() {
+    local f
+    [[ -f $1/$STAMP ]] || return 1
+    for f in "${FILES[@]}"; do
+        [[ -e $1/$f ]] || return 1
+    done
+}
+
+if is_complete "$DEST"; then
+    log "up to date: $DEST"
+    exit 0
+fi
+
+require_root
+umask 022
+parent=$(dirname "$DEST")
+name=$(basename "$DEST")
+mkdir -p "$parent"
+exec 9>"$parent/.$name.lock"
+flock 9
+if is_complete "$DEST"; then  # another run finished while we waited
+    log "up to date: $DEST"
+    exit 0
+fi
+
+# Tools: dpkg-source (dpkg-dev) unpacks and patches the source package.
+mapfile -t missing < <(missing_packages dpkg-dev build-essential)
+ensure_deb_src || true
+if ((${#missing[@]})) || ! apt-cache showsrc jemalloc 2>/dev/null | grep -q '^Package: jemalloc'; then
+    apt-get update
+fi
+if ((${#missing[@]})); then
+    apt_install "${missing[@]}"
+fi
+
+work=$(mktemp -d "$parent/.$name.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+log "fetching the jemalloc source package into $work"
+apt-get source -q jemalloc
+src=$(find . -mindepth 1 -maxdepth 1 -type d -name 'jemalloc-*' | head -n1)
+[[ -n $src ]] || die "apt-get source jemalloc produced no source tree"
+version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
+[[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
+    die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
+
+log "building jemalloc $version (CFLAGS=\"$CFLAGS_JEMALLOC\"), log: $work/build.log"
+if ! (cd "$src" && ./configure CFLAGS="$CFLAGS_JEMALLOC" && make -j"$(nproc)" build_lib) \
+        >"$work/build.log" 2>&1; then
+    tail -n 60 "$work/build.log" >&2
+    die "jemalloc build failed"
+fi
+
+out="$work/out"
+mkdir -p "$out/lib" "$out/include/jemalloc"
+cp "$src/lib/libjemalloc.a" "$src/lib/libjemalloc_pic.a" "$src/lib/libjemalloc.so.2" "$out/lib/"
+ln -s libjemalloc.so.2 "$out/lib/libjemalloc.so"
+cp "$src/include/jemalloc/jemalloc.h" "$out/include/jemalloc/"
+printf 'jemalloc %s (Debian source %s)\nconfigure CFLAGS="%s"\n' \
+    "$JEMALLOC_VERSION" "$version" "$CFLAGS_JEMALLOC" >"$out/$STAMP"
+
+rm -rf "$DEST"  # an incomplete leftover (no stamp), if any
+mv -T "$out" "$DEST"
+log "installed jemalloc $version into $DEST"
