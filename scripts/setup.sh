@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine (as root) to run ctprofd, or with --test to test it.
+#
+#   scripts/setup.sh [--test]
+#
+# Installs the apt packages, creates the venv ${CTPROFD_VENV:-<repo>/.venv} with
+# ctprofd installed editable ([systemd] extra; [test] with --test), and with
+# --test builds the debug jemalloc the tests link against (scripts/build-jemalloc.sh).
+# Safe to re-run.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
+
+test_mode=0
+case "${1:-}" in
+    "") ;;
+    --test) test_mode=1 ;;
+    *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+esac
+require_root
+
+packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+if ((test_mode)); then
+    packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
+               gdb debuginfod elfutils binutils pahole redis-server libjemalloc2 util-linux
+               libcap2-bin procps)
+    ensure_deb_src || true  # for `apt-get source jemalloc`, before the one update
+fi
+log "installing apt packages"
+apt-get update
+apt_install "${packages[@]}"
+
+# The venv is built on Debian's /usr/bin/python3, not on whatever python3 comes
+# first on PATH (a pyenv shim on some dev boxes): it is the interpreter a fresh
+# Debian 12 has, python3-dev provides its headers for systemd-python's C
+# extension, and CI and developers then get the same Python.
+python=/usr/bin/python3
+[[ -x $python ]] || python=$(command -v python3)
+venv=${CTPROFD_VENV:-$repo/.venv}
+home=$(dirname "$python")
+if [[ -x $venv/bin/python ]] && grep -qxF "home = $home" "$venv/pyvenv.cfg" 2>/dev/null \
+        && "$venv/bin/python" -c '' 2>/dev/null; then
+    log "reusing venv $venv"
+else
+    log "creating venv $venv on $python"
+    "$python" -m venv --clear "$venv"
+fi
+
+extra=systemd
+((test_mode)) && extra=test
+log "installing ctprofd[$extra] into $venv"
+"$venv/bin/python" -m pip install --progress-bar off -e "$repo[$extra]"
+"$venv/bin/python" -c 'import systemd.journal' ||
+    die "systemd-python is not importable in $venv"
+
+if ((test_mode)); then
+    "$here/build-jemalloc.sh"
+fi
+log "done"
