@@ -56,14 +56,14 @@ def exe_identity(process: ProcessInfo) -> BinaryIdentity:
 
 
 def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
-    """The offset-0 mapping of each distinct mapped file, in address order."""
-    seen: set[tuple[int, str]] = set()
-    firsts = []
+    """The offset-0 mapping of each mapped file with code in it (a loaded ELF object,
+    not a data file such as a locale archive), in address order."""
+    with_code = {(m.inode, m.path) for m in mappings if "x" in m.perms}
+    firsts: dict[tuple[int, str], Mapping] = {}
     for mapping in mappings:
-        if mapping.offset == 0 and (mapping.inode, mapping.path) not in seen:
-            seen.add((mapping.inode, mapping.path))
-            firsts.append(mapping)
-    return firsts
+        if mapping.offset == 0 and (mapping.inode, mapping.path) in with_code:
+            firsts.setdefault((mapping.inode, mapping.path), mapping)
+    return list(firsts.values())
 
 
 class Attacher:

@@ -3,16 +3,19 @@ and optionally on disk (one JSON file per key, written atomically).
 
 Keys are `build-id:<hex>` or, for binaries without one, `file:<dev>:<ino>:<size>:<mtime_ns>`.
 Failures expire after `failure_ttl` seconds so newly installed debug info is picked up;
-the other results describe an immutable file and never expire.
+the other results describe an immutable file and never expire. Memory holds the
+`max_entries` most recently used.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import logging
 import os
-import tempfile
 import time
+
+from .atomic import write_json
 
 from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 
@@ -23,12 +26,14 @@ FORMAT_VERSION = 1
 class LayoutCache:
     """Memory cache backed by a directory; any disk problem degrades to memory only."""
 
-    def __init__(self, directory: str | None = None, failure_ttl: float = 600.0) -> None:
+    def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
+                 max_entries: int = 4096) -> None:
         self.directory = os.path.join(directory, "layouts") if directory else None
         self.failure_ttl = failure_ttl
+        self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
-        self._memory: dict[str, tuple[Resolution, float]] = {}
+        self._memory: OrderedDict[str, tuple[Resolution, float]] = OrderedDict()
         self._warned = False
         if self.directory:
             try:
@@ -46,7 +51,7 @@ class LayoutCache:
             resolution, stored_at = entry
             if not (isinstance(resolution, LayoutFailure)
                     and time.time() - stored_at > self.failure_ttl):
-                self._memory[key] = entry
+                self._remember(key, entry)
                 self.hits += 1
                 return resolution
         self.misses += 1
@@ -54,21 +59,20 @@ class LayoutCache:
 
     def put(self, key: str, resolution: Resolution) -> None:
         entry = (resolution, time.time())
-        self._memory[key] = entry
+        self._remember(key, entry)
         self._store(key, entry)
+
+    def _remember(self, key: str, entry: tuple[Resolution, float]) -> None:
+        """Keep `entry` in memory as the most recently used, evicting the least."""
+        self._memory[key] = entry
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_entries:
+            self._memory.popitem(last=False)
 
     def layouts(self) -> list[TsdLayout]:
         """Every layout held in memory, once per build."""
         found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}
         return list(found.values())
-
-    def memory_keys(self) -> list[str]:
-        return list(self._memory)
-
-    def forget(self, keys: set[str]) -> None:
-        """Drop memory entries (for example of binaries no process runs any more)."""
-        for key in keys:
-            self._memory.pop(key, None)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, key.replace(":", "_") + ".json")
@@ -100,14 +104,7 @@ class LayoutCache:
         data = {"version": FORMAT_VERSION, "key": key, "stored_at": entry[1],
                 "result": entry[0].to_dict()}
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f)
-                os.replace(tmp, self._path(key))
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_json(self._path(key), data)
         except OSError as exc:
             self._degrade(f"cannot write cache directory {self.directory}: {exc.strerror}")
 

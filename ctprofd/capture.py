@@ -18,6 +18,7 @@ from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .probe import ProcessState, ThreadProber
 from .procfs import ProcessInfo, iter_processes, list_threads
+from .retained import RetainedStore
 from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot
 from .summary import Tally
@@ -32,6 +33,7 @@ class CaptureSettings:
 
     proc_root: str = "/proc"
     cache_dir: str | None = None
+    state_dir: str | None = None  # where exited threads' totals survive a restart
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
     offsets_files: tuple[str, ...] = ()
@@ -58,7 +60,22 @@ class _Tracked:
     identity: BinaryIdentity
     result: ProcessState | NotJemalloc
     build_id: str | None = None
-    retained: tuple[int, int] = field(default=(0, 0))
+    retained: tuple[int, int] = field(default=(0, 0))  # of images before an exec
+
+    def retained_totals(self) -> tuple[int, int]:
+        """What threads no longer running (exited, or of an earlier image) counted."""
+        if not isinstance(self.result, ProcessState):
+            return self.retained
+        return (self.retained[0] + self.result.retained_allocated,
+                self.retained[1] + self.result.retained_deallocated)
+
+    def all_totals(self) -> tuple[int, int]:
+        """Retained totals plus the last-read values of the threads running now."""
+        allocated, deallocated = self.retained_totals()
+        if isinstance(self.result, ProcessState):
+            allocated += sum(s.allocated for s in self.result.threads.values())
+            deallocated += sum(s.deallocated for s in self.result.threads.values())
+        return allocated, deallocated
 
 
 class Capturer:
@@ -78,6 +95,8 @@ class Capturer:
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
         self._tracked: dict[tuple[int, int], _Tracked] = {}
+        self._retained_store = RetainedStore(self.settings.state_dir, self.settings.proc_root)
+        self._restored = self._retained_store.load()
 
     @property
     def stats(self) -> CaptureStats:
@@ -111,6 +130,8 @@ class Capturer:
                 samples.append(sample)
         if complete and pids is None:
             self._forget_all_but(seen)
+            self._retained_store.save({key: t.retained_totals()
+                                       for key, t in self._tracked.items()})
         self.tracer.release_pending()
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
@@ -135,17 +156,19 @@ class Capturer:
             tally.fail(tags.JEMALLOC_NOT_FOUND)
             return None
         tally.jemalloc_detected += 1
-        threads = self.prober.probe(process.pid, state, list_threads(process), tally)
-        read = {t.tid for t in threads}
-        unread = [s for tid, s in state.threads.items() if tid not in read]
+        try:
+            listed = list_threads(process)
+        except OSError:  # exited since we attached
+            tally.fail(tags.PID_MISSING)
+            return None
+        threads = self.prober.probe(process.pid, state, listed, tally)
+        allocated, deallocated = tracked.all_totals()
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,
             exe=process.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
             threads=tuple(threads),
-            retained_allocated_bytes=tracked.retained[0] + state.retained_allocated
-            + sum(s.allocated for s in unread),
-            retained_deallocated_bytes=tracked.retained[1] + state.retained_deallocated
-            + sum(s.deallocated for s in unread))
+            retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
+            retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads))
 
     def _track(self, process: ProcessInfo) -> _Tracked:
         """The tracked state of a process, (re)attaching when it is new or exec'ed."""
@@ -153,14 +176,10 @@ class Capturer:
         tracked = self._tracked.get(process.key)
         if tracked is not None and tracked.identity == identity:
             return tracked
-        retained = (0, 0)
-        if tracked is not None and isinstance(tracked.result, ProcessState):
-            # exec'ed another binary: what its old image counted stays in its totals
-            old = tracked.result
-            retained = (tracked.retained[0] + old.retained_allocated
-                        + sum(s.allocated for s in old.threads.values()),
-                        tracked.retained[1] + old.retained_deallocated
-                        + sum(s.deallocated for s in old.threads.values()))
+        # exec'ed another binary: what its old image counted stays in its totals; a process
+        # first seen now may have totals saved by an earlier run of ctprofd
+        retained = (tracked.all_totals() if tracked is not None
+                    else self._restored.pop(process.key, (0, 0)))
         result = self.attacher.attach(process, identity)
         if isinstance(result, Attachment):
             tracked = _Tracked(identity, ProcessState(result), result.layout.build_id, retained)
@@ -172,6 +191,3 @@ class Capturer:
     def _forget_all_but(self, alive: set[tuple[int, int]]) -> None:
         for key in [k for k in self._tracked if k not in alive]:
             del self._tracked[key]
-        in_use = {t.identity.key for t in self._tracked.values()}
-        self.cache.forget({k for k in self.cache.memory_keys()
-                           if k.startswith("file:") and k not in in_use})

@@ -4,9 +4,9 @@ read on hosts that only have the stripped binaries."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+
+from .atomic import write_json
 
 from .layout import TsdLayout, resolution_from_dict
 
@@ -23,16 +23,7 @@ def dump(layouts: list[TsdLayout], path: str) -> int:
     """Write the layouts that have a build-id, atomically; returns how many."""
     entries = {layout.build_id: layout.to_dict() for layout in layouts if layout.build_id}
     data = {"format": FORMAT, "version": VERSION, "layouts": dict(sorted(entries.items()))}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-offsets-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json(path, data, indent=2)
     return len(entries)
 
 

@@ -147,6 +147,7 @@ class Mapping:
 
     start: int
     end: int
+    perms: str
     offset: int
     inode: int
     path: str
@@ -165,7 +166,7 @@ def parse_maps(text: str) -> list[Mapping]:
         if len(fields) < 6 or not fields[5].startswith("/"):
             continue
         start, _, end = fields[0].partition("-")
-        mappings.append(Mapping(int(start, 16), int(end, 16), int(fields[2], 16),
+        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16),
                                 int(fields[4]), fields[5]))
     return mappings
 
