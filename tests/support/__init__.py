@@ -1,0 +1,1 @@
+"""Test support: fixture-program builder, process handles and ELF helpers."""
