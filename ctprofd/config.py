@@ -83,6 +83,7 @@ class Config:
     state_dir: str = "/var/lib/ctprofd"
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
+    offsets_files: tuple[str, ...] = ()
     selection: Selection = Selection()
     labels: tuple[str, ...] = ("pid", "comm", "unit")
     max_series: int = 10000
@@ -129,10 +130,24 @@ def parse(text: str, source: str) -> Config:
     return _Validator(source).config(raw)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(text: str, source: str) -> dict[str, Any]:
     """Parse YAML into a mapping (empty document = {}); one-line ConfigError if malformed."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -216,6 +231,7 @@ class _Validator(Reader):
             state_dir=self.string(get("state_dir", d.state_dir), "state_dir"),
             debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
             debuginfod_urls=self._urls(get("debuginfod_urls", [])),
+            offsets_files=self.strings(get("offsets_files", []), "offsets_files"),
             selection=self._selection(get("selection", {})),
             labels=self._labels(get("labels", list(d.labels))),
             max_series=self.integer(get("max_series", d.max_series), "max_series", 1),

@@ -95,6 +95,9 @@ debuginfod_urls: ["https://debuginfod.example/"]
     ("state_dir: null\n", "state_dir: expected a string, got null"),
     ("- a\n- b\n", "expected a mapping at top level, got a list"),
     ("interval: [\n", "invalid YAML at line 2 column 1"),
+    ("interval: 1\ninterval: 2\n", "invalid YAML at line 2 column 1: duplicate key 'interval'"),
+    ("selection:\n  include: {uid: [1], uid: [2]}\n",
+     "invalid YAML at line 2 column 23: duplicate key 'uid'"),
 ])
 def test_errors_are_one_line_naming_file_and_key(tmp_path, text, expected):
     assert error_of(tmp_path, text).startswith(expected)

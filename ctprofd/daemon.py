@@ -1,0 +1,366 @@
+"""`ctprofd run`: snapshots on a fixed-rate schedule in one dedicated thread, the HTTP
+endpoint beside it, signals (TERM/INT stop, HUP reloads), systemd notification and logging.
+
+Exit status: 0 after SIGTERM/SIGINT; 78 (EX_CONFIG) for a bad configuration, web config or
+offsets file; 1 when the listen address cannot be bound (e.g. the port is in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from . import procfs
+from .aggregate import Aggregator
+from .atomic import write_json
+from .capabilities import warn_if_unprivileged
+from .capture import Capturer, CaptureSettings
+from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
+                        DaemonState, Histogram)
+from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load, load_default,
+                     parse_listen)
+from .offsets_file import OffsetsFileError
+from .procfs import ProcessInfo
+from .retained import boot_id
+from .web import MetricsServer, load_web_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "aggregate.json"
+STATE_SAVE_SECONDS = 60.0
+STOP_GRACE_SECONDS = 0.5
+# Changing these needs a restart: they are bound (socket) or built into the Capturer.
+RESTART_KEYS = ("listen", "cache_dir", "state_dir", "debug_dirs", "debuginfod_urls",
+                "offsets_files")
+
+
+class Notifier:
+    """sd_notify through systemd-python; silent when not started by systemd (no NOTIFY_SOCKET)."""
+
+    def __init__(self) -> None:
+        self._notify = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            try:
+                from systemd.daemon import notify
+                self._notify = notify
+            except ImportError:
+                log.warning("NOTIFY_SOCKET is set but systemd-python is not installed: "
+                            "readiness and watchdog pings cannot be sent")
+        usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+        ours = not pid or pid == str(os.getpid())
+        self.watchdog_period = int(usec) / 2e6 if usec and usec.isdigit() and ours else None
+
+    def __call__(self, *assignments: str) -> None:
+        if self._notify is not None:
+            self._notify("\n".join(assignments))
+
+    def watchdog(self) -> None:
+        if self.watchdog_period is not None:
+            self("WATCHDOG=1")
+
+
+def setup_logging(level: str) -> None:
+    """Journal when started by systemd (and systemd-python is there), else stderr."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+            handler = JournalHandler(SYSLOG_IDENTIFIER="ctprofd")
+        except ImportError:
+            pass
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ctprofd: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The file (--config, else /etc/ctprofd/ctprofd.yaml when present, else the embedded
+    default) with the command-line flags applied over it."""
+    path = args.config or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+    config = load(path) if path else load_default()
+    changes: dict[str, Any] = {}
+    if args.listen is not None:
+        try:
+            parse_listen(args.listen)
+        except ValueError as err:
+            raise ConfigError("--listen", "", str(err))
+        changes["listen"] = args.listen
+    if args.interval is not None:
+        if not args.interval > 0:
+            raise ConfigError("--interval", "", f"must be > 0, got {args.interval:g}")
+        changes["interval"] = args.interval
+    if args.web_config_file is not None:
+        changes["web_config_file"] = args.web_config_file
+    return dataclasses.replace(config, **changes)
+
+
+def process_alive(proc_root: str, pid: int, start_time: int) -> bool:
+    """Whether (pid, start time) still runs: a reused pid has another start time."""
+    try:
+        return procfs.read_stat(f"{proc_root}/{pid}/stat").start_time == start_time
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+class Daemon:
+    """Owns the snapshot thread, the server thread and the reload logic."""
+
+    def __init__(self, args: argparse.Namespace, config: Config, server: MetricsServer,
+                 collector: DaemonCollector, notify: Notifier) -> None:
+        self.args = args
+        self.config = config
+        self.server = server
+        self.collector = collector
+        self.notify = notify
+        self.stop = threading.Event()  # also the capture's cancel event
+        self._wake_main = threading.Event()
+        self._wake_loop = threading.Event()
+        self._reload_requested = False
+        self._thread_stops = Histogram(THREAD_STOP_BUCKETS)
+        self._durations = Histogram(SNAPSHOT_DURATION_BUCKETS)
+        for directory in (config.cache_dir, config.state_dir):
+            if directory:  # systemd makes them; elsewhere a failure degrades to memory
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                except OSError as err:
+                    log.warning("cannot create %s: %s", directory, err.strerror)
+        self.capturer = Capturer(CaptureSettings(
+            cache_dir=config.cache_dir, state_dir=config.state_dir,
+            debug_dirs=config.debug_dirs, debuginfod_urls=config.debuginfod_urls,
+            offsets_files=config.offsets_files, select=self._select,
+            on_thread_stop=self._thread_stops.observe))
+        self._state_path = os.path.join(config.state_dir, STATE_FILE)
+        self._boot_id = boot_id()
+        self.aggregator = self._new_aggregator(config)
+        self._restore_state()
+        self._snapshots = 0
+        self._overruns = 0
+        self._saved_at = time.monotonic()
+
+    # -- selection and aggregate, read by the snapshot thread --
+
+    def _select(self, info: ProcessInfo) -> bool:
+        return self.config.selection.selects(info)
+
+    @staticmethod
+    def _new_aggregator(config: Config) -> Aggregator:
+        return Aggregator(config.labels, config.max_series, config.series_retention)
+
+    def _restore_state(self) -> None:
+        try:
+            with open(self._state_path, encoding="utf-8") as f:
+                state = json.load(f)
+            if self.aggregator.restore(state, same_boot=state.get("boot_id") == self._boot_id):
+                log.info("continuing the series counters saved in %s", self._state_path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("ignoring unusable state file %s (%s)", self._state_path, err)
+            self.aggregator = self._new_aggregator(self.config)
+
+    def _save_state(self) -> None:
+        try:
+            write_json(self._state_path, {"boot_id": self._boot_id,
+                                          **self.aggregator.to_state()})
+        except OSError as err:
+            log.warning("cannot write %s (%s); series counters will restart with ctprofd",
+                        self._state_path, err.strerror)
+        self._saved_at = time.monotonic()
+
+    # -- the snapshot thread --
+
+    def _snapshot_loop(self) -> None:
+        """Fixed-rate ticks on the monotonic clock; every capture runs in this thread."""
+        tick = time.monotonic()
+        while not self.stop.is_set():
+            self._snapshot_once()
+            interval = self.config.interval
+            now = time.monotonic()
+            missed = int((now - tick) // interval) if now - tick >= interval else 0
+            self._overruns += missed
+            tick += (missed + 1) * interval
+            while not self.stop.is_set() and not self._sleep_until(tick):
+                if self.config.interval != interval:  # reloaded: re-plan from the last tick
+                    tick += self.config.interval - interval
+                    interval = self.config.interval
+
+    def _sleep_until(self, deadline: float) -> bool:
+        """Wait for the deadline, pinging the watchdog; False when woken early by a reload."""
+        while not self.stop.is_set():
+            self.notify.watchdog()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            period = self.notify.watchdog_period or remaining
+            if self._wake_loop.wait(min(remaining, period)):
+                self._wake_loop.clear()
+                return False
+        return True
+
+    def _snapshot_once(self) -> None:
+        config = self.config
+        if (config.labels, config.max_series, config.series_retention) != (
+                self.aggregator.labels, self.aggregator.max_series, self.aggregator.retention):
+            if config.labels != self.aggregator.labels:
+                log.info("labels changed to [%s]: series counters start over",
+                         ", ".join(config.labels))
+                self.aggregator = self._new_aggregator(config)
+            self.aggregator.max_series = config.max_series
+            self.aggregator.retention = config.series_retention
+        try:
+            snapshot = self.capturer.capture(cancel=self.stop)
+        except Exception:  # a bug in one snapshot must not end the daemon
+            log.exception("snapshot failed")
+            return
+        if self.stop.is_set():  # cancelled: partial, not published
+            return
+        view = self.aggregator.update(
+            snapshot, lambda pid, start: process_alive("/proc", pid, start))
+        self._snapshots += 1
+        self._durations.observe(snapshot.duration_seconds)
+        stats = self.capturer.stats
+        self.collector.publish(DaemonState(
+            snapshot=snapshot, aggregate=view, snapshots_total=self._snapshots,
+            overruns_total=self._overruns, interval_seconds=config.interval,
+            cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
+            cache_entries=stats.cache_entries, snapshot_durations=self._durations.freeze(),
+            thread_stops=self._thread_stops.freeze()))
+        status = f"STATUS={snapshot.summary.log_line()}"
+        self.notify(*(("READY=1", status) if self._snapshots == 1 else (status,)))
+        if time.monotonic() - self._saved_at >= STATE_SAVE_SECONDS:
+            self._save_state()
+
+    # -- the main thread --
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self.stop.set()
+        self._wake_main.set()
+
+    def serve(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                         name="http", daemon=True).start()
+        log.info("listening on %s", self.server.url)
+        loop = threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True)
+        loop.start()
+        while not self.stop.is_set():
+            self._wake_main.wait(1.0)
+            self._wake_main.clear()
+            if self._reload_requested and not self.stop.is_set():
+                self._reload_requested = False
+                self.reload()
+        self.notify("STOPPING=1")
+        log.info("stopping")
+        self.server.shutdown()
+        loop.join(STOP_GRACE_SECONDS)  # a capture in flight sees the cancel and detaches
+        if not loop.is_alive():
+            self._save_state()
+        self.server.server_close()
+        return 0
+
+    def reload(self) -> None:
+        """SIGHUP: apply a valid new configuration, or keep the old one and say why."""
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+        try:
+            new = load_config(self.args)
+            web = load_web_config(new.web_config_file)
+        except ConfigError as err:
+            log.error("reload failed, keeping the running configuration: %s", err)
+            self.notify("READY=1")
+            return
+        for key in RESTART_KEYS:
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: a change of %s takes effect only after a restart", key)
+        self.config = dataclasses.replace(
+            new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
+        self.server.web_config = web
+        logging.getLogger().setLevel(new.log_level.upper())
+        self._wake_loop.set()
+        log.info("reloaded the configuration from %s", new.source)
+        self.notify("READY=1")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ctprofd run`: returns the exit status (see the module docstring)."""
+    try:
+        config = load_config(args)
+        web = load_web_config(config.web_config_file)
+    except ConfigError as err:
+        print(f"ctprofd: {err}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level)
+    collector = DaemonCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    try:
+        server = MetricsServer(config.listen, registry, web)
+    except OSError as err:
+        log.error("cannot listen on %s: %s", config.listen, err.strerror or err)
+        return 1
+    notify = Notifier()
+    try:
+        daemon = Daemon(args, config, server, collector, notify)
+    except OffsetsFileError as err:
+        log.error("%s", err)
+        server.server_close()
+        return EX_CONFIG
+    collector.publish(DaemonState(interval_seconds=config.interval))
+    log.info("ctprofd starting: config %s, snapshot every %g s", config.source, config.interval)
+    warn_if_unprivileged()
+    return daemon.serve()
+
+
+def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `run [--config PATH] [--listen HOST:PORT] [--interval SECONDS]
+    [--web.config.file PATH]`; flags override the configuration file."""
+    parser = subparsers.add_parser(
+        "run", help="run the exporter daemon",
+        description="Take a snapshot every interval and serve the metrics over HTTP. Exit "
+                    "status 78 on a bad configuration, 1 when the address cannot be bound.")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_PATH} if present, "
+                             "else the built-in defaults)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override `listen`")
+    parser.add_argument("--interval", metavar="SECONDS", type=float,
+                        help="override `interval`")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        help="override `web_config_file` (TLS and basic auth)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ctprofd.daemon run|check-config ...`: these two commands without the rest
+    of the CLI."""
+    from .config import add_check_config_parser
+
+    parser = argparse.ArgumentParser(prog="ctprofd")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(commands)
+    add_check_config_parser(commands)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

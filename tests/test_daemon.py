@@ -1,0 +1,213 @@
+"""`ctprofd run` and `ctprofd check-config` as real subprocesses: exit statuses, reloads,
+signals, systemd notifications over a real datagram socket, and promtool on a real scrape."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from daemon_process import CTPROFD, DaemonProcess, run_once, write_config
+
+QUIET = "selection:\n  include:\n    comm: ['^ctprofd-test-none$']\n"  # walks, reads nobody
+
+
+@pytest.fixture
+def daemons():
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(*args, env=env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, status: int, *parts: str):
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("colour: red\n", "colour: unknown key"),
+    ("series_retention: soon\n", "series_retention: expected a number, got a string"),
+    ("selection:\n  exclude:\n    comm: ['foo(']\n",
+     "selection.exclude.comm[0]: invalid regex 'foo(': missing ), unterminated subpattern"),
+    ("labels: {pid: 1}\n", "labels: expected a list, got a mapping"),
+])
+def test_bad_config_exits_78_with_one_line(tmp_path, text, expected):
+    path = write_config(tmp_path, text)
+    assert_one_line_error(run_once("run", "--config", str(path)), 78, f"{path}: {expected}")
+
+
+def test_unreadable_config_exits_78(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    assert_one_line_error(run_once("run", "--config", str(missing)), 78,
+                          f"{missing}: cannot read: No such file or directory")
+
+
+def test_bad_flags_and_web_config_exit_78(tmp_path):
+    path = str(write_config(tmp_path))
+    assert_one_line_error(run_once("run", "--config", path, "--interval", "0"), 78,
+                          "--interval: must be > 0")
+    assert_one_line_error(run_once("run", "--config", path, "--listen", "nowhere"), 78,
+                          "--listen: 'nowhere' is not HOST:PORT")
+    web = tmp_path / "web.yaml"
+    web.write_text("basic_auth_users:\n  alice: secret\n")
+    assert_one_line_error(run_once("run", "--config", path, "--web.config.file", str(web)), 78,
+                          f"{web}: basic_auth_users.alice: not a bcrypt hash")
+
+
+def test_bad_offsets_file_exits_78(tmp_path):
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text("{not json")
+    path = str(write_config(tmp_path, f"offsets_files: [{offsets}]\n"))
+    result = run_once("run", "--config", path)
+    assert_one_line_error(result, 78, str(offsets))
+
+
+def test_port_in_use_exits_1_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_once("run", "--config", str(write_config(tmp_path)),
+                          "--listen", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: "
+                                     "Address already in use")
+
+
+def test_check_config(tmp_path):
+    good = write_config(tmp_path)
+    result = run_once("check-config", str(good))
+    assert result.returncode == 0 and result.stdout == f"{good}: OK\n"
+    bad = write_config(tmp_path, "max_series: many\n", name="bad.yaml")
+    assert_one_line_error(run_once("check-config", str(bad)), 78,
+                          f"{bad}: max_series: expected an integer, got a string")
+
+
+def test_the_shipped_default_config_is_valid():
+    result = run_once("check-config", "config/ctprofd.yaml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_serves_metrics_landing_page_and_a_lint_clean_scrape(tmp_path, daemons):
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET))).started()
+    assert '<a href="/metrics">' in daemon.get("/")
+    text = daemon.wait_for_sample("ctprofd_snapshots_total", 1)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.5
+    assert daemon.sample("ctprofd_probe_tgids_walked", text) >= 0
+    assert 'ctprofd_build_info{version="' in text
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                          capture_output=True)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
+
+
+def test_flags_override_the_config(tmp_path, daemons):
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET)), "--interval", "0.25",
+                     "--listen", "127.0.0.1:0").started()
+    text = daemon.wait_for_sample("ctprofd_snapshots_total", 1)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.25
+
+
+def test_sigterm_exits_promptly_even_mid_snapshot(tmp_path, daemons):
+    daemon = daemons("--config", str(write_config(tmp_path, interval=3600))).started()
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)  # the first snapshot (every process) is under way
+    assert daemon.proc.wait(5) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_sigint_exits_zero_and_saves_the_series_state(tmp_path, daemons):
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET))).started()
+    daemon.wait_for_sample("ctprofd_snapshots_total", 1)
+    daemon.signal(signal.SIGINT)
+    assert daemon.proc.wait(5) == 0
+    state = json.loads((tmp_path / "state" / "aggregate.json").read_text())
+    assert state["labels"] == ["pid", "comm", "unit"] and "boot_id" in state
+
+
+def test_sighup_applies_a_valid_config(tmp_path, daemons):
+    path = write_config(tmp_path, QUIET, name="hup.yaml", interval=3600)
+    daemon = daemons("--config", str(path)).started()
+    daemon.wait_for("probe: ")
+    path.write_text(path.read_text().replace("interval: 3600", "interval: 0.2")
+                    .replace('"127.0.0.1:0"', '"127.0.0.1:1"'))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("a change of listen takes effect only after a restart")
+    daemon.wait_for("reloaded the configuration")
+    # the shorter interval applies at once, without waiting out the old one
+    text = daemon.wait_for_sample("ctprofd_snapshots_total", 3)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.2
+    assert daemon.get("/")  # still on the old address
+
+
+def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(tmp_path, daemons):
+    path = write_config(tmp_path, QUIET, name="hup.yaml")
+    daemon = daemons("--config", str(path)).started()
+    daemon.wait_for("probe: ")
+    path.write_text(path.read_text() + "labels: [\n")
+    daemon.signal(signal.SIGHUP)
+    line = daemon.wait_for("reload failed, keeping the running configuration: (.*)").string
+    assert f"{path}: invalid YAML at line" in line
+    text = daemon.wait_for_sample("ctprofd_snapshots_total", 2)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.5
+    assert daemon.proc.poll() is None
+
+
+def test_overrunning_snapshots_are_counted(tmp_path, daemons):
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET, interval=0.001)))
+    daemon.started()
+    daemon.wait_for_sample("ctprofd_snapshot_overruns_total", 1)
+
+
+def test_systemd_notifications(tmp_path, daemons):
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        daemon = daemons("--config", str(write_config(tmp_path, QUIET)),
+                         env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}).started()
+
+        def receive_until(wanted: str) -> list[str]:
+            seen: list[str] = []
+            while not any(wanted in m for m in seen):
+                seen.append(sock.recv(4096).decode())
+            return seen
+
+        first = receive_until("READY=1")
+        ready = next(m for m in first if "READY=1" in m)
+        assert "STATUS=probe: " in ready
+        receive_until("WATCHDOG=1")
+        daemon.signal(signal.SIGHUP)
+        reload_messages = receive_until("RELOADING=1")
+        assert "MONOTONIC_USEC=" in reload_messages[-1]
+        receive_until("READY=1")
+        daemon.signal(signal.SIGTERM)
+        receive_until("STOPPING=1")
+        assert daemon.proc.wait(5) == 0
+
+
+def test_without_ptrace_capability_it_says_so_once(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("this test drops CAP_SYS_PTRACE with setpriv and needs root")
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", "timeout", "--preserve-status", "-s", "INT",
+         "3", *CTPROFD,
+         "run", "--config", str(write_config(tmp_path, QUIET))],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "CAP_SYS_PTRACE" in line]
+    assert len(warnings) == 1, result.stderr
