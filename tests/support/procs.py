@@ -22,7 +22,8 @@ DROP_PTRACE_PREFIX: tuple[str, ...] = ("setpriv", "--bounding-set=-sys_ptrace", 
 def expected_worker_counters(i: int) -> tuple[int, int]:
     """(allocated, deallocated) that alloc_threads' worker i reports (see alloc_threads.c)."""
     per_round = 48 + 256 + 1536 + 4096 + 10240
-    return 4 * (i + 1) * per_round + 16384 * (1 + i % 4), 2 * (i + 1) * per_round
+    rounds = 4 * (i + 1)
+    return rounds * per_round + 16384 * (1 + i % 4), (rounds - 1) * per_round
 
 
 class FixtureError(RuntimeError):
