@@ -42,6 +42,13 @@ def test_static_fixture_reports_every_thread(fixture_bins: FixtureBins, spawn_fi
     assert_no_thread_stopped_or_traced(fx.pid)
 
 
+def test_many_threads_keep_exact_counters(fixture_bins: FixtureBins, spawn_fixture) -> None:
+    fx = spawn_fixture(fixture_bins["static"], 256)
+    assert len(set(fx.tids)) == 257
+    assert [(t["allocated"], t["deallocated"]) for t in fx.threads[1:]] == [
+        expected_worker_counters(i) for i in range(256)]
+
+
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_every_variant_runs_with_exact_counters(fixture_bins: FixtureBins, spawn_fixture, name: str) -> None:
     variant = fixture_bins[name]
