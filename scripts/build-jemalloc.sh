@@ -68,7 +68,7 @@ version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
 [[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
     die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
 
-log "building jemalloc $version (CFLAGS=\"$CFLAGS_JEMALLOC\"), log: $work/build.log"
+log "building jemalloc $version (CFLAGS=\"$CFLAGS_JEMALLOC\"; output shown on failure only)"
 if ! (cd "$src" && ./configure CFLAGS="$CFLAGS_JEMALLOC" && make -j"$(nproc)" build_lib) \
         >"$work/build.log" 2>&1; then
     tail -n 60 "$work/build.log" >&2
