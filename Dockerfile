@@ -1,0 +1,33 @@
+# ctprofd container image: the venv that scripts/setup.sh builds, on the same Debian release.
+#
+#   docker build -t ctprofd:0.1.0 .
+#   docker run --rm --pid=host --cap-drop=ALL --cap-add=SYS_PTRACE --cap-add=DAC_READ_SEARCH \
+#       --security-opt apparmor=unconfined --read-only -p 19455:19455 ctprofd:0.1.0
+#
+# It runs as root inside the container, with every capability dropped but SYS_PTRACE and
+# DAC_READ_SEARCH: reading the memory of host processes owned by any user takes
+# CAP_SYS_PTRACE, and a non-root container user cannot hold it (runtimes give non-root users
+# no ambient capabilities). See docs/daemon.md, "Containers and Kubernetes".
+
+ARG DEBIAN=debian:12.8-slim
+
+FROM ${DEBIAN} AS build
+COPY . /src
+# The same setup the README uses; then ctprofd goes into the venv as a copy, so the final
+# image needs the venv only, not the source tree or the compilers.
+RUN CTPROFD_VENV=/opt/ctprofd /src/scripts/setup.sh \
+    && /opt/ctprofd/bin/python -m pip install --no-cache-dir --progress-bar off \
+        --no-deps --force-reinstall /src
+
+FROM ${DEBIAN}
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends python3 libsystemd0 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/ctprofd /opt/ctprofd
+COPY config/ctprofd.yaml /etc/ctprofd/ctprofd.yaml
+RUN /opt/ctprofd/bin/ctprofd check-config /etc/ctprofd/ctprofd.yaml
+VOLUME ["/var/cache/ctprofd", "/var/lib/ctprofd"]
+EXPOSE 19455
+USER 0
+ENTRYPOINT ["/opt/ctprofd/bin/ctprofd", "run"]
+CMD ["--config", "/etc/ctprofd/ctprofd.yaml"]
