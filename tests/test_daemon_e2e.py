@@ -1,0 +1,119 @@
+"""`ctprofd run` against real jemalloc fixtures: the exported series equal what the fixtures'
+own mallctl calls reported, per process and summed without pid, across thread exit, process
+exit and restart."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from daemon_process import DaemonProcess, write_config
+
+
+def truth(fixture) -> tuple[int, int]:
+    """(allocated, deallocated) of a fixture, from its threads' own mallctl reports."""
+    return (sum(t["allocated"] for t in fixture.threads),
+            sum(t["deallocated"] for t in fixture.threads))
+
+
+class Scrapes:
+    """Reads labelled samples from a running daemon's /metrics."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.daemon = daemon
+        self.text = ""
+
+    def after_next_snapshot(self) -> Scrapes:
+        """Wait until a snapshot that started after this call has been published."""
+        now = self.daemon.sample("ctprofd_snapshots_total") or 0
+        self.text = self.daemon.wait_for_sample("ctprofd_snapshots_total", now + 2)
+        return self
+
+    def value(self, name: str, **labels: str) -> float | None:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        match = re.search(rf"^{re.escape(name)}{{{re.escape(wanted)}}} (\S+)$", self.text, re.M)
+        return float(match.group(1)) if match else None
+
+    def series(self, **labels: str) -> tuple[float | None, ...]:
+        """allocated, deallocated, live bytes, processes and threads of one series."""
+        return tuple(self.value(f"ctprofd_{name}", **labels) for name in
+                     ("allocated_bytes_total", "deallocated_bytes_total", "live_bytes",
+                      "processes", "threads"))
+
+
+@pytest.fixture
+def run_daemon(tmp_path, fixture_bins):
+    started: list[DaemonProcess] = []
+
+    def start(labels: str) -> Scrapes:
+        extra = (f"labels: [{labels}]\nselection:\n  include:\n"
+                 f"    exe: ['{fixture_bins.root}/*']\n")
+        daemon = DaemonProcess("--config", str(write_config(tmp_path, extra, interval=0.2)))
+        started.append(daemon)
+        daemon.started()
+        return Scrapes(daemon)
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def test_per_process_values_equal_the_fixtures_own_reports(fixture_bins, spawn_fixture,
+                                                          run_daemon):
+    static = spawn_fixture(fixture_bins["static"], 4)
+    dynamic = spawn_fixture(fixture_bins["dynamic"], 2)
+    scrapes = run_daemon("pid, comm").after_next_snapshot()
+    for fixture, nthreads in ((static, 5), (dynamic, 3)):
+        allocated, deallocated = truth(fixture)
+        assert scrapes.series(pid=str(fixture.pid), comm="alloc_threads") == (
+            allocated, deallocated, allocated - deallocated, 1, nthreads)
+    assert scrapes.daemon.sample("ctprofd_probe_failed", scrapes.text) == 0
+
+
+def test_aggregated_without_pid_is_the_sum(fixture_bins, spawn_fixture, run_daemon):
+    fixtures = [spawn_fixture(fixture_bins["static"], 3), spawn_fixture(fixture_bins["dynamic"], 1)]
+    scrapes = run_daemon("comm").after_next_snapshot()
+    allocated = sum(truth(f)[0] for f in fixtures)
+    deallocated = sum(truth(f)[1] for f in fixtures)
+    assert scrapes.series(comm="alloc_threads") == (
+        allocated, deallocated, allocated - deallocated, 2, 4 + 2)
+
+
+def test_a_thread_ending_keeps_the_counters(fixture_bins, spawn_fixture, run_daemon):
+    fixture = spawn_fixture(fixture_bins["static"], 3)
+    before = truth(fixture)
+    scrapes = run_daemon("pid").after_next_snapshot()
+    assert scrapes.series(pid=str(fixture.pid))[:2] == before
+    fixture.exit_thread(1)
+    scrapes.after_next_snapshot()
+    allocated, deallocated, live, processes, threads = scrapes.series(pid=str(fixture.pid))
+    assert (allocated, deallocated) == before
+    assert (processes, threads) == (1, 3)
+
+
+def test_a_process_stopping_leaves_the_group_while_the_counters_hold(fixture_bins,
+                                                                    spawn_fixture, run_daemon):
+    staying = spawn_fixture(fixture_bins["static"], 2)
+    leaving = spawn_fixture(fixture_bins["static"], 5)
+    scrapes = run_daemon("comm").after_next_snapshot()
+    total = tuple(a + b for a, b in zip(truth(staying), truth(leaving)))
+    assert scrapes.series(comm="alloc_threads")[:2] == total
+    leaving.quit()
+    scrapes.after_next_snapshot()
+    staying_live = truth(staying)[0] - truth(staying)[1]
+    assert scrapes.series(comm="alloc_threads") == (*total, staying_live, 1, 3)
+
+
+def test_a_restart_under_the_same_comm_does_not_drift_live_bytes(fixture_bins, spawn_fixture,
+                                                                 run_daemon):
+    first = spawn_fixture(fixture_bins["static"], 2)
+    scrapes = run_daemon("comm").after_next_snapshot()
+    assert scrapes.series(comm="alloc_threads")[:2] == truth(first)
+    first_truth = truth(first)
+    first.quit()
+    second = spawn_fixture(fixture_bins["static"], 2)
+    scrapes.after_next_snapshot()
+    allocated, deallocated = (a + b for a, b in zip(first_truth, truth(second)))
+    live = truth(second)[0] - truth(second)[1]
+    assert scrapes.series(comm="alloc_threads") == (allocated, deallocated, live, 1, 3)
