@@ -1,0 +1,247 @@
+"""The capture engine against real jemalloc processes and real ptrace: exact counters,
+debug info from everywhere, failure tags, and targets never left stopped or traced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from ctprofd import tags
+from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.summary import REMEDIATION_HINT
+from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def capturer(fixture_bins, **kw) -> Capturer:
+    return Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),), **kw))
+
+
+def by_tid(snapshot, pid: int) -> dict[int, tuple[int, int]]:
+    [process] = [p for p in snapshot.processes if p.pid == pid]
+    return {t.tid: (t.allocated_bytes, t.deallocated_bytes) for t in process.threads}
+
+
+def truth(fixture) -> dict[int, tuple[int, int]]:
+    return {t["tid"]: (t["allocated"], t["deallocated"]) for t in fixture.threads}
+
+
+def run_cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "ctprofd", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+@pytest.mark.parametrize("nthreads", [1, 8, 64])
+def test_counters_match_mallctl_thread_by_thread(fixture_bins, spawn_fixture, variant, nthreads):
+    fixture = spawn_fixture(fixture_bins[variant], nthreads)
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    [process] = snapshot.processes
+    assert process.allocated_bytes == sum(t["allocated"] for t in fixture.threads)
+    assert process.deallocated_bytes == sum(t["deallocated"] for t in fixture.threads)
+    assert snapshot.summary.jemalloc_detected == 1
+    assert snapshot.summary.probed_ok == nthreads + 1
+    assert snapshot.summary.failed == 0
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+@pytest.mark.parametrize("linkage", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["buildid", "debuglink", "debuglink-subdir",
+                                  "debuglink-debugroot"])
+def test_stripped_binaries_use_external_debug_info(fixture_bins, spawn_fixture, linkage, mode):
+    variant = fixture_bins[f"{linkage}-stripped-{mode}"]
+    fixture = spawn_fixture(variant, 4)
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    [process] = snapshot.processes
+    assert process.build_id  # from the stripped object itself
+
+
+@pytest.mark.parametrize("linkage", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["badcrc", "nodebug"])
+def test_unusable_debug_info_is_dwarf_parse_failure(fixture_bins, spawn_fixture, linkage, mode):
+    fixture = spawn_fixture(fixture_bins[f"{linkage}-stripped-{mode}"], 2)
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert snapshot.failures == {tags.DWARF_PARSE_FAILURE: 1}
+    assert snapshot.summary.dominant_failure == tags.DWARF_PARSE_FAILURE
+    assert snapshot.summary.jemalloc_detected == 0
+    assert snapshot.processes == ()
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_crc_mismatch_is_named_in_the_reason(fixture_bins):
+    result = run_cli("offsets", str(fixture_bins["static-stripped-badcrc"].binary),
+                     "--debug-dir", str(fixture_bins.debug_root))
+    assert result.returncode == 1
+    assert "dwarf-parse-failure" in result.stderr and "CRC mismatch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_jemalloc_process_is_walked_not_failed(spawn_process):
+    sleeper = spawn_process(["sleep", "60"], ready=None)
+    snapshot = Capturer().capture(pids=[sleeper.pid])
+    assert snapshot.summary.tgids_walked == 1
+    assert snapshot.summary.failed == 0
+    assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+
+
+def test_missing_pid_is_pid_missing():
+    snapshot = Capturer().capture(pids=[2 ** 22 + 12345])
+    assert snapshot.failures == {tags.PID_MISSING: 1}
+    assert snapshot.summary.tgids_walked == 1
+
+
+def test_second_snapshot_stops_no_thread_and_parses_nothing(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["static"], 8)
+    engine = capturer(fixture_bins)
+    engine.capture(pids=[fixture.pid])
+    first = engine.stats
+    assert first.ptrace_stops == 9
+    again = engine.capture(pids=[fixture.pid])
+    assert engine.stats.ptrace_stops == first.ptrace_stops
+    assert engine.stats.elf_opens == first.elf_opens
+    assert by_tid(again, fixture.pid) == truth(fixture)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_exited_thread_keeps_its_counts_in_the_process_total(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["static"], 4)
+    engine = capturer(fixture_bins)
+    before = engine.capture(pids=[fixture.pid]).processes[0]
+    gone = fixture.exit_thread(2)
+    after = engine.capture(pids=[fixture.pid]).processes[0]
+    assert gone not in {t.tid for t in after.threads}
+    assert after.allocated_bytes == before.allocated_bytes
+    assert after.deallocated_bytes == before.deallocated_bytes
+    assert after.retained_allocated_bytes == next(
+        t.allocated_bytes for t in before.threads if t.tid == gone)
+
+
+def test_offsets_survive_on_disk(fixture_bins, spawn_fixture, tmp_path):
+    fixture = spawn_fixture(fixture_bins["static-stripped-buildid"], 2)
+    capturer(fixture_bins, cache_dir=str(tmp_path)).capture(pids=[fixture.pid])
+    fresh = Capturer(CaptureSettings(cache_dir=str(tmp_path)))  # no debug dir this time
+    snapshot = fresh.capture(pids=[fixture.pid])
+    assert fresh.stats.elf_opens == 0
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+
+
+def test_corrupt_cache_file_is_set_aside_and_rebuilt(fixture_bins, spawn_fixture, tmp_path,
+                                                      caplog):
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    capturer(fixture_bins, cache_dir=str(tmp_path)).capture(pids=[fixture.pid])
+    layouts = tmp_path / "layouts"
+    for path in layouts.iterdir():
+        path.write_text("{not json")
+    engine = capturer(fixture_bins, cache_dir=str(tmp_path))
+    snapshot = engine.capture(pids=[fixture.pid])
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    assert engine.stats.elf_opens == 1
+    assert any(p.name.endswith(".corrupt") for p in layouts.iterdir())
+    assert "setting aside unusable cache file" in caplog.text
+
+
+def test_traced_target_gives_ptrace_seize(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["static"], 3, prefix=["strace", "-f", "-o", "/dev/null"])
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert snapshot.failures == {tags.PTRACE_SEIZE: 4}
+    assert snapshot.summary.dominant_failure == tags.PTRACE_SEIZE
+    assert snapshot.summary.privilege_dominant
+
+
+def test_refused_ptrace_is_privilege_dominant_with_the_hint(fixture_bins, spawn_fixture):
+    """The Yama ptrace_scope=1 situation: the binary is readable, the attach is refused."""
+    fixture = spawn_fixture(fixture_bins["static"], 3, prefix=DROP_PTRACE_PREFIX)
+    unprivileged = ("setpriv", "--ruid=65534", "--bounding-set=-sys_ptrace",
+                    "--inh-caps=-sys_ptrace", "--")
+    result = run_cli("snapshot", "--json", "--pid", str(fixture.pid), prefix=unprivileged)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)["probe_summary"]
+    assert summary["jemalloc_detected"] == 1
+    assert summary["failed"] == 4
+    assert summary["dominant_failure"] == tags.PTRACE_SEIZE
+    assert summary["privilege_dominant"] is True
+    assert summary["remediation_hint"] == REMEDIATION_HINT
+    assert "CAP_SYS_PTRACE" in result.stderr
+    as_root = json.loads(run_cli("snapshot", "--json", "--pid", str(fixture.pid)).stdout)
+    assert as_root["probe_summary"]["failed"] == 0
+    assert as_root["probe_summary"]["probed_ok"] == 4
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_fully_unprivileged_capture_sees_uncounted_readlink_failures(fixture_bins,
+                                                                     spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=-all", "--bounding-set=-all", "--")
+    result = run_cli("snapshot", "--json", "--pid", str(fixture.pid), prefix=nobody)
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert snapshot["failures"] == {tags.READLINK_FAILURE: 1}
+    assert snapshot["probe_summary"]["failed"] == 0
+    assert snapshot["probe_summary"]["dominant_failure"] is None
+    assert result.stderr.count("CAP_SYS_PTRACE") == 1
+
+
+def test_json_form_is_the_contract(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["dynamic"], 2)
+    result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+    data = json.loads(result.stdout)
+    assert {"timestamp", "probe_summary", "failures", "processes"} <= set(data)
+    [process] = data["processes"]
+    assert {"pid", "comm", "exe", "build_id", "start_time", "allocated_bytes",
+            "deallocated_bytes", "threads"} <= set(process)
+    assert process["exe"] == str(fixture_bins["dynamic"].binary)
+    assert {(t["tid"], t["allocated_bytes"], t["deallocated_bytes"])
+            for t in process["threads"]} == {(t["tid"], t["allocated"], t["deallocated"])
+                                             for t in fixture.threads}
+    assert {"tid", "comm", "allocated_bytes", "deallocated_bytes"} == set(
+        process["threads"][0])
+
+
+def test_table_form_names_the_process_and_the_summary(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    result = run_cli("snapshot", "--pid", str(fixture.pid))
+    assert result.returncode == 0
+    assert str(fixture.pid) in result.stdout
+    assert "probe: 1 tgids walked, 1 jemalloc detected, 2 probed OK, 0 failed" in result.stdout
+
+
+def test_offsets_command_prints_the_layout(fixture_bins):
+    result = run_cli("offsets", str(fixture_bins["static"].binary))
+    assert result.returncode == 0, result.stderr
+    assert "thread_allocated:    824" in result.stdout
+    assert "thread_deallocated:  840" in result.stdout
+    assert "je_tsd_tls" in result.stdout
+
+
+def test_target_exiting_during_snapshots_never_breaks_them(fixture_bins, spawn_fixture):
+    engine = capturer(fixture_bins)
+    for delay in (0.0, 0.001, 0.003, 0.01):
+        fixture = spawn_fixture(fixture_bins["static"], 64)
+        killer = threading.Timer(delay, fixture.kill)
+        killer.start()
+        snapshot = engine.capture(pids=[fixture.pid])
+        killer.join()
+        assert snapshot.summary.tgids_walked == 1
+        assert snapshot.summary.probed_ok <= 65
+
+
+def test_thread_churn_never_breaks_snapshots(fixture_bins, spawn_process):
+    churn = spawn_process([fixture_bins.churn])
+    engine = capturer(fixture_bins)
+    totals = []
+    for _ in range(20):
+        snapshot = engine.capture(pids=[churn.pid])
+        assert snapshot.summary.jemalloc_detected == 1
+        totals.append(snapshot.processes[0].allocated_bytes)
+        assert_no_thread_stopped_or_traced(churn.pid)
+    assert totals == sorted(totals)  # never backwards though threads come and go
