@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
 
-from . import elf, memory, tags
+from . import memory, tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
-from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for
-from .layout import resolve_object
+from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
+from .parse_worker import ParseWorker, WorkerLimits
 from .procfs import Mapping, ProcessInfo, read_maps
 from .tags import ProbeError
 
@@ -67,12 +66,18 @@ def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
 
 
 class Attacher:
-    """Resolves processes to Attachments."""
+    """Resolves processes to Attachments. Binaries are parsed in a sandboxed worker
+    process (parse_worker); `close()` stops it."""
 
-    def __init__(self, cache: LayoutCache, search: DebugSearch) -> None:
+    def __init__(self, cache: LayoutCache, search: DebugSearch,
+                 limits: WorkerLimits = WorkerLimits()) -> None:
         self.cache = cache
         self.search = search
+        self.worker = ParseWorker(limits)
         self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
+
+    def close(self) -> None:
+        self.worker.close()
 
     def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
         """Attach to a process; raises ProbeError with the attach tag on failure."""
@@ -94,24 +99,14 @@ class Attacher:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror}") from None
             with stream:
                 self.elf_opens += 1
-                resolution = (self._known_build(stream)
-                              or resolve_object(stream, what, object_dirs, self.search, shared))
+                resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
+                                     known=lambda build_id: self.cache.get(f"build-id:{build_id}"))
             self.cache.put(identity.key, resolution)
             if isinstance(resolution, TsdLayout) and resolution.build_id:
                 self.cache.put(f"build-id:{resolution.build_id}", resolution)
         if isinstance(resolution, LayoutFailure):
             raise ProbeError(resolution.tag, resolution.message)
         return resolution
-
-    def _known_build(self, stream: BinaryIO) -> Resolution | None:
-        """A layout already known for this build-id (resolved elsewhere, or imported)."""
-        try:
-            build_id = elf.build_id(elf.open_elf(stream))
-        except Exception:  # malformed: resolve_object turns it into a LayoutFailure
-            return None
-        finally:
-            stream.seek(0)
-        return self.cache.get(f"build-id:{build_id}") if build_id else None
 
     def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
         try:

@@ -16,6 +16,7 @@ from .cache import LayoutCache
 from .debuginfo import DebugSearch
 from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
+from .parse_worker import WorkerLimits
 from .probe import ProcessState, ThreadProber
 from .procfs import ProcessInfo, iter_processes, list_threads
 from .retained import RetainedStore
@@ -39,6 +40,7 @@ class CaptureSettings:
     offsets_files: tuple[str, ...] = ()
     select: Callable[[ProcessInfo], bool] | None = None
     on_thread_stop: Callable[[float], None] | None = None
+    parser: WorkerLimits = field(default_factory=WorkerLimits)  # the sandboxed ELF/DWARF parser
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,17 @@ class Capturer:
                                replace(layout, dwarf_source=f"imported from {path}"))
         urls = self.settings.debuginfod_urls or urls_from_environment()
         client = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
-        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs, client))
+        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs, client),
+                                 self.settings.parser)
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
         self._tracked: dict[tuple[int, int], _Tracked] = {}
         self._retained_store = RetainedStore(self.settings.state_dir, self.settings.proc_root)
         self._restored = self._retained_store.load()
+
+    def close(self) -> None:
+        """Stop the parser worker process."""
+        self.attacher.close()
 
     @property
     def stats(self) -> CaptureStats:

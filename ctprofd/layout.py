@@ -3,20 +3,28 @@ module's TLS block, and the counters' offsets in tsd_s, from the binary or its d
 
 The result is one of three values, all cacheable per binary:
 `TsdLayout` (jemalloc found and understood), `NotJemalloc`, or `LayoutFailure` (a tag).
+
+Two parsing phases, so that they can run in a sandbox fed with open files (parse_worker):
+`inspect_object` reads the object's headers and symbols into `ObjectFacts`; then, unless
+the layout is already known by build-id, `layout_from_dwarf` reads the DWARF of the object
+itself or of the external debug file the caller found and opened in between.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import BinaryIO
+import re
+import zlib
+from dataclasses import asdict, dataclass, replace
+from typing import BinaryIO, Callable, Protocol
 
-from elftools.common.exceptions import ELFError
+from elftools.common.exceptions import DWARFError, ELFError
 
 from . import dwarf, elf, tags
 from .debuginfo import DebugFileNotFound, DebugSearch, find_debug_file
 
 TSD_SYMBOLS = ("je_tsd_tls", "tsd_tls", "_rjem_je_tsd_tls")
+BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 
 
 @dataclass(frozen=True)
@@ -112,31 +120,70 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("exactly one of static_block_offset and tpoff_got must be set")
 
 
-def _offsets(image: elf.ELFFile, what: str) -> dwarf.TsdOffsets:
-    try:
-        return dwarf.tsd_offsets(image)
-    except dwarf.DwarfError as exc:
-        raise _Failure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}") from None
-
-
 class _Failure(Exception):
     def __init__(self, tag: str, message: str) -> None:
         super().__init__(message)
         self.result = LayoutFailure(tag, message)
 
 
-def _with_debug_file(image, build_id, object_dirs, search, what, use):
-    """Call `use(debug_image, source)` with the object's external debug file."""
-    try:
-        path, source = find_debug_file(build_id, elf.debuglink(image), object_dirs, search)
-    except DebugFileNotFound as exc:
-        raise _Failure(tags.DWARF_PARSE_FAILURE, f"{what}: no DWARF: {exc}") from None
-    with open(path, "rb") as stream:
-        try:
-            debug_image = elf.open_elf(stream)
-        except (ELFError, ValueError) as exc:
-            raise _Failure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}") from None
-        return use(debug_image, source)
+# What pyelftools raises on a malformed file (others, e.g. MemoryError, escape: the sandboxed
+# parser in parse_worker turns any exception into a failure).
+MALFORMED = (ELFError, DWARFError, ValueError, KeyError, IndexError, AssertionError, OSError,
+             UnicodeDecodeError, NotImplementedError, zlib.error)
+
+
+@dataclass(frozen=True)
+class ObjectFacts:
+    """Phase 1's findings in a jemalloc object: where its TLS block is placed, and what
+    phase 2 needs to read the counters' offsets from DWARF (its own, or a debug file's)."""
+
+    build_id: str | None
+    symbol: elf.Symbol | None       # the TSD variable, when the object's symbol tables have it
+    embedded_dwarf: bool
+    debuglink: tuple[str, int] | None = None
+    static_block_offset: int | None = None
+    tpoff_got: int | None = None
+    tpoff_addend: int = 0
+    tpoff_symbolic: bool = False
+
+    def placement(self) -> dict:
+        """The TsdLayout fields that place the TLS block."""
+        return {"static_block_offset": self.static_block_offset, "tpoff_got": self.tpoff_got,
+                "tpoff_addend": self.tpoff_addend, "tpoff_symbolic": self.tpoff_symbolic}
+
+    def to_dict(self) -> dict:
+        return {"kind": "facts", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ObjectFacts:
+        """Inverse of `to_dict`, for facts from another process: raises (KeyError,
+        TypeError, ValueError) unless every field is plausible."""
+        fields = {k: v for k, v in data.items() if k != "kind"}
+        if data["kind"] != "facts":
+            raise ValueError(f"not object facts: {data['kind']!r}")
+        symbol, link = fields.pop("symbol"), fields.pop("debuglink")
+        facts = cls(symbol=elf.Symbol(**symbol) if symbol is not None else None,
+                    debuglink=(link[0], link[1]) if link is not None else None, **fields)
+        if facts.build_id is not None and not BUILD_ID.match(str(facts.build_id)):
+            raise ValueError("build_id must be 2 to 128 lowercase hex digits")
+        if facts.debuglink is not None and not (
+                _plain_file_name(facts.debuglink[0]) and type(facts.debuglink[1]) is int
+                and 0 <= facts.debuglink[1] < 1 << 32):
+            raise ValueError("debuglink must be a file name and a CRC32")
+        if facts.symbol is not None and not (
+                isinstance(facts.symbol.name, str) and type(facts.symbol.value) is int
+                and type(facts.symbol.size) is int):
+            raise ValueError("symbol must be a name, a value and a size")
+        if type(facts.embedded_dwarf) is not bool:
+            raise ValueError("embedded_dwarf must be a boolean")
+        validate(TsdLayout(None, "", 0, 0, 8, **facts.placement()))  # checks the placement
+        return facts
+
+
+def _plain_file_name(name: object) -> bool:
+    """A debuglink names a file, never a path: no way out of the directories searched."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and "/" not in name and "\0" not in name)
 
 
 def _is_jemalloc(image, stream, symbol: elf.Symbol | None, shared: bool) -> bool:
@@ -145,18 +192,6 @@ def _is_jemalloc(image, stream, symbol: elf.Symbol | None, shared: bool) -> bool
     if symbol is not None:
         return True
     return not elf.has_symtab(image) and elf.has_jemalloc_marker(stream)
-
-
-def _tsd_symbol_from_debug(debug_image, symbol: elf.Symbol | None, what: str) -> elf.Symbol:
-    """The TSD variable from the object, its debug file's symbols, or its DWARF location."""
-    found = symbol or elf.tsd_symbol(debug_image)
-    if found is not None:
-        return found
-    try:
-        name, offset = dwarf.tls_variable_offset(debug_image, TSD_SYMBOLS)
-    except dwarf.DwarfError as exc:
-        raise _Failure(tags.DWARF_PARSE_FAILURE, f"{what}: no TSD symbol: {exc}") from None
-    return elf.Symbol(name, offset, 0)
 
 
 def _tpoff_reloc(image, what: str) -> elf.TpoffReloc:
@@ -176,14 +211,10 @@ def _first_load_page(image) -> int:
     raise _Failure(tags.DWARF_PARSE_FAILURE, "no PT_LOAD segment")
 
 
-def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,
-                   shared: bool = False) -> Resolution:
-    """Resolve jemalloc linked into an executable (static TLS, module 1) or, with `shared`,
-    into a shared object loaded at start (initial-exec TLS through a TPOFF64 GOT slot).
-
-    `what` names the binary in messages; `object_dirs` are where its debuglink may point.
-    Never raises: a malformed file is a LayoutFailure.
-    """
+def inspect_object(stream: BinaryIO, what: str, shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
+    """Phase 1: is jemalloc in this executable (static TLS, module 1) or, with `shared`,
+    this shared object loaded at start (initial-exec TLS through a TPOFF64 GOT slot), and
+    where is its TLS block? Reads no DWARF. `what` names the binary in messages."""
     try:
         image = elf.open_elf(stream)
         symbol = elf.tsd_symbol(image)
@@ -197,31 +228,111 @@ def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: 
         if tls is None:
             return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: jemalloc but no PT_TLS")
         build_id = elf.build_id(image)
-        placement: dict = {"static_block_offset": tls.static_block_offset()}
-        if shared:
-            reloc = _tpoff_reloc(image, what)
-            placement = {"tpoff_got": reloc.offset - _first_load_page(image),
-                         "tpoff_addend": reloc.addend,
-                         "tpoff_symbolic": reloc.symbol is not None}
-
-        def from_debug(debug_image, source: str) -> TsdLayout:
-            found = _tsd_symbol_from_debug(debug_image, symbol, f"{what} ({source})")
-            offsets = _offsets(debug_image, f"{what} ({source})")
-            return TsdLayout(build_id, found.name, found.value, offsets.allocated,
-                             offsets.deallocated, dwarf_source=source, **placement)
-
-        if elf.has_debug_info(image):
-            return from_debug(image, "embedded")
-        return _with_debug_file(image, build_id, object_dirs, search, what, from_debug)
+        link = elf.debuglink(image)
+        facts = ObjectFacts(build_id if build_id and BUILD_ID.match(build_id) else None,
+                            symbol, elf.has_debug_info(image),
+                            link if link and _plain_file_name(link[0]) else None)
+        if not shared:
+            return replace(facts, static_block_offset=tls.static_block_offset())
+        reloc = _tpoff_reloc(image, what)
+        return replace(facts, tpoff_got=reloc.offset - _first_load_page(image),
+                       tpoff_addend=reloc.addend, tpoff_symbolic=reloc.symbol is not None)
     except _Failure as failure:
         return failure.result
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError,
-            UnicodeDecodeError) as exc:
+    except MALFORMED as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: malformed ELF: {exc}")
 
 
+def _tsd_symbol_from_dwarf(image, where: str) -> elf.Symbol:
+    try:
+        name, offset = dwarf.tls_variable_offset(image, TSD_SYMBOLS)
+    except dwarf.DwarfError as exc:
+        raise _Failure(tags.DWARF_PARSE_FAILURE, f"{where}: no TSD symbol: {exc}") from None
+    return elf.Symbol(name, offset, 0)
+
+
+def layout_from_dwarf(stream: BinaryIO, facts: ObjectFacts, what: str, source: str) -> Resolution:
+    """Phase 2: the layout, with the counters' offsets (and the TSD variable, when the
+    object's symbols lack it) from the DWARF in `stream`: the object itself when `source`
+    is "embedded", else its debug file, found as `source` says."""
+    where = what if source == "embedded" else f"{what} ({source})"
+    try:
+        image = elf.open_elf(stream)
+        symbol = facts.symbol or elf.tsd_symbol(image) or _tsd_symbol_from_dwarf(image, where)
+        offsets = dwarf.tsd_offsets(image)
+        layout = TsdLayout(facts.build_id, symbol.name, symbol.value, offsets.allocated,
+                           offsets.deallocated, dwarf_source=source, **facts.placement())
+        validate(layout)
+        return layout
+    except _Failure as failure:
+        return failure.result
+    except dwarf.DwarfError as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{where}: {exc}")
+    except MALFORMED as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{where}: malformed ELF: {exc}")
+
+
+def open_debug_file(facts: ObjectFacts, what: str, object_dirs: list[str],
+                    search: DebugSearch) -> tuple[BinaryIO, str] | LayoutFailure:
+    """The object's external debug file, open, and how it was found. Path and CRC work
+    only (and maybe a debuginfod download): parses no ELF."""
+    try:
+        path, source = find_debug_file(facts.build_id, facts.debuglink, object_dirs, search)
+    except DebugFileNotFound as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: no DWARF: {exc}")
+    try:
+        return open(path, "rb"), source
+    except OSError as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {path}: {exc.strerror}")
+
+
+class Parser(Protocol):
+    """Runs the two phases somewhere: in this process, or in a sandbox (parse_worker)."""
+
+    def inspect(self, stream: BinaryIO, what: str,
+                shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure: ...
+
+    def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str,
+               source: str) -> Resolution: ...
+
+
+class InProcess:
+    """The phases run right here: only for files the operator named."""
+
+    inspect = staticmethod(inspect_object)
+    layout = staticmethod(layout_from_dwarf)
+
+
+def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
+            search: DebugSearch, shared: bool = False,
+            known: Callable[[str], Resolution | None] | None = None) -> Resolution:
+    """Both phases: inspect the object, then take the layout already `known` for its
+    build-id, or read it from its own DWARF or from its external debug file (looked for
+    in `object_dirs`, where its debuglink may point, and as `search` says)."""
+    facts = parser.inspect(stream, what, shared)
+    if not isinstance(facts, ObjectFacts):
+        return facts
+    if known is not None and facts.build_id and (found := known(facts.build_id)) is not None:
+        return found
+    if facts.embedded_dwarf:
+        return parser.layout(stream, facts, what, "embedded")
+    debug = open_debug_file(facts, what, object_dirs, search)
+    if isinstance(debug, LayoutFailure):
+        return debug
+    stream, source = debug
+    with stream:
+        return parser.layout(stream, facts, what, source)
+
+
+def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,
+                   shared: bool = False) -> Resolution:
+    """`resolve` in this process. Never raises for a malformed file: a LayoutFailure."""
+    return resolve(InProcess(), stream, what, object_dirs, search, shared)
+
+
 def resolve_path(path: str, search: DebugSearch) -> Resolution:
-    """Resolve a file on disk, as a shared library or an executable by its ELF type."""
+    """Resolve a file on disk, as a shared library or an executable by its ELF type, in
+    this process (the operator asked for this file: `ctprofd offsets BINARY`)."""
     with open(path, "rb") as stream:
         try:
             shared = elf.is_shared_library(elf.open_elf(stream))

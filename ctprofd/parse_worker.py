@@ -1,0 +1,404 @@
+"""ELF/DWARF parsing of target binaries in a sandbox.
+
+Any local user can make ctprofd parse a file of theirs (by running it), so the daemon never
+parses a target's binary or debug file itself. A zygote process, started from a fresh
+interpreter, drops its privileges once, then for each request forks a child that parses one
+file under resource limits and replies. Whatever the file does to the parser (hang, eat
+memory, crash, raise) becomes a `dwarf-parse-failure` with the reason, logged once.
+
+Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way per request:
+
+    daemon -> zygote  {"op": "inspect", "what": NAME, "shared": BOOL}            + 1 fd
+                      {"op": "layout", "what": NAME, "source": HOW, "facts": {...}} + 1 fd
+    zygote -> daemon  the child's answer: ObjectFacts.to_dict() or a Resolution's to_dict(),
+                      or {"crash": WHY} when it raised, hung, died or overran a limit
+
+The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "layout",
+possibly its debug file: between the phases the daemon does the path work the sandbox
+cannot (build-id path, debuglink and CRC, debuginfod) and opens the file (layout.resolve).
+
+What the worker runs as (it refuses to serve if any capability is left):
+- daemon as root: bounding set emptied, no supplementary groups, uid/gid `WorkerLimits.uid`
+  and `.gid` (nobody, 65534), which also clears every capability. A root without
+  CAP_SETUID/CAP_SETGID/CAP_SETPCAP keeps what it cannot change, and is warned about.
+- daemon as a non-root user with ambient CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH (the systemd
+  unit): the uid cannot change, so the worker runs as the daemon's user with its ambient,
+  inheritable, permitted and effective capability sets emptied.
+- always: PR_SET_NO_NEW_PRIVS, not dumpable, RLIMIT_NOFILE 32, RLIMIT_CORE 0, killed with
+  SIGKILL when the daemon thread that started it ends (PR_SET_PDEATHSIG; it is started
+  again on the next request) or when the daemon closes the socket. Each child: RLIMIT_AS
+  `memory_bytes`, RLIMIT_CPU `timeout` (rounded up), SIGKILL after `timeout` of wall clock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import BinaryIO, NoReturn
+
+from . import tags
+from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
+                     inspect_object, layout_from_dwarf, resolution_from_dict)
+
+log = logging.getLogger(__name__)
+
+NOBODY = 65534
+MAX_MESSAGE = 1 << 16   # bytes of a request or reply; a longer child answer is a crash
+MAX_REASON = 500        # characters of a failure message from the sandbox
+START_TIMEOUT = 10.0    # for the zygote to start and drop its privileges
+GRACE = 5.0             # the daemon waits this long beyond the per-parse timeout
+START_BACKOFF = 60.0    # after the zygote failed to start, fail fast for this long
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "  # the daemon's imports
+             "from ctprofd.parse_worker import zygote; zygote(*sys.argv[2:])")
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Limits of each parse, and who the worker becomes when the daemon runs as root."""
+
+    memory_bytes: int = 1 << 30   # RLIMIT_AS of the parsing child
+    timeout: float = 30.0         # wall clock per parse; RLIMIT_CPU is this, rounded up
+    uid: int = NOBODY
+    gid: int = NOBODY
+
+
+class _WorkerDown(Exception):
+    """The zygote timed out, died or cannot start: the message says which."""
+
+
+class _Unavailable(_WorkerDown):
+    """The zygote cannot start (already logged)."""
+
+
+class ParseWorker:
+    """The daemon's side: a `layout.Parser` whose phases run in the sandbox. The zygote
+    is started on first use and again after it died; one request at a time."""
+
+    def __init__(self, limits: WorkerLimits = WorkerLimits()) -> None:
+        self.limits = limits
+        self._process: subprocess.Popen | None = None
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._unavailable: tuple[float, str] | None = None  # (until, why) after a failed start
+
+    @property
+    def pid(self) -> int | None:
+        """The zygote's pid, while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def inspect(self, stream: BinaryIO, what: str,
+                shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
+        found = self._request({"op": "inspect", "what": what, "shared": shared}, stream, what)
+        if isinstance(found, TsdLayout):
+            return self._crashed(what, "parser answered phase 1 with a layout")
+        return found
+
+    def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str, source: str) -> Resolution:
+        request = {"op": "layout", "what": what, "source": source, "facts": facts.to_dict()}
+        found = self._request(request, stream, what)
+        if isinstance(found, ObjectFacts):
+            return self._crashed(what, "parser answered phase 2 with object facts")
+        return found
+
+    def close(self) -> None:
+        """Stop the zygote: it exits when its socket closes (killed after 2 s)."""
+        with self._lock:
+            self._stop(wait=2.0)
+
+    def _request(self, request: dict, stream: BinaryIO, what: str) -> ObjectFacts | Resolution:
+        with self._lock:
+            try:
+                data = self._exchange(json.dumps(request).encode(), stream.fileno())
+            except _Unavailable as exc:
+                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}")
+            except _WorkerDown as exc:
+                return self._crashed(what, str(exc))
+        try:
+            reply = json.loads(data)
+            if "crash" in reply:
+                return self._crashed(what, f"parser {reply['crash']}")
+            if reply["kind"] == "facts":
+                return ObjectFacts.from_dict(reply)
+            found = resolution_from_dict(reply)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            return self._crashed(what, f"parser sent a malformed reply ({exc})")
+        if isinstance(found, LayoutFailure) and len(found.message) > MAX_REASON:
+            return LayoutFailure(found.tag, found.message[:MAX_REASON] + "…")
+        return found
+
+    @staticmethod
+    def _crashed(what: str, reason: str) -> LayoutFailure:
+        message = f"{what}: {reason}"[:MAX_REASON]
+        log.warning("%s", message)
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, message)
+
+    def _exchange(self, request: bytes, fd: int) -> bytes:
+        """Send a request with its fd; the reply. A zygote found dead is started again and
+        asked once more (it never parses itself: the request cannot have killed it)."""
+        for _ in range(2):
+            sock = self._running()
+            try:
+                socket.send_fds(sock, [request], [fd])
+                sock.settimeout(self.limits.timeout + GRACE)
+                reply = sock.recv(MAX_MESSAGE)
+            except TimeoutError:
+                self._stop(wait=0)
+                raise _WorkerDown(f"parser worker unresponsive for "
+                                  f"{self.limits.timeout + GRACE:g} s; killed") from None
+            except OSError:  # the zygote is gone (EPIPE, ECONNRESET)
+                reply = b""
+            if reply:
+                return reply
+            self._stop(wait=0)
+        raise _WorkerDown("parser worker died")
+
+    def _running(self) -> socket.socket:
+        """The zygote's socket, starting the zygote unless it runs."""
+        if self._process is not None and self._process.poll() is None:
+            assert self._socket is not None
+            return self._socket
+        self._stop(wait=0)
+        if self._unavailable is not None and time.monotonic() < self._unavailable[0]:
+            raise _Unavailable(self._unavailable[1])
+        try:
+            return self._start()
+        except _WorkerDown as exc:
+            why = f"parser worker cannot start: {exc}"
+            log.warning("%s; not parsing binaries for %g s", why, START_BACKOFF)
+            self._unavailable = (time.monotonic() + START_BACKOFF, why)
+            raise _Unavailable(why) from None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        path = [PACKAGE_ROOT, *(os.path.abspath(p) for p in sys.path if p)]
+        argv = [sys.executable, "-I", "-c", BOOTSTRAP, json.dumps(path), str(theirs.fileno()),
+                json.dumps(asdict(self.limits)), str(os.getpid())]
+        try:
+            with theirs:
+                process = subprocess.Popen(argv, pass_fds=[theirs.fileno()], cwd="/", env={},
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           start_new_session=True)  # no terminal's ^C
+        except OSError as exc:
+            ours.close()
+            raise _WorkerDown(f"{sys.executable}: {exc.strerror}") from None
+        ours.settimeout(START_TIMEOUT)
+        try:
+            hello = ours.recv(MAX_MESSAGE).decode("utf-8", "replace")
+        except OSError as exc:
+            hello = f"no answer ({exc})"
+        self._process, self._socket = process, ours
+        if not hello.startswith("ready "):
+            self._stop(wait=0)
+            raise _WorkerDown(hello or "exited")
+        log.info("parser worker %d started, %s", process.pid, hello.removeprefix("ready "))
+        if hello.startswith("ready uid=0 "):
+            log.warning("parser worker runs as root (uid 0, no capabilities): the daemon has "
+                        "no CAP_SETUID to make it uid %d", self.limits.uid)
+        return ours
+
+    def _stop(self, wait: float) -> None:
+        """Close the socket and end the zygote, waiting up to `wait` s before killing it."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            try:
+                self._process.wait(wait)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+# --- the worker process ----------------------------------------------------------------
+
+def zygote(sock_fd: str, limits_json: str, parent_pid: str) -> None:
+    """The worker's main loop: drop privileges, then serve one request at a time until the
+    daemon closes its end."""
+    sock = socket.socket(fileno=int(sock_fd))
+    limits = WorkerLimits(**json.loads(limits_json))
+    try:
+        sock.send(f"ready {drop_privileges(limits, int(parent_pid))}".encode())
+    except (OSError, RuntimeError) as exc:
+        sock.send(f"cannot drop privileges: {exc}".encode())
+        sys.exit(1)
+    while True:
+        try:
+            request, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        except ConnectionResetError:
+            return
+        if not request:
+            return
+        try:
+            reply = _serve(request, fds, limits, sock) if len(fds) == 1 else _crash(
+                "was sent no file")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            sock.send(reply)
+        except OSError:  # the daemon is gone
+            return
+
+
+def drop_privileges(limits: WorkerLimits, parent: int) -> str:
+    """Become a process that can only compute on the files it is handed; says what it
+    runs as. Raises OSError or RuntimeError when that cannot be reached."""
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    effective = int(_status()["CapEff"], 16)
+    if effective >> CAP_SETPCAP & 1:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            for cap in range(int(f.read()) + 1):
+                _prctl(PR_CAPBSET_DROP, cap)
+    if effective >> CAP_SETGID & 1:
+        os.setgroups([])
+        os.setresgid(limits.gid, limits.gid, limits.gid)
+    if effective >> CAP_SETUID & 1:
+        os.setresuid(limits.uid, limits.uid, limits.uid)
+    _capset_none()
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(PR_SET_DUMPABLE, 0)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+    if os.getppid() != parent:
+        raise RuntimeError("the daemon is gone")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    status = _status()
+    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapAmb") if int(status[k], 16)]
+    if left or status["NoNewPrivs"] != "1":
+        raise RuntimeError(f"capabilities left in {', '.join(left) or 'none'}, "
+                           f"NoNewPrivs {status['NoNewPrivs']}")
+    return (f"uid={os.getuid()} gid={os.getgid()} groups={len(os.getgroups())} "
+            "no capabilities, no new privileges")
+
+
+def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.socket) -> bytes:
+    """Fork a child to parse; its answer, or a crash report when it gave none in time."""
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+    except OSError as exc:
+        return _crash(f"could not be started: {exc.strerror}")
+    if pid == 0:
+        sock.close()
+        os.close(read_end)
+        _child(request, fds[0], write_end, limits)
+    os.close(write_end)
+    with open(read_end, "rb", buffering=0) as pipe:
+        answer, why = _read_answer(pipe, time.monotonic() + limits.timeout)
+    if why:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    if why:
+        return _crash(why.format(timeout=limits.timeout))
+    if answer:
+        return answer
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        if number == signal.SIGXCPU:
+            return _crash(f"exceeded its CPU time limit ({math.ceil(limits.timeout)} s)")
+        return _crash(f"killed by {signal.Signals(number).name}")
+    return _crash(f"exited with status {os.waitstatus_to_exitcode(status)} without answering")
+
+
+def _read_answer(pipe, deadline: float) -> tuple[bytes, str | None]:
+    """Everything the child writes until it exits; (partial, why) if it takes too long or
+    writes too much."""
+    answer = b""
+    poller = select.poll()
+    poller.register(pipe, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return answer, "timed out after {timeout:g} s"
+        chunk = pipe.read(MAX_MESSAGE)
+        if not chunk:
+            return answer, None
+        answer += chunk
+        if len(answer) >= MAX_MESSAGE:
+            return answer, "wrote an oversized answer"
+
+
+def _child(request: bytes, fd: int, out: int, limits: WorkerLimits) -> NoReturn:
+    """Parse under the limits, write the answer, exit."""
+    out_of_memory = _crash(f"ran out of memory (limit {limits.memory_bytes >> 20} MiB)")
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        cpu = math.ceil(limits.timeout)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        answer = json.dumps(_parse(json.loads(request), fd)).encode()
+    except MemoryError:
+        answer = out_of_memory
+    except BaseException as exc:  # noqa: BLE001 - whatever the file does, the child answers
+        try:
+            answer = _crash(f"raised {type(exc).__name__}: {exc}"[:MAX_REASON])
+        except MemoryError:
+            answer = out_of_memory
+    try:
+        view = memoryview(answer)
+        while view:
+            view = view[os.write(out, view):]
+    finally:
+        os._exit(0)
+
+
+def _parse(request: dict, fd: int) -> dict:
+    with open(fd, "rb", closefd=False) as stream:
+        what = request["what"]
+        if request["op"] == "inspect":
+            return inspect_object(stream, what, request["shared"]).to_dict()
+        facts = ObjectFacts.from_dict(request["facts"])
+        return layout_from_dwarf(stream, facts, what, request["source"]).to_dict()
+
+
+def _crash(why: str) -> bytes:
+    return json.dumps({"crash": why}).encode()
+
+
+def _prctl(option: int, arg: int = 0) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _capset_none() -> None:
+    """Empty the effective, permitted and inheritable capability sets."""
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)),
+                    (_CapData * 2)()) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"capset: {os.strerror(errno)}")
+
+
+def _status() -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
