@@ -125,8 +125,10 @@ class Capturer:
                 complete = False
                 break
             if isinstance(process, int):
+                # gone between readdir and reading its stat: a race with exit, like an
+                # unreadable exe; only a pid asked for by name is missing
                 tally.tgids_walked += 1
-                tally.fail(tags.PID_MISSING)
+                tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE)
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 continue

@@ -10,6 +10,8 @@ import sys
 from . import __version__
 from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
+from .config import add_check_config_parser
+from .daemon import add_run_parser
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
 from .snapshot import Snapshot
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     offsets.add_argument("--debug-dir", action="append", default=[],
                          help="debug file root (repeatable; default /usr/lib/debug)")
     offsets.set_defaults(func=cmd_offsets)
+    add_run_parser(commands)
+    add_check_config_parser(commands)
     return parser
 
 
