@@ -1,0 +1,341 @@
+"""The sandboxed ELF/DWARF parser (ctprofd.parse_worker): same layouts as parsing in
+process, an unprivileged worker, and files that hang, eat memory or are not ELF at all
+turned into dwarf-parse-failure within the limits; the zygote comes back when killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from ctprofd import dwarf, tags
+from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.debuginfo import DebugSearch
+from ctprofd.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_for, resolve,
+                            resolve_object)
+from ctprofd.parse_worker import NOBODY, ParseWorker, WorkerLimits
+from support import elf as support_elf
+from support.build import MODES
+from support.procs import is_dead
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ["static", "dynamic"] + [f"{link}-stripped-{mode}"
+                                    for link in ("static", "dynamic") for mode in MODES]
+CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+
+
+class Fd:
+    """Anything with a file descriptor (the worker needs no more), e.g. a directory's."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+@pytest.fixture
+def worker():
+    parser = ParseWorker(WorkerLimits(memory_bytes=512 << 20, timeout=3))
+    yield parser
+    parser.close()
+
+
+def through(parser, path: Path | str, search: DebugSearch = DebugSearch(()), shared: bool = False):
+    with open(path, "rb") as stream:
+        return resolve(parser, stream, str(path), object_dirs_for(str(path), "/"), search, shared)
+
+
+def in_process(path: Path | str, search: DebugSearch = DebugSearch(()), shared: bool = False):
+    with open(path, "rb") as stream:
+        return resolve_object(stream, str(path), object_dirs_for(str(path), "/"), search, shared)
+
+
+def status(pid: int | str) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def section_header(path: Path, name: str) -> int:
+    """File offset of the section header of `name`."""
+    with open(path, "rb") as f:
+        image = ELFFile(f)
+        index = next(i for i, s in enumerate(image.iter_sections()) if s.name == name)
+        return image["e_shoff"] + index * image["e_shentsize"]
+
+
+def sibling_cycle(src: Path, dst: Path) -> None:
+    """Copy `src`, making the first DIE with a DW_AT_sibling, in the unit searched first for
+    tsd_s, its own next sibling: a parser walking the unit's children never ends."""
+    shutil.copy(src, dst)
+    with open(src, "rb") as f:
+        image = ELFFile(f)
+        unit = next(dwarf._ordered_units(image.get_dwarf_info()))
+        for die in unit.get_top_DIE().iter_children():
+            sibling = die.attributes.get("DW_AT_sibling")
+            if die.has_children and sibling is not None and sibling.form == "DW_FORM_ref4":
+                break
+        else:
+            raise AssertionError(f"{src}: no DW_AT_sibling in ref4 form")
+        at = image.get_section_by_name(".debug_info")["sh_offset"] + sibling.offset
+        with open(dst, "r+b") as out:
+            out.seek(at)
+            out.write(struct.pack("<I", die.offset - unit.cu_offset))
+
+
+def nobits_abbrev(src: Path, dst: Path, size: int) -> None:
+    """Copy `src`, turning .debug_abbrev into a SHT_NOBITS section of `size` bytes, which a
+    reader materialises as that many zero bytes."""
+    shutil.copy(src, dst)
+    header = section_header(src, ".debug_abbrev")
+    with open(dst, "r+b") as out:
+        out.seek(header + 4)
+        out.write(struct.pack("<I", 8))  # sh_type = SHT_NOBITS
+        out.seek(header + 32)
+        out.write(struct.pack("<Q", size))  # sh_size
+
+
+def assert_parse_failure(result, *words: str) -> None:
+    assert isinstance(result, LayoutFailure), result
+    assert result.tag == tags.DWARF_PARSE_FAILURE
+    for word in words:
+        assert word in result.message, result.message
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_worker_resolves_like_in_process(fixture_bins, worker, variant):
+    v = fixture_bins[variant]
+    search = DebugSearch((str(fixture_bins.debug_root),))
+    shared = v.linkage == "dynamic"
+    expected = in_process(v.jemalloc_object, search, shared)
+    assert through(worker, v.jemalloc_object, search, shared) == expected
+    if v.mode in ("badcrc", "nodebug"):
+        assert_parse_failure(expected, "no DWARF")
+    else:
+        assert isinstance(expected, TsdLayout)
+        assert (expected.symbol, expected.allocated_offset, expected.deallocated_offset) == (
+            "je_tsd_tls", 824, 840)
+        assert expected.build_id == support_elf.build_id(v.jemalloc_object)
+
+
+def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
+    assert isinstance(through(worker, fixture_bins["static"].binary), TsdLayout)
+    zygote = status(worker.pid)
+    assert zygote["NoNewPrivs"] == "1"
+    assert all(int(zygote[k], 16) == 0 for k in CAP_KEYS), zygote
+    if os.geteuid() == 0:
+        assert zygote["Uid"].split() == [str(NOBODY)] * 4
+        assert zygote["Gid"].split() == [str(NOBODY)] * 4
+        assert zygote["Groups"].strip() == ""
+        assert int(zygote["CapBnd"], 16) == 0
+    else:
+        assert zygote["Uid"].split()[0] == str(os.getuid())
+    # the child parsing a file that never ends: limits applied, killed on time
+    hang = tmp_path / "hang"
+    sibling_cycle(fixture_bins["static"].binary, hang)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(through(worker, hang)))
+    started = time.monotonic()
+    thread.start()
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+    while not children.read_text().split():
+        assert time.monotonic() - started < 2, "no parsing child"
+        time.sleep(0.01)
+    child = children.read_text().split()[0]
+    limits = Path(f"/proc/{child}/limits").read_text()
+    assert f"Max address space         {512 << 20}" in limits
+    assert "Max cpu time              3                    4" in limits
+    assert all(int(status(child)[k], 16) == 0 for k in CAP_KEYS)
+    thread.join(10)
+    assert_parse_failure(results[0], str(hang), "parser timed out after 3 s")
+    assert 3 <= time.monotonic() - started < 6
+    assert is_dead(int(child))
+
+
+def test_hanging_parse_times_out(fixture_bins, tmp_path):
+    hang = tmp_path / "hang"
+    sibling_cycle(fixture_bins["static"].binary, hang)
+    parser = ParseWorker(WorkerLimits(timeout=1))
+    try:
+        started = time.monotonic()
+        assert_parse_failure(through(parser, hang), "parser timed out after 1 s")
+        assert time.monotonic() - started < 4
+        # the worker goes on with the next binary
+        assert isinstance(through(parser, fixture_bins["static"].binary), TsdLayout)
+    finally:
+        parser.close()
+
+
+def test_memory_hog_hits_the_address_space_limit(fixture_bins, worker, tmp_path):
+    hog = tmp_path / "hog"
+    nobits_abbrev(fixture_bins["static"].binary, hog, 3 << 30)
+    assert_parse_failure(through(worker, hog), "parser ran out of memory (limit 512 MiB)")
+    assert isinstance(through(worker, fixture_bins["static"].binary), TsdLayout)
+
+
+def test_not_elf_truncated_and_directory_fail(fixture_bins, worker, tmp_path):
+    text = tmp_path / "script.sh"
+    text.write_text("#!/bin/sh\necho not an ELF file\n")
+    assert_parse_failure(through(worker, text), "malformed ELF")
+    data = fixture_bins["static"].binary.read_bytes()
+    for size in (0, 16, 64, 200, len(data) // 2):
+        truncated = tmp_path / f"truncated-{size}"
+        truncated.write_bytes(data[:size])
+        assert_parse_failure(through(worker, truncated), str(truncated))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert_parse_failure(worker.inspect(Fd(fd), "a directory", False),
+                             "a directory: parser raised IsADirectoryError")
+    finally:
+        os.close(fd)
+
+
+def test_killed_or_stopped_zygote_is_replaced(fixture_bins):
+    parser = ParseWorker(WorkerLimits(timeout=1))
+    binary = fixture_bins["static"].binary
+    try:
+        assert isinstance(through(parser, binary), TsdLayout)
+        first = parser.pid
+        os.kill(first, signal.SIGKILL)
+        assert isinstance(through(parser, binary), TsdLayout)
+        assert parser.pid != first and is_dead(first)
+        # a zygote that stops answering is killed after the timeout and a grace period
+        second = parser.pid
+        os.kill(second, signal.SIGSTOP)
+        started = time.monotonic()
+        assert_parse_failure(through(parser, binary), "parser worker unresponsive for 6 s")
+        assert time.monotonic() - started < 9
+        assert is_dead(second)
+        assert isinstance(through(parser, binary), TsdLayout)
+        assert parser.pid not in (first, second)
+    finally:
+        parser.close()
+
+
+def test_close_ends_the_worker_and_a_killed_daemon_leaves_none(fixture_bins):
+    parser = ParseWorker()
+    assert isinstance(through(parser, fixture_bins["static"].binary), TsdLayout)
+    zygote = parser.pid
+    parser.close()
+    assert parser.pid is None and is_dead(zygote)
+    script = ("import sys; from ctprofd.parse_worker import ParseWorker; "
+              "from ctprofd.layout import resolve; from ctprofd.debuginfo import DebugSearch; "
+              "p = ParseWorker(); resolve(p, open(sys.argv[1], 'rb'), 'x', [], DebugSearch(()));"
+              "print(p.pid, flush=True); sys.stdin.read()")
+    daemon = subprocess.Popen([sys.executable, "-c", script, str(fixture_bins["static"].binary)],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        zygote = int(daemon.stdout.readline())
+        assert not is_dead(zygote)
+        daemon.kill()
+        daemon.wait()
+        deadline = time.monotonic() + 5
+        while not is_dead(zygote):
+            assert time.monotonic() < deadline, "the worker outlived the daemon"
+            time.sleep(0.01)
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def test_debug_file_only_the_daemon_can_open(fixture_bins, worker, tmp_path):
+    """Phase 2 gets the debug file as an fd: the worker could not open it by path (a root
+    0700 directory, when the daemon runs as root)."""
+    variant = fixture_bins["static-stripped-buildid"]
+    binary = tmp_path / "alloc_threads"
+    shutil.copy(variant.binary, binary)
+    debug_root = tmp_path / "debug"
+    build_id = support_elf.build_id(binary)
+    debug_file = support_elf.build_id_path(debug_root, build_id)
+    debug_file.parent.mkdir(parents=True)
+    shutil.copy(variant.debug_file, debug_file)
+    os.chmod(tmp_path, 0o700)
+    os.chmod(debug_file, 0o600)
+    result = through(worker, binary, DebugSearch((str(debug_root),)))
+    assert isinstance(result, TsdLayout), result
+    assert result.dwarf_source == f"build-id {debug_file}"
+    assert result == in_process(binary, DebugSearch((str(debug_root),)))
+    assert result.build_id == build_id and result.allocated_offset == 824
+
+
+def test_capture_attaches_through_the_worker(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins["dynamic-stripped-debuglink"], 3)
+    capturer = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),),
+                                        parser=WorkerLimits(timeout=10)))
+    try:
+        snapshot = capturer.capture(pids=[fixture.pid])
+        assert snapshot.summary.jemalloc_detected == 1 and snapshot.summary.failed == 0
+        [process] = snapshot.processes
+        assert {t.tid: (t.allocated_bytes, t.deallocated_bytes) for t in process.threads} == {
+            t["tid"]: (t["allocated"], t["deallocated"]) for t in fixture.threads}
+        zygote = capturer.attacher.worker.pid
+        assert zygote is not None
+    finally:
+        capturer.close()
+    assert is_dead(zygote)
+
+
+CAPABILITY_ONLY = r"""
+import json, sys
+from ctprofd.debuginfo import DebugSearch
+from ctprofd.layout import resolve
+from ctprofd.parse_worker import ParseWorker
+def status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+parser = ParseWorker()
+with open(sys.argv[1], "rb") as stream:
+    result = resolve(parser, stream, sys.argv[1], [], DebugSearch(()))
+print(json.dumps({"result": result.to_dict(), "daemon": status("self"),
+                  "worker": status(parser.pid)}))
+parser.close()
+"""
+
+
+@pytest.mark.parametrize("prefix, uid", [
+    # the systemd unit: a system user with two ambient capabilities
+    (["--reuid=4242", "--regid=4242", "--clear-groups",
+      "--inh-caps=-all,+sys_ptrace,+dac_read_search",
+      "--ambient-caps=+sys_ptrace,+dac_read_search"], 4242),
+    # a container: root limited to the two capabilities, so it cannot change uid
+    (["--bounding-set=-all,+sys_ptrace,+dac_read_search", "--inh-caps=-all"], 0),
+])
+def test_worker_in_a_daemon_with_only_ptrace_capabilities(fixture_bins, prefix, uid):
+    if os.geteuid() != 0:
+        pytest.fail("needs root to set up the daemon's credentials")
+    binary = str(fixture_bins["static"].binary)
+    run = subprocess.run(["setpriv", *prefix, "--", sys.executable, "-c", CAPABILITY_ONLY, binary],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["result"]["kind"] == "layout", report["result"]
+    assert int(report["daemon"]["CapEff"], 16) == 1 << 19 | 1 << 2  # sys_ptrace, dac_read_search
+    worker_status = report["worker"]
+    assert worker_status["Uid"].split() == [str(uid)] * 4
+    assert all(int(worker_status[k], 16) == 0 for k in CAP_KEYS), worker_status
+    assert worker_status["NoNewPrivs"] == "1"
+    if uid == 0:
+        assert "parser worker runs as root" in run.stderr
+
+
+def test_facts_from_the_sandbox_are_checked():
+    good = ObjectFacts("ab" * 20, None, False, ("libjemalloc.so.2.debug", 0x1234abcd),
+                       static_block_offset=2632)
+    assert ObjectFacts.from_dict(json.loads(json.dumps(good.to_dict()))) == good
+    for change in ({"debuglink": ["../../etc/shadow", 1]}, {"debuglink": ["x", -1]},
+                   {"build_id": "../x"}, {"build_id": "AB" * 20}, {"embedded_dwarf": 1},
+                   {"static_block_offset": None}, {"tpoff_got": 4096},
+                   {"symbol": {"name": 1, "value": 0, "size": 0}}, {"extra": 1}):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            ObjectFacts.from_dict({**good.to_dict(), **change})
