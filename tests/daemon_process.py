@@ -29,23 +29,28 @@ def write_config(directory: Path, extra: str = "", name: str = "ctprofd.yaml",
     return path
 
 
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without systemd's variables (so logs go to stderr), plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                        "JOURNAL_STREAM")}
+    env.update(extra or {})
+    return env
+
+
 def run_once(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run ctprofd to completion (for commands expected to exit by themselves)."""
     return subprocess.run(CTPROFD + list(args), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL)
+                          timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL, env=clean_env())
 
 
 class DaemonProcess:
     """A running `ctprofd run`; stderr lines are collected as they come."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                                 "INVOCATION_ID", "JOURNAL_STREAM")}
-        full_env.update(env or {})
         self.proc = subprocess.Popen(CTPROFD + ["run", *args], stderr=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                     text=True, env=full_env, cwd=REPO)
+                                     text=True, env=clean_env(env), cwd=REPO)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -72,6 +77,14 @@ class DaemonProcess:
             match = re.search(pattern, line)
             if match:
                 return match
+
+    def remaining_lines(self, timeout: float = 10) -> list[str]:
+        """Every stderr line not read yet, up to the end of the output (after exit)."""
+        rest = []
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            rest.append(line)
+        self._queue.put(None)
+        return rest
 
     def started(self, timeout: float = 30) -> DaemonProcess:
         """Wait for the listening line; remember the URL."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from daemon_process import CTPROFD, DaemonProcess, run_once, write_config
+from daemon_process import CTPROFD, DaemonProcess, clean_env, run_once, write_config
 
 QUIET = "selection:\n  include:\n    comm: ['^ctprofd-test-none$']\n"  # walks, reads nobody
 
@@ -207,7 +207,26 @@ def test_without_ptrace_capability_it_says_so_once(tmp_path):
         ["setpriv", "--bounding-set=-sys_ptrace", "timeout", "--preserve-status", "-s", "INT",
          "3", *CTPROFD,
          "run", "--config", str(write_config(tmp_path, QUIET))],
-        capture_output=True, text=True, timeout=30)
+        capture_output=True, text=True, timeout=30, env=clean_env())
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "CAP_SYS_PTRACE" in line]
     assert len(warnings) == 1, result.stderr
+
+
+def test_under_systemd_it_logs_to_the_journal_not_stderr(tmp_path, daemons):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET)),
+                     "--listen", f"127.0.0.1:{port}", env={"INVOCATION_ID": "0" * 32})
+    daemon.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            daemon.wait_for_sample("ctprofd_snapshots_total", 1)
+            break
+        except OSError:  # not listening yet
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert daemon.stop() == 0
+    assert daemon.remaining_lines() == []
