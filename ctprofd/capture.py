@@ -134,7 +134,7 @@ class Capturer:
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
-            sample = self._probe_process(process, tally)
+            sample = self._probe_process(process, tally, cancel)
             if sample is not None:
                 samples.append(sample)
         if complete and pids is None:
@@ -148,7 +148,8 @@ class Capturer:
         log.info("%s", snapshot.summary.log_line())
         return snapshot
 
-    def _probe_process(self, process: ProcessInfo, tally: Tally) -> ProcessSample | None:
+    def _probe_process(self, process: ProcessInfo, tally: Tally,
+                       cancel: threading.Event | None) -> ProcessSample | None:
         try:
             tracked = self._track(process)
         except ProbeError as error:
@@ -170,7 +171,7 @@ class Capturer:
         except OSError:  # exited since we attached
             tally.fail(tags.PID_MISSING)
             return None
-        threads = self.prober.probe(process.pid, state, listed, tally)
+        threads = self.prober.probe(process.pid, state, listed, tally, cancel)
         allocated, deallocated = tracked.all_totals()
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,

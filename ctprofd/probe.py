@@ -4,6 +4,7 @@ then only memory reads; counters that never go backwards."""
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,14 +59,17 @@ class ThreadProber:
         self.on_stop = on_stop
         self.torn_reads = 0
 
-    def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo],
-              tally: Tally) -> list[ThreadSample]:
-        """Read every listed thread; failures are tallied; returns the threads read."""
+    def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
+              cancel: threading.Event | None = None) -> list[ThreadSample]:
+        """Read every listed thread; failures are tallied; returns the threads read.
+        Once `cancel` is set, no further thread is stopped."""
         listed = {t.tid: t for t in threads}
         for tid in [tid for tid, s in state.threads.items()
                     if tid not in listed or listed[tid].start_time != s.start_time]:
             state.retire(tid)
         for thread in threads:
+            if cancel is not None and cancel.is_set():
+                break
             if thread.tid not in state.threads:
                 self._locate(thread, state, tally)
         readable = [t for t in threads if t.tid in state.threads]
