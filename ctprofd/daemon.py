@@ -348,19 +348,3 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.set_defaults(func=run)
     return parser
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ctprofd.daemon run|check-config ...`: these two commands without the rest
-    of the CLI."""
-    from .config import add_check_config_parser
-
-    parser = argparse.ArgumentParser(prog="ctprofd")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_run_parser(commands)
-    add_check_config_parser(commands)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-# `python -m ctprofd.daemon` serves `run` and `check-config` exactly as `ctprofd` does.
-CTPROFD = [sys.executable, "-m", "ctprofd.daemon"]
+CTPROFD = [sys.executable, "-m", "ctprofd"]
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (https?://\S+)")
 
