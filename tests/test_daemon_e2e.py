@@ -5,6 +5,7 @@ exit and restart."""
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
@@ -117,3 +118,21 @@ def test_a_restart_under_the_same_comm_does_not_drift_live_bytes(fixture_bins, s
     allocated, deallocated = (a + b for a, b in zip(first_truth, truth(second)))
     live = truth(second)[0] - truth(second)[1]
     assert scrapes.series(comm="alloc_threads") == (allocated, deallocated, live, 1, 3)
+
+
+def test_sighup_applies_new_labels_and_selection(fixture_bins, spawn_fixture, run_daemon,
+                                                 tmp_path):
+    static = spawn_fixture(fixture_bins["static"], 1)
+    dynamic = spawn_fixture(fixture_bins["dynamic"], 1)
+    scrapes = run_daemon("pid").after_next_snapshot()
+    assert scrapes.series(pid=str(static.pid))[:2] == truth(static)
+    path = tmp_path / "ctprofd.yaml"
+    path.write_text(path.read_text().replace("labels: [pid]", "labels: [comm]")
+                    .replace(f"{fixture_bins.root}/*", f"{fixture_bins['dynamic'].binary}"))
+    scrapes.daemon.signal(signal.SIGHUP)
+    scrapes.daemon.wait_for("reloaded the configuration")
+    scrapes.after_next_snapshot()
+    assert scrapes.value("ctprofd_allocated_bytes_total", pid=str(static.pid)) is None
+    allocated, deallocated = truth(dynamic)
+    assert scrapes.series(comm="alloc_threads") == (
+        allocated, deallocated, allocated - deallocated, 1, 2)
