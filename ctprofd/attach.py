@@ -65,6 +65,27 @@ def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
     return list(firsts.values())
 
 
+def _mapped_file(process: ProcessInfo, mapping: Mapping) -> tuple[str, BinaryIdentity] | None:
+    """A path that opens the very file behind a mapping, and its identity.
+
+    /proc/PID/map_files needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE) unless we are root;
+    without it, the path inside the target's root is used when it is still the same inode.
+    None when neither works (unmapped since the maps were read, or replaced on disk)."""
+    link = process.path("map_files", mapping.map_files_name)
+    try:
+        return link, identity_of(link)
+    except PermissionError:
+        pass
+    except OSError:
+        return None
+    path = process.path("root", mapping.path.lstrip("/"))
+    try:
+        identity = identity_of(path)
+    except OSError:
+        return None
+    return (path, identity) if identity.ino == mapping.inode else None
+
+
 class Attacher:
     """Resolves processes to Attachments. Binaries are parsed in a sandboxed worker
     process (parse_worker); `close()` stops it."""
@@ -118,11 +139,10 @@ class Attacher:
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
-            link = process.path("map_files", mapping.map_files_name)
-            try:
-                identity = identity_of(link)
-            except OSError:
-                continue  # unmapped since we read the maps
+            found = _mapped_file(process, mapping)
+            if found is None:
+                continue
+            link, identity = found
             resolution = self._resolve(link, identity, mapping.path,
                                        object_dirs_for(mapping.path, process.path("root")), True)
             if isinstance(resolution, TsdLayout):

@@ -245,3 +245,28 @@ def test_thread_churn_never_breaks_snapshots(fixture_bins, spawn_process):
         totals.append(snapshot.processes[0].allocated_bytes)
         assert_no_thread_stopped_or_traced(churn.pid)
     assert totals == sorted(totals)  # never backwards though threads come and go
+
+
+SERVICE_PRIVILEGES = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      "--inh-caps=-all,+sys_ptrace,+dac_read_search",
+                      "--ambient-caps=+sys_ptrace,+dac_read_search",
+                      "--bounding-set=-all,+sys_ptrace,+dac_read_search", "--")
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+def test_service_privileges_read_root_owned_fixtures_exactly(fixture_bins, spawn_fixture,
+                                                             variant):
+    """What the systemd unit grants: an unprivileged uid with CAP_SYS_PTRACE and
+    CAP_DAC_READ_SEARCH only (no CAP_SYS_ADMIN: /proc/PID/map_files is closed to it)."""
+    fixture = spawn_fixture(fixture_bins[variant], 4)
+    result = run_cli("snapshot", "--json", "--pid", str(fixture.pid), prefix=SERVICE_PRIVILEGES)
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert snapshot["probe_summary"]["failed"] == 0, snapshot["failures"]
+    [process] = snapshot["processes"]
+    assert process["uid"] == 0
+    assert {(t["tid"], t["allocated_bytes"], t["deallocated_bytes"])
+            for t in process["threads"]} == {(t["tid"], t["allocated"], t["deallocated"])
+                                             for t in fixture.threads}
+    assert "CAP_SYS_PTRACE" not in result.stderr
+    assert_no_thread_stopped_or_traced(fixture.pid)
