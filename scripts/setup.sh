@@ -25,7 +25,7 @@ packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server libjemalloc2 util-linux
-               libcap2-bin procps)
+               libcap2-bin procps openssl curl)
     ensure_deb_src || true  # for `apt-get source jemalloc`, before the one update
 fi
 log "installing apt packages"
