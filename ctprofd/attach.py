@@ -140,6 +140,11 @@ class Attacher:
             if mapping.path == exe:
                 continue
             found = _mapped_file(process, mapping)
+            if found is None and "jemalloc" in os.path.basename(mapping.path):
+                raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
+                                 "the mapped file is gone or replaced on disk, and "
+                                 "/proc/PID/map_files needs CAP_SYS_ADMIN or "
+                                 "CAP_CHECKPOINT_RESTORE")
             if found is None:
                 continue
             link, identity = found
