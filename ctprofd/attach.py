@@ -5,10 +5,9 @@ Every distinct binary is parsed at most once; results are cached by identity and
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 
-from . import memory, tags
+from . import tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
@@ -33,10 +32,13 @@ class BinaryIdentity:
 
 @dataclass(frozen=True)
 class Attachment:
-    """A jemalloc process understood: addr(tsd) = fs_base + tsd_delta."""
+    """A jemalloc process understood: addr(tsd) = fs_base + tsd_delta. For jemalloc in a
+    shared object the delta is in the target's GOT slot at `got_slot`, read only once a
+    thread was seized (so a refused ptrace shows as the privilege failure it is)."""
 
     layout: TsdLayout
-    tsd_delta: int
+    tsd_delta: int | None = None
+    got_slot: int | None = None
 
 
 def identity_of(path: str) -> BinaryIdentity:
@@ -105,7 +107,7 @@ class Attacher:
         resolution = self._resolve(process.path("exe"), identity, process.exe,
                                    object_dirs_for(process.exe, process.path("root")), False)
         if isinstance(resolution, TsdLayout):
-            return Attachment(resolution, resolution.static_tsd_delta())
+            return Attachment(resolution, tsd_delta=resolution.static_tsd_delta())
         return self._attach_shared(process)
 
     def _resolve(self, path: str, identity: BinaryIdentity, what: str,
@@ -151,15 +153,6 @@ class Attacher:
             resolution = self._resolve(link, identity, mapping.path,
                                        object_dirs_for(mapping.path, process.path("root")), True)
             if isinstance(resolution, TsdLayout):
-                return Attachment(resolution, self._dso_delta(process, mapping, resolution))
+                assert resolution.tpoff_got is not None
+                return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got)
         return NotJemalloc()
-
-    @staticmethod
-    def _dso_delta(process: ProcessInfo, mapping: Mapping, layout: TsdLayout) -> int:
-        """Read the GOT slot the dynamic loader filled with the TLS block's TP offset."""
-        assert layout.tpoff_got is not None
-        slot = memory.read_ranges(process.pid, [(mapping.start + layout.tpoff_got, 8)])[0]
-        if isinstance(slot, OSError):
-            raise ProbeError(tags.PROCESS_VM_READV, f"pid {process.pid}: GOT slot of "
-                             f"{mapping.path}: {slot.strerror}")
-        return layout.dso_tsd_delta(struct.unpack("<q", slot)[0])

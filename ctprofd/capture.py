@@ -126,9 +126,11 @@ class Capturer:
                 break
             if isinstance(process, int):
                 # gone between readdir and reading its stat: a race with exit, like an
-                # unreadable exe; only a pid asked for by name is missing
-                tally.tgids_walked += 1
-                tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE)
+                # unreadable exe (uncounted when a selection could have left it out); only
+                # a pid asked for by name is missing
+                if pids is not None or self.settings.select is None:
+                    tally.tgids_walked += 1
+                    tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE)
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 continue
@@ -172,6 +174,8 @@ class Capturer:
             tally.fail(tags.PID_MISSING)
             return None
         threads = self.prober.probe(process.pid, state, listed, tally, cancel)
+        if not state.threads and tracked.retained_totals() == (0, 0):
+            return None  # nothing read yet: exporting zeros would fake a counter reset
         allocated, deallocated = tracked.all_totals()
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,

@@ -18,6 +18,7 @@ from .tags import ProbeError
 
 ADDRESS_LIMIT = 1 << 64
 _U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
 
 
 def _counters(data: bytes) -> tuple[int, int]:
@@ -43,6 +44,10 @@ class ProcessState:
     threads: dict[int, ThreadState] = field(default_factory=dict)
     retained_allocated: int = 0
     retained_deallocated: int = 0
+    tsd_delta: int | None = None  # addr(tsd) - fs_base, once known
+
+    def __post_init__(self) -> None:
+        self.tsd_delta = self.attachment.tsd_delta
 
     def retire(self, tid: int) -> None:
         """Fold a thread that exited into the retained totals."""
@@ -71,11 +76,23 @@ class ThreadProber:
             if cancel is not None and cancel.is_set():
                 break
             if thread.tid not in state.threads:
-                self._locate(thread, state, tally)
+                self._locate(pid, thread, state, tally)
         readable = [t for t in threads if t.tid in state.threads]
         return self._read(pid, state, readable, tally)
 
-    def _locate(self, thread: ThreadInfo, state: ProcessState, tally: Tally) -> None:
+    @staticmethod
+    def _read_got_slot(pid: int, state: ProcessState, tally: Tally) -> bool:
+        """Learn the TSD's TP offset from the GOT slot the dynamic loader filled."""
+        assert state.attachment.got_slot is not None
+        slot = memory.read_ranges(pid, [(state.attachment.got_slot, 8)])[0]
+        if isinstance(slot, OSError):
+            tally.fail(tags.PROCESS_VM_READV)
+            return False
+        state.tsd_delta = state.attachment.layout.dso_tsd_delta(_I64.unpack(slot)[0])
+        return True
+
+    def _locate(self, pid: int, thread: ThreadInfo, state: ProcessState,
+                tally: Tally) -> None:
         try:
             pointer = self.tracer.thread_pointer(thread.tid)
         except ProbeError as error:
@@ -83,8 +100,10 @@ class ThreadProber:
             return
         if self.on_stop:
             self.on_stop(pointer.stopped_seconds)
+        if state.tsd_delta is None and not self._read_got_slot(pid, state, tally):
+            return
         layout = state.attachment.layout
-        address = pointer.fs_base + state.attachment.tsd_delta + layout.allocated_offset
+        address = pointer.fs_base + state.tsd_delta + layout.allocated_offset
         end = address - layout.allocated_offset + layout.deallocated_offset + 8
         if pointer.fs_base == 0 or not 0 < address < end <= ADDRESS_LIMIT:
             tally.fail(tags.TLS_ARITHMETIC)

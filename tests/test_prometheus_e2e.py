@@ -11,7 +11,7 @@ One stack per module (tests/support/prometheus.py starts the processes):
                                            DROP_PTRACE_PREFIX; the daemon runs under setpriv
                                            with real uid 65534 and no CAP_SYS_PTRACE
     no-ptrace-dso   default                the same with dynamic-stripped-buildid (1): jemalloc
-                                           in a shared object (an xfail, see the end)
+                                           in a shared object
 
 Every daemon selects its fixtures by executable path (this session's build directory), so
 other processes on the host, including other test sessions' fixtures, never show up. The
@@ -413,9 +413,6 @@ def test_promtool_accepts_a_real_scrape(stack: Stack, daemon: str) -> None:
     assert (lint.returncode, lint.stdout.strip(), lint.stderr.strip()) == (0, "", "")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: a process whose jemalloc was found but none of whose threads could be read "
-    "is exported as a series with allocated = deallocated = live = 0, processes 1, threads 0"))
 def test_a_process_none_of_whose_threads_was_read_is_not_exported(stack: Stack) -> None:
     """docs/alerting.md: processes that fail to probe are missing from the per-process
     metrics. Exported at 0, they count as measured, and once readable (e.g. a debugger that
@@ -424,9 +421,6 @@ def test_a_process_none_of_whose_threads_was_read_is_not_exported(stack: Stack) 
     assert stack.prometheus.query('ctprofd_processes{daemon="no-ptrace"}') == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: with jemalloc in a shared object, a refused ptrace shows up as "
-    "process-vm-readv (EPERM reading the GOT slot), which the privilege gate does not count"))
 def test_privilege_alert_goes_pending_for_jemalloc_in_a_shared_object_too(stack: Stack) -> None:
     prom = stack.prometheus
     assert _one(prom, 'ctprofd_probe_privilege_dominant{daemon="no-ptrace-dso"}')[1] == 1
