@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO, Callable, Protocol
 
 from elftools.common.exceptions import DWARFError, ELFError
+from elftools.construct import ConstructError
 
 from . import dwarf, elf, tags
 from .debuginfo import DebugFileNotFound, DebugSearch, find_debug_file
@@ -128,8 +129,8 @@ class _Failure(Exception):
 
 # What pyelftools raises on a malformed file (others, e.g. MemoryError, escape: the sandboxed
 # parser in parse_worker turns any exception into a failure).
-MALFORMED = (ELFError, DWARFError, ValueError, KeyError, IndexError, AssertionError, OSError,
-             UnicodeDecodeError, NotImplementedError, zlib.error)
+MALFORMED = (ELFError, DWARFError, ConstructError, ValueError, KeyError, IndexError,
+             AssertionError, OSError, OverflowError, NotImplementedError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -164,20 +165,28 @@ class ObjectFacts:
         symbol, link = fields.pop("symbol"), fields.pop("debuglink")
         facts = cls(symbol=elf.Symbol(**symbol) if symbol is not None else None,
                     debuglink=(link[0], link[1]) if link is not None else None, **fields)
-        if facts.build_id is not None and not BUILD_ID.match(str(facts.build_id)):
-            raise ValueError("build_id must be 2 to 128 lowercase hex digits")
-        if facts.debuglink is not None and not (
-                _plain_file_name(facts.debuglink[0]) and type(facts.debuglink[1]) is int
-                and 0 <= facts.debuglink[1] < 1 << 32):
-            raise ValueError("debuglink must be a file name and a CRC32")
-        if facts.symbol is not None and not (
-                isinstance(facts.symbol.name, str) and type(facts.symbol.value) is int
-                and type(facts.symbol.size) is int):
-            raise ValueError("symbol must be a name, a value and a size")
-        if type(facts.embedded_dwarf) is not bool:
-            raise ValueError("embedded_dwarf must be a boolean")
-        validate(TsdLayout(None, "", 0, 0, 8, **facts.placement()))  # checks the placement
+        facts.check()
         return facts
+
+    def check(self) -> None:
+        """Raise ValueError unless every field is plausible."""
+        if self.build_id is not None and not _plausible_build_id(self.build_id):
+            raise ValueError("build_id must be 2 to 128 lowercase hex digits")
+        if self.debuglink is not None and not (
+                _plain_file_name(self.debuglink[0]) and type(self.debuglink[1]) is int
+                and 0 <= self.debuglink[1] < 1 << 32):
+            raise ValueError("debuglink must be a file name and a CRC32")
+        if self.symbol is not None and not (
+                isinstance(self.symbol.name, str) and type(self.symbol.value) is int
+                and type(self.symbol.size) is int):
+            raise ValueError("symbol must be a name, a value and a size")
+        if type(self.embedded_dwarf) is not bool:
+            raise ValueError("embedded_dwarf must be a boolean")
+        validate(TsdLayout(None, "", 0, 0, 8, **self.placement()))  # checks the placement
+
+
+def _plausible_build_id(value: object) -> bool:
+    return isinstance(value, str) and BUILD_ID.match(value) is not None
 
 
 def _plain_file_name(name: object) -> bool:
@@ -229,14 +238,17 @@ def inspect_object(stream: BinaryIO, what: str, shared: bool) -> ObjectFacts | N
             return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: jemalloc but no PT_TLS")
         build_id = elf.build_id(image)
         link = elf.debuglink(image)
-        facts = ObjectFacts(build_id if build_id and BUILD_ID.match(build_id) else None,
+        facts = ObjectFacts(build_id if _plausible_build_id(build_id) else None,
                             symbol, elf.has_debug_info(image),
                             link if link and _plain_file_name(link[0]) else None)
-        if not shared:
-            return replace(facts, static_block_offset=tls.static_block_offset())
-        reloc = _tpoff_reloc(image, what)
-        return replace(facts, tpoff_got=reloc.offset - _first_load_page(image),
-                       tpoff_addend=reloc.addend, tpoff_symbolic=reloc.symbol is not None)
+        if shared:
+            reloc = _tpoff_reloc(image, what)
+            facts = replace(facts, tpoff_got=reloc.offset - _first_load_page(image),
+                            tpoff_addend=reloc.addend, tpoff_symbolic=reloc.symbol is not None)
+        else:
+            facts = replace(facts, static_block_offset=tls.static_block_offset())
+        facts.check()
+        return facts
     except _Failure as failure:
         return failure.result
     except MALFORMED as exc:
