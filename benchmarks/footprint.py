@@ -1,0 +1,165 @@
+"""Daemon footprint: RSS and CPU% of `ctprofd run` at a 15 s interval on a host of 1,000
+idle processes and 10 jemalloc fixtures of 32 threads, and the time /metrics takes to
+render with 1,000 jemalloc processes, against 5 % of the interval.
+
+  footprint  `ctprofd run` (own config, cache and state dirs, loopback port, log level
+             warning) on the host; once its first snapshot is published, DURATION seconds
+             of sampling every second: VmRSS of the daemon and of its parse worker, CPU
+             from /proc/PID/stat utime+stime deltas (clock ticks). Reported: CPU seconds of
+             the start (up to the first snapshot; the parse worker's and its children's
+             separately: the daemon does not parse binaries itself), CPU% over the steady window (percent of
+             one CPU), RSS at the start of the window, at its end and its maximum, and the
+             snapshot durations the daemon itself reports.
+  render     RENDER_PROCS alloc_threads processes with one thread each (each under its
+             own name, so one series each with the default labels pid, comm, unit) and a
+             fresh `ctprofd run --interval 15`; after its first snapshot, SCRAPES
+             sequential GETs of /metrics over loopback: wall per scrape, body size, series.
+
+Run: .venv/bin/python -m benchmarks.footprint [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from . import common
+from .common import Daemon, IdleHost, Processes, distribution, linear_fit, log, spawn_jemalloc
+
+RENDER_SHARE_TARGET = 0.05
+
+
+def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, threads: int,
+              interval: float, duration: float) -> dict:
+    procs.own(IdleHost(procs, args.work_dir, idle))
+    spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
+    log(f"host of {common.count_processes()} processes; starting ctprofd run "
+        f"--interval {interval:g}")
+    started = time.monotonic()
+    daemon = procs.own(Daemon(procs, args.work_dir / "footprint-daemon", interval))
+    first = daemon.wait_for_snapshots(1)
+    startup_wall = time.monotonic() - started
+    startup_cpu = common.cpu_seconds(daemon.pid)
+    worker = daemon.worker_pid()
+    startup_worker_cpu = common.cpu_seconds(worker, children=True) if worker else 0.0
+    samples = []
+    t0 = time.monotonic()
+    while True:
+        now = time.monotonic()
+        samples.append({"t": now - t0, "cpu": common.cpu_seconds(daemon.pid),
+                        "rss_kib": common.status_kib(daemon.pid),
+                        "worker_rss_kib": common.status_kib(worker) if worker else 0,
+                        "worker_cpu": common.cpu_seconds(worker, children=True)
+                        if worker else 0.0})
+        if now - t0 >= duration:
+            break
+        time.sleep(max(0.0, t0 + len(samples) - time.monotonic()))
+    final = common.parse_metrics(daemon.scrape())
+    hwm = common.status_kib(daemon.pid, "VmHWM")
+    daemon.stop()
+    window = samples[-1]["t"] - samples[0]["t"]
+    cpu = samples[-1]["cpu"] - samples[0]["cpu"]
+    rss = [s["rss_kib"] / 1024 for s in samples]
+    per_second = [(b["cpu"] - a["cpu"]) / (b["t"] - a["t"]) * 100
+                  for a, b in zip(samples, samples[1:])]
+    count = final.get("ctprofd_snapshot_duration_seconds_count", 0)
+    return {
+        "host": {"idle_processes": idle, "jemalloc_fixtures": jemalloc,
+                 "threads_per_fixture": threads, "tgids_walked":
+                     first.get("ctprofd_probe_tgids_walked"),
+                 "probed_ok": final.get("ctprofd_probe_probed_ok")},
+        "interval_seconds": interval,
+        "startup": {"wall_seconds_to_first_snapshot": round(startup_wall, 3),
+                    "cpu_seconds_to_first_snapshot": round(startup_cpu, 3),
+                    "parse_worker_cpu_seconds_to_first_snapshot": round(startup_worker_cpu, 3)},
+        "window_seconds": round(window, 1),
+        "snapshots_in_window": final.get("ctprofd_snapshots_total", 0) - first.get(
+            "ctprofd_snapshots_total", 0),
+        "cpu_percent_of_one_cpu": round(cpu / window * 100, 3) if window else None,
+        "cpu_percent_per_second": distribution(per_second, 2),
+        "rss_mib": {"window_start": round(rss[0], 1), "window_end": round(rss[-1], 1),
+                    "max": round(max(rss), 1), "vm_hwm": round(hwm / 1024, 1),
+                    "slope_mib_per_minute": round(linear_fit(
+                        [s["t"] for s in samples], rss)["slope"] * 60, 4)
+                    if len(samples) > 2 else None},
+        "parse_worker": {"rss_mib": round(samples[-1]["worker_rss_kib"] / 1024, 1),
+                         "cpu_seconds_in_window": round(samples[-1]["worker_cpu"]
+                                                        - samples[0]["worker_cpu"], 3)},
+        "snapshot_duration_mean_seconds": round(
+            final.get("ctprofd_snapshot_duration_seconds_sum", 0) / count, 4) if count else None,
+        "overruns": final.get("ctprofd_snapshot_overruns_total"),
+    }
+
+
+def render(procs: Processes, args, fixtures, count: int, scrapes: int,
+           interval: float) -> dict:
+    log(f"starting {count} single-thread jemalloc processes")
+    spawn_jemalloc(procs, fixtures, count, 1, args.work_dir, name="one")
+    daemon = procs.own(Daemon(procs, args.work_dir / "render-daemon", interval))
+    first = daemon.wait_for_snapshots(1, timeout=600)
+    log(f"first snapshot: {first.get('ctprofd_probe_jemalloc_detected'):.0f} jemalloc "
+        "processes; scraping")
+    walls, sizes = [], []
+    cpu = common.cpu_seconds(daemon.pid)
+    for _ in range(scrapes):
+        started = time.perf_counter()
+        body = daemon.scrape()
+        walls.append(time.perf_counter() - started)
+        sizes.append(len(body))
+    cpu = (common.cpu_seconds(daemon.pid) - cpu) / scrapes
+    samples = common.parse_metrics(body)
+    series = sum(1 for key in samples if key.startswith("ctprofd_allocated_bytes_total{"))
+    daemon.stop()
+    share = statistics.median(walls) / interval
+    worst = max(walls) / interval
+    return {"jemalloc_processes": count,
+            "jemalloc_detected": samples.get("ctprofd_probe_jemalloc_detected"),
+            "series": series, "body_bytes": max(sizes), "interval_seconds": interval,
+            "scrape_wall_seconds": distribution(walls, 5),
+            "daemon_cpu_seconds_per_scrape": round(cpu, 4),
+            "share_of_interval_p50": round(share, 5), "share_of_interval_max": round(worst, 5),
+            "target_lt_5pct_of_interval": "met" if worst < RENDER_SHARE_TARGET else
+            f"NOT met (slowest scrape {worst * 100:.2f} % of the interval)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--idle", type=int, help="idle processes (default 1000; --quick 20)")
+    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
+    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
+    p.add_argument("--interval", type=float, help="snapshot interval (default 15; --quick 1)")
+    p.add_argument("--duration", type=float, help="seconds of sampling after the first "
+                   "snapshot (default 240; --quick 3)")
+    p.add_argument("--render-procs", type=int, help="single-thread jemalloc processes for "
+                   "the render figure (default 1000; --quick 5)")
+    p.add_argument("--scrapes", type=int, help="timed scrapes (default 30; --quick 3)")
+    p.add_argument("--skip", choices=("footprint", "render"), action="append", default=[])
+    args = p.parse_args(argv)
+    q = args.quick
+    idle = args.idle if args.idle is not None else (20 if q else 1000)
+    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
+    threads = args.threads or (2 if q else 32)
+    interval = args.interval or (1.0 if q else 15.0)
+    duration = args.duration or (3.0 if q else 240.0)
+    render_procs = args.render_procs or (5 if q else 1000)
+    scrapes = args.scrapes or (3 if q else 30)
+    started, host = time.time(), common.machine()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    fixtures = common.fixtures_dir(args)
+    results: dict = {}
+    if "footprint" not in args.skip:
+        with Processes() as procs:
+            results["footprint"] = footprint(procs, args, fixtures, idle, jemalloc, threads,
+                                             interval, duration)
+            log(f"footprint: {results['footprint']}")
+    if "render" not in args.skip:
+        with Processes() as procs:
+            results["render"] = render(procs, args, fixtures, render_procs, scrapes, interval)
+            log(f"render: {results['render']}")
+    common.write_result("footprint", args, started, host, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

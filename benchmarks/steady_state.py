@@ -1,0 +1,406 @@
+"""Steady state: the cost of one snapshot of an unchanged host, against one scrape of the
+same host by prometheus-process-exporter, the syscalls of a snapshot, and how the cost
+grows with processes and with threads per process.
+
+Host: IDLE idle processes with distinct names (hostsim) plus JEMALLOC alloc_threads
+fixtures of THREADS threads each, each under its own name; the machine's own processes
+come on top. Phases:
+
+  main       Capturer.capture() in this process after two warm-up snapshots: wall and CPU
+             (process_time) per snapshot, REPEATS times; ptrace stops, ELF opens and cache
+             misses over those snapshots (stats deltas); aggregate + render of /metrics
+             as the daemon does it, as a second figure.
+  syscalls   one snapshot under `strace -f -p <this process>`: every syscall between two
+             marker stat() calls (per-name counts, openat paths by kind, process_vm_readv
+             calls per pid with their iovec counts, ptrace calls), and one under
+             `strace -c -f` for the kernel's own summary table.
+  exporter   prometheus-process-exporter on loopback, two configurations: `per_process`
+             (every process matched, one group per command name: every simulated process
+             has its own; default flags, i.e. per-thread metrics and smaps on) and `minimal`
+             (one group for everything, -threads=false -gather-smaps=false: the least it
+             can do while still reading every process). GET /metrics over loopback with
+             urllib: wall per scrape, and CPU per scrape from the exporter's threads'
+             /proc/PID/task/*/schedstat (ns) deltas.
+  processes  the main snapshot with IDLE swept so that the host has ~100 .. ~10,000
+             processes: linear fit of wall and CPU against tgids walked.
+  threads    one alloc_threads process with 1 .. 1,000 threads: linear fit of the cost of
+             capturing it (capture(pids=[pid])) and of the whole host against threads.
+
+Run: .venv/bin/python -m benchmarks.steady_state [--quick]
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from . import common
+from .common import IdleHost, Processes, distribution, linear_fit, log, spawn_jemalloc
+
+from ctprofd.aggregate import Aggregator  # noqa: E402
+from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
+from ctprofd.collector import DaemonCollector, DaemonState  # noqa: E402
+
+BEGIN, END = "/ctprofd-bench-strace-begin", "/ctprofd-bench-strace-end"
+EXPORTER = "prometheus-process-exporter"
+EXPORTER_CONFIGS = {
+    "per_process": ('process_names:\n  - name: "{{.Comm}}"\n    cmdline: [".+"]\n', []),
+    "minimal": ('process_names:\n  - name: "all"\n    cmdline: [".+"]\n',
+                ["-threads=false", "-gather-smaps=false"]),
+}
+
+
+def new_capturer() -> Capturer:
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None))
+
+
+def timed_captures(capturer: Capturer, repeats: int, pids: list[int] | None = None) -> dict:
+    """`repeats` snapshots: wall and CPU of each, and what they walked."""
+    walls, cpus, walked = [], [], []
+    for _ in range(repeats):
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        snapshot = capturer.capture(pids=pids)
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+        walked.append(snapshot.summary.tgids_walked)
+    return {"wall_seconds": walls, "cpu_seconds": cpus, "tgids_walked": walked,
+            "last": snapshot}
+
+
+def render_cost(capturer: Capturer, repeats: int) -> dict:
+    """Snapshot + aggregate + render of /metrics, as one daemon cycle and one scrape."""
+    aggregator = Aggregator(("pid", "comm", "unit"), 10000, 300.0)
+    collector = DaemonCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    walls, cpus, render_walls, sizes = [], [], [], []
+    for i in range(repeats + 1):
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        snapshot = capturer.capture()
+        view = aggregator.update(snapshot, lambda pid, start: False)
+        collector.publish(DaemonState(snapshot=snapshot, aggregate=view, snapshots_total=i + 1,
+                                      interval_seconds=15.0))
+        rendered = time.perf_counter()
+        body = generate_latest(registry)
+        if i:  # the first one creates every series
+            render_walls.append(time.perf_counter() - rendered)
+            cpus.append(time.process_time() - cpu)
+            walls.append(time.perf_counter() - wall)
+            sizes.append(len(body))
+    return {"cycle_wall_seconds": distribution(walls), "cycle_cpu_seconds": distribution(cpus),
+            "render_wall_seconds": distribution(render_walls), "body_bytes": max(sizes)}
+
+
+# --- syscalls ---------------------------------------------------------------------------
+
+def _traced_by_strace() -> bool:
+    with open("/proc/self/status") as f:
+        return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+
+
+def _under_strace(capturer: Capturer, argv: list[str]) -> None:
+    """One snapshot with strace attached to every thread of this process."""
+    tracer = subprocess.Popen(argv + ["-p", str(os.getpid())], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=common._die_with_parent)
+    try:
+        common.wait_until(_traced_by_strace, 30, "strace to attach", 0.01)
+        time.sleep(0.2)  # every thread attached
+        os.path.exists(BEGIN)
+        capturer.capture()
+        os.path.exists(END)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        _, err = tracer.communicate(timeout=60)
+    if tracer.returncode not in (0, -signal.SIGINT):
+        raise RuntimeError(f"strace failed ({tracer.returncode}): {err.decode()[-1000:]}")
+
+
+_CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)")
+
+
+def syscalls(capturer: Capturer, work_dir: Path, own_pids: set[int]) -> dict:
+    """Counts of one steady-state snapshot's syscalls, and the checks they prove."""
+    if not shutil.which("strace"):
+        return {"skipped": "strace is not installed"}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        log_path = Path(tmp) / "strace.log"
+        _under_strace(capturer, ["strace", "-f", "-qq", "-s", "256", "-o", str(log_path)])
+        lines = log_path.read_text(errors="replace").splitlines()
+        summary_path = Path(tmp) / "summary.txt"
+        _under_strace(capturer, ["strace", "-c", "-f", "-qq", "-o", str(summary_path)])
+        summary = summary_path.read_text().splitlines()
+    inside, calls = False, []
+    for line in lines:
+        match = _CALL.match(line)
+        if not match:
+            continue
+        if BEGIN in line or END in line:
+            inside = BEGIN in line
+            continue
+        if inside:
+            calls.append((int(match.group(1)), match.group(2), match.group(3)))
+    names = Counter(name for _, name, _ in calls)
+    opens: Counter[str] = Counter()
+    elf_opens = []
+    for _, name, rest in calls:
+        if name not in ("open", "openat", "openat2"):
+            continue
+        path = re.search(r'"([^"]*)"', rest)
+        path = path.group(1) if path else "?"
+        kind = re.sub(r"/proc/\d+/task/\d+/", "/proc/PID/task/TID/", path)
+        kind = re.sub(r"/proc/\d+/", "/proc/PID/", kind)
+        kind = re.sub(r"^/proc/\d+$", "/proc/PID", kind)
+        opens[kind] += 1
+        if not (path == "/proc" or path.startswith("/proc/")) or re.search(
+                r"/exe$|/map_files/|/root/", path):
+            elf_opens.append(path)
+    readv: dict[int, list[int]] = {}
+    for _, name, rest in calls:
+        if name == "process_vm_readv":
+            args = [a.strip() for a in rest.split(",")]
+            pid = int(args[0])
+            riovcnt = int(re.search(r"\],\s*(\d+),\s*0\)", rest).group(1)) if re.search(
+                r"\],\s*(\d+),\s*0\)", rest) else -1
+            readv.setdefault(pid, []).append(riovcnt)
+    ptraced = [int(re.match(r"\w+,\s*(\d+)", rest).group(1)) for _, name, rest in calls
+               if name == "ptrace" and re.match(r"\w+,\s*(\d+)", rest)]
+    ours = {pid: calls_ for pid, calls_ in readv.items() if pid in own_pids}
+    return {
+        "syscalls_in_snapshot": sum(names.values()),
+        "by_name": dict(names.most_common()),
+        "opens_by_path_kind": dict(opens.most_common()),
+        "elf_or_non_proc_opens": elf_opens,
+        "ptrace_calls": len(ptraced),
+        "ptrace_calls_on_our_fixtures": sum(1 for tid in ptraced if tid in own_pids),
+        "process_vm_readv_calls": sum(len(v) for v in readv.values()),
+        "process_vm_readv_per_pid_on_our_fixtures": {str(pid): len(v) for pid, v in ours.items()},
+        "remote_iovecs_per_call_on_our_fixtures": sorted({n for v in ours.values() for n in v}),
+        "strace_c_summary": summary,
+    }
+
+
+# --- prometheus-process-exporter -------------------------------------------------------------
+
+def exporter_scrapes(procs: Processes, work_dir: Path, name: str, repeats: int) -> dict:
+    if not shutil.which(EXPORTER):
+        return {"skipped": f"{EXPORTER} is not installed"}
+    config_text, flags = EXPORTER_CONFIGS[name]
+    config = work_dir / f"process-exporter-{name}.yml"
+    config.write_text(config_text)
+    port = common.free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    exporter = procs.popen([EXPORTER, "-config.path", config, "-web.listen-address",
+                            f"127.0.0.1:{port}", *flags],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+
+    def scrape() -> bytes:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                scrape()
+                break
+            except OSError:
+                if time.monotonic() > deadline or exporter.poll() is not None:
+                    raise RuntimeError(f"{EXPORTER} did not come up")
+                time.sleep(0.1)
+        for _ in range(2):
+            scrape()
+        walls, cpus = [], []
+        ticks = common.cpu_seconds(exporter.pid)
+        for _ in range(repeats):
+            gc.collect()
+            cpu = common.tasks_cpu_ns(exporter.pid)
+            wall = time.perf_counter()
+            body = scrape()
+            walls.append(time.perf_counter() - wall)
+            cpus.append((common.tasks_cpu_ns(exporter.pid) - cpu) / 1e9)
+        ticks = (common.cpu_seconds(exporter.pid) - ticks) / repeats
+        groups = body.count(b"namedprocess_namegroup_num_procs{")
+        procs_line = re.findall(rb"^namedprocess_namegroup_num_procs\{[^}]*\} (\d+)", body, re.M)
+    finally:
+        procs.release(exporter)
+    return {"flags": flags, "config": config_text,
+            "wall_seconds": distribution(walls), "cpu_seconds": distribution(cpus),
+            "cpu_seconds_per_scrape_from_ticks": round(ticks, 4),
+            "groups": groups, "processes_in_groups": sum(int(x) for x in procs_line),
+            "body_bytes": len(body)}
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+def sweep_processes(procs: Processes, args, capturer: Capturer, idle_counts: list[int],
+                    repeats: int) -> dict:
+    points = []
+    for idle in idle_counts:
+        host = procs.own(IdleHost(procs, args.work_dir, idle, prefix="sweep-")) if idle else None
+        try:
+            timed_captures(capturer, 2)  # first sight of the new processes
+            run = timed_captures(capturer, repeats)
+        finally:
+            if host is not None:
+                procs.release(host)
+        walked = sorted(run["tgids_walked"])[len(run["tgids_walked"]) // 2]
+        points.append({"idle_added": idle, "tgids_walked": walked,
+                       "wall_seconds": distribution(run["wall_seconds"]),
+                       "cpu_seconds": distribution(run["cpu_seconds"])})
+        log(f"processes: {walked} walked: wall p50 {points[-1]['wall_seconds']['p50'] * 1e3:.2f}"
+            f" ms, cpu p50 {points[-1]['cpu_seconds']['p50'] * 1e3:.2f} ms")
+    return _fit(points, "tgids_walked", "per_process")
+
+
+def sweep_threads(procs: Processes, args, fixtures: Path, capturer: Capturer,
+                  thread_counts: list[int], repeats: int) -> dict:
+    points = []
+    for threads in thread_counts:
+        (fixture,) = spawn_jemalloc(procs, fixtures, 1, threads, args.work_dir, name="thr")
+        try:
+            timed_captures(capturer, 2)
+            alone = timed_captures(capturer, repeats, pids=[fixture.pid])
+            host = timed_captures(capturer, repeats)
+            probed = alone["last"].summary.probed_ok
+        finally:
+            procs.release(fixture)
+        points.append({"threads": threads, "probed_ok": probed,
+                       "wall_seconds": distribution(alone["wall_seconds"]),
+                       "cpu_seconds": distribution(alone["cpu_seconds"]),
+                       "host_wall_seconds": distribution(host["wall_seconds"]),
+                       "host_cpu_seconds": distribution(host["cpu_seconds"])})
+        log(f"threads: {threads}: process alone wall p50 "
+            f"{points[-1]['wall_seconds']['p50'] * 1e6:.0f} us, host wall p50 "
+            f"{points[-1]['host_wall_seconds']['p50'] * 1e3:.2f} ms")
+    fit = _fit(points, "threads", "per_thread")
+    for key in ("host_wall_seconds", "host_cpu_seconds"):
+        line = linear_fit([p["threads"] for p in points], [p[key]["p50"] for p in points])
+        fit["fits"][key] = {**line, "per_thread_us": round(line["slope"] * 1e6, 3),
+                            "intercept_ms": round(line["intercept"] * 1e3, 3)}
+    return fit
+
+
+def _fit(points: list[dict], x: str, per: str) -> dict:
+    xs = [p[x] for p in points]
+    fits = {}
+    for key in ("wall_seconds", "cpu_seconds"):
+        line = linear_fit(xs, [p[key]["p50"] for p in points])
+        fits[key] = {**line, f"{per}_us": round(line["slope"] * 1e6, 3),
+                     "intercept_ms": round(line["intercept"] * 1e3, 3)}
+    growth = (points[-1]["wall_seconds"]["p50"] / points[0]["wall_seconds"]["p50"]
+              if len(points) > 1 else None)
+    return {"points": points, "fits": fits,
+            f"{x}_growth": round(xs[-1] / xs[0], 2) if xs[0] else None,
+            "wall_growth": round(growth, 2) if growth else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--idle", type=int, help="idle processes (default 1000; --quick 20)")
+    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
+    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
+    p.add_argument("--repeats", type=int, help="timed snapshots/scrapes per figure "
+                   "(default 30; --quick 3)")
+    p.add_argument("--sweep-idle", metavar="N,N,...",
+                   help="idle processes added per point of the process sweep "
+                        "(default 0,200,900,2900,9900; --quick 0,20)")
+    p.add_argument("--sweep-threads", metavar="N,N,...",
+                   help="threads of the sweep's process (default 1,10,100,300,1000; "
+                        "--quick 1,4)")
+    args = p.parse_args(argv)
+    q = args.quick
+    idle = args.idle if args.idle is not None else (20 if q else 1000)
+    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
+    threads = args.threads or (2 if q else 32)
+    repeats = args.repeats or (3 if q else 30)
+    idle_points = [int(x) for x in (args.sweep_idle or ("0,20" if q else
+                                                       "0,200,900,2900,9900")).split(",")]
+    thread_points = [int(x) for x in (args.sweep_threads or ("1,4" if q else
+                                                             "1,10,100,300,1000")).split(",")]
+    started, host_info = time.time(), common.machine()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    fixtures = common.fixtures_dir(args)
+    results: dict = {"host": {"idle_processes": idle, "jemalloc_fixtures": jemalloc,
+                              "threads_per_fixture": threads}, "repeats": repeats}
+    with Processes() as procs:
+        bystanders = procs.own(IdleHost(procs, args.work_dir, idle))
+        spawned = spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
+        own_pids = {t for f in spawned for t in f.tids}
+        capturer = new_capturer()
+        try:
+            log(f"host of {common.count_processes()} processes; warm-up snapshots")
+            first = time.perf_counter()
+            capturer.capture()
+            results["first_snapshot_wall_seconds"] = round(time.perf_counter() - first, 3)
+            capturer.capture()
+            before, pids_before = capturer.stats, set(os.listdir("/proc"))
+            run = timed_captures(capturer, repeats)
+            after, pids_after = capturer.stats, set(os.listdir("/proc"))
+            summary = run["last"].summary
+            results["snapshot"] = {
+                "wall_seconds": distribution(run["wall_seconds"]),
+                "cpu_seconds": distribution(run["cpu_seconds"]),
+                "tgids_walked": summary.tgids_walked,
+                "jemalloc_detected": summary.jemalloc_detected,
+                "probed_ok": summary.probed_ok,
+                "ptrace_stops_during": after.ptrace_stops - before.ptrace_stops,
+                "elf_opens_during": after.elf_opens - before.elf_opens,
+                "cache_misses_during": after.cache_misses - before.cache_misses,
+                "processes_started_or_ended_by_others_during":
+                    len({x for x in pids_before ^ pids_after if x.isdigit()}),
+            }
+            log(f"snapshot: {results['snapshot']}")
+            results["render"] = render_cost(capturer, repeats)
+            log("syscalls of one snapshot (strace)")
+            results["syscalls"] = syscalls(capturer, args.work_dir, own_pids)
+            results["exporter"] = {}
+            for name in EXPORTER_CONFIGS:
+                log(f"{EXPORTER}: {name}")
+                results["exporter"][name] = exporter_scrapes(procs, args.work_dir, name,
+                                                             repeats)
+            ours = results["snapshot"]
+            ratios = {}
+            for name, figures in results["exporter"].items():
+                if "skipped" in figures:
+                    continue
+                ratios[name] = {
+                    "wall": round(ours["wall_seconds"]["p50"] / figures["wall_seconds"]["p50"], 4),
+                    "cpu": round(ours["cpu_seconds"]["p50"] / figures["cpu_seconds"]["p50"], 4),
+                    "wall_with_render": round(results["render"]["cycle_wall_seconds"]["p50"]
+                                              / figures["wall_seconds"]["p50"], 4),
+                    "cpu_with_render": round(results["render"]["cycle_cpu_seconds"]["p50"]
+                                             / figures["cpu_seconds"]["p50"], 4)}
+            results["ratio_to_exporter_scrape_p50"] = ratios
+            log(f"ratios: {ratios}")
+            procs.release(bystanders)  # the sweep starts from the bare host + the fixtures
+            results["process_sweep"] = sweep_processes(procs, args, capturer, idle_points,
+                                                       max(repeats // 2, 3))
+        finally:
+            procs.kill_all()
+        try:
+            results["thread_sweep"] = sweep_threads(procs, args, fixtures, capturer,
+                                                    thread_points, max(repeats // 2, 3))
+        finally:
+            capturer.close()
+    common.write_result("steady_state", args, started, host_info, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

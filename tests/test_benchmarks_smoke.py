@@ -1,0 +1,50 @@
+"""The benchmarks of benchmarks/ still run: each once with --quick at a tiny scale, checking
+only that it completes and writes well-formed result JSON. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "steady_state": ["--idle", "5", "--jemalloc", "1", "--threads", "2", "--repeats", "2",
+                     "--sweep-idle", "0,5", "--sweep-threads", "1,2"],
+    "cold_start": ["--units", "3", "--structs", "5", "--repeats", "1"],
+    "target_impact": ["--rounds", "1", "--fixtures-per-round", "1", "--threads", "2",
+                      "--pairs", "1", "--seconds", "1"],
+    "footprint": ["--idle", "5", "--jemalloc", "1", "--threads", "2", "--duration", "2",
+                  "--render-procs", "3", "--scrapes", "2"],
+    "scrapers": ["--scrapers", "3", "--duration", "2", "--jemalloc", "1", "--threads", "2"],
+}
+EXPECTED = {
+    "steady_state": ("snapshot", "render", "syscalls", "exporter", "process_sweep",
+                     "thread_sweep"),
+    "cold_start": ("binary", "pahole", "daemon", "tsd_offsets", "resolve_object",
+                   "ratios_to_pahole_p50_wall"),
+    "target_impact": ("thread_stops", "throughput"),
+    "footprint": ("footprint", "render"),
+    "scrapers": ("responses", "verdict", "rss_mib"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_benchmark_runs(name: str, fixture_bins, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out),
+         "--work-dir", str(tmp_path / "work"), "--fixtures", str(fixture_bins.root),
+         *SMALL[name]],
+        cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    document = json.loads(out.read_text())
+    assert document["benchmark"] == name
+    assert document["quick"] is True
+    assert document["machine"]["cpus"] >= 1
+    for key in EXPECTED[name]:
+        assert key in document["results"], (key, sorted(document["results"]))
