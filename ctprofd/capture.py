@@ -18,7 +18,7 @@ from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .parse_worker import WorkerLimits
 from .probe import ProcessState, ThreadProber
-from .procfs import ProcessInfo, iter_processes, list_threads
+from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
 from .retained import RetainedStore
 from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot
@@ -173,7 +173,8 @@ class Capturer:
         except OSError:  # exited since we attached
             tally.fail(tags.PID_MISSING)
             return None
-        threads = self.prober.probe(process.pid, state, listed, tally, cancel)
+        threads = self.prober.probe(process.pid, state, listed, tally, cancel,
+                                    alive=lambda: list_pids(process.path("task")))
         if not state.threads and tracked.retained_totals() == (0, 0):
             return None  # nothing read yet: exporting zeros would fake a counter reset
         allocated, deallocated = tracked.all_totals()

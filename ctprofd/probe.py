@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from . import memory, tags
 from .attach import Attachment
@@ -65,9 +65,12 @@ class ThreadProber:
         self.torn_reads = 0
 
     def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
-              cancel: threading.Event | None = None) -> list[ThreadSample]:
+              cancel: threading.Event | None = None,
+              alive: Callable[[], Collection[int]] | None = None) -> list[ThreadSample]:
         """Read every listed thread; failures are tallied; returns the threads read.
-        Once `cancel` is set, no further thread is stopped."""
+        Once `cancel` is set, no further thread is stopped. `alive()` lists the tids
+        alive now (raising OSError when the process is gone): a thread it no longer lists
+        after the read is left out, as one that exited before being listed would be."""
         listed = {t.tid: t for t in threads}
         for tid in [tid for tid, s in state.threads.items()
                     if tid not in listed or listed[tid].start_time != s.start_time]:
@@ -78,7 +81,7 @@ class ThreadProber:
             if thread.tid not in state.threads:
                 self._locate(pid, thread, state, tally)
         readable = [t for t in threads if t.tid in state.threads]
-        return self._read(pid, state, readable, tally)
+        return self._read(pid, state, readable, tally, alive)
 
     @staticmethod
     def _read_got_slot(pid: int, state: ProcessState, tally: Tally) -> bool:
@@ -110,15 +113,15 @@ class ThreadProber:
             return
         state.threads[thread.tid] = ThreadState(thread.start_time, address)
 
-    def _read(self, pid: int, state: ProcessState, threads: list[ThreadInfo],
-              tally: Tally) -> list[ThreadSample]:
+    def _read(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
+              alive: Callable[[], Collection[int]] | None) -> list[ThreadSample]:
         layout = state.attachment.layout
         span = layout.deallocated_offset - layout.allocated_offset + 8
         ranges = [(state.threads[t.tid].counters_at, span) for t in threads]
-        samples = []
+        values: list[tuple[int, int] | OSError] = []
         for thread, data in zip(threads, memory.read_ranges(pid, ranges)):
             if isinstance(data, OSError):
-                tally.fail(tags.PROCESS_VM_READV)
+                values.append(data)
                 continue
             known = state.threads[thread.tid]
             allocated, deallocated = _counters(data)
@@ -129,6 +132,27 @@ class ThreadProber:
                 again = memory.read_ranges(pid, [(known.counters_at, span)])[0]
                 if not isinstance(again, OSError):
                     allocated, deallocated = _counters(again)
+            values.append((allocated, deallocated))
+        # A thread that exited since it was listed left its TLS behind, and the next thread
+        # created gets the same cached stack and so the same TLS address: what was read
+        # there may be that thread's counters. Only a thread still alive after the read was
+        # certainly alive during it; the others keep what they were last read at.
+        gone: Collection[int] = ()
+        if alive is not None:
+            try:
+                now = set(alive())
+            except OSError:
+                now = set()
+            gone = {t.tid for t in threads} - now
+        samples = []
+        for thread, value in zip(threads, values):
+            if thread.tid in gone:
+                continue
+            if isinstance(value, OSError):
+                tally.fail(tags.PROCESS_VM_READV)
+                continue
+            known = state.threads[thread.tid]
+            allocated, deallocated = value
             known.allocated = max(known.allocated, allocated)
             known.deallocated = max(known.deallocated, deallocated)
             tally.probed_ok += 1
