@@ -63,6 +63,7 @@ class _Tracked:
     result: ProcessState | NotJemalloc
     build_id: str | None = None
     retained: tuple[int, int] = field(default=(0, 0))  # of images before an exec
+    start_stack: int = 0  # of the image attached to: another one means another execve
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -189,10 +190,12 @@ class Capturer:
         """The tracked state of a process, (re)attaching when it is new or exec'ed."""
         identity = exe_identity(process)
         tracked = self._tracked.get(process.key)
-        if tracked is not None and tracked.identity == identity:
+        if (tracked is not None and tracked.identity == identity
+                and tracked.start_stack == process.start_stack):
             return tracked
-        # exec'ed another binary: what its old image counted stays in its totals; a process
-        # first seen now may have totals saved by an earlier run of ctprofd
+        # exec'ed (another binary, or the same one: same file, new stack and thread pointers):
+        # what its old image counted stays in its totals; a process first seen now may have
+        # totals saved by an earlier run of ctprofd
         retained = (tracked.all_totals() if tracked is not None
                     else self._restored.pop(process.key, (0, 0)))
         result = self.attacher.attach(process, identity)
@@ -200,6 +203,7 @@ class Capturer:
             tracked = _Tracked(identity, ProcessState(result), result.layout.build_id, retained)
         else:
             tracked = _Tracked(identity, result, None, retained)
+        tracked.start_stack = process.start_stack
         self._tracked[process.key] = tracked
         return tracked
 

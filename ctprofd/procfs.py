@@ -23,6 +23,7 @@ class StatLine:
     comm: str
     state: str
     start_time: int  # clock ticks after boot (field 22): with the id, the identity
+    start_stack: int = 0  # field 28, set by each execve (0 when not allowed to see it)
 
 
 def parse_stat(text: str) -> StatLine:
@@ -30,7 +31,8 @@ def parse_stat(text: str) -> StatLine:
     head, _, tail = text.rpartition(")")
     comm = head.partition("(")[2]
     fields = tail.split()
-    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]))
+    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]),
+                    start_stack=int(fields[25]) if len(fields) > 25 else 0)
 
 
 def read_stat(path: str) -> StatLine:
@@ -63,6 +65,7 @@ class ProcessInfo:
         self.pid = pid
         self.comm = stat.comm
         self.start_time = stat.start_time
+        self.start_stack = stat.start_stack
         self.state = stat.state
 
     @property
