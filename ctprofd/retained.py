@@ -37,7 +37,16 @@ class RetainedStore:
         if self.path is None:
             return {}
         try:
-            with open(self.path, "rb") as f:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:  # not a corrupt file: a directory we cannot use at all
+            log.warning("cannot read %s (%s); exited-thread totals will not survive a "
+                        "restart", self.path, exc.strerror)
+            self.path = None
+            return {}
+        try:
+            with f:
                 data = json.load(f)
             if data.get("boot_id") != self.boot_id:
                 return {}
@@ -47,8 +56,6 @@ class RetainedStore:
                 loaded[(int(pid), int(start))] = (int(allocated), int(deallocated))
             self._written = loaded
             return loaded
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("setting aside unusable state file %s (%s)", self.path, exc)
             try:
