@@ -17,13 +17,17 @@ The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "l
 possibly its debug file: between the phases the daemon does the path work the sandbox
 cannot (build-id path, debuglink and CRC, debuginfod) and opens the file (layout.resolve).
 
-What the worker runs as (it refuses to serve if any capability is left):
+What the worker runs as (it refuses to serve with a permitted, effective or ambient
+capability left):
 - daemon as root: bounding set emptied, no supplementary groups, uid/gid `WorkerLimits.uid`
   and `.gid` (nobody, 65534), which also clears every capability. A root without
-  CAP_SETUID/CAP_SETGID/CAP_SETPCAP keeps what it cannot change, and is warned about.
+  CAP_SETUID/CAP_SETGID/CAP_SETPCAP (a container granted only the two capabilities below)
+  stays uid 0 with no capabilities, and the daemon warns about it.
 - daemon as a non-root user with ambient CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH (the systemd
-  unit): the uid cannot change, so the worker runs as the daemon's user with its ambient,
-  inheritable, permitted and effective capability sets emptied.
+  unit): the uid cannot change, so the worker runs as the daemon's user with no
+  capabilities: capset empties them or, where a seccomp filter refuses capset (the unit's
+  ~@privileged), the worker clears its ambient set and execs itself once more, which
+  leaves only the inert inheritable set.
 - always: PR_SET_NO_NEW_PRIVS, not dumpable, RLIMIT_NOFILE 32, RLIMIT_CORE 0, killed with
   SIGKILL when the daemon thread that started it ends (PR_SET_PDEATHSIG; it is started
   again on the next request) or when the daemon closes the socket. Each child: RLIMIT_AS
@@ -67,6 +71,7 @@ BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "  # the 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+PRIVILEGED_SETS = ("CapPrm", "CapEff", "CapAmb")  # the inheritable set alone grants nothing
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -262,8 +267,10 @@ def zygote(sock_fd: str, limits_json: str, parent_pid: str) -> None:
 
 def drop_privileges(limits: WorkerLimits, parent: int) -> str:
     """Become a process that can only compute on the files it is handed; says what it
-    runs as. Raises OSError or RuntimeError when that cannot be reached."""
+    runs as. Raises OSError or RuntimeError when that cannot be reached; may exec the
+    worker again (see below)."""
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
     effective = int(_status()["CapEff"], 16)
     if effective >> CAP_SETPCAP & 1:
         with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -274,8 +281,13 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
         os.setresgid(limits.gid, limits.gid, limits.gid)
     if effective >> CAP_SETUID & 1:
         os.setresuid(limits.uid, limits.uid, limits.uid)
-    _capset_none()
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    try:
+        _capset_none()
+    except OSError:
+        # capset refused (the systemd unit's seccomp filter): a non-root process loses
+        # the capabilities it got from the ambient set by exec'ing, now that set is empty
+        if os.geteuid() != 0 and _held(_status(), PRIVILEGED_SETS):
+            os.execv(sys.executable, [sys.executable, "-I", "-c", BOOTSTRAP, *sys.argv[1:]])
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
     if os.getppid() != parent:
@@ -283,12 +295,18 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
     resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     status = _status()
-    left = [k for k in ("CapInh", "CapPrm", "CapEff", "CapAmb") if int(status[k], 16)]
-    if left or status["NoNewPrivs"] != "1":
-        raise RuntimeError(f"capabilities left in {', '.join(left) or 'none'}, "
+    if _held(status, PRIVILEGED_SETS) or status["NoNewPrivs"] != "1":
+        raise RuntimeError(f"capabilities left in {', '.join(_held(status, PRIVILEGED_SETS))}, "
                            f"NoNewPrivs {status['NoNewPrivs']}")
+    inert = (f" (inheritable {status['CapInh']}: inert under no_new_privs)"
+             if _held(status, ("CapInh",)) else "")
     return (f"uid={os.getuid()} gid={os.getgid()} groups={len(os.getgroups())} "
-            "no capabilities, no new privileges")
+            f"no capabilities{inert}, no new privileges")
+
+
+def _held(status: dict[str, str], sets: tuple[str, ...]) -> list[str]:
+    """Which of the capability sets in /proc/self/status are not empty."""
+    return [name for name in sets if int(status[name], 16)]
 
 
 def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.socket) -> bytes:

@@ -286,10 +286,19 @@ def test_capture_attaches_through_the_worker(fixture_bins, spawn_fixture):
 
 
 CAPABILITY_ONLY = r"""
-import json, sys
+import ctypes, errno, json, os, sys
 from ctprofd.debuginfo import DebugSearch
 from ctprofd.layout import resolve
 from ctprofd.parse_worker import ParseWorker
+if os.environ.get("SECCOMP_DENY"):  # like the unit's SystemCallFilter=~@privileged @resources
+    seccomp = ctypes.CDLL("libseccomp.so.2")
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    context = ctypes.c_void_p(seccomp.seccomp_init(ctypes.c_uint32(0x7FFF0000)))  # allow
+    for name in os.environ["SECCOMP_DENY"].split():
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        assert seccomp.seccomp_rule_add(context, ctypes.c_uint32(0x50000 | errno.EPERM),
+                                        number, 0) == 0, name
+    assert seccomp.seccomp_load(context) == 0
 def status(pid):
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
@@ -297,33 +306,59 @@ parser = ParseWorker()
 with open(sys.argv[1], "rb") as stream:
     result = resolve(parser, stream, sys.argv[1], [], DebugSearch(()))
 print(json.dumps({"result": result.to_dict(), "daemon": status("self"),
-                  "worker": status(parser.pid)}))
+                  "worker": status(parser.pid) if parser.pid else None}))
 parser.close()
 """
+def importable_without_capabilities(uid: int) -> bool:
+    """Whether `uid` without capabilities can start this Python and import ctprofd (not
+    when the interpreter lives under /root, as with pyenv)."""
+    path = json.dumps([str(REPO), *(os.path.abspath(p) for p in sys.path if p)])
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                            "--inh-caps=-all", "--", sys.executable, "-I", "-c",
+                            "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+                            "import ctprofd.parse_worker", path],
+                           cwd="/", capture_output=True, timeout=60)
+    return probe.returncode == 0
 
 
-@pytest.mark.parametrize("prefix, uid", [
-    # the systemd unit: a system user with two ambient capabilities
-    (["--reuid=4242", "--regid=4242", "--clear-groups",
-      "--inh-caps=-all,+sys_ptrace,+dac_read_search",
-      "--ambient-caps=+sys_ptrace,+dac_read_search"], 4242),
+UNIT_USER = ["--reuid=4242", "--regid=4242", "--clear-groups",
+             "--inh-caps=-all,+sys_ptrace,+dac_read_search",
+             "--ambient-caps=+sys_ptrace,+dac_read_search"]
+PTRACE_CAPS = 1 << 19 | 1 << 2  # CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH
+
+
+@pytest.mark.parametrize("prefix, deny, uid", [
+    # a system user with the two capabilities ambient
+    (UNIT_USER, "", 4242),
+    # the systemd unit: also no new privileges, and capset & co. refused by seccomp
+    (["--no-new-privs", *UNIT_USER], "capset setuid setresuid setreuid setgroups setfsuid "
+     "setrlimit chroot", 4242),
     # a container: root limited to the two capabilities, so it cannot change uid
-    (["--bounding-set=-all,+sys_ptrace,+dac_read_search", "--inh-caps=-all"], 0),
-])
-def test_worker_in_a_daemon_with_only_ptrace_capabilities(fixture_bins, prefix, uid):
+    (["--bounding-set=-all,+sys_ptrace,+dac_read_search", "--inh-caps=-all"], "", 0),
+], ids=["ambient", "systemd-unit", "root-container"])
+def test_worker_in_a_daemon_with_only_ptrace_capabilities(fixture_bins, prefix, deny, uid):
     if os.geteuid() != 0:
         pytest.fail("needs root to set up the daemon's credentials")
     binary = str(fixture_bins["static"].binary)
     run = subprocess.run(["setpriv", *prefix, "--", sys.executable, "-c", CAPABILITY_ONLY, binary],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SECCOMP_DENY": deny},
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
+    assert int(report["daemon"]["CapEff"], 16) == PTRACE_CAPS
+    if deny and not importable_without_capabilities(uid):
+        # the worker, exec'd again without capabilities, cannot read this Python: it fails
+        # closed rather than parse with the daemon's capabilities
+        assert report["worker"] is None
+        assert report["result"]["kind"] == "failure", report["result"]
+        assert "parser worker cannot start" in report["result"]["message"]
+        return
     assert report["result"]["kind"] == "layout", report["result"]
-    assert int(report["daemon"]["CapEff"], 16) == 1 << 19 | 1 << 2  # sys_ptrace, dac_read_search
     worker_status = report["worker"]
     assert worker_status["Uid"].split() == [str(uid)] * 4
-    assert all(int(worker_status[k], 16) == 0 for k in CAP_KEYS), worker_status
+    assert all(int(worker_status[k], 16) == 0 for k in ("CapPrm", "CapEff", "CapAmb"))
+    # capset refused: the inheritable set stays, inert (no new privileges, no file caps)
+    assert int(worker_status["CapInh"], 16) == (PTRACE_CAPS if deny else 0)
     assert worker_status["NoNewPrivs"] == "1"
     if uid == 0:
         assert "parser worker runs as root" in run.stderr
