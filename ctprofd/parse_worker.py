@@ -311,10 +311,12 @@ def _held(status: dict[str, str], sets: tuple[str, ...]) -> list[str]:
 
 def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.socket) -> bytes:
     """Fork a child to parse; its answer, or a crash report when it gave none in time."""
+    read_end, write_end = os.pipe()
     try:
-        read_end, write_end = os.pipe()
         pid = os.fork()
     except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
         return _crash(f"could not be started: {exc.strerror}")
     if pid == 0:
         sock.close()
