@@ -82,8 +82,8 @@ class _Tracked:
 
 
 class Capturer:
-    """Takes snapshots. Not thread-safe: call `capture` from one thread only (ptrace ties
-    each tracee to the thread that seized it)."""
+    """Takes snapshots. Not thread-safe: one `capture` at a time (its ptrace calls run in
+    a thread of the Tracer's own that ends with the snapshot)."""
 
     def __init__(self, settings: CaptureSettings | None = None) -> None:
         self.settings = settings or CaptureSettings()
@@ -114,8 +114,14 @@ class Capturer:
     def capture(self, pids: Collection[int] | None = None,
                 cancel: threading.Event | None = None) -> Snapshot:
         """Probe every tgid (or just `pids`); returns early, partial, when `cancel` is set."""
+        try:
+            return self._capture(pids, cancel)
+        finally:
+            self.tracer.end()  # no thread stays seized (or stopped) past the snapshot
+
+    def _capture(self, pids: Collection[int] | None,
+                 cancel: threading.Event | None) -> Snapshot:
         started, clock = time.time(), time.monotonic()
-        self.tracer.release_pending()
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
@@ -144,7 +150,6 @@ class Capturer:
             self._forget_all_but(seen)
             self._retained_store.save({key: t.retained_totals()
                                        for key, t in self._tracked.items()})
-        self.tracer.release_pending()
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
                             processes=tuple(samples))

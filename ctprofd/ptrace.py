@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -83,18 +85,66 @@ def _read_fs_base(tid: int) -> int:
     return regs[FS_BASE_WORD]
 
 
+class _PtraceThread:
+    """An OS thread making the calls handed to it, one at a time, for one caller."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="ctprofd-ptrace", daemon=True)
+        self._thread.start()
+
+    def call(self, function, *args):  # type: ignore[no-untyped-def]
+        self._calls.put((function, args))
+        ok, value = self._results.get()
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            function, args = call
+            try:
+                self._results.put((True, function(*args)))
+            except BaseException as exc:  # handed to the caller
+                self._results.put((False, exc))
+
+
 class Tracer:
-    """Reads thread pointers. Must be used from one OS thread: ptrace ties a tracee to the
-    thread that seized it. Threads that could not be detached yet (no stop arrived in
-    time) are retried by `release_pending()`; the kernel detaches them if we exit."""
+    """Reads thread pointers; used by one caller thread at a time. ptrace ties a tracee to
+    the thread that seized it, and the kernel detaches a thread's tracees when it exits,
+    cancelling the stop they were still heading for. So every ptrace call runs in a thread
+    of the Tracer's own, started on demand and ended by `end()` after each snapshot: a
+    thread whose stop did not come in time (a vfork parent, an uninterruptible sleep) and
+    so could not be detached is released then, instead of stopping later and staying
+    stopped until a next snapshot detaches it. `release_pending()` detaches the ones whose
+    stop has arrived meanwhile."""
 
     def __init__(self, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.stop_timeout = stop_timeout
         self.stops = 0
         self._pending: set[int] = set()
+        self._thread: _PtraceThread | None = None
 
     def thread_pointer(self, tid: int) -> ThreadPointer:
         """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag."""
+        if self._thread is None:
+            self._thread = _PtraceThread()
+        return self._thread.call(self._thread_pointer, tid)
+
+    def end(self) -> None:
+        """Detach what can be, then end the ptrace thread, so the kernel detaches the rest."""
+        if self._thread is not None:
+            self._thread.call(self._release_pending)
+            self._thread.stop()
+            self._thread = None
+        self._pending.clear()
+
+    def _thread_pointer(self, tid: int) -> ThreadPointer:
         try:
             _ptrace(PTRACE_SEIZE, tid)
         except OSError as exc:
@@ -130,6 +180,10 @@ class Tracer:
 
     def release_pending(self) -> None:
         """Detach the threads whose stop arrived after we gave up waiting."""
+        if self._thread is not None:
+            self._thread.call(self._release_pending)
+
+    def _release_pending(self) -> None:
         for tid in list(self._pending):
             try:
                 waited, status = os.waitpid(tid, os.WNOHANG | WALL)
