@@ -8,6 +8,7 @@ Units whose source file is one of jemalloc's are searched first, top-level DIEs 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -47,15 +48,189 @@ def _name(die: DIE) -> str | None:
 
 
 def _ordered_units(dwarf) -> Iterator[CompileUnit]:
+    """Every unit once: jemalloc's own sources first, then the others in section order."""
+    try:
+        names = _unit_names(dwarf)
+    except (IndexError, ValueError, OverflowError, struct.error):
+        names = None  # not plain enough for the fast reader: let pyelftools walk it
+    if names is None:
+        later = []
+        for cu in dwarf.iter_CUs():
+            if _is_jemalloc_source(_name(cu.get_top_DIE())):
+                yield cu
+            else:
+                later.append(cu.cu_offset)
+        for offset in later:
+            yield dwarf.get_CU_at(offset)
+        return
     later = []
-    for cu in dwarf.iter_CUs():
-        source = os.path.basename(_name(cu.get_top_DIE()) or "")
-        if source in JEMALLOC_SOURCES:
-            yield cu
+    for offset, name in names:
+        if name is _UNKNOWN:  # a form the fast reader leaves to pyelftools
+            name = _name(dwarf.get_CU_at(offset).get_top_DIE())
+        if _is_jemalloc_source(name):
+            yield dwarf.get_CU_at(offset)
         else:
-            later.append(cu.cu_offset)
+            later.append(offset)
     for offset in later:
         yield dwarf.get_CU_at(offset)
+
+
+def _is_jemalloc_source(name: str | None) -> bool:
+    return os.path.basename(name or "") in JEMALLOC_SOURCES
+
+
+# --- the units' names, straight from the section bytes ----------------------------------
+#
+# Ordering the units needs only the DW_AT_name of each unit's top DIE. pyelftools gets it by
+# parsing the unit's whole abbreviation table through `construct`, which costs about as
+# much as the rest of the search together in a program of thousands of units. This reader
+# decodes just the unit header, the top DIE's abbreviation and its attributes up to the
+# name. It only orders the search: every unit is still searched, through pyelftools, so a
+# name it gets wrong or cannot read (_UNKNOWN: a form it leaves alone) costs time, never
+# a result.
+
+_UNKNOWN = object()
+DW_AT_NAME = 0x03
+_FIXED_SIZE = {0x05: 2, 0x06: 4, 0x07: 8, 0x0B: 1, 0x0C: 1, 0x11: 1, 0x12: 2, 0x13: 4,
+               0x14: 8, 0x19: 0, 0x1E: 16, 0x20: 8, 0x21: 0, 0x25: 1, 0x26: 2, 0x27: 3,
+               0x28: 4, 0x29: 1, 0x2A: 2, 0x2B: 3, 0x2C: 4}
+_OFFSET_SIZED = (0x0E, 0x10, 0x17, 0x1F)  # strp, ref_addr (DWARF >= 3), sec_offset, line_strp
+_LEB = (0x0D, 0x0F, 0x15, 0x1A, 0x1B)      # sdata, udata, ref_udata, strx, addrx
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+
+
+def _section_bytes(section) -> bytes | memoryview | None:
+    if section is None:
+        return None
+    stream = section.stream
+    if hasattr(stream, "getbuffer"):
+        return stream.getbuffer()
+    stream.seek(0)
+    return stream.read()
+
+
+def _uleb(data, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _skip_leb(data, at: int) -> int:
+    while data[at] & 0x80:
+        at += 1
+    return at + 1
+
+
+def _cstring(data, at: int) -> str:
+    end = at
+    while data[end]:
+        end += 1
+    return bytes(data[at:end]).decode("utf-8", "replace")
+
+
+def _abbrev(abbrevs, at: int, code: int) -> list[tuple[int, int]] | None:
+    """The (attribute, form) list of abbreviation `code` in the table at `at`."""
+    while True:
+        found, at = _uleb(abbrevs, at)
+        if found == 0:
+            return None
+        _, at = _uleb(abbrevs, at)  # tag
+        at += 1                     # has children
+        specs = []
+        while True:
+            attribute, at = _uleb(abbrevs, at)
+            form, at = _uleb(abbrevs, at)
+            if form == 0x21:  # implicit_const: its value sits in the table
+                at = _skip_leb(abbrevs, at)
+            if attribute == 0 and form == 0:
+                break
+            specs.append((attribute, form))
+        if found == code:
+            return specs
+
+
+def _unit_names(dwarf) -> list[tuple[int, object]] | None:
+    """(offset, name) of every unit in .debug_info: a str, None (no name), or _UNKNOWN;
+    None when the section is not one this reader handles (big-endian, no abbrevs)."""
+    if not dwarf.config.little_endian:
+        return None
+    info = _section_bytes(dwarf.debug_info_sec)
+    abbrevs = _section_bytes(dwarf.debug_abbrev_sec)
+    if info is None or abbrevs is None:
+        return None
+    strings = _section_bytes(dwarf.debug_str_sec)
+    line_strings = _section_bytes(getattr(dwarf, "debug_line_str_sec", None))
+    names = []
+    offset, size = 0, len(info)
+    while offset + 11 <= size:
+        length = _U32.unpack_from(info, offset)[0]
+        at, offset_size = offset + 4, 4
+        if length == 0xFFFFFFFF:
+            length, at, offset_size = _U64.unpack_from(info, at)[0], at + 8, 8
+        end = at + length
+        if length < 7 or end > size:
+            raise ValueError("unit overruns .debug_info")
+        version = _U16.unpack_from(info, at)[0]
+        at += 2
+        unpack_offset = _U32.unpack_from if offset_size == 4 else _U64.unpack_from
+        if version >= 5:
+            unit_type, address_size = info[at], info[at + 1]
+            abbrev_offset = unpack_offset(info, at + 2)[0]
+            at += 2 + offset_size
+            if unit_type in (0x04, 0x05):      # skeleton, split_compile: dwo_id
+                at += 8
+            elif unit_type in (0x02, 0x06):    # type, split_type: signature, type offset
+                at += 8 + offset_size
+        elif version >= 2:
+            abbrev_offset = unpack_offset(info, at)[0]
+            address_size = info[at + offset_size]
+            at += offset_size + 1
+        else:
+            raise ValueError(f"DWARF version {version}")
+        names.append((offset, _top_die_name(info, at, abbrevs, abbrev_offset, version,
+                                            offset_size, address_size, strings,
+                                            line_strings)))
+        offset = end
+    return names
+
+
+def _top_die_name(info, at: int, abbrevs, abbrev_offset: int, version: int, offset_size: int,
+                  address_size: int, strings, line_strings) -> object:
+    code, at = _uleb(info, at)
+    specs = _abbrev(abbrevs, abbrev_offset, code) if code else None
+    if specs is None:
+        return _UNKNOWN
+    for attribute, form in specs:
+        if attribute == DW_AT_NAME:
+            if form == 0x08:  # string
+                return _cstring(info, at)
+            if form in (0x0E, 0x1F):  # strp, line_strp
+                table = strings if form == 0x0E else line_strings
+                if table is None:
+                    return _UNKNOWN
+                return _cstring(table, (_U32 if offset_size == 4 else _U64).unpack_from(
+                    info, at)[0])
+            return _UNKNOWN
+        if form in _FIXED_SIZE:
+            at += _FIXED_SIZE[form]
+        elif form in _OFFSET_SIZED:
+            at += offset_size if form != 0x10 or version >= 3 else address_size
+        elif form in _LEB:
+            at = _skip_leb(info, at)
+        elif form == 0x01:  # addr
+            at += address_size
+        elif form == 0x08:
+            while info[at]:
+                at += 1
+            at += 1
+        else:  # blocks, indirect, GNU extensions: not worth reading here
+            return _UNKNOWN
+    return None
 
 
 def _member_offset(member: DIE) -> int:
