@@ -17,9 +17,9 @@ from .debuginfo import DebugSearch
 from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .parse_worker import WorkerLimits
-from .probe import ProcessState, ThreadProber
+from .probe import ProcessState, ThreadProber, ThreadState
 from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
-from .retained import RetainedStore
+from .retained import RetainedStore, Saved
 from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot
 from .summary import Tally
@@ -79,6 +79,14 @@ class _Tracked:
             allocated += sum(s.allocated for s in self.result.threads.values())
             deallocated += sum(s.deallocated for s in self.result.threads.values())
         return allocated, deallocated
+
+    def saved(self) -> Saved:
+        """What a restarted ctprofd needs to continue this process's totals."""
+        threads = {}
+        if isinstance(self.result, ProcessState):
+            threads = {(tid, s.start_time): (s.allocated, s.deallocated)
+                       for tid, s in self.result.threads.items()}
+        return Saved(self.retained_totals(), threads)
 
 
 class Capturer:
@@ -148,8 +156,13 @@ class Capturer:
                 samples.append(sample)
         if complete and pids is None:
             self._forget_all_but(seen)
-            self._retained_store.save({key: t.retained_totals()
-                                       for key, t in self._tracked.items()})
+            saved = {key: t.saved() for key, t in self._tracked.items()}
+            for key in list(self._restored):  # saved by an earlier run, not attached yet
+                if key in seen:
+                    saved.setdefault(key, self._restored[key])
+                else:
+                    del self._restored[key]  # that process is gone
+            self._retained_store.save(saved)
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
                             processes=tuple(samples))
@@ -200,13 +213,21 @@ class Capturer:
             return tracked
         # exec'ed (another binary, or the same one: same file, new stack and thread pointers):
         # what its old image counted stays in its totals; a process first seen now may have
-        # totals saved by an earlier run of ctprofd
-        retained = (tracked.all_totals() if tracked is not None
-                    else self._restored.pop(process.key, (0, 0)))
+        # totals saved by an earlier run of ctprofd, kept until an attach succeeds
+        saved = (Saved(tracked.all_totals(), {}) if tracked is not None
+                 else self._restored.get(process.key, Saved((0, 0), {})))
         result = self.attacher.attach(process, identity)
+        self._restored.pop(process.key, None)
+        retained = saved.retained
         if isinstance(result, Attachment):
-            tracked = _Tracked(identity, ProcessState(result), result.layout.build_id, retained)
+            state = ProcessState(result)
+            for (tid, start), (allocated, deallocated) in saved.threads.items():
+                # last read before the restart; located anew if still alive, else retired
+                state.threads[tid] = ThreadState(start, 0, allocated, deallocated)
+            tracked = _Tracked(identity, state, result.layout.build_id, retained)
         else:
+            retained = (retained[0] + sum(a for a, _ in saved.threads.values()),
+                        retained[1] + sum(d for _, d in saved.threads.values()))
             tracked = _Tracked(identity, result, None, retained)
         tracked.start_stack = process.start_stack
         self._tracked[process.key] = tracked

@@ -31,7 +31,7 @@ class ThreadState:
     """What is known about one thread (tid + start time) across snapshots."""
 
     start_time: int
-    counters_at: int  # address of thread_allocated
+    counters_at: int  # address of thread_allocated; 0 until located (restored from disk)
     allocated: int = 0
     deallocated: int = 0
 
@@ -78,9 +78,11 @@ class ThreadProber:
         for thread in threads:
             if cancel is not None and cancel.is_set():
                 break
-            if thread.tid not in state.threads:
+            known = state.threads.get(thread.tid)
+            if known is None or not known.counters_at:
                 self._locate(pid, thread, state, tally)
-        readable = [t for t in threads if t.tid in state.threads]
+        readable = [t for t in threads
+                    if t.tid in state.threads and state.threads[t.tid].counters_at]
         return self._read(pid, state, readable, tally, alive)
 
     @staticmethod
@@ -111,7 +113,10 @@ class ThreadProber:
         if pointer.fs_base == 0 or not 0 < address < end <= ADDRESS_LIMIT:
             tally.fail(tags.TLS_ARITHMETIC)
             return
-        state.threads[thread.tid] = ThreadState(thread.start_time, address)
+        known = state.threads.get(thread.tid)  # restored, not located yet: keep its floor
+        state.threads[thread.tid] = ThreadState(thread.start_time, address,
+                                                *((known.allocated, known.deallocated)
+                                                  if known is not None else (0, 0)))
 
     def _read(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
               alive: Callable[[], Collection[int]] | None) -> list[ThreadSample]:

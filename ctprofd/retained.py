@@ -1,8 +1,12 @@
-"""Persisting what exited threads counted, so a process's totals survive a ctprofd restart.
+"""Persisting what a process's threads counted, so its totals survive a ctprofd restart.
 
-One JSON file in the state directory: {boot_id, processes: {"pid:start_time": [alloc, dealloc]}}.
-A file from another boot is ignored (pids and start times restart with the kernel); a corrupt
-one is set aside. Written atomically, only when it changed.
+One JSON file in the state directory:
+{boot_id, processes: {"pid:start_time": [alloc, dealloc]},
+          threads: {"pid:start_time": {"tid:start_time": [alloc, dealloc]}}}
+`processes` holds what exited threads (and images before an execve) counted; `threads` what
+each thread alive at the last snapshot was last read at, so that one exiting while ctprofd
+is down still counts. A file from another boot is ignored (pids and start times restart
+with the kernel); a corrupt one is set aside. Written atomically, only when it changed.
 """
 
 from __future__ import annotations
@@ -10,11 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import NamedTuple
 
 from .atomic import write_json
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
+Totals = tuple[int, int]
+
+
+class Saved(NamedTuple):
+    """What is known of one process (pid, start time) across a restart."""
+
+    retained: Totals  # of threads that exited, and images before an execve
+    threads: dict[Key, Totals]  # (tid, start time) -> last read, of threads alive then
+
+
+def _key(text: str) -> Key:
+    first, second = text.split(":")
+    return int(first), int(second)
 
 
 def boot_id(proc_root: str = "/proc") -> str:
@@ -31,9 +49,9 @@ class RetainedStore:
     def __init__(self, directory: str | None, proc_root: str = "/proc") -> None:
         self.path = os.path.join(directory, "retained.json") if directory else None
         self.boot_id = boot_id(proc_root)
-        self._written: dict[Key, tuple[int, int]] | None = None
+        self._written: dict[Key, Saved] | None = None
 
-    def load(self) -> dict[Key, tuple[int, int]]:
+    def load(self) -> dict[Key, Saved]:
         if self.path is None:
             return {}
         try:
@@ -50,11 +68,14 @@ class RetainedStore:
                 data = json.load(f)
             if data.get("boot_id") != self.boot_id:
                 return {}
-            loaded = {}
-            for key, (allocated, deallocated) in data["processes"].items():
-                pid, start = key.split(":")
-                loaded[(int(pid), int(start))] = (int(allocated), int(deallocated))
-            self._written = loaded
+            loaded = {_key(key): Saved((int(allocated), int(deallocated)), {})
+                      for key, (allocated, deallocated) in data["processes"].items()}
+            for key, threads in data.get("threads", {}).items():
+                retained = loaded[_key(key)].retained if _key(key) in loaded else (0, 0)
+                loaded[_key(key)] = Saved(retained, {
+                    _key(thread): (int(allocated), int(deallocated))
+                    for thread, (allocated, deallocated) in threads.items()})
+            self._written = dict(loaded)  # the caller consumes what it is given
             return loaded
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("setting aside unusable state file %s (%s)", self.path, exc)
@@ -64,16 +85,22 @@ class RetainedStore:
                 pass
             return {}
 
-    def save(self, retained: dict[Key, tuple[int, int]]) -> None:
-        """Write the retained totals of the processes alive now (zero entries left out)."""
-        retained = {k: v for k, v in retained.items() if v != (0, 0)}
-        if self.path is None or retained == self._written:
+    def save(self, saved: dict[Key, Saved]) -> None:
+        """Write what is known of the processes alive now (zero entries left out)."""
+        saved = {key: Saved(v.retained, {t: c for t, c in v.threads.items() if c != (0, 0)})
+                 for key, v in saved.items()}
+        saved = {key: v for key, v in saved.items() if v.retained != (0, 0) or v.threads}
+        if self.path is None or saved == self._written:
             return
         data = {"boot_id": self.boot_id,
-                "processes": {f"{pid}:{start}": list(v) for (pid, start), v in retained.items()}}
+                "processes": {f"{pid}:{start}": list(v.retained)
+                              for (pid, start), v in saved.items()},
+                "threads": {f"{pid}:{start}": {f"{tid}:{tstart}": list(c)
+                                               for (tid, tstart), c in v.threads.items()}
+                            for (pid, start), v in saved.items() if v.threads}}
         try:
             write_json(self.path, data)
-            self._written = retained
+            self._written = saved
         except OSError as exc:
             log.warning("cannot write %s (%s); exited-thread totals will not survive a "
                         "restart", self.path, exc.strerror)
