@@ -10,6 +10,7 @@ Output layout under `root` (all compiled -g -O1 -pthread -Wl,--build-id):
                                               debug info is placed per <mode>
     debug-root/                               stand-in for /usr/lib/debug
     churn, alloc_loop                         jemalloc linked in statically
+    hostile_threads                           jemalloc linked in statically (hardening tests)
 
 Modes (where the stripped object's debug file goes):
 
@@ -85,6 +86,7 @@ class FixtureBins:
     variants: dict[str, Variant]
     churn: Path
     alloc_loop: Path
+    hostile_threads: Path
 
     def __getitem__(self, name: str) -> Variant:
         return self.variants[name]
@@ -189,14 +191,15 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = [pool.submit(_build_variant, root, jemalloc_dir, debug_root, *job) for job in jobs]
         others = [pool.submit(_compile, f"{p}.c", root / p, jemalloc_dir, static_link)
-                  for p in ("churn", "alloc_loop")]
+                  for p in ("churn", "alloc_loop", "hostile_threads")]
         variants = {v.name: v for v in (f.result() for f in futures)}
         for f in others:
             f.result()
     # Readable and executable by any user (tests may drop privileges).
     for dirpath, _, _ in os.walk(root):
         os.chmod(dirpath, 0o755)
-    return FixtureBins(root, jemalloc_dir, debug_root, variants, root / "churn", root / "alloc_loop")
+    return FixtureBins(root, jemalloc_dir, debug_root, variants, root / "churn", root / "alloc_loop",
+                       root / "hostile_threads")
 
 
 def main(argv: list[str]) -> int:
@@ -210,6 +213,7 @@ def main(argv: list[str]) -> int:
     print(f"{'debug root':36} {bins.debug_root}")
     print(f"{'churn':36} {bins.churn}")
     print(f"{'alloc_loop':36} {bins.alloc_loop}")
+    print(f"{'hostile_threads':36} {bins.hostile_threads}")
     return 0
 
 

@@ -1,0 +1,686 @@
+"""The capture engine against odd and hostile targets, with real processes and real ptrace:
+stopped processes stay stopped, signals racing a stop are not lost, other PID namespaces,
+zombies and kernel threads, 10,000 threads, thread churn, exec, pid reuse, a ctprofd killed
+mid-snapshot, totals that survive thread exits and restarts, and unusable cache/state
+directories.
+
+Most targets are tests/fixtures/hostile_threads.c (alloc_threads' output, plus commands to
+exec, churn threads, storm itself with signals and vfork)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ctprofd import tags
+from ctprofd.capture import Capturer, CaptureSettings
+from support import elf
+from support.procs import assert_no_thread_stopped_or_traced, task_states
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def capturer(fixture_bins, **kw) -> Capturer:
+    return Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),), **kw))
+
+
+def process_of(snapshot, pid: int):
+    [process] = [p for p in snapshot.processes if p.pid == pid]
+    return process
+
+
+def by_tid(snapshot, pid: int) -> dict[int, tuple[int, int]]:
+    return {t.tid: (t.allocated_bytes, t.deallocated_bytes)
+            for t in process_of(snapshot, pid).threads}
+
+
+def truth(threads) -> dict[int, tuple[int, int]]:
+    return {t["tid"]: (t["allocated"], t["deallocated"]) for t in threads}
+
+
+def totals(threads) -> tuple[int, int]:
+    return sum(t["allocated"] for t in threads), sum(t["deallocated"] for t in threads)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def proc_field(pid: int, tid: int, name: str) -> str | None:
+    """A field of /proc/PID/task/TID/status; None when the thread is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def voluntary_switches(pid: int) -> dict[int, int]:
+    """{tid: voluntary context switches}: a thread blocked for good only switches when
+    something (a ptrace stop) wakes it."""
+    counts = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        value = proc_field(pid, int(tid), "voluntary_ctxt_switches")
+        if value is not None:
+            counts[int(tid)] = int(value)
+    return counts
+
+
+def voluntary_switches_of(pid: int, tid: int) -> int | None:
+    value = proc_field(pid, tid, "voluntary_ctxt_switches")
+    return int(value) if value is not None else None
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ctprofd", *args]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(*args), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def thread_state(pid: int, tid: int) -> str:
+    """The State letter of a thread, '' when it is gone."""
+    return (proc_field(pid, tid, "State") or " ")[0].strip()
+
+
+def warnings_from(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == logger and r.levelno == logging.WARNING]
+
+
+@contextmanager
+def mounted(*argv: str):
+    """Run `mount ARGV...` (the last argument is the mount point); always unmount."""
+    target = argv[-1]
+    subprocess.run(["mount", *argv], check=True, capture_output=True)
+    try:
+        yield Path(target)
+    finally:
+        if subprocess.run(["umount", target], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def host_child(pid: int) -> int:
+    """The only child of `pid` (e.g. what `unshare --fork` started)."""
+    def child():
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(text[0]) if text else None
+    return wait_until(child, what=f"a child of {pid}")
+
+
+# -- a stopped process stays stopped; signals are not lost ----------------------------------
+
+def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 8)
+    os.kill(fixture.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(s == ("T", 0) for s in task_states(fixture.pid).values()),
+                   what="group stop")
+        snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+        assert snapshot.summary.failed == 0, snapshot.failures
+        assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+        # Still in group stop, untraced: neither the seize nor the detach resumed it. Give
+        # a wrongly resumed thread time to show up as running.
+        time.sleep(0.2)
+        assert task_states(fixture.pid) == {t: ("T", 0) for t in fixture.tids}
+        # Another ctprofd process (not the target's parent) sees the same.
+        result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+        assert result.returncode == 0, result.stderr
+        [process] = json.loads(result.stdout)["processes"]
+        assert {t["tid"]: (t["allocated_bytes"], t["deallocated_bytes"])
+                for t in process["threads"]} == truth(fixture.threads)
+        time.sleep(0.1)
+        assert task_states(fixture.pid) == {t: ("T", 0) for t in fixture.tids}
+    finally:
+        os.kill(fixture.pid, signal.SIGCONT)
+    fixture.send("ping")
+    assert fixture.readline() == "PONG"
+    wait_until(lambda: all(s[0] == "S" for s in task_states(fixture.pid).values()),
+               what="threads blocked again after SIGCONT")
+    assert by_tid(capturer(fixture_bins).capture(pids=[fixture.pid]),
+                  fixture.pid) == truth(fixture.threads)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tmp_path):
+    """A thread busy taking signals often reports a signal-delivery-stop instead of our
+    PTRACE_EVENT_STOP; that signal must be delivered on detach. The fixture storms its
+    workers with SIGRTMIN (queued) and SIGUSR1 (one in flight per worker), so neither kind
+    merges and the handlers' counts must equal what was sent."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 8)
+    workers = truth(fixture.threads[1:])
+    fixture.send("storm 2.5")
+    assert fixture.readline().startswith("STORMING ")
+    cache = str(tmp_path / "cache")
+    rounds = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        # A new Capturer each round: every thread is stopped again.
+        engine = capturer(fixture_bins, cache_dir=cache)
+        try:
+            snapshot = engine.capture(pids=[fixture.pid])
+        finally:
+            engine.close()
+        rounds += 1
+        read = by_tid(snapshot, fixture.pid)
+        assert {tid: read.get(tid) for tid in workers} == workers  # handlers never allocate
+        # the only failure allowed: the storm thread, listed, ended before it was seized
+        assert set(snapshot.failures) <= {tags.PTRACE_SEIZE}, snapshot.failures
+        assert snapshot.summary.failed <= 1
+    word, usr1_sent, rt_sent = fixture.readline(timeout=10).split()
+    assert word == "STORMED" and int(usr1_sent) > 100 and int(rt_sent) > 1000
+    assert rounds >= 10
+
+    def handled():
+        fixture.send("signals")
+        word, usr1, rt = fixture.readline().split()
+        return (usr1, rt) == (usr1_sent, rt_sent) and (usr1, rt)
+    try:
+        wait_until(handled, timeout=2, what="every signal sent to be handled")
+    except AssertionError:
+        fixture.send("signals")
+        pytest.fail(f"signals lost: sent SIGUSR1/SIGRTMIN {usr1_sent}/{rt_sent}, "
+                    f"handled {fixture.readline()}")
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+# -- namespaces, zombies, kernel threads -----------------------------------------------------
+
+def test_process_in_another_pid_namespace_is_probed_by_its_host_pid(fixture_bins,
+                                                                   spawn_fixture):
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4,
+                            prefix=["unshare", "--pid", "--fork", "--mount-proc"])
+    assert fixture.pid == 1  # what the target calls itself
+    host_pid = host_child(fixture.proc.pid)
+    fixture.pid = host_pid  # so that teardown kills the right process
+    ns_to_host = {}
+    for tid in os.listdir(f"/proc/{host_pid}/task"):
+        host_tid, ns_tid = map(int, proc_field(host_pid, int(tid), "NSpid").split())
+        ns_to_host[ns_tid] = host_tid
+    expected = {ns_to_host[tid]: counters for tid, counters in truth(fixture.threads).items()}
+    assert set(expected) != set(truth(fixture.threads))
+
+    snapshot = capturer(fixture_bins).capture(pids=[host_pid])
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert snapshot.summary.jemalloc_detected == 1
+    assert by_tid(snapshot, host_pid) == expected
+    assert process_of(snapshot, host_pid).exe == str(fixture_bins.hostile_threads)
+    assert_no_thread_stopped_or_traced(host_pid)
+
+
+def test_zombies_and_kernel_threads_are_walked_without_failures(fixture_bins, spawn_fixture,
+                                                                spawn_process):
+    live = spawn_fixture(fixture_bins.hostile_threads, 2)
+    # zombies: jemalloc and non-jemalloc children that exited and were not reaped
+    zombie_jemalloc = spawn_fixture(fixture_bins.hostile_threads, 2)
+    zombie_sleep = spawn_process(["sh", "-c", "read line"], ready=None)
+    zombie_jemalloc.send("quit")
+    zombie_sleep.send("")
+    zombies = [zombie_jemalloc.proc.pid, zombie_sleep.proc.pid]
+    wait_until(lambda: all(Path(f"/proc/{z}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                           == "Z" for z in zombies), what="zombies")
+    kthreads = [2, *(pid for pid in map(int, Path("/proc/2/task/2/children").read_text().split())
+                     if not Path(f"/proc/{pid}/comm").read_text().startswith("kworker"))]
+    assert len(kthreads) > 3  # kworkers come and go: the others stay
+    wanted = {live.pid, *zombies, *kthreads}
+
+    # the full walk (the daemon's), narrowed to these processes
+    engine = capturer(fixture_bins, select=lambda p: p.pid in wanted)
+    snapshot = engine.capture()
+    assert snapshot.summary.tgids_walked == len(wanted)
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert snapshot.summary.dominant_failure is None
+    assert snapshot.summary.jemalloc_detected == 1
+    assert {p.pid for p in snapshot.processes} == {live.pid}
+    assert by_tid(snapshot, live.pid) == truth(live.threads)
+    assert set(snapshot.failures) <= tags.NOT_ACTIONABLE
+    # and named one by one
+    snapshot = engine.capture(pids=sorted(wanted))
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert by_tid(snapshot, live.pid) == truth(live.threads)
+    for pid in zombies:
+        assert Path(f"/proc/{pid}/stat").exists()  # still zombies: nothing reaped them
+
+
+# -- many threads, churn ---------------------------------------------------------------------
+
+def test_ten_thousand_threads_are_read_exactly(fixture_bins, spawn_fixture):
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 10_000, timeout=60)
+    engine = capturer(fixture_bins)
+    started = time.monotonic()
+    snapshot = engine.capture(pids=[fixture.pid])
+    took = time.monotonic() - started
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert snapshot.summary.probed_ok == 10_001
+    assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+    assert engine.stats.ptrace_stops == 10_001
+    assert took < 20, f"first snapshot of 10,001 threads took {took:.1f}s"
+    again = engine.capture(pids=[fixture.pid])  # memory reads only, IOV_MAX per call
+    assert engine.stats.ptrace_stops == 10_001
+    assert by_tid(again, fixture.pid) == truth(fixture.threads)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_churning_threads_never_report_another_threads_counters(fixture_bins,
+                                                                spawn_fixture):
+    """Threads born and dying as fast as they can, their stacks (and so their TLS) reused
+    at once by the next thread. A churner's counters are only ever 0 or churn_size(tid);
+    a read taken from a dead thread's reused TLS shows another tid's size. The process
+    total must always equal what its threads were last read at (nothing lost, nothing
+    counted twice), and never go backwards."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 2)
+    fixture.send("churn 2 300")
+    word, *managers = fixture.readline().split()
+    assert word == "CHURNING"
+    steady = {*fixture.tids, *map(int, managers)}
+    engine = capturer(fixture_bins)
+    last: dict[int, int] = {}  # tid -> allocated as last read (tids do not wrap here)
+    previous_total = 0
+    churners_seen = 0
+    foreign = []
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            snapshot = engine.capture(pids=[fixture.pid])
+            assert snapshot.summary.jemalloc_detected == 1
+            assert set(snapshot.failures) <= {tags.PTRACE_SEIZE, tags.WAITPID,
+                                              tags.PROCESS_VM_READV}, snapshot.failures
+            process = process_of(snapshot, fixture.pid)
+            for thread in process.threads:
+                if thread.tid not in steady:
+                    size = 64 << (thread.tid % 8)
+                    if thread.tid not in last:
+                        churners_seen += 1
+                    if (thread.allocated_bytes not in (0, size)
+                            or thread.deallocated_bytes not in (0, size)):
+                        foreign.append((thread.tid, size, thread.allocated_bytes,
+                                        thread.deallocated_bytes))
+                last[thread.tid] = thread.allocated_bytes
+            assert process.allocated_bytes >= previous_total
+            assert process.allocated_bytes == sum(last.values()), "lost or double-counted"
+            previous_total = process.allocated_bytes
+    finally:
+        fixture.send("stop")
+    word, run, bad = fixture.readline(timeout=10).split()
+    assert word == "STOPPED" and int(bad) == 0 and int(run) > churners_seen
+    assert int(run) < 20_000  # far from pid_max (32768 here): no tid was used twice
+    assert churners_seen > 20
+    assert not foreign, f"(tid, its size, allocated, deallocated) read from other threads: " \
+                        f"{foreign[:10]} ({len(foreign)} of {churners_seen})"
+    assert engine.tracer.pending == 0
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+# -- exec and pid reuse ----------------------------------------------------------------------
+
+def read_image(fixture, nthreads: int) -> list[dict[str, int]]:
+    lines = fixture.wait_for("READY")
+    threads = [json.loads(line) for line in lines]
+    assert len(threads) == nthreads + 1, lines
+    return threads
+
+
+def test_exec_of_another_binary_uses_its_layout_and_keeps_the_total(fixture_bins,
+                                                                    spawn_fixture):
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4)
+    engine = capturer(fixture_bins)
+    before = process_of(engine.capture(pids=[fixture.pid]), fixture.pid)
+    assert (before.allocated_bytes, before.deallocated_bytes) == totals(fixture.threads)
+    new_binary = fixture_bins["static"].binary
+    fixture.send(f"exec {new_binary} 3")
+    image = read_image(fixture, 3)
+    assert image[0]["tid"] == fixture.pid
+
+    after = engine.capture(pids=[fixture.pid])
+    process = process_of(after, fixture.pid)
+    assert after.summary.failed == 0, after.failures
+    assert (process.start_time, process.exe) == (before.start_time, str(new_binary))
+    assert process.build_id == elf.build_id(new_binary) != before.build_id
+    assert by_tid(after, fixture.pid) == truth(image)
+    # the old image's counts stay in the total: it never goes backwards
+    assert (process.allocated_bytes, process.deallocated_bytes) == (
+        before.allocated_bytes + totals(image)[0], before.deallocated_bytes + totals(image)[1])
+    # the two executables place jemalloc's TSD differently: stale offsets would misread
+    deltas = {layout.build_id: layout.static_tsd_delta() for layout in engine.cache.layouts()}
+    assert len(set(deltas.values())) == 2, deltas
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_exec_of_the_same_binary_drops_the_old_thread_pointers(fixture_bins, spawn_fixture):
+    """Same pid, same start time, same file: only the image is new. Its main thread keeps
+    its tid and start time but gets a new thread pointer."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4)
+    engine = capturer(fixture_bins)
+    before = process_of(engine.capture(pids=[fixture.pid]), fixture.pid)
+    fixture.send(f"exec {fixture_bins.hostile_threads} 2")
+    image = read_image(fixture, 2)
+
+    after = engine.capture(pids=[fixture.pid])
+    assert after.summary.failed == 0, after.failures
+    assert by_tid(after, fixture.pid) == truth(image)
+    process = process_of(after, fixture.pid)
+    assert (process.allocated_bytes, process.deallocated_bytes) == (
+        before.allocated_bytes + totals(image)[0], before.deallocated_bytes + totals(image)[1])
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+PID_REUSE_SCRIPT = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from ctprofd.capture import Capturer, CaptureSettings
+from support.procs import Fixture
+
+binary, state_dir = sys.argv[2], sys.argv[3]
+out = {}
+def sample(snapshot, pid):
+    [p] = [p for p in snapshot.processes if p.pid == pid]
+    return {"start": p.start_time, "total": [p.allocated_bytes, p.deallocated_bytes],
+            "threads": {str(t.tid): [t.allocated_bytes, t.deallocated_bytes] for t in p.threads}}
+def start(pid):
+    return Capturer(CaptureSettings(state_dir=state_dir, select=lambda p: p.pid == pid))
+def state():
+    return json.load(open(os.path.join(state_dir, "retained.json")))["processes"]
+def spawn_at(pid, nthreads):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    return Fixture(binary, nthreads)
+
+# A, then B with A's pid while ctprofd is down: B must not inherit A's saved totals
+a = Fixture(binary, 4)
+a_tids = a.tids
+engine = start(a.pid)
+engine.capture()
+a.exit_thread(0)  # so that A has retained totals in the state file
+out["a"] = {"pid": a.pid, "tids": a_tids, "threads": a.threads, "sample": sample(engine.capture(), a.pid),
+            "state": state()}
+engine.close()
+a.kill()
+b = spawn_at(a.pid, 2)
+engine = start(b.pid)
+out["b"] = {"pid": b.pid, "threads": b.threads, "sample": sample(engine.capture(), b.pid)}
+out["state_after_b"] = state()
+# C with B's pid while ctprofd runs: C must not inherit B's threads or totals
+b.exit_thread(1)
+out["b"]["sample_after_exit"] = sample(engine.capture(), b.pid)
+b.kill()
+c = spawn_at(b.pid, 1)
+out["c"] = {"pid": c.pid, "threads": c.threads, "sample": sample(engine.capture(), c.pid)}
+engine.close()
+c.kill()
+print(json.dumps(out))
+"""
+
+
+def test_reused_pid_is_a_new_process(fixture_bins, tmp_path):
+    """pid reuse, forced: ctprofd runs in a fresh PID namespace with its targets (as in a
+    container sharing its pid namespace) where nothing else forks, and ns_last_pid makes the
+    second target get the first one's pid, and its threads the first one's tids. ctprofd
+    keys processes on (pid, start time): nothing of the first may leak into the second,
+    neither in memory nor through the state file of a restarted ctprofd."""
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID_REUSE_SCRIPT,
+         os.path.join(REPO, "tests"), str(fixture_bins["static"].binary), str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    a, b, c = out["a"], out["b"], out["c"]
+    assert a["pid"] == b["pid"] == c["pid"]
+    assert [t["tid"] for t in b["threads"]] == a["tids"][:3]  # tids reused too
+    assert len({a["sample"]["start"], b["sample"]["start"], c["sample"]["start"]}) == 3
+    a_key = f"{a['pid']}:{a['sample']['start']}"
+    assert a_key in a["state"]
+    for process in (b, c):
+        sample = process["sample"]
+        assert sample["threads"] == {str(t["tid"]): [t["allocated"], t["deallocated"]]
+                                     for t in process["threads"]}
+        assert sample["total"] == list(totals(process["threads"]))
+    assert b["sample_after_exit"]["total"] == b["sample"]["total"]
+    assert a_key not in out["state_after_b"]  # pruned: that process is gone
+
+
+# -- a ctprofd killed mid-snapshot -----------------------------------------------------------
+
+def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixture, tmp_path):
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 2000, timeout=30)
+    cache = str(tmp_path / "cache")
+    argv = cli_argv("snapshot", "--json", "--cache-dir", cache, "--pid", str(fixture.pid))
+    started = time.monotonic()
+    full = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    duration = time.monotonic() - started
+    assert json.loads(full.stdout)["probe_summary"]["probed_ok"] == 2001
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    stopped_counts = []
+    for _ in range(5):
+        before = voluntary_switches(fixture.pid)
+        cli = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        try:
+            # the main thread is stopped first: wait for it, then let the snapshot run on
+            wait_until(lambda: cli.poll() is not None or
+                       voluntary_switches_of(fixture.pid, fixture.pid) != before[fixture.pid],
+                       timeout=30, what="the first stop")
+            time.sleep(rng.uniform(0, duration / 2))
+        finally:
+            cli.kill()
+            cli.wait()
+        assert_no_thread_stopped_or_traced(fixture.pid)
+        after = voluntary_switches(fixture.pid)
+        stopped_counts.append(sum(1 for tid in before if after.get(tid) != before[tid]))
+    assert any(0 < n < 2001 for n in stopped_counts), (
+        f"no kill landed mid-snapshot (threads stopped per run {stopped_counts}, seed {seed})")
+    time.sleep(0.2)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+    fixture.send("ping")
+    assert fixture.readline() == "PONG"
+    assert len(os.listdir(f"/proc/{fixture.pid}/task")) == 2001
+    snapshot = capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid])
+    assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+
+
+def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tmp_path):
+    """A worker waiting for its vfork child cannot enter the interrupt stop: ctprofd has
+    seized and interrupted it and waits. Killed right then, the kernel must detach it so
+    that, when the vfork ends, it does not stop."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 16)
+    cache = str(tmp_path / "cache")
+    run_cli("snapshot", "--cache-dir", cache, "--pid", str(fixture.pid))  # warm the cache
+    cli = subprocess.Popen(cli_argv("snapshot", "--cache-dir", cache, "--pid", str(fixture.pid)),
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def traced_by_cli():  # TracerPid names the tracing thread
+        tracer = proc_field(fixture.pid, stuck, "TracerPid")
+        return tracer not in (None, "0") and os.path.exists(f"/proc/{cli.pid}/task/{tracer}")
+    try:
+        fixture.send("vfork 8 2500")  # while ctprofd starts
+        word, tid = fixture.readline().split()
+        assert word == "VFORKING"
+        stuck = int(tid)
+        wait_until(traced_by_cli, what="ctprofd to seize the worker")
+        time.sleep(0.05)  # interrupted, waiting for the stop
+        assert traced_by_cli()
+    finally:
+        cli.kill()
+        cli.wait()
+    assert proc_field(fixture.pid, stuck, "TracerPid") == "0"
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "S", timeout=5,
+               what="the vfork to end")
+    time.sleep(0.1)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+    fixture.send("ping")
+    assert fixture.readline() == "PONG"
+
+
+def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spawn_fixture):
+    """The same worker, but ctprofd lives on: it gives up waiting (a `waitpid` failure)
+    and the snapshot ends. When the worker's stop finally arrives it must not stay
+    stopped until some later snapshot comes along to detach it."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4)
+    engine = capturer(fixture_bins)
+    other = spawn_fixture(fixture_bins.hostile_threads, 0)
+    engine.capture(pids=[other.pid])  # the binary is parsed: the next capture is quick
+    fixture.send("vfork 2 800")
+    word, tid = fixture.readline().split()
+    stuck = int(tid)
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "D",
+               what="the worker waiting for its vfork child")
+    snapshot = engine.capture(pids=[fixture.pid])
+    assert snapshot.failures == {tags.WAITPID: 1}
+    assert stuck not in by_tid(snapshot, fixture.pid)
+    wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
+               timeout=5, what="the vfork to end")
+    time.sleep(0.2)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+    assert by_tid(engine.capture(pids=[fixture.pid]), fixture.pid) == truth(fixture.threads)
+
+
+# -- totals across thread exits and restarts -------------------------------------------------
+
+def test_totals_stay_monotonic_across_thread_exits_and_restarts(fixture_bins, spawn_fixture,
+                                                                tmp_path):
+    fixture = spawn_fixture(fixture_bins["static"], 6)
+    state_dir = str(tmp_path)
+    only = lambda p: p.pid == fixture.pid  # noqa: E731  (the daemon's full walk, narrowed)
+
+    def start():
+        return capturer(fixture_bins, state_dir=state_dir, select=only)
+
+    def total(engine):
+        process = process_of(engine.capture(), fixture.pid)
+        return process.allocated_bytes, process.deallocated_bytes
+
+    engine = start()
+    first = total(engine)
+    assert first == totals(fixture.threads)
+    fixture.exit_thread(1)  # seen exiting
+    assert total(engine) == first
+    engine.close()
+
+    engine = start()  # restart
+    assert total(engine) == first
+    engine.close()
+
+    fixture.exit_thread(2)  # exits while no ctprofd runs
+    fixture.exit_thread(3)
+    engine = start()
+    assert total(engine) == first
+    assert total(engine) == first
+    fixture.exit_thread(4)
+    assert total(engine) == first
+    engine.close()
+
+    state = json.loads((Path(state_dir) / "retained.json").read_text())
+    assert any(key.startswith(f"{fixture.pid}:") for key in state["processes"])
+    fixture.kill()
+    engine = start()
+    assert engine.capture().processes == ()
+    engine.close()
+    state = json.loads((Path(state_dir) / "retained.json").read_text())
+    assert not any(key.startswith(f"{fixture.pid}:") for key in state["processes"])
+
+
+def test_corrupt_state_file_is_set_aside_not_trusted(fixture_bins, spawn_fixture, tmp_path,
+                                                     caplog):
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    state = tmp_path / "retained.json"
+    state.write_text('{"boot_id": ')  # a torn write
+    snapshot = capturer(fixture_bins, state_dir=str(tmp_path)).capture(pids=[fixture.pid])
+    assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+    assert process_of(snapshot, fixture.pid).allocated_bytes == totals(fixture.threads)[0]
+    assert (tmp_path / "retained.json.corrupt").read_text() == '{"boot_id": '
+    assert len(warnings_from(caplog, "ctprofd.retained")) == 1
+
+
+# -- unusable cache and state directories ----------------------------------------------------
+
+@pytest.fixture
+def unusable_dir(tmp_path):
+    """Factory: a directory that cannot be written, by kind."""
+    @contextmanager
+    def make(kind: str):
+        path = tmp_path / kind
+        if kind == "read-only":
+            path.mkdir()
+            with mounted("-t", "tmpfs", "-o", "ro,size=64k", "ctprofd-test", str(path)) as p:
+                yield p
+        elif kind == "full":
+            path.mkdir()
+            with mounted("-t", "tmpfs", "-o", "size=16k", "ctprofd-test", str(path)) as p:
+                fd = os.open(p / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    while os.write(fd, b"x" * 4096):
+                        pass
+                except OSError:  # ENOSPC: full
+                    pass
+                finally:
+                    os.close(fd)
+                yield p
+        elif kind == "a-file":
+            path.write_text("not a directory\n")
+            yield path
+        else:
+            raise ValueError(kind)
+    return make
+
+
+@pytest.mark.parametrize("kind", ["read-only", "full", "a-file"])
+def test_unusable_cache_dir_degrades_to_memory_with_one_warning(fixture_bins, spawn_fixture,
+                                                                unusable_dir, kind, caplog):
+    static = spawn_fixture(fixture_bins["static"], 2)
+    dynamic = spawn_fixture(fixture_bins["dynamic"], 2)
+    with unusable_dir(kind) as directory:
+        engine = capturer(fixture_bins, cache_dir=str(directory))
+        parsed = None
+        for _ in range(3):
+            snapshot = engine.capture(pids=[static.pid, dynamic.pid])
+            assert snapshot.summary.failed == 0, snapshot.failures
+            assert by_tid(snapshot, static.pid) == truth(static.threads)
+            assert by_tid(snapshot, dynamic.pid) == truth(dynamic.threads)
+            parsed = parsed or engine.stats.elf_opens
+        engine.close()
+        assert engine.stats.elf_opens == parsed  # each binary parsed once: memory works
+    warned = warnings_from(caplog, "ctprofd.cache")
+    assert len(warned) == 1, warned
+    assert "memory only" in warned[0]
+
+
+@pytest.mark.parametrize("kind", ["read-only", "full", "a-file"])
+def test_unusable_state_dir_degrades_to_memory_with_one_warning(fixture_bins, spawn_fixture,
+                                                                unusable_dir, kind, caplog):
+    fixture = spawn_fixture(fixture_bins["static"], 4)
+    with unusable_dir(kind) as directory:
+        engine = capturer(fixture_bins, state_dir=str(directory),
+                          select=lambda p: p.pid == fixture.pid)
+        first = process_of(engine.capture(), fixture.pid)
+        for n in range(3):
+            fixture.exit_thread(n)
+            process = process_of(engine.capture(), fixture.pid)
+            assert (process.allocated_bytes, process.deallocated_bytes) == (
+                first.allocated_bytes, first.deallocated_bytes)
+        engine.close()
+    warned = warnings_from(caplog, "ctprofd.retained")
+    assert len(warned) == 1, warned
