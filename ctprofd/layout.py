@@ -220,7 +220,8 @@ def _first_load_page(image) -> int:
     raise _Failure(tags.DWARF_PARSE_FAILURE, "no PT_LOAD segment")
 
 
-def inspect_object(stream: BinaryIO, what: str, shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
+def inspect_object(stream: BinaryIO, what: str,
+                   shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
     """Phase 1: is jemalloc in this executable (static TLS, module 1) or, with `shared`,
     this shared object loaded at start (initial-exec TLS through a TPOFF64 GOT slot), and
     where is its TLS block? Reads no DWARF. `what` names the binary in messages."""
@@ -331,9 +332,9 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
     debug = open_debug_file(facts, what, object_dirs, search)
     if isinstance(debug, LayoutFailure):
         return debug
-    stream, source = debug
-    with stream:
-        return parser.layout(stream, facts, what, source)
+    debug_stream, source = debug
+    with debug_stream:
+        return parser.layout(debug_stream, facts, what, source)
 
 
 def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,

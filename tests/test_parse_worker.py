@@ -341,8 +341,8 @@ def test_worker_in_a_daemon_with_only_ptrace_capabilities(fixture_bins, prefix, 
         pytest.fail("needs root to set up the daemon's credentials")
     binary = str(fixture_bins["static"].binary)
     run = subprocess.run(["setpriv", *prefix, "--", sys.executable, "-c", CAPABILITY_ONLY, binary],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SECCOMP_DENY": deny},
-                         capture_output=True, text=True, timeout=60)
+                         cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "SECCOMP_DENY": deny})
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert int(report["daemon"]["CapEff"], 16) == PTRACE_CAPS
