@@ -74,6 +74,14 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class ParserLimits:
+    """Limits of the sandboxed process that parses target binaries."""
+
+    memory_limit_mib: int = 1024
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated daemon configuration; defaults equal config/ctprofd.yaml."""
 
@@ -84,6 +92,7 @@ class Config:
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
     offsets_files: tuple[str, ...] = ()
+    parser: ParserLimits = ParserLimits()
     selection: Selection = Selection()
     labels: tuple[str, ...] = ("pid", "comm", "unit")
     max_series: int = 10000
@@ -232,6 +241,7 @@ class _Validator(Reader):
             debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
             debuginfod_urls=self._urls(get("debuginfod_urls", [])),
             offsets_files=self.strings(get("offsets_files", []), "offsets_files"),
+            parser=self._parser(get("parser", {})),
             selection=self._selection(get("selection", {})),
             labels=self._labels(get("labels", list(d.labels))),
             max_series=self.integer(get("max_series", d.max_series), "max_series", 1),
@@ -256,6 +266,15 @@ class _Validator(Reader):
             if not re.match(r"https?://[^/\s]+", url):
                 raise self.fail(f"debuginfod_urls[{i}]", f"not an http(s) URL: {url!r}")
         return urls
+
+    def _parser(self, value: Any) -> ParserLimits:
+        raw = self.mapping(value, "parser", ("memory_limit_mib", "timeout"))
+        d = ParserLimits()
+        return ParserLimits(
+            memory_limit_mib=self.integer(raw.get("memory_limit_mib", d.memory_limit_mib),
+                                          "parser.memory_limit_mib", 64),
+            timeout=self.number(raw.get("timeout", d.timeout), "parser.timeout", 0,
+                                exclusive=True))
 
     def _selection(self, value: Any) -> Selection:
         raw = self.mapping(value, "selection", ("include", "exclude"))

@@ -30,6 +30,7 @@ from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCo
 from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load, load_default,
                      parse_listen)
 from .offsets_file import OffsetsFileError
+from .parse_worker import WorkerLimits
 from .procfs import ProcessInfo
 from .retained import boot_id
 from .web import MetricsServer, load_web_config
@@ -41,7 +42,7 @@ STATE_SAVE_SECONDS = 60.0
 STOP_GRACE_SECONDS = 0.5
 # Changing these needs a restart: they are bound (socket) or built into the Capturer.
 RESTART_KEYS = ("listen", "cache_dir", "state_dir", "debug_dirs", "debuginfod_urls",
-                "offsets_files")
+                "offsets_files", "parser")
 
 
 class Notifier:
@@ -143,6 +144,8 @@ class Daemon:
             cache_dir=config.cache_dir, state_dir=config.state_dir,
             debug_dirs=config.debug_dirs, debuginfod_urls=config.debuginfod_urls,
             offsets_files=config.offsets_files, select=self._select,
+            parser=WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
+                                timeout=config.parser.timeout),
             on_thread_stop=self._thread_stops.observe))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
@@ -274,6 +277,7 @@ class Daemon:
         loop.join(STOP_GRACE_SECONDS)  # a capture in flight sees the cancel and detaches
         if not loop.is_alive():
             self._save_state()
+            self.capturer.close()
         self.server.server_close()
         return 0
 
