@@ -72,6 +72,10 @@ class ThreadProber:
         alive now (raising OSError when the process is gone): a thread it no longer lists
         after the read is left out, as one that exited before being listed would be."""
         listed = {t.tid: t for t in threads}
+        if pid not in listed and threads:
+            # the leader has exited and is a zombie: its pid no longer names the address
+            # space for process_vm_readv, any live thread's tid does
+            pid = threads[0].tid
         for tid in [tid for tid, s in state.threads.items()
                     if tid not in listed or listed[tid].start_time != s.start_time]:
             state.retire(tid)

@@ -75,6 +75,10 @@ def list_pids(directory: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
+# What an exited (zombie) thread group leader no longer has: an address space and a root.
+_LIVE_THREAD_ENTRIES = frozenset({"exe", "maps", "map_files", "root"})
+
+
 def _prefix(proc_root: str) -> str:
     """What a pid is appended to, so that prefix + pid == os.path.join(proc_root, pid)."""
     return proc_root if not proc_root or proc_root.endswith("/") else proc_root + "/"
@@ -89,7 +93,7 @@ class ProcessInfo:
         self.pid = pid
         self.comm = stat.comm
         self.start_time = stat.start_time
-        self.start_stack = stat.start_stack
+        self._start_stack = stat.start_stack
         self.state = stat.state
         # /proc/PID, built once: joining paths is a sizeable part of a steady-state snapshot
         self._directory = directory if directory is not None else _prefix(proc_root) + str(pid)
@@ -99,10 +103,43 @@ class ProcessInfo:
         return (self.pid, self.start_time)
 
     def path(self, *parts: str) -> str:
-        """A path below /proc/PID."""
+        """A path below /proc/PID (for exe, maps, map_files and root, below a live thread's
+        /proc/PID/task/TID when the leader has exited: see `_live_thread`)."""
+        directory = self._directory
+        if self.state in ("Z", "X") and parts and parts[0] in _LIVE_THREAD_ENTRIES:
+            directory = self._live_thread or directory
         if len(parts) == 1 and parts[0] and parts[0][0] != "/":  # as os.path.join would
-            return self._directory + "/" + parts[0]
-        return os.path.join(self._directory, *parts)
+            return directory + "/" + parts[0]
+        return os.path.join(directory, *parts)
+
+    @property
+    def start_stack(self) -> int:
+        """Where execve put the stack (0 when not allowed to see it); read from a live
+        thread when the leader has exited (a zombie shows 0)."""
+        if self.state in ("Z", "X") and self._live_thread:
+            try:
+                return read_stat(self._live_thread + "/stat").start_stack
+            except (OSError, ValueError, IndexError):
+                return 0
+        return self._start_stack
+
+    @cached_property
+    def _live_thread(self) -> str | None:
+        """/proc/PID/task/TID of a thread still running. A thread group leader that called
+        pthread_exit stays a zombie while the others run on; it has no address space or
+        root left, so its exe, maps, map_files and root are empty."""
+        task_dir = self._directory + "/task"
+        try:
+            tids = list_pids(task_dir)
+        except OSError:
+            return None
+        for tid in tids:
+            try:
+                if read_stat(f"{task_dir}/{tid}/stat").state not in ("Z", "X"):
+                    return f"{task_dir}/{tid}"
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
 
     @cached_property
     def exe(self) -> str:
@@ -162,7 +199,8 @@ class ThreadInfo:
 
 
 def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
-    """The threads alive now; threads that exit while listed are left out."""
+    """The threads alive now; threads that exit while listed are left out, and so is a
+    leader that exited before the others (a zombie until they do)."""
     threads = []
     task_dir = process.path("task")
     for tid in list_pids(task_dir):
@@ -170,7 +208,8 @@ def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
             stat = read_stat(f"{task_dir}/{tid}/stat")
         except (OSError, ValueError, IndexError):
             continue
-        threads.append(ThreadInfo(tid, stat.start_time, stat.comm))
+        if stat.state not in ("Z", "X"):
+            threads.append(ThreadInfo(tid, stat.start_time, stat.comm))
     return threads
 
 
