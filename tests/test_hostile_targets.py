@@ -655,6 +655,53 @@ def test_corrupt_state_file_is_set_aside_not_trusted(fixture_bins, spawn_fixture
     assert len(warnings_from(caplog, "ctprofd.retained")) == 1
 
 
+def _corrupt(kind: str, text: str) -> str:
+    """A cache file (of a layout) damaged in one of the ways `kind` names."""
+    if kind == "truncated":
+        return text[:len(text) // 2]
+    if kind == "not-an-object":
+        return "[]"
+    data = json.loads(text)
+    layout = data["result"]
+    assert layout["kind"] == "layout"
+    if kind == "other-version":
+        data["version"] = 99
+    elif kind == "other-key":
+        data["key"] = "build-id:" + "0" * 40
+    elif kind == "field-missing":
+        del layout["allocated_offset"]
+    elif kind == "wrong-type":
+        layout["allocated_offset"] = str(layout["allocated_offset"])
+    elif kind == "impossible-layout":  # the counters swapped
+        layout["allocated_offset"], layout["deallocated_offset"] = (
+            layout["deallocated_offset"], layout["allocated_offset"])
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not-an-object", "other-version", "other-key",
+                                  "field-missing", "wrong-type", "impossible-layout"])
+def test_corrupt_cache_files_are_set_aside_not_trusted(fixture_bins, spawn_fixture, tmp_path,
+                                                       kind, caplog):
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    engine = capturer(fixture_bins, cache_dir=str(tmp_path))
+    engine.capture(pids=[fixture.pid])
+    engine.close()
+    files = sorted((tmp_path / "layouts").glob("*.json"))
+    assert files
+    for path in files:
+        path.write_text(_corrupt(kind, path.read_text()))
+    engine = capturer(fixture_bins, cache_dir=str(tmp_path))
+    snapshot = engine.capture(pids=[fixture.pid])
+    engine.close()
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+    assert engine.stats.elf_opens == 1  # parsed again, not taken from the bad file
+    # each bad file set aside, and written anew from the parse
+    assert sorted(p.name for p in (tmp_path / "layouts").iterdir()) == sorted(
+        [p.name for p in files] + [p.name + ".corrupt" for p in files])
+    assert warnings_from(caplog, "ctprofd.cache")
+
+
 # -- unusable cache and state directories ----------------------------------------------------
 
 @pytest.fixture
