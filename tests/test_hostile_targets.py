@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,49 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
     assert by_tid(capturer(fixture_bins).capture(pids=[fixture.pid]),
                   fixture.pid) == truth(fixture.threads)
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_job_control_racing_the_snapshots_is_kept(fixture_bins, spawn_fixture, tmp_path):
+    """SIGSTOP and SIGCONT sent to the target all through snapshots that stop its threads:
+    whatever came last wins, for every thread, once the snapshots are over."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 8)
+    cache = str(tmp_path / "cache")
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            for sig in (signal.SIGSTOP, signal.SIGCONT):
+                os.kill(fixture.pid, sig)
+                time.sleep(0.0005)
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            engine = capturer(fixture_bins, cache_dir=cache)  # every thread stopped again
+            try:
+                snapshot = engine.capture(pids=[fixture.pid])
+            finally:
+                engine.close()
+            read = by_tid(snapshot, fixture.pid)
+            assert all(read[tid] == counters for tid, counters in truth(fixture.threads).items()
+                       if tid in read)
+    finally:
+        stop.set()
+        toggler.join()
+    os.kill(fixture.pid, signal.SIGCONT)  # last: running
+    wait_until(lambda: all(s == ("S", 0) for s in task_states(fixture.pid).values()),
+               timeout=2, what=f"every thread running, not {task_states(fixture.pid)}")
+    fixture.send("ping")
+    assert fixture.readline() == "PONG"
+    os.kill(fixture.pid, signal.SIGSTOP)  # last: stopped
+    wait_until(lambda: all(s == ("T", 0) for s in task_states(fixture.pid).values()),
+               timeout=2, what="group stop")
+    assert by_tid(capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid]),
+                  fixture.pid) == truth(fixture.threads)
+    time.sleep(0.1)
+    assert all(s == ("T", 0) for s in task_states(fixture.pid).values())
+    os.kill(fixture.pid, signal.SIGCONT)
 
 
 def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tmp_path):
