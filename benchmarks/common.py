@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -40,7 +41,6 @@ if str(REPO / "tests") not in sys.path:  # tests/support: fixture builds and han
     sys.path.insert(0, str(REPO / "tests"))
 
 from support.build import build_all, default_jemalloc_dir, jemalloc_dir_problem  # noqa: E402
-from support.procs import Fixture  # noqa: E402
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -344,23 +344,87 @@ class IdleHost:
         kill(self.proc)
 
 
+class JemallocGroup:
+    """`count` alloc_threads processes of `threads` threads each in all (main included),
+    each under its own name (a symlink: comm comes from the name exec'ed, while
+    /proc/PID/exe and so the binary's identity stay the same). They share one stdin pipe
+    (its end of file makes every one exit) and one stdout pipe (READY lines are counted
+    with poll(), which unlike select() has no limit on fd numbers)."""
+
+    def __init__(self, procs: Processes, fixtures: Path, count: int, threads: int,
+                 work_dir: Path, name: str = "jm", timeout: float = 120) -> None:
+        links = work_dir / "links"
+        links.mkdir(parents=True, exist_ok=True)
+        target = fixtures / "static" / "alloc_threads"
+        stdin_read, self._stdin = os.pipe()
+        stdout_read, stdout_write = os.pipe()
+        self.popens: list[subprocess.Popen] = []
+        procs.own(self)
+        try:
+            for i in range(count):
+                link = links / f"{name}-{i:04d}"
+                if not link.is_symlink() or os.readlink(link) != str(target):
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(target)
+                self.popens.append(subprocess.Popen(
+                    [str(link), str(threads - 1)], stdin=stdin_read, stdout=stdout_write,
+                    start_new_session=True, preexec_fn=_die_with_parent))
+        finally:
+            os.close(stdin_read)
+            os.close(stdout_write)
+        try:
+            self._wait_ready(stdout_read, count, timeout)
+        finally:
+            os.close(stdout_read)
+
+    def _wait_ready(self, fd: int, count: int, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline, ready, buffer = time.monotonic() + timeout, 0, b""
+        while ready < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise RuntimeError(f"only {ready} of {count} alloc_threads said READY")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"alloc_threads exited: {ready} of {count} READY")
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            ready += sum(1 for line in lines if line == b"READY")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.popens]
+
+    def tids(self) -> set[int]:
+        found = set()
+        for pid in self.pids:
+            try:
+                found.update(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+            except OSError:
+                pass
+        return found
+
+    def kill(self) -> None:
+        for popen in self.popens:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._stdin is not None:
+            os.close(self._stdin)
+            self._stdin = None
+        for popen in self.popens:
+            try:
+                popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
 def spawn_jemalloc(procs: Processes, fixtures: Path, count: int, threads: int,
-                   work_dir: Path, name: str = "jm") -> list[Fixture]:
-    """`count` alloc_threads processes with `threads` threads each in all (main included),
-    each under its own name (a symlink: comm comes from the name exec'ed, /proc/PID/exe
-    and so the binary's identity stay the same)."""
-    links = work_dir / "links"
-    links.mkdir(parents=True, exist_ok=True)
-    target = fixtures / "static" / "alloc_threads"
-    spawned = []
-    for i in range(count):
-        link = links / f"{name}-{i:04d}"
-        if not link.is_symlink() or os.readlink(link) != str(target):
-            link.unlink(missing_ok=True)
-            link.symlink_to(target)
-        fixture = Fixture(link, threads - 1, timeout=60, preexec_fn=_die_with_parent)
-        spawned.append(procs.own(fixture))
-    return spawned
+                   work_dir: Path, name: str = "jm") -> JemallocGroup:
+    """See JemallocGroup; owned by `procs`."""
+    return JemallocGroup(procs, fixtures, count, threads, work_dir, name)
 
 
 # --- ctprofd run ----------------------------------------------------------------------------
@@ -372,10 +436,13 @@ def free_port() -> int:
 
 
 class Daemon:
-    """`python -m ctprofd run` on a loopback port with its own config, cache and state."""
+    """`python -m ctprofd run` on a loopback port with its own config, cache and state
+    (emptied first unless `fresh` is false)."""
 
     def __init__(self, procs: Processes, directory: Path, interval: float,
-                 extra_config: str = "", log_level: str = "warning") -> None:
+                 extra_config: str = "", log_level: str = "warning", fresh: bool = True) -> None:
+        if fresh:  # no layout cache, no saved state: a first start
+            shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/metrics"

@@ -6,10 +6,14 @@ render with 1,000 jemalloc processes, against 5 % of the interval.
              warning) on the host; once its first snapshot is published, DURATION seconds
              of sampling every second: VmRSS of the daemon and of its parse worker, CPU
              from /proc/PID/stat utime+stime deltas (clock ticks). Reported: CPU seconds of
-             the start (up to the first snapshot; the parse worker's and its children's
-             separately: the daemon does not parse binaries itself), CPU% over the steady window (percent of
+             the start with an empty cache (up to the first snapshot; the parse worker's
+             and its children's separately: the daemon does not parse binaries itself),
+             CPU% over the steady window (percent of
              one CPU), RSS at the start of the window, at its end and its maximum, and the
-             snapshot durations the daemon itself reports.
+             snapshot durations the daemon itself reports. /metrics is scraped once an
+             interval, as Prometheus would, for a timeline of RSS against the daemon's
+             offset-cache entries, cache lookups (one per attach: processes that started
+             meanwhile) and series.
   render     RENDER_PROCS alloc_threads processes with one thread each (each under its
              own name, so one series each with the default labels pid, comm, unit) and a
              fresh `ctprofd run --interval 15`; after its first snapshot, SCRAPES
@@ -30,23 +34,41 @@ from .common import Daemon, IdleHost, Processes, distribution, linear_fit, log, 
 RENDER_SHARE_TARGET = 0.05
 
 
+def _state(daemon: Daemon) -> dict:
+    """What the daemon's /metrics says about its size and work so far."""
+    samples = common.parse_metrics(daemon.scrape())
+    return {"snapshots": samples.get("ctprofd_snapshots_total", 0),
+            "cache_entries": samples.get("ctprofd_offset_cache_entries", 0),
+            "cache_lookups": samples.get("ctprofd_offset_cache_hits_total", 0)
+            + samples.get("ctprofd_offset_cache_misses_total", 0),
+            "cache_misses": samples.get("ctprofd_offset_cache_misses_total", 0),
+            "series": sum(1 for key in samples if key.startswith("ctprofd_allocated_bytes_total{")),
+            "tgids_walked": samples.get("ctprofd_probe_tgids_walked"),
+            "probed_ok": samples.get("ctprofd_probe_probed_ok"),
+            "overruns": samples.get("ctprofd_snapshot_overruns_total"),
+            "duration_sum": samples.get("ctprofd_snapshot_duration_seconds_sum", 0),
+            "duration_count": samples.get("ctprofd_snapshot_duration_seconds_count", 0)}
+
+
 def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, threads: int,
               interval: float, duration: float) -> dict:
     procs.own(IdleHost(procs, args.work_dir, idle))
     spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
     log(f"host of {common.count_processes()} processes; starting ctprofd run "
-        f"--interval {interval:g}")
+        f"--interval {interval:g} with an empty cache")
     started = time.monotonic()
-    daemon = procs.own(Daemon(procs, args.work_dir / "footprint-daemon", interval))
-    first = daemon.wait_for_snapshots(1)
+    daemon = Daemon(procs, args.work_dir / "footprint-daemon", interval)
+    daemon.wait_for_snapshots(1)
     startup_wall = time.monotonic() - started
     startup_cpu = common.cpu_seconds(daemon.pid)
     worker = daemon.worker_pid()
     startup_worker_cpu = common.cpu_seconds(worker, children=True) if worker else 0.0
-    samples = []
+    first = _state(daemon)
+    samples, states = [], [{"t": 0.0, **first}]
     t0 = time.monotonic()
     while True:
         now = time.monotonic()
+        worker = daemon.worker_pid()
         samples.append({"t": now - t0, "cpu": common.cpu_seconds(daemon.pid),
                         "rss_kib": common.status_kib(daemon.pid),
                         "worker_rss_kib": common.status_kib(worker) if worker else 0,
@@ -54,8 +76,11 @@ def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, thread
                         if worker else 0.0})
         if now - t0 >= duration:
             break
+        if len(samples) % max(int(interval), 1) == 0:  # scraped once an interval, like Prometheus
+            states.append({"t": round(now - t0, 1), **_state(daemon)})
         time.sleep(max(0.0, t0 + len(samples) - time.monotonic()))
-    final = common.parse_metrics(daemon.scrape())
+    final = _state(daemon)
+    states.append({"t": round(samples[-1]["t"], 1), **final})
     hwm = common.status_kib(daemon.pid, "VmHWM")
     daemon.stop()
     window = samples[-1]["t"] - samples[0]["t"]
@@ -63,32 +88,41 @@ def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, thread
     rss = [s["rss_kib"] / 1024 for s in samples]
     per_second = [(b["cpu"] - a["cpu"]) / (b["t"] - a["t"]) * 100
                   for a, b in zip(samples, samples[1:])]
-    count = final.get("ctprofd_snapshot_duration_seconds_count", 0)
+    snapshots = final["snapshots"] - first["snapshots"]
+    durations = final["duration_count"] - first["duration_count"]
+    half = len(samples) // 2
     return {
         "host": {"idle_processes": idle, "jemalloc_fixtures": jemalloc,
-                 "threads_per_fixture": threads, "tgids_walked":
-                     first.get("ctprofd_probe_tgids_walked"),
-                 "probed_ok": final.get("ctprofd_probe_probed_ok")},
+                 "threads_per_fixture": threads, "tgids_walked": first["tgids_walked"],
+                 "probed_ok": first["probed_ok"]},
         "interval_seconds": interval,
         "startup": {"wall_seconds_to_first_snapshot": round(startup_wall, 3),
                     "cpu_seconds_to_first_snapshot": round(startup_cpu, 3),
-                    "parse_worker_cpu_seconds_to_first_snapshot": round(startup_worker_cpu, 3)},
+                    "parse_worker_cpu_seconds_to_first_snapshot": round(startup_worker_cpu, 3),
+                    "binaries_parsed": first["cache_misses"]},
         "window_seconds": round(window, 1),
-        "snapshots_in_window": final.get("ctprofd_snapshots_total", 0) - first.get(
-            "ctprofd_snapshots_total", 0),
+        "snapshots_in_window": snapshots,
         "cpu_percent_of_one_cpu": round(cpu / window * 100, 3) if window else None,
+        "cpu_seconds_per_snapshot": round(cpu / snapshots, 4) if snapshots else None,
         "cpu_percent_per_second": distribution(per_second, 2),
+        "snapshot_duration_mean_seconds": round(
+            (final["duration_sum"] - first["duration_sum"]) / durations, 4) if durations else None,
+        "cache_lookups_in_window": final["cache_lookups"] - first["cache_lookups"],
+        "binaries_parsed_in_window": final["cache_misses"] - first["cache_misses"],
         "rss_mib": {"window_start": round(rss[0], 1), "window_end": round(rss[-1], 1),
                     "max": round(max(rss), 1), "vm_hwm": round(hwm / 1024, 1),
                     "slope_mib_per_minute": round(linear_fit(
                         [s["t"] for s in samples], rss)["slope"] * 60, 4)
-                    if len(samples) > 2 else None},
+                    if len(samples) > 2 else None,
+                    "second_half_slope_mib_per_minute": round(linear_fit(
+                        [s["t"] for s in samples[half:]], rss[half:])["slope"] * 60, 4)
+                    if len(samples) - half > 2 else None},
         "parse_worker": {"rss_mib": round(samples[-1]["worker_rss_kib"] / 1024, 1),
                          "cpu_seconds_in_window": round(samples[-1]["worker_cpu"]
                                                         - samples[0]["worker_cpu"], 3)},
-        "snapshot_duration_mean_seconds": round(
-            final.get("ctprofd_snapshot_duration_seconds_sum", 0) / count, 4) if count else None,
-        "overruns": final.get("ctprofd_snapshot_overruns_total"),
+        "overruns": final["overruns"],
+        "timeline": [{**state, "rss_mib": round(rss[min(int(state["t"]), len(rss) - 1)], 1)}
+                     for state in states],
     }
 
 
@@ -96,7 +130,7 @@ def render(procs: Processes, args, fixtures, count: int, scrapes: int,
            interval: float) -> dict:
     log(f"starting {count} single-thread jemalloc processes")
     spawn_jemalloc(procs, fixtures, count, 1, args.work_dir, name="one")
-    daemon = procs.own(Daemon(procs, args.work_dir / "render-daemon", interval))
+    daemon = Daemon(procs, args.work_dir / "render-daemon", interval)
     first = daemon.wait_for_snapshots(1, timeout=600)
     log(f"first snapshot: {first.get('ctprofd_probe_jemalloc_detected'):.0f} jemalloc "
         "processes; scraping")

@@ -12,7 +12,9 @@ come on top. Phases:
              as the daemon does it, as a second figure.
   syscalls   one snapshot under `strace -f -p <this process>`: every syscall between two
              marker stat() calls (per-name counts, openat paths by kind, process_vm_readv
-             calls per pid with their iovec counts, ptrace calls), and one under
+             calls per pid with their iovec counts, ptrace calls; opens and stops are also counted
+             on processes and threads that existed before, to tell them from processes
+             other jobs start meanwhile), and one under
              `strace -c -f` for the kernel's own summary table.
   exporter   prometheus-process-exporter on loopback, two configurations: `per_process`
              (every process matched, one group per command name: every simulated process
@@ -139,6 +141,9 @@ def syscalls(capturer: Capturer, work_dir: Path, own_pids: set[int]) -> dict:
         return {"skipped": "strace is not installed"}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         log_path = Path(tmp) / "strace.log"
+        capturer.capture()  # every process alive now has been seen
+        known = {int(name) for name in os.listdir("/proc") if name.isdigit()}
+        known_tids = _all_tids()
         _under_strace(capturer, ["strace", "-f", "-qq", "-s", "256", "-o", str(log_path)])
         lines = log_path.read_text(errors="replace").splitlines()
         summary_path = Path(tmp) / "summary.txt"
@@ -185,13 +190,28 @@ def syscalls(capturer: Capturer, work_dir: Path, own_pids: set[int]) -> dict:
         "by_name": dict(names.most_common()),
         "opens_by_path_kind": dict(opens.most_common()),
         "elf_or_non_proc_opens": elf_opens,
+        "elf_opens_of_processes_seen_before": [
+            path for path in elf_opens
+            if (m := re.match(r"/proc/(\d+)/", path)) is None or int(m.group(1)) in known],
         "ptrace_calls": len(ptraced),
+        "ptrace_calls_on_threads_seen_before": sum(1 for tid in ptraced if tid in known_tids),
         "ptrace_calls_on_our_fixtures": sum(1 for tid in ptraced if tid in own_pids),
         "process_vm_readv_calls": sum(len(v) for v in readv.values()),
         "process_vm_readv_per_pid_on_our_fixtures": {str(pid): len(v) for pid, v in ours.items()},
         "remote_iovecs_per_call_on_our_fixtures": sorted({n for v in ours.values() for n in v}),
         "strace_c_summary": summary,
     }
+
+
+def _all_tids() -> set[int]:
+    tids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                tids.update(int(t) for t in os.listdir(f"/proc/{name}/task"))
+            except OSError:
+                pass
+    return tids
 
 
 # --- prometheus-process-exporter -------------------------------------------------------------
@@ -272,10 +292,10 @@ def sweep_threads(procs: Processes, args, fixtures: Path, capturer: Capturer,
                   thread_counts: list[int], repeats: int) -> dict:
     points = []
     for threads in thread_counts:
-        (fixture,) = spawn_jemalloc(procs, fixtures, 1, threads, args.work_dir, name="thr")
+        fixture = spawn_jemalloc(procs, fixtures, 1, threads, args.work_dir, name="thr")
         try:
             timed_captures(capturer, 2)
-            alone = timed_captures(capturer, repeats, pids=[fixture.pid])
+            alone = timed_captures(capturer, repeats, pids=fixture.pids)
             host = timed_captures(capturer, repeats)
             probed = alone["last"].summary.probed_ok
         finally:
@@ -341,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     with Processes() as procs:
         bystanders = procs.own(IdleHost(procs, args.work_dir, idle))
         spawned = spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
-        own_pids = {t for f in spawned for t in f.tids}
+        own_pids = spawned.tids()
         capturer = new_capturer()
         try:
             log(f"host of {common.count_processes()} processes; warm-up snapshots")
