@@ -341,6 +341,14 @@ class IdleHost:
             raise RuntimeError(f"hostsim {kind} {count} failed to start: {line!r}")
 
     def kill(self) -> None:
+        """End of file on its stdin: hostsim kills and reaps its children, then exits, so
+        no zombie is left for init to reap while the next measurement walks /proc."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         kill(self.proc)
 
 

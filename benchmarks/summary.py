@@ -1,0 +1,139 @@
+"""Print the headline figures of the result files (benchmarks/results/*.json, or the files
+given), one line each, as docs/performance.md quotes them.
+
+Run: .venv/bin/python -m benchmarks.summary [FILE.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import RESULTS
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def steady_state(r: dict) -> list[str]:
+    s, out = r["snapshot"], []
+    out.append(f"snapshot of {s['tgids_walked']} processes ({s['jemalloc_detected']} jemalloc, "
+               f"{s['probed_ok']} threads): wall p50 {_ms(s['wall_seconds']['p50'])}, CPU p50 "
+               f"{_ms(s['cpu_seconds']['p50'])}; ptrace stops {s['ptrace_stops_during']}, ELF "
+               f"opens {s['elf_opens_during']} over {s['wall_seconds']['n']} snapshots")
+    for name, e in r["exporter"].items():
+        if "skipped" in e:
+            out.append(f"process-exporter {name}: {e['skipped']}")
+            continue
+        ratio = r["ratio_to_exporter_scrape_p50"][name]
+        out.append(f"process-exporter {name}: scrape wall p50 {_ms(e['wall_seconds']['p50'])}, "
+                   f"CPU p50 {_ms(e['cpu_seconds']['p50'])}; ratio ours/theirs wall "
+                   f"{ratio['wall']}, CPU {ratio['cpu']} (with render {ratio['wall_with_render']}, "
+                   f"{ratio['cpu_with_render']})")
+    sc = r["syscalls"]
+    if "skipped" not in sc:
+        out.append(f"syscalls: {sc['syscalls_in_snapshot']} in one snapshot; ELF opens of "
+                   f"processes seen before {len(sc['elf_opens_of_processes_seen_before'])}; "
+                   f"ptrace {sc['ptrace_calls']} (on threads seen before "
+                   f"{sc['ptrace_calls_on_threads_seen_before']}); process_vm_readv per "
+                   f"fixture {sorted(set(sc['process_vm_readv_per_pid_on_our_fixtures'].values()))}"
+                   f" with {sc['remote_iovecs_per_call_on_our_fixtures']} iovecs")
+    for sweep, per in (("process_sweep", "per_process_us"), ("thread_sweep", "per_thread_us")):
+        f = r[sweep]["fits"]
+        out.append(f"{sweep}: CPU {f['cpu_seconds'][per]} us per item + "
+                   f"{f['cpu_seconds']['intercept_ms']} ms (R² {f['cpu_seconds']['r2']}); wall "
+                   f"{f['wall_seconds'][per]} us per item (R² {f['wall_seconds']['r2']})")
+    return out
+
+
+def cold_start(r: dict) -> list[str]:
+    b = r["binary"]
+    out = [f"binary: {b['debug_info_bytes'] / 1e6:.0f} MB .debug_info, {b['units']} units, "
+           f"first jemalloc unit #{b['first_jemalloc_unit']}"]
+    for name in ("pahole", "daemon", "resolve_object", "tsd_offsets"):
+        m = r[name]
+        peak = m.get("peak_rss_mib") or m.get("worker_child_peak_rss_mib")
+        out.append(f"{name}: wall p50 {m['wall_seconds']['p50']:.2f} s"
+                   + (f", CPU p50 {m['cpu_seconds']['p50']:.2f} s" if "cpu_seconds" in m else "")
+                   + (f", peak RSS {peak['p50']:.0f} MiB" if peak else "")
+                   + (f", ratio to pahole {r['ratios_to_pahole_p50_wall'][name]}"
+                      if name != "pahole" else ""))
+    return out
+
+
+def target_impact(r: dict) -> list[str]:
+    out = []
+    if "thread_stops" in r:
+        for condition in ("idle", "loaded"):
+            c = r["thread_stops"][condition]
+            d = c["stop_microseconds"]
+            out.append(f"stops {condition}: p50 {d['p50']} us, p99 {d['p99']} us, max "
+                       f"{d['max']} us, {c['over_2ms']} of {d['n']} over 2 ms: "
+                       f"{c['target_p99_le_2ms']}")
+    if "throughput" in r:
+        t = r["throughput"]
+        for key in ("ops_per_second", "ops_per_cpu_second"):
+            s = t[key]["slowdown_per_pair"]
+            out.append(f"slowdown ({key}, {t['pairs']} pairs): p50 {s['p50'] * 100:+.2f} %, "
+                       f"p10..p90 {s['p10'] * 100:+.2f}..{s['p90'] * 100:+.2f} %, mean CI95 "
+                       f"{[round(x * 100, 2) for x in t[key]['slowdown_mean_ci95'] or []]} %")
+        out.append(f"ctprofd CPU during B: p50 "
+                   f"{t['ctprofd_cpu_share_of_one_cpu_during_b']['p50'] * 100:.2f} % of one CPU; "
+                   f"implied slowdown on a saturated machine "
+                   f"{t['slowdown_bound_from_ctprofd_cpu'] * 100:.2f} %")
+    return out
+
+
+def footprint(r: dict) -> list[str]:
+    out = []
+    if "footprint" in r:
+        f = r["footprint"]
+        out.append(f"daemon at {f['interval_seconds']:g} s on {f['host']['tgids_walked']:.0f} "
+                   f"processes: CPU {f['cpu_percent_of_one_cpu']} % of one CPU over "
+                   f"{f['window_seconds']:.0f} s ({f['cpu_seconds_per_snapshot']} s per snapshot), "
+                   f"RSS {f['rss_mib']['window_start']} -> {f['rss_mib']['window_end']} MiB "
+                   f"(max {f['rss_mib']['max']}), parse worker {f['parse_worker']['rss_mib']} MiB; "
+                   f"start {f['startup']['wall_seconds_to_first_snapshot']} s")
+    if "render" in r:
+        g = r["render"]
+        out.append(f"render of {g['series']} series ({g['body_bytes']} bytes): scrape p50 "
+                   f"{_ms(g['scrape_wall_seconds']['p50'])}, max "
+                   f"{_ms(g['scrape_wall_seconds']['max'])} = {g['share_of_interval_max'] * 100:.2f}"
+                   f" % of {g['interval_seconds']:g} s: {g['target_lt_5pct_of_interval']}")
+    return out
+
+
+def scrapers(r: dict) -> list[str]:
+    return [f"{r['scrapers']} scrapers, {r['duration_seconds']:.0f} s: {r['responses']} responses "
+            f"({r['responses_per_second']}/s), errors {r['errors'] or 0}, problems "
+            f"{r['problems'] or 0}, inconsistent snapshots "
+            f"{len(r['snapshots_with_inconsistent_bodies'])}; {r['snapshots_during_run']:.0f} "
+            f"snapshots for {r['snapshots_expected']} expected, interval "
+            f"{r['interval_between_snapshots_seconds']['min']}..{r['interval_between_snapshots_seconds']['max']}"
+            f" s, overruns {r['overruns_during_run']:.0f}; RSS {r['rss_mib']['start']} -> "
+            f"{r['rss_mib']['end']} MiB (max {r['rss_mib']['max']}); latency p50 "
+            f"{_ms(r['latency_seconds']['p50'])}, p99 {_ms(r['latency_seconds']['p99'])}; "
+            f"{r['verdict']}"]
+
+
+SUMMARIES = {"steady_state": steady_state, "cold_start": cold_start,
+             "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or sorted(
+        p for p in RESULTS.glob("*.json") if not p.name.endswith("-quick.json"))
+    for path in paths:
+        document = json.loads(path.read_text())
+        name = document["benchmark"]
+        print(f"== {name} ({path.name}, {document['started']}, load average at start "
+              f"{document['machine']['load_average_at_start'][0]:.2f})")
+        for line in SUMMARIES[name](document["results"]):
+            print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
