@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from . import __version__
+from . import __version__, offsets_file
+from .cache import LayoutCache
 from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
 from .config import add_check_config_parser
@@ -15,8 +16,6 @@ from .daemon import add_run_parser
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
 from .snapshot import Snapshot
-from .cache import LayoutCache
-from . import offsets_file
 
 
 def _snapshot_table(snapshot: Snapshot) -> str:
@@ -38,7 +37,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     warn_if_unprivileged()
     settings = CaptureSettings(proc_root=args.proc_root, cache_dir=args.cache_dir,
                                debug_dirs=tuple(args.debug_dir) or ("/usr/lib/debug",))
-    snapshot = Capturer(settings).capture(pids=args.pid or None)
+    capturer = Capturer(settings)
+    try:
+        snapshot = capturer.capture(pids=args.pid or None)
+    finally:
+        capturer.close()
     if args.json:
         json.dump(snapshot.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -83,7 +86,10 @@ def _offsets_export(path: str, binaries: list[str], search: DebugSearch) -> int:
             return 1
     else:  # everything jemalloc that runs here now
         capturer = Capturer(CaptureSettings(debug_dirs=search.debug_dirs))
-        capturer.capture()
+        try:
+            capturer.capture()
+        finally:
+            capturer.close()
         layouts = capturer.cache.layouts()
     try:
         count = offsets_file.dump([l for l in layouts if l is not None], path)
