@@ -202,6 +202,15 @@ print(json.dumps({"import_seconds": t1 - t0, "call_seconds": t2 - t1,
 }
 
 
+def in_process(code: str, binary: Path, env: dict) -> dict:
+    """A fresh interpreter running `code`: its wall, CPU and peak RSS, and the seconds of
+    its imports and of the call itself, as it measured them."""
+    run = timed_child([sys.executable, "-c", code, str(binary)], cwd=common.REPO,
+                      env={**os.environ, **env})
+    said = json.loads(run["stdout"].strip().splitlines()[-1])
+    return {**run, "import_seconds": said["import_seconds"], "call_seconds": said["call_seconds"]}
+
+
 class HwmPoller:
     """Samples VmHWM of every descendant of the parse worker zygote until stopped."""
 
@@ -266,9 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     env_path = {"PYTHONPATH": str(common.REPO)}
     methods = {
         "pahole": lambda: timed_child(["pahole", "-C", "tsd_s", str(binary)]),
-        **{name: (lambda code=code: timed_child(
-            [sys.executable, "-c", code, str(binary)], cwd=common.REPO,
-            env={**os.environ, **env_path})) for name, code in IN_PROCESS.items()},
+        **{name: (lambda code=code: in_process(code, binary, env_path))
+           for name, code in IN_PROCESS.items()},
     }
     with Processes() as procs:
         target = procs.popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE)

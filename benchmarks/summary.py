@@ -72,11 +72,21 @@ def target_impact(r: dict) -> list[str]:
             out.append(f"stops {condition}: p50 {d['p50']} us, p99 {d['p99']} us, max "
                        f"{d['max']} us, {c['over_2ms']} of {d['n']} over 2 ms: "
                        f"{c['target_p99_le_2ms']}")
+    if "phases" in r:
+        t = r["phases"]
+        s = t["ops_per_second"]["slowdown_per_pair"]
+        cpu = t["alloc_loop_cpu_share"]
+        out.append(f"slowdown (phases, {t['pairs']} pairs of {t['seconds_per_phase']:g} s): p50 "
+                   f"{s['p50'] * 100:+.2f} %, p10..p90 {s['p10'] * 100:+.2f}..{s['p90'] * 100:+.2f}"
+                   f" %, mean CI95 {[round(x * 100, 2) for x in t['ops_per_second']['slowdown_mean_ci95'] or []]}"
+                   f" %; alloc_loop CPU share A {cpu['A']['p50'] * 100:.2f} % B "
+                   f"{cpu['B']['p50'] * 100:.2f} %; ctprofd "
+                   f"{t['ctprofd_cpu_share_of_one_cpu_during_b']['p50'] * 100:.2f} % of one CPU")
     if "throughput" in r:
         t = r["throughput"]
         for key in ("ops_per_second", "ops_per_cpu_second"):
             s = t[key]["slowdown_per_pair"]
-            out.append(f"slowdown ({key}, {t['pairs']} pairs): p50 {s['p50'] * 100:+.2f} %, "
+            out.append(f"slowdown (runs, {key}, {t['pairs']} pairs): p50 {s['p50'] * 100:+.2f} %, "
                        f"p10..p90 {s['p10'] * 100:+.2f}..{s['p90'] * 100:+.2f} %, mean CI95 "
                        f"{[round(x * 100, 2) for x in t[key]['slowdown_mean_ci95'] or []]} %")
         out.append(f"ctprofd CPU during B: p50 "

@@ -20,6 +20,14 @@ on a loaded machine, and the throughput an allocation-heavy program loses while
               operation, free of other jobs taking CPUs away), ctprofd's own CPU time
               during B, and the slowdown that CPU time implies on a saturated machine
               (its share of one CPU over the number of CPUs).
+  phases      the same comparison without the variation between alloc_loop processes
+              (+-10 % from one 5 s run to the next even on a quiet machine): one
+              `alloc_loop LOOP_THREADS` runs throughout and prints its ops per second every
+              second; PAIRS pairs of SECONDS-long phases A (no ctprofd) and B (a fresh
+              `ctprofd run --interval 1`, counted from its first snapshot on, so it attaches
+              to alloc_loop and stops its threads once in each B phase) alternate; the seconds
+              in which ctprofd starts or stops count in neither. Figure: 1 - B / A per pair,
+              each the mean of the phase's whole seconds.
 
 Run: .venv/bin/python -m benchmarks.target_impact [--quick]
 """
@@ -27,10 +35,12 @@ Run: .venv/bin/python -m benchmarks.target_impact [--quick]
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +179,80 @@ def throughput(procs: Processes, args, fixtures: Path, pairs: int, seconds: floa
     return results
 
 
+def phases(procs: Processes, args, fixtures: Path, pairs: int, seconds: float,
+           threads: int) -> dict:
+    """One alloc_loop for the whole test, printing its ops per second every second;
+    `ctprofd run` is started and stopped around it, so that phases without (A) and with
+    (B) it alternate over the same process: no process-to-process variation."""
+    binary = fixtures / "alloc_loop"
+    base = args.work_dir / "target-impact-daemon"
+    loop = procs.popen([binary, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    lines: list[tuple[float, float]] = []
+
+    def read() -> None:
+        for line in loop.stdout:
+            lines.append((time.monotonic(), json.loads(line)["ops_per_sec"]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(3)  # its threads started and its heap warmed
+    spans: list[tuple[str, float, float, float]] = []  # (phase, start, end, loop CPU)
+    daemon_cpu_share, seen = [], []
+    try:
+        for pair in range(pairs):
+            start, cpu = time.monotonic(), common.cpu_seconds(loop.pid)
+            time.sleep(seconds)
+            spans.append(("A", start, time.monotonic(), common.cpu_seconds(loop.pid) - cpu))
+            daemon = procs.own(Daemon(procs, base, interval=1.0, fresh=pair == 0))
+            try:
+                daemon.wait_for_snapshots(1)
+                start, cpu = time.monotonic(), common.cpu_seconds(loop.pid)
+                own = common.cpu_seconds(daemon.pid)
+                time.sleep(seconds)
+                end = time.monotonic()
+                spans.append(("B", start, end, common.cpu_seconds(loop.pid) - cpu))
+                daemon_cpu_share.append((common.cpu_seconds(daemon.pid) - own) / (end - start))
+                samples = common.parse_metrics(daemon.scrape())
+                seen.append(any(f'pid="{loop.pid}"' in key and value > 0
+                                for key, value in samples.items()
+                                if key.startswith("ctprofd_threads{")))
+            finally:
+                daemon.stop()
+                procs.release(daemon)
+            time.sleep(1)  # the second the daemon stopped in belongs to neither phase
+    finally:
+        procs.release(loop)
+    reader.join(5)
+
+    def rate(phase_start: float, phase_end: float) -> float:
+        # a line arriving at t counts the second before t: keep whole seconds of the phase
+        values = [v for t, v in lines if phase_start + 1.0 <= t <= phase_end]
+        return statistics.fmean(values) if values else math.nan
+
+    rates = [(phase, rate(start, end), cpu / (end - start) / threads)
+             for phase, start, end, cpu in spans]
+    a = [r for phase, r, _ in rates if phase == "A"]
+    b = [r for phase, r, _ in rates if phase == "B"]
+    slowdowns = [1 - y / x for x, y in zip(a, b)]
+    log(f"phases: slowdown per pair {[round(x * 100, 2) for x in slowdowns]} %")
+    median = statistics.median(slowdowns)
+    share = statistics.median(daemon_cpu_share)
+    return {"alloc_loop_threads": threads, "cpus": os.cpu_count(), "seconds_per_phase": seconds,
+            "pairs": pairs, "order": "A B A B ... (one alloc_loop process throughout)",
+            "ctprofd_read_alloc_loop_in_every_b_phase": all(seen),
+            "ops_per_second": {"without": distribution(a, 0), "with": distribution(b, 0),
+                               "slowdown_per_pair": distribution(slowdowns, 5),
+                               "slowdown_mean_ci95": mean_ci95(slowdowns),
+                               "slowdown_of_medians": round(1 - statistics.median(b)
+                                                            / statistics.median(a), 5)},
+            "alloc_loop_cpu_share": {phase: distribution(
+                [c for p, _, c in rates if p == phase], 4) for phase in ("A", "B")},
+            "ctprofd_cpu_share_of_one_cpu_during_b": distribution(daemon_cpu_share, 5),
+            "slowdown_bound_from_ctprofd_cpu": round(share / (os.cpu_count() or 1), 5),
+            "target_slowdown_lt_1pct": "met" if median < SLOWDOWN_TARGET else
+            f"NOT met (median slowdown {median * 100:.2f} %)"}
+
+
 def mean_ci95(values: list[float]) -> list[float] | None:
     """The mean's 95 % confidence interval (Student's t), to show what the noise allows."""
     if len(values) < 2:
@@ -192,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--quick 1)")
     p.add_argument("--loop-threads", type=int, help="alloc_loop threads (default: one per "
                    "CPU)")
-    p.add_argument("--skip", choices=("stops", "throughput"), action="append", default=[])
+    p.add_argument("--skip", choices=("stops", "phases", "throughput"), action="append",
+                   default=[])
     args = p.parse_args(argv)
     q = args.quick
     rounds = args.rounds or (1 if q else 10)
@@ -211,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "threads_per_process": threads,
                                        **stop_times(procs, args, fixtures, rounds, count,
                                                     threads)}
+        if "phases" not in args.skip:
+            results["phases"] = phases(procs, args, fixtures, pairs, seconds, loop_threads)
         if "throughput" not in args.skip:
             results["throughput"] = throughput(procs, args, fixtures, pairs, seconds,
                                                loop_threads)
