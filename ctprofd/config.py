@@ -46,9 +46,10 @@ class Matchers:
         return not (self.comm or self.exe or self.unit or self.uid)
 
     def matches(self, info: ProcessInfo) -> bool:
+        # cheapest first; uid and unit cost a /proc read each, so only when a rule needs them
         return (any(p.search(info.comm) for p in self.comm)
+                or (bool(self.uid) and info.uid in self.uid)
                 or any(fnmatch.fnmatchcase(info.unit, g) for g in self.unit)
-                or info.uid in self.uid
                 or self._exe_matches(info))
 
     def _exe_matches(self, info: ProcessInfo) -> bool:
