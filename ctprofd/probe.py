@@ -3,6 +3,7 @@ then only memory reads; counters that never go backwards."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from .snapshot import ThreadSample
 from .summary import Tally
 from .tags import ProbeError
 
+log = logging.getLogger(__name__)
 ADDRESS_LIMIT = 1 << 64
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -106,6 +108,7 @@ class ThreadProber:
             pointer = self.tracer.thread_pointer(thread.tid)
         except ProbeError as error:
             tally.fail(error.tag)
+            log.debug("pid %d: %s", pid, error)
             return
         if self.on_stop:
             self.on_stop(pointer.stopped_seconds)
