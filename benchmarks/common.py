@@ -69,6 +69,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_host_options(p: argparse.ArgumentParser, idle: int = 1000) -> None:
+    """--idle, --jemalloc, --threads: the simulated host (defaults shrink with --quick)."""
+    quick_idle = 20 if idle else 0
+    p.add_argument("--idle", type=int,
+                   help=f"idle processes (default {idle}; --quick {quick_idle})")
+    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
+    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
+    p.set_defaults(host_idle_default=idle)
+
+
+def host_size(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(idle processes, jemalloc fixtures, threads per fixture) from add_host_options."""
+    q = args.quick
+    default_idle = args.host_idle_default
+    idle = args.idle if args.idle is not None else (min(default_idle, 20) if q else default_idle)
+    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
+    return idle, jemalloc, args.threads or (2 if q else 32)
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     model = ""

@@ -159,9 +159,7 @@ def render(procs: Processes, args, fixtures, count: int, scrapes: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--idle", type=int, help="idle processes (default 1000; --quick 20)")
-    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
-    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
+    common.add_host_options(p)
     p.add_argument("--interval", type=float, help="snapshot interval (default 15; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds of sampling after the first "
                    "snapshot (default 240; --quick 3)")
@@ -171,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", choices=("footprint", "render"), action="append", default=[])
     args = p.parse_args(argv)
     q = args.quick
-    idle = args.idle if args.idle is not None else (20 if q else 1000)
-    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
-    threads = args.threads or (2 if q else 32)
+    idle, jemalloc, threads = common.host_size(args)
     interval = args.interval or (1.0 if q else 15.0)
     duration = args.duration or (3.0 if q else 240.0)
     render_procs = args.render_procs or (5 if q else 1000)

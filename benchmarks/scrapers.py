@@ -134,23 +134,20 @@ def main(argv: list[str] | None = None) -> int:
                    "--quick 3)")
     p.add_argument("--interval", type=float, default=1.0, help="snapshot interval "
                    "(default 1)")
-    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
-    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
-    p.add_argument("--idle", type=int, default=0, help="idle processes (default 0)")
+    common.add_host_options(p, idle=0)
     args = p.parse_args(argv)
     q = args.quick
     scrapers = args.scrapers or (5 if q else 50)
     duration = args.duration or (3.0 if q else 60.0)
-    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
-    threads = args.threads or (2 if q else 32)
+    idle, jemalloc, threads = common.host_size(args)
     started, host = time.time(), common.machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     fixtures = common.fixtures_dir(args)
     results = Results()
     rss: list[tuple[float, float]] = []
     with Processes() as procs:
-        if args.idle:
-            procs.own(IdleHost(procs, args.work_dir, args.idle))
+        if idle:
+            procs.own(IdleHost(procs, args.work_dir, idle))
         spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
         daemon = procs.own(Daemon(procs, args.work_dir / "scrapers-daemon", args.interval))
         first = daemon.wait_for_snapshots(2)
@@ -184,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "scrapers": scrapers, "duration_seconds": round(elapsed, 2),
         "interval_seconds": args.interval,
         "host": {"jemalloc_fixtures": jemalloc, "threads_per_fixture": threads,
-                 "idle_processes": args.idle,
+                 "idle_processes": idle,
                  "tgids_walked": final.get(FIELDS["walked"]),
                  "probed_ok": final.get(FIELDS["probed"])},
         "responses": results.responses,

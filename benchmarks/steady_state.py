@@ -332,9 +332,7 @@ def _fit(points: list[dict], x: str, per: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--idle", type=int, help="idle processes (default 1000; --quick 20)")
-    p.add_argument("--jemalloc", type=int, help="jemalloc fixtures (default 10; --quick 1)")
-    p.add_argument("--threads", type=int, help="threads per fixture (default 32; --quick 2)")
+    common.add_host_options(p)
     p.add_argument("--repeats", type=int, help="timed snapshots/scrapes per figure "
                    "(default 30; --quick 3)")
     p.add_argument("--sweep-idle", metavar="N,N,...",
@@ -345,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick 1,4)")
     args = p.parse_args(argv)
     q = args.quick
-    idle = args.idle if args.idle is not None else (20 if q else 1000)
-    jemalloc = args.jemalloc if args.jemalloc is not None else (1 if q else 10)
-    threads = args.threads or (2 if q else 32)
+    idle, jemalloc, threads = common.host_size(args)
     repeats = args.repeats or (3 if q else 30)
     idle_points = [int(x) for x in (args.sweep_idle or ("0,20" if q else
                                                        "0,200,900,2900,9900")).split(",")]
