@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import mmap
 import re
+import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import StringTableSection, SymbolTableSection
 
 TSD_SYMBOL = re.compile(r"^(?:\w*_)?tsd_tls$")  # tsd_tls, je_tsd_tls, _rjem_je_tsd_tls, …
 MALLCTL_SYMBOL = re.compile(r"^(?:\w*_)?mallctl$")
 JEMALLOC_MARKER = b"<jemalloc>: "
 R_X86_64_TPOFF64 = 18
+STT_TLS = 6
+_ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,29 @@ def has_symtab(elf: ELFFile) -> bool:
 def tsd_symbol(elf: ELFFile) -> Symbol | None:
     """jemalloc's thread-local TSD variable, from .symtab or .dynsym."""
     for table in _symbol_tables(elf):
-        for sym in table.iter_symbols():
-            if sym["st_info"]["type"] == "STT_TLS" and TSD_SYMBOL.match(sym.name):
-                return Symbol(sym.name, sym["st_value"], sym["st_size"])
+        found = _tls_symbols_elf64le(elf, table)
+        if found is None:  # not ELF64 little-endian: let pyelftools decode every symbol
+            found = (Symbol(s.name, s["st_value"], s["st_size"]) for s in table.iter_symbols()
+                     if s["st_info"]["type"] == "STT_TLS")
+        for symbol in found:
+            if TSD_SYMBOL.match(symbol.name):
+                return symbol
     return None
+
+
+def _tls_symbols_elf64le(elf: ELFFile, table: SymbolTableSection) -> list[Symbol] | None:
+    """The STT_TLS symbols of a table, decoding only those: a large program's .symtab has
+    a hundred thousand entries, and pyelftools takes seconds to build them all."""
+    if elf.elfclass != 64 or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size:
+        return None
+    strings = elf.get_section(table["sh_link"])
+    if not isinstance(strings, StringTableSection):
+        return None
+    data = table.data()
+    return [Symbol(strings.get_string(name), value, size)
+            for name, info, _, _, value, size in _ELF64_SYM.iter_unpack(
+                data[:len(data) - len(data) % _ELF64_SYM.size])
+            if info & 0xF == STT_TLS]
 
 
 def exports_mallctl(elf: ELFFile) -> bool:
