@@ -8,16 +8,14 @@ log = logging.getLogger(__name__)
 CAP_SYS_PTRACE = 19
 
 
-def effective_capabilities(status_path: str = "/proc/self/status") -> int:
-    with open(status_path, "rb") as f:
-        for line in f:
-            if line.startswith(b"CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+def own_status() -> dict[str, str]:
+    """This process's /proc/self/status, field name to value."""
+    with open("/proc/self/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
 def has_ptrace_capability() -> bool:
-    return bool(effective_capabilities() >> CAP_SYS_PTRACE & 1)
+    return bool(int(own_status()["CapEff"], 16) >> CAP_SYS_PTRACE & 1)
 
 
 def warn_if_unprivileged() -> None:

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 from typing import BinaryIO, NoReturn
 
 from . import tags
+from .capabilities import own_status
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
                      inspect_object, layout_from_dwarf, resolution_from_dict)
 
@@ -271,7 +272,7 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
     worker again (see below)."""
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    effective = int(_status()["CapEff"], 16)
+    effective = int(own_status()["CapEff"], 16)
     if effective >> CAP_SETPCAP & 1:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             for cap in range(int(f.read()) + 1):
@@ -286,7 +287,7 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
     except OSError:
         # capset refused (the systemd unit's seccomp filter): a non-root process loses
         # the capabilities it got from the ambient set by exec'ing, now that set is empty
-        if os.geteuid() != 0 and _held(_status(), PRIVILEGED_SETS):
+        if os.geteuid() != 0 and _held(own_status(), PRIVILEGED_SETS):
             os.execv(sys.executable, [sys.executable, "-I", "-c", BOOTSTRAP, *sys.argv[1:]])
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
@@ -294,7 +295,7 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
         raise RuntimeError("the daemon is gone")
     resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    status = _status()
+    status = own_status()
     if _held(status, PRIVILEGED_SETS) or status["NoNewPrivs"] != "1":
         raise RuntimeError(f"capabilities left in {', '.join(_held(status, PRIVILEGED_SETS))}, "
                            f"NoNewPrivs {status['NoNewPrivs']}")
@@ -418,7 +419,3 @@ def _capset_none() -> None:
         errno = ctypes.get_errno()
         raise OSError(errno, f"capset: {os.strerror(errno)}")
 
-
-def _status() -> dict[str, str]:
-    with open("/proc/self/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)

@@ -131,8 +131,8 @@ class Tracer:
     of the Tracer's own, started on demand and ended by `end()` after each snapshot: a
     thread whose stop did not come in time (a vfork parent, an uninterruptible sleep) and
     so could not be detached is released then, instead of stopping later and staying
-    stopped until a next snapshot detaches it. `release_pending()` detaches the ones whose
-    stop has arrived meanwhile."""
+    stopped until a next snapshot detaches it; the ones whose stop has arrived meanwhile
+    are detached first."""
 
     def __init__(self, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.stop_timeout = stop_timeout
@@ -188,12 +188,8 @@ class Tracer:
             if exc.errno == errno.ESRCH and not stopped and os.path.exists(f"/proc/{tid}"):
                 self._pending.add(tid)  # still running toward our stop: detach it later
 
-    def release_pending(self) -> None:
-        """Detach the threads whose stop arrived after we gave up waiting."""
-        if self._thread is not None:
-            self._thread.call(self._release_pending)
-
     def _release_pending(self) -> None:
+        """Detach the threads whose stop arrived after we gave up waiting."""
         for tid in list(self._pending):
             try:
                 waited, status = os.waitpid(tid, os.WNOHANG | WALL)
