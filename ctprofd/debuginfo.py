@@ -44,9 +44,10 @@ def debuglink_candidates(object_dirs: list[str], name: str, debug_dirs: tuple[st
     paths = []
     for directory in object_dirs:
         paths += [os.path.join(directory, name), os.path.join(directory, ".debug", name)]
-    for debug_dir in debug_dirs:
+    for debug_dir in debug_dirs:  # mirrors the object's own path, not a /proc/PID/root view
         for directory in object_dirs:
-            paths.append(os.path.join(debug_dir, directory.lstrip("/"), name))
+            if not directory.startswith("/proc/"):
+                paths.append(os.path.join(debug_dir, directory.lstrip("/"), name))
     return list(dict.fromkeys(paths))
 
 
