@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 
 from . import tags
 
+# ktstr's hint spells the capability in its setcap form (ktstr is a compiled binary); the
+# kernel ignores file capabilities on a #! script, so this one names what works for a
+# Python daemon. It keeps the words cap_sys_ptrace and kernel.yama.ptrace_scope.
 REMEDIATION_HINT = (
-    "grant ptrace rights: setcap cap_sys_ptrace+eip $(command -v ctprofd), or run as root, "
-    "or sysctl kernel.yama.ptrace_scope=0"
+    "grant ctprofd cap_sys_ptrace: AmbientCapabilities=CAP_SYS_PTRACE in its systemd unit, "
+    "--cap-add SYS_PTRACE for its container, or run it as root; and check "
+    "kernel.yama.ptrace_scope (3 forbids ptrace even for root)"
 )
 
 
