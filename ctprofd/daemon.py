@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,24 +47,28 @@ RESTART_KEYS = ("listen", "cache_dir", "state_dir", "debug_dirs", "debuginfod_ur
 
 
 class Notifier:
-    """sd_notify through systemd-python; silent when not started by systemd (no NOTIFY_SOCKET)."""
+    """sd_notify(3) without a library: one datagram to $NOTIFY_SOCKET per call (a path, or an
+    abstract address spelled with a leading @); silent when not started by systemd."""
 
     def __init__(self) -> None:
-        self._notify = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            try:
-                from systemd.daemon import notify
-                self._notify = notify
-            except ImportError:
-                log.warning("NOTIFY_SOCKET is set but systemd-python is not installed: "
-                            "readiness and watchdog pings cannot be sent")
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._socket: socket.socket | None = None
+        if address.startswith(("/", "@")):
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        elif address:
+            log.warning("ignoring NOTIFY_SOCKET=%r: not a path or an abstract address", address)
         usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
         ours = not pid or pid == str(os.getpid())
         self.watchdog_period = int(usec) / 2e6 if usec and usec.isdigit() and ours else None
 
     def __call__(self, *assignments: str) -> None:
-        if self._notify is not None:
-            self._notify("\n".join(assignments))
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto("\n".join(assignments).encode(), self._address)
+        except OSError as err:  # systemd gone or the socket unreachable: nothing to tell
+            log.debug("sd_notify to %s failed: %s", self._address, err)
 
     def watchdog(self) -> None:
         if self.watchdog_period is not None:

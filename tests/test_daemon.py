@@ -173,13 +173,21 @@ def test_overrunning_snapshots_are_counted(tmp_path, daemons):
     daemon.wait_for_sample("ctprofd_snapshot_overruns_total", 1)
 
 
-def test_systemd_notifications(tmp_path, daemons):
-    address = str(tmp_path / "notify.sock")
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_notifications_without_systemd_python(tmp_path, daemons, abstract):
+    """The datagrams reach a socket bound at a path or at an abstract address (NOTIFY_SOCKET
+    `@name`), with systemd-python made unimportable."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "systemd.py").write_text("raise ImportError('systemd-python hidden by the test')\n")
+    name = f"ctprofd-test-notify-{os.getpid()}-{tmp_path.name}"
+    address = "\0" + name if abstract else str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(30)
         daemon = daemons("--config", str(write_config(tmp_path, QUIET)),
-                         env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}).started()
+                         env={"NOTIFY_SOCKET": "@" + name if abstract else address,
+                              "WATCHDOG_USEC": "200000", "PYTHONPATH": str(hidden)}).started()
 
         def receive_until(wanted: str) -> list[str]:
             seen: list[str] = []
