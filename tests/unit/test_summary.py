@@ -1,11 +1,15 @@
 """The probe-summary contract: actionable filter, plurality, tie-break, privilege gate."""
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from ctprofd import tags
 from ctprofd.summary import REMEDIATION_HINT, ProbeSummary, Tally, dominant_tag
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def summarize(**counts: int) -> ProbeSummary:
@@ -58,15 +62,34 @@ def test_ptrace_tag_dominant_without_privilege_dominating():
     assert not summary.privilege_dominant
 
 
-@pytest.mark.parametrize("first,second", [
-    (tags.PTRACE_SEIZE, tags.DWARF_PARSE_FAILURE),
-    (tags.WAITPID, tags.PTRACE_INTERRUPT),
-    (tags.PROCESS_VM_READV, tags.PID_MISSING),
-])
-def test_ties_break_by_contract_order_regardless_of_arrival(first, second):
-    expected = min(first, second, key=tags.ALL_TAGS.index)
-    assert dominant_tag(Counter({first: 2, second: 2})) == expected
-    assert dominant_tag(Counter({second: 2, first: 2})) == expected
+def contract_table() -> list[tuple[str, bool]]:
+    """(tag, actionable) rows of the README's tag table, in the order listed: the order
+    the contract breaks ties by, read from the contract itself, not from the code."""
+    section = README.read_text().split("## The probe summary", 1)[1].split("\n## ", 1)[0]
+    return [(tag, actionable == "yes") for tag, actionable in
+            re.findall(r"^\| `([a-z-]+)` \|.*\| (yes|no) \|$", section, re.MULTILINE)]
+
+
+def test_contract_table_lists_every_tag_with_its_actionability():
+    table = contract_table()
+    assert [tag for tag, _ in table] == list(tags.ALL_TAGS)
+    assert {tag for tag, actionable in table if actionable} == tags.ACTIONABLE
+
+
+def test_ties_break_by_the_contract_tables_order_regardless_of_arrival():
+    order = [tag for tag, actionable in contract_table() if actionable]
+    for i, first in enumerate(order):
+        for second in order[i + 1:]:
+            assert dominant_tag(Counter({first: 2, second: 2})) == first, (first, second)
+            assert dominant_tag(Counter({second: 2, first: 2})) == first, (first, second)
+            assert dominant_tag(Counter({second: 3, first: 2})) == second
+    assert dominant_tag(Counter(dict.fromkeys(reversed(order), 1))) == order[0]
+
+
+def test_a_not_actionable_tag_never_wins_a_tie_or_a_plurality():
+    assert dominant_tag(Counter({tags.JEMALLOC_NOT_FOUND: 9, tags.TLS_ARITHMETIC: 1})) == \
+        tags.TLS_ARITHMETIC
+    assert dominant_tag(Counter({tags.READLINK_FAILURE: 4})) is None
 
 
 def test_log_line_without_failures():
