@@ -52,6 +52,18 @@ def test_counters_match_mallctl_thread_by_thread(fixture_bins, spawn_fixture, va
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 
+@pytest.mark.parametrize("variant", ["static-oddtls", "dynamic-oddtls"])
+def test_counters_exact_when_the_tls_segment_is_not_aligned(fixture_bins, spawn_fixture,
+                                                            variant):
+    """The program's own thread-locals make PT_TLS 2755 bytes with a 64-byte alignment and
+    put tsd_tls 16 bytes into it: the round-up and the symbol's offset both matter."""
+    fixture = spawn_fixture(fixture_bins[variant], 3)
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert snapshot.summary.failed == 0, snapshot.failures
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
 @pytest.mark.parametrize("linkage", ["static", "dynamic"])
 @pytest.mark.parametrize("mode", ["buildid", "debuglink", "debuglink-subdir",
                                   "debuglink-debugroot"])

@@ -18,7 +18,8 @@ from support.procs import (DROP_PTRACE_PREFIX, FixtureError, assert_no_thread_st
 TSD_SYMBOL = "je_tsd_tls"
 MANGLE = "cant_access_tsd_items_directly_use_a_getter_or_setter_"
 CAP_SYS_PTRACE = 19
-ALL_VARIANTS = ["static", "dynamic"] + [f"{link}-stripped-{m}" for link in ("static", "dynamic") for m in MODES]
+ALL_VARIANTS = (["static", "dynamic", "static-oddtls", "dynamic-oddtls"]
+                + [f"{link}-stripped-{m}" for link in ("static", "dynamic") for m in MODES])
 STRIPPED = [v for v in ALL_VARIANTS if "stripped" in v]
 WITH_DEBUGLINK = [v for v in STRIPPED if "debuglink" in v or "badcrc" in v]
 
@@ -152,8 +153,20 @@ def test_stripped_objects_have_no_symtab_or_dwarf(fixture_bins: FixtureBins, nam
     assert elf.build_id(obj)
 
 
+@pytest.mark.parametrize("linkage", ["static", "dynamic"])
+def test_oddtls_variants_have_an_unaligned_tls_segment(fixture_bins: FixtureBins,
+                                                       linkage: str) -> None:
+    memsz, align = elf.pt_tls(fixture_bins[f"{linkage}-oddtls"].binary)
+    assert align == 64 and memsz % align != 0
+    if linkage == "static":  # jemalloc's TSD comes after the program's own .tdata
+        assert elf.symbol(fixture_bins["static-oddtls"].binary, TSD_SYMBOL)["value"] > 0
+    else:  # module 1 is the program's, jemalloc's block comes below it
+        assert fixture_bins["dynamic-oddtls"].jemalloc_object == fixture_bins["dynamic"].jemalloc_object
+
+
 def test_build_ids_are_distinct(fixture_bins: FixtureBins) -> None:
-    ids = [elf.build_id(fixture_bins[n].jemalloc_object) for n in ALL_VARIANTS]
+    objects = {fixture_bins[n].jemalloc_object for n in ALL_VARIANTS}  # dynamic-oddtls shares
+    ids = [elf.build_id(obj) for obj in objects]
     assert all(ids) and len(set(ids)) == len(ids)
 
 

@@ -4,6 +4,9 @@ Output layout under `root` (all compiled -g -O1 -pthread -Wl,--build-id):
 
     static/alloc_threads                      jemalloc linked in statically, unstripped
     dynamic/alloc_threads                     uses <jemalloc_dir>/lib/libjemalloc.so.2 (RUNPATH)
+    static-oddtls/, dynamic-oddtls/           the same with thread-locals of the program's own
+                                              (-DFIXTURE_ODD_TLS): a PT_TLS segment whose size
+                                              is not a multiple of its 64-byte alignment
     static-stripped-<mode>/alloc_threads      stripped; debug info placed per <mode>
     dynamic-stripped-<mode>/alloc_threads     unstripped executable using a private,
       + lib/libjemalloc.so.2                  stripped copy of libjemalloc.so.2, whose
@@ -66,14 +69,14 @@ class Variant:
 
     name: str  # e.g. "static", "dynamic-stripped-buildid"
     linkage: str  # "static" | "dynamic"
-    mode: str  # "unstripped" or one of MODES
+    mode: str  # "unstripped", "oddtls" (unstripped, unaligned PT_TLS) or one of MODES
     binary: Path  # the executable to run
     jemalloc_object: Path  # the ELF object holding jemalloc (binary, or its libjemalloc.so.2)
     debug_file: Path | None  # the split debug file, if any (badcrc: the altered one)
 
     @property
     def stripped(self) -> bool:
-        return self.mode != "unstripped"
+        return self.mode in MODES
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,14 @@ def _run(*argv: str | Path) -> None:
 
 def _compile(src: str, out: Path, jemalloc_dir: Path, link: list[str | Path], variant: str = "") -> None:
     defines = [f'-DFIXTURE_VARIANT="{variant}"'] if variant else []
+    if variant.endswith("-oddtls"):
+        defines.append("-DFIXTURE_ODD_TLS")
     _run("gcc", *CFLAGS, *defines, "-I", jemalloc_dir / "include", FIXTURES_SRC / src, "-o", out, *link)
 
 
 def _place_debug(obj: Path, mode: str, debug_root: Path) -> Path | None:
     """Strip `obj` and put its debug info where `mode` says; return the debug file."""
-    if mode == "unstripped":
+    if mode not in MODES:
         return None
     split = obj.with_name(obj.name + ".debug")
     _run("objcopy", "--only-keep-debug", obj, split)
@@ -153,7 +158,8 @@ def _place_debug(obj: Path, mode: str, debug_root: Path) -> Path | None:
 
 
 def _build_variant(root: Path, jemalloc_dir: Path, debug_root: Path, linkage: str, mode: str) -> Variant:
-    name = linkage if mode == "unstripped" else f"{linkage}-stripped-{mode}"
+    name = {"unstripped": linkage, "oddtls": f"{linkage}-oddtls"}.get(
+        mode, f"{linkage}-stripped-{mode}")
     vdir = root / name
     vdir.mkdir()
     binary = vdir / "alloc_threads"
@@ -163,7 +169,7 @@ def _build_variant(root: Path, jemalloc_dir: Path, debug_root: Path, linkage: st
         obj = binary
     else:
         lib = jemalloc_dir / "lib/libjemalloc.so.2"
-        if mode != "unstripped":  # a private copy with its own build-id
+        if mode in MODES:  # a private copy with its own build-id
             (vdir / "lib").mkdir()
             obj = vdir / "lib" / lib.name
             shutil.copy2(lib, obj)
@@ -187,7 +193,7 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     debug_root = root / "debug-root"
     debug_root.mkdir()
     static_link = [jemalloc_dir / "lib/libjemalloc.a", *STATIC_LIBS]
-    jobs = [(linkage, mode) for linkage in LINKAGES for mode in ("unstripped", *MODES)]
+    jobs = [(linkage, mode) for linkage in LINKAGES for mode in ("unstripped", "oddtls", *MODES)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = [pool.submit(_build_variant, root, jemalloc_dir, debug_root, *job) for job in jobs]
         others = [pool.submit(_compile, f"{p}.c", root / p, jemalloc_dir, static_link)

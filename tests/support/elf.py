@@ -80,6 +80,15 @@ def has_pt_tls(path: Path) -> bool:
         return any(seg["p_type"] == "PT_TLS" for seg in ELFFile(f).iter_segments())
 
 
+def pt_tls(path: Path) -> tuple[int, int] | None:
+    """(p_memsz, p_align) of the PT_TLS segment, or None."""
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_TLS":
+                return seg["p_memsz"], seg["p_align"]
+    return None
+
+
 def set_build_id(path: Path, new_id: bytes) -> None:
     """Overwrite the build-id note's descriptor in place (same length)."""
     with open(path, "r+b") as f:
