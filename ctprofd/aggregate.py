@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+from .labels import label_value
 from .snapshot import ProcessSample, Snapshot
 
 SeriesKey = tuple[str, ...]
@@ -85,7 +86,7 @@ class Aggregator:
         values = {"pid": lambda: str(process.pid), "comm": lambda: process.comm,
                   "unit": lambda: process.unit, "exe": lambda: process.exe,
                   "user": lambda: self._user_of(process.uid)}
-        return tuple(values[name]() for name in self.labels)
+        return tuple(label_value(values[name]()) for name in self.labels)
 
     def update(self, snapshot: Snapshot, alive: Callable[[int, int], bool]) -> AggregateView:
         """Take in one snapshot. `alive(pid, start_time)` tells whether a process missing
@@ -157,10 +158,15 @@ class Aggregator:
         other labels or another format. From another boot, every process there has exited."""
         if state.get("version") != STATE_VERSION or tuple(state.get("labels", ())) != self.labels:
             return False
-        self._series = {tuple(k): _Series(a, d, t) for k, a, d, t in state["series"]}
-        self._processes = {(pid, start): _Process(tuple(k), a, d, ba, bd)
+        self._series = {_key(k): _Series(a, d, t) for k, a, d, t in state["series"]}
+        self._processes = {(pid, start): _Process(_key(k), a, d, ba, bd)
                            for pid, start, k, a, d, ba, bd in state["processes"]}
         if not same_boot:
             for ident in list(self._processes):
                 self._fold(self._processes.pop(ident))
         return True
+
+
+def _key(values: list[str]) -> SeriesKey:
+    """A series key from a state file, its values made valid label values."""
+    return tuple(label_value(str(v)) for v in values)

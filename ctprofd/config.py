@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
+from .files import MAX_CONFIG_BYTES, read_regular
+
 if TYPE_CHECKING:
     from .procfs import ProcessInfo
 
@@ -122,11 +124,16 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def load(path: str) -> Config:
     """Read and validate the YAML file at `path`; ConfigError on any problem."""
+    return parse(read_text(path), path)
+
+
+def read_text(path: str) -> str:
+    """A configuration file's text: a regular file of at most MAX_CONFIG_BYTES in UTF-8,
+    else a one-line ConfigError (nothing is read from a FIFO, a device or a huge file)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(path, "", f"cannot read: {getattr(err, 'strerror', None) or err}")
-    return parse(text, path)
 
 
 def load_default() -> Config:

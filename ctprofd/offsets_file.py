@@ -7,11 +7,13 @@ import json
 import re
 
 from .atomic import write_json
+from .files import read_regular
 
 from .layout import TsdLayout, resolution_from_dict
 
 FORMAT = "ctprofd-offsets"
 VERSION = 1
+MAX_BYTES = 64 << 20  # about 100,000 layouts
 _BUILD_ID = re.compile(r"^[0-9a-f]{8,128}$")
 
 
@@ -30,8 +32,7 @@ def dump(layouts: list[TsdLayout], path: str) -> int:
 def load(path: str) -> list[TsdLayout]:
     """Read and validate an offsets file; raises OffsetsFileError with a one-line reason."""
     try:
-        with open(path, "rb") as f:
-            data = json.load(f)
+        data = json.loads(read_regular(path, MAX_BYTES))
     except OSError as exc:
         raise OffsetsFileError(f"{path}: {exc.strerror}") from None
     except ValueError as exc:

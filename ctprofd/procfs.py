@@ -61,7 +61,7 @@ def read_stat(path: str) -> StatLine:
 
 def unit_from_cgroup(text: str) -> str:
     """The innermost systemd unit (.service, .scope, …) named in a /proc/PID/cgroup file."""
-    for line in text.splitlines():
+    for line in text.split("\n"):  # only \n ends a line: a name may hold U+2028, \x1c, ...
         hierarchy, _, path = line.partition(":")[2].partition(":")
         if hierarchy == "" or "name=systemd" in hierarchy:
             units = [part for part in path.split("/") if _UNIT_RE.match(part)]
@@ -233,7 +233,7 @@ class Mapping:
 def parse_maps(text: str) -> list[Mapping]:
     """File-backed mappings (anonymous and pseudo ones like [heap] are left out)."""
     mappings = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a file name may hold U+2028, \x1c, ...
         fields = line.split(None, 5)
         if len(fields) < 6 or not fields[5].startswith("/"):
             continue

@@ -25,7 +25,9 @@ import bcrypt
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .config import ConfigError, Reader, load_yaml, parse_listen
+from .config import ConfigError, Reader, load_yaml, parse_listen, read_text
+from .files import read_regular
+from .render import CollectError, Renderer
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,7 @@ def load_web_config(path: str | None) -> WebConfig:
     Certificate and key files are loaded now, so their errors surface here."""
     if path is None:
         return WebConfig()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(path, "", f"cannot read: {getattr(err, 'strerror', None) or err}")
-    return _WebValidator(path).web_config(load_yaml(text, path))
+    return _WebValidator(path).web_config(load_yaml(read_text(path), path))
 
 
 class _WebValidator(Reader):
@@ -89,8 +86,12 @@ class _WebValidator(Reader):
         if not value:
             return None
         path = os.path.join(os.path.dirname(os.path.abspath(self.source)), value)
-        if not os.path.isfile(path):
+        try:
+            read_regular(path)  # OpenSSL reads by path: refuse a FIFO, device or huge file first
+        except FileNotFoundError:
             raise self.fail(f"tls_server_config.{key}", f"no such file: {path}")
+        except OSError as err:
+            raise self.fail(f"tls_server_config.{key}", f"cannot read {path}: {err.strerror}")
         return path
 
     def _version(self, raw: dict[str, Any], key: str, default: str) -> ssl.TLSVersion:
@@ -254,7 +255,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept"))
-            body = encoder(self.server.registry)
+            try:
+                body = self.server.renderer.render(encoder)
+            except CollectError:
+                self._reply(500, b"Collecting the metrics failed: see the log.\n",
+                            "text/plain; charset=utf-8")
+                return
             headers = []
             if "gzip" in (self.headers.get("Accept-Encoding") or ""):
                 body = gzip.compress(body)
@@ -291,6 +297,7 @@ class MetricsServer(ThreadingHTTPServer):
                  deadline: float = REQUEST_DEADLINE_SECONDS) -> None:
         host, port = parse_listen(listen)
         self.registry = registry
+        self.renderer = Renderer(registry)
         self.web_config = web_config
         self.deadline = deadline
         self.authenticator = Authenticator()

@@ -113,6 +113,32 @@ def test_unreadable_file(tmp_path):
     assert str(info.value) == f"{missing}: cannot read: No such file or directory"
 
 
+def special_file(tmp_path: Path, kind: str) -> str:
+    """A path naming something that is not a small regular file."""
+    path = tmp_path / "ctprofd.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would block without a writer
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # reading it would never end
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with open(path, "wb") as f:
+            f.truncate(config.MAX_CONFIG_BYTES + 1)  # sparse: huge to read, nothing on disk
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("fifo", "not a regular file (a FIFO)"), ("device", "not a regular file (a character "
+    "device)"), ("directory", "not a regular file (a directory)"),
+    ("huge", f"too large ({config.MAX_CONFIG_BYTES + 1} bytes, limit {config.MAX_CONFIG_BYTES})")])
+def test_only_bounded_regular_files_are_read(tmp_path, kind, expected):
+    path = special_file(tmp_path, kind)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: cannot read: {expected}"
+
+
 def test_parse_listen():
     assert config.parse_listen(":19455") == ("", 19455)
     assert config.parse_listen("[::1]:80") == ("::1", 80)

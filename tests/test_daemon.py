@@ -167,6 +167,33 @@ def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(tmp_path, daemo
     assert daemon.proc.poll() is None
 
 
+def test_sighup_refuses_a_fifo_a_device_or_a_huge_file_and_keeps_running(tmp_path, daemons):
+    path = write_config(tmp_path, QUIET, name="hup.yaml")
+    good = path.read_text()
+    daemon = daemons("--config", str(path)).started()
+    daemon.wait_for("probe: ")
+
+    def huge() -> None:
+        path.write_text(good)
+        os.truncate(path, 1 << 30)  # sparse
+
+    for make, kind in ((lambda: os.mkfifo(path), "a FIFO"),
+                       (lambda: path.symlink_to("/dev/zero"), "a character device"),
+                       (huge, "too large")):
+        path.unlink()
+        make()
+        daemon.signal(signal.SIGHUP)
+        line = daemon.wait_for("reload failed, keeping the running configuration: (.*)").string
+        assert f"{path}: cannot read: " in line and kind in line, line
+    text = daemon.wait_for_sample("ctprofd_snapshots_total",
+                                  daemon.sample("ctprofd_snapshots_total") + 1)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.5
+    with open(f"/proc/{daemon.proc.pid}/status") as f:
+        rss_kib = int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+    assert rss_kib < 256 << 10, "a refused file was read anyway"
+    assert not [line for line in daemon.lines if "Traceback" in line]
+
+
 def test_overrunning_snapshots_are_counted(tmp_path, daemons):
     daemon = daemons("--config", str(write_config(tmp_path, QUIET, interval=0.001)))
     daemon.started()

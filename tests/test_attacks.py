@@ -1,0 +1,141 @@
+"""Attacks by an unprivileged user (uid 65534, through setpriv) on a root `ctprofd run`: for
+each, the daemon keeps its schedule (snapshots keep being published), a root reference
+process's series keeps its exact values, and a scraper polling once a second keeps succeeding.
+Everything waits for events; nothing asserts on elapsed time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon_process import DaemonProcess, write_config
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+          "--bounding-set=-all", "--")
+SCRAPES_NEEDED = 0.99
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` in an exposition."""
+    return [(s.labels, s.value) for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name]
+
+
+class Scraper:
+    """Scrapes /metrics once a second in a thread; counts what succeeded and keeps the last
+    successful text."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failed: list[str] = []
+        self.text = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+                    text = response.read().decode()
+                if response.status != 200 or "ctprofd_snapshots_total" not in text:
+                    raise ValueError(f"status {response.status}, {len(text)} bytes")
+                self.text, self.ok = text, self.ok + 1
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded
+                self.failed.append(f"{type(exc).__name__}: {exc}")
+            self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def assert_succeeded(self) -> None:
+        total = self.ok + len(self.failed)
+        assert total and self.ok >= SCRAPES_NEEDED * total, (self.ok, total, self.failed[:5])
+
+
+class Harness:
+    """A root daemon, a root reference process and a scraper."""
+
+    def __init__(self, daemon: DaemonProcess, reference, scraper: Scraper) -> None:
+        self.daemon = daemon
+        self.reference = reference
+        self.scraper = scraper
+
+    def next_snapshot(self, count: int = 2) -> str:
+        """A scrape after `count` more snapshots were published (the schedule holds)."""
+        now = self.daemon.sample("ctprofd_snapshots_total") or 0
+        return self.daemon.wait_for_sample("ctprofd_snapshots_total", now + count)
+
+    def assert_reference_exact(self, text: str) -> None:
+        allocated = sum(t["allocated"] for t in self.reference.threads)
+        deallocated = sum(t["deallocated"] for t in self.reference.threads)
+        pid = str(self.reference.pid)
+        found = [(n, v) for n in ("ctprofd_allocated_bytes_total",
+                                  "ctprofd_deallocated_bytes_total")
+                 for labels, v in samples(text, n) if labels.get("pid") == pid]
+        assert found == [("ctprofd_allocated_bytes_total", allocated),
+                         ("ctprofd_deallocated_bytes_total", deallocated)], found
+
+
+@pytest.fixture
+def attacked(tmp_path, fixture_bins, spawn_fixture):
+    """start(extra_config, labels) -> Harness; stops everything at the end."""
+    started: list[tuple[DaemonProcess, Scraper]] = []
+
+    def start(extra: str = "", labels: str = "pid, comm") -> Harness:
+        reference = spawn_fixture(fixture_bins["static"], 2)
+        config = (f"labels: [{labels}]\nselection:\n  include:\n"
+                  f"    exe: ['{fixture_bins.root}/*']\n{extra}")
+        daemon = DaemonProcess("--config", str(write_config(tmp_path, config, interval=0.2)))
+        daemon.started()
+        scraper = Scraper(daemon.url)
+        started.append((daemon, scraper))
+        harness = Harness(daemon, reference, scraper)
+        harness.assert_reference_exact(harness.next_snapshot())
+        return harness
+
+    yield start
+    for daemon, scraper in started:
+        scraper.stop()
+        daemon.stop()
+
+
+def lint(text: str) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                            capture_output=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+HOSTILE_NAMES = (b"bad\xff\xfename", b'quo"te\\n', b"new\nline", b"sep\xe2\x80\xa8\x1cx")
+
+
+def test_hostile_file_names_cannot_break_the_endpoint(attacked, fixture_bins, spawn_fixture):
+    harness = attacked(labels="pid, comm, exe")
+    drop = Path(fixture_bins.root) / "attacker"
+    drop.mkdir()
+    shutil.chown(drop, 65534, 65534)
+    attackers = []
+    for name in HOSTILE_NAMES:
+        path = os.fsdecode(bytes(drop) + b"/" + name)
+        subprocess.run([*NOBODY, "cp", str(fixture_bins["static"].binary), path], check=True)
+        attackers.append((spawn_fixture(path, 1, prefix=NOBODY), name))
+    text = harness.next_snapshot()
+    lint(text)
+    exes = {labels["pid"]: labels["exe"] for labels, _ in
+            samples(text, "ctprofd_allocated_bytes_total")}
+    for fixture, name in attackers:
+        expected = (bytes(drop) + b"/" + name).decode("utf-8", "replace")
+        assert exes[str(fixture.pid)] == expected
+    harness.assert_reference_exact(text)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+    assert not [line for line in harness.daemon.lines if "ERROR" in line]

@@ -1,0 +1,143 @@
+"""Label values a target controls (exe, comm, unit, user) through the aggregate and the
+collector into both exposition formats, checked by promtool and the OpenMetrics parser; a
+sample that cannot be rendered is dropped, logged and counted instead of emptying the scrape."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from ctprofd.aggregate import Aggregator
+from ctprofd.collector import DaemonCollector, DaemonState
+from ctprofd.labels import label_value
+from ctprofd.procfs import parse_maps, unit_from_cgroup
+from ctprofd.render import CollectError, Renderer
+from ctprofd.snapshot import ProcessSample, Snapshot, ThreadSample
+from ctprofd.summary import ProbeSummary
+
+NASTY = {
+    "invalid bytes": os.fsdecode(b"/opt/a\xff\xfe\xc3(b"),  # as os.readlink returns them
+    "lone surrogate": "x\ud800y",
+    "newline": "two\nlines\r\n",
+    "quotes and backslash": 'say "hi" \\ \\n',
+    "unicode separators": "a\u2028b\x85c\x1cd",
+}
+
+
+@pytest.mark.parametrize("value", NASTY.values(), ids=NASTY.keys())
+def test_label_value_is_valid_utf8_and_keeps_what_was_valid(value):
+    cleaned = label_value(value)
+    cleaned.encode("utf-8")  # never raises
+    assert cleaned.replace("\ufffd", "") == "".join(
+        c for c in value if not 0xD800 <= ord(c) <= 0xDFFF)
+
+
+def test_invalid_bytes_become_one_replacement_each():
+    assert label_value(os.fsdecode(b"a\xffb")) == "a\ufffdb"
+    assert label_value("plain") == "plain"
+
+
+def sample(pid: int, value: str) -> ProcessSample:
+    return ProcessSample(pid=pid, start_time=pid, comm=value, exe=value, build_id=None, uid=pid,
+                         unit=value, threads=(ThreadSample(pid, value, 100 + pid, 40),))
+
+
+def lint(text: bytes) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_every_label_of_hostile_processes_renders_lint_clean():
+    users = {pid: value for pid, value in enumerate(NASTY.values(), start=1)}
+    aggregator = Aggregator(("pid", "comm", "unit", "exe", "user"), 100, 300,
+                            user_of=users.__getitem__)
+    snapshot = Snapshot(1.0, 0.01, ProbeSummary(5, 5, 5, 0),
+                        processes=tuple(sample(pid, value) for pid, value in users.items()))
+    collector = DaemonCollector()
+    collector.publish(DaemonState(snapshot=snapshot,
+                                  aggregate=aggregator.update(snapshot, lambda *_: True)))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry)
+    lint(text)
+    for pid, value in users.items():
+        labels = {name: label_value(value) for name in ("comm", "unit", "exe", "user")}
+        assert registry.get_sample_value("ctprofd_allocated_bytes_total",
+                                         {"pid": str(pid), **labels}) == 100 + pid
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_openmetrics(registry).decode())}
+    exes = {s.labels["exe"] for s in families["ctprofd_allocated_bytes"].samples}
+    assert exes == {label_value(v) for v in NASTY.values()}
+
+
+def test_state_file_keys_are_cleaned_on_restore():
+    aggregator = Aggregator(("comm",), 10, 300)
+    assert aggregator.restore({"version": 1, "labels": ["comm"], "series": [
+        [["bad\udcff"], 5, 1, 0.0]], "processes": []}, same_boot=True)
+    view = aggregator.update(Snapshot(1.0, 0.0, ProbeSummary()), lambda *_: True)
+    assert [s.labels for s in view.series] == [("bad\ufffd",)]
+
+
+def test_cgroup_and_maps_lines_end_only_at_newline():
+    # splitlines() would also end a line at U+2028, U+0085 and \x1c-\x1e
+    crafted = "0::/evil\u20280::/chosen.service\u2028/real.scope\n"
+    assert unit_from_cgroup(crafted) == "real.scope"
+    name = "/tmp/lib\x1cfake\u2028x.so"
+    [mapping] = parse_maps(f"7f00-7f10 r--p 00000000 fe:00 42   {name}\n")
+    assert mapping.path == name
+
+
+class Broken:
+    """A collector whose one series carries a label value no encoder can render."""
+
+    def collect(self):
+        family = GaugeMetricFamily("test_values", "Values.", labels=["name"])
+        family.add_metric(["good"], 1)
+        family.add_metric(["bad\udcff"], 2)
+        family.add_metric(["also good"], 3)
+        yield family
+        yield GaugeMetricFamily("test_other", "Another family.", value=4)
+
+
+@pytest.mark.parametrize("encoder", [generate_latest, generate_openmetrics])
+def test_a_sample_that_cannot_render_is_dropped_logged_and_counted(encoder, caplog):
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    renderer = Renderer(registry)
+    with pytest.raises(UnicodeEncodeError):
+        encoder(registry)  # what the scrape did before: nothing at all
+    with caplog.at_level(logging.ERROR, "ctprofd.render"):
+        text = renderer.render(encoder)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert "without 1 sample(s)" in caplog.records[0].getMessage()
+    decoded = text.decode()
+    assert 'test_values{name="good"} 1.0' in decoded
+    assert 'test_values{name="also good"} 3.0' in decoded and "test_other 4.0" in decoded
+    assert "ctprofd_render_failures_total 1.0" in decoded
+    assert "ctprofd_render_dropped_samples_total 1.0" in decoded
+    if encoder is generate_latest:
+        lint(text)
+
+
+class Raising:
+    def collect(self):
+        raise RuntimeError("a bug")
+        yield
+
+
+def test_a_collector_that_raises_is_a_logged_counted_error(caplog):
+    registry = CollectorRegistry()
+    registry.register(Raising())
+    renderer = Renderer(registry)
+    with caplog.at_level(logging.ERROR, "ctprofd.render"), pytest.raises(CollectError):
+        renderer.render(generate_latest)
+    assert [r.getMessage() for r in caplog.records] == [
+        "collecting the metrics failed: RuntimeError: a bug"]
+    assert renderer.failures == 1
