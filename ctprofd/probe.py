@@ -61,9 +61,12 @@ class ProcessState:
 class ThreadProber:
     """Reads the counters of all threads of a process in as few syscalls as possible."""
 
-    def __init__(self, tracer: Tracer, on_stop: Callable[[float], None] | None = None) -> None:
+    def __init__(self, tracer: Tracer, on_stop: Callable[[float], None] | None = None,
+                 read_ranges: Callable[[int, list[tuple[int, int]]], list[bytes | OSError]]
+                 = memory.read_ranges) -> None:
         self.tracer = tracer
         self.on_stop = on_stop
+        self.read_ranges = read_ranges  # tests serve torn values through it
         self.torn_reads = 0
 
     def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
@@ -91,11 +94,10 @@ class ThreadProber:
                     if t.tid in state.threads and state.threads[t.tid].counters_at]
         return self._read(pid, state, readable, tally, alive)
 
-    @staticmethod
-    def _read_got_slot(pid: int, state: ProcessState, tally: Tally) -> bool:
+    def _read_got_slot(self, pid: int, state: ProcessState, tally: Tally) -> bool:
         """Learn the TSD's TP offset from the GOT slot the dynamic loader filled."""
         assert state.attachment.got_slot is not None
-        slot = memory.read_ranges(pid, [(state.attachment.got_slot, 8)])[0]
+        slot = self.read_ranges(pid, [(state.attachment.got_slot, 8)])[0]
         if isinstance(slot, OSError):
             tally.fail(tags.PROCESS_VM_READV)
             return False
@@ -131,7 +133,7 @@ class ThreadProber:
         span = layout.deallocated_offset - layout.allocated_offset + 8
         ranges = [(state.threads[t.tid].counters_at, span) for t in threads]
         values: list[tuple[int, int] | OSError] = []
-        for thread, data in zip(threads, memory.read_ranges(pid, ranges)):
+        for thread, data in zip(threads, self.read_ranges(pid, ranges)):
             if isinstance(data, OSError):
                 values.append(data)
                 continue
@@ -141,7 +143,7 @@ class ThreadProber:
                 # The target was writing the word as we copied it: read once more, and never
                 # let a counter go backwards either way.
                 self.torn_reads += 1
-                again = memory.read_ranges(pid, [(known.counters_at, span)])[0]
+                again = self.read_ranges(pid, [(known.counters_at, span)])[0]
                 if not isinstance(again, OSError):
                     allocated, deallocated = _counters(again)
             values.append((allocated, deallocated))
