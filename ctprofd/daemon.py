@@ -30,6 +30,7 @@ from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCo
                         DaemonState, Histogram)
 from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load, load_default,
                      parse_listen)
+from .health import Health
 from .offsets_file import OffsetsFileError
 from .parse_worker import WorkerLimits
 from .procfs import ProcessInfo
@@ -159,6 +160,8 @@ class Daemon:
         self._snapshots = 0
         self._overruns = 0
         self._saved_at = time.monotonic()
+        self.health = Health(lambda: self.config.interval)
+        server.health = self.health.check
 
     # -- selection and aggregate, read by the snapshot thread --
 
@@ -248,6 +251,7 @@ class Daemon:
             cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
             cache_entries=stats.cache_entries, snapshot_durations=self._durations.freeze(),
             thread_stops=self._thread_stops.freeze()))
+        self.health.completed()
         status = f"STATUS={snapshot.summary.log_line()}"
         self.notify(*(("READY=1", status) if self._snapshots == 1 else (status,)))
         if time.monotonic() - self._saved_at >= STATE_SAVE_SECONDS:

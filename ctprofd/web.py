@@ -16,6 +16,7 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 REQUEST_DEADLINE_SECONDS = 10.0
 MAX_REQUEST_BYTES = 16384
 MAX_CONNECTIONS = 64
+HEALTH_PATH = "/health"
 _AUTH_CACHE_SIZE = 256
 _BCRYPT_RE = re.compile(rb"\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}")
 # Checked for unknown users so that a wrong name costs as much as a wrong password.
@@ -49,7 +51,7 @@ LANDING_PAGE = b"""<!DOCTYPE html>
 <html><head><title>ctprofd</title></head>
 <body><h1>ctprofd</h1>
 <p>Exact per-process jemalloc allocation counters.</p>
-<p><a href="/metrics">Metrics</a></p>
+<p><a href="/metrics">Metrics</a> &middot; <a href="/health">Health</a></p>
 </body></html>
 """
 
@@ -247,12 +249,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection, self.server.connection_deadline(), MAX_REQUEST_BYTES))
 
     def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == HEALTH_PATH:  # probes send no credentials; the answer holds no metric data
+            healthy, why = self.server.health()
+            self._reply(200 if healthy else 503, f"{why}\n".encode(), "text/plain; charset=utf-8")
+            return
         web = self.server.web_config
         if not self.server.authenticator.allowed(web.users, self.headers.get("Authorization")):
             self._reply(401, b"Unauthorized\n", "text/plain; charset=utf-8",
                         [("WWW-Authenticate", 'Basic realm="ctprofd", charset="UTF-8"')])
             return
-        path = urlsplit(self.path).path
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept"))
             try:
@@ -301,6 +307,8 @@ class MetricsServer(ThreadingHTTPServer):
         self.web_config = web_config
         self.deadline = deadline
         self.authenticator = Authenticator()
+        # (healthy, why) for GET /health, answered without basic auth; the daemon sets it
+        self.health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._local = threading.local()
         self.address_family, address = _resolve(host, port)

@@ -7,9 +7,13 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
+import bcrypt
 import pytest
 
 from daemon_process import CTPROFD, DaemonProcess, clean_env, run_once, write_config
@@ -265,3 +269,55 @@ def test_under_systemd_it_logs_to_the_journal_not_stderr(tmp_path, daemons):
             time.sleep(0.1)
     assert daemon.stop() == 0
     assert daemon.remaining_lines() == []
+
+
+def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
+        tmp_path, daemons, fixture_bins, spawn_fixture):
+    """/health with TLS and basic auth on: answered without credentials (/metrics is not),
+    503 until the first snapshot, 200 while snapshots complete, 503 once the last completed
+    one is older than 3 intervals (a debuginfod server that accepts and never answers holds a
+    snapshot for the client's 5 s timeout), 200 again after."""
+    from test_web import openssl_cert
+    cert, key = openssl_cert(tmp_path, "server")
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    web = tmp_path / "web.yaml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+                   f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    variant = fixture_bins["dynamic-stripped-buildid"]  # its DWARF only on debuginfod
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; no byte is ever sent
+        empty = tmp_path / "no-debug"
+        empty.mkdir()
+        config = write_config(tmp_path, (
+            f"selection:\n  include:\n    exe: ['{variant.binary}']\n"
+            f"debug_dirs: ['{empty}']\n"
+            f"debuginfod_urls: ['http://127.0.0.1:{silent.getsockname()[1]}']\n"
+            f"web_config_file: {web}\n"), interval=0.2)
+        daemon = daemons("--config", str(config)).started()
+        client = ssl.create_default_context(cafile=str(cert))
+
+        def health() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(daemon.url + "/health", timeout=10,
+                                            context=client) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+
+        def wait_health(status: int, prefix: str) -> None:
+            deadline = time.monotonic() + 30
+            while (seen := health())[0] != status:
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.05)
+            assert seen[1].startswith(prefix), seen
+
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(daemon.url + "/metrics", timeout=10, context=client)
+        assert refused.value.code == 401
+        wait_health(200, "ok: last snapshot completed ")
+        spawn_fixture(variant, 1)
+        wait_health(503, "stale: last snapshot completed ")
+        assert "more than 3 intervals (0.6 s)" in health()[1]
+        wait_health(200, "ok: ")
+        daemon.wait_for(r"1 failed \(dominant: dwarf-parse-failure\)")  # the hang was its DWARF
