@@ -50,6 +50,7 @@ class CaptureStats:
     ptrace_stops: int
     elf_opens: int
     torn_reads: int
+    exit_races: int
     cache_hits: int
     cache_misses: int
     cache_entries: int
@@ -117,6 +118,7 @@ class Capturer:
     @property
     def stats(self) -> CaptureStats:
         return CaptureStats(self.tracer.stops, self.attacher.elf_opens, self.prober.torn_reads,
+                            self.prober.exit_races,
                             self.cache.hits, self.cache.misses, len(self.cache))
 
     def capture(self, pids: Collection[int] | None = None,
@@ -165,7 +167,7 @@ class Capturer:
             self._retained_store.save(saved)
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
-                            processes=tuple(samples))
+                            processes=tuple(samples), traced_by=dict(tally.traced_by))
         log.info("%s", snapshot.summary.log_line())
         return snapshot
 

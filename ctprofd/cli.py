@@ -30,6 +30,8 @@ def _snapshot_table(snapshot: Snapshot) -> str:
     if snapshot.failures:
         rows.append("outcomes: " + ", ".join(f"{tag}={n}" for tag, n in
                                              sorted(snapshot.failures.items())))
+    for pid, tracer in sorted(snapshot.traced_by.items()):
+        rows.append(f"pid {pid}: ptrace-seize refused, already traced by pid {tracer}")
     return "\n".join(rows)
 
 

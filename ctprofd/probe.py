@@ -12,7 +12,7 @@ from typing import Callable, Collection
 from . import memory, tags
 from .attach import Attachment
 from .procfs import ThreadInfo
-from .ptrace import Tracer
+from .ptrace import SeizeRefused, ThreadGone, Tracer
 from .snapshot import ThreadSample
 from .summary import Tally
 from .tags import ProbeError
@@ -68,6 +68,7 @@ class ThreadProber:
         self.on_stop = on_stop
         self.read_ranges = read_ranges  # tests serve torn values through it
         self.torn_reads = 0
+        self.exit_races = 0  # threads gone before or while being stopped
 
     def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
               cancel: threading.Event | None = None,
@@ -108,8 +109,14 @@ class ThreadProber:
                 tally: Tally) -> None:
         try:
             pointer = self.tracer.thread_pointer(thread.tid)
+        except ThreadGone as gone:  # an exit race: not a failure, and nothing to read
+            self.exit_races += 1
+            log.debug("pid %d: %s", pid, gone)
+            return
         except ProbeError as error:
             tally.fail(error.tag)
+            if isinstance(error, SeizeRefused) and error.tracer:
+                tally.traced_by[pid] = error.tracer
             log.debug("pid %d: %s", pid, error)
             return
         if self.on_stop:

@@ -1,7 +1,9 @@
 """Reading a thread's thread pointer (fs_base) with ptrace, stopping it as briefly as possible.
 
 Seize, interrupt, a bounded wait for the stop, one register read, detach: the detach
-happens on every path. errno is turned into the contract's tags right here.
+happens on every path. errno is turned into the contract's tags right here; a thread that
+exits before or while it is stopped (ESRCH, an exit status instead of a stop) is an exit
+race, `ThreadGone`, never a failure.
 """
 
 from __future__ import annotations
@@ -48,6 +50,41 @@ def _ptrace(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p =
     return result
 
 
+class ThreadGone(Exception):
+    """The thread exited before or while being stopped: an exit race, not a failure."""
+
+
+class SeizeRefused(ProbeError):
+    """PTRACE_SEIZE refused with EPERM; `tracer` is the pid already tracing the thread
+    (0 when none: a privilege problem)."""
+
+    def __init__(self, tid: int, tracer: int) -> None:
+        why = f"traced by pid {tracer}" if tracer else "not permitted"
+        super().__init__(tags.PTRACE_SEIZE, f"tid {tid}: PTRACE_SEIZE: EPERM ({why})")
+        self.tracer = tracer
+
+
+def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
+    """Why PTRACE_SEIZE said EPERM: the kernel also says so for a thread that has exited
+    but is not reaped yet (a zombie), which is an exit race; otherwise another tracer
+    (named by the thread's TracerPid) or a lack of privilege."""
+    fields = {}
+    try:
+        with open(f"{proc_root}/{tid}/status", "rb") as f:
+            for line in f:
+                name, _, value = line.partition(b":")
+                if name in (b"State", b"TracerPid"):
+                    fields[name] = value.split()
+    except (FileNotFoundError, ProcessLookupError):
+        return ThreadGone(f"tid {tid}: gone at PTRACE_SEIZE")
+    except OSError:  # hidden from us (hidepid): say nothing more than the refusal
+        return SeizeRefused(tid, 0)
+    if fields.get(b"State", [b"?"])[0] in (b"Z", b"X"):
+        return ThreadGone(f"tid {tid}: exited (a zombie) at PTRACE_SEIZE")
+    tracer = fields.get(b"TracerPid", [b"0"])[0]
+    return SeizeRefused(tid, int(tracer) if tracer.isdigit() else 0)
+
+
 @dataclass(frozen=True)
 class ThreadPointer:
     """fs_base of a thread, and how long reading it kept the thread stopped."""
@@ -67,11 +104,11 @@ def _wait_for_stop(tid: int, deadline: float) -> int:
     while True:
         try:
             waited, status = os.waitpid(tid, os.WNOHANG | WALL)
-        except ChildProcessError as exc:
-            raise ProbeError(tags.WAITPID, f"tid {tid}: waitpid: {exc.strerror}") from None
+        except ChildProcessError:  # no longer our tracee: it exited and was reaped
+            raise ThreadGone(f"tid {tid}: exited while being stopped") from None
         if waited == tid:
             if not os.WIFSTOPPED(status):
-                raise ProbeError(tags.WAITPID, f"tid {tid}: exited while being stopped")
+                raise ThreadGone(f"tid {tid}: exited while being stopped")
             return status
         now = time.monotonic()
         if now >= deadline:
@@ -89,6 +126,8 @@ def _read_fs_base(tid: int) -> int:
     try:
         _ptrace(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
     except OSError as exc:
+        if exc.errno == errno.ESRCH:  # killed (SIGKILL) while stopped
+            raise ThreadGone(f"tid {tid}: exited while stopped") from None
         raise ProbeError(tags.GET_REGSET, f"tid {tid}: PTRACE_GETREGSET: {exc.strerror}") from None
     if iov.len < (FS_BASE_WORD + 1) * 8:
         raise ProbeError(tags.GET_REGSET, f"tid {tid}: short register set ({iov.len} bytes)")
@@ -141,7 +180,8 @@ class Tracer:
         self._thread: _PtraceThread | None = None
 
     def thread_pointer(self, tid: int) -> ThreadPointer:
-        """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag."""
+        """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag, or
+        ThreadGone when the thread exited first."""
         if self._thread is None:
             self._thread = _PtraceThread()
         return self._thread.call(self._thread_pointer, tid)
@@ -158,6 +198,10 @@ class Tracer:
         try:
             _ptrace(PTRACE_SEIZE, tid)
         except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
+            if exc.errno == errno.EPERM:
+                raise refusal(tid) from None
             raise ProbeError(tags.PTRACE_SEIZE,
                              f"tid {tid}: PTRACE_SEIZE: {errno.errorcode.get(exc.errno, '?')} "
                              f"({exc.strerror})") from None
@@ -168,6 +212,8 @@ class Tracer:
             try:
                 _ptrace(PTRACE_INTERRUPT, tid)
             except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise ThreadGone(f"tid {tid}: exited before PTRACE_INTERRUPT") from None
                 raise ProbeError(tags.PTRACE_INTERRUPT,
                                  f"tid {tid}: PTRACE_INTERRUPT: {exc.strerror}") from None
             status = _wait_for_stop(tid, stopped_at + self.stop_timeout)

@@ -68,6 +68,7 @@ class Snapshot:
     summary: ProbeSummary
     failures: dict[str, int] = field(default_factory=dict)
     processes: tuple[ProcessSample, ...] = ()
+    traced_by: dict[int, int] = field(default_factory=dict)  # pid -> the other tracer's pid
 
     def to_dict(self) -> dict:
         """The `ctprofd snapshot --json` form (a contract)."""
@@ -75,4 +76,5 @@ class Snapshot:
                 "duration_seconds": self.duration_seconds,
                 "probe_summary": self.summary.to_dict(),
                 "failures": dict(sorted(self.failures.items())),
+                "traced_by": {str(pid): tracer for pid, tracer in sorted(self.traced_by.items())},
                 "processes": [p.to_dict() for p in self.processes]}

@@ -73,6 +73,7 @@ class Tally:
     jemalloc_detected: int = 0
     probed_ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+    traced_by: dict[int, int] = field(default_factory=dict)  # pid -> another tracer's pid
 
     def fail(self, tag: str, count: int = 1) -> None:
         """Record `count` outcomes with `tag` (actionable or not)."""

@@ -167,6 +167,10 @@ def test_traced_target_gives_ptrace_seize(fixture_bins, spawn_fixture):
     assert snapshot.failures == {tags.PTRACE_SEIZE: 4}
     assert snapshot.summary.dominant_failure == tags.PTRACE_SEIZE
     assert snapshot.summary.privilege_dominant
+    strace = fixture.proc.pid
+    assert snapshot.traced_by == {fixture.pid: strace}
+    table = run_cli("snapshot", "--pid", str(fixture.pid)).stdout
+    assert f"pid {fixture.pid}: ptrace-seize refused, already traced by pid {strace}" in table
 
 
 def test_refused_ptrace_is_privilege_dominant_with_the_hint(fixture_bins, spawn_fixture):

@@ -1,0 +1,42 @@
+"""Why PTRACE_SEIZE said EPERM, from a thread's /proc status: a zombie or a vanished
+thread is an exit race; a live one names its tracer (0 when it has none)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctprofd import tags
+from ctprofd.ptrace import SeizeRefused, ThreadGone, refusal
+
+
+def status(root: Path, tid: int, state: str, tracer: int) -> None:
+    (root / str(tid)).mkdir()
+    (root / str(tid) / "status").write_text(
+        f"Name:\tworker\nState:\t{state}\nTgid:\t1\nPid:\t{tid}\nTracerPid:\t{tracer}\n")
+
+
+@pytest.mark.parametrize("state", ["Z (zombie)", "X (dead)"])
+def test_an_exited_thread_is_an_exit_race(tmp_path, state):
+    status(tmp_path, 7, state, 0)
+    assert isinstance(refusal(7, str(tmp_path)), ThreadGone)
+
+
+def test_a_vanished_thread_is_an_exit_race(tmp_path):
+    assert isinstance(refusal(7, str(tmp_path)), ThreadGone)
+
+
+def test_a_traced_thread_names_its_tracer(tmp_path):
+    status(tmp_path, 7, "S (sleeping)", 4242)
+    found = refusal(7, str(tmp_path))
+    assert isinstance(found, SeizeRefused)
+    assert (found.tag, found.tracer) == (tags.PTRACE_SEIZE, 4242)
+    assert "traced by pid 4242" in str(found)
+
+
+def test_an_untraced_live_thread_is_a_privilege_refusal(tmp_path):
+    status(tmp_path, 7, "R (running)", 0)
+    found = refusal(7, str(tmp_path))
+    assert isinstance(found, SeizeRefused) and found.tracer == 0
+    assert found.tag == tags.PTRACE_SEIZE
