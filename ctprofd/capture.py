@@ -17,11 +17,11 @@ from .debuginfo import DebugSearch
 from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .parse_worker import WorkerLimits
-from .probe import ProcessState, ThreadProber, ThreadState
+from .probe import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark
 from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
 from .retained import RetainedStore, Saved
 from .ptrace import Tracer
-from .snapshot import ProcessSample, Snapshot
+from .snapshot import ProcessSample, Snapshot, ThreadSample
 from .summary import Tally
 from .tags import ProbeError
 
@@ -62,9 +62,9 @@ class _Tracked:
 
     identity: BinaryIdentity
     result: ProcessState | NotJemalloc
+    exe: str = ""
     build_id: str | None = None
     retained: tuple[int, int] = field(default=(0, 0))  # of images before an exec
-    start_stack: int = 0  # of the image attached to: another one means another execve
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -173,65 +173,82 @@ class Capturer:
 
     def _probe_process(self, process: ProcessInfo, tally: Tally,
                        cancel: threading.Event | None) -> ProcessSample | None:
+        """Attach to and read one process: whatever it does meanwhile (exit, exec, odd
+        /proc state) costs its own outcome only, never the snapshot."""
+        attached = False
         try:
             tracked = self._track(process)
+            if isinstance(tracked.result, NotJemalloc):
+                tally.fail(tags.JEMALLOC_NOT_FOUND)
+                return None
+            tally.jemalloc_detected += 1
+            attached = True
+            try:
+                threads = self._read_threads(process, tracked, tally, cancel)
+            except ImageChanged as change:  # exec'ed since attached: attach to the new image
+                log.debug("%s", change)
+                tracked = self._attach(process, tracked)
+                if isinstance(tracked.result, NotJemalloc):
+                    return None
+                threads = self._read_threads(process, tracked, tally, cancel)
         except ProbeError as error:
             tally.fail(error.tag)
             log.debug("%s", error)
+            return None
+        except (OSError, ImageChanged) as exc:  # it exited (or exec'ed again) meanwhile
+            tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE)
+            log.debug("pid %d: gone while probed: %s", process.pid, exc)
             return None
         except Exception as exc:  # one odd process must never cost the whole snapshot
             tally.fail(tags.WORKER_PANIC)
             log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
                         type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None
-        state = tracked.result
-        if isinstance(state, NotJemalloc):
-            tally.fail(tags.JEMALLOC_NOT_FOUND)
-            return None
-        tally.jemalloc_detected += 1
-        try:
-            listed = list_threads(process)
-        except OSError:  # exited since we attached
-            tally.fail(tags.PID_MISSING)
-            return None
-        threads = self.prober.probe(process.pid, state, listed, tally, cancel,
-                                    alive=lambda: list_pids(process.path("task")))
-        if not state.threads and tracked.retained_totals() == (0, 0):
+        if not threads and tracked.retained_totals() == (0, 0):
             return None  # nothing read yet: exporting zeros would fake a counter reset
         allocated, deallocated = tracked.all_totals()
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,
-            exe=process.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
+            exe=tracked.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
             threads=tuple(threads),
             retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
             retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads))
 
+    def _read_threads(self, process: ProcessInfo, tracked: _Tracked, tally: Tally,
+                      cancel: threading.Event | None) -> list[ThreadSample]:
+        """The threads of an attached process, read; raises OSError when it exited."""
+        assert isinstance(tracked.result, ProcessState)
+        return self.prober.probe(process.pid, tracked.result, list_threads(process), tally,
+                                 cancel, alive=lambda: list_pids(process.path("task")))
+
     def _track(self, process: ProcessInfo) -> _Tracked:
-        """The tracked state of a process, (re)attaching when it is new or exec'ed."""
-        identity = exe_identity(process)
+        """The tracked state of a process, attaching when it is new or runs another file."""
         tracked = self._tracked.get(process.key)
-        if (tracked is not None and tracked.identity == identity
-                and tracked.start_stack == process.start_stack):
-            return tracked
-        # exec'ed (another binary, or the same one: same file, new stack and thread pointers):
-        # what its old image counted stays in its totals; a process first seen now may have
-        # totals saved by an earlier run of ctprofd, kept until an attach succeeds
-        saved = (Saved(tracked.all_totals(), {}) if tracked is not None
+        if tracked is not None and tracked.identity == exe_identity(process):
+            return tracked  # an exec of the same file shows when its AT_RANDOM is read
+        return self._attach(process, tracked)
+
+    def _attach(self, process: ProcessInfo, previous: _Tracked | None) -> _Tracked:
+        """Attach to the image a process runs now. What an earlier image counted stays in
+        its totals (`previous` is tracked until an attach succeeds); a process first seen
+        now may have totals saved by an earlier run of ctprofd, kept likewise."""
+        mark = image_mark(process)  # first: an exec after it shows in the next read
+        identity = exe_identity(process)
+        saved = (Saved(previous.all_totals(), {}) if previous is not None
                  else self._restored.get(process.key, Saved((0, 0), {})))
         result = self.attacher.attach(process, identity)
         self._restored.pop(process.key, None)
         retained = saved.retained
         if isinstance(result, Attachment):
-            state = ProcessState(result)
+            state = ProcessState(result, image_mark=mark)
             for (tid, start), (allocated, deallocated) in saved.threads.items():
                 # last read before the restart; located anew if still alive, else retired
                 state.threads[tid] = ThreadState(start, 0, allocated, deallocated)
-            tracked = _Tracked(identity, state, result.layout.build_id, retained)
+            tracked = _Tracked(identity, state, process.exe, result.layout.build_id, retained)
         else:
             retained = (retained[0] + sum(a for a, _ in saved.threads.values()),
                         retained[1] + sum(d for _, d in saved.threads.values()))
-            tracked = _Tracked(identity, result, None, retained)
-        tracked.start_stack = process.start_stack
+            tracked = _Tracked(identity, result, process.exe, None, retained)
         self._tracked[process.key] = tracked
         return tracked
 

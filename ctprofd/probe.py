@@ -3,6 +3,7 @@ then only memory reads; counters that never go backwards."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import threading
@@ -11,7 +12,7 @@ from typing import Callable, Collection
 
 from . import memory, tags
 from .attach import Attachment
-from .procfs import ThreadInfo
+from .procfs import ProcessInfo, ThreadInfo, at_random_address
 from .ptrace import SeizeRefused, ThreadGone, Tracer
 from .snapshot import ThreadSample
 from .summary import Tally
@@ -26,6 +27,24 @@ _I64 = struct.Struct("<q")
 def _counters(data: bytes) -> tuple[int, int]:
     """(thread_allocated, thread_deallocated) from a read spanning both counters."""
     return _U64.unpack_from(data, 0)[0], _U64.unpack_from(data, len(data) - 8)[0]
+
+
+class ImageChanged(Exception):
+    """The process exec'ed since it was attached: what was read belongs to another image."""
+
+
+def image_mark(process: ProcessInfo) -> tuple[int, bytes] | None:
+    """The address and value of the current image's AT_RANDOM bytes: fresh random bytes
+    from the kernel at every execve, at whatever address (ASLR or not). None when they
+    cannot be read (the process is then checked by its binary's identity only)."""
+    try:
+        address = at_random_address(process)
+    except OSError:
+        return None
+    if address is None:
+        return None
+    data = memory.read_ranges(process.pid, [(address, 16)])[0]
+    return None if isinstance(data, OSError) else (address, data)
 
 
 @dataclass
@@ -47,6 +66,7 @@ class ProcessState:
     retained_allocated: int = 0
     retained_deallocated: int = 0
     tsd_delta: int | None = None  # addr(tsd) - fs_base, once known
+    image_mark: tuple[int, bytes] | None = None  # AT_RANDOM (address, bytes) of the image
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta
@@ -74,7 +94,8 @@ class ThreadProber:
               cancel: threading.Event | None = None,
               alive: Callable[[], Collection[int]] | None = None) -> list[ThreadSample]:
         """Read every listed thread; failures are tallied; returns the threads read.
-        Once `cancel` is set, no further thread is stopped. `alive()` lists the tids
+        Raises ImageChanged, reading nothing, when the process exec'ed since it was
+        attached. Once `cancel` is set, no further thread is stopped. `alive()` lists the tids
         alive now (raising OSError when the process is gone): a thread it no longer lists
         after the read is left out, as one that exited before being listed would be."""
         listed = {t.tid: t for t in threads}
@@ -139,8 +160,16 @@ class ThreadProber:
         layout = state.attachment.layout
         span = layout.deallocated_offset - layout.allocated_offset + 8
         ranges = [(state.threads[t.tid].counters_at, span) for t in threads]
+        mark = state.image_mark
+        if mark is not None:  # read along: the counters are of this image only if it holds
+            ranges.append((mark[0], len(mark[1])))
+        results = self.read_ranges(pid, ranges)
+        if mark is not None:
+            seen = results.pop()
+            if (seen != mark[1] if isinstance(seen, bytes) else seen.errno == errno.EFAULT):
+                raise ImageChanged(f"pid {pid}: AT_RANDOM changed: a new image")
         values: list[tuple[int, int] | OSError] = []
-        for thread, data in zip(threads, self.read_ranges(pid, ranges)):
+        for thread, data in zip(threads, results):
             if isinstance(data, OSError):
                 values.append(data)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
@@ -23,7 +24,6 @@ class StatLine:
     comm: str
     state: str
     start_time: int  # clock ticks after boot (field 22): with the id, the identity
-    start_stack: int = 0  # field 28, set by each execve (0 when not allowed to see it)
 
 
 def parse_stat(text: str) -> StatLine:
@@ -31,8 +31,7 @@ def parse_stat(text: str) -> StatLine:
     head, _, tail = text.rpartition(")")
     comm = head.partition("(")[2]
     fields = tail.split()
-    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]),
-                    start_stack=int(fields[25]) if len(fields) > 25 else 0)
+    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]))
 
 
 def read_file(path: str) -> bytes:
@@ -76,7 +75,7 @@ def list_pids(directory: str) -> list[int]:
 
 
 # What an exited (zombie) thread group leader no longer has: an address space and a root.
-_LIVE_THREAD_ENTRIES = frozenset({"exe", "maps", "map_files", "root"})
+_LIVE_THREAD_ENTRIES = frozenset({"exe", "maps", "map_files", "root", "auxv"})
 
 
 def _prefix(proc_root: str) -> str:
@@ -93,7 +92,6 @@ class ProcessInfo:
         self.pid = pid
         self.comm = stat.comm
         self.start_time = stat.start_time
-        self._start_stack = stat.start_stack
         self.state = stat.state
         # /proc/PID, built once: joining paths is a sizeable part of a steady-state snapshot
         self._directory = directory if directory is not None else _prefix(proc_root) + str(pid)
@@ -103,8 +101,8 @@ class ProcessInfo:
         return (self.pid, self.start_time)
 
     def path(self, *parts: str) -> str:
-        """A path below /proc/PID (for exe, maps, map_files and root, below a live thread's
-        /proc/PID/task/TID when the leader has exited: see `_live_thread`)."""
+        """A path below /proc/PID (for exe, maps, map_files, root and auxv, below a live
+        thread's /proc/PID/task/TID when the leader has exited: see `_live_thread`)."""
         directory = self._directory
         if self.state in ("Z", "X") and parts and parts[0] in _LIVE_THREAD_ENTRIES:
             directory = self._live_thread or directory
@@ -112,22 +110,11 @@ class ProcessInfo:
             return directory + "/" + parts[0]
         return os.path.join(directory, *parts)
 
-    @property
-    def start_stack(self) -> int:
-        """Where execve put the stack (0 when not allowed to see it); read from a live
-        thread when the leader has exited (a zombie shows 0)."""
-        if self.state in ("Z", "X") and self._live_thread:
-            try:
-                return read_stat(self._live_thread + "/stat").start_stack
-            except (OSError, ValueError, IndexError):
-                return 0
-        return self._start_stack
-
     @cached_property
     def _live_thread(self) -> str | None:
         """/proc/PID/task/TID of a thread still running. A thread group leader that called
         pthread_exit stays a zombie while the others run on; it has no address space or
-        root left, so its exe, maps, map_files and root are empty."""
+        root left, so its exe, maps, map_files, root and auxv are empty."""
         task_dir = self._directory + "/task"
         try:
             tids = list_pids(task_dir)
@@ -241,6 +228,20 @@ def parse_maps(text: str) -> list[Mapping]:
         mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16),
                                 int(fields[4]), fields[5]))
     return mappings
+
+
+AT_RANDOM = 25  # auxv entry: address of 16 random bytes the kernel writes at each execve
+_AUXV_ENTRY = struct.Struct("<QQ")
+
+
+def at_random_address(process: ProcessInfo) -> int | None:
+    """Where the current image's AT_RANDOM bytes are, from /proc/PID/auxv; None when the
+    auxv has none. Raises OSError when unreadable."""
+    data = read_file(process.path("auxv"))
+    for kind, value in _AUXV_ENTRY.iter_unpack(data[:len(data) - len(data) % 16]):
+        if kind == AT_RANDOM:
+            return value
+    return None
 
 
 def read_maps(process: ProcessInfo) -> list[Mapping]:

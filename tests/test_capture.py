@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from ctprofd import tags
+from ctprofd.cache import LayoutCache
 from ctprofd.capture import Capturer, CaptureSettings
 from ctprofd.summary import REMEDIATION_HINT
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
@@ -286,3 +287,61 @@ def test_service_privileges_read_root_owned_fixtures_exactly(fixture_bins, spawn
                                              for t in fixture.threads}
     assert "CAP_SYS_PTRACE" not in result.stderr
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_process_exiting_at_any_step_of_its_probe_costs_only_itself(fixture_bins,
+                                                                   spawn_fixture, monkeypatch):
+    """Every /proc read, file open, ptrace stop and memory read that names the target is a
+    step; the target is killed (and reaped) right before step 0, then 1, 2, … until a
+    snapshot gets through all of them. Each snapshot completes and reads another process
+    exactly, and the target is left out or was read exactly before it exited."""
+    import builtins
+    from ctprofd import memory
+    from ctprofd.ptrace import Tracer
+
+    bystander = spawn_fixture(fixture_bins["dynamic"], 2)
+    steps = {"seen": 0, "kill_at": -1, "target": None}
+
+    def step(name: object) -> None:
+        target = steps["target"]
+        if target is not None and target.pid in name:
+            if steps["seen"] == steps["kill_at"]:
+                steps["target"] = None
+                target.kill()
+            steps["seen"] += 1
+
+    def watch(module, attribute, key):
+        original = getattr(module, attribute)
+
+        def wrapper(*args, **kwargs):
+            step(key(args))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, attribute, wrapper)
+
+    def proc_path(args) -> set[int]:
+        parts = str(args[0]).split("/") if isinstance(args[0], (str, bytes)) else []
+        return {int(p) for p in parts[2:3] if p.isdigit()} if parts[1:2] == ["proc"] else set()
+
+    for module, attribute in ((os, "open"), (os, "stat"), (os, "readlink"), (os, "listdir"),
+                              (builtins, "open")):
+        watch(module, attribute, proc_path)
+    watch(memory, "read_ranges", lambda args: {args[0]})
+    watch(Tracer, "thread_pointer", lambda args: {args[1]})
+
+    kills = 0
+    engine = capturer(fixture_bins)
+    while True:
+        target = spawn_fixture(fixture_bins["dynamic"], 2)
+        steps.update(seen=0, kill_at=kills, target=target)
+        engine.attacher.cache = engine.cache = LayoutCache()  # so each probe parses too
+        snapshot = engine.capture(pids=[target.pid, bystander.pid])
+        assert by_tid(snapshot, bystander.pid) == truth(bystander)
+        if steps["target"] is not None:  # every step done without a kill: all covered
+            assert by_tid(snapshot, target.pid) == truth(target)
+            break
+        if target.pid in [p.pid for p in snapshot.processes]:  # read before it exited
+            assert by_tid(snapshot, target.pid) == truth(target)
+        kills += 1
+    engine.close()
+    assert kills >= 8, f"only {kills} steps seen: the probe was not watched"
+    assert_no_thread_stopped_or_traced(bystander.pid)
