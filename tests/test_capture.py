@@ -330,6 +330,7 @@ def test_process_exiting_at_any_step_of_its_probe_costs_only_itself(fixture_bins
 
     kills = 0
     engine = capturer(fixture_bins)
+    watch(engine.prober, "read_ranges", lambda args: {args[0]})
     while True:
         target = spawn_fixture(fixture_bins["dynamic"], 2)
         steps.update(seen=0, kill_at=kills, target=target)
