@@ -19,6 +19,8 @@ prefix=/opt/ctprofd
 config=/etc/ctprofd/ctprofd.yaml
 
 CTPROFD_VENV=$prefix "$here/setup.sh"
+# The unit's ExecReload runs /bin/kill (procps; a minimal Debian has none).
+apt_install procps
 log "installing ctprofd into $prefix as a copy of $repo"
 "$prefix/bin/python" -m pip install --progress-bar off --no-deps --force-reinstall "$repo"
 

@@ -4,8 +4,13 @@
 export DEBIAN_FRONTEND=noninteractive
 
 # Debian's jemalloc source package comes from the bookworm (Debian 12) main archive.
+DEB_MIRROR=http://deb.debian.org/debian
 DEB_SRC_LIST=/etc/apt/sources.list.d/ctprofd-src.list
-DEB_SRC_LINE='deb-src http://deb.debian.org/debian bookworm main'
+DEB_SRC_LINE="deb-src $DEB_MIRROR bookworm main"
+
+# What scripts/setup.sh installs on every machine (python3-dev, gcc and libsystemd-dev build
+# systemd-python's C extension).
+SETUP_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
 
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -5,7 +5,8 @@
 #
 # Installs the apt packages, creates the venv ${CTPROFD_VENV:-<repo>/.venv} with
 # ctprofd installed editable ([systemd] extra; [test] with --test), and with
-# --test builds the debug jemalloc the tests link against (scripts/build-jemalloc.sh).
+# --test builds the debug jemalloc the tests link against (scripts/build-jemalloc.sh) and the
+# root filesystems of the deployment tests (scripts/test-roots.sh).
 # Safe to re-run.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,11 +22,11 @@ case "${1:-}" in
 esac
 require_root
 
-packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server libjemalloc2 util-linux
-               libcap2-bin procps openssl curl)
+               libcap2-bin procps openssl curl systemd-container debootstrap podman)
     ensure_deb_src || true  # for `apt-get source jemalloc`, before the one update
 fi
 log "installing apt packages"
@@ -57,5 +58,6 @@ log "installing ctprofd[$extra] into $venv"
 
 if ((test_mode)); then
     "$here/build-jemalloc.sh"
+    "$here/test-roots.sh"
 fi
 log "done"

@@ -252,24 +252,6 @@ def test_without_ptrace_capability_it_says_so_once(tmp_path):
     assert len(warnings) == 1, result.stderr
 
 
-def test_under_systemd_it_logs_to_the_journal_not_stderr(tmp_path, daemons):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    daemon = daemons("--config", str(write_config(tmp_path, QUIET)),
-                     "--listen", f"127.0.0.1:{port}", env={"INVOCATION_ID": "0" * 32})
-    daemon.url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            daemon.wait_for_sample("ctprofd_snapshots_total", 1)
-            break
-        except OSError:  # not listening yet
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    assert daemon.stop() == 0
-    assert daemon.remaining_lines() == []
-
 
 def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
         tmp_path, daemons, fixture_bins, spawn_fixture):

@@ -1,0 +1,229 @@
+"""The shipped unit under a real systemd as PID 1: a Debian 12 tree booted with systemd-nspawn,
+ctprofd installed into it by scripts/install-service.sh, then driven with systemctl.
+
+The tests share one booted machine and run in file order: install and start, read a service of
+another user, reload (good and bad), journal, security, stop, and last exit 78. The machine
+shares the host's network (the metrics are scraped from here) but has its own PID namespace,
+so ctprofd walks only the machine's processes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.machines import REPO, REPO_IGNORE, BootedMachine, pip_config, cached_roots
+
+CONFIG = "/etc/ctprofd/ctprofd.yaml"
+TARGET_UNIT = "alloc-target.service"
+TARGET_OUTPUT = "/var/tmp/alloc-target.out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_text(port: int, interval: float) -> str:
+    return (f'listen: "127.0.0.1:{port}"\ninterval: {interval}\n'
+            "labels: [pid, comm, unit, user]\n")
+
+
+@pytest.fixture(scope="module")
+def machine(fixture_bins):
+    """Booted, ctprofd installed by the project's script and started (`enable --now` returns
+    once the unit is active: for Type=notify, once READY=1 arrived)."""
+    roots = cached_roots()
+    pip_conf, pip_paths = pip_config()
+    work = Path(tempfile.mkdtemp(prefix="ctprofd-nspawn-", dir="/var/tmp"))
+    port = free_port()
+    booted = BootedMachine(roots["SYSTEMD_ROOT"], work,
+                           [*pip_paths, str(fixture_bins.root)])
+    try:
+        merged = booted.merged
+        shutil.copytree(REPO, merged / "src", ignore=REPO_IGNORE)
+        (merged / "etc" / "pip.conf").write_text(pip_conf)
+        # An existing configuration is kept by the install: ours listens on a free port.
+        (merged / "etc" / "ctprofd").mkdir()
+        (merged / "etc" / "ctprofd" / "ctprofd.yaml").write_text(config_text(port, 1))
+        # Pings every WatchdogSec/2: 300 s as shipped, 2 s here, so that the test sees them.
+        dropin = merged / "etc" / "systemd" / "system" / "ctprofd.service.d"
+        dropin.mkdir(parents=True)
+        (dropin / "watchdog.conf").write_text("[Service]\nWatchdogSec=4\n")
+        booted.wait_until_booted()
+        assert booted.run("test", "!", "-e", "/bin/kill", check=False).returncode == 0, \
+            "the cached root must not have procps: the install has to bring it"
+        booted.run("/src/scripts/install-service.sh", timeout=900)
+        booted.run("systemctl", "enable", "--now", "ctprofd", timeout=300)
+        booted.url = f"http://127.0.0.1:{port}"
+        booted.port = port
+        yield booted
+    finally:
+        booted.close()
+
+
+def scrape(machine: BootedMachine) -> str:
+    with urllib.request.urlopen(machine.url + "/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the one sample of `name` whose labels include `labels`."""
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            return float(match.group(2))
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match and not labels else None
+
+
+def wait_for_metric(machine: BootedMachine, name: str, wanted, timeout: float = 60,
+                    **labels: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(machine)
+        value = sample(text, name, **labels)
+        if value is not None and wanted(value):
+            return text
+        assert time.monotonic() < deadline, f"{name}{labels} stayed {value}"
+        time.sleep(0.2)
+
+
+def journal(machine: BootedMachine, unit: str = "ctprofd") -> list[dict]:
+    out = machine.run("journalctl", "--unit", unit, "--output", "json", "--no-pager").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_for_journal(machine: BootedMachine, pattern: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        for entry in journal(machine):
+            if re.search(pattern, str(entry.get("MESSAGE", ""))):
+                return entry
+        assert time.monotonic() < deadline, f"no journal line matching {pattern!r}"
+        time.sleep(0.2)
+
+
+def assert_untraced(machine: BootedMachine, pid: str) -> None:
+    """Every thread of `pid` (a pid inside the machine) runs untraced and not stopped."""
+    out = machine.run("sh", "-c", f"grep -h -e ^State -e ^TracerPid /proc/{pid}/task/*/status")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 10, lines
+    assert all(line == "TracerPid:\t0" or line.split()[1] in "SR" for line in lines), lines
+
+
+def test_the_install_brings_procps_and_the_unit_is_ready(machine):
+    assert machine.run("dpkg-query", "-W", "-f=${Status}", "procps").stdout == \
+        "install ok installed"
+    state = machine.show("ctprofd", "ActiveState", "SubState", "Type", "StatusText",
+                         "NRestarts", "User")
+    assert state["Type"] == "notify"
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+    assert state["StatusText"].startswith("probe: "), state  # STATUS= of the first snapshot
+    assert state["NRestarts"] == "0"
+    with urllib.request.urlopen(machine.url + "/health", timeout=10) as response:
+        assert response.read().decode().startswith("ok: ")
+
+
+def test_the_watchdog_is_pinged(machine):
+    """systemd stamps every WATCHDOG=1 it receives: the stamp moves on, twice."""
+    stamps = {machine.show("ctprofd", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]}
+    deadline = time.monotonic() + 30
+    while len(stamps) < 3:
+        assert time.monotonic() < deadline, stamps
+        time.sleep(0.5)
+        stamps.add(machine.show("ctprofd", "WatchdogTimestampMonotonic")
+                   ["WatchdogTimestampMonotonic"])
+    assert machine.show("ctprofd", "NRestarts")["NRestarts"] == "0"
+
+
+def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
+    binary = fixture_bins["static"].binary
+    # stdin a pipe that never closes: the fixture exits at end of file
+    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
+                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
+                f"sleep infinity | exec {binary} 4")
+    output = machine.merged / TARGET_OUTPUT.lstrip("/")
+    deadline = time.monotonic() + 30
+    while "READY" not in (output.read_text() if output.exists() else ""):
+        assert time.monotonic() < deadline, "the target never printed READY"
+        time.sleep(0.1)
+    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
+    assert len(threads) == 5
+    pid = str(threads[0]["tid"])
+    labels = {"pid": pid, "unit": TARGET_UNIT, "user": "nobody"}
+    text = wait_for_metric(machine, "ctprofd_allocated_bytes_total", lambda v: v > 0, **labels)
+    assert sample(text, "ctprofd_allocated_bytes_total", **labels) == \
+        sum(t["allocated"] for t in threads)
+    assert sample(text, "ctprofd_deallocated_bytes_total", **labels) == \
+        sum(t["deallocated"] for t in threads)
+    assert_untraced(machine, pid)
+    machine.target_pid = pid
+
+
+def test_reload_applies_and_a_bad_reload_keeps_the_running_config(machine):
+    config = machine.merged / CONFIG.lstrip("/")
+    config.write_text(config_text(machine.port, 0.5))
+    machine.run("systemctl", "reload", "ctprofd")  # ExecReload=/bin/kill -HUP $MAINPID
+    wait_for_journal(machine, "reloaded the configuration")
+    wait_for_metric(machine, "ctprofd_snapshot_interval_seconds", lambda v: v == 0.5)
+    config.write_text(config.read_text() + "labels: [\n")
+    machine.run("systemctl", "reload", "ctprofd")
+    wait_for_journal(machine, "reload failed, keeping the running configuration")
+    snapshots = sample(scrape(machine), "ctprofd_snapshots_total")
+    text = wait_for_metric(machine, "ctprofd_snapshots_total", lambda v: v > snapshots + 1)
+    assert sample(text, "ctprofd_snapshot_interval_seconds") == 0.5
+    assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
+    config.write_text(config_text(machine.port, 0.5))
+
+
+def test_the_journal_has_the_lines_at_their_priorities(machine):
+    """Through the journal handler (its LOGGER and CODE_* fields), not stderr: info 6,
+    warning 4, error 3."""
+    entries = journal(machine)
+    by_message = {}
+    for entry in entries:
+        if entry.get("SYSLOG_IDENTIFIER") == "ctprofd":
+            by_message.setdefault(str(entry.get("MESSAGE")).split(":")[0], entry)
+    probe = by_message["probe"]
+    assert probe["PRIORITY"] == "6" and probe["LOGGER"].startswith("ctprofd")
+    assert "CODE_FUNC" in probe
+    assert by_message["reload failed, keeping the running configuration"]["PRIORITY"] == "3"
+    assert not [e for e in entries if e.get("_TRANSPORT") == "stdout"
+                and "probe:" in str(e.get("MESSAGE"))], "probe lines went to stderr too"
+
+
+def test_online_security_exposure_is_at_most_3(machine):
+    out = machine.run("systemd-analyze", "security", "ctprofd.service", "--no-pager").stdout
+    match = re.search(r"Overall exposure level for ctprofd\.service: (\d+\.\d)", out)
+    assert match, out[-2000:]
+    assert float(match.group(1)) <= 3.0, out[-2000:]
+
+
+def test_stop_finishes_within_timeout_stop_sec(machine):
+    """A stop that overran TimeoutStopSec would end in SIGKILL and Result=timeout."""
+    machine.run("systemctl", "stop", "ctprofd", timeout=120)
+    state = machine.show("ctprofd", "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
+                     "ExecMainStatus": "0"}, state  # CLD_EXITED, status 0
+    assert_untraced(machine, machine.target_pid)
+
+
+def test_exit_78_is_not_restarted(machine):
+    config = machine.merged / CONFIG.lstrip("/")
+    config.write_text("colour: red\n")
+    assert machine.run("systemctl", "start", "ctprofd", check=False,
+                       timeout=120).returncode != 0
+    state = machine.show("ctprofd", "ActiveState", "SubState", "Result", "ExecMainStatus",
+                         "NRestarts")
+    assert state == {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code",
+                     "ExecMainStatus": "78", "NRestarts": "0"}, state
