@@ -26,12 +26,14 @@ from ctprofd.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_f
 from ctprofd.parse_worker import NOBODY, ParseWorker, WorkerLimits
 from support import elf as support_elf
 from support.build import MODES
-from support.procs import is_dead
+from support.inotify import ReadWatch
+from support.procs import is_dead, wait_for_exit
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["static", "dynamic"] + [f"{link}-stripped-{mode}"
                                     for link in ("static", "dynamic") for mode in MODES]
 CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+HANG_GUARD = 120  # seconds: only keeps a broken run from hanging, never a timing claim
 
 
 class Fd:
@@ -145,23 +147,22 @@ def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
     sibling_cycle(fixture_bins["static"].binary, hang)
     results = []
     thread = threading.Thread(target=lambda: results.append(through(worker, hang)))
-    started = time.monotonic()
-    thread.start()
-    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
-    while not children.read_text().split():
-        assert time.monotonic() - started < 10, "no parsing child"
-        time.sleep(0.01)
-    child = children.read_text().split()[0]
+    with ReadWatch(hang) as first_read:
+        started = time.monotonic()
+        thread.start()
+        # the child reads the file only once its limits are set: that read is the signal
+        first_read.wait(HANG_GUARD)
+    [child] = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
     limits = Path(f"/proc/{child}/limits").read_text()
     assert f"Max address space         {512 << 20}" in limits
     assert "Max cpu time              3                    4" in limits
     assert all(int(status(child)[k], 16) == 0 for k in CAP_KEYS)
-    thread.join(10)
+    thread.join(HANG_GUARD)
     # the wall-clock timeout and RLIMIT_CPU are both 3 s: either may end the parse first
     assert_parse_failure(results[0], str(hang))
     assert ("parser timed out after 3 s" in results[0].message
             or "parser exceeded its CPU time limit (3 s)" in results[0].message)
-    assert 3 <= time.monotonic() - started < 15  # a bound that holds under load
+    assert time.monotonic() - started >= 3  # neither limit can end it sooner
     assert is_dead(int(child))
 
 
@@ -175,7 +176,7 @@ def test_hanging_parse_times_out(fixture_bins, tmp_path):
         assert_parse_failure(result)
         assert ("parser timed out after 1 s" in result.message
                 or "parser exceeded its CPU time limit (1 s)" in result.message)
-        assert time.monotonic() - started < 15  # a bound that holds under load
+        assert time.monotonic() - started >= 1  # neither limit can end it sooner
         # the worker goes on with the next binary
         assert isinstance(through(parser, fixture_bins["static"].binary), TsdLayout)
     finally:
@@ -220,7 +221,7 @@ def test_killed_or_stopped_zygote_is_replaced(fixture_bins):
         os.kill(second, signal.SIGSTOP)
         started = time.monotonic()
         assert_parse_failure(through(parser, binary), "parser worker unresponsive for 6 s")
-        assert time.monotonic() - started < 20  # a bound that holds under load
+        assert time.monotonic() - started >= 6  # not given up on sooner
         assert is_dead(second)
         assert isinstance(through(parser, binary), TsdLayout)
         assert parser.pid not in (first, second)
@@ -245,10 +246,8 @@ def test_close_ends_the_worker_and_a_killed_daemon_leaves_none(fixture_bins):
         assert not is_dead(zygote)
         daemon.kill()
         daemon.wait()
-        deadline = time.monotonic() + 5
-        while not is_dead(zygote):
-            assert time.monotonic() < deadline, "the worker outlived the daemon"
-            time.sleep(0.01)
+        # PR_SET_PDEATHSIG: the zygote is killed with its parent; wait for its exit event
+        assert wait_for_exit(zygote, HANG_GUARD), "the worker outlived the daemon"
     finally:
         daemon.kill()
         daemon.wait()

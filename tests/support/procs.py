@@ -177,6 +177,20 @@ def is_dead(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def wait_for_exit(pid: int, hang_guard: float) -> bool:
+    """Wait for any process (not only a child) to exit, through its pidfd: an event, not
+    polling. False only if it still runs after `hang_guard` seconds, a guard against
+    hanging the suite and never a timing claim."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], hang_guard)[0])
+    finally:
+        os.close(fd)
+
+
 def task_states(pid: int) -> dict[int, tuple[str, int]]:
     """{tid: (State letter, TracerPid)} from /proc/PID/task/*/status."""
     states = {}
