@@ -29,6 +29,8 @@ from support import elf
 from support.procs import assert_no_thread_stopped_or_traced, task_states
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHURNERS = 10_000
+HANG_GUARD_ROUNDS = 5_000  # snapshots: a guard against a hang, never a timing claim
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -221,34 +223,32 @@ def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tm
     merges and the handlers' counts must equal what was sent."""
     fixture = spawn_fixture(fixture_bins.hostile_threads, 8)
     workers = truth(fixture.threads[1:])
-    fixture.send("storm 2.5")
-    assert fixture.readline().startswith("STORMING ")
     cache = str(tmp_path / "cache")
-    rounds = 0
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
+    capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid])  # parse it once
+    fixture.send("storm")
+    assert fixture.readline().startswith("STORMING ")
+
+    def signals() -> tuple[int, int]:
+        fixture.send("signals")
+        word, usr1, rt = fixture.readline().split()
+        return int(usr1), int(rt)
+    wait_until(lambda: all(signals()), what="the storm to reach the workers")
+    for _ in range(10):  # the storm goes on until told to calm down
         # A new Capturer each round: every thread is stopped again.
         engine = capturer(fixture_bins, cache_dir=cache)
         try:
             snapshot = engine.capture(pids=[fixture.pid])
         finally:
             engine.close()
-        rounds += 1
         read = by_tid(snapshot, fixture.pid)
         assert {tid: read.get(tid) for tid in workers} == workers  # handlers never allocate
-        # the only failure allowed: the storm thread, listed, ended before it was seized
-        assert set(snapshot.failures) <= {tags.PTRACE_SEIZE}, snapshot.failures
-        assert snapshot.summary.failed <= 1
-    word, usr1_sent, rt_sent = fixture.readline(timeout=10).split()
-    assert word == "STORMED" and int(usr1_sent) > 100 and int(rt_sent) > 1000
-    assert rounds >= 10
-
-    def handled():
-        fixture.send("signals")
-        word, usr1, rt = fixture.readline().split()
-        return (usr1, rt) == (usr1_sent, rt_sent) and (usr1, rt)
+        assert snapshot.summary.failed == 0, snapshot.failures
+    fixture.send("calm")
+    word, usr1_sent, rt_sent = fixture.readline().split()
+    assert word == "STORMED"
     try:
-        wait_until(handled, timeout=2, what="every signal sent to be handled")
+        wait_until(lambda: signals() == (int(usr1_sent), int(rt_sent)),
+                   what="every signal sent to be handled")
     except AssertionError:
         fixture.send("signals")
         pytest.fail(f"signals lost: sent SIGUSR1/SIGRTMIN {usr1_sent}/{rt_sent}, "
@@ -354,14 +354,11 @@ def test_process_whose_main_thread_exited_is_still_read(fixture_bins, spawn_fixt
 def test_ten_thousand_threads_are_read_exactly(fixture_bins, spawn_fixture):
     fixture = spawn_fixture(fixture_bins.hostile_threads, 10_000, timeout=60)
     engine = capturer(fixture_bins)
-    started = time.monotonic()
     snapshot = engine.capture(pids=[fixture.pid])
-    took = time.monotonic() - started
     assert snapshot.summary.failed == 0, snapshot.failures
     assert snapshot.summary.probed_ok == 10_001
     assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
     assert engine.stats.ptrace_stops == 10_001
-    assert took < 20, f"first snapshot of 10,001 threads took {took:.1f}s"
     again = engine.capture(pids=[fixture.pid])  # memory reads only, IOV_MAX per call
     assert engine.stats.ptrace_stops == 10_001
     assert by_tid(again, fixture.pid) == truth(fixture.threads)
@@ -376,18 +373,22 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
     total must always equal what its threads were last read at (nothing lost, nothing
     counted twice), and never go backwards."""
     fixture = spawn_fixture(fixture_bins.hostile_threads, 2)
-    fixture.send("churn 2 300")
+    engine = capturer(fixture_bins)
+    engine.capture(pids=[fixture.pid])  # parse it before the churn starts
+    # at most CHURNERS new tids, far below pid_max: no tid is used twice
+    assert int(Path("/proc/sys/kernel/pid_max").read_text()) >= 3 * CHURNERS
+    fixture.send(f"churn 2 300 {CHURNERS}")
     word, *managers = fixture.readline().split()
     assert word == "CHURNING"
     steady = {*fixture.tids, *map(int, managers)}
-    engine = capturer(fixture_bins)
-    last: dict[int, int] = {}  # tid -> allocated as last read (tids do not wrap here)
+    last: dict[int, int] = {}  # tid -> allocated as last read
     previous_total = 0
     churners_seen = 0
     foreign = []
     try:
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
+        for _ in range(HANG_GUARD_ROUNDS):  # until enough churners were read
+            if churners_seen > 20:
+                break
             snapshot = engine.capture(pids=[fixture.pid])
             assert snapshot.summary.jemalloc_detected == 1
             assert set(snapshot.failures) <= {tags.PTRACE_SEIZE, tags.WAITPID,
@@ -408,10 +409,9 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
             previous_total = process.allocated_bytes
     finally:
         fixture.send("stop")
-    word, run, bad = fixture.readline(timeout=10).split()
-    assert word == "STOPPED" and int(bad) == 0 and int(run) > churners_seen
-    assert int(run) < 20_000  # far from pid_max (32768 here): no tid was used twice
-    assert churners_seen > 20
+    word, run, bad = fixture.readline().split()
+    assert word == "STOPPED" and int(bad) == 0 and churners_seen < int(run) <= CHURNERS
+    assert churners_seen > 20, f"only {churners_seen} churners read in {HANG_GUARD_ROUNDS} snapshots"
     assert not foreign, f"(tid, its size, allocated, deallocated) read from other threads: " \
                         f"{foreign[:10]} ({len(foreign)} of {churners_seen})"
     assert engine.tracer.pending == 0
