@@ -40,7 +40,6 @@ from .web import MetricsServer, load_web_config
 log = logging.getLogger(__name__)
 
 STATE_FILE = "aggregate.json"
-STATE_SAVE_SECONDS = 60.0
 STOP_GRACE_SECONDS = 0.5
 # Changing these needs a restart: they are bound (socket) or built into the Capturer.
 RESTART_KEYS = ("listen", "cache_dir", "state_dir", "debug_dirs", "debuginfod_urls",
@@ -159,7 +158,8 @@ class Daemon:
         self._restore_state()
         self._snapshots = 0
         self._overruns = 0
-        self._saved_at = time.monotonic()
+        self._saved: dict[str, Any] | None = None  # the state last written
+        self._save_failing = False  # warned once until a write succeeds again
         self.health = Health(lambda: self.config.interval)
         server.health = self.health.check
 
@@ -185,13 +185,20 @@ class Daemon:
             self.aggregator = self._new_aggregator(self.config)
 
     def _save_state(self) -> None:
+        """Write the series state when it changed: after every snapshot, before it is
+        published, so a counter scraped once is never lower after a SIGKILL."""
+        state = {"boot_id": self._boot_id, **self.aggregator.to_state()}
+        if state == self._saved:
+            return
         try:
-            write_json(self._state_path, {"boot_id": self._boot_id,
-                                          **self.aggregator.to_state()})
+            write_json(self._state_path, state)
         except OSError as err:
-            log.warning("cannot write %s (%s); series counters will restart with ctprofd",
-                        self._state_path, err.strerror)
-        self._saved_at = time.monotonic()
+            if not self._save_failing:
+                log.warning("cannot write %s (%s); series counters will restart with "
+                            "ctprofd", self._state_path, err.strerror)
+            self._save_failing = True
+            return
+        self._saved, self._save_failing = state, False
 
     # -- the snapshot thread --
 
@@ -242,6 +249,7 @@ class Daemon:
             return
         view = self.aggregator.update(
             snapshot, lambda pid, start: process_alive("/proc", pid, start))
+        self._save_state()
         self._snapshots += 1
         self._durations.observe(snapshot.duration_seconds)
         stats = self.capturer.stats
@@ -254,8 +262,6 @@ class Daemon:
         self.health.completed()
         status = f"STATUS={snapshot.summary.log_line()}"
         self.notify(*(("READY=1", status) if self._snapshots == 1 else (status,)))
-        if time.monotonic() - self._saved_at >= STATE_SAVE_SECONDS:
-            self._save_state()
 
     # -- the main thread --
 

@@ -136,3 +136,21 @@ def test_sighup_applies_new_labels_and_selection(fixture_bins, spawn_fixture, ru
     allocated, deallocated = truth(dynamic)
     assert scrapes.series(comm="alloc_threads") == (
         allocated, deallocated, allocated - deallocated, 1, 2)
+
+
+def test_series_of_exited_processes_survive_a_sigkill(fixture_bins, spawn_fixture, run_daemon):
+    """An aggregated series (no pid label) holds what exited processes counted; a SIGKILL
+    right after one exited must not take that away from the restarted daemon."""
+    staying = spawn_fixture(fixture_bins["static"], 2)
+    leaving = spawn_fixture(fixture_bins["static"], 3)
+    scrapes = run_daemon("comm").after_next_snapshot()
+    total = tuple(a + b for a, b in zip(truth(staying), truth(leaving)))
+    assert scrapes.series(comm="alloc_threads")[:2] == total
+    leaving.quit()
+    scrapes.after_next_snapshot()
+    assert scrapes.series(comm="alloc_threads")[:2] == total
+    assert scrapes.series(comm="alloc_threads")[3] == 1  # processes
+    scrapes.daemon.signal(signal.SIGKILL)
+    scrapes.daemon.proc.wait()
+    scrapes = run_daemon("comm").after_next_snapshot()
+    assert scrapes.series(comm="alloc_threads")[:2] == total
