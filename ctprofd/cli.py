@@ -52,9 +52,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_layout(result: TsdLayout) -> None:
+def _print_layout(result: TsdLayout, as_json: bool) -> None:
+    if as_json:
+        json.dump({**result.to_dict(), "source": result.source}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
     print(f"build-id:            {result.build_id or '(none)'}")
-    print(f"dwarf:               {result.dwarf_source}")
+    print(f"offsets from:        {result.source}")
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
     print(f"thread_allocated:    {result.allocated_offset}")
     print(f"thread_deallocated:  {result.deallocated_offset}")
@@ -132,7 +136,7 @@ def cmd_offsets(args: argparse.Namespace) -> int:
     layout = _resolve_or_explain(action, search)
     if layout is None:
         return 1
-    _print_layout(layout)
+    _print_layout(layout, args.json)
     return 0
 
 
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "[BINARY...]: write layouts by build-id (default: of every jemalloc process running); "
         "ctprofd offsets import FILE: validate them and add them to the cache directory")
     offsets.add_argument("args", nargs="+", metavar="BINARY | export FILE [BINARY...] | import FILE")
+    offsets.add_argument("--json", action="store_true",
+                         help="ctprofd offsets BINARY: print the layout as JSON")
     offsets.add_argument("--cache-dir", default="/var/cache/ctprofd",
                          help="cache directory that import writes to (default %(default)s)")
     offsets.add_argument("--debug-dir", action="append", default=[],

@@ -16,6 +16,7 @@ TSD_SYMBOL = re.compile(r"^(?:\w*_)?tsd_tls$")  # tsd_tls, je_tsd_tls, _rjem_je_
 MALLCTL_SYMBOL = re.compile(r"^(?:\w*_)?mallctl$")
 JEMALLOC_MARKER = b"<jemalloc>: "
 R_X86_64_TPOFF64 = 18
+STT_FUNC = 2
 STT_TLS = 6
 _ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
 
@@ -120,6 +121,34 @@ def _tls_symbols_elf64le(elf: ELFFile, table: SymbolTableSection) -> list[Symbol
             for name, info, _, _, value, size in _ELF64_SYM.iter_unpack(
                 data[:len(data) - len(data) % _ELF64_SYM.size])
             if info & 0xF == STT_TLS]
+
+
+def defined_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int]]:
+    """(address, size) of the defined functions called `names`, from .dynsym and .symtab.
+    ELF64 little-endian only. Decodes only the symbols whose name is one of them: the string
+    table is searched first."""
+    found: dict[str, tuple[int, int]] = {}
+    for table in _symbol_tables(elf):
+        strings = elf.get_section(table["sh_link"])
+        if (not isinstance(strings, StringTableSection) or elf.elfclass != 64
+                or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size):
+            continue
+        text = strings.data()
+        wanted = {}
+        for name in names:
+            needle = name.encode() + b"\0"
+            at = text.find(needle)
+            while at >= 0:
+                wanted[at] = name
+                at = text.find(needle, at + 1)
+        if not wanted:
+            continue
+        data = table.data()
+        for st_name, info, _, shndx, value, size in _ELF64_SYM.iter_unpack(
+                data[:len(data) - len(data) % _ELF64_SYM.size]):
+            if st_name in wanted and info & 0xF == STT_FUNC and shndx != 0 and value:
+                found.setdefault(wanted[st_name], (value, size))
+    return found
 
 
 def exports_mallctl(elf: ELFFile) -> bool:

@@ -7,11 +7,13 @@ The result is one of three values, all cacheable per binary:
 Two parsing phases, so that they can run in a sandbox fed with open files (parse_worker):
 `inspect_object` reads the object's headers and symbols into `ObjectFacts`; then, unless
 the layout is already known by build-id, `layout_from_dwarf` reads the DWARF of the object
-itself or of the external debug file the caller found and opened in between.
+itself or of the external debug file the caller found and opened in between. When no DWARF
+gives the offsets, `layout_from_code` reads them from jemalloc's machine code (x86_64).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
@@ -21,9 +23,10 @@ from typing import BinaryIO, Callable, Protocol
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
 
-from . import dwarf, elf, tags
+from . import dwarf, elf, machine_code, tags
 from .debuginfo import DebugFileNotFound, DebugSearch, find_debug_file
 
+log = logging.getLogger(__name__)
 TSD_SYMBOLS = ("je_tsd_tls", "tsd_tls", "_rjem_je_tsd_tls")
 BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 
@@ -41,7 +44,14 @@ class TsdLayout:
     tpoff_got: int | None = None  # shared object: GOT slot (from load base) with the TP offset
     tpoff_addend: int = 0
     tpoff_symbolic: bool = False  # relocation against the symbol: the slot includes symbol_offset
-    dwarf_source: str = "embedded"
+    dwarf_source: str = "embedded"  # how the DWARF was found ("none": offsets from code)
+    code_source: str | None = None  # offsets from machine code: which route found them
+
+    @property
+    def source(self) -> str:
+        """Where the offsets came from: `dwarf: HOW` or `code: ROUTE`. Code gives the two
+        counters only: no other tsd_s or arena member can be read from such a layout."""
+        return f"code: {self.code_source}" if self.code_source else f"dwarf: {self.dwarf_source}"
 
     @property
     def in_executable(self) -> bool:
@@ -73,13 +83,17 @@ class NotJemalloc:
 
 @dataclass(frozen=True)
 class LayoutFailure:
-    """jemalloc is (probably) there but cannot be located: an actionable tag and why."""
+    """jemalloc is (probably) there but cannot be located: an actionable tag and why.
+    `crashed`: the sandboxed parser timed out, overran a limit or died on the file, which
+    is then not parsed again for its machine code."""
 
     tag: str
     message: str
+    crashed: bool = False
 
     def to_dict(self) -> dict:
-        return {"kind": "failure", "tag": self.tag, "message": self.message}
+        return {"kind": "failure", "tag": self.tag, "message": self.message,
+                "crashed": self.crashed}
 
 
 Resolution = TsdLayout | NotJemalloc | LayoutFailure
@@ -98,6 +112,8 @@ def resolution_from_dict(data: dict) -> Resolution:
     if kind == "failure":
         if fields["tag"] not in tags.ACTIONABLE:
             raise ValueError(f"unknown tag {fields['tag']!r}")
+        if type(fields.get("crashed", False)) is not bool:
+            raise ValueError("crashed must be a boolean")
         return LayoutFailure(**fields)
     raise ValueError(f"unknown kind {kind!r}")
 
@@ -115,6 +131,8 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("tpoff_addend must be an integer and tpoff_symbolic a boolean")
     if not isinstance(layout.symbol, str) or not isinstance(layout.dwarf_source, str):
         raise ValueError("symbol and dwarf_source must be strings")
+    if layout.code_source is not None and not isinstance(layout.code_source, str):
+        raise ValueError("code_source must be a string or null")
     if not layout.allocated_offset < layout.deallocated_offset:
         raise ValueError("thread_deallocated must come after thread_allocated")
     if (layout.static_block_offset is None) == (layout.tpoff_got is None):
@@ -285,6 +303,31 @@ def layout_from_dwarf(stream: BinaryIO, facts: ObjectFacts, what: str, source: s
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{where}: malformed ELF: {exc}")
 
 
+def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolution:
+    """The layout from jemalloc's machine code in `stream` (the object itself), for when
+    no DWARF gives it; a failure's message says what the code showed."""
+    try:
+        found = machine_code.counter_layout(stream, shared=facts.tpoff_got is not None)
+    except machine_code.CodeError as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
+    except MALFORMED as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: malformed ELF: {exc}")
+    symbol = facts.symbol
+    if symbol is not None and not found.tpoff_symbolic and symbol.value != found.symbol_offset:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: the fast paths place "
+                             f"the TSD at TLS offset {found.symbol_offset}, {symbol.name} is "
+                             f"at {symbol.value}")
+    layout = TsdLayout(facts.build_id, symbol.name if symbol else "(stripped)",
+                       found.symbol_offset, found.allocated_offset, found.deallocated_offset,
+                       found.static_block_offset, found.tpoff_got, found.tpoff_addend,
+                       found.tpoff_symbolic, dwarf_source="none", code_source=found.route)
+    try:
+        validate(layout)
+    except ValueError as exc:
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
+    return layout
+
+
 def open_debug_file(facts: ObjectFacts, what: str, object_dirs: list[str],
                     search: DebugSearch) -> tuple[BinaryIO, str] | LayoutFailure:
     """The object's external debug file, open, and how it was found. Path and CRC work
@@ -308,12 +351,15 @@ class Parser(Protocol):
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str,
                source: str) -> Resolution: ...
 
+    def code(self, stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolution: ...
+
 
 class InProcess:
     """The phases run right here: only for files the operator named."""
 
     inspect = staticmethod(inspect_object)
     layout = staticmethod(layout_from_dwarf)
+    code = staticmethod(layout_from_code)
 
 
 def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
@@ -321,20 +367,31 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
             known: Callable[[str], Resolution | None] | None = None) -> Resolution:
     """Both phases: inspect the object, then take the layout already `known` for its
     build-id, or read it from its own DWARF or from its external debug file (looked for
-    in `object_dirs`, where its debuglink may point, and as `search` says)."""
+    in `object_dirs`, where its debuglink may point, and as `search` says), or, when
+    none gives it, from its machine code."""
     facts = parser.inspect(stream, what, shared)
     if not isinstance(facts, ObjectFacts):
         return facts
     if known is not None and facts.build_id and (found := known(facts.build_id)) is not None:
         return found
     if facts.embedded_dwarf:
-        return parser.layout(stream, facts, what, "embedded")
-    debug = open_debug_file(facts, what, object_dirs, search)
-    if isinstance(debug, LayoutFailure):
-        return debug
-    debug_stream, source = debug
-    with debug_stream:
-        return parser.layout(debug_stream, facts, what, source)
+        result = parser.layout(stream, facts, what, "embedded")
+    else:
+        debug = open_debug_file(facts, what, object_dirs, search)
+        if isinstance(debug, LayoutFailure):
+            result = debug
+        else:
+            debug_stream, source = debug
+            with debug_stream:
+                result = parser.layout(debug_stream, facts, what, source)
+    if not (isinstance(result, LayoutFailure) and result.tag == tags.DWARF_PARSE_FAILURE
+            and not result.crashed):
+        return result
+    from_code = parser.code(stream, facts, what)
+    if isinstance(from_code, LayoutFailure):
+        return LayoutFailure(result.tag, f"{result.message}; {from_code.message}")
+    log.info("%s; offsets from %s", result.message, from_code.source)
+    return from_code
 
 
 def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,

@@ -10,11 +10,13 @@ Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way p
 
     daemon -> zygote  {"op": "inspect", "what": NAME, "shared": BOOL}            + 1 fd
                       {"op": "layout", "what": NAME, "source": HOW, "facts": {...}} + 1 fd
+                      {"op": "code", "what": NAME, "facts": {...}}                 + 1 fd
     zygote -> daemon  the child's answer: ObjectFacts.to_dict() or a Resolution's to_dict(),
                       or {"crash": WHY} when it raised, hung, died or overran a limit
 
 The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "layout",
-possibly its debug file: between the phases the daemon does the path work the sandbox
+possibly its debug file ("code" reads the binary's machine code when no DWARF gave the
+offsets): between the phases the daemon does the path work the sandbox
 cannot (build-id path, debuglink and CRC, debuginfod) and opens the file (layout.resolve).
 
 What the worker runs as (it refuses to serve with a permitted, effective or ambient
@@ -55,7 +57,7 @@ from typing import BinaryIO, NoReturn
 from . import tags
 from .capabilities import own_status
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
-                     inspect_object, layout_from_dwarf, resolution_from_dict)
+                     inspect_object, layout_from_code, layout_from_dwarf, resolution_from_dict)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,13 @@ class ParseWorker:
 
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str, source: str) -> Resolution:
         request = {"op": "layout", "what": what, "source": source, "facts": facts.to_dict()}
+        return self._phase_two(request, stream, what)
+
+    def code(self, stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolution:
+        request = {"op": "code", "what": what, "facts": facts.to_dict()}
+        return self._phase_two(request, stream, what)
+
+    def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
         if isinstance(found, ObjectFacts):
             return self._crashed(what, "parser answered phase 2 with object facts")
@@ -135,7 +144,7 @@ class ParseWorker:
             try:
                 data = self._exchange(json.dumps(request).encode(), stream.fileno())
             except _Unavailable as exc:
-                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}")
+                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}", crashed=True)
             except _WorkerDown as exc:
                 return self._crashed(what, str(exc))
         try:
@@ -148,14 +157,14 @@ class ParseWorker:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             return self._crashed(what, f"parser sent a malformed reply ({exc})")
         if isinstance(found, LayoutFailure) and len(found.message) > MAX_REASON:
-            return LayoutFailure(found.tag, found.message[:MAX_REASON] + "…")
+            return LayoutFailure(found.tag, found.message[:MAX_REASON] + "…", found.crashed)
         return found
 
     @staticmethod
     def _crashed(what: str, reason: str) -> LayoutFailure:
         message = f"{what}: {reason}"[:MAX_REASON]
         log.warning("%s", message)
-        return LayoutFailure(tags.DWARF_PARSE_FAILURE, message)
+        return LayoutFailure(tags.DWARF_PARSE_FAILURE, message, crashed=True)
 
     def _exchange(self, request: bytes, fd: int) -> bytes:
         """Send a request with its fd; the reply. A zygote found dead is started again and
@@ -389,6 +398,8 @@ def _parse(request: dict, fd: int) -> dict:
         if request["op"] == "inspect":
             return inspect_object(stream, what, request["shared"]).to_dict()
         facts = ObjectFacts.from_dict(request["facts"])
+        if request["op"] == "code":
+            return layout_from_code(stream, facts, what).to_dict()
         return layout_from_dwarf(stream, facts, what, request["source"]).to_dict()
 
 
