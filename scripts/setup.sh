@@ -25,7 +25,7 @@ require_root
 packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
-               gdb debuginfod elfutils binutils pahole redis-server libjemalloc2 util-linux
+               gdb debuginfod elfutils binutils pahole redis-server varnish libjemalloc2 util-linux
                libcap2-bin procps openssl curl systemd-container debootstrap podman)
     ensure_deb_src || true  # for `apt-get source jemalloc`, before the one update
 fi
