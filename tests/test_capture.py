@@ -15,6 +15,8 @@ from ctprofd import tags
 from ctprofd.cache import LayoutCache
 from ctprofd.capture import Capturer, CaptureSettings
 from ctprofd.summary import REMEDIATION_HINT
+from support import elf
+from support.cgroups import in_unit, unique_unit
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,20 +214,44 @@ def test_fully_unprivileged_capture_sees_uncounted_readlink_failures(fixture_bin
     assert result.stderr.count("CAP_SYS_PTRACE") == 1
 
 
+def readme_json_contract() -> dict:
+    """The example the README gives as the `snapshot --json` contract."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    return json.loads(text.split("`ctprofd snapshot --json` is a contract:", 1)[1]
+                      .split("```json", 1)[1].split("```", 1)[0])
+
+
 def test_json_form_is_the_contract(fixture_bins, spawn_fixture):
     fixture = spawn_fixture(fixture_bins["dynamic"], 2)
-    result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+    unit = unique_unit()
+    with in_unit(fixture.pid, unit):
+        result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+    start_time = int(open(f"/proc/{fixture.pid}/stat").read().rsplit(")", 1)[1].split()[19])
+    assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert {"timestamp", "probe_summary", "failures", "processes"} <= set(data)
+    contract = readme_json_contract()
+    assert set(data) == set(contract)
+    assert set(data["probe_summary"]) == set(contract["probe_summary"])
+    assert data["probe_summary"] == {
+        "tgids_walked": 1, "jemalloc_detected": 1, "probed_ok": 3, "failed": 0,
+        "dominant_failure": None, "privilege_dominant": False, "remediation_hint": None}
+    assert (data["failures"], data["traced_by"]) == ({}, {})
     [process] = data["processes"]
-    assert {"pid", "comm", "exe", "build_id", "start_time", "allocated_bytes",
-            "deallocated_bytes", "threads"} <= set(process)
+    assert set(process) == set(contract["processes"][0])
+    assert (process["pid"], process["comm"], process["uid"], process["unit"]) == (
+        fixture.pid, "alloc_threads", 0, unit)
     assert process["exe"] == str(fixture_bins["dynamic"].binary)
-    assert {(t["tid"], t["allocated_bytes"], t["deallocated_bytes"])
-            for t in process["threads"]} == {(t["tid"], t["allocated"], t["deallocated"])
-                                             for t in fixture.threads}
-    assert {"tid", "comm", "allocated_bytes", "deallocated_bytes"} == set(
-        process["threads"][0])
+    assert process["build_id"] == elf.build_id(fixture_bins["dynamic"].jemalloc_object)
+    assert process["start_time"] == start_time
+    assert (process["allocated_bytes"], process["deallocated_bytes"]) == (
+        sum(t["allocated"] for t in fixture.threads),
+        sum(t["deallocated"] for t in fixture.threads))
+    assert [(t["tid"], t["allocated_bytes"], t["deallocated_bytes"])
+            for t in process["threads"]] == [(t["tid"], t["allocated"], t["deallocated"])
+                                             for t in fixture.threads]
+    for thread in process["threads"]:
+        assert set(thread) == set(contract["processes"][0]["threads"][0])
+    assert [t["comm"] for t in process["threads"]] == ["alloc_threads", "worker-0", "worker-1"]
 
 
 def test_table_form_names_the_process_and_the_summary(fixture_bins, spawn_fixture):
