@@ -184,3 +184,50 @@ def test_state_with_other_labels_is_not_restored():
     agg = grouped(("comm",))
     assert not grouped(("pid",)).restore(agg.to_state(), same_boot=True)
     assert not grouped().restore({"version": 99}, same_boot=True)
+
+
+def test_a_renamed_process_that_exits_leaves_each_series_its_own_part():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40), comm="old")), NONE_ALIVE)
+    agg.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
+    view = agg.update(snap(2), NONE_ALIVE)  # exited: the new series' part is folded
+    series = by_labels(view)
+    assert series[("old",)] == SeriesValues(("old",), 100, 40, 0, 0, 0)
+    assert series[("new",)] == SeriesValues(("new",), 30, 5, 0, 0, 0)
+
+
+def test_exec_is_seen_when_only_one_counter_went_backwards():
+    agg = grouped(("pid",))
+    agg.update(snap(0, proc(10, (1000, 400))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (20, 500))), NONE_ALIVE)  # allocated restarted
+    assert view.series == (SeriesValues(("10",), 1020, 900, -480, 1, 1),)
+    agg = grouped(("pid",))
+    agg.update(snap(0, proc(10, (1000, 400))), NONE_ALIVE)
+    view = agg.update(snap(1, proc(10, (2000, 5))), NONE_ALIVE)  # deallocated restarted
+    assert view.series == (SeriesValues(("10",), 3000, 405, 1995, 1, 1),)
+
+
+def test_a_series_is_kept_until_exactly_its_retention():
+    agg = grouped(("pid",), retention=10)
+    agg.update(snap(0, proc(10, (5, 1))), NONE_ALIVE)
+    assert [s.labels for s in agg.update(snap(10), NONE_ALIVE).series] == [("10",)]
+    assert agg.update(snap(10.5), NONE_ALIVE).series == ()
+
+
+def test_restored_state_keeps_retention_clocks_and_renamed_bases():
+    agg = grouped(retention=10)
+    agg.update(snap(1000, proc(10, (100, 40), comm="gone")), NONE_ALIVE)
+    agg.update(snap(1001, proc(11, (50, 20), comm="old")), NONE_ALIVE)  # 10 exited
+    agg.update(snap(1002, proc(11, (80, 30), comm="new")), NONE_ALIVE)  # 11 renamed
+    again = grouped(retention=10)
+    assert again.restore(json.loads(json.dumps(agg.to_state())), same_boot=True)
+    view = again.update(snap(1005, proc(11, (90, 35), comm="new")), NONE_ALIVE)
+    series = by_labels(view)
+    assert series[("gone",)] == SeriesValues(("gone",), 100, 40, 0, 0, 0)  # active at 1001
+    assert series[("old",)] == SeriesValues(("old",), 50, 20, 0, 0, 0)
+    assert series[("new",)] == SeriesValues(("new",), 40, 15, 55, 1, 1)  # since the rename
+
+
+def test_state_without_labels_is_not_restored():
+    assert not grouped().restore({"version": 1, "series": [], "processes": []},
+                                 same_boot=True)

@@ -220,3 +220,102 @@ def test_add_check_config_parser_sets_func(tmp_path):
     config.add_check_config_parser(parser.add_subparsers())
     args = parser.parse_args(["check-config", write(tmp_path, "")])
     assert args.func(args) == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("offsets_files: 5\n", "offsets_files: expected a list, got an integer"),
+    ("offsets_files: [5]\n", "offsets_files[0]: expected a string, got an integer"),
+    ("series_retention: -1\n", "series_retention: must be >= 0, got -1"),
+    ("series_retention: x\n", "series_retention: expected a number, got a string"),
+    ("web_config_file: 5\n", "web_config_file: expected a string, got an integer"),
+    ("cache_dir: 5\n", "cache_dir: expected a string, got an integer"),
+    ("cache_dir: {a: 1}\n", "cache_dir: expected a string, got a mapping"),
+    ("cache_dir: 2024-01-01\n", "cache_dir: expected a string, got date"),
+    ("log_level: 5\n", "log_level: expected a string, got an integer"),
+    ("debuginfod_urls: 5\n", "debuginfod_urls: expected a list, got an integer"),
+    ("selection:\n  include: {comm: [5]}\n",
+     "selection.include.comm[0]: expected a string, got an integer"),
+    ("selection:\n  include: {exe: [5]}\n",
+     "selection.include.exe[0]: expected a string, got an integer"),
+    ("selection:\n  exclude: {unit: [5]}\n",
+     "selection.exclude.unit[0]: expected a string, got an integer"),
+    ("source: x\n", "source: unknown key (known: listen, interval, cache_dir, state_dir, "
+                     "debug_dirs, debuginfod_urls, offsets_files, parser, selection, labels, "
+                     "max_series, series_retention, web_config_file, log_level)"),
+    ("colour: red\n", "colour: unknown key (known: listen, interval, cache_dir, state_dir, "
+                      "debug_dirs, debuginfod_urls, offsets_files, parser, selection, labels, "
+                      "max_series, series_retention, web_config_file, log_level)"),
+    ("labels: [host]\n", "labels[0]: unknown label 'host' (choose from pid, comm, unit, exe, "
+                         "user)"),
+    ("interval: -1\n", "interval: must be > 0, got -1"),
+])
+def test_every_key_is_named_in_its_error(tmp_path, text, expected):
+    assert error_of(tmp_path, text) == expected
+
+
+def test_more_values_are_read(tmp_path):
+    path = write(tmp_path, "offsets_files: [/a.json, /b.json]\nseries_retention: 0\n"
+                           "web_config_file: /etc/web.yaml\ncache_dir: /c\n")
+    cfg = config.load(path)
+    assert (cfg.offsets_files, cfg.series_retention, cfg.web_config_file, cfg.cache_dir,
+            cfg.source) == (("/a.json", "/b.json"), 0.0, "/etc/web.yaml", "/c", path)
+    assert config.load(write(tmp_path, "series_retention: 12.5\n")).series_retention == 12.5
+
+
+def test_yaml_errors_name_the_problem_and_where(tmp_path):
+    assert error_of(tmp_path, "interval: [\n") == (
+        "invalid YAML at line 2 column 1: expected the node content, but found '<stream end>'")
+    # a reader error has no mark and no `problem`: its first line says it
+    assert error_of(tmp_path, "interval: 1\x07\n") == (
+        "invalid YAML: unacceptable character #x0007: special characters are not allowed")
+
+
+def test_config_error_keeps_its_parts(tmp_path):
+    path = write(tmp_path, "interval: 0\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert (info.value.source, info.value.key, info.value.problem) == (
+        path, "interval", "must be > 0, got 0")
+    for text in ("[1]\n", "a: [\n"):  # file-level problems name no key
+        with pytest.raises(config.ConfigError) as info:
+            config.load(write(tmp_path, text))
+        assert info.value.key == ""
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "ctprofd.yaml"
+    path.write_bytes(b"interval: \xff\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path))
+    assert str(info.value).startswith(f"{path}: cannot read: 'utf-8' codec can't decode byte")
+    assert info.value.key == ""
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:65535", ("127.0.0.1", 65535)), (":0", ("", 0)), ("[::1]:80", ("::1", 80)),
+    ("127.0.0.1:65536", None), ("host:abc", None), ("host", None), ("[::1:80", None),
+    ("::1]:80", None),
+])
+def test_parse_listen(value, expected):
+    if expected is None:
+        with pytest.raises(ValueError):
+            config.parse_listen(value)
+    else:
+        assert config.parse_listen(value) == expected
+
+
+def test_a_uid_or_unit_rule_alone_is_a_rule(tmp_path, processes):
+    assert selected(tmp_path, "selection:\n  include: {uid: [1000]}\n", processes) == [12, 13]
+    assert selected(tmp_path, "selection:\n  include: {unit: ['redis*']}\n", processes) == [10]
+
+
+def test_check_config_help_names_its_argument_and_what_it_does():
+    parser = argparse.ArgumentParser(prog="ctprofd")
+    sub = config.add_check_config_parser(parser.add_subparsers())
+    assert "check-config validate a configuration file" in " ".join(parser.format_help().split())
+    assert parser.parse_args(["check-config", "x"]).path == "x"
+    help_text = " ".join(sub.format_help().split())
+    assert help_text.startswith("usage: ctprofd check-config [-h] PATH")
+    assert ("PATH the YAML configuration file" in help_text
+            and "Validate a ctprofd configuration file (and the web config file it names); "
+                "print OK or a one-line error. Exit 0, or 78 on a bad config." in help_text)

@@ -129,3 +129,25 @@ def test_json_form_has_the_seven_keys():
 def test_unknown_tag_is_rejected():
     with pytest.raises(ValueError):
         tags.ProbeError("made-up", "x")
+
+
+def test_tally_adds_up_outcomes_one_or_many_at_a_time():
+    tally = Tally()
+    tally.fail(tags.WAITPID)
+    tally.fail(tags.WAITPID)
+    tally.fail(tags.WAITPID, 3)
+    assert tally.failures == Counter({tags.WAITPID: 5})
+
+
+def test_a_single_ptrace_failure_is_privilege_dominant():
+    summary = summarize(ptrace_interrupt=1)
+    assert (summary.failed, summary.privilege_dominant) == (1, True)
+
+
+def test_probe_error_carries_its_tag_and_message():
+    error = tags.ProbeError(tags.WAITPID, "tid 12: no stop in 250 ms")
+    assert (error.tag, error.message, str(error), error.args) == (
+        tags.WAITPID, "tid 12: no stop in 250 ms", "waitpid: tid 12: no stop in 250 ms",
+        ("tid 12: no stop in 250 ms",))
+    with pytest.raises(ValueError, match="unknown failure tag 'made-up'"):
+        tags.ProbeError("made-up", "x")

@@ -9,9 +9,9 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from ctprofd import elf
+from ctprofd import elf, layout as layout_module, tags
 from ctprofd.elf import TlsSegment
-from ctprofd.layout import TsdLayout
+from ctprofd.layout import LayoutFailure, TsdLayout, validate
 
 PT_LOAD, PT_TLS = 1, 7
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -85,3 +85,56 @@ def test_dso_tsd_delta_from_the_got_slot(symbolic, addend, slot, delta):
     placed = layout(tpoff_got=0x1ff8, tpoff_addend=addend, tpoff_symbolic=symbolic)
     assert placed.dso_tsd_delta(slot) == delta
     assert not placed.in_executable and layout(static_block_offset=0).in_executable
+
+
+def test_the_got_slot_is_counted_from_the_first_load_segments_page():
+    image = elf.open_elf(synthetic_elf((PT_TLS, 0x2e10, 0x3e10, 0x0d, 0xa88, 0x40),
+                                       (PT_LOAD, 0, 0x7234, 0x1000, 0x1000, 0x1000),
+                                       (PT_LOAD, 0x1000, 0x9000, 0x1000, 0x1000, 0x1000)))
+    assert layout_module._first_load_page(image) == 0x7000
+    with pytest.raises(layout_module._Failure) as info:
+        layout_module._first_load_page(elf.open_elf(
+            synthetic_elf((PT_TLS, 0x2e10, 0x3e10, 0x0d, 0xa88, 0x40))))
+    assert info.value.result == LayoutFailure(tags.DWARF_PARSE_FAILURE, "no PT_LOAD segment")
+
+
+VALID = dict(build_id="ab", symbol="je_tsd_tls", symbol_offset=0, allocated_offset=824,
+             deallocated_offset=840, static_block_offset=2752)
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"symbol_offset": (1 << 20) - 1}, {"allocated_offset": 0, "deallocated_offset": 1},
+    {"deallocated_offset": (1 << 20) - 1}, {"static_block_offset": 0},
+    {"static_block_offset": (1 << 40) - 1},
+    {"static_block_offset": None, "tpoff_got": 0, "tpoff_addend": -8, "tpoff_symbolic": True},
+    {"static_block_offset": None, "tpoff_got": (1 << 40) - 1},
+])
+def test_plausible_layouts_are_accepted(change):
+    validate(TsdLayout(**{**VALID, **change}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"symbol_offset": -1}, "offsets must be integers in [0, 1 MiB)"),
+    ({"symbol_offset": 1 << 20}, "offsets must be integers in [0, 1 MiB)"),
+    ({"allocated_offset": -1}, "offsets must be integers in [0, 1 MiB)"),
+    ({"deallocated_offset": 1 << 20}, "offsets must be integers in [0, 1 MiB)"),
+    ({"symbol_offset": True}, "offsets must be integers in [0, 1 MiB)"),
+    ({"allocated_offset": 824.0}, "offsets must be integers in [0, 1 MiB)"),
+    ({"static_block_offset": -1}, "static_block_offset must be a non-negative integer"),
+    ({"static_block_offset": 1 << 40}, "static_block_offset must be a non-negative integer"),
+    ({"static_block_offset": 2752.0}, "static_block_offset must be a non-negative integer"),
+    ({"static_block_offset": None, "tpoff_got": -1}, "tpoff_got must be a non-negative integer"),
+    ({"static_block_offset": None, "tpoff_got": 1 << 40},
+     "tpoff_got must be a non-negative integer"),
+    ({"tpoff_addend": 1.5}, "tpoff_addend must be an integer and tpoff_symbolic a boolean"),
+    ({"tpoff_symbolic": 1}, "tpoff_addend must be an integer and tpoff_symbolic a boolean"),
+    ({"symbol": 7}, "symbol and dwarf_source must be strings"),
+    ({"dwarf_source": None}, "symbol and dwarf_source must be strings"),
+    ({"deallocated_offset": 824}, "thread_deallocated must come after thread_allocated"),
+    ({"tpoff_got": 4096}, "exactly one of static_block_offset and tpoff_got must be set"),
+    ({"static_block_offset": None}, "exactly one of static_block_offset and tpoff_got must be set"),
+])
+def test_implausible_layouts_are_rejected(change, message):
+    with pytest.raises(ValueError) as info:
+        validate(TsdLayout(**{**VALID, **change}))
+    assert str(info.value) == message
