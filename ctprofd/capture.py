@@ -102,8 +102,9 @@ class Capturer:
                 self.cache.put(f"build-id:{layout.build_id}",
                                replace(layout, dwarf_source=f"imported from {path}"))
         urls = self.settings.debuginfod_urls or urls_from_environment()
-        client = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
-        self.attacher = Attacher(self.cache, DebugSearch(self.settings.debug_dirs, client),
+        self._debuginfod = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
+        self.attacher = Attacher(self.cache,
+                                 DebugSearch(self.settings.debug_dirs, self._debuginfod),
                                  self.settings.parser)
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
@@ -112,8 +113,11 @@ class Capturer:
         self._restored = self._retained_store.load()
 
     def close(self) -> None:
-        """Stop the parser worker process."""
+        """Stop the parser worker process; remove debug files downloaded to a temporary
+        directory."""
         self.attacher.close()
+        if self._debuginfod is not None:
+            self._debuginfod.close()
 
     @property
     def stats(self) -> CaptureStats:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-
 import tempfile
 import time
 import urllib.error
@@ -28,11 +27,19 @@ class DebuginfodClient:
         self.max_bytes = max_bytes
         self.failure_ttl = failure_ttl
         self._failed_until: dict[str, float] = {}  # server or server+build-id -> time
+        self._scratch: tempfile.TemporaryDirectory | None = None  # without a directory
+
+    def close(self) -> None:
+        """Remove the downloads kept in a temporary directory (there was no cache dir)."""
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def _download_dir(self) -> str:
-        if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix="ctprofd-debuginfod-")
-        path = os.path.join(self.directory, "debuginfod")
+        if self.directory is None and self._scratch is None:
+            # removed by close(), or at the latest when the client is collected or at exit
+            self._scratch = tempfile.TemporaryDirectory(prefix="ctprofd-debuginfod-")
+        path = os.path.join(self.directory or self._scratch.name, "debuginfod")
         os.makedirs(path, exist_ok=True)
         return path
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -83,18 +84,42 @@ def test_stripped_shared_object_resolved_through_debuginfod(fixture_bins, spawn_
     assert len(downloaded) == 1 and downloaded[0].endswith(".debug")
 
 
-def test_debuginfod_down_falls_back_to_code_quickly(fixture_bins, spawn_fixture, tmp_path):
+def test_debuginfod_down_falls_back_to_code_leaving_nothing_behind(fixture_bins, spawn_fixture,
+                                                                   tmp_path, monkeypatch):
     fixture = spawn_fixture(fixture_bins["dynamic-stripped-buildid"], 2)
     down = f"http://127.0.0.1:{free_port()}"
+    scratch = tmp_path / "tmp"  # where temporary files go; no cache dir is configured
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),),
                                       debuginfod_urls=(down,)))
-    snapshot = engine.capture(pids=[fixture.pid])
+    try:
+        snapshot = engine.capture(pids=[fixture.pid])
+    finally:
+        engine.close()
     assert snapshot.summary.failed == 0, snapshot.failures
     assert by_tid(snapshot) == truth(fixture)
     assert [layout.source for layout in engine.cache.layouts()] == [
         "code: malloc/free fast paths"]
-    assert snapshot.duration_seconds < 30  # a safety bound, not a timing claim
+    assert list(scratch.iterdir()) == []
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_debuginfod_downloads_without_a_cache_dir_go_when_the_engine_closes(
+        fixture_bins, spawn_fixture, debuginfod_server, tmp_path, monkeypatch):
+    fixture = spawn_fixture(fixture_bins["dynamic-stripped-buildid"], 2)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),),
+                                      debuginfod_urls=(debuginfod_server,)))
+    try:
+        snapshot = engine.capture(pids=[fixture.pid])
+        assert by_tid(snapshot) == truth(fixture)
+        assert [p.name for p in scratch.glob("*/debuginfod/*.debug")]  # used while open
+    finally:
+        engine.close()
+    assert list(scratch.iterdir()) == []
 
 
 def strip_copy(source, target) -> None:
