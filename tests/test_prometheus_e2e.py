@@ -70,8 +70,9 @@ RULES_MAY_BE_EMPTY = {
     "CtprofdDown": "every target is up and scraped",
     "CtprofdStale": "every daemon completes a snapshot each second, never 3 intervals old",
     "CtprofdProbeFailures": "needs ctprofd_probe_failed from 15 minutes ago (offset 15m)",
-    "CtprofdSnapshotSlow": "either way: a first snapshot that parses DWARF may overrun the "
-                           "1 s interval and count in increase(overruns[10m])",
+    "CtprofdSnapshotSlow": "a first snapshot that parses DWARF may overrun the 1 s interval: "
+                           "test_snapshot_slow_names_exactly_the_daemons_that_overran "
+                           "checks which daemons it names against the raw counters",
 }
 DASHBOARD_MAY_BE_EMPTY = {
     "annotation ctprofd alerts": "no alert fires within the test: each has a `for:` of at "
@@ -309,6 +310,28 @@ def test_rule_expression(stack: Stack, query) -> None:
     result = _evaluate(stack.prometheus, query.name, query.expr, RULES_MAY_BE_EMPTY)
     if query.name == "CtprofdPtracePrivilege":
         assert {s["metric"]["daemon"] for s in result} - {"no-ptrace-dso"} == {"no-ptrace"}
+
+
+def test_snapshot_slow_names_exactly_the_daemons_that_overran(stack: Stack) -> None:
+    """Evaluated at one instant: the alert names, with reason "overruns", exactly the
+    daemons whose raw overrun counter moved in the 10 minutes before, and with reason
+    "p90-duration" exactly those its duration half selects; nothing else."""
+    prom = stack.prometheus
+    [expr] = [q.expr for q in rule_exprs() if q.name == "CtprofdSnapshotSlow"]
+    at = str(prom.api("query", {"query": "time()"})["result"][0])
+
+    def at_once(query: str) -> list[dict]:
+        return prom.api("query", {"query": query, "time": at})["result"]
+    overran = {series["metric"]["daemon"] for series in at_once(
+        "ctprofd_snapshot_overruns_total[10m]")
+        if len({value for _, value in series["values"]}) > 1}
+    slow = {series["metric"]["daemon"] for series in at_once(
+        "histogram_quantile(0.9, rate(ctprofd_snapshot_duration_seconds_bucket[10m]))"
+        " / ctprofd_snapshot_interval_seconds > 0.8")}
+    named = [(series["metric"]["daemon"], series["metric"]["reason"])
+             for series in at_once(expr)]
+    assert sorted(named) == sorted({(d, "overruns") for d in overran}
+                                   | {(d, "p90-duration") for d in slow})
 
 
 @pytest.mark.parametrize("query", dashboard_exprs(GRAFANA_VARIABLES), ids=lambda q: q.name)
