@@ -61,7 +61,9 @@ def totals(threads) -> tuple[int, int]:
     return sum(t["allocated"] for t in threads), sum(t["deallocated"] for t in threads)
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
+    """Poll `predicate` until it holds; `timeout` is a guard against a hang, never a
+    timing claim."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -188,8 +190,7 @@ def test_job_control_racing_the_snapshots_is_kept(fixture_bins, spawn_fixture, t
     toggler = threading.Thread(target=toggle)
     toggler.start()
     try:
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
+        for _ in range(10):  # while the toggler runs
             engine = capturer(fixture_bins, cache_dir=cache)  # every thread stopped again
             try:
                 snapshot = engine.capture(pids=[fixture.pid])
@@ -203,12 +204,12 @@ def test_job_control_racing_the_snapshots_is_kept(fixture_bins, spawn_fixture, t
         toggler.join()
     os.kill(fixture.pid, signal.SIGCONT)  # last: running
     wait_until(lambda: all(s == ("S", 0) for s in task_states(fixture.pid).values()),
-               timeout=2, what=f"every thread running, not {task_states(fixture.pid)}")
+               what=f"every thread running, not {task_states(fixture.pid)}")
     fixture.send("ping")
     assert fixture.readline() == "PONG"
     os.kill(fixture.pid, signal.SIGSTOP)  # last: stopped
     wait_until(lambda: all(s == ("T", 0) for s in task_states(fixture.pid).values()),
-               timeout=2, what="group stop")
+               what="group stop")
     assert by_tid(capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid]),
                   fixture.pid) == truth(fixture.threads)
     time.sleep(0.1)
@@ -567,7 +568,7 @@ def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixtu
             # the main thread is stopped first: wait for it, then let the snapshot run on
             wait_until(lambda: cli.poll() is not None or
                        voluntary_switches_of(fixture.pid, fixture.pid) != before[fixture.pid],
-                       timeout=30, what="the first stop")
+                       what="the first stop")
             time.sleep(rng.uniform(0, duration))
         finally:
             cli.kill()
@@ -611,7 +612,7 @@ def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tm
         cli.kill()
         cli.wait()
     assert proc_field(fixture.pid, stuck, "TracerPid") == "0"
-    wait_until(lambda: thread_state(fixture.pid, stuck) == "S", timeout=5,
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "S",
                what="the vfork to end")
     time.sleep(0.1)
     assert_no_thread_stopped_or_traced(fixture.pid)
@@ -636,7 +637,7 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     assert snapshot.failures == {tags.WAITPID: 1}
     assert stuck not in by_tid(snapshot, fixture.pid)
     wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
-               timeout=5, what="the vfork to end")
+               what="the vfork to end")
     time.sleep(0.2)
     assert_no_thread_stopped_or_traced(fixture.pid)
     assert by_tid(engine.capture(pids=[fixture.pid]), fixture.pid) == truth(fixture.threads)

@@ -169,7 +169,7 @@ def test_slowloris_does_not_block_a_concurrent_scrape_and_is_cut_off(serve):
     started = time.monotonic()
     trickle.settimeout(0.2)
     closed = False
-    while not closed and time.monotonic() - started < 5:  # a byte at a time, forever
+    while not closed and time.monotonic() - started < 120:  # a byte at a time; a hang guard
         try:
             trickle.sendall(b"X")
             closed = trickle.recv(1) == b""
@@ -178,7 +178,7 @@ def test_slowloris_does_not_block_a_concurrent_scrape_and_is_cut_off(serve):
         except OSError:
             closed = True
     assert closed, "a trickling client was not cut off by the deadline"
-    idle.settimeout(5)
+    idle.settimeout(120)  # a hang guard
     assert idle.recv(1) == b""  # the idle one too
     idle.close()
     trickle.close()
