@@ -35,7 +35,7 @@ from .offsets_file import OffsetsFileError
 from .parse_worker import WorkerLimits
 from .procfs import ProcessInfo
 from .retained import boot_id
-from .web import MetricsServer, load_web_config
+from .web import MetricsServer, load_web_config, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ class Daemon:
     def serve(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                         name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         log.info("listening on %s", self.server.url)
         loop = threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True)
         loop.start()
@@ -331,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
     collector = DaemonCollector()
     registry = CollectorRegistry()
     registry.register(collector)
+    raise_fd_limit()  # before the server sizes its connection limit by it
     try:
         server = MetricsServer(config.listen, registry, web)
     except OSError as err:

@@ -45,11 +45,11 @@ class Renderer:
         self.dropped = 0        # samples left out of those scrapes
         self._lock = threading.Lock()
 
-    def render(self, encoder: Encoder) -> bytes:
-        """The exposition of every family; when it fails, of every sample that renders.
-        CollectError when a collector itself raised."""
+    def render(self, encoder: Encoder, extra: Iterable[Metric] = ()) -> bytes:
+        """The exposition of every family (and of `extra`); when it fails, of every sample
+        that renders. CollectError when a collector itself raised."""
         try:
-            families = list(self.registry.collect())
+            families = [*self.registry.collect(), *extra]
         except Exception as exc:  # noqa: BLE001 - a bug must not be a silent empty reply
             with self._lock:
                 self.failures += 1

@@ -1,29 +1,31 @@
 """The HTTP endpoint: /metrics, a landing page, TLS and basic auth from an exporter-toolkit
-web config file, per-connection deadlines and bounded requests."""
+web config file; an event loop holding connections cheaply, with a first-byte deadline,
+per-connection deadlines, bounded requests and per-address connection limits."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
 import hashlib
-import io
 import logging
 import os
 import re
+import resource
 import socket
-import socketserver
 import ssl
 import threading
-import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlsplit
 
 import bcrypt
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from .config import ConfigError, Reader, load_yaml, parse_listen, read_text
@@ -32,9 +34,14 @@ from .render import CollectError, Renderer
 
 log = logging.getLogger(__name__)
 
-REQUEST_DEADLINE_SECONDS = 10.0
-MAX_REQUEST_BYTES = 16384
-MAX_CONNECTIONS = 64
+REQUEST_DEADLINE_SECONDS = 10.0  # accept to the last byte of the answer
+FIRST_BYTE_SECONDS = 3.0         # accept (and TLS handshake) to the first request byte
+MAX_REQUEST_BYTES = 16384        # request line and headers
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 4096           # held at once (bounded by the open-file limit too)
+MAX_PER_ADDRESS = 64             # held at once by one source address
+FD_RESERVE = 256                 # descriptors kept for everything but connections
+LISTEN_BACKLOG = 512
 HEALTH_PATH = "/health"
 _AUTH_CACHE_SIZE = 256
 _BCRYPT_RE = re.compile(rb"\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}")
@@ -206,120 +213,105 @@ def _basic_credentials(header: str | None) -> tuple[str, bytes] | None:
     return name.decode("utf-8", "replace"), password
 
 
-class _RequestTooSlowOrLarge(ConnectionAbortedError):
-    """The client overran the per-connection deadline or the request size bound."""
+class _Drop(Exception):
+    """Close the connection without an answer (too large, too slow, not HTTP)."""
 
 
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads bounded in total bytes and in total time, so a client that trickles
-    bytes cannot hold a worker past the deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float, limit: int) -> None:
-        self._sock = sock
-        self._deadline = deadline
-        self._left = limit
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0 or self._left <= 0:
-            raise _RequestTooSlowOrLarge("request deadline or size bound exceeded")
-        self._sock.settimeout(remaining)
-        view = memoryview(buffer)[:self._left]
-        try:
-            n = self._sock.recv_into(view)
-        except TimeoutError:
-            raise _RequestTooSlowOrLarge("request deadline exceeded") from None
-        self._left -= n
-        return n
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
-    protocol_version = "HTTP/1.0"
-    server_version = "ctprofd"
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # replaced by a bounded reader; closing drops its socket reference
-        self.rfile = io.BufferedReader(_DeadlineReader(
-            self.connection, self.server.connection_deadline(), MAX_REQUEST_BYTES))
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == HEALTH_PATH:  # probes send no credentials; the answer holds no metric data
-            healthy, why = self.server.health()
-            self._reply(200 if healthy else 503, f"{why}\n".encode(), "text/plain; charset=utf-8")
-            return
-        web = self.server.web_config
-        if not self.server.authenticator.allowed(web.users, self.headers.get("Authorization")):
-            self._reply(401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                        [("WWW-Authenticate", 'Basic realm="ctprofd", charset="UTF-8"')])
-            return
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept"))
-            try:
-                body = self.server.renderer.render(encoder)
-            except CollectError:
-                self._reply(500, b"Collecting the metrics failed: see the log.\n",
-                            "text/plain; charset=utf-8")
-                return
-            headers = []
-            if "gzip" in (self.headers.get("Accept-Encoding") or ""):
-                body = gzip.compress(body)
-                headers.append(("Content-Encoding", "gzip"))
-            self._reply(200, body, content_type, headers)
-        elif path == "/":
-            self._reply(200, LANDING_PAGE, "text/html; charset=utf-8")
-        else:
-            self._reply(404, b"Not Found\n", "text/plain; charset=utf-8")
-
-    def _reply(self, status: int, body: bytes, content_type: str,
-               headers: list[tuple[str, str]] = ()) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """A threaded HTTP(S) server for one registry. Each connection gets its own thread, a
-    deadline (TLS handshake, request and response), and at most MAX_CONNECTIONS run at once;
-    `web_config` can be swapped while serving (applies to new connections)."""
+def _header_end(data: bytes) -> int | None:
+    """Where the first request's blank line ends in `data`, None before it arrived."""
+    ends = [i + len(blank) for blank in (b"\r\n\r\n", b"\n\n") if (i := data.find(blank)) >= 0]
+    return min(ends) if ends else None
 
-    daemon_threads = True
-    request_queue_size = 64
+
+def _parse_request(data: bytes) -> _Request:
+    """The request line and headers of `data` (which ends with the blank line)."""
+    lines = data.decode("latin-1").split("\n")
+    if len(lines) > MAX_HEADERS + 3:
+        raise _Drop("too many header lines")
+    words = lines[0].rstrip("\r").split(" ")
+    if len(words) != 3 or not words[2].startswith("HTTP/1."):
+        raise _Drop(f"not an HTTP/1 request line: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.rstrip("\r").partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return _Request(words[0], words[1], headers)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One accepted connection; `requested` once its whole request arrived (from then on
+    it is being answered and is never evicted)."""
+
+    address: str
+    writer: asyncio.StreamWriter
+    requested: bool = False
+
+
+class MetricsServer:
+    """An event-loop HTTP(S) server for one registry, run by `serve_forever` in a thread.
+
+    Idle and slow clients cannot crowd out scrapes: a connection must send its first request
+    byte (after the TLS handshake) within `first_byte` seconds and finish its request and
+    the answer within `deadline`; one source address holds at most `per_address`
+    connections and all together at most `max_connections`. When a limit is reached, the
+    oldest connection that has not sent a whole request yet (of that address, else of the
+    address holding the most) is closed to make room; only when every held connection is
+    being answered is the new one refused. Holding a connection costs a few KiB and no
+    thread. Rendering and bcrypt run in a small thread pool. `web_config` can be swapped
+    while serving (applies to new connections)."""
 
     def __init__(self, listen: str, registry: CollectorRegistry, web_config: WebConfig,
-                 deadline: float = REQUEST_DEADLINE_SECONDS) -> None:
+                 deadline: float = REQUEST_DEADLINE_SECONDS,
+                 first_byte: float = FIRST_BYTE_SECONDS, per_address: int = MAX_PER_ADDRESS,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         host, port = parse_listen(listen)
         self.registry = registry
         self.renderer = Renderer(registry)
         self.web_config = web_config
         self.deadline = deadline
+        self.first_byte = first_byte
+        self.per_address = per_address
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.max_connections = max(1, min(max_connections, soft - FD_RESERVE))
         self.authenticator = Authenticator()
         # (healthy, why) for GET /health, answered without basic auth; the daemon sets it
         self.health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._local = threading.local()
-        self.address_family, address = _resolve(host, port)
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        """Bind without HTTPServer's reverse-DNS lookup; dual-stack for the any address."""
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        self.evicted = 0
+        self.refused = 0
+        self._peers: dict[str, list[_Connection]] = {}
+        self._count = 0
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="http-render")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        family, address = _resolve(host, port)
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and address[0] == "::":
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.socket.bind(address)
+            self.socket.listen(LISTEN_BACKLOG)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self.server_port = self.server_address[1]
 
     @property
     def url(self) -> str:
@@ -328,36 +320,179 @@ class MetricsServer(ThreadingHTTPServer):
         scheme = "https" if self.web_config.tls else "http"
         return f"{scheme}://{host}:{self.server_port}"
 
-    def connection_deadline(self) -> float:
-        """Monotonic time by which the current thread's connection must be done."""
-        return self._local.deadline
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.debug("%s: too many connections, closed", client_address)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+    def serve_forever(self) -> None:
+        """Serve until `shutdown` (call it from another thread)."""
         try:
-            super().process_request_thread(request, client_address)
+            asyncio.run(self._serve())
         finally:
-            self._slots.release()
+            self._done.set()
 
-    def finish_request(self, request: socket.socket, client_address: Any) -> None:
-        self._local.deadline = time.monotonic() + self.deadline
-        request.settimeout(self.deadline)
-        tls = self.web_config.tls
-        if tls is None:
-            super().finish_request(request, client_address)
+    def shutdown(self) -> None:
+        """Stop serving and wait until `serve_forever` has returned."""
+        self._stopping.set()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop already ended
+                pass
+            self._done.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self._pool.shutdown(wait=False)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stopping.is_set():
             return
-        with tls.wrap_socket(request, server_side=True) as wrapped:
-            super().finish_request(wrapped, client_address)
+        server = await asyncio.start_server(self._client, sock=self.socket)
+        async with server:
+            await self._stop.wait()
+            server.close()
+            for peers in list(self._peers.values()):
+                for connection in peers:
+                    connection.writer.transport.abort()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Client-side failures (bad TLS, timeouts, resets) are the client's: debug only."""
-        log.debug("%s: connection failed", client_address, exc_info=True)
+    # -- connection limits --
+
+    def _admit(self, connection: _Connection) -> bool:
+        peers = self._peers.setdefault(connection.address, [])
+        if len(peers) >= self.per_address and not self._evict(peers):
+            return False
+        if self._count >= self.max_connections and not any(
+                self._evict(p) for p in sorted(self._peers.values(), key=len, reverse=True)):
+            return False
+        peers.append(connection)
+        self._count += 1
+        return True
+
+    def _evict(self, peers: list[_Connection]) -> bool:
+        """Close the oldest of `peers` that has not sent a whole request; False if none."""
+        for connection in peers:
+            if not connection.requested:
+                self._release(connection)
+                connection.writer.transport.abort()
+                self.evicted += 1
+                return True
+        return False
+
+    def _release(self, connection: _Connection) -> None:
+        peers = self._peers.get(connection.address, [])
+        if connection in peers:
+            peers.remove(connection)
+            self._count -= 1
+            if not peers:
+                del self._peers[connection.address]
+
+    # -- one connection --
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(_source(writer), writer)
+        if not self._admit(connection):
+            self.refused += 1
+            log.debug("%s: every connection is being answered; refused", connection.address)
+            writer.transport.abort()
+            return
+        try:
+            async with asyncio.timeout(self.deadline):
+                await self._converse(connection, reader, writer)
+        except (_Drop, TimeoutError, OSError, ssl.SSLError, EOFError) as err:
+            log.debug("%s: connection closed: %s", connection.address, err or type(err).__name__)
+        except Exception:  # noqa: BLE001 - a bug answering one client must not stop the server
+            log.error("%s: answering failed", connection.address, exc_info=True)
+        finally:
+            self._release(connection)
+            writer.transport.abort()
+
+    async def _converse(self, connection: _Connection, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        web = self.web_config
+        async with asyncio.timeout(self.first_byte):  # the handshake and the first byte
+            if web.tls is not None:
+                await writer.start_tls(web.tls)
+            data = await reader.read(MAX_REQUEST_BYTES)
+        while (end := _header_end(data)) is None:  # bytes after it (pipelined) are ignored
+            if not data or len(data) >= MAX_REQUEST_BYTES:
+                raise _Drop("no request" if not data else "request too large")
+            chunk = await reader.read(MAX_REQUEST_BYTES - len(data))
+            if not chunk:
+                raise _Drop("closed mid-request")
+            data += chunk
+        connection.requested = True
+        request = _parse_request(data[:end])
+        status, body, content_type, headers = await self._answer(request, web)
+        lines = [f"HTTP/1.0 {status} {_REASONS[status]}", "Server: ctprofd",
+                 f"Date: {formatdate(usegmt=True)}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}", "Connection: close",
+                 *(f"{name}: {value}" for name, value in headers)]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(head if request.method == "HEAD" else head + body)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def _answer(self, request: _Request, web: WebConfig) -> tuple[
+            int, bytes, str, list[tuple[str, str]]]:
+        text = "text/plain; charset=utf-8"
+        if request.method not in ("GET", "HEAD"):
+            return 405, b"Method Not Allowed\n", text, [("Allow", "GET, HEAD")]
+        path = urlsplit(request.path).path
+        if path == HEALTH_PATH:  # probes send no credentials; the answer holds no metric data
+            healthy, why = self.health()
+            return 200 if healthy else 503, f"{why}\n".encode(), text, []
+        loop = asyncio.get_running_loop()
+        if web.users and not await loop.run_in_executor(
+                self._pool, self.authenticator.allowed, web.users,
+                request.headers.get("authorization")):
+            return 401, b"Unauthorized\n", text, [
+                ("WWW-Authenticate", 'Basic realm="ctprofd", charset="UTF-8"')]
+        if path == "/metrics":
+            return await loop.run_in_executor(self._pool, self._metrics, request.headers)
+        if path == "/":
+            return 200, LANDING_PAGE, "text/html; charset=utf-8", []
+        return 404, b"Not Found\n", text, []
+
+    def _metrics(self, headers: dict[str, str]) -> tuple[int, bytes, str, list[tuple[str, str]]]:
+        encoder, content_type = choose_encoder(headers.get("accept"))
+        try:
+            body = self.renderer.render(encoder, self._families())
+        except CollectError:
+            return 500, b"Collecting the metrics failed: see the log.\n", \
+                "text/plain; charset=utf-8", []
+        if "gzip" in headers.get("accept-encoding", ""):
+            return 200, gzip.compress(body), content_type, [("Content-Encoding", "gzip")]
+        return 200, body, content_type, []
+
+
+    def _families(self) -> list[Metric]:
+        held = GaugeMetricFamily("ctprofd_http_connections", "HTTP connections held now.",
+                                 value=self._count)
+        evicted = CounterMetricFamily(
+            "ctprofd_http_connections_evicted", "Connections closed before sending a whole "
+            "request, to make room under the per-address or total connection limit.",
+            value=self.evicted)
+        refused = CounterMetricFamily(
+            "ctprofd_http_connections_refused", "Connections refused because every held "
+            "connection of the address (or of all) was being answered.", value=self.refused)
+        return [held, evicted, refused]
+
+
+def _source(writer: asyncio.StreamWriter) -> str:
+    """The client's address, an IPv4-mapped IPv6 one written as IPv4."""
+    peer = writer.get_extra_info("peername")
+    address = str(peer[0]) if peer else "?"
+    return address.removeprefix("::ffff:")
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one (at most 65536): each held connection
+    is a descriptor, and the usual soft limit is 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_process import DaemonProcess, write_config
 
+IDLE_CLIENTS = Path(__file__).resolve().parent / "support" / "idle_clients.py"
+
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
           "--bounding-set=-all", "--")
 SCRAPES_NEEDED = 0.99
@@ -139,3 +141,33 @@ def test_hostile_file_names_cannot_break_the_endpoint(attacked, fixture_bins, sp
     harness.scraper.stop()
     harness.scraper.assert_succeeded()
     assert not [line for line in harness.daemon.lines if "ERROR" in line]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_idle_and_trickling_connections_cannot_crowd_out_scrapes(attacked, spawn_process):
+    harness = attacked()
+    daemon = harness.daemon
+    port = daemon.url.rsplit(":", 1)[1]
+    before = rss_kib(daemon.proc.pid)
+    # 600 idle connections over 20 addresses (all held), 200 idle or trickling ones from the
+    # scraper's own address (over its limit of 64: they keep pushing each other out)
+    attacker = spawn_process(["/usr/bin/python3", "-c", IDLE_CLIENTS.read_text(), port, "600",
+                              "20", "200"], prefix=NOBODY, timeout=60)
+    held = daemon.wait_for_sample("ctprofd_http_connections", 600)
+    harness.scraper.ok, harness.scraper.failed = 0, []  # count from here
+    while harness.scraper.ok + len(harness.scraper.failed) < 12:
+        text = harness.next_snapshot()
+    harness.scraper.stop()
+    attacker.send("")
+    assert attacker.readline().startswith("connects=")
+    connects = int(attacker.output[-1].split("=")[1])
+    harness.scraper.assert_succeeded()
+    assert samples(held, "ctprofd_http_connections")[0][1] >= 600
+    evicted = samples(text, "ctprofd_http_connections_evicted_total")[0][1]
+    assert evicted > 0 and connects > 800, (evicted, connects)  # the crowd kept reconnecting
+    harness.assert_reference_exact(text)
+    assert rss_kib(daemon.proc.pid) - before < 64 << 10

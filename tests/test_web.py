@@ -33,10 +33,10 @@ def registry():
 def serve(registry):
     servers = []
 
-    def start(web: WebConfig = WebConfig(), deadline: float = 10.0) -> MetricsServer:
-        server = MetricsServer("127.0.0.1:0", registry, web, deadline=deadline)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+    def start(web: WebConfig = WebConfig(), deadline: float = 10.0,
+              **limits: float) -> MetricsServer:
+        server = MetricsServer("127.0.0.1:0", registry, web, deadline=deadline, **limits)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
 
@@ -194,6 +194,90 @@ def test_oversized_request_is_dropped(serve):
             reply = b""
     assert reply == b""
     assert get(server.url + "/metrics")[0] == 200
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed `sock` (waits up to 10 s for it to happen)."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def raw(server: MetricsServer, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; everything the server answers before closing."""
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+        try:
+            s.sendall(data)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            reply = b""
+    return reply
+
+
+def test_a_connection_without_a_first_byte_is_closed_early(serve):
+    server = serve(first_byte=0.3)  # the request deadline stays at 10 s
+    idle = socket.create_connection(("127.0.0.1", server.server_port))
+    assert closed_by_server(idle)
+    assert get(server.url + "/metrics")[0] == 200
+
+
+def test_one_address_over_its_limit_loses_its_oldest_idle_connection(serve):
+    server = serve(per_address=4)
+    idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(4)]
+    assert get(server.url + "/metrics")[0] == 200  # takes the place of the oldest idle one
+    assert closed_by_server(idle[0])
+    for s in idle[1:]:  # the others still hold their places
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(12) == b"HTTP/1.0 200"
+    assert server.evicted == 1
+    for s in idle:
+        s.close()
+
+
+def test_when_full_the_address_holding_most_gives_way(serve):
+    server = serve(max_connections=6)
+    held = [socket.create_connection(("127.0.0.1", server.server_port),
+                                     source_address=(f"127.0.0.{2 + i // 3}", 0))
+            for i in range(6)]  # 3 from 127.0.0.2, 3 from 127.0.0.3
+    assert get(server.url + "/metrics")[0] == 200
+    assert closed_by_server(held[0])
+    assert server.evicted == 1
+    for s in held:
+        s.close()
+
+
+def test_a_megabyte_request_line_and_a_header_flood_are_dropped(serve):
+    server = serve()
+    assert raw(server, b"GET /" + b"a" * (1 << 20) + b" HTTP/1.0\r\n\r\n") == b""
+    assert raw(server, b"GET / HTTP/1.0\r\n" + b"a: b\r\n" * 1000 + b"\r\n") == b""
+    assert raw(server, b"GET / HTTP/1.0\r\n" + b"X: y\r\n" * 200000) == b""
+    assert get(server.url + "/metrics")[0] == 200
+
+
+def test_pipelined_requests_get_the_first_answer_then_a_close(serve):
+    server = serve()
+    reply = raw(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nothing HTTP/1.1\r\n"
+                        b"Host: x\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"ctprofd_test_value 42.0" in body
+    assert b"HTTP/1.0 404" not in reply
+    length = int(next(line for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")).split(b":")[1])
+    assert len(body) == length
+
+
+def test_head_answers_without_a_body_and_other_methods_are_refused(serve):
+    server = serve()
+    head = raw(server, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert b"\r\nServer: ctprofd\r\n" in head
+    assert raw(server, b"POST /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 405 ")
+    assert raw(server, b"not http at all\r\n\r\n") == b""
 
 
 @pytest.mark.parametrize("text, expected", [
