@@ -8,6 +8,7 @@ import asyncio
 import base64
 import binascii
 import gzip
+import fcntl
 import hashlib
 import logging
 import os
@@ -15,6 +16,8 @@ import re
 import resource
 import socket
 import ssl
+import struct
+import termios
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -251,12 +254,23 @@ def _parse_request(data: bytes) -> _Request:
     return _Request(words[0], words[1], headers)
 
 
+class _Reader(asyncio.StreamReader):
+    """A stream reader that remembers whether any byte arrived (before it is read)."""
+
+    received = False
+
+    def feed_data(self, data: bytes) -> None:
+        self.received = True
+        super().feed_data(data)
+
+
 @dataclass(eq=False)
 class _Connection:
     """One accepted connection; `requested` once its whole request arrived (from then on
     it is being answered and is never evicted)."""
 
     address: str
+    reader: _Reader
     writer: asyncio.StreamWriter
     requested: bool = False
 
@@ -347,7 +361,8 @@ class MetricsServer:
         self._loop = asyncio.get_running_loop()
         if self._stopping.is_set():
             return
-        server = await asyncio.start_server(self._client, sock=self.socket)
+        server = await self._loop.create_server(
+            lambda: asyncio.StreamReaderProtocol(_Reader(), self._client), sock=self.socket)
         async with server:
             await self._stop.wait()
             server.close()
@@ -369,14 +384,21 @@ class MetricsServer:
         return True
 
     def _evict(self, peers: list[_Connection]) -> bool:
-        """Close the oldest of `peers` that has not sent a whole request; False if none."""
-        for connection in peers:
-            if not connection.requested:
-                self._release(connection)
-                connection.writer.transport.abort()
-                self.evicted += 1
-                return True
-        return False
+        """Close the oldest of `peers` that has not sent a whole request, preferring one that
+        has sent no byte at all: a scraper's request may have arrived but not been parsed yet
+        (connections accepted in one burst are admitted before any of them is read). False
+        when every one of `peers` is being answered."""
+        waiting = (c for c in peers if not c.requested)
+        oldest = victim = next(waiting, None)
+        while victim is not None and _sent_something(victim):
+            victim = next(waiting, None)
+        victim = victim or oldest
+        if victim is None:
+            return False
+        self._release(victim)
+        victim.writer.transport.abort()
+        self.evicted += 1
+        return True
 
     def _release(self, connection: _Connection) -> None:
         peers = self._peers.get(connection.address, [])
@@ -389,7 +411,8 @@ class MetricsServer:
     # -- one connection --
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(_source(writer), writer)
+        assert isinstance(reader, _Reader)
+        connection = _Connection(_source(writer), reader, writer)
         if not self._admit(connection):
             self.refused += 1
             log.debug("%s: every connection is being answered; refused", connection.address)
@@ -477,6 +500,17 @@ class MetricsServer:
             "ctprofd_http_connections_refused", "Connections refused because every held "
             "connection of the address (or of all) was being answered.", value=self.refused)
         return [held, evicted, refused]
+
+
+def _sent_something(connection: _Connection) -> bool:
+    """Whether bytes arrived on the connection, read by the loop or still in the socket."""
+    if connection.reader.received:
+        return True
+    sock = connection.writer.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0] > 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _source(writer: asyncio.StreamWriter) -> str:
