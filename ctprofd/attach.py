@@ -53,7 +53,8 @@ def exe_identity(process: ProcessInfo) -> BinaryIdentity:
         return identity_of(process.path("exe"))
     except OSError as exc:
         raise ProbeError(tags.READLINK_FAILURE,
-                         f"pid {process.pid}: /proc/{process.pid}/exe: {exc.strerror}") from None
+                         f"pid {process.pid}: /proc/{process.pid}/exe: {exc.strerror}",
+                         exc.errno) from None
 
 
 def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
@@ -119,7 +120,8 @@ class Attacher:
             try:
                 stream = open(path, "rb")
             except OSError as exc:
-                raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror}") from None
+                raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror}",
+                                 exc.errno) from None
             with stream:
                 self.elf_opens += 1
                 resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,

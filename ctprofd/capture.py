@@ -4,6 +4,7 @@ totals, the layout cache) lives in the Capturer across passes."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -22,10 +23,12 @@ from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
 from .retained import RetainedStore, Saved
 from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot, ThreadSample
-from .summary import Tally
+from .summary import REMEDIATION_HINT, Tally
 from .tags import ProbeError
 
 log = logging.getLogger(__name__)
+DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
+LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged at info
 
 
 @dataclass
@@ -111,6 +114,8 @@ class Capturer:
         self._tracked: dict[tuple[int, int], _Tracked] = {}
         self._retained_store = RetainedStore(self.settings.state_dir, self.settings.proc_root)
         self._restored = self._retained_store.load()
+        self._logged_failures: set[tuple[str, str]] = set()
+        self._last_line: tuple[str, int] | None = None  # (summary line, denied) last logged
 
     def close(self) -> None:
         """Stop the parser worker process; remove debug files downloaded to a temporary
@@ -151,11 +156,14 @@ class Capturer:
                 # a pid asked for by name is missing
                 if pids is not None or self.settings.select is None:
                     tally.tgids_walked += 1
-                    tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE)
+                    tally.current = (process, "")
+                    tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE,
+                               reason="no such process")
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 continue
             tally.tgids_walked += 1
+            tally.current = (process.pid, process.comm)
             seen.add(process.key)
             sample = self._probe_process(process, tally, cancel)
             if sample is not None:
@@ -171,9 +179,39 @@ class Capturer:
             self._retained_store.save(saved)
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
-                            processes=tuple(samples), traced_by=dict(tally.traced_by))
-        log.info("%s", snapshot.summary.log_line())
+                            processes=tuple(samples), traced_by=dict(tally.traced_by),
+                            failed_pids=tuple(sorted(tally.failed_pids.values(),
+                                                     key=lambda f: f.pid)),
+                            denied_tgids=tally.denied_tgids)
+        self._log_snapshot(snapshot)
         return snapshot
+
+    def _log_snapshot(self, snapshot: Snapshot) -> None:
+        """The summary line at info when it differs from the last one logged, else at debug
+        (an unchanged host would repeat it every interval); so too the denied count."""
+        line = snapshot.summary.log_line()
+        changed = (line, snapshot.denied_tgids) != self._last_line
+        self._last_line = (line, snapshot.denied_tgids)
+        log.log(logging.INFO if changed else logging.DEBUG, "%s", line)
+        if changed and snapshot.denied_tgids:
+            log.warning("%d processes cannot be seen: reading their /proc/PID/exe was refused "
+                        "(EACCES/EPERM); %s", snapshot.denied_tgids, REMEDIATION_HINT)
+
+    def _log_failure(self, process: ProcessInfo, error: ProbeError) -> None:
+        """Why a binary failed, at info the first time for each binary and tag, then at
+        debug: a steady failure is not news every interval."""
+        try:
+            binary = process.exe
+        except OSError:
+            binary = f"pid {process.pid}"
+        key = (binary, error.tag)
+        first = error.tag in tags.ACTIONABLE and key not in self._logged_failures
+        if first:
+            if len(self._logged_failures) >= LOGGED_FAILURES_MAX:
+                self._logged_failures.clear()
+            self._logged_failures.add(key)
+        log.log(logging.INFO if first else logging.DEBUG, "pid %d (%s) %s: %s", process.pid,
+                process.comm, binary, error)
 
     def _probe_process(self, process: ProcessInfo, tally: Tally,
                        cancel: threading.Event | None) -> ProcessSample | None:
@@ -196,15 +234,18 @@ class Capturer:
                     return None
                 threads = self._read_threads(process, tracked, tally, cancel)
         except ProbeError as error:
-            tally.fail(error.tag)
-            log.debug("%s", error)
+            tally.fail(error.tag, reason=error.message)
+            if error.tag == tags.READLINK_FAILURE and error.errno in DENIED:
+                tally.denied_tgids += 1
+            self._log_failure(process, error)
             return None
         except (OSError, ImageChanged) as exc:  # it exited (or exec'ed again) meanwhile
-            tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE)
+            tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE,
+                       reason=f"exited while probed: {exc}")
             log.debug("pid %d: gone while probed: %s", process.pid, exc)
             return None
         except Exception as exc:  # one odd process must never cost the whole snapshot
-            tally.fail(tags.WORKER_PANIC)
+            tally.fail(tags.WORKER_PANIC, reason=f"unexpected {type(exc).__name__}: {exc}")
             log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
                         type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None

@@ -16,6 +16,7 @@ from .daemon import add_run_parser
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
 from .snapshot import Snapshot
+from .summary import REMEDIATION_HINT
 
 
 def _snapshot_table(snapshot: Snapshot) -> str:
@@ -25,8 +26,15 @@ def _snapshot_table(snapshot: Snapshot) -> str:
         rows.append(f"{p.pid:>7} {p.comm:<16.16} {len(p.threads):>7} {p.allocated_bytes:>15} "
                     f"{p.deallocated_bytes:>15} {p.allocated_bytes - p.deallocated_bytes:>15}  "
                     f"{p.exe}")
+    if snapshot.failed_pids:
+        rows += ["", f"{'PID':>7} {'COMM':<16} {'TAG':<20} {'COUNT':>5}  REASON"]
+        rows += [f"{f.pid:>7} {f.comm:<16.16} {f.tag:<20} {f.count:>5}  {f.reason}"
+                 for f in snapshot.failed_pids]
     rows.append("")
     rows.append(snapshot.summary.log_line())
+    if snapshot.denied_tgids:
+        rows.append(f"denied: {snapshot.denied_tgids} processes cannot be seen (/proc/PID/exe "
+                    f"refused); {REMEDIATION_HINT}")
     if snapshot.failures:
         rows.append("outcomes: " + ", ".join(f"{tag}={n}" for tag, n in
                                              sorted(snapshot.failures.items())))

@@ -147,6 +147,11 @@ class DaemonCollector:
                      "1 when ptrace-seize and ptrace-interrupt make up at least half of the "
                      "failures of the last snapshot: grant CAP_SYS_PTRACE.",
                      None if describe_only else int(summary.privilege_dominant))
+        yield _gauge("ctprofd_probe_denied_tgids",
+                     "Processes of the last snapshot whose /proc/PID/exe was refused (EACCES "
+                     "or EPERM; kernel threads and exits are not counted): ctprofd cannot "
+                     "see them, and they are not in `failed`. Grant CAP_SYS_PTRACE.",
+                     None if describe_only else snapshot.denied_tgids)
         dominant = InfoMetricFamily("ctprofd_probe_dominant_failure",
                                     "The most frequent actionable failure tag of the last "
                                     "snapshot; absent without failures.")

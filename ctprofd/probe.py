@@ -121,7 +121,7 @@ class ThreadProber:
         assert state.attachment.got_slot is not None
         slot = self.read_ranges(pid, [(state.attachment.got_slot, 8)])[0]
         if isinstance(slot, OSError):
-            tally.fail(tags.PROCESS_VM_READV)
+            tally.fail(tags.PROCESS_VM_READV, reason=f"GOT slot: {slot.strerror}")
             return False
         state.tsd_delta = state.attachment.layout.dso_tsd_delta(_I64.unpack(slot)[0])
         return True
@@ -135,7 +135,7 @@ class ThreadProber:
             log.debug("pid %d: %s", pid, gone)
             return
         except ProbeError as error:
-            tally.fail(error.tag)
+            tally.fail(error.tag, reason=error.message)
             if isinstance(error, SeizeRefused) and error.tracer:
                 tally.traced_by[pid] = error.tracer
             log.debug("pid %d: %s", pid, error)
@@ -148,7 +148,8 @@ class ThreadProber:
         address = pointer.fs_base + state.tsd_delta + layout.allocated_offset
         end = address - layout.allocated_offset + layout.deallocated_offset + 8
         if pointer.fs_base == 0 or not 0 < address < end <= ADDRESS_LIMIT:
-            tally.fail(tags.TLS_ARITHMETIC)
+            tally.fail(tags.TLS_ARITHMETIC, reason=f"tid {thread.tid}: fs_base "
+                       f"{pointer.fs_base:#x} gives counters outside the address space")
             return
         known = state.threads.get(thread.tid)  # restored, not located yet: keep its floor
         state.threads[thread.tid] = ThreadState(thread.start_time, address,
@@ -199,7 +200,8 @@ class ThreadProber:
             if thread.tid in gone:
                 continue
             if isinstance(value, OSError):
-                tally.fail(tags.PROCESS_VM_READV)
+                tally.fail(tags.PROCESS_VM_READV,
+                           reason=f"tid {thread.tid}: process_vm_readv: {value.strerror}")
                 continue
             known = state.threads[thread.tid]
             allocated, deallocated = value

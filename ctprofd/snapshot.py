@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .summary import ProbeSummary
+from .summary import PidFailure, ProbeSummary
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class Snapshot:
     failures: dict[str, int] = field(default_factory=dict)
     processes: tuple[ProcessSample, ...] = ()
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> the other tracer's pid
+    failed_pids: tuple[PidFailure, ...] = ()  # each tgid with actionable failures, by pid
+    denied_tgids: int = 0  # tgids whose /proc/PID/exe was refused: ctprofd cannot see them
 
     def to_dict(self) -> dict:
         """The `ctprofd snapshot --json` form (a contract)."""
@@ -77,4 +79,6 @@ class Snapshot:
                 "probe_summary": self.summary.to_dict(),
                 "failures": dict(sorted(self.failures.items())),
                 "traced_by": {str(pid): tracer for pid, tracer in sorted(self.traced_by.items())},
+                "denied_tgids": self.denied_tgids,
+                "failed_pids": [f.to_dict() for f in self.failed_pids],
                 "processes": [p.to_dict() for p in self.processes]}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from . import tags
 
@@ -65,6 +65,20 @@ def dominant_tag(failures: Counter[str]) -> str | None:
     return tags.ALL_TAGS[min(ranked)[1]]
 
 
+@dataclass(frozen=True)
+class PidFailure:
+    """The first actionable failure of one tgid in a snapshot, why, and how many it had."""
+
+    pid: int
+    comm: str
+    tag: str
+    reason: str
+    count: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class Tally:
     """Counts every outcome of one probe pass, and derives the summary from them."""
@@ -74,10 +88,20 @@ class Tally:
     probed_ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> another tracer's pid
+    denied_tgids: int = 0  # /proc/PID/exe refused (EACCES, EPERM): invisible, not failed
+    failed_pids: dict[int, PidFailure] = field(default_factory=dict)
+    current: tuple[int, str] | None = None  # (pid, comm) the failures that follow are of
 
-    def fail(self, tag: str, count: int = 1) -> None:
-        """Record `count` outcomes with `tag` (actionable or not)."""
+    def fail(self, tag: str, count: int = 1, reason: str = "") -> None:
+        """Record `count` outcomes with `tag` (actionable or not); an actionable one is
+        also listed under the current tgid."""
         self.failures[tag] += count
+        if self.current is None or tag not in tags.ACTIONABLE:
+            return
+        pid, comm = self.current
+        known = self.failed_pids.get(pid)
+        self.failed_pids[pid] = (PidFailure(pid, comm, tag, reason or tag, count)
+                                 if known is None else replace(known, count=known.count + count))
 
     def summary(self) -> ProbeSummary:
         """The contract view of this tally."""

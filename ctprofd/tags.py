@@ -30,15 +30,17 @@ ALL_TAGS = ATTACH_TAGS + PROBE_TAGS + tuple(sorted(NOT_ACTIONABLE))
 class ProbeError(Exception):
     """A failure to attach to a tgid or to probe a thread, carrying its contract tag.
 
-    The message says what went wrong and where (binary, pid, tid, errno) in one line.
+    The message says what went wrong and where (binary, pid, tid, errno) in one line;
+    `errno` is set when a system call's error decided the tag.
     """
 
-    def __init__(self, tag: str, message: str) -> None:
+    def __init__(self, tag: str, message: str, errno: int | None = None) -> None:
         if tag not in ALL_TAGS:
             raise ValueError(f"unknown failure tag {tag!r}")
         super().__init__(message)
         self.tag = tag
         self.message = message
+        self.errno = errno
 
     def __str__(self) -> str:
         return f"{self.tag}: {self.message}"

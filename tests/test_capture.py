@@ -178,6 +178,9 @@ def test_traced_target_gives_ptrace_seize(fixture_bins, spawn_fixture):
     assert snapshot.traced_by == {fixture.pid: strace}
     table = run_cli("snapshot", "--pid", str(fixture.pid)).stdout
     assert f"pid {fixture.pid}: ptrace-seize refused, already traced by pid {strace}" in table
+    [failed] = snapshot.failed_pids
+    assert (failed.pid, failed.tag, failed.count) == (fixture.pid, tags.PTRACE_SEIZE, 4)
+    assert "EPERM" in failed.reason or "not permitted" in failed.reason, failed.reason
 
 
 def test_refused_ptrace_is_privilege_dominant_with_the_hint(fixture_bins, spawn_fixture):
@@ -194,6 +197,13 @@ def test_refused_ptrace_is_privilege_dominant_with_the_hint(fixture_bins, spawn_
     assert summary["privilege_dominant"] is True
     assert summary["remediation_hint"] == REMEDIATION_HINT
     assert "CAP_SYS_PTRACE" in result.stderr
+    [failed] = json.loads(result.stdout)["failed_pids"]
+    assert (failed["pid"], failed["tag"], failed["count"]) == (fixture.pid, "ptrace-seize", 4)
+    assert failed["comm"] and failed["reason"]
+    table = run_cli("snapshot", "--pid", str(fixture.pid), prefix=unprivileged).stdout
+    row = next(line for line in table.splitlines() if "ptrace-seize" in line
+               and line.split()[0] == str(fixture.pid))
+    assert row.split()[2:4] == ["ptrace-seize", "4"], row
     as_root = json.loads(run_cli("snapshot", "--json", "--pid", str(fixture.pid)).stdout)
     assert as_root["probe_summary"]["failed"] == 0
     assert as_root["probe_summary"]["probed_ok"] == 4
@@ -211,7 +221,23 @@ def test_fully_unprivileged_capture_sees_uncounted_readlink_failures(fixture_bin
     assert snapshot["failures"] == {tags.READLINK_FAILURE: 1}
     assert snapshot["probe_summary"]["failed"] == 0
     assert snapshot["probe_summary"]["dominant_failure"] is None
-    assert result.stderr.count("CAP_SYS_PTRACE") == 1
+    assert result.stderr.count("running without CAP_SYS_PTRACE") == 1
+    assert result.stderr.count("1 processes cannot be seen") == 1, result.stderr
+    # not failed, but not hidden either: the exe link was refused (EACCES)
+    assert snapshot["denied_tgids"] == 1
+    assert snapshot["failed_pids"] == []
+    table = run_cli("snapshot", "--pid", str(fixture.pid), prefix=nobody).stdout
+    assert "denied: 1 processes cannot be seen" in table, table
+
+
+def test_exited_and_kernel_processes_are_not_denied(fixture_bins, spawn_fixture):
+    """ENOENT (a kernel thread's exe, a process gone) is no denial."""
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    kthreadd = 2  # pid 2 is the kernel's thread creator on every Linux
+    snapshot = capturer(fixture_bins).capture(pids=[kthreadd, fixture.pid])
+    assert snapshot.denied_tgids == 0
+    assert snapshot.failures == {tags.READLINK_FAILURE: 1}, snapshot.failures
+    assert snapshot.summary.probed_ok == 2
 
 
 def readme_json_contract() -> dict:

@@ -18,9 +18,9 @@ from ctprofd.summary import ProbeSummary
 
 def state(summary: ProbeSummary = ProbeSummary(7, 2, 5, 0), failures=None,
           series=(SeriesValues(("10", "redis", "redis.service"), 1000, 400, 600, 1, 3),),
-          **kwargs) -> DaemonState:
+          denied: int = 0, **kwargs) -> DaemonState:
     snapshot = Snapshot(timestamp=1700000000.5, duration_seconds=0.03, summary=summary,
-                        failures=failures or {})
+                        failures=failures or {}, denied_tgids=denied)
     view = AggregateView(("pid", "comm", "unit"), series, dropped=kwargs.pop("dropped", 0))
     return DaemonState(snapshot=snapshot, aggregate=view, **kwargs)
 
@@ -82,6 +82,14 @@ def test_failures_dominant_tag_and_privilege(collector, registry):
     assert get("ctprofd_probe_failures", {"tag": "waitpid"}) == 2
     assert get("ctprofd_probe_failures", {"tag": "jemalloc-not-found"}) == 4
     assert get("ctprofd_probe_failures", {"tag": "get-regset"}) is None
+
+
+def test_denied_tgids(collector, registry):
+    collector.publish(state())
+    assert registry.get_sample_value("ctprofd_probe_denied_tgids") == 0
+    collector.publish(state(ProbeSummary(9, 1, 2, 0), {"readlink-failure": 6}, denied=5))
+    assert registry.get_sample_value("ctprofd_probe_denied_tgids") == 5
+    assert registry.get_sample_value("ctprofd_probe_failed") == 0
 
 
 def test_histograms_are_cumulative(collector, registry):

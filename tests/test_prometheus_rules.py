@@ -17,7 +17,8 @@ from ctprofd.summary import REMEDIATION_HINT
 from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, iter_rules,
                             load_rules, metric_names, promtool, rule_exprs)
 
-ALERTS = {"CtprofdDown", "CtprofdStale", "CtprofdPtracePrivilege", "CtprofdProbeFailures",
+ALERTS = {"CtprofdDown", "CtprofdStale", "CtprofdPtracePrivilege", "CtprofdBlind",
+          "CtprofdProbeFailures",
           "CtprofdMemoryLeakSuspected", "CtprofdSnapshotSlow"}
 RUNBOOK = REPO / "docs" / "alerting.md"
 RECORD_NAME = re.compile(r"^(instance_group|instance_unit):(ctprofd_[a-z_]+):([a-z0-9_]+)$")
@@ -93,8 +94,9 @@ def test_runbook_urls_point_at_runbook_sections(alerts: dict[str, dict]) -> None
         assert anchor in anchors, f"{name}: no heading for #{anchor} in {RUNBOOK.name}"
 
 
-def test_privilege_alert_carries_the_remediation_hint(alerts: dict[str, dict]) -> None:
-    assert REMEDIATION_HINT in alerts["CtprofdPtracePrivilege"]["annotations"]["description"]
+def test_privilege_alerts_carry_the_remediation_hint(alerts: dict[str, dict]) -> None:
+    for name in ("CtprofdPtracePrivilege", "CtprofdBlind"):
+        assert alerts[name]["annotations"]["description"].endswith(REMEDIATION_HINT), name
 
 
 def test_every_alert_is_unit_tested_firing_and_silent() -> None:
