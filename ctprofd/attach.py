@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import tags
+from elftools.common.exceptions import ELFError
+
+from . import elf, tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
@@ -110,6 +112,21 @@ class Attacher:
         if isinstance(resolution, TsdLayout):
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta())
         return self._attach_shared(process)
+
+    def resolve_file(self, path: str) -> Resolution:
+        """A file the operator names (`ctprofd offsets BINARY`), looked up and parsed as a
+        process's binary is: cache, offsets files, debug dirs and debuginfod. A shared
+        library or an executable by its ELF type. Raises OSError when it cannot be opened."""
+        with open(path, "rb") as stream:
+            try:
+                shared = elf.is_shared_library(elf.open_elf(stream))
+            except (ELFError, ValueError) as exc:
+                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}")
+            identity = identity_of(f"/proc/self/fd/{stream.fileno()}")
+        try:
+            return self._resolve(path, identity, path, object_dirs_for(path, "/"), shared)
+        except ProbeError as error:
+            return LayoutFailure(error.tag, error.message)
 
     def _resolve(self, path: str, identity: BinaryIdentity, what: str,
                  object_dirs: list[str], shared: bool) -> Resolution:

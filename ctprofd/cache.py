@@ -69,6 +69,27 @@ class LayoutCache:
         while len(self._memory) > self.max_entries:
             self._memory.popitem(last=False)
 
+    def forget_failures(self) -> None:
+        """Drop every cached failure, in memory and on disk, so that the next lookup tries
+        again at once (after an offsets import, say) instead of after `failure_ttl`."""
+        for key in [k for k, (r, _) in self._memory.items() if isinstance(r, LayoutFailure)]:
+            del self._memory[key]
+        if not self.directory:
+            return
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, "rb") as f:
+                    failed = json.load(f)["result"]["kind"] == "failure"
+                if failed:
+                    os.unlink(path)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not ours to judge: _load sets unusable files aside
+
     def layouts(self) -> list[TsdLayout]:
         """Every layout held in memory, once per build."""
         found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Collection
+from typing import TYPE_CHECKING, Callable, Collection
 
 from . import offsets_file, tags
 from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
@@ -25,6 +25,9 @@ from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot, ThreadSample
 from .summary import REMEDIATION_HINT, Tally
 from .tags import ProbeError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
@@ -44,6 +47,16 @@ class CaptureSettings:
     select: Callable[[ProcessInfo], bool] | None = None
     on_thread_stop: Callable[[float], None] | None = None
     parser: WorkerLimits = field(default_factory=WorkerLimits)  # the sandboxed ELF/DWARF parser
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: object) -> CaptureSettings:
+        """Where the daemon with this configuration looks: every command searches alike."""
+        return cls(**{"cache_dir": config.cache_dir, "debug_dirs": config.debug_dirs,
+                      "debuginfod_urls": config.debuginfod_urls,
+                      "offsets_files": config.offsets_files,
+                      "parser": WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
+                                             timeout=config.parser.timeout),
+                      **overrides})
 
 
 @dataclass(frozen=True)

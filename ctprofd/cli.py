@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
+from typing import Callable
 
-from . import __version__, offsets_file
+from . import __version__, offsets_file, tags
 from .cache import LayoutCache
 from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
-from .config import add_check_config_parser
+from .config import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, ConfigError, add_check_config_parser,
+                     load_effective)
 from .daemon import add_run_parser
-from .debuginfo import DebugSearch
-from .layout import LayoutFailure, NotJemalloc, TsdLayout, resolve_path
+from .debughelp import how_to_get_debug_info
+from .layout import LayoutFailure, NotJemalloc, TsdLayout
+from .logs import FORMATS, setup_logging
+from .offsets_file import OffsetsFileError
 from .snapshot import Snapshot
 from .summary import REMEDIATION_HINT
 
@@ -43,21 +47,48 @@ def _snapshot_table(snapshot: Snapshot) -> str:
     return "\n".join(rows)
 
 
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    warn_if_unprivileged()
-    settings = CaptureSettings(proc_root=args.proc_root, cache_dir=args.cache_dir,
-                               debug_dirs=tuple(args.debug_dir) or ("/usr/lib/debug",))
-    capturer = Capturer(settings)
+def _capturer(args: argparse.Namespace, **overrides: object) -> Capturer:
+    """A Capturer that looks where the daemon with this configuration looks (--config, else
+    /etc/ctprofd/ctprofd.yaml when present, else the defaults); --cache-dir and --debug-dir
+    override. Raises ConfigError, OffsetsFileError."""
+    config = load_effective(args.config)
+    if args.cache_dir is not None:
+        overrides["cache_dir"] = args.cache_dir or None
+    if args.debug_dir:
+        overrides["debug_dirs"] = tuple(args.debug_dir)
+    return Capturer(CaptureSettings.from_config(config, **overrides))
+
+
+def _with_capturer(args: argparse.Namespace, action: Callable[[Capturer], int],
+                   **overrides: object) -> int:
+    """Run `action` with a Capturer; a bad configuration is one line and exit 78."""
     try:
-        snapshot = capturer.capture(pids=args.pid or None)
+        capturer = _capturer(args, **overrides)
+    except (ConfigError, OffsetsFileError) as err:
+        print(f"ctprofd: {err}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return action(capturer)
     finally:
         capturer.close()
-    if args.json:
-        json.dump(snapshot.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(_snapshot_table(snapshot))
-    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    missing = [pid for pid in args.pid if not os.path.isdir(f"{args.proc_root}/{pid}")]
+    if missing:
+        print(f"ctprofd: no such process: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 1
+    warn_if_unprivileged()
+
+    def snapshot(capturer: Capturer) -> int:
+        result = capturer.capture(pids=args.pid or None)
+        if args.json:
+            json.dump(result.to_dict(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(_snapshot_table(result))
+        return 0
+    return _with_capturer(args, snapshot, proc_root=args.proc_root)
 
 
 def _print_layout(result: TsdLayout, as_json: bool) -> None:
@@ -78,9 +109,9 @@ def _print_layout(result: TsdLayout, as_json: bool) -> None:
               f"+{result.tpoff_got:#x} from its first mapping")
 
 
-def _resolve_or_explain(binary: str, search: DebugSearch) -> TsdLayout | None:
+def _resolve_or_explain(binary: str, capturer: Capturer) -> TsdLayout | None:
     try:
-        result = resolve_path(binary, search)
+        result = capturer.attacher.resolve_file(binary)
     except OSError as exc:
         print(f"ctprofd: {binary}: {exc.strerror}", file=sys.stderr)
         return None
@@ -89,21 +120,19 @@ def _resolve_or_explain(binary: str, search: DebugSearch) -> TsdLayout | None:
         return None
     if isinstance(result, LayoutFailure):
         print(f"ctprofd: {result.tag}: {result.message}", file=sys.stderr)
+        if result.tag == tags.DWARF_PARSE_FAILURE and "no DWARF" in result.message:
+            print(f"ctprofd: {how_to_get_debug_info(binary)}", file=sys.stderr)
         return None
     return result
 
 
-def _offsets_export(path: str, binaries: list[str], search: DebugSearch) -> int:
+def _offsets_export(capturer: Capturer, path: str, binaries: list[str]) -> int:
     if binaries:
-        layouts = [_resolve_or_explain(b, search) for b in binaries]
+        layouts = [_resolve_or_explain(b, capturer) for b in binaries]
         if None in layouts:
             return 1
     else:  # everything jemalloc that runs here now
-        capturer = Capturer(CaptureSettings(debug_dirs=search.debug_dirs))
-        try:
-            capturer.capture()
-        finally:
-            capturer.close()
+        capturer.capture()
         layouts = capturer.cache.layouts()
     try:
         count = offsets_file.dump([l for l in layouts if l is not None], path)
@@ -114,15 +143,20 @@ def _offsets_export(path: str, binaries: list[str], search: DebugSearch) -> int:
     return 0
 
 
-def _offsets_import(path: str, cache_dir: str) -> int:
+def _offsets_import(path: str, cache_dir: str | None) -> int:
     try:
         layouts = offsets_file.load(path)
     except offsets_file.OffsetsFileError as exc:
         print(f"ctprofd: {exc}", file=sys.stderr)
         return 1
+    if not cache_dir:
+        print("ctprofd: no cache directory to import into (cache_dir is null): pass "
+              "--cache-dir DIR", file=sys.stderr)
+        return 1
     cache = LayoutCache(cache_dir)
     for layout in layouts:
         cache.put(f"build-id:{layout.build_id}", layout)
+    cache.forget_failures()  # a binary that failed for want of these layouts is retried
     if cache.directory is None:
         print(f"ctprofd: {cache_dir}: cannot write the cache directory", file=sys.stderr)
         return 1
@@ -130,29 +164,69 @@ def _offsets_import(path: str, cache_dir: str) -> int:
     return 0
 
 
+OFFSETS_USAGE = ("ctprofd offsets [options] BINARY\n"
+                 "       ctprofd offsets [options] export FILE [BINARY ...]\n"
+                 "       ctprofd offsets [options] import FILE")
+
+
 def cmd_offsets(args: argparse.Namespace) -> int:
-    search = DebugSearch(tuple(args.debug_dir) or ("/usr/lib/debug",))
-    action, rest = args.args[0], args.args[1:]
-    if action == "export" and rest:
-        return _offsets_export(rest[0], rest[1:], search)
-    if action == "import" and len(rest) == 1:
-        return _offsets_import(rest[0], args.cache_dir)
-    if len(args.args) != 1:
-        print("ctprofd: usage: ctprofd offsets BINARY | export FILE [BINARY...] | import FILE",
-              file=sys.stderr)
-        return 2
-    layout = _resolve_or_explain(action, search)
-    if layout is None:
-        return 1
-    _print_layout(layout, args.json)
-    return 0
+    action, rest = args.action, args.rest
+    if action == "import":
+        if len(rest) != 1:
+            args.error("offsets import takes one FILE")
+        try:
+            config = load_effective(args.config)
+        except ConfigError as err:
+            print(f"ctprofd: {err}", file=sys.stderr)
+            return EX_CONFIG
+        cache_dir = config.cache_dir if args.cache_dir is None else args.cache_dir
+        return _offsets_import(rest[0], cache_dir)
+    if action == "export":
+        if not rest:
+            args.error("offsets export takes FILE [BINARY ...]")
+        return _with_capturer(args, lambda c: _offsets_export(c, rest[0], rest[1:]))
+    if rest:
+        args.error(f"unexpected arguments after BINARY: {' '.join(rest)}")
+
+    def show(capturer: Capturer) -> int:
+        layout = _resolve_or_explain(action, capturer)
+        if layout is None:
+            return 1
+        _print_layout(layout, args.json)
+        return 0
+    return _with_capturer(args, show)
+
+
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    """Where snapshot and offsets look: as the daemon with this configuration does."""
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"take cache_dir, debug_dirs, debuginfod_urls, offsets_files and "
+                             f"parser from this configuration (default {DEFAULT_PATH} if "
+                             "present, else the built-in defaults)")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="offset cache directory (default: the configuration's cache_dir, "
+                             "/var/cache/ctprofd unless configured; '' for none)")
+    parser.add_argument("--debug-dir", metavar="DIR", action="append", default=[],
+                        help="debug file root (repeatable; default: the configuration's "
+                             "debug_dirs, /usr/lib/debug unless configured)")
+
+
+def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--log-level and --log.format, given before or after the subcommand; they override
+    the configuration's log_level."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--log-level", "--log.level", dest="log_level", choices=LOG_LEVELS,
+                        default=default, help="log level (default: the configuration's "
+                        "log_level for run, warning for the other commands)")
+    parser.add_argument("--log.format", dest="log_format", choices=FORMATS,
+                        default="text" if top else argparse.SUPPRESS,
+                        help="log line format on stderr (default text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctprofd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ctprofd {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
+    _add_log_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     snap = commands.add_parser("snapshot", help="probe the host once and print the result")
@@ -160,30 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("--pid", type=int, action="append", default=[],
                       help="probe only this tgid (repeatable)")
     snap.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
-    snap.add_argument("--cache-dir", default=None, help="offset cache directory (default: none)")
-    snap.add_argument("--debug-dir", action="append", default=[],
-                      help="debug file root (repeatable; default /usr/lib/debug)")
+    _add_search_options(snap)
     snap.set_defaults(func=cmd_snapshot)
 
     offsets = commands.add_parser(
         "offsets", help="show, export or import where binaries keep jemalloc's counters",
-        description="ctprofd offsets BINARY: show the layout; ctprofd offsets export FILE "
-        "[BINARY...]: write layouts by build-id (default: of every jemalloc process running); "
-        "ctprofd offsets import FILE: validate them and add them to the cache directory")
-    offsets.add_argument("args", nargs="+", metavar="BINARY | export FILE [BINARY...] | import FILE")
+        usage=OFFSETS_USAGE,
+        description="ctprofd offsets BINARY: show the layout, found as the daemon finds it; "
+        "ctprofd offsets export FILE [BINARY ...]: write layouts by build-id (default: of "
+        "every jemalloc process running); ctprofd offsets import FILE: validate them and add "
+        "them to the cache directory that snapshot and the daemon read")
+    offsets.add_argument("action", metavar="BINARY|export|import")
+    offsets.add_argument("rest", nargs="*", metavar="ARG", help=argparse.SUPPRESS)
     offsets.add_argument("--json", action="store_true",
                          help="ctprofd offsets BINARY: print the layout as JSON")
-    offsets.add_argument("--cache-dir", default="/var/cache/ctprofd",
-                         help="cache directory that import writes to (default %(default)s)")
-    offsets.add_argument("--debug-dir", action="append", default=[],
-                         help="debug file root (repeatable; default /usr/lib/debug)")
-    offsets.set_defaults(func=cmd_offsets)
+    _add_search_options(offsets)
+    offsets.set_defaults(func=cmd_offsets, error=offsets.error)
     add_run_parser(commands)
     add_check_config_parser(commands)
+    for command in commands.choices.values():
+        _add_log_options(command, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="ctprofd: %(message)s")
+    setup_logging(args.log_level or "warning", args.log_format, text="ctprofd: %(message)s",
+                  journal=False)  # `run` sets it up again once its configuration is read
     return args.func(args)

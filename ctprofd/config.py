@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
 EX_CONFIG = 78
 LABEL_NAMES = ("pid", "comm", "unit", "exe", "user")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_INTERVAL = 86400.0  # one day: a longer one is a typo, and a scheduler's float overflows
 
 
 class ConfigError(Exception):
@@ -141,6 +144,13 @@ def load_default() -> Config:
     return load(str(EMBEDDED_DEFAULT))
 
 
+def load_effective(path: str | None) -> Config:
+    """What every command runs with: `path` (--config), else /etc/ctprofd/ctprofd.yaml when
+    present, else the embedded default."""
+    path = path or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+    return load(path) if path else load_default()
+
+
 def parse(text: str, source: str) -> Config:
     """Validate YAML text; `source` names it in errors."""
     raw = load_yaml(text, source)
@@ -209,12 +219,21 @@ class Reader:
             raise self.fail(key, f"expected a string, got {_kind(value)}")
         return value
 
-    def number(self, value: Any, key: str, minimum: float, exclusive: bool = False) -> float:
+    def number(self, value: Any, key: str, minimum: float, exclusive: bool = False,
+               maximum: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(key, f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value}")
         if value < minimum or (exclusive and value == minimum):
             raise self.fail(key, f"must be {'>' if exclusive else '>='} {minimum:g}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be <= {maximum:g}, got {value:g}")
         return float(value)
+
+    def interval(self, value: Any, key: str) -> float:
+        """Seconds between snapshots: finite, > 0 and at most a day."""
+        return self.number(value, key, 0, exclusive=True, maximum=MAX_INTERVAL)
 
     def integer(self, value: Any, key: str, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -243,7 +262,7 @@ class _Validator(Reader):
         get = raw.get
         return Config(
             listen=self._listen(get("listen", d.listen)),
-            interval=self.number(get("interval", d.interval), "interval", 0, exclusive=True),
+            interval=self.interval(get("interval", d.interval), "interval"),
             cache_dir=self.string(get("cache_dir", d.cache_dir), "cache_dir", nullable=True),
             state_dir=self.string(get("state_dir", d.state_dir), "state_dir"),
             debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
@@ -320,14 +339,18 @@ class _Validator(Reader):
 
 
 def check_config(args: argparse.Namespace) -> int:
-    """`ctprofd check-config PATH`: print `PATH: OK` or the one-line error; 0 or 78."""
+    """`ctprofd check-config PATH`: print `PATH: OK` or the one-line error; 0 or 78. Refuses
+    whatever `run` refuses at start: the file, the web config and the offsets files."""
+    from . import offsets_file
     from .web import load_web_config
 
     try:
         config = load(args.path)
         if config.web_config_file:
             load_web_config(config.web_config_file)
-    except ConfigError as err:
+        for path in config.offsets_files:
+            offsets_file.load(path)
+    except (ConfigError, offsets_file.OffsetsFileError) as err:
         print(err, file=sys.stderr)
         return EX_CONFIG
     print(f"{args.path}: OK")

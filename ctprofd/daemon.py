@@ -28,11 +28,11 @@ from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
 from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                         DaemonState, Histogram)
-from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load, load_default,
+from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, Reader, load_effective,
                      parse_listen)
 from .health import Health
+from .logs import setup_logging
 from .offsets_file import OffsetsFileError
-from .parse_worker import WorkerLimits
 from .procfs import ProcessInfo
 from .retained import boot_id
 from .web import MetricsServer, load_web_config, raise_fd_limit
@@ -75,30 +75,10 @@ class Notifier:
             self("WATCHDOG=1")
 
 
-def setup_logging(level: str) -> None:
-    """Journal when started by systemd (and systemd-python is there), else stderr."""
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    handler: logging.Handler | None = None
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        try:
-            from systemd.journal import JournalHandler
-            handler = JournalHandler(SYSLOG_IDENTIFIER="ctprofd")
-        except ImportError:
-            pass
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("ctprofd: %(levelname)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-
-
 def load_config(args: argparse.Namespace) -> Config:
     """The file (--config, else /etc/ctprofd/ctprofd.yaml when present, else the embedded
     default) with the command-line flags applied over it."""
-    path = args.config or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
-    config = load(path) if path else load_default()
+    config = load_effective(args.config)
     changes: dict[str, Any] = {}
     if args.listen is not None:
         try:
@@ -107,9 +87,7 @@ def load_config(args: argparse.Namespace) -> Config:
             raise ConfigError("--listen", "", str(err))
         changes["listen"] = args.listen
     if args.interval is not None:
-        if not args.interval > 0:
-            raise ConfigError("--interval", "", f"must be > 0, got {args.interval:g}")
-        changes["interval"] = args.interval
+        changes["interval"] = Reader("--interval").interval(args.interval, "")
     if args.web_config_file is not None:
         changes["web_config_file"] = args.web_config_file
     return dataclasses.replace(config, **changes)
@@ -145,12 +123,8 @@ class Daemon:
                     os.makedirs(directory, exist_ok=True)
                 except OSError as err:
                     log.warning("cannot create %s: %s", directory, err.strerror)
-        self.capturer = Capturer(CaptureSettings(
-            cache_dir=config.cache_dir, state_dir=config.state_dir,
-            debug_dirs=config.debug_dirs, debuginfod_urls=config.debuginfod_urls,
-            offsets_files=config.offsets_files, select=self._select,
-            parser=WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
-                                timeout=config.parser.timeout),
+        self.capturer = Capturer(CaptureSettings.from_config(
+            config, state_dir=config.state_dir, select=self._select,
             on_thread_stop=self._thread_stops.observe))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
@@ -312,7 +286,7 @@ class Daemon:
         self.config = dataclasses.replace(
             new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
         self.server.web_config = web
-        logging.getLogger().setLevel(new.log_level.upper())
+        logging.getLogger().setLevel((self.args.log_level or new.log_level).upper())
         self._wake_loop.set()
         log.info("reloaded the configuration from %s", new.source)
         self.notify("READY=1")
@@ -326,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"ctprofd: {err}", file=sys.stderr)
         return EX_CONFIG
-    setup_logging(config.log_level)
+    setup_logging(args.log_level or config.log_level, args.log_format)  # flags win
     collector = DaemonCollector()
     registry = CollectorRegistry()
     registry.register(collector)

@@ -78,5 +78,5 @@ def find_debug_file(build_id: str | None, link: tuple[str, int] | None,
         fetched = search.debuginfod.fetch(build_id)
         if fetched is not None:
             return fetched
-        tried.append(f"not on debuginfod ({' '.join(search.debuginfod.urls)})")
+        tried.append(search.debuginfod.why_not(build_id))
     raise DebugFileNotFound("; ".join(tried))

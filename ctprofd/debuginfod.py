@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 import urllib.error
@@ -27,6 +28,7 @@ class DebuginfodClient:
         self.max_bytes = max_bytes
         self.failure_ttl = failure_ttl
         self._failed_until: dict[str, float] = {}  # server or server+build-id -> time
+        self._why: dict[str, str] = {}  # server or server+build-id -> what went wrong
         self._scratch: tempfile.TemporaryDirectory | None = None  # without a directory
 
     def close(self) -> None:
@@ -64,12 +66,22 @@ class DebuginfodClient:
                 return target, f"debuginfod {url}"
             except urllib.error.HTTPError as exc:  # the server answered: this build only
                 self._failed_until[f"{url} {build_id}"] = now + self.failure_ttl
+                self._why[f"{url} {build_id}"] = (f"not on {url}" if exc.code == 404
+                                                  else f"{url}: HTTP {exc.code}")
                 log.debug("debuginfod %s: %s: HTTP %s", url, build_id, exc.code)
             except (OSError, ValueError) as exc:  # down, slow or oversized: the whole server
                 self._failed_until[url] = now + self.failure_ttl
-                log.warning("debuginfod %s: %s; not asking it again for %.0f s",
-                            url, getattr(exc, "reason", exc), self.failure_ttl)
+                self._why[url] = f"{url}: {describe_error(exc)}"
+                log.warning("debuginfod %s; not asking it again for %.0f s", self._why[url],
+                            self.failure_ttl)
         return None
+
+    def why_not(self, build_id: str) -> str:
+        """What each server said (or why it could not be asked) about `build_id`, after a
+        fetch that found nothing."""
+        reasons = [self._why.get(f"{url} {build_id}") or self._why.get(url)
+                   or f"not asked: {url}" for url in self.urls]
+        return "debuginfod: " + "; ".join(reasons)
 
     def _download(self, url: str, target: str) -> None:
         fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".part-")
@@ -88,6 +100,20 @@ class DebuginfodClient:
 
     def __repr__(self) -> str:
         return f"DebuginfodClient({' '.join(self.urls)})"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A network failure as an operator reads it: name resolution, connection, timeout."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name ({reason.strerror})"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(reason, ConnectionError):
+        return f"cannot connect ({reason.strerror or type(reason).__name__})"
+    if isinstance(reason, OSError):
+        return f"connection failed ({reason.strerror or reason})"
+    return str(reason)
 
 
 def urls_from_environment() -> tuple[str, ...]:

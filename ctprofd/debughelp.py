@@ -1,0 +1,70 @@
+"""How to get the debug info of a binary on this distribution: its -dbgsym (or -debuginfo)
+package from the distribution's debug archive, or the distribution's debuginfod server
+through DEBUGINFOD_URLS. Only for messages to an operator; nothing here is run for them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+OS_RELEASE = "/etc/os-release"
+
+# ID (or an ID_LIKE entry) -> (how to install the debug package of PACKAGE, debuginfod server)
+_DISTRIBUTIONS = {
+    "debian": ("add the debug archive (deb http://deb.debian.org/debian-debug/ {codename}-debug "
+               "main) and apt-get install {package}-dbgsym",
+               "https://debuginfod.debian.net"),
+    "ubuntu": ("add the ddebs archive (deb http://ddebs.ubuntu.com {codename} main) and "
+               "apt-get install {package}-dbgsym",
+               "https://debuginfod.ubuntu.com"),
+    "fedora": ("dnf debuginfo-install {package}", "https://debuginfod.fedoraproject.org"),
+    "arch": ("use the debug repositories' {package}-debug package",
+             "https://debuginfod.archlinux.org"),
+    "opensuse": ("zypper install {package}-debuginfo", "https://debuginfod.opensuse.org"),
+}
+
+
+def os_release(path: str = OS_RELEASE) -> dict[str, str]:
+    """KEY=value pairs of os-release, unquoted; empty when unreadable."""
+    fields = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.strip().partition("=")
+                if sep and key and not key.startswith("#"):
+                    fields[key] = value.strip().strip("\"'")
+    except OSError:
+        pass
+    return fields
+
+
+def owning_package(path: str) -> str | None:
+    """The Debian package that installed `path` (dpkg-query -S), or None."""
+    if shutil.which("dpkg-query") is None:
+        return None
+    try:
+        result = subprocess.run(["dpkg-query", "-S", path], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0 or ":" not in result.stdout:
+        return None
+    return result.stdout.split(":", 1)[0].split(",")[0].strip() or None
+
+
+def how_to_get_debug_info(binary: str, release: dict[str, str] | None = None,
+                          package: str | None = None) -> str:
+    """One sentence saying how to get `binary`'s DWARF here."""
+    release = os_release() if release is None else release
+    ids = [release.get("ID", "")] + release.get("ID_LIKE", "").split()
+    known = next((i for i in ids if i in _DISTRIBUTIONS), None)
+    if known is None:
+        return ("to get its debug info, install the distribution's debug symbols package "
+                "for it, or point DEBUGINFOD_URLS (or debuginfod_urls in the configuration) at "
+                "the distribution's debuginfod server")
+    install, server = _DISTRIBUTIONS[known]
+    package = package or owning_package(binary) or "PACKAGE"
+    codename = release.get("VERSION_CODENAME") or "CODENAME"
+    return (f"to get its debug info on {release.get('PRETTY_NAME') or known}: "
+            f"{install.format(package=package, codename=codename)}; or let ctprofd fetch it: "
+            f"DEBUGINFOD_URLS={server} (or debuginfod_urls: [{server}] in the configuration)")

@@ -1,0 +1,219 @@
+"""What an operator meets on the command line: one truth for the CLI and the checker, log
+options before or after the subcommand, logs that say what changed, and failures that say
+what to do (real processes, real ctprofd subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from ctprofd import tags
+from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.debughelp import how_to_get_debug_info, os_release
+from daemon_process import CTPROFD, REPO, clean_env, run_once, write_config
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CTPROFD + list(args), capture_output=True, text=True, timeout=120,
+                          cwd=REPO, stdin=subprocess.DEVNULL, env=clean_env(env))
+
+
+def one_line(result: subprocess.CompletedProcess, status: int, text: str) -> None:
+    assert result.returncode == status, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert text in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- logging -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_level_before_or_after_the_subcommand(fixture_bins, spawn_fixture, where):
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    command = ["snapshot", "--cache-dir", "", "--pid", str(fixture.pid)]
+    flag = ["--log-level", "info"]
+    result = cli(*(flag + command if where == "before" else command + flag))
+    assert result.returncode == 0, result.stderr
+    assert "probe: 1 tgids walked, 1 jemalloc detected, 2 probed OK" in result.stderr
+    quiet = cli(*command)
+    assert "probe:" not in quiet.stderr  # warning is the one-shot commands' default
+
+
+@pytest.mark.parametrize("fmt", ["logfmt", "json"])
+def test_log_format(fixture_bins, spawn_fixture, fmt):
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    result = cli("snapshot", "--log.level", "info", "--log.format", fmt, "--cache-dir", "",
+                 "--pid", str(fixture.pid))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines
+    for line in lines:
+        if fmt == "json":
+            record = json.loads(line)
+        else:
+            assert line.startswith("time=") and " level=" in line and " msg=" in line, line
+            record = {"level": line.split(" level=")[1].split()[0],
+                      "msg": json.loads(line.split(" msg=", 1)[1])}
+        assert record["level"] in ("debug", "info", "warning", "error")
+    assert any("probe: 1 tgids walked" in line for line in lines)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_run_log_level_flag_overrides_the_configuration(tmp_path, where):
+    config = write_config(tmp_path, "log_level: error\nselection: {include: {uid: [4294967294]}}\n")
+    run = ["run", "--config", str(config)]
+    flag = ["--log-level", "debug"]
+    daemon = subprocess.Popen(CTPROFD + (flag + run if where == "before" else run + flag),
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, text=True, env=clean_env(), cwd=REPO)
+    bound = threading.Timer(60, daemon.kill)  # ends the read below if no line ever comes
+    bound.start()
+    try:
+        # an unchanged summary line is logged at debug from the second snapshot on
+        assert any("DEBUG: probe: 0 tgids walked" in line for line in daemon.stderr)
+    finally:
+        bound.cancel()
+        daemon.kill()
+        daemon.wait()
+
+
+def test_summary_line_only_when_it_changes(fixture_bins, spawn_fixture, caplog):
+    first = spawn_fixture(fixture_bins["static"], 1)
+    second = spawn_fixture(fixture_bins["static"], 1)
+    engine = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),)))
+    with caplog.at_level(logging.INFO, logger="ctprofd.capture"):
+        for _ in range(3):
+            engine.capture(pids=[first.pid])
+        engine.capture(pids=[first.pid, second.pid])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probe:")]
+    assert lines == ["probe: 1 tgids walked, 1 jemalloc detected, 2 probed OK, 0 failed",
+                     "probe: 2 tgids walked, 2 jemalloc detected, 4 probed OK, 0 failed"]
+    engine.close()
+
+
+def test_each_binary_failure_reason_once_at_info(fixture_bins, spawn_fixture, tmp_path, caplog):
+    variant = fixture_bins["static-stripped-buildid"]
+    fixtures = [spawn_fixture(variant, 1) for _ in range(2)]
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+    with caplog.at_level(logging.INFO, logger="ctprofd.capture"):
+        for _ in range(2):
+            snapshot = engine.capture(pids=[f.pid for f in fixtures])
+    assert snapshot.failures == {tags.DWARF_PARSE_FAILURE: 2}
+    reasons = [r.getMessage() for r in caplog.records
+               if r.levelno == logging.INFO and "no DWARF" in r.getMessage()]
+    assert len(reasons) == 1, reasons
+    assert str(variant.binary) in reasons[0] and "no DWARF" in reasons[0]
+    assert [(f.pid, f.tag) for f in snapshot.failed_pids] == \
+        sorted((f.pid, tags.DWARF_PARSE_FAILURE) for f in fixtures)
+    engine.close()
+
+
+# -- one truth for the CLI and the checker --------------------------------------------------
+
+def test_check_config_refuses_a_missing_offsets_file(tmp_path):
+    path = write_config(tmp_path, f"offsets_files: [{tmp_path / 'nonexistent.json'}]\n")
+    one_line(run_once("check-config", str(path)), 78, "nonexistent.json: No such file")
+
+
+@pytest.mark.parametrize("in_yaml, flag", [(".inf", "inf"), (".nan", "nan"),
+                                           ("1.0e+10", "1e10"), ("86401", "86401")])
+def test_intervals_are_finite_and_at_most_a_day(tmp_path, in_yaml, flag):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"interval: {in_yaml}\n")
+    one_line(run_once("check-config", str(path)), 78, f"{path}: interval: must be")
+    good = write_config(tmp_path, name="good.yaml")
+    one_line(run_once("run", "--config", str(good), "--interval", flag), 78,
+             "--interval: must be")
+
+
+def test_snapshot_of_a_missing_pid_is_one_line_and_fails():
+    one_line(cli("snapshot", "--pid", "999999999"), 1, "no such process: 999999999")
+
+
+def test_offsets_usage(tmp_path):
+    result = cli("offsets", "import")
+    assert result.returncode == 2
+    assert "offsets import takes one FILE" in result.stderr
+    assert "No such file" not in result.stderr  # "import" is not taken for a binary path
+    usage = cli("offsets", "--help").stdout
+    assert usage.count("ctprofd offsets [options] import FILE") == 1, usage
+    assert usage.count("BINARY | export FILE") == 0, usage
+
+
+def test_snapshot_reads_what_offsets_import_wrote(fixture_bins, spawn_fixture, tmp_path):
+    """Both take the cache directory from the same configuration."""
+    variant = fixture_bins["static-stripped-buildid"]
+    exported = tmp_path / "offsets.json"
+    result = cli("offsets", "--debug-dir", str(fixture_bins.debug_root), "--cache-dir", "",
+                 "export", str(exported), str(variant.binary))
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "ctprofd.yaml"
+    config.write_text(f"cache_dir: {tmp_path / 'cache'}\ndebug_dirs: [{tmp_path / 'empty'}]\n")
+    fixture = spawn_fixture(variant, 2)
+    before = json.loads(cli("snapshot", "--json", "--config", str(config),
+                            "--pid", str(fixture.pid)).stdout)
+    assert before["failures"] == {tags.DWARF_PARSE_FAILURE: 1}
+    result = cli("offsets", "import", str(exported), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "cache") in result.stdout
+    after = json.loads(cli("snapshot", "--json", "--config", str(config),
+                           "--pid", str(fixture.pid)).stdout)
+    assert after["probe_summary"]["failed"] == 0, after["failures"]
+    assert after["probe_summary"]["probed_ok"] == 3
+    shown = cli("offsets", "--config", str(config), str(variant.binary))
+    assert shown.returncode == 0, shown.stderr
+    assert "thread_allocated:    824" in shown.stdout
+
+
+def test_offsets_failure_says_how_to_get_debug_info(fixture_bins, tmp_path):
+    binary = str(fixture_bins["static-stripped-buildid"].binary)
+    result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), binary)
+    assert result.returncode == 1
+    assert "dwarf-parse-failure" in result.stderr
+    assert "DEBUGINFOD_URLS=" in result.stderr
+    if os_release().get("ID") == "debian":
+        assert "-dbgsym" in result.stderr and "debian-debug" in result.stderr
+    found = cli("offsets", "--cache-dir", "", "--debug-dir", str(fixture_bins.debug_root), binary)
+    assert found.returncode == 0, found.stderr
+
+
+@pytest.mark.parametrize("release, expected", [
+    ({"ID": "debian", "VERSION_CODENAME": "bookworm", "PRETTY_NAME": "Debian 12"},
+     ["debian-debug/ bookworm-debug", "apt-get install libfoo1-dbgsym",
+      "DEBUGINFOD_URLS=https://debuginfod.debian.net"]),
+    ({"ID": "ubuntu", "ID_LIKE": "debian", "VERSION_CODENAME": "noble"},
+     ["ddebs.ubuntu.com noble", "libfoo1-dbgsym", "https://debuginfod.ubuntu.com"]),
+    ({"ID": "rocky", "ID_LIKE": "rhel centos fedora"},
+     ["dnf debuginfo-install libfoo1", "https://debuginfod.fedoraproject.org"]),
+    ({"ID": "gentoo"}, ["debug symbols package", "DEBUGINFOD_URLS"]),
+])
+def test_debug_info_advice_per_distribution(release, expected):
+    advice = how_to_get_debug_info("/usr/lib/libfoo.so.1", release, package="libfoo1")
+    for text in expected:
+        assert text in advice, advice
+    assert "\n" not in advice
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://ctprofd-test.invalid", "cannot resolve the host name"),
+    ("http://127.0.0.1:{port}", "cannot connect"),
+])
+def test_debuginfod_network_errors_are_named(fixture_bins, tmp_path, url, expected):
+    binary = str(fixture_bins["static-stripped-buildid"].binary)
+    url = url.format(port=_free_port())
+    result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), binary,
+                 env={"DEBUGINFOD_URLS": url})
+    assert result.returncode == 1
+    assert f"debuginfod: {url}: {expected}" in result.stderr, result.stderr
+    assert "not on" not in result.stderr
