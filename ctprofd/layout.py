@@ -400,6 +400,19 @@ def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: 
     return resolve(InProcess(), stream, what, object_dirs, search, shared)
 
 
+def resolve_path(path: str, search: DebugSearch) -> Resolution:
+    """Resolve a file on disk, as a shared library or an executable by its ELF type, in
+    this process (for tests and tools; `ctprofd offsets BINARY` goes through the
+    sandboxed worker and the cache: Attacher.resolve_file)."""
+    with open(path, "rb") as stream:
+        try:
+            shared = elf.is_shared_library(elf.open_elf(stream))
+        except (ELFError, ValueError) as exc:
+            return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}")
+        stream.seek(0)
+        return resolve_object(stream, path, object_dirs_for(path, "/"), search, shared)
+
+
 def object_dirs_for(exe_path: str, root: str) -> list[str]:
     """Directories a debuglink of `exe_path` may be relative to, also inside the target's
     mount namespace (`root` is /proc/PID/root)."""

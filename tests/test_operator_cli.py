@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -15,12 +17,30 @@ import pytest
 from ctprofd import tags
 from ctprofd.capture import Capturer, CaptureSettings
 from ctprofd.debughelp import how_to_get_debug_info, os_release
+from ctprofd.parse_worker import WorkerLimits
 from daemon_process import CTPROFD, REPO, clean_env, run_once, write_config
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(CTPROFD + list(args), capture_output=True, text=True, timeout=120,
                           cwd=REPO, stdin=subprocess.DEVNULL, env=clean_env(env))
+
+
+# A %fs segment prefix a little before a displacement of one of jemalloc 5.3's four counter
+# fields (0x338, 0x340, 0x348, 0x350): the accesses the machine-code route reads.
+FS_COUNTER_ACCESS = re.compile(rb"\x64(?=.{1,4}[\x38\x40\x48\x50]\x03\x00\x00)", re.DOTALL)
+
+
+def without_offsets(variant, directory) -> str:
+    """A copy of a stripped jemalloc binary whose counters cannot be found at all: no DWARF,
+    and its %fs accesses turned into %ds ones (same length), so the machine code shows no
+    counters either. Only read, never run."""
+    copy = directory / "no-offsets"
+    shutil.copy(variant.binary, copy)
+    data, count = FS_COUNTER_ACCESS.subn(b"\x3e", copy.read_bytes())
+    assert count >= 4, count
+    copy.write_bytes(data)
+    return str(copy)
 
 
 def one_line(result: subprocess.CompletedProcess, status: int, text: str) -> None:
@@ -96,21 +116,24 @@ def test_summary_line_only_when_it_changes(fixture_bins, spawn_fixture, caplog):
     engine.close()
 
 
-def test_each_binary_failure_reason_once_at_info(fixture_bins, spawn_fixture, tmp_path, caplog):
-    variant = fixture_bins["static-stripped-buildid"]
+def test_each_binary_failure_reason_once_at_info(fixture_bins, spawn_fixture, caplog):
+    """Two processes of one binary whose parse fails (the parser gets 1 MiB of address
+    space): the reason is logged at info once, then at debug."""
+    variant = fixture_bins["static"]
     fixtures = [spawn_fixture(variant, 1) for _ in range(2)]
-    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+    engine = Capturer(CaptureSettings(parser=WorkerLimits(memory_bytes=1 << 20)))
     with caplog.at_level(logging.INFO, logger="ctprofd.capture"):
         for _ in range(2):
             snapshot = engine.capture(pids=[f.pid for f in fixtures])
+    engine.close()
     assert snapshot.failures == {tags.DWARF_PARSE_FAILURE: 2}
     reasons = [r.getMessage() for r in caplog.records
-               if r.levelno == logging.INFO and "no DWARF" in r.getMessage()]
+               if r.levelno == logging.INFO and "out of memory" in r.getMessage()]
     assert len(reasons) == 1, reasons
-    assert str(variant.binary) in reasons[0] and "no DWARF" in reasons[0]
+    assert str(variant.binary) in reasons[0] and tags.DWARF_PARSE_FAILURE in reasons[0]
     assert [(f.pid, f.tag) for f in snapshot.failed_pids] == \
         sorted((f.pid, tags.DWARF_PARSE_FAILURE) for f in fixtures)
-    engine.close()
+    assert all("out of memory" in f.reason for f in snapshot.failed_pids)
 
 
 # -- one truth for the CLI and the checker --------------------------------------------------
@@ -145,41 +168,44 @@ def test_offsets_usage(tmp_path):
     assert usage.count("BINARY | export FILE") == 0, usage
 
 
-def test_snapshot_reads_what_offsets_import_wrote(fixture_bins, spawn_fixture, tmp_path):
-    """Both take the cache directory from the same configuration."""
+def test_snapshot_offsets_and_import_share_the_configured_cache(fixture_bins, spawn_fixture,
+                                                               tmp_path):
+    """snapshot writes the layouts it resolves, and offsets import writes, into the cache
+    of the configuration both read; `offsets BINARY` then finds an imported layout by
+    build-id for a binary that has neither DWARF nor readable code."""
     variant = fixture_bins["static-stripped-buildid"]
+    broken = without_offsets(variant, tmp_path)  # same build-id as the variant
     exported = tmp_path / "offsets.json"
     result = cli("offsets", "--debug-dir", str(fixture_bins.debug_root), "--cache-dir", "",
                  "export", str(exported), str(variant.binary))
     assert result.returncode == 0, result.stderr
+    cache = tmp_path / "cache"
     config = tmp_path / "ctprofd.yaml"
-    config.write_text(f"cache_dir: {tmp_path / 'cache'}\ndebug_dirs: [{tmp_path / 'empty'}]\n")
-    fixture = spawn_fixture(variant, 2)
-    before = json.loads(cli("snapshot", "--json", "--config", str(config),
-                            "--pid", str(fixture.pid)).stdout)
-    assert before["failures"] == {tags.DWARF_PARSE_FAILURE: 1}
+    config.write_text(f"cache_dir: {cache}\ndebug_dirs: [{tmp_path / 'empty'}]\n")
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    snapshot = cli("snapshot", "--config", str(config), "--pid", str(fixture.pid))
+    assert snapshot.returncode == 0, snapshot.stderr
+    assert any(cache.glob("layouts/build-id_*.json"))
+    before = cli("offsets", "--config", str(config), broken)
+    assert before.returncode == 1 and "dwarf-parse-failure" in before.stderr, before.stderr
     result = cli("offsets", "import", str(exported), "--config", str(config))
     assert result.returncode == 0, result.stderr
-    assert str(tmp_path / "cache") in result.stdout
-    after = json.loads(cli("snapshot", "--json", "--config", str(config),
-                           "--pid", str(fixture.pid)).stdout)
-    assert after["probe_summary"]["failed"] == 0, after["failures"]
-    assert after["probe_summary"]["probed_ok"] == 3
-    shown = cli("offsets", "--config", str(config), str(variant.binary))
-    assert shown.returncode == 0, shown.stderr
-    assert "thread_allocated:    824" in shown.stdout
+    assert str(cache) in result.stdout
+    after = cli("offsets", "--json", "--config", str(config), broken)
+    assert after.returncode == 0, after.stderr
+    layout = json.loads(after.stdout)
+    assert (layout["allocated_offset"], layout["deallocated_offset"]) == (824, 840)
 
 
 def test_offsets_failure_says_how_to_get_debug_info(fixture_bins, tmp_path):
-    binary = str(fixture_bins["static-stripped-buildid"].binary)
-    result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), binary)
+    broken = without_offsets(fixture_bins["static-stripped-buildid"], tmp_path)
+    result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), broken)
     assert result.returncode == 1
-    assert "dwarf-parse-failure" in result.stderr
+    assert "dwarf-parse-failure" in result.stderr and "no DWARF" in result.stderr
     assert "DEBUGINFOD_URLS=" in result.stderr
     if os_release().get("ID") == "debian":
         assert "-dbgsym" in result.stderr and "debian-debug" in result.stderr
-    found = cli("offsets", "--cache-dir", "", "--debug-dir", str(fixture_bins.debug_root), binary)
-    assert found.returncode == 0, found.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("release, expected", [
@@ -210,7 +236,7 @@ def _free_port() -> int:
     ("http://127.0.0.1:{port}", "cannot connect"),
 ])
 def test_debuginfod_network_errors_are_named(fixture_bins, tmp_path, url, expected):
-    binary = str(fixture_bins["static-stripped-buildid"].binary)
+    binary = without_offsets(fixture_bins["static-stripped-buildid"], tmp_path)
     url = url.format(port=_free_port())
     result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), binary,
                  env={"DEBUGINFOD_URLS": url})
