@@ -36,8 +36,10 @@ def truth(fixture) -> dict[int, tuple[int, int]]:
 
 
 def run_cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "ctprofd", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    """The CLI without an on-disk cache (by default it shares the daemon's, which would
+    answer from what earlier runs resolved)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "ctprofd", *args, "--cache-dir", ""],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("variant", ["static", "dynamic"])
