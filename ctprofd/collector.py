@@ -7,6 +7,7 @@ triggers a capture.
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -16,6 +17,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+from .revision import REVISION
 from .aggregate import AggregateView
 from .snapshot import Snapshot
 from .summary import ProbeSummary
@@ -62,6 +64,7 @@ class DaemonState:
     snapshot: Snapshot | None = None
     aggregate: AggregateView = AggregateView()
     snapshots_total: int = 0
+    snapshot_failures_total: int = 0
     overruns_total: int = 0
     interval_seconds: float = 0.0
     cache_hits: int = 0
@@ -177,6 +180,9 @@ class DaemonCollector:
                          state.thread_stops, describe_only)
         counters = (
             ("ctprofd_snapshots", "Snapshots completed.", state.snapshots_total),
+            ("ctprofd_snapshot_failures", "Snapshots that failed with an unexpected error "
+             "(logged with its traceback); the exported data stays at the last completed one.",
+             state.snapshot_failures_total),
             ("ctprofd_snapshot_overruns", "Scheduled snapshots skipped because the previous "
              "one was still running.", state.overruns_total),
             ("ctprofd_offset_cache_hits", "Layout lookups answered by the offset cache.",
@@ -193,9 +199,11 @@ class DaemonCollector:
                      None if describe_only else state.cache_entries)
         yield _gauge("ctprofd_snapshot_interval_seconds", "Configured time between snapshots.",
                      None if describe_only else state.interval_seconds)
-        build = InfoMetricFamily("ctprofd_build", "ctprofd's version.")
+        build = InfoMetricFamily("ctprofd_build", "ctprofd's version, source revision and "
+                                 "Python version.")
         if not describe_only:
-            build.add_metric([], {"version": self.version})
+            build.add_metric([], {"version": self.version, "revision": REVISION,
+                                  "python_version": platform.python_version()})
         yield build
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from . import procfs
 from .aggregate import Aggregator
@@ -131,6 +131,7 @@ class Daemon:
         self.aggregator = self._new_aggregator(config)
         self._restore_state()
         self._snapshots = 0
+        self._failed_snapshots = 0  # captures that raised: a bug, logged with its traceback
         self._overruns = 0
         self._saved: dict[str, Any] | None = None  # the state last written
         self._save_failing = False  # warned once until a write succeeds again
@@ -218,6 +219,9 @@ class Daemon:
             snapshot = self.capturer.capture(cancel=self.stop)
         except Exception:  # a bug in one snapshot must not end the daemon
             log.exception("snapshot failed")
+            self._failed_snapshots += 1
+            self.collector.publish(dataclasses.replace(
+                self.collector.state, snapshot_failures_total=self._failed_snapshots))
             return
         if self.stop.is_set():  # cancelled: partial, not published
             return
@@ -229,6 +233,7 @@ class Daemon:
         stats = self.capturer.stats
         self.collector.publish(DaemonState(
             snapshot=snapshot, aggregate=view, snapshots_total=self._snapshots,
+            snapshot_failures_total=self._failed_snapshots,
             overruns_total=self._overruns, interval_seconds=config.interval,
             cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
             cache_entries=stats.cache_entries, snapshot_durations=self._durations.freeze(),
@@ -304,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
     collector = DaemonCollector()
     registry = CollectorRegistry()
     registry.register(collector)
+    ProcessCollector(registry=registry)  # process_*: ctprofd's own CPU, memory, fds
     raise_fd_limit()  # before the server sizes its connection limit by it
     try:
         server = MetricsServer(config.listen, registry, web)

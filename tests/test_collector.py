@@ -3,12 +3,16 @@ scrape, describe without rendering, and promtool's lint."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
+
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ctprofd import __version__
+from ctprofd.revision import REVISION, source_revision
 from ctprofd.aggregate import AggregateView, SeriesValues
 from ctprofd.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                                DaemonState, Histogram)
@@ -38,7 +42,9 @@ def registry(collector):
 
 
 def test_before_the_first_snapshot_only_self_metrics(registry):
-    assert registry.get_sample_value("ctprofd_build_info", {"version": __version__}) == 1
+    assert registry.get_sample_value("ctprofd_build_info", {
+        "version": __version__, "revision": REVISION,
+        "python_version": platform.python_version()}) == 1
     assert registry.get_sample_value("ctprofd_snapshots_total") == 0
     assert registry.get_sample_value("ctprofd_probe_tgids_walked") is None
     assert registry.get_sample_value("ctprofd_last_snapshot_timestamp_seconds") is None
@@ -90,6 +96,18 @@ def test_denied_tgids(collector, registry):
     collector.publish(state(ProbeSummary(9, 1, 2, 0), {"readlink-failure": 6}, denied=5))
     assert registry.get_sample_value("ctprofd_probe_denied_tgids") == 5
     assert registry.get_sample_value("ctprofd_probe_failed") == 0
+
+
+def test_failed_snapshots_counter(collector, registry):
+    collector.publish(state(snapshot_failures_total=2))
+    assert registry.get_sample_value("ctprofd_snapshot_failures_total") == 2
+
+
+def test_revision_is_the_checkouts_commit_or_unknown(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert head.startswith(REVISION) and len(REVISION) == 12
+    assert source_revision(tmp_path) == "unknown"  # not a checkout
 
 
 def test_histograms_are_cumulative(collector, registry):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -17,6 +18,7 @@ import urllib.request
 import bcrypt
 import pytest
 
+from ctprofd import __version__
 from daemon_process import CTPROFD, DaemonProcess, clean_env, run_once, write_config
 
 STUCK = 8
@@ -120,7 +122,14 @@ def test_serves_metrics_landing_page_and_a_lint_clean_scrape(tmp_path, daemons, 
     assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.5
     assert [daemon.sample(f"ctprofd_probe_{name}", text) for name in (
         "tgids_walked", "jemalloc_detected", "probed_ok", "failed")] == [1, 1, 3, 0]
-    assert 'ctprofd_build_info{version="' in text
+    assert daemon.sample("ctprofd_snapshot_failures_total", text) == 0
+    build = re.search(r'^ctprofd_build_info\{(.*)\} 1\.0$', text, re.M).group(1)
+    assert f'python_version="{platform.python_version()}"' in build
+    assert f'version="{__version__}"' in build and 'revision="' in build
+    # client_python's process collector: ctprofd's own resources
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_start_time_seconds"):
+        assert daemon.sample(name, text) > 0, name
     lint = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                           capture_output=True)
     assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
