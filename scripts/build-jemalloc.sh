@@ -49,7 +49,7 @@ fi
 
 # Tools: dpkg-source (dpkg-dev) unpacks and patches the source package.
 mapfile -t missing < <(missing_packages dpkg-dev build-essential)
-ensure_deb_src || true
+ensure_deb_src
 if ((${#missing[@]})) || ! apt-cache showsrc jemalloc 2>/dev/null | grep -q '^Package: jemalloc'; then
     apt-get update
 fi

@@ -27,7 +27,7 @@ if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish libjemalloc2 util-linux
                libcap2-bin procps openssl curl systemd-container debootstrap podman)
-    ensure_deb_src || true  # for `apt-get source jemalloc`, before the one update
+    ensure_deb_src  # for `apt-get source jemalloc`, before the one update
 fi
 log "installing apt packages"
 apt-get update
