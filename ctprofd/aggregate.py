@@ -5,12 +5,22 @@ A process is (pid, start time). Each one credits its series with its own counter
 start; when it exits, its last counters are folded into the series so memory stays bounded by
 the processes alive now. A process that is alive but missing from a snapshot (a transient
 failure, or deselected) keeps its credit without being counted twice when it comes back.
+
+The `comm` label is the name a process had when first seen (or at its last exec): a process
+renaming itself stays in its series, and its current name is reported beside it
+(`AggregateView.renamed`), so renames cannot mint series.
+
+Under the cap, series with live processes come first, the longest-running first (then the
+larger), and series whose processes all exited fill what is left, the most recent first: a
+flood of short-lived processes cannot keep a service that started later out. The internal
+table holds at most TABLE_FACTOR x max_series series; beyond that, series whose processes all
+exited are forgotten, the least recently active first.
 """
 
 from __future__ import annotations
 
 import pwd
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -19,6 +29,9 @@ from .snapshot import ProcessSample, Snapshot
 
 SeriesKey = tuple[str, ...]
 STATE_VERSION = 1
+TABLE_FACTOR = 2
+DROPPED_LIVE = "live"      # a series with live processes, outranked by older ones
+DROPPED_EXITED = "exited"  # a series whose processes all exited, outranked by live ones
 
 
 @lru_cache(maxsize=4096)
@@ -48,7 +61,13 @@ class AggregateView:
 
     label_names: tuple[str, ...] = ()
     series: tuple[SeriesValues, ...] = ()
-    dropped: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> series not exported
+    evicted: int = 0  # series forgotten since start because the table was full
+    renamed: tuple[tuple[SeriesKey, int, str], ...] = ()  # (series, pid, current comm)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
 
 
 @dataclass
@@ -61,6 +80,7 @@ class _Process:
     deallocated: int
     base_allocated: int = 0
     base_deallocated: int = 0
+    comm: str | None = None  # when first seen or at the last exec: the comm label
 
 
 @dataclass
@@ -81,9 +101,12 @@ class Aggregator:
         self._user_of = user_of
         self._processes: dict[tuple[int, int], _Process] = {}
         self._series: dict[SeriesKey, _Series] = {}
+        self.evicted = 0
 
-    def series_key(self, process: ProcessSample) -> SeriesKey:
-        values = {"pid": lambda: str(process.pid), "comm": lambda: process.comm,
+    def series_key(self, process: ProcessSample, comm: str | None = None) -> SeriesKey:
+        """The label values of a process; `comm` overrides its current name."""
+        values = {"pid": lambda: str(process.pid),
+                  "comm": lambda: process.comm if comm is None else comm,
                   "unit": lambda: process.unit, "exe": lambda: process.exe,
                   "user": lambda: self._user_of(process.uid)}
         return tuple(label_value(values[name]()) for name in self.labels)
@@ -93,9 +116,13 @@ class Aggregator:
         from it still runs; only processes that do not are folded away."""
         now = snapshot.timestamp
         live: dict[SeriesKey, list[int]] = {}
+        renamed = []
         for sample in snapshot.processes:
-            key = self.series_key(sample)
-            self._track(sample, key)
+            comm = self._label_comm(sample)
+            key = self.series_key(sample, comm)
+            self._track(sample, key, comm)
+            if comm != sample.comm:
+                renamed.append((key, sample.pid, label_value(sample.comm)))
             counts = live.setdefault(key, [0, 0, 0])
             counts[0] += sample.allocated_bytes - sample.deallocated_bytes
             counts[1] += 1
@@ -108,15 +135,37 @@ class Aggregator:
             self._series.setdefault(process.series, _Series()).last_active = now
         for key in [k for k, s in self._series.items() if s.last_active + self.retention < now]:
             del self._series[key]
-        return self._view(live)
+        self._bound_table()
+        return self._view(live, tuple(renamed))
 
-    def _track(self, sample: ProcessSample, key: SeriesKey) -> None:
+    def _label_comm(self, sample: ProcessSample) -> str:
+        """The name for the comm label: the first seen, or the current one after an exec."""
+        process = self._processes.get(sample.key)
+        if process is None or process.comm is None or _restarted(process, sample):
+            return sample.comm
+        return process.comm
+
+    def _bound_table(self) -> None:
+        """Forget series whose processes all exited, least recently active first, while the
+        table holds more than TABLE_FACTOR x max_series."""
+        excess = len(self._series) - TABLE_FACTOR * self.max_series
+        if excess <= 0:
+            return
+        held = {process.series for process in self._processes.values()}
+        exited = sorted((k for k in self._series if k not in held),
+                        key=lambda k: self._series[k].last_active)
+        for key in exited[:excess]:
+            del self._series[key]
+            self.evicted += 1
+
+    def _track(self, sample: ProcessSample, key: SeriesKey, comm: str) -> None:
         allocated, deallocated = sample.allocated_bytes, sample.deallocated_bytes
         process = self._processes.get(sample.key)
         if process is None:
-            self._processes[sample.key] = _Process(key, allocated, deallocated)
+            self._processes[sample.key] = _Process(key, allocated, deallocated, comm=comm)
             return
-        if allocated < process.allocated or deallocated < process.deallocated:
+        process.comm = comm
+        if _restarted(process, sample):
             # Counters restarted under the same identity: a new image after execve.
             self._fold(process)
             process.base_allocated = process.base_deallocated = 0
@@ -132,17 +181,31 @@ class Aggregator:
         series.folded_allocated += process.allocated - process.base_allocated
         series.folded_deallocated += process.deallocated - process.base_deallocated
 
-    def _view(self, live: dict[SeriesKey, list[int]]) -> AggregateView:
+    def _view(self, live: dict[SeriesKey, list[int]],
+              renamed: tuple[tuple[SeriesKey, int, str], ...]) -> AggregateView:
         totals = {key: [s.folded_allocated, s.folded_deallocated]
                   for key, s in self._series.items()}
-        for process in self._processes.values():
+        started: dict[SeriesKey, int] = {}  # the earliest start time of a live process
+        for (_, start), process in self._processes.items():
             total = totals[process.series]
             total[0] += process.allocated - process.base_allocated
             total[1] += process.deallocated - process.base_deallocated
-        series = tuple(
-            SeriesValues(key, allocated, deallocated, *live.get(key, (0, 0, 0)))
-            for key, (allocated, deallocated) in list(totals.items())[:self.max_series])
-        return AggregateView(self.labels, series, max(0, len(totals) - self.max_series))
+            started[process.series] = min(start, started.get(process.series, start))
+
+        def rank(key: SeriesKey) -> tuple:
+            if key in started:  # live: the longest-running first, then the larger
+                return (0, started[key], -totals[key][0])
+            return (1, -self._series[key].last_active, -totals[key][0])
+
+        ordered = sorted(totals, key=rank)
+        kept, left_out = ordered[:self.max_series], ordered[self.max_series:]
+        series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0)))
+                       for key in kept)
+        dropped = {DROPPED_LIVE: sum(1 for k in left_out if k in started)}
+        dropped[DROPPED_EXITED] = len(left_out) - dropped[DROPPED_LIVE]
+        exported = set(kept)
+        return AggregateView(self.labels, series, dropped, self.evicted,
+                             tuple(r for r in renamed if r[0] in exported))
 
     def to_state(self) -> dict[str, Any]:
         """A JSON-able form of everything needed to continue the counters later."""
@@ -159,12 +222,20 @@ class Aggregator:
         if state.get("version") != STATE_VERSION or tuple(state.get("labels", ())) != self.labels:
             return False
         self._series = {_key(k): _Series(a, d, t) for k, a, d, t in state["series"]}
-        self._processes = {(pid, start): _Process(_key(k), a, d, ba, bd)
+        comm = self.labels.index("comm") if "comm" in self.labels else None
+        self._processes = {(pid, start): _Process(_key(k), a, d, ba, bd,
+                                                  None if comm is None else _key(k)[comm])
                            for pid, start, k, a, d, ba, bd in state["processes"]}
         if not same_boot:
             for ident in list(self._processes):
                 self._fold(self._processes.pop(ident))
         return True
+
+
+def _restarted(process: _Process, sample: ProcessSample) -> bool:
+    """Counters below the last read: a new image after execve under the same identity."""
+    return (sample.allocated_bytes < process.allocated
+            or sample.deallocated_bytes < process.deallocated)
 
 
 def _key(values: list[str]) -> SeriesKey:

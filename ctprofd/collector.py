@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .revision import REVISION
-from .aggregate import AggregateView
+from .aggregate import DROPPED_EXITED, DROPPED_LIVE, AggregateView
 from .snapshot import Snapshot
 from .summary import ProbeSummary
 
@@ -138,8 +138,26 @@ class DaemonCollector:
                 for series in state.aggregate.series:
                     family.add_metric(list(series.labels), value(series))
             yield family
-        yield _gauge("ctprofd_series_dropped", "Series left out of the output by max_series.",
-                     None if describe_only else state.aggregate.dropped)
+        view = state.aggregate
+        dropped = GaugeMetricFamily(
+            "ctprofd_series_dropped", "Series left out of the output by max_series, by reason: "
+            "live (outranked by longer-running ones) or exited (all its processes exited).",
+            labels=["reason"])
+        evicted = CounterMetricFamily(
+            "ctprofd_series_evicted", "Series of exited processes forgotten (their counters "
+            "with them) because the series table held twice max_series.")
+        renamed = InfoMetricFamily(
+            "ctprofd_renamed_process", "A live process whose name differs from its series' "
+            "comm label (the name when first seen): its current name, with the series labels "
+            "and pid.")
+        if not describe_only:
+            for reason in (DROPPED_LIVE, DROPPED_EXITED):
+                dropped.add_metric([reason], view.dropped.get(reason, 0))
+            evicted.add_metric([], view.evicted)
+            for labels, pid, current in view.renamed:
+                renamed.add_metric([], dict(zip(names, labels), pid=str(pid),
+                                            current_comm=current))
+        yield from (dropped, evicted, renamed)
 
     def _probe(self, snapshot: Snapshot, describe_only: bool) -> Iterator[Metric]:
         summary = snapshot.summary

@@ -44,7 +44,7 @@ def test_a_new_process_contributes_its_counters_since_its_start():
                                                    NONE_ALIVE)
     assert view.label_names == ("pid", "comm", "unit")
     assert view.series == (SeriesValues(("10", "app", "app.service"), 150, 50, 100, 1, 2),)
-    assert view.dropped == 0
+    assert view.dropped_total == 0
 
 
 def test_label_values_include_exe_and_user_name():
@@ -107,13 +107,16 @@ def test_exec_restarts_the_counters_without_going_backwards():
     assert view.series == (SeriesValues(("10",), 1020, 405, 15, 1, 1),)
 
 
-def test_a_rename_moves_later_counts_to_the_new_series_and_keeps_the_sum_exact():
-    agg = grouped()
+def test_a_rename_keeps_the_first_name_and_reports_the_current_one():
+    agg = grouped(("pid", "comm"))
     agg.update(snap(0, proc(10, (100, 40), comm="old")), NONE_ALIVE)
-    view = agg.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
-    series = by_labels(view)
-    assert series[("old",)] == SeriesValues(("old",), 100, 40, 0, 0, 0)
-    assert series[("new",)] == SeriesValues(("new",), 30, 5, 85, 1, 1)
+    for i in range(50):  # renaming itself all the time mints no series
+        view = agg.update(snap(1 + i, proc(10, (130 + i, 45), comm=f"new{i}")), NONE_ALIVE)
+    assert view.series == (SeriesValues(("10", "old"), 179, 45, 134, 1, 1),)
+    assert view.renamed == ((("10", "old"), 10, "new49"),)
+    view = agg.update(snap(60, proc(10, (5, 0), comm="execd")), NONE_ALIVE)  # an exec
+    assert [s.labels for s in view.series] == [("10", "execd"), ("10", "old")]
+    assert view.renamed == ()
 
 
 def test_counters_never_go_backwards_over_a_mixed_history():
@@ -135,19 +138,40 @@ def test_counters_never_go_backwards_over_a_mixed_history():
     assert last == (15 + 30 + 7 + 1 + 90, 5 + 9 + 7 + 1 + 80)
 
 
-def test_series_beyond_the_cap_are_dropped_and_counted_first_seen_win():
-    agg = grouped(("pid",), max_series=2)
-    agg.update(snap(0, proc(30, (1, 0)), proc(20, (1, 0))), NONE_ALIVE)
-    view = agg.update(snap(1, proc(10, (1, 0)), proc(20, (1, 0)), proc(30, (1, 0))),
-                      NONE_ALIVE)
-    assert [s.labels for s in view.series] == [("30",), ("20",)]
-    assert view.dropped == 1
+def test_the_cap_prefers_live_long_running_large_series_and_says_why_others_are_out():
+    agg = grouped(("comm",), max_series=3)
+    agg.update(snap(0, proc(1, (10, 0), comm="small-old", start=5),
+                    proc(2, (10, 0), comm="gone", start=6)), NONE_ALIVE)
+    view = agg.update(snap(1, proc(1, (10, 0), comm="small-old", start=5),
+                           proc(3, (9000, 0), comm="big-new", start=50),
+                           proc(4, (10, 0), comm="small-new", start=50)), NONE_ALIVE)
+    assert [s.labels for s in view.series] == [("small-old",), ("big-new",), ("small-new",)]
+    assert view.dropped == {"live": 0, "exited": 1}  # "gone" exited: it goes first
+    view = agg.update(snap(2, proc(1, (10, 0), comm="small-old", start=5),
+                           proc(3, (9000, 0), comm="big-new", start=50),
+                           proc(4, (10, 0), comm="small-new", start=50),
+                           proc(5, (10, 0), comm="newest", start=60)), NONE_ALIVE)
+    assert [s.labels for s in view.series] == [("small-old",), ("big-new",), ("small-new",)]
+    assert view.dropped == {"live": 1, "exited": 1}
+
+
+def test_a_flood_of_short_lived_processes_cannot_keep_a_service_out():
+    agg = grouped(("comm",), max_series=10)
+    for i in range(500):  # each flood process lives for one snapshot
+        flood = [proc(1000 + 3 * i + j, (1, 0), comm=f"f{i}-{j}", start=10 * i) for j in range(3)]
+        service = [proc(7, (100 + i, 0), comm="service", start=2000)] if i >= 200 else []
+        view = agg.update(snap(i, *flood, *service), NONE_ALIVE)
+        if i >= 200:
+            assert ("service",) in by_labels(view)
+    state = agg.to_state()
+    assert len(state["series"]) <= 20  # the table is capped too
+    assert view.evicted > 1000 and view.dropped["exited"] > 0
 
 
 def test_empty_series_are_kept_for_the_retention_then_forgotten():
     agg = grouped(("pid",), retention=10)
     agg.update(snap(0, proc(10, (5, 1))), NONE_ALIVE)
-    assert agg.update(snap(9, proc(20, (1, 0))), NONE_ALIVE).series[0].allocated_bytes == 5
+    assert by_labels(agg.update(snap(9, proc(20, (1, 0))), NONE_ALIVE))[("10",)].allocated_bytes == 5
     view = agg.update(snap(11, proc(20, (1, 0))), NONE_ALIVE)
     assert [s.labels for s in view.series] == [("20",)]
 
@@ -186,10 +210,10 @@ def test_state_with_other_labels_is_not_restored():
     assert not grouped().restore({"version": 99}, same_boot=True)
 
 
-def test_a_renamed_process_that_exits_leaves_each_series_its_own_part():
-    agg = grouped()
-    agg.update(snap(0, proc(10, (100, 40), comm="old")), NONE_ALIVE)
-    agg.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
+def test_a_moved_process_that_exits_leaves_each_series_its_own_part():
+    agg = grouped(("unit",))
+    agg.update(snap(0, proc(10, (100, 40), unit="old")), NONE_ALIVE)
+    agg.update(snap(1, proc(10, (130, 45), unit="new")), NONE_ALIVE)
     view = agg.update(snap(2), NONE_ALIVE)  # exited: the new series' part is folded
     series = by_labels(view)
     assert series[("old",)] == SeriesValues(("old",), 100, 40, 0, 0, 0)
@@ -214,20 +238,30 @@ def test_a_series_is_kept_until_exactly_its_retention():
     assert agg.update(snap(10.5), NONE_ALIVE).series == ()
 
 
-def test_restored_state_keeps_retention_clocks_and_renamed_bases():
-    agg = grouped(retention=10)
-    agg.update(snap(1000, proc(10, (100, 40), comm="gone")), NONE_ALIVE)
-    agg.update(snap(1001, proc(11, (50, 20), comm="old")), NONE_ALIVE)  # 10 exited
-    agg.update(snap(1002, proc(11, (80, 30), comm="new")), NONE_ALIVE)  # 11 renamed
-    again = grouped(retention=10)
+def test_restored_state_keeps_retention_clocks_and_moved_bases():
+    agg = grouped(("unit",), retention=10)
+    agg.update(snap(1000, proc(10, (100, 40), unit="gone")), NONE_ALIVE)
+    agg.update(snap(1001, proc(11, (50, 20), unit="old")), NONE_ALIVE)  # 10 exited
+    agg.update(snap(1002, proc(11, (80, 30), unit="new")), NONE_ALIVE)  # 11 moved
+    again = grouped(("unit",), retention=10)
     assert again.restore(json.loads(json.dumps(agg.to_state())), same_boot=True)
-    view = again.update(snap(1005, proc(11, (90, 35), comm="new")), NONE_ALIVE)
+    view = again.update(snap(1005, proc(11, (90, 35), unit="new")), NONE_ALIVE)
     series = by_labels(view)
     assert series[("gone",)] == SeriesValues(("gone",), 100, 40, 0, 0, 0)  # active at 1001
     assert series[("old",)] == SeriesValues(("old",), 50, 20, 0, 0, 0)
-    assert series[("new",)] == SeriesValues(("new",), 40, 15, 55, 1, 1)  # since the rename
+    assert series[("new",)] == SeriesValues(("new",), 40, 15, 55, 1, 1)  # since the move
 
 
 def test_state_without_labels_is_not_restored():
     assert not grouped().restore({"version": 1, "series": [], "processes": []},
                                  same_boot=True)
+
+
+def test_a_restored_process_keeps_its_first_name():
+    agg = grouped()
+    agg.update(snap(0, proc(10, (100, 40), comm="old")), NONE_ALIVE)
+    again = grouped()
+    assert again.restore(json.loads(json.dumps(agg.to_state())), same_boot=True)
+    view = again.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
+    assert view.series == (SeriesValues(("old",), 130, 45, 85, 1, 1),)
+    assert view.renamed == ((("old",), 10, "new"),)

@@ -153,10 +153,10 @@ def test_idle_and_trickling_connections_cannot_crowd_out_scrapes(attacked, spawn
     daemon = harness.daemon
     port = daemon.url.rsplit(":", 1)[1]
     before = rss_kib(daemon.proc.pid)
-    # 600 idle connections over 20 addresses (all held), 200 idle or trickling ones from the
+    # 500 idle connections over 20 addresses (all held), 100 idle or trickling ones from the
     # scraper's own address (over its limit of 64: they keep pushing each other out)
-    attacker = spawn_process(["/usr/bin/python3", "-c", IDLE_CLIENTS.read_text(), port, "600",
-                              "20", "200"], prefix=NOBODY, timeout=60)
+    attacker = spawn_process(["/usr/bin/python3", "-c", IDLE_CLIENTS.read_text(), port, "500",
+                              "20", "100"], prefix=NOBODY, timeout=60)
     # the first-byte deadline closes each idle one after 3 s, and the attacker reopens it
     held = daemon.wait_for_sample("ctprofd_http_connections", 400)
     harness.scraper.ok, harness.scraper.failed = 0, []  # count from here
@@ -169,7 +169,72 @@ def test_idle_and_trickling_connections_cannot_crowd_out_scrapes(attacked, spawn
     harness.scraper.assert_succeeded()
     assert samples(held, "ctprofd_http_connections")[0][1] >= 400
     evicted = samples(text, "ctprofd_http_connections_evicted_total")[0][1]
-    assert evicted > 0 and connects > 800, (evicted, connects)  # the crowd kept reconnecting
+    assert evicted > 0 and connects > 600, (evicted, connects)  # the crowd kept reconnecting
     harness.assert_reference_exact(text)
     assert rss_kib(daemon.proc.pid) - before < 64 << 10
 
+
+def test_a_flood_of_short_lived_processes_cannot_keep_a_service_out(
+        attacked, fixture_bins, spawn_fixture, spawn_process):
+    harness = attacked("max_series: 20\n")
+    drop = Path(fixture_bins.root) / "flood"
+    drop.mkdir()
+    shutil.chown(drop, 65534, 65534)
+    # 30 distinctly named jemalloc processes every half second, each living a second
+    flood = (f"cd {drop} && for i in $(seq 30); do cp {fixture_bins['static'].binary} f$i; done"
+             " && echo READY && while :; do for i in $(seq 30); do"
+             " (sleep 1 | ./f$i 0 >/dev/null 2>&1 &); done; sleep 0.5; done")
+    spawn_process(["sh", "-c", flood], prefix=NOBODY, timeout=60)
+    text = harness.next_snapshot(3)
+    pressure = samples(text, "ctprofd_series_dropped")
+    assert dict((l["reason"], v) for l, v in pressure)["live"] > 0, pressure
+    service = spawn_fixture(fixture_bins["static"], 1)
+    pid = str(service.pid)
+    snapshots = 0
+    while pid not in {l.get("pid") for l, _ in samples(text, "ctprofd_allocated_bytes_total")}:
+        snapshots += 1
+        assert snapshots < 30, "the service never got a series during the flood"
+        text = harness.next_snapshot(1)
+    for _ in range(5):  # and it keeps it while the flood goes on
+        text = harness.next_snapshot(1)
+        exported = {l.get("pid"): v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+        assert exported[pid] == sum(t["allocated"] for t in service.threads)
+        harness.assert_reference_exact(text)
+    assert samples(text, "ctprofd_series_evicted_total")[0][1] > 0  # the table is capped
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
+def test_a_process_renaming_itself_all_the_time_keeps_one_series(attacked, fixture_bins,
+                                                                 spawn_fixture):
+    harness = attacked()
+    renamer = spawn_fixture(fixture_bins["static"], 0, prefix=NOBODY)
+    pid = str(renamer.pid)
+    first = [l for l, _ in samples(harness.next_snapshot(), "ctprofd_allocated_bytes_total")
+             if l["pid"] == pid]
+    assert first == [{"pid": pid, "comm": "alloc_threads"}]  # seen under its first name
+    stop = threading.Event()
+
+    def rename() -> None:
+        i = 0
+        while not stop.is_set():
+            renamer.send(f"rename x{i}")
+            i += 1
+
+    thread = threading.Thread(target=rename, daemon=True)
+    thread.start()
+    try:
+        for _ in range(5):
+            text = harness.next_snapshot(1)
+            series = [l for l, _ in samples(text, "ctprofd_allocated_bytes_total")
+                      if l["pid"] == pid]
+            assert series == [{"pid": pid, "comm": "alloc_threads"}]
+            harness.assert_reference_exact(text)
+        renamed = [l for l, _ in samples(text, "ctprofd_renamed_process_info")
+                   if l["pid"] == pid]
+        assert len(renamed) == 1 and renamed[0]["current_comm"].startswith("x"), renamed
+    finally:
+        stop.set()
+        thread.join(10)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()

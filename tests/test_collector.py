@@ -25,7 +25,8 @@ def state(summary: ProbeSummary = ProbeSummary(7, 2, 5, 0), failures=None,
           denied: int = 0, **kwargs) -> DaemonState:
     snapshot = Snapshot(timestamp=1700000000.5, duration_seconds=0.03, summary=summary,
                         failures=failures or {}, denied_tgids=denied)
-    view = AggregateView(("pid", "comm", "unit"), series, dropped=kwargs.pop("dropped", 0))
+    view = AggregateView(("pid", "comm", "unit"), series,
+                         dropped={"live": kwargs.pop("dropped", 0)})
     return DaemonState(snapshot=snapshot, aggregate=view, **kwargs)
 
 
@@ -61,7 +62,7 @@ def test_series_and_probe_values(collector, registry):
     assert get("ctprofd_live_bytes", labels) == 600
     assert get("ctprofd_processes", labels) == 1
     assert get("ctprofd_threads", labels) == 3
-    assert get("ctprofd_series_dropped") == 5
+    assert get("ctprofd_series_dropped", {"reason": "live"}) == 5
     assert get("ctprofd_probe_tgids_walked") == 7
     assert get("ctprofd_probe_jemalloc_detected") == 2
     assert get("ctprofd_probe_probed_ok") == 5
