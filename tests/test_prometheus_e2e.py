@@ -46,8 +46,8 @@ from ctprofd.procfs import unit_from_cgroup
 from ctprofd.summary import REMEDIATION_HINT
 from support.procs import DROP_PTRACE_PREFIX, Fixture, assert_no_thread_stopped_or_traced
 from support.prometheus import Daemon, Prometheus, poll
-from support.promql import (RULES, dashboard_exprs, dashboard_variable_queries, load_rules,
-                            rule_exprs)
+from support.promql import (RULES, dashboard_exprs, dashboard_variable_queries,
+                            grafana_alert_exprs, load_rules, rule_exprs)
 
 # The daemon of the Yama-like case: root's effective uid (so it can read /proc/PID/maps and
 # write its state) but another real uid and no CAP_SYS_PTRACE, so PTRACE_SEIZE is refused.
@@ -313,6 +313,12 @@ def test_rule_expression(stack: Stack, query) -> None:
     result = _evaluate(stack.prometheus, query.name, query.expr, RULES_MAY_BE_EMPTY)
     if query.name == "CtprofdPtracePrivilege":
         assert {s["metric"]["daemon"] for s in result} - {"no-ptrace-dso"} == {"no-ptrace"}
+
+
+@pytest.mark.parametrize("query", grafana_alert_exprs(), ids=lambda q: q.name)
+def test_grafana_alert_expression(stack: Stack, query) -> None:
+    """The Grafana-managed rules' queries, as Grafana sends them to this Prometheus."""
+    _evaluate(stack.prometheus, query.name, query.expr, RULES_MAY_BE_EMPTY)
 
 
 def test_snapshot_slow_names_exactly_the_daemons_that_overran(stack: Stack) -> None:

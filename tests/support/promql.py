@@ -6,6 +6,8 @@
         dashboard_exprs({"instance": "127.0.0.1:19455"}).
     rule_exprs(path=RULES) -> list[Query]
         Every recording and alerting rule expression of the Prometheus rules file.
+    grafana_alert_exprs(path=GRAFANA_ALERTS) -> list[Query]
+        The PromQL of each Grafana-managed alert rule, as Grafana reads it ($$ is a $).
     dashboard_variable_queries(variables=None, path=DASHBOARD) -> list[LabelValuesQuery]
         The `label_values(selector, label)` queries behind the dashboard's drop-downs, with
         the variables in their selectors substituted; ask Prometheus
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "packaging" / "grafana" / "ctprofd-dashboard.json"
 RULES = REPO / "packaging" / "prometheus" / "ctprofd-rules.yml"
 RULE_TESTS = REPO / "tests" / "prometheus" / "ctprofd-rules.test.yml"
+GRAFANA_ALERTS = REPO / "packaging" / "grafana" / "provisioning" / "alerting" / "ctprofd-alerts.yaml"
 
 # What Grafana would put in for "All" and for its built-in interval variables with a 15 s
 # scrape interval ($__rate_interval = max(4 x scrape interval, $__interval + scrape interval)).
@@ -165,6 +168,12 @@ def rule_exprs(path: Path = RULES) -> list[Query]:
     return [Query("alert", rule["alert"], rule["expr"]) if "alert" in rule
             else Query("record", rule["record"], rule["expr"])
             for rule in iter_rules(load_rules(path))]
+
+
+def grafana_alert_exprs(path: Path = GRAFANA_ALERTS) -> list[Query]:
+    """The PromQL of each Grafana-managed alert rule, as Grafana reads it ($$ is a $)."""
+    return [Query("grafana", rule["title"], rule["data"][0]["model"]["expr"].replace("$$", "$"))
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
 
 
 def as_rule_file(queries: Sequence[Query], group: str = "ctprofd-queries") -> dict[str, Any]:
