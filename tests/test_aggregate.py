@@ -265,3 +265,15 @@ def test_a_restored_process_keeps_its_first_name():
     view = again.update(snap(1, proc(10, (130, 45), comm="new")), NONE_ALIVE)
     assert view.series == (SeriesValues(("old",), 130, 45, 85, 1, 1),)
     assert view.renamed == ((("old",), 10, "new"),)
+
+
+def test_state_naming_a_series_it_does_not_list_still_restores():
+    """A state file edited by hand, or cut short: folding a process creates its series."""
+    agg = grouped()
+    agg.update(snap(0, proc(1, (100, 40))), NONE_ALIVE)
+    state = agg.to_state()
+    state["series"] = []
+    again = grouped()
+    assert again.restore(state, same_boot=False)
+    assert by_labels(again.update(snap(1), NONE_ALIVE))[("app",)] == SeriesValues(
+        ("app",), 100, 40, 0, 0, 0)

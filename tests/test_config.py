@@ -30,11 +30,16 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message[len(path) + 2:]
 
 
-def test_embedded_default_is_the_repo_file_and_equals_dataclass_defaults():
+def test_embedded_default_is_the_repo_file():
     assert config.EMBEDDED_DEFAULT.is_symlink()
     assert os.readlink(config.EMBEDDED_DEFAULT) == "../config/ctprofd.yaml"
     assert config.EMBEDDED_DEFAULT.resolve() == REPO / "config" / "ctprofd.yaml"
-    assert config.load_default() == config.Config()
+
+
+def test_embedded_default_equals_dataclass_defaults():
+    default = config.load_default()
+    assert default == config.Config()
+    assert default.source == str(config.EMBEDDED_DEFAULT)
 
 
 def test_every_key_is_documented_in_the_default_file():
@@ -248,6 +253,9 @@ def test_add_check_config_parser_sets_func(tmp_path):
     ("labels: [host]\n", "labels[0]: unknown label 'host' (choose from pid, comm, unit, exe, "
                          "user)"),
     ("interval: -1\n", "interval: must be > 0, got -1"),
+    ("listen: 'h:abc'\n", "listen: 'h:abc' is not HOST:PORT with a port 0-65535"),
+    ("? [a]\n: 1\n", "invalid YAML at line 1 column 3: found unhashable key"),
+    ("selection:\n  ? {a: 1}\n  : 1\n", "invalid YAML at line 2 column 5: found unhashable key"),
 ])
 def test_every_key_is_named_in_its_error(tmp_path, text, expected):
     assert error_of(tmp_path, text) == expected
