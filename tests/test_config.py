@@ -327,3 +327,16 @@ def test_check_config_help_names_its_argument_and_what_it_does():
     assert ("PATH the YAML configuration file" in help_text
             and "Validate a ctprofd configuration file (and the web config file it names); "
                 "print OK or a one-line error. Exit 0, or 78 on a bad config." in help_text)
+
+
+def test_load_effective_takes_the_path_else_the_system_file_else_the_default(tmp_path,
+                                                                             monkeypatch):
+    named = write(tmp_path, "interval: 3\n")
+    system = tmp_path / "etc.yaml"
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(system))
+    assert config.load_effective(None).source == str(config.EMBEDDED_DEFAULT)
+    system.write_text("interval: 7\n")
+    assert (config.load_effective(None).interval, config.load_effective(None).source) == (
+        7.0, str(system))
+    assert (config.load_effective(named).interval, config.load_effective(named).source) == (
+        3.0, named)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ctprofd import tags
-from ctprofd.summary import REMEDIATION_HINT, ProbeSummary, Tally, dominant_tag
+from ctprofd.summary import REMEDIATION_HINT, PidFailure, ProbeSummary, Tally, dominant_tag
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -151,3 +151,27 @@ def test_probe_error_carries_its_tag_and_message():
         ("tid 12: no stop in 250 ms",))
     with pytest.raises(ValueError, match="unknown failure tag 'made-up'"):
         tags.ProbeError("made-up", "x")
+
+
+def test_actionable_failures_are_listed_under_the_current_tgid_first_one_first():
+    tally = Tally()
+    tally.fail(tags.PTRACE_SEIZE)  # no current tgid: counted, not listed
+    tally.current = (10, "redis")
+    tally.fail(tags.JEMALLOC_NOT_FOUND)  # not actionable: counted, not listed
+    tally.fail(tags.WAITPID, reason="tid 11: no stop in 250 ms")
+    tally.fail(tags.PTRACE_SEIZE, 2, reason="tid 12: EPERM")
+    tally.current = (20, "envoy")
+    tally.fail(tags.DWARF_PARSE_FAILURE)
+    assert tally.failed_pids == {
+        10: PidFailure(10, "redis", tags.WAITPID, "tid 11: no stop in 250 ms", 3),
+        20: PidFailure(20, "envoy", tags.DWARF_PARSE_FAILURE, tags.DWARF_PARSE_FAILURE, 1)}
+    assert tally.failures == Counter({tags.PTRACE_SEIZE: 3, tags.JEMALLOC_NOT_FOUND: 1,
+                                      tags.WAITPID: 1, tags.DWARF_PARSE_FAILURE: 1})
+    assert tally.failed_pids[10].to_dict() == {
+        "pid": 10, "comm": "redis", "tag": tags.WAITPID,
+        "reason": "tid 11: no stop in 250 ms", "count": 3}
+
+
+def test_probe_error_keeps_its_errno():
+    assert tags.ProbeError(tags.PTRACE_SEIZE, "tid 3", errno=1).errno == 1
+    assert tags.ProbeError(tags.PTRACE_SEIZE, "tid 3").errno is None
