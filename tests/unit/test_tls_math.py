@@ -108,6 +108,7 @@ VALID = dict(build_id="ab", symbol="je_tsd_tls", symbol_offset=0, allocated_offs
     {"static_block_offset": (1 << 40) - 1},
     {"static_block_offset": None, "tpoff_got": 0, "tpoff_addend": -8, "tpoff_symbolic": True},
     {"static_block_offset": None, "tpoff_got": (1 << 40) - 1},
+    {"code_source": "code: malloc/free fast paths"},
 ])
 def test_plausible_layouts_are_accepted(change):
     validate(TsdLayout(**{**VALID, **change}))
@@ -130,6 +131,7 @@ def test_plausible_layouts_are_accepted(change):
     ({"tpoff_symbolic": 1}, "tpoff_addend must be an integer and tpoff_symbolic a boolean"),
     ({"symbol": 7}, "symbol and dwarf_source must be strings"),
     ({"dwarf_source": None}, "symbol and dwarf_source must be strings"),
+    ({"code_source": 5}, "code_source must be a string or null"),
     ({"deallocated_offset": 824}, "thread_deallocated must come after thread_allocated"),
     ({"tpoff_got": 4096}, "exactly one of static_block_offset and tpoff_got must be set"),
     ({"static_block_offset": None}, "exactly one of static_block_offset and tpoff_got must be set"),
