@@ -59,17 +59,19 @@ def test_uid_and_unit_rules_on_real_processes(targets, tmp_path, rules, expected
 
 
 def test_a_capture_walks_only_the_selected_real_processes(targets, tmp_path):
+    """Asked for our three processes only (a whole-host walk would seize other sessions'
+    uid-65534 processes while their own tests probe them)."""
     pids, unit = targets
     path = tmp_path / "ctprofd.yaml"
     path.write_text(f"selection:\n  include: {{unit: ['{unit}'], uid: [65534]}}\n")
     select = config.build_select(config.load(str(path)).selection)
     engine = Capturer(CaptureSettings(select=select))
     try:
-        snapshot = engine.capture()  # the whole host, as the daemon walks it
+        snapshot = engine.capture(pids=list(pids.values()))
     finally:
         engine.close()
+    assert snapshot.summary.tgids_walked == 2
     read = {p.pid: p for p in snapshot.processes}
-    assert pids["unit"] in read and pids["plain"] not in read
-    assert read[pids["unit"]].unit == unit and read[pids["unit"]].uid == 0
-    # uid 65534 is selected, so walked; whether others of that uid exist is not ours to know
-    assert pids["nobody"] in read and read[pids["nobody"]].uid == NOBODY
+    assert set(read) == {pids["unit"], pids["nobody"]}
+    assert (read[pids["unit"]].unit, read[pids["unit"]].uid) == (unit, 0)
+    assert read[pids["nobody"]].uid == NOBODY
