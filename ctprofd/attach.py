@@ -4,6 +4,7 @@ Every distinct binary is parsed at most once; results are cached by identity and
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,7 +16,10 @@ from .debuginfo import DebugSearch
 from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
 from .parse_worker import ParseWorker, WorkerLimits
 from .procfs import Mapping, ProcessInfo, read_maps
+from .retry import RetrySchedule
 from .tags import ProbeError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Attacher:
         self.search = search
         self.worker = ParseWorker(limits)
         self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
+        self.retries = RetrySchedule()
 
     def close(self) -> None:
         self.worker.close()
@@ -134,6 +139,9 @@ class Attacher:
         for a LayoutFailure."""
         resolution = self.cache.get(identity.key)
         if resolution is None:
+            postponed = self.retries.postponed(identity.key)
+            if postponed:
+                raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
             try:
                 stream = open(path, "rb")
             except OSError as exc:
@@ -143,6 +151,12 @@ class Attacher:
                 self.elf_opens += 1
                 resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
                                      known=lambda build_id: self.cache.get(f"build-id:{build_id}"))
+            if isinstance(resolution, LayoutFailure) and resolution.lost:
+                # not the binary's doing: parsed again later, never cached as its failure
+                delay = self.retries.failed(identity.key)
+                log.warning("%s; parsing it again in %g s", resolution.message, delay)
+                raise ProbeError(resolution.tag, resolution.message)
+            self.retries.succeeded(identity.key)
             self.cache.put(identity.key, resolution)
             if isinstance(resolution, TsdLayout) and resolution.build_id:
                 self.cache.put(f"build-id:{resolution.build_id}", resolution)

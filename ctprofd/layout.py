@@ -85,15 +85,18 @@ class NotJemalloc:
 class LayoutFailure:
     """jemalloc is (probably) there but cannot be located: an actionable tag and why.
     `crashed`: the sandboxed parser timed out, overran a limit or died on the file, which
-    is then not parsed again for its machine code."""
+    is then not parsed again for its machine code. `lost`: the parser worker itself was lost
+    (died, stopped answering, could not start) while on the file: not the file's doing, so
+    it is retried later and never cached."""
 
     tag: str
     message: str
     crashed: bool = False
+    lost: bool = False
 
     def to_dict(self) -> dict:
         return {"kind": "failure", "tag": self.tag, "message": self.message,
-                "crashed": self.crashed}
+                "crashed": self.crashed, "lost": self.lost}
 
 
 Resolution = TsdLayout | NotJemalloc | LayoutFailure
@@ -112,8 +115,8 @@ def resolution_from_dict(data: dict) -> Resolution:
     if kind == "failure":
         if fields["tag"] not in tags.ACTIONABLE:
             raise ValueError(f"unknown tag {fields['tag']!r}")
-        if type(fields.get("crashed", False)) is not bool:
-            raise ValueError("crashed must be a boolean")
+        if any(type(fields.get(k, False)) is not bool for k in ("crashed", "lost")):
+            raise ValueError("crashed and lost must be booleans")
         return LayoutFailure(**fields)
     raise ValueError(f"unknown kind {kind!r}")
 
@@ -389,7 +392,8 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
         return result
     from_code = parser.code(stream, facts, what)
     if isinstance(from_code, LayoutFailure):
-        return LayoutFailure(result.tag, f"{result.message}; {from_code.message}")
+        return LayoutFailure(result.tag, f"{result.message}; {from_code.message}",
+                             lost=from_code.lost)
     log.info("%s; offsets from %s", result.message, from_code.source)
     return from_code
 

@@ -22,7 +22,11 @@ cannot (build-id path, debuglink and CRC, debuginfod) and opens the file (layout
 What the worker runs as (it refuses to serve with a permitted, effective or ambient
 capability left):
 - daemon as root: bounding set emptied, no supplementary groups, uid/gid `WorkerLimits.uid`
-  and `.gid` (nobody, 65534), which also clears every capability. A root without
+  and `.gid`, which also clears every capability. Unless given, they are an identity nothing
+  else on the host shares, so no other process can signal, stop or trace the worker
+  (`worker_identity`): the system user `ctprofd-parser` when it exists (the install script
+  and the image create it), else a uid free now in systemd's DynamicUser range (no user,
+  group or process has it, and the user namespace maps it), else nobody (65534) with a warning. A root without
   CAP_SETUID/CAP_SETGID/CAP_SETPCAP (a container granted only the two capabilities below)
   stays uid 0 with no capabilities, and the daemon warns about it.
 - daemon as a non-root user with ambient CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH (the systemd
@@ -39,10 +43,13 @@ capability left):
 from __future__ import annotations
 
 import ctypes
+import grp
 import json
 import logging
 import math
 import os
+import pwd
+import random
 import resource
 import select
 import signal
@@ -51,7 +58,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO, NoReturn
 
 from . import tags
@@ -62,6 +69,8 @@ from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLay
 log = logging.getLogger(__name__)
 
 NOBODY = 65534
+PARSER_USER = "ctprofd-parser"
+DYNAMIC_IDS = range(61184, 65520)  # systemd's DynamicUser= range
 MAX_MESSAGE = 1 << 16   # bytes of a request or reply; a longer child answer is a crash
 MAX_REASON = 500        # characters of a failure message from the sandbox
 START_TIMEOUT = 10.0    # for the zygote to start and drop its privileges
@@ -85,8 +94,8 @@ class WorkerLimits:
 
     memory_bytes: int = 1 << 30   # RLIMIT_AS of the parsing child
     timeout: float = 30.0         # wall clock per parse; RLIMIT_CPU is this, rounded up
-    uid: int = NOBODY
-    gid: int = NOBODY
+    uid: int | None = None        # None: `worker_identity()` picks them (daemon as root)
+    gid: int | None = None
 
 
 class _WorkerDown(Exception):
@@ -144,9 +153,11 @@ class ParseWorker:
             try:
                 data = self._exchange(json.dumps(request).encode(), stream.fileno())
             except _Unavailable as exc:
-                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}", crashed=True)
+                return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}", crashed=True,
+                                     lost=True)
             except _WorkerDown as exc:
-                return self._crashed(what, str(exc))
+                message = f"parser worker lost while parsing {what}: {exc}"[:MAX_REASON]
+                return LayoutFailure(tags.DWARF_PARSE_FAILURE, message, crashed=True, lost=True)
         try:
             reply = json.loads(data)
             if "crash" in reply:
@@ -157,7 +168,8 @@ class ParseWorker:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             return self._crashed(what, f"parser sent a malformed reply ({exc})")
         if isinstance(found, LayoutFailure) and len(found.message) > MAX_REASON:
-            return LayoutFailure(found.tag, found.message[:MAX_REASON] + "…", found.crashed)
+            return LayoutFailure(found.tag, found.message[:MAX_REASON] + "…", found.crashed,
+                                 found.lost)
         return found
 
     @staticmethod
@@ -203,6 +215,11 @@ class ParseWorker:
             raise _Unavailable(why) from None
 
     def _start(self) -> socket.socket:
+        if self.limits.uid is None and os.geteuid() == 0:  # chosen once, kept across restarts
+            uid, gid, how = worker_identity()
+            log.log(logging.WARNING if uid == NOBODY else logging.INFO,
+                    "parser worker identity: %s", how)
+            self.limits = replace(self.limits, uid=uid, gid=gid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         path = [PACKAGE_ROOT, *(os.path.abspath(p) for p in sys.path if p)]
         argv = [sys.executable, "-I", "-c", BOOTSTRAP, json.dumps(path), str(theirs.fileno()),
@@ -227,7 +244,7 @@ class ParseWorker:
         log.info("parser worker %d started, %s", process.pid, hello.removeprefix("ready "))
         if hello.startswith("ready uid=0 "):
             log.warning("parser worker runs as root (uid 0, no capabilities): the daemon has "
-                        "no CAP_SETUID to make it uid %d", self.limits.uid)
+                        "no CAP_SETUID to give it a uid of its own")
         return ours
 
     def _stop(self, wait: float) -> None:
@@ -242,6 +259,56 @@ class ParseWorker:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+
+def worker_identity(proc_root: str = "/proc", user: str = PARSER_USER) -> tuple[int, int, str]:
+    """(uid, gid, how chosen) for the worker of a root daemon: an identity no other process
+    on the host shares, so none can signal it (see the module docstring)."""
+    try:
+        entry = pwd.getpwnam(user)
+        return entry.pw_uid, entry.pw_gid, f"the system user {user} (uid {entry.pw_uid})"
+    except KeyError:
+        pass
+    taken = ({e.pw_uid for e in pwd.getpwall()} | {e.pw_gid for e in pwd.getpwall()}
+             | {g.gr_gid for g in grp.getgrall()} | _ids_in_use(proc_root))
+    mapped = _mapped(f"{proc_root}/self/uid_map") & _mapped(f"{proc_root}/self/gid_map")
+    free = [i for i in DYNAMIC_IDS if i not in taken and i in mapped]
+    if not free:
+        return NOBODY, NOBODY, (f"nobody ({NOBODY}), which other processes may share: no id "
+                                f"in {DYNAMIC_IDS.start}-{DYNAMIC_IDS.stop - 1} is free; "
+                                f"create the system user {PARSER_USER}")
+    uid = random.SystemRandom().choice(free)
+    return uid, uid, f"uid and gid {uid}, which no user, group or process has now"
+
+
+def _ids_in_use(proc_root: str) -> set[int]:
+    """Every uid and gid (real, effective, saved, filesystem) of the running processes."""
+    used = set()
+    for pid in os.listdir(proc_root):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"{proc_root}/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith((b"Uid:", b"Gid:")):
+                        used.update(int(v) for v in line.split()[1:])
+        except (OSError, ValueError):
+            continue
+    return used
+
+
+def _mapped(path: str) -> set[int]:
+    """The ids of DYNAMIC_IDS that a uid_map or gid_map maps into this namespace."""
+    ids: set[int] = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                inside, _, count = (int(v) for v in line.split())
+                ids.update(range(max(inside, DYNAMIC_IDS.start),
+                                 min(inside + count, DYNAMIC_IDS.stop)))
+    except (OSError, ValueError):
+        pass
+    return ids
 
 
 # --- the worker process ----------------------------------------------------------------
@@ -286,10 +353,10 @@ def drop_privileges(limits: WorkerLimits, parent: int) -> str:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             for cap in range(int(f.read()) + 1):
                 _prctl(PR_CAPBSET_DROP, cap)
-    if effective >> CAP_SETGID & 1:
+    if effective >> CAP_SETGID & 1 and limits.gid is not None:
         os.setgroups([])
         os.setresgid(limits.gid, limits.gid, limits.gid)
-    if effective >> CAP_SETUID & 1:
+    if effective >> CAP_SETUID & 1 and limits.uid is not None:
         os.setresuid(limits.uid, limits.uid, limits.uid)
     try:
         _capset_none()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import urllib.request
@@ -236,5 +237,70 @@ def test_a_process_renaming_itself_all_the_time_keeps_one_series(attacked, fixtu
     finally:
         stop.set()
         thread.join(10)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
+def parser_worker(daemon: DaemonProcess) -> int:
+    """The pid of the daemon's parser worker (started with its first parse)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except OSError:
+            continue
+        if parent == daemon.proc.pid and b"parse_worker import zygote" in cmdline:
+            return int(pid)
+    raise AssertionError("the daemon has no parser worker")
+
+
+def copy_as(prefix: tuple[str, ...], source: Path, target: Path) -> None:
+    subprocess.run([*prefix, "cp", str(source), str(target)], check=True)
+
+
+def test_nobody_cannot_stop_the_parser_worker(attacked, fixture_bins, spawn_fixture):
+    harness = attacked()
+    worker = parser_worker(harness.daemon)
+    stopped = subprocess.run([*NOBODY, "kill", "-STOP", str(worker)], capture_output=True,
+                             text=True)
+    assert stopped.returncode != 0 and "not permitted" in stopped.stderr
+    # a binary first seen now (nobody's own copy, so parsed afresh) is read at once
+    drop = Path(fixture_bins.root) / "fresh"
+    drop.mkdir()
+    shutil.chown(drop, 65534, 65534)
+    copy_as(NOBODY, fixture_bins["static"].binary, drop / "fresh")
+    fresh = spawn_fixture(drop / "fresh", 1, prefix=NOBODY)
+    text = harness.next_snapshot()
+    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+    assert exported[str(fresh.pid)] == sum(t["allocated"] for t in fresh.threads)
+    harness.assert_reference_exact(text)
+    assert parser_worker(harness.daemon) == worker  # never lost
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
+def test_a_binary_whose_parse_lost_the_worker_is_retried_not_filed(attacked, fixture_bins,
+                                                                    spawn_fixture):
+    harness = attacked("parser:\n  timeout: 1\n")
+    worker = parser_worker(harness.daemon)
+    os.kill(worker, signal.SIGSTOP)  # as root: what a uid sharing the worker's could do
+    drop = Path(fixture_bins.root) / "later"
+    drop.mkdir()
+    copy_as((), fixture_bins["static"].binary, drop / "later")
+    later = spawn_fixture(drop / "later", 1)
+    line = harness.daemon.wait_for(r"parser worker lost while parsing (\S+): .*unresponsive")
+    assert line.group(1) == str(drop / "later")
+    assert "parsing it again in 1 s" in line.string
+    exported: dict[str, float] = {}
+    for _ in range(20):  # after the backoff a new worker parses it: the values are exact
+        text = harness.next_snapshot(1)
+        exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+        if str(later.pid) in exported:
+            break
+    assert exported[str(later.pid)] == sum(t["allocated"] for t in later.threads)
+    harness.assert_reference_exact(text)
+    assert parser_worker(harness.daemon) != worker
     harness.scraper.stop()
     harness.scraper.assert_succeeded()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import struct
@@ -23,7 +24,7 @@ from ctprofd.capture import Capturer, CaptureSettings
 from ctprofd.debuginfo import DebugSearch
 from ctprofd.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_for, resolve,
                             resolve_object)
-from ctprofd.parse_worker import NOBODY, ParseWorker, WorkerLimits
+from ctprofd.parse_worker import NOBODY, ParseWorker, WorkerLimits, worker_identity
 from support import elf as support_elf
 from support.build import MODES
 from support.inotify import ReadWatch
@@ -136,9 +137,9 @@ def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
     zygote = status(worker.pid)
     assert zygote["NoNewPrivs"] == "1"
     assert all(int(zygote[k], 16) == 0 for k in CAP_KEYS), zygote
-    if os.geteuid() == 0:
-        assert zygote["Uid"].split() == [str(NOBODY)] * 4
-        assert zygote["Gid"].split() == [str(NOBODY)] * 4
+    if os.geteuid() == 0:  # an identity of its own (see test_worker_identity_is_shared_by_nobody)
+        assert zygote["Uid"].split() == [str(worker.limits.uid)] * 4
+        assert zygote["Gid"].split() == [str(worker.limits.gid)] * 4
         assert zygote["Groups"].strip() == ""
         assert int(zygote["CapBnd"], 16) == 0
     else:
@@ -380,3 +381,42 @@ def test_facts_from_the_sandbox_are_checked():
                    {"symbol": {"name": 1, "value": 0, "size": 0}}, {"extra": 1}):
         with pytest.raises((KeyError, TypeError, ValueError)):
             ObjectFacts.from_dict({**good.to_dict(), **change})
+
+
+def ids_of_other_processes(exclude: int) -> set[int]:
+    used = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == exclude:
+            continue
+        try:
+            found = status(int(pid))
+        except OSError:
+            continue
+        used.update(int(v) for v in found["Uid"].split() + found["Gid"].split())
+    return used
+
+
+def test_worker_identity_is_shared_by_nobody(fixture_bins, worker):
+    if os.geteuid() != 0:
+        pytest.fail("the worker's own identity is chosen by a root daemon; run as root")
+    assert isinstance(through(worker, fixture_bins["static"].binary), TsdLayout)
+    uid, gid = worker.limits.uid, worker.limits.gid
+    assert uid != NOBODY and uid != 0
+    assert uid not in ids_of_other_processes(worker.pid) and gid not in ids_of_other_processes(
+        worker.pid)
+    assert uid not in {e.pw_uid for e in pwd.getpwall()} or pwd.getpwuid(uid).pw_name == (
+        "ctprofd-parser")
+    # nobody, the uid sandboxed services share, cannot stop it
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "kill", "-STOP", str(worker.pid)], capture_output=True, text=True)
+    assert result.returncode != 0 and "not permitted" in result.stderr
+    assert status(worker.pid)["State"].startswith("S")
+
+
+def test_worker_identity_falls_back_to_nobody_when_no_id_is_mapped(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "uid_map").write_text("         0          0       1000\n")
+    (proc / "self" / "gid_map").write_text("         0          0       1000\n")
+    uid, gid, how = worker_identity(str(proc), user="ctprofd-test-no-such-user")
+    assert (uid, gid) == (NOBODY, NOBODY) and "create the system user ctprofd-parser" in how
