@@ -284,9 +284,9 @@ class MetricsServer:
     connections and all together at most `max_connections`. When a limit is reached, the
     oldest connection that has not sent a whole request yet (of that address, else of the
     address holding the most) is closed to make room; only when every held connection is
-    being answered is the new one refused. Holding a connection costs a few KiB and no
-    thread. Rendering and bcrypt run in a small thread pool. `web_config` can be swapped
-    while serving (applies to new connections)."""
+    being answered is the new one refused. Holding a connection costs no thread, only a
+    socket and a small task. Rendering and bcrypt run in a small thread pool. `web_config`
+    can be swapped while serving (applies to new connections)."""
 
     def __init__(self, listen: str, registry: CollectorRegistry, web_config: WebConfig,
                  deadline: float = REQUEST_DEADLINE_SECONDS,
