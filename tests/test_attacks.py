@@ -304,3 +304,55 @@ def test_a_binary_whose_parse_lost_the_worker_is_retried_not_filed(attacked, fix
     assert parser_worker(harness.daemon) != worker
     harness.scraper.stop()
     harness.scraper.assert_succeeded()
+
+
+def cgroup_root() -> str:
+    """Where a hierarchy that ctprofd reads units from is mounted: the unified (cgroup2)
+    one, else the named systemd one of cgroup v1."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[-1]
+            if fstype == "cgroup2":
+                found.setdefault("unified", fields[4])
+            elif fstype == "cgroup" and "name=systemd" in options.split(","):
+                found.setdefault("systemd", fields[4])
+    assert found, "no cgroup2 or name=systemd hierarchy is mounted"
+    return found.get("unified") or found["systemd"]
+
+
+def test_crafted_cgroup_names_cannot_choose_or_break_the_unit_label(attacked, fixture_bins,
+                                                                    spawn_fixture):
+    harness = attacked(labels="pid, unit")
+    root = Path(cgroup_root())
+    # splitlines() would read the name as the lines "…/a", "0::/x.service", "/real.scope"
+    forged = root / "ctprofd-test-a\u20280::" / "x.service\u2028" / "real.scope"
+    undecodable = Path(os.fsdecode(bytes(root) + b"/ctprofd-test-bad\xff.service"))
+    made, attackers = [], {}
+    try:
+        for directory in (forged, undecodable):
+            directory.mkdir(parents=True)
+            made.append(directory)
+        for directory, unit in ((forged, "real.scope"), (undecodable, "ctprofd-test-bad\ufffd.service")):
+            fixture = spawn_fixture(fixture_bins["static"], 1, prefix=NOBODY)
+            (directory / "cgroup.procs").write_text(f"{fixture.pid}\n")  # as a delegation would
+            attackers[str(fixture.pid)] = (unit, fixture)
+        text = harness.next_snapshot()
+        lint(text)
+        units = {l["pid"]: l["unit"] for l, _ in samples(text, "ctprofd_allocated_bytes_total")}
+        for pid, (unit, _) in attackers.items():
+            assert units[pid] == unit
+        harness.assert_reference_exact(text)
+        harness.scraper.stop()
+        harness.scraper.assert_succeeded()
+    finally:
+        for _, fixture in attackers.values():
+            fixture.kill()
+        for directory in made:
+            while directory != root:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                directory = directory.parent
