@@ -340,3 +340,15 @@ def test_load_effective_takes_the_path_else_the_system_file_else_the_default(tmp
         7.0, str(system))
     assert (config.load_effective(named).interval, config.load_effective(named).source) == (
         3.0, named)
+
+
+def test_check_config_validates_the_offsets_files_it_names(tmp_path, capsys):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"format": "ctprofd-offsets", "version": 1, "layouts": {}}')
+    bad.write_text("{not json")
+    path = write(tmp_path, f"offsets_files: [{good}]\n")
+    assert config.check_config(argparse.Namespace(path=path)) == 0
+    assert capsys.readouterr().out == f"{path}: OK\n"
+    path = write(tmp_path, f"offsets_files: [{good}, {bad}]\n")
+    assert config.check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
+    assert capsys.readouterr().err.startswith(f"{bad}: not JSON: ")
