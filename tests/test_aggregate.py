@@ -277,3 +277,19 @@ def test_state_naming_a_series_it_does_not_list_still_restores():
     assert again.restore(state, same_boot=False)
     assert by_labels(again.update(snap(1), NONE_ALIVE))[("app",)] == SeriesValues(
         ("app",), 100, 40, 0, 0, 0)
+
+
+def test_the_table_forgets_the_least_recently_active_exited_series_first():
+    agg = grouped(("pid",), max_series=1, retention=1000)  # a table of 2 x max_series
+    agg.update(snap(0, proc(30, (1, 0))), NONE_ALIVE)
+    agg.update(snap(1, proc(20, (1, 0))), NONE_ALIVE)
+    assert (len(agg.to_state()["series"]), agg.evicted) == (2, 0)  # at the bound: kept
+    agg.update(snap(2, proc(10, (1, 0))), NONE_ALIVE)  # 30 (active at 0) goes, not 20
+    assert sorted(labels for labels, *_ in agg.to_state()["series"]) == [["10"], ["20"]]
+    assert agg.evicted == 1
+
+
+def test_series_key_takes_the_comm_it_is_given():
+    agg = grouped(("pid", "comm"))
+    assert agg.series_key(proc(10, (1, 0), comm="now")) == ("10", "now")
+    assert agg.series_key(proc(10, (1, 0), comm="now"), comm="first") == ("10", "first")

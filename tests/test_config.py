@@ -352,3 +352,16 @@ def test_check_config_validates_the_offsets_files_it_names(tmp_path, capsys):
     path = write(tmp_path, f"offsets_files: [{good}, {bad}]\n")
     assert config.check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
     assert capsys.readouterr().err.startswith(f"{bad}: not JSON: ")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("interval: .nan\n", "interval: must be a finite number, got nan"),
+    ("interval: .inf\n", "interval: must be a finite number, got inf"),
+    ("interval: 86400.5\n", "interval: must be <= 86400, got 86400.5"),
+])
+def test_intervals_are_finite_and_at_most_a_day(tmp_path, text, expected):
+    assert error_of(tmp_path, text) == expected
+
+
+def test_an_interval_of_exactly_a_day_is_accepted(tmp_path):
+    assert config.load(write(tmp_path, "interval: 86400\n")).interval == 86400.0
