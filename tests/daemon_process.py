@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 CTPROFD = [sys.executable, "-m", "ctprofd"]
+# Waits below are bounded by hang guards (120 s), never by timing claims.
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (https?://\S+)")
 
@@ -37,7 +38,7 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_once(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def run_once(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ctprofd to completion (for commands expected to exit by themselves)."""
     return subprocess.run(CTPROFD + list(args), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL, env=clean_env())
@@ -60,7 +61,7 @@ class DaemonProcess:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
         """The first new stderr line matching `pattern` (regex); AssertionError on timeout."""
         deadline = time.monotonic() + timeout
         while True:
@@ -85,7 +86,7 @@ class DaemonProcess:
         self._queue.put(None)
         return rest
 
-    def started(self, timeout: float = 30) -> DaemonProcess:
+    def started(self, timeout: float = 120) -> DaemonProcess:
         """Wait for the listening line; remember the URL."""
         self.url = self.wait_for(LISTENING.pattern, timeout).group(1)
         return self
@@ -99,7 +100,7 @@ class DaemonProcess:
         match = re.search(rf"^{re.escape(name)} (\S+)$", text or self.get(), re.M)
         return float(match.group(1)) if match else None
 
-    def wait_for_sample(self, name: str, minimum: float, timeout: float = 30) -> str:
+    def wait_for_sample(self, name: str, minimum: float, timeout: float = 120) -> str:
         """Scrape until the unlabelled sample `name` reaches `minimum`; the scrape's text."""
         deadline = time.monotonic() + timeout
         while True:

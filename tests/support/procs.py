@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 READY = "READY"
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 60.0  # a hang guard for a reply or READY, never a timing claim
 
 # Command prefix that runs the target without CAP_SYS_PTRACE: dropped from the
 # bounding and inheritable sets before exec, so a root target has it in
