@@ -7,17 +7,21 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from elftools.common.exceptions import ELFError
 
 from . import elf, tags
 from .cache import LayoutCache
-from .debuginfo import DebugSearch
+from .debuginfo import DebugSearch, ObjectDir
 from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
 from .parse_worker import ParseWorker, WorkerLimits
 from .procfs import Mapping, ProcessInfo, read_maps
 from .retry import RetrySchedule
 from .tags import ProbeError
+from .target_files import UnusableFile, open_beneath, open_followed
+
+Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,10 @@ class BinaryIdentity:
     def key(self) -> str:
         return f"file:{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}"
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> BinaryIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 @dataclass(frozen=True)
 class Attachment:
@@ -49,8 +57,7 @@ class Attachment:
 
 def identity_of(path: str) -> BinaryIdentity:
     """stat() of a /proc magic link (exe, map_files/…); raises OSError."""
-    st = os.stat(path)
-    return BinaryIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return BinaryIdentity.of(os.stat(path))
 
 
 def exe_identity(process: ProcessInfo) -> BinaryIdentity:
@@ -74,25 +81,36 @@ def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
     return list(firsts.values())
 
 
-def _mapped_file(process: ProcessInfo, mapping: Mapping) -> tuple[str, BinaryIdentity] | None:
-    """A path that opens the very file behind a mapping, and its identity.
+def _mapped_file(process: ProcessInfo, mapping: Mapping,
+                 max_bytes: int) -> tuple[BinaryIdentity, Opener] | None:
+    """The identity of the very file behind a mapping, and how to open it.
 
     /proc/PID/map_files needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE) unless we are root;
-    without it, the path inside the target's root is used when it is still the same inode.
-    None when neither works (unmapped since the maps were read, or replaced on disk)."""
+    without it, the path inside the target's root is used when it is still the same inode
+    (opened without following a symlink). None when neither works (unmapped since the maps
+    were read, or replaced on disk)."""
     link = process.path("map_files", mapping.map_files_name)
     try:
-        return link, identity_of(link)
+        return identity_of(link), lambda: open_followed(link, max_bytes)
     except PermissionError:
         pass
     except OSError:
         return None
-    path = process.path("root", mapping.path.lstrip("/"))
+    root = process.path("root")
     try:
-        identity = identity_of(path)
+        identity = identity_of(os.path.join(root, mapping.path.lstrip("/")))
     except OSError:
         return None
-    return (path, identity) if identity.ino == mapping.inode else None
+    if identity.ino != mapping.inode:
+        return None
+
+    def open_same_inode() -> tuple[int, os.stat_result]:
+        fd, st = open_beneath(root, mapping.path, max_bytes)
+        if st.st_ino != mapping.inode:
+            os.close(fd)
+            raise FileNotFoundError(f"{mapping.path}: replaced on disk")
+        return fd, st
+    return identity, open_same_inode
 
 
 class Attacher:
@@ -112,7 +130,9 @@ class Attacher:
 
     def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
         """Attach to a process; raises ProbeError with the attach tag on failure."""
-        resolution = self._resolve(process.path("exe"), identity, process.exe,
+        exe = process.path("exe")
+        resolution = self._resolve(lambda: open_followed(exe, self.worker.limits.max_file_bytes),
+                                   identity, process.exe,
                                    object_dirs_for(process.exe, process.path("root")), False)
         if isinstance(resolution, TsdLayout):
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta())
@@ -122,41 +142,48 @@ class Attacher:
         """A file the operator names (`ctprofd offsets BINARY`), looked up and parsed as a
         process's binary is: cache, offsets files, debug dirs and debuginfod. A shared
         library or an executable by its ELF type. Raises OSError when it cannot be opened."""
-        with open(path, "rb") as stream:
+        limit = self.worker.limits.max_file_bytes
+        fd, st = open_followed(path, limit)
+        with os.fdopen(fd, "rb") as stream:
             try:
                 shared = elf.is_shared_library(elf.open_elf(stream))
             except (ELFError, ValueError) as exc:
                 return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}")
-            identity = identity_of(f"/proc/self/fd/{stream.fileno()}")
         try:
-            return self._resolve(path, identity, path, object_dirs_for(path, "/"), shared)
+            return self._resolve(lambda: open_followed(path, limit), BinaryIdentity.of(st),
+                                 path, object_dirs_for(path, "/"), shared)
         except ProbeError as error:
             return LayoutFailure(error.tag, error.message)
 
-    def _resolve(self, path: str, identity: BinaryIdentity, what: str,
-                 object_dirs: list[str], shared: bool) -> Resolution:
-        """A binary's resolution from the cache, or by parsing it once. Raises ProbeError
-        for a LayoutFailure."""
+    def _resolve(self, open_file: Opener, identity: BinaryIdentity, what: str,
+                 object_dirs: list[ObjectDir], shared: bool) -> Resolution:
+        """A binary's resolution from the cache, or by parsing it once: opened once, and
+        that descriptor parsed in the worker. Raises ProbeError for a LayoutFailure."""
         resolution = self.cache.get(identity.key)
         if resolution is None:
             postponed = self.retries.postponed(identity.key)
             if postponed:
                 raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
             try:
-                stream = open(path, "rb")
+                fd, st = open_file()
+            except UnusableFile as exc:
+                resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}")
             except OSError as exc:
-                raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror}",
+                raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",
                                  exc.errno) from None
-            with stream:
-                self.elf_opens += 1
-                resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
-                                     known=lambda build_id: self.cache.get(f"build-id:{build_id}"))
-            if isinstance(resolution, LayoutFailure) and resolution.lost:
-                # not the binary's doing: parsed again later, never cached as its failure
-                delay = self.retries.failed(identity.key)
-                log.warning("%s; parsing it again in %g s", resolution.message, delay)
-                raise ProbeError(resolution.tag, resolution.message)
-            self.retries.succeeded(identity.key)
+            else:
+                identity = BinaryIdentity.of(st)  # of the file opened, should it differ
+                with os.fdopen(fd, "rb") as stream:
+                    self.elf_opens += 1
+                    resolution = resolve(
+                        self.worker, stream, what, object_dirs, self.search, shared,
+                        known=lambda build_id: self.cache.get(f"build-id:{build_id}"))
+                if isinstance(resolution, LayoutFailure) and resolution.lost:
+                    # not the binary's doing: parsed again later, never cached as its failure
+                    delay = self.retries.failed(identity.key)
+                    log.warning("%s; parsing it again in %g s", resolution.message, delay)
+                    raise ProbeError(resolution.tag, resolution.message)
+                self.retries.succeeded(identity.key)
             self.cache.put(identity.key, resolution)
             if isinstance(resolution, TsdLayout) and resolution.build_id:
                 self.cache.put(f"build-id:{resolution.build_id}", resolution)
@@ -174,7 +201,7 @@ class Attacher:
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
-            found = _mapped_file(process, mapping)
+            found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
             if found is None and "jemalloc" in os.path.basename(mapping.path):
                 raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
                                  "the mapped file is gone or replaced on disk, and "
@@ -182,8 +209,8 @@ class Attacher:
                                  "CAP_CHECKPOINT_RESTORE")
             if found is None:
                 continue
-            link, identity = found
-            resolution = self._resolve(link, identity, mapping.path,
+            identity, open_file = found
+            resolution = self._resolve(open_file, identity, mapping.path,
                                        object_dirs_for(mapping.path, process.path("root")), True)
             if isinstance(resolution, TsdLayout):
                 assert resolution.tpoff_got is not None

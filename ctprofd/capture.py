@@ -55,7 +55,8 @@ class CaptureSettings:
                       "debuginfod_urls": config.debuginfod_urls,
                       "offsets_files": config.offsets_files,
                       "parser": WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
-                                             timeout=config.parser.timeout),
+                                             timeout=config.parser.timeout,
+                                             max_file_bytes=config.parser.max_file_mib << 20),
                       **overrides})
 
 
@@ -120,7 +121,8 @@ class Capturer:
         urls = self.settings.debuginfod_urls or urls_from_environment()
         self._debuginfod = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
         self.attacher = Attacher(self.cache,
-                                 DebugSearch(self.settings.debug_dirs, self._debuginfod),
+                                 DebugSearch(self.settings.debug_dirs, self._debuginfod,
+                                             self.settings.parser.max_file_bytes),
                                  self.settings.parser)
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)

@@ -85,6 +85,7 @@ class ParserLimits:
 
     memory_limit_mib: int = 1024
     timeout: float = 30.0
+    max_file_mib: int = 4096
 
 
 @dataclass(frozen=True)
@@ -297,13 +298,15 @@ class _Validator(Reader):
         return urls
 
     def _parser(self, value: Any) -> ParserLimits:
-        raw = self.mapping(value, "parser", ("memory_limit_mib", "timeout"))
+        raw = self.mapping(value, "parser", ("memory_limit_mib", "timeout", "max_file_mib"))
         d = ParserLimits()
         return ParserLimits(
             memory_limit_mib=self.integer(raw.get("memory_limit_mib", d.memory_limit_mib),
                                           "parser.memory_limit_mib", 64),
             timeout=self.number(raw.get("timeout", d.timeout), "parser.timeout", 0,
-                                exclusive=True))
+                                exclusive=True),
+            max_file_mib=self.integer(raw.get("max_file_mib", d.max_file_mib),
+                                      "parser.max_file_mib", 1))
 
     def _selection(self, value: Any) -> Selection:
         raw = self.mapping(value, "selection", ("include", "exclude"))

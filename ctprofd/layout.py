@@ -24,7 +24,7 @@ from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
 
 from . import dwarf, elf, machine_code, tags
-from .debuginfo import DebugFileNotFound, DebugSearch, find_debug_file
+from .debuginfo import DebugSearch, ObjectDir, debug_files, stream_crc32
 
 log = logging.getLogger(__name__)
 TSD_SYMBOLS = ("je_tsd_tls", "tsd_tls", "_rjem_je_tsd_tls")
@@ -331,25 +331,13 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     return layout
 
 
-def open_debug_file(facts: ObjectFacts, what: str, object_dirs: list[str],
-                    search: DebugSearch) -> tuple[BinaryIO, str] | LayoutFailure:
-    """The object's external debug file, open, and how it was found. Path and CRC work
-    only (and maybe a debuginfod download): parses no ELF."""
-    try:
-        path, source = find_debug_file(facts.build_id, facts.debuglink, object_dirs, search)
-    except DebugFileNotFound as exc:
-        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: no DWARF: {exc}")
-    try:
-        return open(path, "rb"), source
-    except OSError as exc:
-        return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {path}: {exc.strerror}")
-
-
 class Parser(Protocol):
     """Runs the two phases somewhere: in this process, or in a sandbox (parse_worker)."""
 
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure: ...
+
+    def crc(self, stream: BinaryIO, what: str) -> int | LayoutFailure: ...
 
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str,
                source: str) -> Resolution: ...
@@ -364,14 +352,19 @@ class InProcess:
     layout = staticmethod(layout_from_dwarf)
     code = staticmethod(layout_from_code)
 
+    @staticmethod
+    def crc(stream: BinaryIO, what: str) -> int:
+        return stream_crc32(stream)
 
-def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
+
+def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[ObjectDir],
             search: DebugSearch, shared: bool = False,
             known: Callable[[str], Resolution | None] | None = None) -> Resolution:
     """Both phases: inspect the object, then take the layout already `known` for its
     build-id, or read it from its own DWARF or from its external debug file (looked for
     in `object_dirs`, where its debuglink may point, and as `search` says), or, when
-    none gives it, from its machine code."""
+    none gives it, from its machine code. Every file is opened once and read only by the
+    parser, a debuglink's CRC included."""
     facts = parser.inspect(stream, what, shared)
     if not isinstance(facts, ObjectFacts):
         return facts
@@ -380,13 +373,7 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
     if facts.embedded_dwarf:
         result = parser.layout(stream, facts, what, "embedded")
     else:
-        debug = open_debug_file(facts, what, object_dirs, search)
-        if isinstance(debug, LayoutFailure):
-            result = debug
-        else:
-            debug_stream, source = debug
-            with debug_stream:
-                result = parser.layout(debug_stream, facts, what, source)
+        result = _layout_from_debug_files(parser, facts, what, object_dirs, search)
     if not (isinstance(result, LayoutFailure) and result.tag == tags.DWARF_PARSE_FAILURE
             and not result.crashed):
         return result
@@ -398,7 +385,24 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[str],
     return from_code
 
 
-def resolve_object(stream: BinaryIO, what: str, object_dirs: list[str], search: DebugSearch,
+def _layout_from_debug_files(parser: Parser, facts: ObjectFacts, what: str,
+                             object_dirs: list[ObjectDir], search: DebugSearch) -> Resolution:
+    """The layout from the first external debug file found that is the object's."""
+    tried: list[str] = []
+    for candidate in debug_files(facts.build_id, facts.debuglink, object_dirs, search, tried):
+        with candidate.stream:
+            if candidate.crc is not None:
+                crc = parser.crc(candidate.stream, what)
+                if isinstance(crc, LayoutFailure):
+                    return crc
+                if crc != candidate.crc:
+                    tried.append(f"{candidate.source}: CRC mismatch")
+                    continue
+            return parser.layout(candidate.stream, facts, what, candidate.source)
+    return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: no DWARF: {'; '.join(tried)}")
+
+
+def resolve_object(stream: BinaryIO, what: str, object_dirs: list[ObjectDir], search: DebugSearch,
                    shared: bool = False) -> Resolution:
     """`resolve` in this process. Never raises for a malformed file: a LayoutFailure."""
     return resolve(InProcess(), stream, what, object_dirs, search, shared)
@@ -417,8 +421,7 @@ def resolve_path(path: str, search: DebugSearch) -> Resolution:
         return resolve_object(stream, path, object_dirs_for(path, "/"), search, shared)
 
 
-def object_dirs_for(exe_path: str, root: str) -> list[str]:
-    """Directories a debuglink of `exe_path` may be relative to, also inside the target's
-    mount namespace (`root` is /proc/PID/root)."""
-    directory = os.path.dirname(exe_path.removesuffix(" (deleted)"))
-    return [directory, os.path.join(root, directory.lstrip("/"))]
+def object_dirs_for(exe_path: str, root: str) -> list[ObjectDir]:
+    """The directory a debuglink of `exe_path` may be relative to, as seen from `root`
+    (the target's, /proc/PID/root: it may live in another mount namespace)."""
+    return [ObjectDir(root, os.path.dirname(exe_path.removesuffix(" (deleted)")))]

@@ -9,15 +9,18 @@ memory, crash, raise) becomes a `dwarf-parse-failure` with the reason, logged on
 Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way per request:
 
     daemon -> zygote  {"op": "inspect", "what": NAME, "shared": BOOL}            + 1 fd
+                      {"op": "crc", "what": NAME}                                  + 1 fd
                       {"op": "layout", "what": NAME, "source": HOW, "facts": {...}} + 1 fd
                       {"op": "code", "what": NAME, "facts": {...}}                 + 1 fd
-    zygote -> daemon  the child's answer: ObjectFacts.to_dict() or a Resolution's to_dict(),
-                      or {"crash": WHY} when it raised, hung, died or overran a limit
+    zygote -> daemon  the child's answer: ObjectFacts.to_dict(), {"kind": "crc", "crc": N}
+                      or a Resolution's to_dict(), or {"crash": WHY} when it raised, hung,
+                      died or overran a limit
 
-The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "layout",
-possibly its debug file ("code" reads the binary's machine code when no DWARF gave the
-offsets): between the phases the daemon does the path work the sandbox
-cannot (build-id path, debuglink and CRC, debuginfod) and opens the file (layout.resolve).
+The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "crc" and
+"layout", possibly its debug file ("code" reads the binary's machine code when no DWARF
+gave the offsets): between the phases the daemon does the path work the sandbox cannot
+(build-id path, debuglink, debuginfod) and opens each file once (target_files); every read
+of a file's content, a debuglink's CRC included, is the worker's (layout.resolve).
 
 What the worker runs as (it refuses to serve with a permitted, effective or ambient
 capability left):
@@ -63,6 +66,7 @@ from typing import BinaryIO, NoReturn
 
 from . import tags
 from .capabilities import own_status
+from .debuginfo import stream_crc32
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
                      inspect_object, layout_from_code, layout_from_dwarf, resolution_from_dict)
 
@@ -94,6 +98,7 @@ class WorkerLimits:
 
     memory_bytes: int = 1 << 30   # RLIMIT_AS of the parsing child
     timeout: float = 30.0         # wall clock per parse; RLIMIT_CPU is this, rounded up
+    max_file_bytes: int = 4 << 30  # a larger binary or debug file is not opened
     uid: int | None = None        # None: `worker_identity()` picks them (daemon as root)
     gid: int | None = None
 
@@ -125,9 +130,14 @@ class ParseWorker:
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
         found = self._request({"op": "inspect", "what": what, "shared": shared}, stream, what)
-        if isinstance(found, TsdLayout):
-            return self._crashed(what, "parser answered phase 1 with a layout")
+        if isinstance(found, (TsdLayout, int)):
+            return self._crashed(what, "parser answered phase 1 with something else")
         return found
+
+    def crc(self, stream: BinaryIO, what: str) -> int | LayoutFailure:
+        found = self._request({"op": "crc", "what": what}, stream, what)
+        return found if isinstance(found, (int, LayoutFailure)) else self._crashed(
+            what, "parser answered a CRC request with something else")
 
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str, source: str) -> Resolution:
         request = {"op": "layout", "what": what, "source": source, "facts": facts.to_dict()}
@@ -139,8 +149,8 @@ class ParseWorker:
 
     def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
-        if isinstance(found, ObjectFacts):
-            return self._crashed(what, "parser answered phase 2 with object facts")
+        if isinstance(found, (ObjectFacts, int)):
+            return self._crashed(what, "parser answered phase 2 with something else")
         return found
 
     def close(self) -> None:
@@ -148,7 +158,8 @@ class ParseWorker:
         with self._lock:
             self._stop(wait=2.0)
 
-    def _request(self, request: dict, stream: BinaryIO, what: str) -> ObjectFacts | Resolution:
+    def _request(self, request: dict, stream: BinaryIO,
+                 what: str) -> ObjectFacts | Resolution | int:
         with self._lock:
             try:
                 data = self._exchange(json.dumps(request).encode(), stream.fileno())
@@ -164,6 +175,10 @@ class ParseWorker:
                 return self._crashed(what, f"parser {reply['crash']}")
             if reply["kind"] == "facts":
                 return ObjectFacts.from_dict(reply)
+            if reply["kind"] == "crc":
+                if type(reply["crc"]) is not int or not 0 <= reply["crc"] < 1 << 32:
+                    raise ValueError("a CRC32 must be a 32-bit integer")
+                return reply["crc"]
             found = resolution_from_dict(reply)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             return self._crashed(what, f"parser sent a malformed reply ({exc})")
@@ -464,6 +479,8 @@ def _parse(request: dict, fd: int) -> dict:
         what = request["what"]
         if request["op"] == "inspect":
             return inspect_object(stream, what, request["shared"]).to_dict()
+        if request["op"] == "crc":
+            return {"kind": "crc", "crc": stream_crc32(stream)}
         facts = ObjectFacts.from_dict(request["facts"])
         if request["op"] == "code":
             return layout_from_code(stream, facts, what).to_dict()

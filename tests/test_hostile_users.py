@@ -1,0 +1,162 @@
+"""Attacks by an unprivileged user (uid 65534, through setpriv) on a root ctprofd, using
+only files and processes that user owns. Each test runs the daemon as root beside a root
+jemalloc process and asserts that the schedule keeps going, the root process is read
+exactly, scrapes are answered and the daemon's memory (and cache) stay bounded."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon_process import DaemonProcess, write_config
+
+NOBODY = 65534
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+MAX_RSS_KIB = 300 << 10
+
+
+class Host:
+    """A root daemon reading a root fixture and whatever runs from the user's directory."""
+
+    def __init__(self, daemon: DaemonProcess, root_fixture, user_dir: Path) -> None:
+        self.daemon = daemon
+        self.root_fixture = root_fixture
+        self.user_dir = user_dir
+
+    def snapshots(self) -> float:
+        return self.daemon.sample("ctprofd_snapshots_total") or 0
+
+    def keeps_going(self, snapshots: int = 3) -> str:
+        """Wait for `snapshots` more snapshots; check the root fixture, RSS and the scrape."""
+        text = self.daemon.wait_for_sample("ctprofd_snapshots_total",
+                                           self.snapshots() + snapshots, timeout=60)
+        truth = (sum(t["allocated"] for t in self.root_fixture.threads),
+                 sum(t["deallocated"] for t in self.root_fixture.threads))
+        pid = self.root_fixture.pid
+        read = tuple(float(re.search(rf'^ctprofd_{name}_bytes_total{{pid="{pid}"}} (\S+)$',
+                                     text, re.M).group(1))
+                     for name in ("allocated", "deallocated"))
+        assert read == truth
+        assert rss_kib(self.daemon.proc.pid) < MAX_RSS_KIB
+        return text
+
+    def failures(self, text: str) -> dict[str, float]:
+        return {m[0]: float(m[1]) for m in
+                re.findall(r'^ctprofd_probe_failures{tag="([^"]+)"} (\S+)$', text, re.M)}
+
+    def user_file(self, source: Path, name: str | None = None) -> Path:
+        """A copy of `source` in the user's directory, owned by the user."""
+        target = self.user_dir / (name or source.name)
+        shutil.copy2(source, target)
+        os.chown(target, NOBODY, NOBODY)
+        return target
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+@pytest.fixture
+def host(tmp_path, fixture_bins, spawn_fixture) -> Iterator[Host]:
+    user_dir = Path(tempfile.mkdtemp(prefix="ctprofd-user-"))
+    os.chmod(user_dir, 0o755)
+    os.chown(user_dir, NOBODY, NOBODY)
+    root_fixture = spawn_fixture(fixture_bins["static"], 2)
+    extra = (f"labels: [pid]\nlog_level: debug\ndebug_dirs: ['{fixture_bins.debug_root}']\n"
+             f"selection:\n  include:\n"
+             f"    exe: ['{fixture_bins.root}/*', '{user_dir}/*']\n")
+    daemon = DaemonProcess("--config", str(write_config(tmp_path, extra, interval=0.5)))
+    try:
+        daemon.started()
+        yield Host(daemon, root_fixture, user_dir)
+    finally:
+        daemon.stop()
+        shutil.rmtree(user_dir, ignore_errors=True)
+
+
+# Run as the user: once the file named by argv[1] was opened and closed (the daemon's first
+# look at it), rename a FIFO over it, so that anything opening the path again blocks.
+SWAP_FOR_FIFO = r"""
+import ctypes, os, struct, sys
+path = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+IN_CLOSE_NOWRITE = 0x10
+fd = libc.inotify_init()
+assert fd >= 0 and libc.inotify_add_watch(fd, path.encode(), IN_CLOSE_NOWRITE) >= 0
+print("READY", flush=True)
+os.read(fd, 4096)
+os.mkfifo(path + ".fifo")
+os.rename(path + ".fifo", path)
+print("SWAPPED", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_debug_file_swapped_for_a_fifo_never_blocks(host, fixture_bins, spawn_fixture,
+                                                      spawn_process):
+    """The debug file turns into a FIFO right after its first open: opened once, it is
+    parsed from that descriptor, so the user's process is read and nothing blocks."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    debug = host.user_file(variant.debug_file)
+    swapper = spawn_process([sys.executable, "-c", SWAP_FOR_FIFO, str(debug)],
+                            prefix=AS_NOBODY)
+    user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    assert swapper.readline(timeout=60) == "SWAPPED"
+    assert stat.S_ISFIFO(os.lstat(debug).st_mode)
+    text = host.keeps_going()
+    assert host.failures(text).get("dwarf-parse-failure") is None
+    assert f'ctprofd_threads{{pid="{user.pid}"}} 2' in text
+
+
+def test_a_fifo_for_a_debug_file_is_refused(host, fixture_bins, spawn_fixture):
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    os.mkfifo(host.user_dir / variant.debug_file.name)
+    os.chown(host.user_dir / variant.debug_file.name, NOBODY, NOBODY)
+    spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    text = host.keeps_going()
+    assert host.failures(text).get("dwarf-parse-failure") == 1
+    host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF.*not a regular file", timeout=30)
+
+
+def test_a_huge_sparse_debug_file_is_not_read(host, fixture_bins, spawn_fixture):
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    sparse = host.user_dir / variant.debug_file.name
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 30)
+    os.chown(sparse, NOBODY, NOBODY)
+    spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    text = host.keeps_going()
+    assert host.failures(text).get("dwarf-parse-failure") == 1
+    host.daemon.wait_for(rf"{re.escape(variant.binary.name)}.*larger than", timeout=30)
+
+
+def test_a_symlinked_debug_dir_lends_no_root_eyes(host, fixture_bins, spawn_fixture):
+    """`.debug/` beside the user's binary points at a directory only root may read, which
+    holds the right debug file: it is not opened (a symlink), so the process is not read
+    and no CRC of a root-only file shows in the log."""
+    variant = fixture_bins["static-stripped-debuglink-subdir"]
+    binary = host.user_file(variant.binary)
+    secret = Path(tempfile.mkdtemp(prefix="ctprofd-root-only-"))  # mode 0700, root's
+    try:
+        shutil.copy2(variant.debug_file, secret / variant.debug_file.name)
+        (host.user_dir / ".debug").symlink_to(secret)
+        os.lchown(host.user_dir / ".debug", NOBODY, NOBODY)
+        spawn_fixture(binary, 1, prefix=AS_NOBODY)
+        text = host.keeps_going()
+        assert host.failures(text).get("dwarf-parse-failure") == 1
+        line = host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF", timeout=30).string
+        assert "symbolic links" in line and "CRC" not in line
+    finally:
+        shutil.rmtree(secret)
