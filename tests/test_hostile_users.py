@@ -124,8 +124,7 @@ def test_a_fifo_for_a_debug_file_is_refused(host, fixture_bins, spawn_fixture):
     os.mkfifo(host.user_dir / variant.debug_file.name)
     os.chown(host.user_dir / variant.debug_file.name, NOBODY, NOBODY)
     spawn_fixture(binary, 1, prefix=AS_NOBODY)
-    text = host.keeps_going()
-    assert host.failures(text).get("dwarf-parse-failure") == 1
+    host.keeps_going()
     host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF.*not a regular file", timeout=30)
 
 
@@ -137,15 +136,14 @@ def test_a_huge_sparse_debug_file_is_not_read(host, fixture_bins, spawn_fixture)
         f.truncate(64 << 30)
     os.chown(sparse, NOBODY, NOBODY)
     spawn_fixture(binary, 1, prefix=AS_NOBODY)
-    text = host.keeps_going()
-    assert host.failures(text).get("dwarf-parse-failure") == 1
-    host.daemon.wait_for(rf"{re.escape(variant.binary.name)}.*larger than", timeout=30)
+    host.keeps_going()
+    host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF.*larger than", timeout=30)
 
 
 def test_a_symlinked_debug_dir_lends_no_root_eyes(host, fixture_bins, spawn_fixture):
     """`.debug/` beside the user's binary points at a directory only root may read, which
-    holds the right debug file: it is not opened (a symlink), so the process is not read
-    and no CRC of a root-only file shows in the log."""
+    holds the right debug file: it is not opened (a symlink), and no CRC of a root-only
+    file shows in the log (the offsets come from machine code instead)."""
     variant = fixture_bins["static-stripped-debuglink-subdir"]
     binary = host.user_file(variant.binary)
     secret = Path(tempfile.mkdtemp(prefix="ctprofd-root-only-"))  # mode 0700, root's
@@ -154,8 +152,7 @@ def test_a_symlinked_debug_dir_lends_no_root_eyes(host, fixture_bins, spawn_fixt
         (host.user_dir / ".debug").symlink_to(secret)
         os.lchown(host.user_dir / ".debug", NOBODY, NOBODY)
         spawn_fixture(binary, 1, prefix=AS_NOBODY)
-        text = host.keeps_going()
-        assert host.failures(text).get("dwarf-parse-failure") == 1
+        host.keeps_going()
         line = host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF", timeout=30).string
         assert "symbolic links" in line and "CRC" not in line
     finally:
