@@ -121,7 +121,7 @@ class Aggregator:
             comm = self._label_comm(sample)
             key = self.series_key(sample, comm)
             self._track(sample, key, comm)
-            if comm != sample.comm:
+            if comm != sample.comm and "comm" in self.labels:
                 renamed.append((key, sample.pid, label_value(sample.comm)))
             counts = live.setdefault(key, [0, 0, 0])
             counts[0] += sample.allocated_bytes - sample.deallocated_bytes
@@ -170,7 +170,7 @@ class Aggregator:
             self._fold(process)
             process.base_allocated = process.base_deallocated = 0
         elif key != process.series:
-            # Renamed or moved: what was counted so far stays with the old series.
+            # Moved (another unit, say): what was counted so far stays with the old series.
             self._fold(process)
             process.base_allocated, process.base_deallocated = (process.allocated,
                                                                 process.deallocated)

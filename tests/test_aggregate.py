@@ -117,6 +117,9 @@ def test_a_rename_keeps_the_first_name_and_reports_the_current_one():
     view = agg.update(snap(60, proc(10, (5, 0), comm="execd")), NONE_ALIVE)  # an exec
     assert [s.labels for s in view.series] == [("10", "execd"), ("10", "old")]
     assert view.renamed == ()
+    unnamed = grouped(("pid",))  # without a comm label there is no name to differ from
+    unnamed.update(snap(0, proc(10, (1, 0), comm="old")), NONE_ALIVE)
+    assert unnamed.update(snap(1, proc(10, (2, 0), comm="new")), NONE_ALIVE).renamed == ()
 
 
 def test_counters_never_go_backwards_over_a_mixed_history():
