@@ -18,6 +18,13 @@ Measured, each REPEATS times after one untimed run that warms the page cache:
                    alone; peak RSS of that interpreter (wait4)
   resolve_object   `ctprofd.layout.resolve_object` in a fresh interpreter: both phases
                    (ELF symbols, then DWARF) in process
+  code_stripped    `resolve_object` in a fresh interpreter on the binary's stripped twin
+                   (`strip --strip-all`, no debug file anywhere): the DWARF search finds
+                   nothing and the offsets come from the malloc/free fast paths
+  code_scan        `machine_code.counter_layout(scan=True)` on the stripped twin: the scan
+                   of the executable segment that a binary exporting no allocation
+                   function needs (the slowest code route)
+  daemon_stripped  the `daemon` measurement on the running stripped twin
 
 Run: .venv/bin/python -m benchmarks.cold_start [--quick] [--units N] [--structs N]
 """
@@ -123,7 +130,7 @@ def generate(work_dir: Path, units: int, structs: int) -> tuple[Path, dict]:
     jemalloc = common.default_jemalloc_dir()
     directory = work_dir / f"big-{units}x{structs}"
     binary, stamp = directory / "big", directory / "facts.json"
-    if stamp.exists() and binary.exists():
+    if stamp.exists() and binary.exists() and stripped_twin(binary).exists():
         return binary, json.loads(stamp.read_text())
     gen = directory / "gen"
     gen.mkdir(parents=True, exist_ok=True)
@@ -149,13 +156,19 @@ def generate(work_dir: Path, units: int, structs: int) -> tuple[Path, dict]:
     _run(["gcc", "-g", "-pthread", "-I", str(jemalloc / "include"), "-o", str(binary),
           *map(str, objects), str(main), str(jemalloc / "lib" / "libjemalloc.a"),
           "-lpthread", "-ldl", "-lm"], cwd=gen)
+    _run(["strip", "--strip-all", "-o", str(stripped_twin(binary)), str(binary)])
     facts = {"units_generated": units, "structs_per_unit": structs,
              "build_seconds": round(time.monotonic() - started, 1),
              "file_bytes": binary.stat().st_size, "debug_info_bytes": debug_info_size(binary),
+             "stripped_file_bytes": stripped_twin(binary).stat().st_size,
              **unit_order(binary)}
     stamp.write_text(json.dumps(facts, indent=2))
     log(f"built {binary}: {facts}")
     return binary, facts
+
+
+def stripped_twin(binary: Path) -> Path:
+    return binary.with_name(binary.name + ".stripped")
 
 
 def timed_child(argv: list[str], **kw) -> dict:
@@ -197,9 +210,23 @@ with open(sys.argv[1], "rb") as f:
     found = layout.resolve_object(f, sys.argv[1], [], DebugSearch(()), False)
 t2 = time.perf_counter()
 print(json.dumps({"import_seconds": t1 - t0, "call_seconds": t2 - t1,
-                  "allocated": found.allocated_offset, "deallocated": found.deallocated_offset}))
+                  "allocated": found.allocated_offset, "deallocated": found.deallocated_offset,
+                  "source": found.source}))
 """,
 }
+SCAN = """
+import json, sys, time
+t0 = time.perf_counter()
+from ctprofd import machine_code
+t1 = time.perf_counter()
+with open(sys.argv[1], "rb") as f:
+    found = machine_code.counter_layout(f, shared=False, scan=True)
+t2 = time.perf_counter()
+print(json.dumps({"import_seconds": t1 - t0, "call_seconds": t2 - t1,
+                  "allocated": found.allocated_offset, "deallocated": found.deallocated_offset,
+                  "source": found.route}))
+"""
+ON_STRIPPED = {"code_stripped": IN_PROCESS["resolve_object"], "code_scan": SCAN}
 
 
 def in_process(code: str, binary: Path, env: dict) -> dict:
@@ -208,7 +235,8 @@ def in_process(code: str, binary: Path, env: dict) -> dict:
     run = timed_child([sys.executable, "-c", code, str(binary)], cwd=common.REPO,
                       env={**os.environ, **env})
     said = json.loads(run["stdout"].strip().splitlines()[-1])
-    return {**run, "import_seconds": said["import_seconds"], "call_seconds": said["call_seconds"]}
+    return {**run, "import_seconds": said["import_seconds"], "call_seconds": said["call_seconds"],
+            "said": said}
 
 
 class HwmPoller:
@@ -254,6 +282,8 @@ def daemon_path(pid: int) -> dict:
     if summary.jemalloc_detected != 1 or summary.probed_ok != 1:
         raise RuntimeError(f"the daemon path did not resolve the big binary: {summary}, "
                            f"{snapshot.failures}")
+    [layout] = capturer.cache.layouts()
+    log(f"daemon path on pid {pid}: offsets from {layout.source}")
     return {"wall_seconds": wall, "worker_child_peak_rss_mib": peak,
             "elf_opens": capturer.stats.elf_opens}
 
@@ -273,25 +303,34 @@ def main(argv: list[str] | None = None) -> int:
     binary, facts = generate(args.work_dir, units, args.structs)
     results: dict = {"binary": facts, "repeats": repeats}
     env_path = {"PYTHONPATH": str(common.REPO)}
+    stripped = stripped_twin(binary)
     methods = {
         "pahole": lambda: timed_child(["pahole", "-C", "tsd_s", str(binary)]),
         **{name: (lambda code=code: in_process(code, binary, env_path))
            for name, code in IN_PROCESS.items()},
+        **{name: (lambda code=code: in_process(code, stripped, env_path))
+           for name, code in ON_STRIPPED.items()},
     }
     with Processes() as procs:
-        target = procs.popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        if target.stdout.readline().strip() != b"READY":
-            raise RuntimeError("the big binary did not start")
-        methods["daemon"] = lambda: daemon_path(target.pid)
+        targets = {}
+        for name, path in (("daemon", binary), ("daemon_stripped", stripped)):
+            targets[name] = procs.popen([path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            if targets[name].stdout.readline().strip() != b"READY":
+                raise RuntimeError(f"{path} did not start")
+        methods["daemon"] = lambda: daemon_path(targets["daemon"].pid)
+        methods["daemon_stripped"] = lambda: daemon_path(targets["daemon_stripped"].pid)
         runs: dict[str, list[dict]] = {name: [] for name in methods}
         for name, method in methods.items():  # untimed: page cache, imports
             first = method()
             if name == "pahole" and "thread_allocated" not in first["stdout"]:
                 raise RuntimeError(f"pahole found no tsd_s: {first['stdout'][:500]}")
+            if name in ON_STRIPPED:
+                results[f"{name}_found"] = first["said"]
         for round_ in range(repeats):  # interleaved rounds
             for name, method in methods.items():
                 run = method()
                 run.pop("stdout", None)
+                run.pop("said", None)
                 runs[name].append(run)
                 log(f"round {round_ + 1}/{repeats} {name}: "
                     f"{run['wall_seconds']:.3f} s wall")

@@ -121,19 +121,16 @@ def _disassembler() -> capstone.Cs:
 
 
 class _Tracker:
-    """Follows one straight run of instructions: which registers hold an anchor, which
-    hold a counter loaded from %fs, which compared it; yields completed shapes."""
+    """Follows instructions in address order: which registers hold an anchor, which hold a
+    counter loaded from %fs, which compared it; yields completed shapes. Jumps are not
+    followed, and do not end what is tracked: compilers place the store back after a
+    branch (gcc -Os), and only a register written since loses its meaning."""
 
     def __init__(self, tls_slot: Callable[[int], bool]) -> None:
         self.tls_slot = tls_slot          # GOT address -> is it a TPOFF slot?
         self.anchors: dict[int, Anchor] = {}
         self.loaded: dict[int, tuple[Anchor, int]] = {}
         self.compared: set[tuple[int, Anchor, int]] = set()
-
-    def reset(self) -> None:
-        self.anchors.clear()
-        self.loaded.clear()
-        self.compared.clear()
 
     def _fs_operand(self, op) -> tuple[Anchor, int] | None:
         mem = op.mem
@@ -145,9 +142,6 @@ class _Tracker:
     def step(self, insn) -> CounterShape | None:
         ops = insn.operands
         name = insn.mnemonic
-        if name.startswith("ret") or name in ("jmp", "ud2", "hlt"):  # the straight run ends
-            self.reset()
-            return None
         if len(ops) != 2:
             self._kill(insn)
             return None
@@ -213,7 +207,7 @@ class _Tracker:
 
 def shapes_in(md: capstone.Cs, code: bytes, address: int,
               tls_slot: Callable[[int], bool]) -> list[CounterShape]:
-    """Every counter shape in a straight decode of `code` (at `address`)."""
+    """Every counter shape in a linear decode of `code` (at `address`)."""
     tracker = _Tracker(tls_slot)
     found = []
     for insn in md.disasm(code, address):
@@ -382,13 +376,15 @@ def _first_page(image: Image) -> int:
     return image.loads[0][0] & ~0xFFF
 
 
-def counter_layout(stream: BinaryIO, shared: bool) -> CodeLayout:
+def counter_layout(stream: BinaryIO, shared: bool, scan: bool = False) -> CodeLayout:
     """The TSD's placement and counter offsets the code proves; raises CodeError saying
-    what was tried, or what pyelftools raises for a malformed file."""
+    what was tried, or what pyelftools raises for a malformed file. `scan`: skip the entry
+    points (benchmarks/cold_start.py measures the scan of a large binary with it)."""
     image = elf.open_elf(stream)
     if not elf.is_x86_64(image):
         raise CodeError("the code route reads x86_64 only")
     with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
         found = Image(image, view, shared)
         md = _disassembler()
-        return _placed(found, _from_entry_points(found, md) or _scan(found, md))
+        entry = None if scan else _from_entry_points(found, md)
+        return _placed(found, entry or _scan(found, md))

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Build jemalloc from Debian's source package, with debug info, into a cache dir.
 #
-#   scripts/build-jemalloc.sh     (as root; env CTPROFD_JEMALLOC_DIR overrides the dir)
+#   scripts/build-jemalloc.sh [VARIANT]   (as root)
 #
-# Result (default /var/cache/ctprofd/jemalloc-5.3.0):
+# Without VARIANT, the debug build the tests link against (env CTPROFD_JEMALLOC_DIR
+# overrides its dir), default /var/cache/ctprofd/jemalloc-5.3.0:
 #   lib/libjemalloc.a  lib/libjemalloc_pic.a  lib/libjemalloc.so.2  lib/libjemalloc.so -> libjemalloc.so.2
 #   include/jemalloc/jemalloc.h  .ctprofd-complete (stamp, written last)
 # Default configure options plus CFLAGS="-g -O2": symbols are the public names
 # (malloc, mallctl, ...) and je_-prefixed internals (je_tsd_tls).
+#
+# With VARIANT, one build of the machine-code matrix (tests/test_code_matrix.py) in
+# /var/cache/ctprofd/jemalloc-5.3.0-VARIANT, with -g (the tests compare against its DWARF);
+# only the PIC objects are compiled, for lib/libjemalloc.so.2 and lib/libjemalloc_pic.a
+# (static links use the latter):
+#   gcc-O3 gcc-Os clang-O2   CFLAGS -O3 / -Os with gcc, -O2 with clang
+#   prof                     --enable-prof
+#   je                       --with-jemalloc-prefix=je_
+#   rjem                     --with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
+#                            (as Rust's tikv-jemalloc-sys configures it)
 # Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
 # dir beside the target, then renamed into place, under a lock).
 set -euo pipefail
@@ -16,11 +27,28 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/lib.sh"
 
 JEMALLOC_VERSION=5.3.0
-CFLAGS_JEMALLOC="-g -O2"
-DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
 STAMP=.ctprofd-complete
-FILES=(lib/libjemalloc.a lib/libjemalloc_pic.a lib/libjemalloc.so.2 lib/libjemalloc.so
-       include/jemalloc/jemalloc.h)
+variant=${1:-}
+CC_JEMALLOC=gcc
+CFLAGS_JEMALLOC="-g -O2"
+CONFIGURE_ARGS=()
+TARGETS=(lib/libjemalloc.so.2 lib/libjemalloc_pic.a)
+FILES=(lib/libjemalloc_pic.a lib/libjemalloc.so.2 lib/libjemalloc.so include/jemalloc/jemalloc.h)
+case $variant in
+    "") TARGETS=(build_lib); FILES+=(lib/libjemalloc.a) ;;
+    gcc-O3) CFLAGS_JEMALLOC="-g -O3" ;;
+    gcc-Os) CFLAGS_JEMALLOC="-g -Os" ;;
+    clang-O2) CC_JEMALLOC=clang ;;
+    prof) CONFIGURE_ARGS=(--enable-prof) ;;
+    je) CONFIGURE_ARGS=(--with-jemalloc-prefix=je_) ;;
+    rjem) CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_) ;;
+    *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem)" ;;
+esac
+if [[ -z $variant ]]; then
+    DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
+else
+    DEST=/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION-$variant
+fi
 
 is_complete() {
     local f
@@ -48,7 +76,9 @@ if is_complete "$DEST"; then  # another run finished while we waited
 fi
 
 # Tools: dpkg-source (dpkg-dev) unpacks and patches the source package.
-mapfile -t missing < <(missing_packages dpkg-dev build-essential)
+tools=(dpkg-dev build-essential)
+[[ $CC_JEMALLOC == clang ]] && tools+=(clang)
+mapfile -t missing < <(missing_packages "${tools[@]}")
 ensure_deb_src
 if ((${#missing[@]})) || ! apt-cache showsrc jemalloc 2>/dev/null | grep -q '^Package: jemalloc'; then
     apt-get update
@@ -68,20 +98,22 @@ version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
 [[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
     die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
 
-log "building jemalloc $version (CFLAGS=\"$CFLAGS_JEMALLOC\"; output shown on failure only)"
-if ! (cd "$src" && ./configure CFLAGS="$CFLAGS_JEMALLOC" && make -j"$(nproc)" build_lib) \
-        >"$work/build.log" 2>&1; then
+log "building jemalloc $version ${variant:-(debug)}: CC=$CC_JEMALLOC CFLAGS=\"$CFLAGS_JEMALLOC\" ${CONFIGURE_ARGS[*]} (output shown on failure only)"
+if ! (cd "$src" && ./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" "${CONFIGURE_ARGS[@]}" \
+        && make -j"$(nproc)" "${TARGETS[@]}") >"$work/build.log" 2>&1; then
     tail -n 60 "$work/build.log" >&2
     die "jemalloc build failed"
 fi
 
 out="$work/out"
 mkdir -p "$out/lib" "$out/include/jemalloc"
-cp "$src/lib/libjemalloc.a" "$src/lib/libjemalloc_pic.a" "$src/lib/libjemalloc.so.2" "$out/lib/"
+cp "$src/lib/libjemalloc_pic.a" "$src/lib/libjemalloc.so.2" "$out/lib/"
+[[ -n $variant ]] || cp "$src/lib/libjemalloc.a" "$out/lib/"
 ln -s libjemalloc.so.2 "$out/lib/libjemalloc.so"
 cp "$src/include/jemalloc/jemalloc.h" "$out/include/jemalloc/"
-printf 'jemalloc %s (Debian source %s)\nconfigure CFLAGS="%s"\n' \
-    "$JEMALLOC_VERSION" "$version" "$CFLAGS_JEMALLOC" >"$out/$STAMP"
+printf 'jemalloc %s (Debian source %s)\nconfigure CC=%s CFLAGS="%s" %s\n' \
+    "$JEMALLOC_VERSION" "$version" "$CC_JEMALLOC" "$CFLAGS_JEMALLOC" "${CONFIGURE_ARGS[*]}" \
+    >"$out/$STAMP"
 
 rm -rf "$DEST"  # an incomplete leftover (no stamp), if any
 mv -T "$out" "$DEST"

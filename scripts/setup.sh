@@ -5,8 +5,9 @@
 #
 # Installs the apt packages, creates the venv ${CTPROFD_VENV:-<repo>/.venv} with
 # ctprofd installed editable ([systemd] extra; [test] with --test), and with
-# --test builds the debug jemalloc the tests link against (scripts/build-jemalloc.sh) and the
-# root filesystems of the deployment tests (scripts/test-roots.sh).
+# --test builds the debug jemalloc the tests link against and the machine-code matrix's
+# builds (scripts/build-jemalloc.sh [VARIANT]), and the root filesystems of the deployment
+# tests (scripts/test-roots.sh).
 # Safe to re-run.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +26,7 @@ require_root
 packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
-               gdb debuginfod elfutils binutils pahole redis-server varnish libjemalloc2 util-linux
+               gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2 util-linux
                libcap2-bin procps openssl curl systemd-container debootstrap podman)
     ensure_deb_src  # for `apt-get source jemalloc`, before the one update
 fi
@@ -57,7 +58,9 @@ log "installing ctprofd[$extra] into $venv"
     die "systemd-python is not importable in $venv"
 
 if ((test_mode)); then
-    "$here/build-jemalloc.sh"
+    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem; do
+        "$here/build-jemalloc.sh" $variant
+    done
     "$here/test-roots.sh"
 fi
 log "done"

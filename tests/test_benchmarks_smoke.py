@@ -26,6 +26,7 @@ EXPECTED = {
     "steady_state": ("snapshot", "render", "syscalls", "exporter", "process_sweep",
                      "thread_sweep"),
     "cold_start": ("binary", "pahole", "daemon", "tsd_offsets", "resolve_object",
+                   "code_stripped", "code_scan", "daemon_stripped", "code_stripped_found",
                    "ratios_to_pahole_p50_wall"),
     "target_impact": ("thread_stops", "throughput"),
     "footprint": ("footprint", "render"),
@@ -48,5 +49,10 @@ def test_benchmark_runs(name: str, fixture_bins, tmp_path: Path) -> None:
     assert document["machine"]["cpus"] >= 1
     for key in EXPECTED[name]:
         assert key in document["results"], (key, sorted(document["results"]))
+    if name == "cold_start":  # the stripped twin is resolved from code, not found DWARF
+        assert document["results"]["code_stripped_found"]["source"] == (
+            "code: malloc/free fast paths")
+        assert document["results"]["code_scan_found"]["source"] == (
+            "scan of the executable segment")
     # every comparison tool (strace, process-exporter, pahole) is installed by setup.sh --test
     assert '"skipped"' not in json.dumps(document["results"])
