@@ -386,5 +386,8 @@ def counter_layout(stream: BinaryIO, shared: bool, scan: bool = False) -> CodeLa
     with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
         found = Image(image, view, shared)
         md = _disassembler()
-        entry = None if scan else _from_entry_points(found, md)
-        return _placed(found, entry or _scan(found, md))
+        try:
+            entry = None if scan else _from_entry_points(found, md)
+            return _placed(found, entry or _scan(found, md))
+        except capstone.CsError as exc:
+            raise CodeError(f"disassembler: {exc}") from None
