@@ -230,7 +230,8 @@ class ParseWorker:
             raise _Unavailable(why) from None
 
     def _start(self) -> socket.socket:
-        if self.limits.uid is None and os.geteuid() == 0:  # chosen once, kept across restarts
+        if self.limits.uid is None and int(own_status()["CapEff"], 16) >> CAP_SETUID & 1:
+            # chosen once, kept across restarts; without CAP_SETUID the uid cannot change
             uid, gid, how = worker_identity()
             log.log(logging.WARNING if uid == NOBODY else logging.INFO,
                     "parser worker identity: %s", how)
