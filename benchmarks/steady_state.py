@@ -10,6 +10,14 @@ come on top. Phases:
              (process_time) per snapshot, REPEATS times; ptrace stops, ELF opens and cache
              misses over those snapshots (stats deltas); aggregate + render of /metrics
              as the daemon does it, as a second figure.
+  bare walk  the baseline: list /proc and read every /proc/PID/stat, nothing else, in
+             pairs with a snapshot (REPEATS pairs, order alternating): wall and CPU of
+             each, and the snapshot's cost as a ratio of the walk's.
+  moving     what the arena statistics cost where they are read (a process whose threads
+             allocated since the last snapshot; the main host's fixtures are idle, so after
+             the first snapshot their arenas are not read again): one `churn` fixture (4
+             threads at a time, each living up to 200 us), capture(pids=[it]) REPEATS
+             times, and the arena read alone, with its process_vm_readv calls.
   syscalls   one snapshot under `strace -f -p <this process>`: every syscall between two
              marker stat() calls (per-name counts, openat paths by kind, process_vm_readv
              calls per pid with their iovec counts, ptrace calls; opens and stops are also counted
@@ -49,11 +57,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from . import common
-from .common import IdleHost, Processes, distribution, linear_fit, log, spawn_jemalloc
+from .common import (IdleHost, Processes, distribution, linear_fit, log,
+                     spawn_jemalloc)
 
+from ctprofd import memory  # noqa: E402
 from ctprofd.aggregate import Aggregator  # noqa: E402
+from ctprofd.arena_stats import read_totals  # noqa: E402
 from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
 from ctprofd.collector import DaemonCollector, DaemonState  # noqa: E402
+from ctprofd.debuginfo import DebugSearch  # noqa: E402
+from ctprofd.layout import resolve_path  # noqa: E402
 
 BEGIN, END = "/ctprofd-bench-strace-begin", "/ctprofd-bench-strace-end"
 EXPORTER = "prometheus-process-exporter"
@@ -80,6 +93,92 @@ def timed_captures(capturer: Capturer, repeats: int, pids: list[int] | None = No
         walked.append(snapshot.summary.tgids_walked)
     return {"wall_seconds": walls, "cpu_seconds": cpus, "tgids_walked": walked,
             "last": snapshot}
+
+
+def bare_stat_walk() -> int:
+    """List /proc and read every /proc/PID/stat: the least any per-process walk does."""
+    read = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.read(fd, 4096)
+                read += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return read
+
+
+def against_bare_walk(capturer: Capturer, repeats: int) -> dict:
+    """Snapshots and bare stat walks in pairs (which runs first alternates)."""
+    costs: dict[str, dict[str, list[float]]] = {
+        name: {"wall": [], "cpu": []} for name in ("walk", "snapshot")}
+    for i in range(repeats):
+        order = (("walk", bare_stat_walk), ("snapshot", capturer.capture))
+        for name, run in order if i % 2 else order[::-1]:
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            costs[name]["cpu"].append(time.process_time() - cpu)
+            costs[name]["wall"].append(time.perf_counter() - wall)
+    ratios = {kind: sorted(s / w for s, w in zip(costs["snapshot"][kind], costs["walk"][kind]))
+              for kind in ("wall", "cpu")}
+    return {"walk_wall_seconds": distribution(costs["walk"]["wall"]),
+            "walk_cpu_seconds": distribution(costs["walk"]["cpu"]),
+            "snapshot_wall_seconds": distribution(costs["snapshot"]["wall"]),
+            "snapshot_cpu_seconds": distribution(costs["snapshot"]["cpu"]),
+            "ratio_p50": {kind: round(r[len(r) // 2], 3) for kind, r in ratios.items()},
+            "ratio_p90": {kind: round(r[int(len(r) * 0.9)], 3) for kind, r in ratios.items()}}
+
+
+def moving_process(procs: Processes, fixtures: Path, capturer: Capturer, repeats: int) -> dict:
+    """The cost of a jemalloc process that allocates between snapshots."""
+    churn = procs.popen([fixtures / "churn", "4", "200"], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE)
+    try:
+        if churn.stdout.readline().strip() != b"READY":
+            raise RuntimeError("churn did not start")
+        capturer.capture(pids=[churn.pid])  # attach, parse
+        run = timed_captures(capturer, repeats, pids=[churn.pid])
+        layout = resolve_path(str(fixtures / "churn"), DebugSearch(())).arena
+        base = _first_mapping(churn.pid, str(fixtures / "churn"))
+        calls: list[int] = []
+
+        def counting(pid: int, ranges: list[tuple[int, int]]) -> list:
+            calls.append(len(ranges))
+            return memory.read_ranges(pid, ranges)
+        walls, cpus, totals = [], [], None
+        for _ in range(repeats):
+            calls.clear()
+            wall, cpu = time.perf_counter(), time.process_time()
+            totals = read_totals(churn.pid, layout, base, counting)
+            cpus.append(time.process_time() - cpu)
+            walls.append(time.perf_counter() - wall)
+        source = run["last"].processes[0].totals_source
+    finally:
+        procs.release(churn)
+    return {"snapshot_of_it_wall_seconds": distribution(run["wall_seconds"]),
+            "snapshot_of_it_cpu_seconds": distribution(run["cpu_seconds"]),
+            "totals_source": source,
+            "arena_read_wall_seconds": distribution(walls),
+            "arena_read_cpu_seconds": distribution(cpus),
+            "arena_read_process_vm_readv_calls": len(calls),
+            "arena_read_iovecs": sum(calls), "thread_caches": totals.caches}
+
+
+def _first_mapping(pid: int, path: str) -> int:
+    """Where the file at `path` is mapped from its start in `pid`."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == path and int(fields[2], 16) == 0:
+                return int(fields[0].split("-")[0], 16)
+    raise RuntimeError(f"{path} is not mapped in {pid}")
 
 
 def render_cost(capturer: Capturer, repeats: int) -> dict:
@@ -382,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                     len({x for x in pids_before ^ pids_after if x.isdigit()}),
             }
             log(f"snapshot: {results['snapshot']}")
+            results["bare_stat_walk"] = against_bare_walk(capturer, repeats)
+            log(f"against the bare stat walk: {results['bare_stat_walk']}")
+            results["moving"] = moving_process(procs, fixtures, capturer, repeats)
+            log(f"a moving process: {results['moving']}")
             results["render"] = render_cost(capturer, repeats)
             log("syscalls of one snapshot (strace)")
             results["syscalls"] = syscalls(capturer, args.work_dir, own_pids)

@@ -23,6 +23,19 @@ def steady_state(r: dict) -> list[str]:
                f"{s['probed_ok']} threads): wall p50 {_ms(s['wall_seconds']['p50'])}, CPU p50 "
                f"{_ms(s['cpu_seconds']['p50'])}; ptrace stops {s['ptrace_stops_during']}, ELF "
                f"opens {s['elf_opens_during']} over {s['wall_seconds']['n']} snapshots")
+    if "bare_stat_walk" in r:
+        b = r["bare_stat_walk"]
+        out.append(f"against the bare /proc/PID/stat walk (CPU p50 "
+                   f"{_ms(b['walk_cpu_seconds']['p50'])}): snapshot/walk ratio p50 wall "
+                   f"{b['ratio_p50']['wall']}, CPU {b['ratio_p50']['cpu']} (p90 "
+                   f"{b['ratio_p90']['wall']}, {b['ratio_p90']['cpu']})")
+    if "moving" in r:
+        m = r["moving"]
+        out.append(f"a moving process ({m['totals_source']} totals, {m['thread_caches']} "
+                   f"thread caches): snapshot of it CPU p50 "
+                   f"{_ms(m['snapshot_of_it_cpu_seconds']['p50'])}, arena read CPU p50 "
+                   f"{_ms(m['arena_read_cpu_seconds']['p50'])} in "
+                   f"{m['arena_read_process_vm_readv_calls']} process_vm_readv calls")
     for name, e in r["exporter"].items():
         if "skipped" in e:
             out.append(f"process-exporter {name}: {e['skipped']}")

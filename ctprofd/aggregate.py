@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from .labels import label_value
-from .snapshot import ProcessSample, Snapshot
+from .snapshot import ARENA, ProcessSample, Snapshot
 
 SeriesKey = tuple[str, ...]
 STATE_VERSION = 1
@@ -53,6 +53,7 @@ class SeriesValues:
     live_bytes: int
     processes: int
     threads: int
+    arena_processes: int = 0  # of `processes`, those whose totals came from arena statistics
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,11 @@ class Aggregator:
             self._track(sample, key, comm)
             if comm != sample.comm and "comm" in self.labels:
                 renamed.append((key, sample.pid, label_value(sample.comm)))
-            counts = live.setdefault(key, [0, 0, 0])
+            counts = live.setdefault(key, [0, 0, 0, 0])
             counts[0] += sample.allocated_bytes - sample.deallocated_bytes
             counts[1] += 1
             counts[2] += len(sample.threads)
+            counts[3] += sample.totals_source == ARENA
         present = {sample.key for sample in snapshot.processes}
         for ident in [i for i in self._processes if i not in present]:
             if not alive(*ident):
@@ -199,7 +201,7 @@ class Aggregator:
 
         ordered = sorted(totals, key=rank)
         kept, left_out = ordered[:self.max_series], ordered[self.max_series:]
-        series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0)))
+        series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0, 0)))
                        for key in kept)
         dropped = {DROPPED_LIVE: sum(1 for k in left_out if k in started)}
         dropped[DROPPED_EXITED] = len(left_out) - dropped[DROPPED_LIVE]

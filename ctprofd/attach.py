@@ -53,6 +53,7 @@ class Attachment:
     layout: TsdLayout
     tsd_delta: int | None = None
     got_slot: int | None = None
+    base: int | None = None  # where the jemalloc object is mapped, for its arena statistics
 
 
 def identity_of(path: str) -> BinaryIdentity:
@@ -113,6 +114,18 @@ def _mapped_file(process: ProcessInfo, mapping: Mapping,
     return identity, open_same_inode
 
 
+def _exe_base(process: ProcessInfo, identity: BinaryIdentity) -> int | None:
+    """Where the executable's first page is mapped; None when the maps do not say."""
+    try:
+        mappings = read_maps(process)
+    except OSError:
+        return None
+    for mapping in mappings:
+        if mapping.offset == 0 and mapping.inode == identity.ino:
+            return mapping.start
+    return None
+
+
 class Attacher:
     """Resolves processes to Attachments. Binaries are parsed in a sandboxed worker
     process (parse_worker); `close()` stops it."""
@@ -135,7 +148,8 @@ class Attacher:
                                    identity, process.exe,
                                    object_dirs_for(process.exe, process.path("root")), False)
         if isinstance(resolution, TsdLayout):
-            return Attachment(resolution, tsd_delta=resolution.static_tsd_delta())
+            base = _exe_base(process, identity) if resolution.arena is not None else None
+            return Attachment(resolution, tsd_delta=resolution.static_tsd_delta(), base=base)
         return self._attach_shared(process)
 
     def resolve_file(self, path: str) -> Resolution:
@@ -214,5 +228,6 @@ class Attacher:
                                        object_dirs_for(mapping.path, process.path("root")), True)
             if isinstance(resolution, TsdLayout):
                 assert resolution.tpoff_got is not None
-                return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got)
+                return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got,
+                                  base=mapping.start)
         return NotJemalloc()

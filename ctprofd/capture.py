@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Collection
 
 from . import offsets_file, tags
+from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
 from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
@@ -82,6 +83,12 @@ class _Tracked:
     exe: str = ""
     build_id: str | None = None
     retained: tuple[int, int] = field(default=(0, 0))  # of images before an exec
+    # of images before an execve seen by this run: the arena statistics start from zero
+    # again (totals restored from disk may include exited threads: they only set floors)
+    earlier_images: tuple[int, int] = (0, 0)
+    reported: tuple[int, int] = (0, 0)  # the last totals reported: they never go back
+    # the last arena statistics read, and the threads' counters they were read with
+    arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -105,6 +112,10 @@ class _Tracked:
             threads = {(tid, s.start_time): (s.allocated, s.deallocated)
                        for tid, s in self.result.threads.items()}
         return Saved(self.retained_totals(), threads)
+
+
+def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return max(a[0], b[0]), max(a[1], b[1])
 
 
 class Capturer:
@@ -241,13 +252,14 @@ class Capturer:
             tally.jemalloc_detected += 1
             attached = True
             try:
-                threads = self._read_threads(process, tracked, tally, cancel)
+                threads, listed = self._read_threads(process, tracked, tally, cancel)
             except ImageChanged as change:  # exec'ed since attached: attach to the new image
                 log.debug("%s", change)
                 tracked = self._attach(process, tracked)
                 if isinstance(tracked.result, NotJemalloc):
                     return None
-                threads = self._read_threads(process, tracked, tally, cancel)
+                threads, listed = self._read_threads(process, tracked, tally, cancel)
+            arena = self._arena_totals(process.pid, tracked, listed, threads)
         except ProbeError as error:
             tally.fail(error.tag, reason=error.message)
             if error.tag == tags.READLINK_FAILURE and error.errno in DENIED:
@@ -264,22 +276,54 @@ class Capturer:
             log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
                         type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None
-        if not threads and tracked.retained_totals() == (0, 0):
+        if arena is None and not threads and tracked.retained_totals() == (0, 0):
             return None  # nothing read yet: exporting zeros would fake a counter reset
-        allocated, deallocated = tracked.all_totals()
+        allocated, deallocated, source = process_totals(tracked.all_totals(), arena,
+                                                        tracked.reported)
+        tracked.reported = (allocated, deallocated)
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,
             exe=tracked.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
             threads=tuple(threads),
             retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
-            retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads))
+            retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads),
+            totals_source=source)
+
+    def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
+                      threads: list[ThreadSample]) -> ArenaTotals | None:
+        """The arena statistics' view of a process (what images before an execve counted
+        added), or None when its layout has none or they cannot be read now. Not read
+        again while every thread was read and none has allocated or freed since."""
+        assert isinstance(tracked.result, ProcessState)
+        attachment = tracked.result.attachment
+        layout = attachment.layout.arena
+        if layout is None or attachment.base is None:
+            return None
+        basis = tuple(sorted((t.tid, t.allocated_bytes, t.deallocated_bytes) for t in threads))
+        if tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed:
+            return tracked.arena[1]
+        tsds = [s.counters_at - attachment.layout.allocated_offset
+                for s in tracked.result.threads.values() if s.counters_at]
+        try:
+            totals = read_totals(pid, layout, attachment.base, self.prober.read_ranges, tsds)
+        except ArenaReadError as exc:
+            log.debug("pid %d: arena statistics: %s", pid, exc)
+            tracked.arena = None
+            return None
+        earlier = tracked.earlier_images
+        totals = replace(totals, requested=totals.requested + earlier[0],
+                         in_use=totals.in_use + earlier[0] - earlier[1])
+        tracked.arena = (basis, totals)
+        return totals
 
     def _read_threads(self, process: ProcessInfo, tracked: _Tracked, tally: Tally,
-                      cancel: threading.Event | None) -> list[ThreadSample]:
-        """The threads of an attached process, read; raises OSError when it exited."""
+                      cancel: threading.Event | None) -> tuple[list[ThreadSample], int]:
+        """The threads of an attached process, read, and how many were listed; raises
+        OSError when it exited."""
         assert isinstance(tracked.result, ProcessState)
-        return self.prober.probe(process.pid, tracked.result, list_threads(process), tally,
-                                 cancel, alive=lambda: list_pids(process.path("task")))
+        listed = list_threads(process)
+        return self.prober.probe(process.pid, tracked.result, listed, tally, cancel,
+                                 alive=lambda: list_pids(process.path("task"))), len(listed)
 
     def _track(self, process: ProcessInfo) -> _Tracked:
         """The tracked state of a process, attaching when it is new or runs another file."""
@@ -294,7 +338,8 @@ class Capturer:
         now may have totals saved by an earlier run of ctprofd, kept likewise."""
         mark = image_mark(process)  # first: an exec after it shows in the next read
         identity = exe_identity(process)
-        saved = (Saved(previous.all_totals(), {}) if previous is not None
+        saved = (Saved(_larger(previous.reported, previous.all_totals()), {})
+                 if previous is not None
                  else self._restored.get(process.key, Saved((0, 0), {})))
         result = self.attacher.attach(process, identity)
         self._restored.pop(process.key, None)
@@ -309,6 +354,8 @@ class Capturer:
             retained = (retained[0] + sum(a for a, _ in saved.threads.values()),
                         retained[1] + sum(d for _, d in saved.threads.values()))
             tracked = _Tracked(identity, result, process.exe, None, retained)
+        if previous is not None:
+            tracked.earlier_images = saved.retained
         self._tracked[process.key] = tracked
         return tracked
 

@@ -25,11 +25,11 @@ from .summary import REMEDIATION_HINT
 
 def _snapshot_table(snapshot: Snapshot) -> str:
     rows = [f"{'PID':>7} {'COMM':<16} {'THREADS':>7} {'ALLOCATED':>15} {'DEALLOCATED':>15} "
-            f"{'LIVE':>15}  EXE"]
+            f"{'LIVE':>15} {'TOTALS':<7}  EXE"]
     for p in snapshot.processes:
         rows.append(f"{p.pid:>7} {p.comm:<16.16} {len(p.threads):>7} {p.allocated_bytes:>15} "
-                    f"{p.deallocated_bytes:>15} {p.allocated_bytes - p.deallocated_bytes:>15}  "
-                    f"{p.exe}")
+                    f"{p.deallocated_bytes:>15} {p.allocated_bytes - p.deallocated_bytes:>15} "
+                    f"{p.totals_source:<7}  {p.exe}")
     if snapshot.failed_pids:
         rows += ["", f"{'PID':>7} {'COMM':<16} {'TAG':<20} {'COUNT':>5}  REASON"]
         rows += [f"{f.pid:>7} {f.comm:<16.16} {f.tag:<20} {f.count:>5}  {f.reason}"
@@ -101,6 +101,7 @@ def _print_layout(result: TsdLayout, as_json: bool) -> None:
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
     print(f"thread_allocated:    {result.allocated_offset}")
     print(f"thread_deallocated:  {result.deallocated_offset}")
+    print(f"arena statistics:    {'yes' if result.arena else 'no (totals: per-thread sums)'}")
     if result.in_executable:
         print(f"TLS:                 executable, block {result.static_block_offset} bytes "
               "below the thread pointer")

@@ -132,6 +132,10 @@ class DaemonCollector:
                                "snapshot.", labels=names), lambda s: s.processes),
             (GaugeMetricFamily("ctprofd_threads", "Threads of the series read in the last "
                                "snapshot.", labels=names), lambda s: s.threads),
+            (GaugeMetricFamily("ctprofd_arena_processes", "Processes of the series whose "
+                               "totals came from jemalloc's arena statistics in the last "
+                               "snapshot (every thread that ever ran); the others are "
+                               "per-thread sums.", labels=names), lambda s: s.arena_processes),
         )
         for family, value in families:
             if not describe_only:

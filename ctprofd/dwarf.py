@@ -47,8 +47,10 @@ def _name(die: DIE) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _ordered_units(dwarf) -> Iterator[CompileUnit]:
-    """Every unit once: jemalloc's own sources first, then the others in section order."""
+def _ordered_units(dwarf, sources: frozenset[str] = JEMALLOC_SOURCES,
+                   rest: bool = True) -> Iterator[CompileUnit]:
+    """Every unit once: those of the named jemalloc `sources` first, then (with `rest`)
+    the others in section order."""
     try:
         names = _unit_names(dwarf)
     except (IndexError, ValueError, OverflowError, struct.error):
@@ -56,27 +58,27 @@ def _ordered_units(dwarf) -> Iterator[CompileUnit]:
     if names is None:
         later = []
         for cu in dwarf.iter_CUs():
-            if _is_jemalloc_source(_name(cu.get_top_DIE())):
+            if _is_source(_name(cu.get_top_DIE()), sources):
                 yield cu
             else:
                 later.append(cu.cu_offset)
-        for offset in later:
+        for offset in later if rest else ():
             yield dwarf.get_CU_at(offset)
         return
     later = []
     for offset, name in names:
         if name is _UNKNOWN:  # a form the fast reader leaves to pyelftools
             name = _name(dwarf.get_CU_at(offset).get_top_DIE())
-        if _is_jemalloc_source(name):
+        if _is_source(name, sources):
             yield dwarf.get_CU_at(offset)
         else:
             later.append(offset)
-    for offset in later:
+    for offset in later if rest else ():
         yield dwarf.get_CU_at(offset)
 
 
-def _is_jemalloc_source(name: str | None) -> bool:
-    return os.path.basename(name or "") in JEMALLOC_SOURCES
+def _is_source(name: str | None, sources: frozenset[str]) -> bool:
+    return os.path.basename(name or "") in sources
 
 
 # --- the units' names, straight from the section bytes ----------------------------------
@@ -311,3 +313,175 @@ def tls_variable_offset(elf: ELFFile, symbol_names: tuple[str, ...]) -> tuple[st
             if len(ops) == 2 and ops[1].op_name in TLS_OPS and ops[0].args:
                 return name, ops[0].args[0]
     raise DwarfError(f"no TLS location for {' or '.join(symbol_names)}")
+
+
+# --- jemalloc's arena statistics: what survives a thread ---------------------------------
+
+ARENA_SOURCES = frozenset({"jemalloc.c", "arena.c", "tcache.c", "sz.c", "bin_info.c"})
+ARENA_VARIABLES = ("arenas", "narenas_total", "nhbins", "sz_index2size_tab",
+                   "arena_bin_offsets", "bin_infos", "tcache_bin_alloc_size",
+                   "tcache_bin_alloc_alignment")
+_PREFIXES = ("je_", "_rjem_je_", "")
+
+
+def _strip(die: DIE) -> DIE:
+    """The type under typedefs and qualifiers."""
+    for _ in range(16):
+        if die.tag not in ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
+                           "DW_TAG_atomic_type") or "DW_AT_type" not in die.attributes:
+            return die
+        die = die.get_DIE_from_attribute("DW_AT_type")
+    raise DwarfError("type chain too deep")
+
+
+def _type(die: DIE) -> DIE:
+    if "DW_AT_type" not in die.attributes:
+        raise DwarfError(f"{_name(die)} has no type")
+    return _strip(die.get_DIE_from_attribute("DW_AT_type"))
+
+
+def _members(struct: DIE) -> dict[str | None, DIE]:
+    return {_name(m): m for m in struct.iter_children() if m.tag == "DW_TAG_member"}
+
+
+def _find_member(struct: DIE, name: str) -> tuple[int, DIE] | None:
+    """(offset, member) of `name` in `struct`, also inside anonymous structs and unions."""
+    def offset(member: DIE) -> int:  # a union's members sit at 0, often unsaid
+        if struct.tag == "DW_TAG_union_type" and \
+                "DW_AT_data_member_location" not in member.attributes:
+            return 0
+        return _member_offset(member)
+
+    members = _members(struct)
+    if name in members:
+        return offset(members[name]), members[name]
+    for member in struct.iter_children():
+        if member.tag == "DW_TAG_member" and _name(member) is None:
+            inner = _find_member(_type(member), name)
+            if inner is not None:
+                return offset(member) + inner[0], inner[1]
+    return None
+
+
+def _member(struct: DIE, path: str) -> tuple[int, DIE]:
+    """(offset, stripped type) of a dotted member path, e.g. "stats.lstats"."""
+    offset = 0
+    for name in path.split("."):
+        found = _find_member(struct, name)
+        if found is None:
+            raise DwarfError(f"struct {_name(struct)} has no member {name}")
+        offset += found[0]
+        struct = _type(found[1])
+    return offset, struct
+
+
+def _size(die: DIE) -> int:
+    attr = die.attributes.get("DW_AT_byte_size")
+    if attr is None or not isinstance(attr.value, int):
+        raise DwarfError(f"{_name(die) or die.tag} has no size")
+    return attr.value
+
+
+def _count(array: DIE) -> int:
+    """Elements of a one-dimensional array type (0 for a flexible array)."""
+    if array.tag != "DW_TAG_array_type":
+        raise DwarfError(f"{_name(array) or array.tag} is not an array")
+    for sub in array.iter_children():
+        if sub.tag == "DW_TAG_subrange_type":
+            if "DW_AT_count" in sub.attributes:
+                return sub.attributes["DW_AT_count"].value
+            if "DW_AT_upper_bound" in sub.attributes:
+                return sub.attributes["DW_AT_upper_bound"].value + 1
+            return 0
+    raise DwarfError("array without a subrange")
+
+
+def _pointee(die: DIE) -> DIE:
+    if die.tag != "DW_TAG_pointer_type":
+        raise DwarfError(f"{_name(die) or die.tag} is not a pointer")
+    return _type(die)
+
+
+def _variable_address(die: DIE) -> int | None:
+    """The link-time address of a statically allocated variable's definition."""
+    location = die.attributes.get("DW_AT_location")
+    if location is None or isinstance(location.value, int):
+        return None
+    ops = DWARFExprParser(die.cu.structs).parse_expr(location.value)
+    if len(ops) == 1 and ops[0].op_name == "DW_OP_addr":
+        return ops[0].args[0]
+    return None
+
+
+def _variable_type(die: DIE) -> DIE:
+    """A variable's type, from its declaration when the definition refers to one."""
+    if "DW_AT_type" not in die.attributes and "DW_AT_specification" in die.attributes:
+        die = die.get_DIE_from_attribute("DW_AT_specification")
+    return _type(die)
+
+
+def _variable_name(die: DIE) -> str | None:
+    name = _name(die)
+    if name is None and "DW_AT_specification" in die.attributes:
+        name = _name(die.get_DIE_from_attribute("DW_AT_specification"))
+    return name
+
+
+def arena_offsets(elf: ELFFile) -> dict[str, int]:
+    """Where jemalloc keeps its arena statistics and how they are laid out: the link-time
+    addresses of its arena array and size-class tables, and member offsets of arena_t,
+    bin_t, the large-class statistics and the thread caches' bins. Searches only
+    jemalloc's own units; raises DwarfError when anything is missing."""
+    if not elf.has_dwarf_info():
+        raise DwarfError("no DWARF")
+    wanted = {prefix + name: name for name in ARENA_VARIABLES for prefix in _PREFIXES}
+    variables: dict[str, DIE] = {}
+    structs: dict[str, DIE] = {}
+    for cu in _ordered_units(elf.get_dwarf_info(), ARENA_SOURCES, rest=False):
+        for die in cu.get_top_DIE().iter_children():
+            if (die.tag == "DW_TAG_structure_type" and _name(die) in ("arena_s", "tsd_s")
+                    and "DW_AT_declaration" not in die.attributes):
+                structs.setdefault(_name(die), die)
+            elif die.tag == "DW_TAG_variable":
+                name = wanted.get(_variable_name(die) or "")
+                if name and name not in variables and _variable_address(die) is not None:
+                    variables[name] = die
+        if len(structs) == 2 and len(variables) == len(ARENA_VARIABLES):
+            break
+    else:
+        missing = sorted(set(ARENA_VARIABLES) - set(variables)) + sorted(
+            {"arena_s", "tsd_s"} - set(structs))
+        raise DwarfError(f"jemalloc's units lack {', '.join(missing)}")
+    arena, tsd = structs["arena_s"], structs["tsd_s"]
+    found = {name: _variable_address(die) for name, die in variables.items()}
+    found.update(arenas_count=_count(_variable_type(variables["arenas"])),
+                 nsizes=_count(_variable_type(variables["sz_index2size_tab"])))
+    bin_info = _type(_variable_type(variables["bin_infos"]))
+    found.update(bin_info_size=_size(bin_info), bin_info_shards=_member(bin_info, "n_shards")[0])
+    found["arena_internal"] = _member(arena, "stats.internal")[0]
+    found["arena_cache_locks"] = _member(arena, "tcache_ql_mtx.prof_data.n_lock_ops")[0]
+    found["arena_lstats"], lstats = _member(arena, "stats.lstats")
+    large = _type(lstats)
+    found.update(nlarge=_count(lstats), lstat_size=_size(large),
+                 lstat_nmalloc=_member(large, "nmalloc")[0],
+                 lstat_ndalloc=_member(large, "ndalloc")[0],
+                 lstat_nrequests=_member(large, "nrequests")[0])
+    slow = _find_member(tsd, MANGLE_PREFIX + "tcache_slow") or _find_member(tsd, "tcache_slow")
+    if slow is None:
+        raise DwarfError("tsd_s has no member tcache_slow")
+    found["tsd_descriptor"] = slow[0] + _member(_type(slow[1]), "cache_bin_array_descriptor")[0]
+    found["arena_descriptors"], head = _member(arena, "cache_bin_array_descriptor_ql.qlh_first")
+    descriptor = _pointee(head)
+    found.update(descriptor_next=_member(descriptor, "link.qre_next")[0])
+    found["descriptor_bins"], bins_pointer = _member(descriptor, "bins")
+    cache_bin = _pointee(bins_pointer)
+    found.update(cache_bin_size=_size(cache_bin),
+                 cache_bin_head=_member(cache_bin, "stack_head")[0],
+                 cache_bin_nrequests=_member(cache_bin, "tstats.nrequests")[0],
+                 cache_bin_empty=_member(cache_bin, "low_bits_empty")[0])
+    _, bins = _member(arena, "bins")
+    bin_type = _type(bins)
+    found.update(bin_size=_size(bin_type),
+                 bin_nrequests=_member(bin_type, "stats.nrequests")[0],
+                 bin_curregs=_member(bin_type, "stats.curregs")[0])
+    return found

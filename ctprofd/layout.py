@@ -32,6 +32,67 @@ BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 
 
 @dataclass(frozen=True)
+class ArenaLayout:
+    """Where jemalloc keeps its process-wide arena statistics and how they are laid out
+    (from DWARF; see arena_stats). Addresses are offsets from the object's first loaded
+    page; the rest are member offsets, sizes and counts."""
+
+    arenas: int               # arena_t *arenas[arenas_count]
+    arenas_count: int
+    narenas_total: int        # unsigned: arenas created so far
+    nhbins: int               # unsigned: size classes a thread cache holds
+    sz_index2size_tab: int    # size_t[nsizes]: the size of each class
+    nsizes: int
+    arena_bin_offsets: int    # uint32_t[nbins]: offset of each bin's first shard in arena_t
+    bin_infos: int            # bin_info_t[nbins]
+    bin_info_size: int
+    bin_info_shards: int      # n_shards in bin_info_t
+    tcache_bin_alloc_size: int       # size_t: bytes of each thread cache's stacks
+    tcache_bin_alloc_alignment: int  # size_t: their alignment
+    arena_internal: int       # stats.internal in arena_t
+    arena_cache_locks: int    # tcache_ql_mtx's n_lock_ops: caches linked and unlinked
+    arena_lstats: int         # stats.lstats: one arena_stats_large_t per large class
+    nlarge: int
+    lstat_size: int
+    lstat_nmalloc: int
+    lstat_ndalloc: int
+    lstat_nrequests: int
+    arena_descriptors: int    # the ring of thread caches' bin arrays
+    tsd_descriptor: int       # a thread's own entry in that ring, in its tsd_s
+    descriptor_next: int
+    descriptor_bins: int
+    cache_bin_size: int
+    cache_bin_head: int
+    cache_bin_nrequests: int
+    cache_bin_empty: int
+    bin_size: int
+    bin_nrequests: int
+    bin_curregs: int
+
+    @property
+    def nbins(self) -> int:
+        return self.nsizes - self.nlarge
+
+    def check(self) -> None:
+        """Raise ValueError unless every field is plausible."""
+        values = [getattr(self, f) for f in self.__dataclass_fields__]
+        if not all(type(v) is int and 0 <= v < 1 << 40 for v in values):
+            raise ValueError("arena layout: offsets must be integers in [0, 2**40)")
+        if not (0 < self.nlarge < self.nsizes <= 1024 and 0 < self.arenas_count <= 1 << 16):
+            raise ValueError("arena layout: implausible size class or arena counts")
+        records = {"lstat": (self.lstat_size, (self.lstat_nmalloc, self.lstat_ndalloc,
+                                                self.lstat_nrequests)),
+                   "cache_bin": (self.cache_bin_size, (self.cache_bin_head,
+                                                      self.cache_bin_nrequests)),
+                   "bin": (self.bin_size, (self.bin_nrequests, self.bin_curregs))}
+        for name, (size, offsets) in records.items():
+            if not (size <= 1 << 16 and all(o + 8 <= size for o in offsets)):
+                raise ValueError(f"arena layout: {name} members outside the record")
+        if self.cache_bin_empty + 2 > self.cache_bin_size:
+            raise ValueError("arena layout: cache_bin members outside the record")
+
+
+@dataclass(frozen=True)
 class TsdLayout:
     """Everything needed to turn a thread pointer into the counters' addresses."""
 
@@ -46,6 +107,7 @@ class TsdLayout:
     tpoff_symbolic: bool = False  # relocation against the symbol: the slot includes symbol_offset
     dwarf_source: str = "embedded"  # how the DWARF was found ("none": offsets from code)
     code_source: str | None = None  # offsets from machine code: which route found them
+    arena: ArenaLayout | None = None  # None: only per-thread counters can be read
 
     @property
     def source(self) -> str:
@@ -107,7 +169,8 @@ def resolution_from_dict(data: dict) -> Resolution:
     kind = data["kind"]
     fields = {k: v for k, v in data.items() if k != "kind"}
     if kind == "layout":
-        layout = TsdLayout(**fields)
+        arena = fields.pop("arena", None)
+        layout = TsdLayout(**fields, arena=ArenaLayout(**arena) if arena is not None else None)
         validate(layout)
         return layout
     if kind == "not-jemalloc":
@@ -140,6 +203,8 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("thread_deallocated must come after thread_allocated")
     if (layout.static_block_offset is None) == (layout.tpoff_got is None):
         raise ValueError("exactly one of static_block_offset and tpoff_got must be set")
+    if layout.arena is not None:
+        layout.arena.check()
 
 
 class _Failure(Exception):
@@ -167,6 +232,7 @@ class ObjectFacts:
     tpoff_got: int | None = None
     tpoff_addend: int = 0
     tpoff_symbolic: bool = False
+    load_page: int = 0  # link-time address of the first loaded page
 
     def placement(self) -> dict:
         """The TsdLayout fields that place the TLS block."""
@@ -203,6 +269,8 @@ class ObjectFacts:
             raise ValueError("symbol must be a name, a value and a size")
         if type(self.embedded_dwarf) is not bool:
             raise ValueError("embedded_dwarf must be a boolean")
+        if not (type(self.load_page) is int and 0 <= self.load_page < 1 << 48):
+            raise ValueError("load_page must be a non-negative integer")
         validate(TsdLayout(None, "", 0, 0, 8, **self.placement()))  # checks the placement
 
 
@@ -262,10 +330,11 @@ def inspect_object(stream: BinaryIO, what: str,
         link = elf.debuglink(image)
         facts = ObjectFacts(build_id if _plausible_build_id(build_id) else None,
                             symbol, elf.has_debug_info(image),
-                            link if link and _plain_file_name(link[0]) else None)
+                            link if link and _plain_file_name(link[0]) else None,
+                            load_page=_first_load_page(image))
         if shared:
             reloc = _tpoff_reloc(image, what)
-            facts = replace(facts, tpoff_got=reloc.offset - _first_load_page(image),
+            facts = replace(facts, tpoff_got=reloc.offset - facts.load_page,
                             tpoff_addend=reloc.addend, tpoff_symbolic=reloc.symbol is not None)
         else:
             facts = replace(facts, static_block_offset=tls.static_block_offset())
@@ -295,7 +364,9 @@ def layout_from_dwarf(stream: BinaryIO, facts: ObjectFacts, what: str, source: s
         symbol = facts.symbol or elf.tsd_symbol(image) or _tsd_symbol_from_dwarf(image, where)
         offsets = dwarf.tsd_offsets(image)
         layout = TsdLayout(facts.build_id, symbol.name, symbol.value, offsets.allocated,
-                           offsets.deallocated, dwarf_source=source, **facts.placement())
+                           offsets.deallocated, dwarf_source=source,
+                           arena=_arena_layout(image, facts.load_page, where),
+                           **facts.placement())
         validate(layout)
         return layout
     except _Failure as failure:
@@ -329,6 +400,22 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     except ValueError as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
     return layout
+def _arena_layout(image, load_page: int, where: str) -> ArenaLayout | None:
+    """The arena statistics' layout, or None (logged) when the DWARF lacks a part of it:
+    the process totals are then the per-thread sums."""
+    try:
+        found = dwarf.arena_offsets(image)
+        for name in dwarf.ARENA_VARIABLES:
+            if found[name] < load_page:
+                raise ValueError(f"{name} lies below the first loaded page")
+            found[name] -= load_page
+        arena = ArenaLayout(**found)
+        arena.check()
+        return arena
+    except (dwarf.DwarfError, *MALFORMED) as exc:
+        log.info("%s: no arena statistics layout (%s); totals will be per-thread sums",
+                 where, exc)
+        return None
 
 
 class Parser(Protocol):

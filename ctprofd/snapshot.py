@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .summary import PidFailure, ProbeSummary
 
+ARENA, THREADS = "arena", "threads"  # where a process's totals came from (totals_source)
+
 
 @dataclass(frozen=True)
 class ThreadSample:
@@ -23,9 +25,11 @@ class ThreadSample:
 
 @dataclass(frozen=True)
 class ProcessSample:
-    """One jemalloc process. Its byte totals are the sum over the threads read now plus the
-    last-read values of its threads that exited or could not be read this time
-    (`retained_*`), so they never go backwards while the process lives."""
+    """One jemalloc process. Its byte totals are the sum over the threads read now plus
+    `retained_*`: what the process counted beyond them (threads that exited or were not
+    read, frees after a thread's last read), from its arena statistics when
+    `totals_source` is "arena", else the last-read values of its threads that exited or
+    could not be read this time ("threads"). They never go backwards while it lives."""
 
     pid: int
     start_time: int
@@ -37,6 +41,7 @@ class ProcessSample:
     threads: tuple[ThreadSample, ...]
     retained_allocated_bytes: int = 0
     retained_deallocated_bytes: int = 0
+    totals_source: str = THREADS
 
     @property
     def allocated_bytes(self) -> int:
@@ -56,6 +61,7 @@ class ProcessSample:
                 "start_time": self.start_time, "uid": self.uid, "unit": self.unit,
                 "allocated_bytes": self.allocated_bytes,
                 "deallocated_bytes": self.deallocated_bytes,
+                "totals_source": self.totals_source,
                 "threads": [t.to_dict() for t in self.threads]}
 
 

@@ -23,8 +23,8 @@ SMALL = {
     "scrapers": ["--scrapers", "3", "--duration", "2", "--jemalloc", "1", "--threads", "2"],
 }
 EXPECTED = {
-    "steady_state": ("snapshot", "render", "syscalls", "exporter", "process_sweep",
-                     "thread_sweep"),
+    "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter",
+                     "process_sweep", "thread_sweep"),
     "cold_start": ("binary", "pahole", "daemon", "tsd_offsets", "resolve_object",
                    "code_stripped", "code_scan", "daemon_stripped", "code_stripped_found",
                    "ratios_to_pahole_p50_wall"),

@@ -295,6 +295,7 @@ def test_offsets_command_prints_the_layout(fixture_bins):
     assert result.returncode == 0, result.stderr
     assert "thread_allocated:    824" in result.stdout
     assert "thread_deallocated:  840" in result.stdout
+    assert "arena statistics:    yes" in result.stdout
     assert "je_tsd_tls" in result.stdout
 
 

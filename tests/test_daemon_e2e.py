@@ -4,6 +4,7 @@ exit and restart."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -154,3 +155,25 @@ def test_series_of_exited_processes_survive_a_sigkill(fixture_bins, spawn_fixtur
     scrapes.daemon.proc.wait()
     scrapes = run_daemon("comm").after_next_snapshot()
     assert scrapes.series(comm="alloc_threads")[:2] == total
+
+
+def test_thread_churn_is_counted_whole_and_is_no_privilege_problem(fixture_bins,
+                                                                   spawn_process, run_daemon):
+    """Threads living well under a millisecond, thousands a second: the exported totals
+    count every thread that ever ran (the truth: each thread's own mallctl report, summed
+    by the fixture), and their exit races never turn the privilege gate on."""
+    churn = spawn_process([fixture_bins.churn, "4", "200"])
+    scrapes = run_daemon("pid")
+    for _ in range(5):
+        scrapes.after_next_snapshot()
+        assert scrapes.daemon.sample("ctprofd_probe_privilege_dominant", scrapes.text) == 0
+        assert scrapes.daemon.sample("ctprofd_probe_failed", scrapes.text) == 0
+    churn.send("pause")
+    truth = json.loads(churn.readline())
+    scrapes.after_next_snapshot()
+    allocated, deallocated, live, processes, _ = scrapes.series(pid=str(churn.pid))
+    assert truth["threads"] > 100
+    assert abs(allocated - truth["allocated"]) <= 0.02 * truth["allocated"]
+    assert abs(deallocated - truth["deallocated"]) <= 0.02 * truth["deallocated"]
+    assert abs(live - (truth["allocated"] - truth["deallocated"])) <= 1 << 20
+    assert scrapes.value("ctprofd_arena_processes", pid=str(churn.pid)) == processes == 1

@@ -139,7 +139,7 @@ def test_covers_the_contract_metrics() -> None:
     assert used <= exposed_metric_names()
     assert {
         "ctprofd_allocated_bytes_total", "ctprofd_deallocated_bytes_total", "ctprofd_live_bytes",
-        "ctprofd_processes", "ctprofd_threads",
+        "ctprofd_processes", "ctprofd_threads", "ctprofd_arena_processes",
         "ctprofd_probe_tgids_walked", "ctprofd_probe_jemalloc_detected",
         "ctprofd_probe_probed_ok", "ctprofd_probe_failed", "ctprofd_probe_privilege_dominant",
         "ctprofd_probe_dominant_failure_info", "ctprofd_probe_failures",

@@ -1,0 +1,233 @@
+"""Process-wide totals from jemalloc's arena statistics, read from outside.
+
+A thread's own counters die with it; the arenas' statistics (compiled in by default) do
+not. What this reads, with process_vm_readv only, through the `arenas` array:
+
+- per small size class (bin): cumulative requests (`nrequests`) and regions handed out
+  now (`curregs`); per large class: `nmalloc`, `ndalloc` and the requests served from
+  thread caches (`nrequests`), as jemalloc's own arena_stats_merge (ctl.c) adds them;
+- `stats.internal`: bytes jemalloc allocated for itself;
+- every thread cache, through each arena's ring of cache-bin arrays: the requests it
+  counted and has not flushed to its arena yet, and the regions it holds.
+
+allocated = Σ requests × class size + requests pending in thread caches
+live      = Σ (curregs + large extents) × class size − cached bytes − internal
+
+The target keeps running while it is read: a flush between two reads moves counts from
+a cache to its arena, so a figure may be off by what one flush carries, in either
+direction, until the next read. Callers keep totals from going backwards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
+
+from . import memory
+from .layout import ArenaLayout
+from .snapshot import ARENA, THREADS
+
+MAX_ARENAS = 1024    # jemalloc's default is 4 per CPU
+MAX_SHARDS = 4096    # bin shards in one arena (jemalloc allows 64 per bin)
+MAX_CACHES = 65536   # thread caches in one process
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+Reader = Callable[[int, list[tuple[int, int]]], list[bytes | OSError]]
+
+
+class ArenaReadError(Exception):
+    """The statistics could not be read, or are not plausible: the message says which."""
+
+
+@dataclass(frozen=True)
+class ArenaTotals:
+    """One read of a process's arena statistics (bytes, unless said otherwise)."""
+
+    requested: int    # Σ requests × class size, pending ones in thread caches included
+    in_use: int       # Σ regions and large extents handed out × class size
+    cached: int       # held in thread caches
+    internal: int     # jemalloc's own allocations, now
+    cache_locks: int  # locks of the arenas' thread-cache rings (count)
+    caches: int       # thread caches linked now (count)
+    cache_stacks: int  # usable size of one thread cache's stacks
+
+    @property
+    def unlinked(self) -> int:
+        """Thread caches unlinked so far: each is linked once and unlinked once."""
+        return max(0, (self.cache_locks - self.caches) // 2)
+
+    @property
+    def allocated(self) -> int:
+        """What the threads asked for: the requests less jemalloc's own allocations, those
+        alive now (`internal`) and the stacks of the thread caches gone (which `internal`
+        no longer holds)."""
+        return self.requested - self.internal - self.unlinked * self.cache_stacks
+
+    @property
+    def live(self) -> int:
+        """Handed out to the program and not freed."""
+        return self.in_use - self.cached - self.internal
+
+
+@lru_cache(maxsize=64)
+def _records(size: int, offsets: tuple[int, ...], kinds: str, count: int) -> struct.Struct:
+    """A Struct unpacking `count` records of `size` bytes: at each offset (ascending) one
+    field of the matching kind (struct format letter)."""
+    record, at = "", 0
+    for offset, kind in zip(offsets, kinds):
+        record += f"{offset - at}x{kind}"
+        at = offset + struct.calcsize(kind)
+    return struct.Struct("<" + (record + f"{size - at}x") * count)
+
+
+def _checked(data: list[bytes | OSError], what: str) -> list[bytes]:
+    for item in data:
+        if isinstance(item, OSError):
+            raise ArenaReadError(f"{what}: {item.strerror or item}")
+    return data  # type: ignore[return-value]
+
+
+def _read(reader: Reader, pid: int, ranges: list[tuple[int, int]], what: str) -> list[bytes]:
+    return _checked(reader(pid, ranges), what)
+
+
+def read_totals(pid: int, layout: ArenaLayout, base: int,
+                reader: Reader = memory.read_ranges, tsds: Sequence[int] = ()) -> ArenaTotals:
+    """Read the arena statistics of `pid`, whose jemalloc object is loaded at `base`.
+    `tsds`, the addresses of threads' tsd_s where known, save walking their caches' ring
+    entries one read at a time. Raises ArenaReadError."""
+    nbins = layout.nbins
+    narenas, nhbins, sizes, offsets, infos, stack, align = _read(reader, pid, [
+        (base + layout.narenas_total, 4), (base + layout.nhbins, 4),
+        (base + layout.sz_index2size_tab, 8 * layout.nsizes),
+        (base + layout.arena_bin_offsets, 4 * nbins),
+        (base + layout.bin_infos, layout.bin_info_size * nbins),
+        (base + layout.tcache_bin_alloc_size, 8),
+        (base + layout.tcache_bin_alloc_alignment, 8)], "size-class tables")
+    narenas, nhbins = _U32.unpack(narenas)[0], _U32.unpack(nhbins)[0]
+    if narenas > min(layout.arenas_count, MAX_ARENAS) or not nbins <= nhbins <= layout.nsizes:
+        raise ArenaReadError(f"implausible counts: {narenas} arenas, {nhbins} cached classes")
+    size = struct.unpack(f"<{layout.nsizes}Q", sizes)
+    first_bin = _U32.unpack_from(offsets, 0)[0]
+    shard_sizes = []  # the class size of every bin shard, in memory order
+    for i in range(nbins):
+        count = _U32.unpack_from(infos, layout.bin_info_size * i + layout.bin_info_shards)[0]
+        if _U32.unpack_from(offsets, 4 * i)[0] != first_bin + len(shard_sizes) * layout.bin_size:
+            raise ArenaReadError("bin shards not laid out one after the other")
+        shard_sizes += [size[i]] * count
+        if len(shard_sizes) > MAX_SHARDS:
+            raise ArenaReadError("implausible bin shards")
+    arenas = [a for a in struct.unpack(f"<{narenas}Q", _read(
+        reader, pid, [(base + layout.arenas, 8 * narenas)], "arena array")[0]) if a]
+
+    # the arenas: bins, large classes, internal bytes, the head of their caches' ring
+    bins = _records(layout.bin_size, (layout.bin_nrequests, layout.bin_curregs), "QQ",
+                    len(shard_sizes))
+    large = _records(layout.lstat_size, (layout.lstat_nmalloc, layout.lstat_ndalloc,
+                                         layout.lstat_nrequests), "QQQ", layout.nlarge)
+    ranges = []
+    for arena in arenas:
+        ranges += [(arena + layout.arena_internal, 8), (arena + layout.arena_descriptors, 8),
+                   (arena + layout.arena_cache_locks, 8), (arena + first_bin, bins.size),
+                   (arena + layout.arena_lstats, large.size)]
+    known = [tsd + layout.tsd_descriptor for tsd in tsds]
+    ranges += [r for node in known for r in _ring_entry(layout, node)]
+    found = reader(pid, ranges)
+    data = iter(_checked(found[:5 * len(arenas)], "arenas"))
+    pointers = found[5 * len(arenas):]
+    entries = {node: (_U64.unpack(a)[0], _U64.unpack(b)[0])  # type: ignore[arg-type]
+               for node, a, b in zip(known, pointers[0::2], pointers[1::2])
+               if not isinstance(a, OSError) and not isinstance(b, OSError)}
+    large_sizes = size[nbins:]
+    requested = in_use = cached = internal = locks = 0
+    heads = []
+    for _ in arenas:
+        internal += _U64.unpack(next(data))[0]
+        heads.append(_U64.unpack(next(data))[0])
+        locks += _U64.unpack(next(data))[0]
+        fields = bins.unpack(next(data))
+        requested += _dot(fields[0::2], shard_sizes)
+        in_use += _dot(fields[1::2], shard_sizes)
+        fields = large.unpack(next(data))
+        nmalloc = _dot(fields[0::3], large_sizes)
+        requested += nmalloc + _dot(fields[2::3], large_sizes)
+        in_use += nmalloc - _dot(fields[1::3], large_sizes)
+
+    # the thread caches: requests not flushed yet, regions held
+    arrays = _cache_bins(reader, pid, layout, heads, entries)
+    cache = _records(layout.cache_bin_size, (layout.cache_bin_head, layout.cache_bin_nrequests,
+                                             layout.cache_bin_empty), "QQH", nhbins)
+    cached_sizes = size[:nhbins]
+    for data_or_error in reader(pid, [(a, cache.size) for a in arrays]):
+        if isinstance(data_or_error, OSError):
+            continue  # a cache freed since its ring was walked: its thread has exited
+        fields = cache.unpack(data_or_error)
+        requested += _dot(fields[1::3], cached_sizes)
+        cached += _dot([((empty - head) & 0xFFFF) >> 3 for head, empty
+                        in zip(fields[0::3], fields[2::3])], cached_sizes)
+    return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
+                       _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]))
+
+
+def _dot(counts, sizes) -> int:
+    return sum(map(operator.mul, counts, sizes))
+
+
+def _class_size(size: tuple[int, ...], request: int, alignment: int) -> int:
+    """The usable size jemalloc gives an aligned request (sz_sa2u, for alignments up to a
+    page): the smallest class that holds it rounded up to the alignment."""
+    if alignment & (alignment - 1) or alignment > 1 << 16:
+        raise ArenaReadError(f"implausible thread-cache alignment {alignment}")
+    wanted = -(-request // max(alignment, 1)) * max(alignment, 1)
+    index = bisect.bisect_left(size, wanted)
+    if index == len(size):
+        raise ArenaReadError(f"implausible thread-cache size {request}")
+    return size[index]
+
+
+def _ring_entry(layout: ArenaLayout, node: int) -> list[tuple[int, int]]:
+    """The ranges of a ring entry's next pointer and bin-array pointer."""
+    return [(node + layout.descriptor_next, 8), (node + layout.descriptor_bins, 8)]
+
+
+def _cache_bins(reader: Reader, pid: int, layout: ArenaLayout, heads: list[int],
+                entries: dict[int, tuple[int, int]]) -> list[int]:
+    """The bin arrays of every thread cache, walking each arena's ring of descriptors;
+    `entries` holds (next, bins) of the entries already read."""
+    arrays: list[int] = []
+    seen: set[int] = set()
+    for head in heads:
+        node = head
+        while node and node not in seen:
+            if len(seen) >= MAX_CACHES:
+                raise ArenaReadError(f"more than {MAX_CACHES} thread caches")
+            seen.add(node)
+            entry = entries.get(node)
+            if entry is None:
+                found = reader(pid, _ring_entry(layout, node))
+                if any(isinstance(f, OSError) for f in found):
+                    break  # unlinked and freed meanwhile: what was walked is kept
+                entry = _U64.unpack(found[0])[0], _U64.unpack(found[1])[0]  # type: ignore[arg-type]
+            node, array = entry
+            if array:
+                arrays.append(array)
+    return arrays
+
+
+def process_totals(threads: tuple[int, int], arena: ArenaTotals | None,
+                   floor: tuple[int, int]) -> tuple[int, int, str]:
+    """(allocated, deallocated, source) of one process. `threads` is the per-thread sum
+    (threads read now plus what exited ones were last read at): exact where it reaches,
+    blind to threads never read and to frees made after a thread's last read. `arena` is
+    the arena statistics' view, None when they cannot be read. Neither total goes below
+    `floor` (the last reported) nor below the per-thread sum; deallocated never exceeds
+    allocated."""
+    if arena is None or arena.requested == 0:  # none, or jemalloc built --disable-stats
+        return max(floor[0], threads[0]), max(floor[1], threads[1]), THREADS
+    allocated = max(floor[0], threads[0], arena.allocated)
+    deallocated = max(floor[1], threads[1], allocated - max(arena.live, 0))
+    return allocated, min(deallocated, allocated), ARENA
