@@ -54,6 +54,8 @@ class ArenaTotals:
     cache_locks: int  # locks of the arenas' thread-cache rings (count)
     caches: int       # thread caches linked now (count)
     cache_stacks: int  # usable size of one thread cache's stacks
+    narenas: int = 0   # arenas created when read
+    arenas: tuple[int, ...] = ()  # their addresses
 
     @property
     def unlinked(self) -> int:
@@ -170,7 +172,22 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         cached += _dot([((empty - head) & 0xFFFF) >> 3 for head, empty
                         in zip(fields[0::3], fields[2::3])], cached_sizes)
     return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
-                       _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]))
+                       _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]),
+                       narenas, tuple(arenas))
+
+
+def unchanged(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
+              reader: Reader = memory.read_ranges) -> bool:
+    """Whether no thread cache was linked or unlinked and no arena created since `last`
+    was read (one small read). With every live thread's counters unmoved too, nothing
+    was allocated or freed: a thread that allocates gets a cache, linked when it starts
+    to allocate and unlinked when it exits."""
+    found = reader(pid, [(base + layout.narenas_total, 4)] + [
+        (arena + layout.arena_cache_locks, 8) for arena in last.arenas])
+    if any(isinstance(f, OSError) for f in found):
+        return False
+    locks = sum(_U64.unpack(f)[0] for f in found[1:])  # type: ignore[arg-type]
+    return _U32.unpack(found[0])[0] == last.narenas and locks == last.cache_locks  # type: ignore[arg-type]
 
 
 def _dot(counts, sizes) -> int:

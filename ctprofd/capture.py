@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Collection
 
 from . import offsets_file, tags
-from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
+from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
 from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
@@ -293,14 +293,17 @@ class Capturer:
                       threads: list[ThreadSample]) -> ArenaTotals | None:
         """The arena statistics' view of a process (what images before an execve counted
         added), or None when its layout has none or they cannot be read now. Not read
-        again while every thread was read and none has allocated or freed since."""
+        again while every thread was read, none has allocated or freed since, and no
+        thread cache came or went."""
         assert isinstance(tracked.result, ProcessState)
         attachment = tracked.result.attachment
         layout = attachment.layout.arena
         if layout is None or attachment.base is None:
             return None
         basis = tuple(sorted((t.tid, t.allocated_bytes, t.deallocated_bytes) for t in threads))
-        if tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed:
+        if (tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed
+                and unchanged(pid, layout, attachment.base, tracked.arena[1],
+                              self.prober.read_ranges)):
             return tracked.arena[1]
         tsds = [s.counters_at - attachment.layout.allocated_offset
                 for s in tracked.result.threads.values() if s.counters_at]
