@@ -187,3 +187,12 @@ def test_growth_panel_is_the_top_hourly_deriv_of_live_bytes() -> None:
     assert target["expr"].startswith("topk(10, ")
     assert "deriv(ctprofd_live_bytes{" in target["expr"] and target["expr"].endswith("[1h])))")
     assert panel["fieldConfig"]["defaults"]["unit"] == "Bps"
+
+
+def test_totals_source_panel_splits_the_processes_by_source() -> None:
+    [panel] = [p for p in load_dashboard()["panels"]
+               if p["title"] == "Where the process totals come from"]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert exprs[0].startswith("sum(ctprofd_arena_processes{")
+    assert exprs[1].startswith("sum(ctprofd_processes{") and "- sum(ctprofd_arena_processes{" in exprs[1]
+    assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
