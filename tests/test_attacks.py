@@ -1,10 +1,14 @@
-"""Attacks by an unprivileged user (uid 65534, through setpriv) on a root `ctprofd run`: for
-each, the daemon keeps its schedule (snapshots keep being published), a root reference
-process's series keeps its exact values, and a scraper polling once a second keeps succeeding.
-Everything waits for events; nothing asserts on elapsed time."""
+"""Attacks by an unprivileged user (uid 65534, through setpriv) on a root `ctprofd run`:
+hostile file and cgroup names, idle and trickling connections, floods of short-lived and
+self-renaming processes, the parser worker, and what already held (SIGHUP storms, user
+namespaces, 50,000 mappings, a PTRACE_TRACEME child). For each, the daemon keeps its schedule
+(snapshots keep being published), a root reference process's series keeps its exact values,
+and a scraper polling once a second keeps succeeding. Everything waits for events; nothing
+asserts on elapsed time."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -356,3 +360,106 @@ def test_crafted_cgroup_names_cannot_choose_or_break_the_unit_label(attacked, fi
                 except OSError:
                     break
                 directory = directory.parent
+
+
+def test_a_sighup_storm_keeps_the_configuration_schedule_and_values(attacked):
+    harness = attacked()
+    for _ in range(200):
+        harness.daemon.signal(signal.SIGHUP)
+    harness.daemon.wait_for("reloaded the configuration")
+    text = harness.next_snapshot(3)
+    assert harness.daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.2
+    harness.assert_reference_exact(text)
+    assert harness.daemon.proc.poll() is None
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
+MAPPINGS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for _ in range(50000):  # PROT_READ, MAP_PRIVATE; offset 0 each time: no two can merge
+    assert libc.mmap(None, 4096, 1, 2, fd, 0) not in (None, ctypes.c_void_p(-1).value)
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_user_namespaces_and_50000_mappings_are_read_or_passed_over(attacked, fixture_bins,
+                                                                   spawn_fixture,
+                                                                   spawn_process, tmp_path):
+    harness = attacked()
+    # nobody's jemalloc process as root of a user namespace of its own: read exactly
+    inside = spawn_fixture(fixture_bins["static"], 2,
+                           prefix=(*NOBODY, "unshare", "--user", "--map-root-user"))
+    # nobody's process with 50,000 file mappings, selected (its exe is under the fixtures)
+    drop = Path(fixture_bins.root) / "maps"
+    drop.mkdir()
+    shutil.chown(drop, 65534, 65534)
+    copy_as(NOBODY, Path(os.path.realpath("/usr/bin/python3")), drop / "python3")
+    page = drop / "page"
+    subprocess.run([*NOBODY, "dd", "if=/dev/zero", f"of={page}", "bs=4096", "count=1"],
+                   check=True, capture_output=True)
+    mapped = spawn_process([drop / "python3", "-c", MAPPINGS, page], prefix=NOBODY, timeout=60)
+    with open(f"/proc/{mapped.pid}/maps") as f:
+        assert sum(1 for _ in f) > 50000
+    text = harness.next_snapshot(3)
+    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+    assert exported[str(inside.pid)] == sum(t["allocated"] for t in inside.threads)
+    assert str(mapped.pid) not in exported  # walked, not jemalloc
+    assert dict((l["tag"], v) for l, v in samples(text, "ctprofd_probe_failures")).get(
+        "jemalloc-not-found", 0) >= 1
+    harness.assert_reference_exact(text)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
+TRACEME = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    libc.ptrace(0, 0, None, None)  # PTRACE_TRACEME: the parent is its tracer
+    os.execv(sys.argv[1], sys.argv[1:])
+os.waitpid(pid, 0)  # the exec's SIGTRAP stop
+print(f"CHILD {pid}", flush=True)
+signal = 0
+while True:  # pass every signal on, as a debugger would
+    libc.ptrace(7, pid, None, signal)  # PTRACE_CONT
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+    signal = os.WSTOPSIG(status) if os.WSTOPSIG(status) != 5 else 0
+"""
+
+
+def tracer_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
+
+
+def test_a_child_traced_by_its_parent_is_a_counted_failure_and_left_alone(
+        attacked, fixture_bins, spawn_process):
+    harness = attacked()
+    tracer = spawn_process(["/usr/bin/python3", "-c", TRACEME, fixture_bins["static"].binary,
+                            "1"], prefix=NOBODY)
+    child = int(next(line for line in tracer.output if line.startswith("CHILD ")).split()[1])
+    threads = [json.loads(line) for line in tracer.output if line.startswith("{")]
+    assert tracer_of(child) == tracer.pid
+    text = harness.next_snapshot(3)
+    failures = dict((l["tag"], v) for l, v in samples(text, "ctprofd_probe_failures"))
+    assert failures.get("ptrace-seize", 0) >= 1, failures  # its traced main thread
+    # its worker thread, started after the exec, is not traced (no PTRACE_O_TRACECLONE)
+    # and is read exactly; the main thread's counters are not made up
+    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+    assert exported[str(child)] == threads[1]["allocated"]
+    assert tracer_of(child) == tracer.pid  # its own tracer still, and it still answers
+    tracer.send("exit 0")
+    assert tracer.readline().startswith("EXITED ")
+    harness.assert_reference_exact(text)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
