@@ -296,3 +296,27 @@ def test_series_key_takes_the_comm_it_is_given():
     agg = grouped(("pid", "comm"))
     assert agg.series_key(proc(10, (1, 0), comm="now")) == ("10", "now")
     assert agg.series_key(proc(10, (1, 0), comm="now"), comm="first") == ("10", "first")
+
+
+def order(view: AggregateView) -> list[str]:
+    return [s.labels[0] for s in view.series]
+
+
+def test_live_series_come_first_the_longest_running_then_the_larger():
+    agg = grouped(("comm",))
+    view = agg.update(snap(0, proc(1, (1, 0), start=5, comm="a"),
+                           proc(2, (1, 0), start=50, comm="a"),  # a's earliest start is 5
+                           proc(3, (1, 0), start=20, comm="b"),
+                           proc(4, (100, 90), start=30, comm="c"),
+                           proc(5, (50, 95), start=30, comm="d")), NONE_ALIVE)
+    assert order(view) == ["a", "b", "c", "d"]  # c and d started together: c allocated more
+
+
+def test_exited_series_follow_the_most_recently_active_then_the_larger():
+    agg = grouped(("comm",))
+    agg.update(snap(0, proc(1, (1, 0), comm="x"), proc(2, (1, 0), comm="y"),
+                    proc(3, (100, 90), comm="p"), proc(4, (50, 95), comm="q")), NONE_ALIVE)
+    agg.update(snap(1, proc(2, (1, 0), comm="y"), proc(9, (1, 0), start=7, comm="live")),
+               NONE_ALIVE)  # x, p and q exited, active last at 0
+    view = agg.update(snap(2, proc(9, (1, 0), start=7, comm="live")), NONE_ALIVE)  # y at 1
+    assert order(view) == ["live", "y", "p", "q", "x"]

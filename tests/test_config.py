@@ -256,6 +256,7 @@ def test_add_check_config_parser_sets_func(tmp_path):
     ("listen: 'h:abc'\n", "listen: 'h:abc' is not HOST:PORT with a port 0-65535"),
     ("? [a]\n: 1\n", "invalid YAML at line 1 column 3: found unhashable key"),
     ("selection:\n  ? {a: 1}\n  : 1\n", "invalid YAML at line 2 column 5: found unhashable key"),
+    ("? [a]\n: 1\nb: 1\nb: 2\n", "invalid YAML at line 4 column 1: duplicate key 'b'"),
 ])
 def test_every_key_is_named_in_its_error(tmp_path, text, expected):
     assert error_of(tmp_path, text) == expected

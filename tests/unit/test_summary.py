@@ -162,11 +162,15 @@ def test_actionable_failures_are_listed_under_the_current_tgid_first_one_first()
     tally.fail(tags.PTRACE_SEIZE, 2, reason="tid 12: EPERM")
     tally.current = (20, "envoy")
     tally.fail(tags.DWARF_PARSE_FAILURE)
+    tally.current = (30, "nginx")
+    tally.fail(tags.GET_REGSET, 4)
     assert tally.failed_pids == {
         10: PidFailure(10, "redis", tags.WAITPID, "tid 11: no stop in 250 ms", 3),
-        20: PidFailure(20, "envoy", tags.DWARF_PARSE_FAILURE, tags.DWARF_PARSE_FAILURE, 1)}
+        20: PidFailure(20, "envoy", tags.DWARF_PARSE_FAILURE, tags.DWARF_PARSE_FAILURE, 1),
+        30: PidFailure(30, "nginx", tags.GET_REGSET, tags.GET_REGSET, 4)}
     assert tally.failures == Counter({tags.PTRACE_SEIZE: 3, tags.JEMALLOC_NOT_FOUND: 1,
-                                      tags.WAITPID: 1, tags.DWARF_PARSE_FAILURE: 1})
+                                      tags.WAITPID: 1, tags.DWARF_PARSE_FAILURE: 1,
+                                      tags.GET_REGSET: 4})
     assert tally.failed_pids[10].to_dict() == {
         "pid": 10, "comm": "redis", "tag": tags.WAITPID,
         "reason": "tid 11: no stop in 250 ms", "count": 3}
