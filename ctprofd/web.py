@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from .config import ConfigError, Reader, load_yaml, parse_listen, read_text
+from .config import Reader, load_yaml, parse_listen, read_text
 from .files import read_regular
 from .render import CollectError, Renderer
 
