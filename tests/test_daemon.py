@@ -166,12 +166,15 @@ def test_sigterm_exits_mid_snapshot_without_finishing_it(tmp_path, daemons, fixt
     while (caught := seized()) is None:
         assert time.monotonic() < guard and daemon.proc.poll() is None, daemon.lines
         time.sleep(0.001)
+    daemon_threads = set(os.listdir(f"/proc/{daemon.proc.pid}/task"))  # its tracer among them
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(HANG_GUARD) == 0
     logged = [int(n) for line in daemon.lines + daemon.remaining_lines()
               for n in re.findall(r"probe: .* (\d+) failed", line)]
     assert all(n <= caught + 1 for n in logged), (caught, logged)  # none stopped after it
-    assert all(tracer_of(tid) == "0" for tid in target.tids)
+    # (another session's ctprofd walking the whole host may trace a thread for a moment)
+    tracers = {tid: tracer_of(tid) for tid in target.tids}
+    assert not daemon_threads & set(tracers.values()), tracers
 
 
 def test_sigint_exits_zero_and_saves_the_series_state(tmp_path, daemons):
