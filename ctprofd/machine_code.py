@@ -320,9 +320,9 @@ def _scan(image: Image, md: capstone.Cs) -> CodeOffsets:
 
 def _shapes_around(image: Image, md: capstone.Cs, compare: int,
                    segment: int) -> list[CounterShape]:
-    """The shapes in the code around a compare at `compare`, decoded from the first lead-in
-    (within the segment starting at `segment`) that falls on an instruction boundary at
-    the compare."""
+    """The shapes in the code around a compare at `compare`, decoded from the longest
+    lead-in (within the segment starting at `segment`) whose decode falls on an instruction
+    boundary at the compare: one decode with details per compare."""
     for start in sorted({max(segment, compare - lead) for lead in SCAN_LEAD_INS}):
         code = image.bytes_at(start, compare - start + SCAN_TAIL)
         if len(code) <= compare - start:
@@ -333,9 +333,7 @@ def _shapes_around(image: Image, md: capstone.Cs, compare: int,
                 boundary = insn_address == compare
                 break
         if boundary:
-            shapes = shapes_in(md, code, start, image.is_tls_slot)
-            if shapes:
-                return shapes
+            return shapes_in(md, code, start, image.is_tls_slot)
     return []
 
 
