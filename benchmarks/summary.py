@@ -65,7 +65,10 @@ def cold_start(r: dict) -> list[str]:
     b = r["binary"]
     out = [f"binary: {b['debug_info_bytes'] / 1e6:.0f} MB .debug_info, {b['units']} units, "
            f"first jemalloc unit #{b['first_jemalloc_unit']}"]
-    for name in ("pahole", "daemon", "resolve_object", "tsd_offsets"):
+    for name in ("pahole", "daemon", "resolve_object", "tsd_offsets", "daemon_stripped",
+                 "code_stripped", "code_scan"):
+        if name not in r:  # results from before the code route
+            continue
         m = r[name]
         peak = m.get("peak_rss_mib") or m.get("worker_child_peak_rss_mib")
         out.append(f"{name}: wall p50 {m['wall_seconds']['p50']:.2f} s"
