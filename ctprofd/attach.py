@@ -14,7 +14,8 @@ from elftools.common.exceptions import ELFError
 from . import elf, tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch, ObjectDir
-from .layout import LayoutFailure, NotJemalloc, Resolution, TsdLayout, object_dirs_for, resolve
+from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
+                     applies_to, object_dirs_for, resolve)
 from .parse_worker import ParseWorker, WorkerLimits
 from .procfs import Mapping, ProcessInfo, read_maps
 from .retry import RetrySchedule
@@ -54,6 +55,13 @@ class Attachment:
     tsd_delta: int | None = None
     got_slot: int | None = None
     base: int | None = None  # where the jemalloc object is mapped, for its arena statistics
+
+
+def learned_key(build_id: str, owner: int) -> str:
+    """Cache key of a layout parsed from a file with this build-id and owner (uid): one
+    user's file never vouches for another's. `build-id:<hex>` alone is the operator's
+    (offsets files)."""
+    return f"build-id:{build_id}:uid:{owner}"
 
 
 def identity_of(path: str) -> BinaryIdentity:
@@ -191,19 +199,29 @@ class Attacher:
                     self.elf_opens += 1
                     resolution = resolve(
                         self.worker, stream, what, object_dirs, self.search, shared,
-                        known=lambda build_id: self.cache.get(f"build-id:{build_id}"))
+                        known=lambda facts: self._known(facts, st.st_uid))
                 if isinstance(resolution, LayoutFailure) and resolution.lost:
                     # not the binary's doing: parsed again later, never cached as its failure
                     delay = self.retries.failed(identity.key)
                     log.warning("%s; parsing it again in %g s", resolution.message, delay)
                     raise ProbeError(resolution.tag, resolution.message)
                 self.retries.succeeded(identity.key)
+                if isinstance(resolution, TsdLayout) and resolution.build_id:
+                    self.cache.put(learned_key(resolution.build_id, st.st_uid), resolution)
             self.cache.put(identity.key, resolution)
-            if isinstance(resolution, TsdLayout) and resolution.build_id:
-                self.cache.put(f"build-id:{resolution.build_id}", resolution)
         if isinstance(resolution, LayoutFailure):
             raise ProbeError(resolution.tag, resolution.message)
         return resolution
+
+    def _known(self, facts: ObjectFacts, owner: int) -> TsdLayout | None:
+        """A layout for this build-id learned from a file of the same owner, or imported
+        by the operator, that is shown to apply to the file `facts` describe."""
+        assert facts.build_id is not None
+        for key in (learned_key(facts.build_id, owner), f"build-id:{facts.build_id}"):
+            found = self.cache.get(key)
+            if isinstance(found, TsdLayout) and applies_to(found, facts):
+                return found
+        return None
 
     def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
         try:

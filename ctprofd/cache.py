@@ -1,10 +1,13 @@
 """The resolution cache: binary key -> TsdLayout / NotJemalloc / LayoutFailure, in memory
 and optionally on disk (one JSON file per key, written atomically).
 
-Keys are `build-id:<hex>` or, for binaries without one, `file:<dev>:<ino>:<size>:<mtime_ns>`.
-Failures expire after `failure_ttl` seconds so newly installed debug info is picked up;
-the other results describe an immutable file and never expire. Memory holds the
-`max_entries` most recently used.
+Keys are `file:<dev>:<ino>:<size>:<mtime_ns>` (a file as the kernel names it),
+`build-id:<hex>:uid:<owner>` (a layout parsed from a file with that build-id and owner) or
+`build-id:<hex>` (imported from an offsets file). Failures expire after `failure_ttl`
+seconds so newly installed debug info is picked up, and are then removed; the other
+results describe an immutable file. Both memory and disk hold at most `max_entries`, and
+the disk at most `max_bytes`, evicting the least recently used (memory) or written (disk):
+a user who makes new file identities at will (touching a binary) cannot grow either.
 """
 
 from __future__ import annotations
@@ -27,19 +30,23 @@ class LayoutCache:
     """Memory cache backed by a directory; any disk problem degrades to memory only."""
 
     def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
-                 max_entries: int = 4096) -> None:
+                 max_entries: int = 4096, max_bytes: int = 16 << 20) -> None:
         self.directory = os.path.join(directory, "layouts") if directory else None
         self.failure_ttl = failure_ttl
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
         self._memory: OrderedDict[str, tuple[Resolution, float]] = OrderedDict()
+        self._files: OrderedDict[str, int] = OrderedDict()  # on disk: name -> bytes, by age
         self._warned = False
         if self.directory:
             try:
                 os.makedirs(self.directory, exist_ok=True)
+                self._files = _existing_files(self.directory)
             except OSError as exc:
                 self._degrade(f"cannot create cache directory {self.directory}: {exc.strerror}")
+            self._trim_disk()
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -54,6 +61,9 @@ class LayoutCache:
                 self._remember(key, entry)
                 self.hits += 1
                 return resolution
+            self._memory.pop(key, None)  # an expired failure: gone from memory and disk
+            if self.directory:
+                self._remove(os.path.basename(self._path(key)))
         self.misses += 1
         return None
 
@@ -86,7 +96,7 @@ class LayoutCache:
                 with open(path, "rb") as f:
                     failed = json.load(f)["result"]["kind"] == "failure"
                 if failed:
-                    os.unlink(path)
+                    self._remove(name)
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not ours to judge: _load sets unusable files aside
 
@@ -117,6 +127,7 @@ class LayoutCache:
                 os.replace(path, path + ".corrupt")
             except OSError:
                 pass
+            self._files.pop(os.path.basename(path), None)
             return None
 
     def _store(self, key: str, entry: tuple[Resolution, float]) -> None:
@@ -124,13 +135,47 @@ class LayoutCache:
             return
         data = {"version": FORMAT_VERSION, "key": key, "stored_at": entry[1],
                 "result": entry[0].to_dict()}
+        path = self._path(key)
         try:
-            write_json(self._path(key), data)
+            write_json(path, data)
+            size = os.path.getsize(path)
         except OSError as exc:
             self._degrade(f"cannot write cache directory {self.directory}: {exc.strerror}")
+            return
+        name = os.path.basename(path)
+        self._files[name] = size
+        self._files.move_to_end(name)
+        self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        """Remove the oldest files while over `max_entries` or `max_bytes`."""
+        total = sum(self._files.values())
+        while self._files and (len(self._files) > self.max_entries or total > self.max_bytes):
+            name, size = next(iter(self._files.items()))
+            self._remove(name)
+            total -= size
+
+    def _remove(self, name: str) -> None:
+        """Delete one cache file (already gone is fine)."""
+        self._files.pop(name, None)
+        assert self.directory is not None
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except OSError:
+            pass
 
     def _degrade(self, message: str) -> None:
         if not self._warned:
             log.warning("%s; caching in memory only", message)
             self._warned = True
         self.directory = None
+
+
+def _existing_files(directory: str) -> OrderedDict[str, int]:
+    """The cache files in `directory`, oldest written first, with their sizes."""
+    found = []
+    for entry in os.scandir(directory):
+        if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            found.append((st.st_mtime_ns, entry.name, st.st_size))
+    return OrderedDict((name, size) for _, name, size in sorted(found))

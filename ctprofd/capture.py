@@ -19,7 +19,8 @@ from .debuginfo import DebugSearch
 from .debuginfod import DebuginfodClient, urls_from_environment
 from .layout import NotJemalloc
 from .parse_worker import WorkerLimits
-from .probe import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark
+from .probe import (ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark,
+                    same_image)
 from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
 from .retained import RetainedStore, Saved
 from .ptrace import Tracer
@@ -41,6 +42,8 @@ class CaptureSettings:
 
     proc_root: str = "/proc"
     cache_dir: str | None = None
+    cache_max_entries: int = 4096
+    cache_max_bytes: int = 16 << 20
     state_dir: str | None = None  # where exited threads' totals survive a restart
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
@@ -52,7 +55,10 @@ class CaptureSettings:
     @classmethod
     def from_config(cls, config: Config, **overrides: object) -> CaptureSettings:
         """Where the daemon with this configuration looks: every command searches alike."""
-        return cls(**{"cache_dir": config.cache_dir, "debug_dirs": config.debug_dirs,
+        return cls(**{"cache_dir": config.cache_dir,
+                      "cache_max_entries": config.cache_max_entries,
+                      "cache_max_bytes": config.cache_max_mib << 20,
+                      "debug_dirs": config.debug_dirs,
                       "debuginfod_urls": config.debuginfod_urls,
                       "offsets_files": config.offsets_files,
                       "parser": WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
@@ -89,6 +95,7 @@ class _Tracked:
     reported: tuple[int, int] = (0, 0)  # the last totals reported: they never go back
     # the last arena statistics read, and the threads' counters they were read with
     arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
+    image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -124,7 +131,9 @@ class Capturer:
 
     def __init__(self, settings: CaptureSettings | None = None) -> None:
         self.settings = settings or CaptureSettings()
-        self.cache = LayoutCache(self.settings.cache_dir)
+        self.cache = LayoutCache(self.settings.cache_dir,
+                                 max_entries=self.settings.cache_max_entries,
+                                 max_bytes=self.settings.cache_max_bytes)
         for path in self.settings.offsets_files:  # raises OffsetsFileError
             for layout in offsets_file.load(path):
                 self.cache.put(f"build-id:{layout.build_id}",
@@ -331,9 +340,14 @@ class Capturer:
     def _track(self, process: ProcessInfo) -> _Tracked:
         """The tracked state of a process, attaching when it is new or runs another file."""
         tracked = self._tracked.get(process.key)
-        if tracked is not None and tracked.identity == exe_identity(process):
-            return tracked  # an exec of the same file shows when its AT_RANDOM is read
-        return self._attach(process, tracked)
+        if tracked is None:
+            return self._attach(process, None)
+        identity = exe_identity(process)
+        if tracked.identity != identity:
+            if not same_image(process.pid, tracked.image_mark):
+                return self._attach(process, tracked)
+            tracked.identity = identity  # the file was touched or renamed, not exec'ed
+        return tracked  # an exec of the same file shows when its AT_RANDOM is read
 
     def _attach(self, process: ProcessInfo, previous: _Tracked | None) -> _Tracked:
         """Attach to the image a process runs now. What an earlier image counted stays in
@@ -352,11 +366,12 @@ class Capturer:
             for (tid, start), (allocated, deallocated) in saved.threads.items():
                 # last read before the restart; located anew if still alive, else retired
                 state.threads[tid] = ThreadState(start, 0, allocated, deallocated)
-            tracked = _Tracked(identity, state, process.exe, result.layout.build_id, retained)
+            tracked = _Tracked(identity, state, process.exe, result.layout.build_id, retained,
+                               image_mark=mark)
         else:
             retained = (retained[0] + sum(a for a, _ in saved.threads.values()),
                         retained[1] + sum(d for _, d in saved.threads.values()))
-            tracked = _Tracked(identity, result, process.exe, None, retained)
+            tracked = _Tracked(identity, result, process.exe, None, retained, image_mark=mark)
         if previous is not None:
             tracked.earlier_images = saved.retained
         self._tracked[process.key] = tracked

@@ -95,6 +95,8 @@ class Config:
     listen: str = ":19455"
     interval: float = 15.0
     cache_dir: str | None = "/var/cache/ctprofd"
+    cache_max_entries: int = 4096
+    cache_max_mib: int = 16
     state_dir: str = "/var/lib/ctprofd"
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
@@ -267,6 +269,10 @@ class _Validator(Reader):
             listen=self._listen(get("listen", d.listen)),
             interval=self.interval(get("interval", d.interval), "interval"),
             cache_dir=self.string(get("cache_dir", d.cache_dir), "cache_dir", nullable=True),
+            cache_max_entries=self.integer(get("cache_max_entries", d.cache_max_entries),
+                                           "cache_max_entries", 1),
+            cache_max_mib=self.integer(get("cache_max_mib", d.cache_max_mib),
+                                       "cache_max_mib", 1),
             state_dir=self.string(get("state_dir", d.state_dir), "state_dir"),
             debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
             debuginfod_urls=self._urls(get("debuginfod_urls", [])),

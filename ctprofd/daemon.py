@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "aggregate.json"
 STOP_GRACE_SECONDS = 0.5
 # Changing these needs a restart: they are bound (socket) or built into the Capturer.
-RESTART_KEYS = ("listen", "cache_dir", "state_dir", "debug_dirs", "debuginfod_urls",
-                "offsets_files", "parser")
+RESTART_KEYS = ("listen", "cache_dir", "cache_max_entries", "cache_max_mib", "state_dir",
+                "debug_dirs", "debuginfod_urls", "offsets_files", "parser")
 
 
 class Notifier:

@@ -418,6 +418,18 @@ def _arena_layout(image, load_page: int, where: str) -> ArenaLayout | None:
         return None
 
 
+def applies_to(layout: TsdLayout, facts: ObjectFacts) -> bool:
+    """Whether a layout learned from another file (same build-id) fits what this file says
+    of itself: the build-id, where its PT_TLS header (or TPOFF relocation) puts the TLS
+    block and, when its symbols name it, the TSD variable. A build-id alone proves nothing:
+    anyone can write any build-id into a file."""
+    return (layout.build_id == facts.build_id
+            and {name: getattr(layout, name) for name in facts.placement()} == facts.placement()
+            and (facts.symbol is None
+                 or (facts.symbol.name, facts.symbol.value) == (layout.symbol,
+                                                                layout.symbol_offset)))
+
+
 class Parser(Protocol):
     """Runs the two phases somewhere: in this process, or in a sandbox (parse_worker)."""
 
@@ -446,16 +458,16 @@ class InProcess:
 
 def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[ObjectDir],
             search: DebugSearch, shared: bool = False,
-            known: Callable[[str], Resolution | None] | None = None) -> Resolution:
-    """Both phases: inspect the object, then take the layout already `known` for its
-    build-id, or read it from its own DWARF or from its external debug file (looked for
-    in `object_dirs`, where its debuglink may point, and as `search` says), or, when
-    none gives it, from its machine code. Every file is opened once and read only by the
-    parser, a debuglink's CRC included."""
+            known: Callable[[ObjectFacts], TsdLayout | None] | None = None) -> Resolution:
+    """Both phases: inspect the object, then take a layout already `known` for it (by
+    build-id, and shown to apply: see `applies_to`), or read it from its own DWARF or from
+    its external debug file (looked for in `object_dirs`, where its debuglink may point,
+    and as `search` says), or, when none gives it, from its machine code. Every file is
+    opened once and read only by the parser, a debuglink's CRC included."""
     facts = parser.inspect(stream, what, shared)
     if not isinstance(facts, ObjectFacts):
         return facts
-    if known is not None and facts.build_id and (found := known(facts.build_id)) is not None:
+    if known is not None and facts.build_id and (found := known(facts)) is not None:
         return found
     if facts.embedded_dwarf:
         result = parser.layout(stream, facts, what, "embedded")

@@ -47,6 +47,12 @@ def image_mark(process: ProcessInfo) -> tuple[int, bytes] | None:
     return None if isinstance(data, OSError) else (address, data)
 
 
+def same_image(pid: int, mark: tuple[int, bytes] | None) -> bool:
+    """Whether the process still runs the image whose AT_RANDOM bytes `mark` holds (False
+    when unknown)."""
+    return mark is not None and memory.read_ranges(pid, [(mark[0], len(mark[1]))])[0] == mark[1]
+
+
 @dataclass
 class ThreadState:
     """What is known about one thread (tid + start time) across snapshots."""

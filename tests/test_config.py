@@ -244,12 +244,14 @@ def test_add_check_config_parser_sets_func(tmp_path):
      "selection.include.exe[0]: expected a string, got an integer"),
     ("selection:\n  exclude: {unit: [5]}\n",
      "selection.exclude.unit[0]: expected a string, got an integer"),
-    ("source: x\n", "source: unknown key (known: listen, interval, cache_dir, state_dir, "
-                     "debug_dirs, debuginfod_urls, offsets_files, parser, selection, labels, "
-                     "max_series, series_retention, web_config_file, log_level)"),
-    ("colour: red\n", "colour: unknown key (known: listen, interval, cache_dir, state_dir, "
-                      "debug_dirs, debuginfod_urls, offsets_files, parser, selection, labels, "
-                      "max_series, series_retention, web_config_file, log_level)"),
+    ("source: x\n", "source: unknown key (known: listen, interval, cache_dir, "
+                     "cache_max_entries, cache_max_mib, state_dir, debug_dirs, debuginfod_urls, "
+                     "offsets_files, parser, selection, labels, max_series, series_retention, "
+                     "web_config_file, log_level)"),
+    ("colour: red\n", "colour: unknown key (known: listen, interval, cache_dir, "
+                      "cache_max_entries, cache_max_mib, state_dir, debug_dirs, debuginfod_urls, "
+                      "offsets_files, parser, selection, labels, max_series, series_retention, "
+                     "web_config_file, log_level)"),
     ("labels: [host]\n", "labels[0]: unknown label 'host' (choose from pid, comm, unit, exe, "
                          "user)"),
     ("interval: -1\n", "interval: must be > 0, got -1"),

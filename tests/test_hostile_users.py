@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from daemon_process import DaemonProcess, write_config
+from support import elf
 
 NOBODY = 65534
 AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
 MAX_RSS_KIB = 300 << 10
+CACHE_ENTRIES = 8
 
 
 class Host:
@@ -38,13 +41,7 @@ class Host:
         """Wait for `snapshots` more snapshots; check the root fixture, RSS and the scrape."""
         text = self.daemon.wait_for_sample("ctprofd_snapshots_total",
                                            self.snapshots() + snapshots, timeout=60)
-        truth = (sum(t["allocated"] for t in self.root_fixture.threads),
-                 sum(t["deallocated"] for t in self.root_fixture.threads))
-        pid = self.root_fixture.pid
-        read = tuple(float(re.search(rf'^ctprofd_{name}_bytes_total{{pid="{pid}"}} (\S+)$',
-                                     text, re.M).group(1))
-                     for name in ("allocated", "deallocated"))
-        assert read == truth
+        assert_exact(text, self.root_fixture)
         assert rss_kib(self.daemon.proc.pid) < MAX_RSS_KIB
         return text
 
@@ -60,6 +57,16 @@ class Host:
         return target
 
 
+def assert_exact(text: str, fixture) -> None:
+    """The scrape has the fixture's series (labels [pid]) equal to its own mallctl reports."""
+    truth = (sum(t["allocated"] for t in fixture.threads),
+             sum(t["deallocated"] for t in fixture.threads))
+    read = tuple(re.search(rf'^ctprofd_{name}_bytes_total{{pid="{fixture.pid}"}} (\S+)$',
+                           text, re.M) for name in ("allocated", "deallocated"))
+    assert None not in read, f"no series for pid {fixture.pid}"
+    assert tuple(float(m.group(1)) for m in read) == truth
+
+
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
@@ -67,11 +74,13 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture
 def host(tmp_path, fixture_bins, spawn_fixture) -> Iterator[Host]:
+    """The daemon's cache holds at most CACHE_ENTRIES entries."""
     user_dir = Path(tempfile.mkdtemp(prefix="ctprofd-user-"))
     os.chmod(user_dir, 0o755)
     os.chown(user_dir, NOBODY, NOBODY)
-    root_fixture = spawn_fixture(fixture_bins["static"], 2)
-    extra = (f"labels: [pid]\nlog_level: debug\ndebug_dirs: ['{fixture_bins.debug_root}']\n"
+    root_fixture = spawn_fixture(fixture_bins["dynamic"], 2)  # its own build-id
+    extra = (f"labels: [pid]\nlog_level: debug\ncache_max_entries: {CACHE_ENTRIES}\n"
+             f"debug_dirs: ['{fixture_bins.debug_root}']\n"
              f"selection:\n  include:\n"
              f"    exe: ['{fixture_bins.root}/*', '{user_dir}/*']\n")
     daemon = DaemonProcess("--config", str(write_config(tmp_path, extra, interval=0.5)))
@@ -157,3 +166,40 @@ def test_a_symlinked_debug_dir_lends_no_root_eyes(host, fixture_bins, spawn_fixt
         assert "symbolic links" in line and "CRC" not in line
     finally:
         shutil.rmtree(secret)
+
+
+def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, spawn_fixture):
+    """The user runs a binary claiming the build-id of a root program but placing jemalloc's
+    TSD elsewhere (hostile_threads' larger TLS block); the root program started later must
+    still be read exactly."""
+    root_binary = fixture_bins["static"].binary
+    wanted = bytes.fromhex(elf.build_id(root_binary))
+    forged = host.user_file(fixture_bins.hostile_threads, "forged")
+    data = forged.read_bytes()
+    forged.write_bytes(data.replace(bytes.fromhex(elf.build_id(forged)), wanted))
+    assert elf.build_id(forged) == wanted.hex()
+    user = spawn_fixture(forged, 2, prefix=AS_NOBODY)
+    assert_exact(host.keeps_going(), user)
+    root = spawn_fixture(root_binary, 2)
+    assert_exact(host.keeps_going(), root)
+
+
+def test_a_binary_touched_again_and_again_keeps_the_cache_bounded(host, fixture_bins,
+                                                                  spawn_fixture, tmp_path):
+    """Every touch makes a new file identity, so a process started from it is a new parse
+    and a new cache entry: the cache keeps its bound, forgetting the oldest. A process
+    already running from the file is not attached again (its image did not change), and
+    its counters are not counted twice."""
+    binary = host.user_file(fixture_bins["static"].binary, "touched")
+    running = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    for second in range(2 * CACHE_ENTRIES):
+        subprocess.run([*AS_NOBODY, "touch", "-m", "-d", f"@{1_000_000 + second}", str(binary)],
+                       check=True)
+        new = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+        text = host.keeps_going(2)  # the second one began after the touch
+        assert_exact(text, running)
+        assert_exact(text, new)
+        new.kill()
+        assert host.daemon.sample("ctprofd_offset_cache_entries", text) <= CACHE_ENTRIES
+        assert len(os.listdir(tmp_path / "cache" / "layouts")) <= CACHE_ENTRIES
+    assert host.daemon.sample("ctprofd_offset_cache_misses_total", text) >= 2 * CACHE_ENTRIES
