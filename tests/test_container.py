@@ -1,20 +1,85 @@
-"""The Kubernetes DaemonSet's security properties and the Dockerfile's structure."""
+"""The Kubernetes manifests (schema-valid, security properties, probes, memory, monitoring) and
+the Dockerfile's structure."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from ctprofd import config
+from ctprofd.health import STALE_INTERVALS
+from ctprofd.web import HEALTH_PATH
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "packaging" / "kubernetes" / "ctprofd-daemonset.yaml"
+POD_MONITOR = REPO / "packaging" / "kubernetes" / "ctprofd-podmonitor.yaml"
+# The oldest Kubernetes the DaemonSet is written for: appArmorProfile is a 1.30 field.
+KUBERNETES_VERSION = "1.30.0"
 
 
 def documents() -> dict[str, dict]:
     return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text())}
+
+
+def shipped_config() -> config.Config:
+    return config.parse(documents()["ConfigMap"]["data"]["ctprofd.yaml"], "configmap")
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSION, kubernetes_validate.latest_version()])
+def test_every_manifest_is_valid_for_its_schema(version):
+    """Strict: an unknown or misplaced field is an error, as `kubectl apply` would say."""
+    kinds = []
+    for doc in yaml.safe_load_all(MANIFEST.read_text()):
+        kubernetes_validate.validate(doc, version, strict=True)
+        kinds.append(doc["kind"])
+    assert kinds == ["Namespace", "ConfigMap", "DaemonSet", "Service"]
+
+
+def test_a_broken_manifest_is_refused():
+    """The validator is not vacuous: a probe with a misspelt field fails."""
+    doc = documents()["DaemonSet"]
+    doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_probes_use_health_on_the_metrics_port_and_allow_a_slow_first_snapshot():
+    probes = {kind: container()[kind]
+              for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    for probe in probes.values():
+        assert probe["httpGet"] == {"path": HEALTH_PATH, "port": "metrics"}
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # TimeoutStartSec
+    liveness = probes["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= \
+        STALE_INTERVALS * shipped_config().interval
+
+
+def test_the_memory_limit_holds_the_parser_budget_and_the_daemon():
+    """The parsing child may use its whole address-space budget while the daemon (32 MiB
+    measured) and the parse worker (25 MiB) run beside it."""
+    limit = container()["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert int(limit.removesuffix("Mi")) >= shipped_config().parser.memory_limit_mib + 96
+
+
+def test_the_service_and_the_pod_monitor_select_the_pods_and_the_metrics_port():
+    pod_labels = documents()["DaemonSet"]["spec"]["template"]["metadata"]["labels"]
+    service = documents()["Service"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["clusterIP"] == "None"
+    [port] = service["spec"]["ports"]
+    assert port["targetPort"] == container()["ports"][0]["name"] == "metrics"
+    [monitor] = yaml.safe_load_all(POD_MONITOR.read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
 
 
 def pod_spec() -> dict:
@@ -51,12 +116,12 @@ def test_scrape_annotations_match_the_port_and_the_config():
     assert annotations["prometheus.io/path"] == "/metrics"
     (port,) = container()["ports"]
     assert int(annotations["prometheus.io/port"]) == port["containerPort"]
-    shipped = config.parse(documents()["ConfigMap"]["data"]["ctprofd.yaml"], "configmap")
+    shipped = shipped_config()
     assert config.parse_listen(shipped.listen)[1] == port["containerPort"]
 
 
 def test_writable_paths_are_volumes():
-    shipped = config.parse(documents()["ConfigMap"]["data"]["ctprofd.yaml"], "configmap")
+    shipped = shipped_config()
     mounts = {m["mountPath"] for m in container()["volumeMounts"] if not m.get("readOnly")}
     assert {shipped.cache_dir, shipped.state_dir} <= mounts
     assert container()["args"] == ["--config", "/etc/ctprofd/ctprofd.yaml"]
