@@ -2,12 +2,14 @@
 #
 #   docker build -t ctprofd:0.1.0 .
 #   docker run --rm --pid=host --cap-drop=ALL --cap-add=SYS_PTRACE --cap-add=DAC_READ_SEARCH \
+#       --cap-add=SETUID --cap-add=SETGID --security-opt no-new-privileges \
 #       --security-opt apparmor=unconfined --read-only -p 19455:19455 ctprofd:0.1.0
 #
 # It runs as root inside the container, with every capability dropped but SYS_PTRACE and
 # DAC_READ_SEARCH: reading the memory of host processes owned by any user takes
 # CAP_SYS_PTRACE, and a non-root container user cannot hold it (runtimes give non-root users
-# no ambient capabilities). See docs/daemon.md, "Containers and Kubernetes".
+# no ambient capabilities); and SETUID/SETGID, which only the parser worker uses, to run as
+# nobody. See docs/daemon.md, "Containers and Kubernetes". tests/test_image.py builds it.
 
 ARG DEBIAN=debian:12.8-slim
 
@@ -15,14 +17,16 @@ FROM ${DEBIAN} AS build
 COPY . /src
 # The same setup the README uses; then ctprofd goes into the venv as a copy, so the final
 # image needs the venv only, not the source tree or the compilers.
+# pip and setuptools leave the venv then (25 MB the daemon never uses).
 RUN CTPROFD_VENV=/opt/ctprofd /src/scripts/setup.sh \
     && /opt/ctprofd/bin/python -m pip install --no-cache-dir --progress-bar off \
-        --no-deps --force-reinstall /src
+        --no-deps --force-reinstall /src \
+    && /opt/ctprofd/bin/python -m pip uninstall --yes pip setuptools
 
 FROM ${DEBIAN}
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends python3 libsystemd0 \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/ctprofd /opt/ctprofd
 COPY config/ctprofd.yaml /etc/ctprofd/ctprofd.yaml
 RUN /opt/ctprofd/bin/ctprofd check-config /etc/ctprofd/ctprofd.yaml

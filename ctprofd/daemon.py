@@ -33,6 +33,7 @@ from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, Reader, load_
 from .health import Health
 from .logs import setup_logging
 from .offsets_file import OffsetsFileError
+from .parse_worker import reserve_setid_for_worker
 from .procfs import ProcessInfo
 from .retained import boot_id
 from .web import MetricsServer, load_web_config, raise_fd_limit
@@ -326,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
     collector.publish(DaemonState(interval_seconds=config.interval))
     log.info("ctprofd starting: config %s, snapshot every %g s", config.source, config.interval)
     warn_if_unprivileged()
+    if reserve_setid_for_worker():
+        log.info("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
+                 "worker uses them, to take a uid of its own")
     return daemon.serve()
 
 

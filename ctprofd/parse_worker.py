@@ -29,9 +29,11 @@ capability left):
   else on the host shares, so no other process can signal, stop or trace the worker
   (`worker_identity`): the system user `ctprofd-parser` when it exists (the install script
   and the image create it), else a uid free now in systemd's DynamicUser range (no user,
-  group or process has it, and the user namespace maps it), else nobody (65534) with a warning. A root without
-  CAP_SETUID/CAP_SETGID/CAP_SETPCAP (a container granted only the two capabilities below)
-  stays uid 0 with no capabilities, and the daemon warns about it.
+  group or process has it, and the user namespace maps it), else nobody (65534) with a warning. The documented
+  container grants CAP_SETUID and CAP_SETGID for this; the daemon holds them only in its
+  permitted set (`reserve_setid_for_worker`). A root without them (a container granted only
+  CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH) stays uid 0 with no capabilities, and the daemon
+  warns about it.
 - daemon as a non-root user with ambient CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH (the systemd
   unit): the uid cannot change, so the worker runs as the daemon's user with no
   capabilities: capset empties them or, where a seccomp filter refuses capset (the unit's
@@ -510,8 +512,31 @@ class _CapData(ctypes.Structure):
 
 def _capset_none() -> None:
     """Empty the effective, permitted and inheritable capability sets."""
-    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)),
-                    (_CapData * 2)()) != 0:
+    _capset(0, 0, 0)
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    data = (_CapData * 2)()
+    for word in range(2):
+        shift = 32 * word
+        data[word] = _CapData(effective >> shift & 0xFFFFFFFF, permitted >> shift & 0xFFFFFFFF,
+                              inheritable >> shift & 0xFFFFFFFF)
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"capset: {os.strerror(errno)}")
+
+
+def reserve_setid_for_worker() -> bool:
+    """Daemon side, as root holding CAP_SETUID and CAP_SETGID (the container grants them for
+    this): take them out of the effective set and keep them permitted. The daemon makes no
+    use of them; each worker it starts gets them back on exec (root's permitted set becomes
+    effective, also under no_new_privs, which only refuses capabilities beyond the permitted
+    set) and spends them on a uid of its own. True when they were lowered."""
+    status = own_status()
+    effective = int(status["CapEff"], 16)
+    setid = 1 << CAP_SETUID | 1 << CAP_SETGID
+    if os.geteuid() != 0 or effective & setid != setid:
+        return False
+    _capset(effective & ~setid, int(status["CapPrm"], 16), int(status["CapInh"], 16))
+    return True
 

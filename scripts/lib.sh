@@ -8,6 +8,10 @@ DEB_SRC_URI=http://deb.debian.org/debian
 DEB_SRC_SUITE=bookworm
 DEB_SRC_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
+# What scripts/setup.sh installs on every machine (python3-dev, gcc and libsystemd-dev build
+# systemd-python's C extension); scripts/test-roots.sh puts them in the systemd test root.
+SETUP_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 

@@ -14,7 +14,10 @@
 #
 # Both are cached under $CTPROFD_ROOTS (default /var/cache/ctprofd/roots), keyed by a hash of
 # the recipe (release, mirror, package lists and this script), so a changed recipe builds
-# afresh and an unchanged one is reused. A cold build takes about 3 minutes.
+# afresh and an unchanged one is reused; trees unused for a week are removed. Concurrent runs
+# (two checkouts testing on one machine) take turns on a lock. A cold build takes about 3
+# minutes. The key hashes the lines between the recipe markers below, the release, the mirror
+# and the package list.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -34,26 +37,32 @@ suite=bookworm
 # The host's own Debian mirror (a machine that reaches one for apt reaches it for debootstrap).
 mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p; s/^deb  *\(http[^ ]*\/debian\) .*/\1/p' \
              /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1 || true)
-mirror=${mirror:-$DEB_MIRROR}
+mirror=${mirror:-$DEB_SRC_URI}
 base_tag=$(sed -n 's/^ARG DEBIAN=//p' "$repo/Dockerfile")
 systemd_packages=(systemd systemd-sysv dbus "${SETUP_PACKAGES[@]}")
-recipe=$(printf '%s\n' "$suite" "$mirror" "${systemd_packages[@]}"; cat "${BASH_SOURCE[0]}")
+# The key: what goes into the trees (comments and bookkeeping elsewhere in this file are not).
+recipe=$(printf '%s\n' "$suite" "$mirror" "${systemd_packages[@]}"
+         sed -n '/^# >>> recipe/,/^# <<< recipe/p' "${BASH_SOURCE[0]}")
 key=$(sha256sum <<<"$recipe" | cut -c1-16)
 systemd_root=$roots/systemd-$key
 base_tar=$roots/base-$key.tar
 
+mkdir -p "$roots/debs"
+exec 9>"$roots/.lock"
+flock 9
+
+# >>> recipe
 debootstrap_into() {  # TARGET [--include=...]
     local target=$1
     shift
     rm -rf "$target.tmp"
     log "debootstrap $suite into $target ($mirror)"
     debootstrap --variant=minbase --cache-dir="$roots/debs" "$@" "$suite" "$target.tmp" "$mirror" \
-        >"$roots/debootstrap.log" 2>&1 || die "debootstrap failed, see $roots/debootstrap.log"
+        >"$target.log" 2>&1 || die "debootstrap failed, see $target.log"
     rm -rf "$target.tmp/var/cache/apt/archives/"*.deb "$target.tmp/var/lib/apt/lists/"*_Packages
     mv "$target.tmp" "$target"
 }
 
-mkdir -p "$roots/debs"
 if [[ ! -d $systemd_root ]]; then
     debootstrap_into "$systemd_root" --include="$(IFS=,; echo "${systemd_packages[*]}")"
     # The tests boot it with no console attached, and talk to it through nsenter.
@@ -74,12 +83,22 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-exclude /usr/share/lintian/*
 EOF
+    # and what it tells apt: no package cache or lists kept, no translations
+    cat >"$slim/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+    echo 'Acquire::Languages "none";' >"$slim/etc/apt/apt.conf.d/docker-no-languages"
     find "$slim/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
-    rm -rf "$slim/usr/share/man/"* "$slim/usr/share/info/"* "$slim/usr/share/locale/"*
+    rm -rf "$slim/usr/share/man/"* "$slim/usr/share/info/"* "$slim/usr/share/locale/"* \
+        "$slim/var/cache/apt/"*.bin "$slim/var/lib/apt/lists/"*
     tar -C "$slim" --numeric-owner -cf "$base_tar.tmp" .
     rm -rf "$slim"
     mv "$base_tar.tmp" "$base_tar"
 fi
+# <<< recipe
 
 if [[ $(podman image inspect --format '{{index .Labels "ctprofd.base-key"}}' "$base_tag" \
           2>/dev/null) != "$key" ]]; then
@@ -88,10 +107,10 @@ if [[ $(podman image inspect --format '{{index .Labels "ctprofd.base-key"}}' "$b
         "$base_tar" "$base_tag" >/dev/null
 fi
 
-# Older recipes' trees.
-for old in "$roots"/systemd-* "$roots"/base-*.tar; do
-    [[ -e $old && $old != "$systemd_root" && $old != "$base_tar" ]] && rm -rf "$old"
-done
+# Trees of recipes unused for a week (another checkout may still use a recent one).
+touch "$systemd_root" "$base_tar"
+find "$roots" -mindepth 1 -maxdepth 1 \( -name 'systemd-*' -o -name 'base-*' \) -mtime +7 \
+    -exec rm -rf {} +
 if ((print)); then
     echo "SYSTEMD_ROOT=$systemd_root"
     echo "BASE_TAG=$base_tag"

@@ -99,10 +99,11 @@ def test_host_pid_and_nothing_else_from_the_host():
     assert not any("hostPath" in volume for volume in spec["volumes"])
 
 
-def test_capabilities_are_ptrace_and_dac_read_search_only():
+def test_capabilities_are_ptrace_dac_read_search_and_the_workers_setid():
     security = container()["securityContext"]
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert set(security["capabilities"]["add"]) == {"SYS_PTRACE", "DAC_READ_SEARCH"}
+    assert set(security["capabilities"]["add"]) == {"SYS_PTRACE", "DAC_READ_SEARCH", "SETUID",
+                                                    "SETGID"}  # the last two: parser worker
     assert security["privileged"] is False
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True

@@ -47,7 +47,7 @@ def machine(fixture_bins):
     work = Path(tempfile.mkdtemp(prefix="ctprofd-nspawn-", dir="/var/tmp"))
     port = free_port()
     booted = BootedMachine(roots["SYSTEMD_ROOT"], work,
-                           [*pip_paths, str(fixture_bins.root)])
+                           [*pip_paths, (str(fixture_bins.root), str(fixture_bins.root))])
     try:
         merged = booted.merged
         shutil.copytree(REPO, merged / "src", ignore=REPO_IGNORE)
@@ -227,3 +227,14 @@ def test_exit_78_is_not_restarted(machine):
                          "NRestarts")
     assert state == {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code",
                      "ExecMainStatus": "78", "NRestarts": "0"}, state
+
+
+def test_uninstall_keeps_the_configuration_and_purge_removes_it(machine):
+    machine.run("/src/scripts/install-service.sh", "--uninstall")
+    assert machine.show("ctprofd", "LoadState")["LoadState"] == "not-found"
+    assert not (machine.merged / "opt/ctprofd").exists()
+    assert (machine.merged / CONFIG.lstrip("/")).exists()
+    assert machine.run("getent", "passwd", "ctprofd-parser", check=False).returncode == 2
+    machine.run("/src/scripts/install-service.sh", "--purge")
+    assert not (machine.merged / "etc/ctprofd").exists()
+    assert not (machine.merged / "var/lib/private/ctprofd").exists()

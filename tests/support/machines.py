@@ -40,13 +40,15 @@ def cached_roots() -> dict[str, str]:
     return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
 
 
-def pip_config() -> tuple[str, list[str]]:
-    """The host's effective pip configuration as one pip.conf text, and the local paths it
-    names (to be bound read-only into the guest)."""
+def pip_config(ca_target: str = CA_BUNDLE) -> tuple[str, list[tuple[str, str]]]:
+    """The host's effective pip configuration as one pip.conf text, and the (host, guest)
+    paths to bind read-only: the local paths it names, at the same place, and the host's CA
+    bundle at `ca_target` (elsewhere than the guest's own bundle when the guest may install
+    ca-certificates, which replaces that file)."""
     listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
                              capture_output=True, text=True, check=True).stdout
     parser = configparser.ConfigParser(interpolation=None)
-    paths = {CA_BUNDLE} if os.path.exists(CA_BUNDLE) else set()
+    paths: set[str] = set()
     for line in listing.splitlines():
         key, sep, quoted = line.partition("=")
         if not sep:
@@ -56,16 +58,20 @@ def pip_config() -> tuple[str, list[str]]:
         value = quoted.strip().strip("'\"")
         if not parser.has_section(section):
             parser.add_section(section)
-        parser.set(section, name, value)
+        parser.set(section, name, " ".join(ca_target if token == CA_BUNDLE else token
+                                           for token in value.split()))
         for token in value.split():
             path = token.removeprefix("file://")
             if token.startswith("file://"):  # an index tree: pages under simple/, files beside
                 path = os.path.dirname(path.rstrip("/"))
-            if path.startswith("/") and os.path.exists(path):
+            if path.startswith("/") and path != CA_BUNDLE and os.path.exists(path):
                 paths.add(path)
     text = io.StringIO()
     parser.write(text)
-    return text.getvalue(), sorted(paths)
+    binds = [(path, path) for path in sorted(paths)]
+    if os.path.exists(CA_BUNDLE):
+        binds.append((CA_BUNDLE, ca_target))
+    return text.getvalue(), binds
 
 
 def proxy_environment() -> list[str]:
@@ -76,7 +82,7 @@ class BootedMachine:
     """A Debian 12 tree booted with `systemd-nspawn --boot` on an overlay of a cached root
     (the cache stays pristine); commands run inside through nsenter."""
 
-    def __init__(self, root: str, work: Path, binds_ro: list[str]) -> None:
+    def __init__(self, root: str, work: Path, binds_ro: list[tuple[str, str]]) -> None:
         self.work = work
         self.merged = work / "merged"
         for name in ("upper", "overlay-work", "merged"):
@@ -89,7 +95,7 @@ class BootedMachine:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.merged), "--boot", "--register=no",
              "--keep-unit", "--quiet", "--console=read-only",
-             *(f"--bind-ro={path}" for path in binds_ro)],
+             *(f"--bind-ro={host}:{guest}" for host, guest in binds_ro)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self._init_pid()
 
