@@ -6,8 +6,10 @@ and must match its own mallctl truth and the DWARF offsets of its unstripped twi
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -138,3 +140,26 @@ def test_stripped_is_read_from_code_exactly(builds, spawn_fixture, tmp_path, var
     assert {k: getattr(layout, k) for k in PLACEMENT} == {
         k: getattr(dwarf, k) for k in PLACEMENT}
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_offsets_command_and_export_name_the_code_route(builds, tmp_path):
+    """`ctprofd offsets` (text and JSON) and `offsets export` say where the offsets of a
+    stripped static _rjem_ build came from: the scan."""
+    binary = str(builds("rjem", "static").stripped)
+    empty = ["--debug-dir", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")]
+    text = ctprofd("offsets", binary, *empty)
+    assert text.returncode == 0, text.stderr
+    assert "offsets from:        code: scan of the executable segment" in text.stdout
+    shown = json.loads(ctprofd("offsets", "--json", binary, *empty).stdout)
+    assert shown["source"] == "code: scan of the executable segment"
+    exported = tmp_path / "offsets.json"
+    result = ctprofd("offsets", "export", str(exported), binary, *empty)
+    assert result.returncode == 0, result.stderr
+    [entry] = json.loads(exported.read_text())["layouts"].values()
+    assert (entry["code_source"], entry["dwarf_source"]) == ("scan of the executable segment",
+                                                             "none")
+
+
+def ctprofd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctprofd", *args], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])

@@ -104,11 +104,12 @@ OTHER_GOT = "other@gottpoff(%rip)"
 def assemble(tmp_path: Path, functions: list[tuple[str, str, int, int]],
              version: bytes = VERSION, exported: bool = True) -> Path:
     """A shared object whose functions (name, anchor, counter offset, compared offset)
-    have the fast-path shape, a 2632-byte TLS block `tsd` (and `other`), and jemalloc's
-    version string."""
+    have the fast-path shape, a 2632-byte TLS block `tsd` (and `other`), jemalloc's
+    version string, and an exported `mallctl` (which makes it jemalloc to inspect_object)."""
     source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", "tsd: .zero 2632",
               "other: .zero 64", "    .section .rodata", f'    .ascii "{version.decode()}"',
-              "    .text"]
+              "    .text", "    .globl mallctl", "    .type mallctl, @function", "mallctl: ret",
+              "    .size mallctl, .-mallctl"]
     for name, anchor, offset, compared in functions:
         text = FAST_PATH.format(name=name, anchor=anchor, offset=offset, next=compared)
         source.append(text if exported else text.replace(f".globl {name}", f".local {name}"))
@@ -159,6 +160,16 @@ def test_fast_paths_that_disagree_on_the_anchor_are_refused(tmp_path):
     lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340),
                               ("free", OTHER_GOT, 0x348, 0x350)])
     refused(lib, "disagree on the TLS anchor")
+
+
+def test_refusal_names_the_dwarf_search_and_the_code(tmp_path):
+    lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340),
+                              ("free", OTHER_GOT, 0x348, 0x350)])
+    result = resolve_path(str(lib), DebugSearch((str(tmp_path / "empty"),)))
+    assert isinstance(result, LayoutFailure), result
+    assert result.tag == tags.DWARF_PARSE_FAILURE
+    assert "no DWARF" in result.message
+    assert "machine code: the fast paths disagree on the TLS anchor" in result.message
 
 
 def test_counters_not_16_bytes_apart_are_refused(tmp_path):
