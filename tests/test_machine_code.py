@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from ctprofd import machine_code, tags
 from ctprofd.debuginfo import DebugSearch
@@ -73,13 +72,15 @@ def test_stock_libjemalloc_from_code(jemalloc_dir):
 def test_scan_finds_the_stock_fast_paths_without_symbols():
     """The symbol-less route on a real object: the same answer as the entry points."""
     with open(STOCK_LIBJEMALLOC, "rb") as stream:
-        import mmap
-        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            image = machine_code.Image(ELFFile(stream), view, shared=True)
-            found = machine_code._scan(image, machine_code._disassembler())
+        scanned = machine_code.counter_layout(stream, shared=True, scan=True)
+        stream.seek(0)
+        entry = machine_code.counter_layout(stream, shared=True)
+    assert scanned.route == "scan of the executable segment"
+    assert entry.route == "malloc/free fast paths"
     [slot] = tpoff_slots(STOCK_LIBJEMALLOC)
-    assert found == machine_code.CodeOffsets(machine_code.Anchor("got", slot), 824, 840,
-                                             "scan of the executable segment")
+    assert scanned.tpoff_got == entry.tpoff_got == slot
+    assert (scanned.allocated_offset, scanned.deallocated_offset) == (824, 840)
+    assert (entry.allocated_offset, entry.deallocated_offset) == (824, 840)
 
 
 # --- small objects, assembled here ------------------------------------------------------
