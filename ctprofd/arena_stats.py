@@ -11,7 +11,10 @@ not. What this reads, with process_vm_readv only, through the `arenas` array:
   counted and has not flushed to its arena yet, and the regions it holds.
 
 allocated = Σ requests × class size + requests pending in thread caches
+            − internal − stacks of the thread caches unlinked so far
 live      = Σ (curregs + large extents) × class size − cached bytes − internal
+
+(docs/totals.md says why and how exact.)
 
 The target keeps running while it is read: a flush between two reads moves counts from
 a cache to its arena, so a figure may be off by what one flush carries, in either

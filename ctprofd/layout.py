@@ -86,9 +86,11 @@ class ArenaLayout:
                                                       self.cache_bin_nrequests)),
                    "bin": (self.bin_size, (self.bin_nrequests, self.bin_curregs))}
         for name, (size, offsets) in records.items():
-            if not (size <= 1 << 16 and all(o + 8 <= size for o in offsets)):
-                raise ValueError(f"arena layout: {name} members outside the record")
-        if self.cache_bin_empty + 2 > self.cache_bin_size:
+            if not (size <= 1 << 16 and all(o + 8 <= size for o in offsets)
+                    and list(offsets) == sorted(set(offsets))):
+                raise ValueError(f"arena layout: {name} members outside the record or "
+                                 "out of order")
+        if not self.cache_bin_nrequests + 8 <= self.cache_bin_empty <= self.cache_bin_size - 2:
             raise ValueError("arena layout: cache_bin members outside the record")
 
 
