@@ -11,8 +11,10 @@ come on top. Phases:
              misses over those snapshots (stats deltas); aggregate + render of /metrics
              as the daemon does it, as a second figure.
   bare walk  the baseline: list /proc and read every /proc/PID/stat, nothing else, in
-             pairs with a snapshot (REPEATS pairs, order alternating): wall and CPU of
-             each, and the snapshot's cost as a ratio of the walk's.
+             rounds with a snapshot and a snapshot by a Capturer whose layouts carry no
+             arena statistics (per-thread sums only; its layouts come from an offsets
+             file written without them), REPEATS rounds, order rotating: wall and CPU of
+             each, and each snapshot's cost as a ratio of the walk's in the same round.
   moving     what the arena statistics cost where they are read (a process whose threads
              allocated since the last snapshot; the main host's fixtures are idle, so after
              the first snapshot their arenas are not read again): one `churn` fixture (4
@@ -52,6 +54,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -60,7 +63,7 @@ from . import common
 from .common import (IdleHost, Processes, distribution, linear_fit, log,
                      spawn_jemalloc)
 
-from ctprofd import memory  # noqa: E402
+from ctprofd import memory, offsets_file  # noqa: E402
 from ctprofd.aggregate import Aggregator  # noqa: E402
 from ctprofd.arena_stats import read_totals  # noqa: E402
 from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
@@ -114,26 +117,36 @@ def bare_stat_walk() -> int:
     return read
 
 
-def against_bare_walk(capturer: Capturer, repeats: int) -> dict:
-    """Snapshots and bare stat walks in pairs (which runs first alternates)."""
-    costs: dict[str, dict[str, list[float]]] = {
-        name: {"wall": [], "cpu": []} for name in ("walk", "snapshot")}
+def against_bare_walk(capturer: Capturer, per_thread: Capturer, repeats: int) -> dict:
+    """Bare stat walks, snapshots and per-thread-only snapshots in rounds (order rotating)."""
+    arms = {"walk": bare_stat_walk, "snapshot": capturer.capture,
+            "snapshot_per_thread_only": per_thread.capture}
+    costs = {name: {"wall": [], "cpu": []} for name in arms}
     for i in range(repeats):
-        order = (("walk", bare_stat_walk), ("snapshot", capturer.capture))
-        for name, run in order if i % 2 else order[::-1]:
+        order = list(arms.items())
+        for name, run in order[i % 3:] + order[:i % 3]:
             gc.collect()
             wall, cpu = time.perf_counter(), time.process_time()
             run()
             costs[name]["cpu"].append(time.process_time() - cpu)
             costs[name]["wall"].append(time.perf_counter() - wall)
-    ratios = {kind: sorted(s / w for s, w in zip(costs["snapshot"][kind], costs["walk"][kind]))
-              for kind in ("wall", "cpu")}
-    return {"walk_wall_seconds": distribution(costs["walk"]["wall"]),
-            "walk_cpu_seconds": distribution(costs["walk"]["cpu"]),
-            "snapshot_wall_seconds": distribution(costs["snapshot"]["wall"]),
-            "snapshot_cpu_seconds": distribution(costs["snapshot"]["cpu"]),
-            "ratio_p50": {kind: round(r[len(r) // 2], 3) for kind, r in ratios.items()},
-            "ratio_p90": {kind: round(r[int(len(r) * 0.9)], 3) for kind, r in ratios.items()}}
+    result: dict = {f"{name}_{kind}_seconds": distribution(values)
+                    for name, kinds in costs.items() for kind, values in kinds.items()}
+    for name in ("snapshot", "snapshot_per_thread_only"):
+        ratios = {kind: sorted(s / w for s, w in zip(costs[name][kind], costs["walk"][kind]))
+                  for kind in ("wall", "cpu")}
+        result[f"{name}_ratio_p50"] = {k: round(r[len(r) // 2], 3) for k, r in ratios.items()}
+        result[f"{name}_ratio_p90"] = {k: round(r[int(len(r) * 0.9)], 3)
+                                       for k, r in ratios.items()}
+    return result
+
+
+def per_thread_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
+    """A Capturer with the layouts `capturer` resolved, less their arena statistics."""
+    path = work_dir / "offsets-without-arena.json"
+    offsets_file.dump([replace(layout, arena=None) for layout in capturer.cache.layouts()],
+                      str(path))
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),)))
 
 
 def moving_process(procs: Processes, fixtures: Path, capturer: Capturer, repeats: int) -> dict:
@@ -481,7 +494,13 @@ def main(argv: list[str] | None = None) -> int:
                     len({x for x in pids_before ^ pids_after if x.isdigit()}),
             }
             log(f"snapshot: {results['snapshot']}")
-            results["bare_stat_walk"] = against_bare_walk(capturer, repeats)
+            per_thread = per_thread_capturer(capturer, args.work_dir)
+            try:
+                per_thread.capture()
+                per_thread.capture()
+                results["bare_stat_walk"] = against_bare_walk(capturer, per_thread, repeats)
+            finally:
+                per_thread.close()
             log(f"against the bare stat walk: {results['bare_stat_walk']}")
             results["moving"] = moving_process(procs, fixtures, capturer, repeats)
             log(f"a moving process: {results['moving']}")

@@ -27,8 +27,9 @@ def steady_state(r: dict) -> list[str]:
         b = r["bare_stat_walk"]
         out.append(f"against the bare /proc/PID/stat walk (CPU p50 "
                    f"{_ms(b['walk_cpu_seconds']['p50'])}): snapshot/walk ratio p50 wall "
-                   f"{b['ratio_p50']['wall']}, CPU {b['ratio_p50']['cpu']} (p90 "
-                   f"{b['ratio_p90']['wall']}, {b['ratio_p90']['cpu']})")
+                   f"{b['snapshot_ratio_p50']['wall']}, CPU {b['snapshot_ratio_p50']['cpu']}; "
+                   f"per-thread totals only: wall {b['snapshot_per_thread_only_ratio_p50']['wall']}"
+                   f", CPU {b['snapshot_per_thread_only_ratio_p50']['cpu']}")
     if "moving" in r:
         m = r["moving"]
         out.append(f"a moving process ({m['totals_source']} totals, {m['thread_caches']} "
