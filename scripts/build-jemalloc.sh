@@ -98,9 +98,10 @@ version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
 [[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
     die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
 
-log "building jemalloc $version ${variant:-(debug)}: CC=$CC_JEMALLOC CFLAGS=\"$CFLAGS_JEMALLOC\" ${CONFIGURE_ARGS[*]} (output shown on failure only)"
-if ! (cd "$src" && ./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" "${CONFIGURE_ARGS[@]}" \
-        && make -j"$(nproc)" "${TARGETS[@]}") >"$work/build.log" 2>&1; then
+log "building jemalloc $version ${variant:-(debug)}: CC=$CC_JEMALLOC" \
+    "CFLAGS=\"$CFLAGS_JEMALLOC\" ${CONFIGURE_ARGS[*]} (output shown on failure only)"
+if ! (cd "$src" && ./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" \
+        "${CONFIGURE_ARGS[@]}" && make -j"$(nproc)" "${TARGETS[@]}") >"$work/build.log" 2>&1; then
     tail -n 60 "$work/build.log" >&2
     die "jemalloc build failed"
 fi
