@@ -101,7 +101,9 @@ def _print_layout(result: TsdLayout, as_json: bool) -> None:
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
     print(f"thread_allocated:    {result.allocated_offset}")
     print(f"thread_deallocated:  {result.deallocated_offset}")
-    print(f"arena statistics:    {'yes' if result.arena else 'no (totals: per-thread sums)'}")
+    code_only = "; offsets from code give the two counters only" if result.code_source else ""
+    print(f"arena statistics:    "
+          f"{'yes' if result.arena else f'no (totals: per-thread sums{code_only})'}")
     if result.in_executable:
         print(f"TLS:                 executable, block {result.static_block_offset} bytes "
               "below the thread pointer")

@@ -150,6 +150,8 @@ def test_offsets_command_and_export_name_the_code_route(builds, tmp_path):
     text = ctprofd("offsets", binary, *empty)
     assert text.returncode == 0, text.stderr
     assert "offsets from:        code: scan of the executable segment" in text.stdout
+    assert ("arena statistics:    no (totals: per-thread sums; offsets from code give the two "
+            "counters only)") in text.stdout
     shown = json.loads(ctprofd("offsets", "--json", binary, *empty).stdout)
     assert shown["source"] == "code: scan of the executable segment"
     exported = tmp_path / "offsets.json"
