@@ -103,7 +103,7 @@ OTHER_GOT = "other@gottpoff(%rip)"
 
 
 def assemble(tmp_path: Path, functions: list[tuple[str, str, int, int]],
-             version: bytes = VERSION, exported: bool = True) -> Path:
+             version: bytes = VERSION, exported: bool = True, extra: str = "") -> Path:
     """A shared object whose functions (name, anchor, counter offset, compared offset)
     have the fast-path shape, a 2632-byte TLS block `tsd` (and `other`), jemalloc's
     version string, and an exported `mallctl` (which makes it jemalloc to inspect_object)."""
@@ -114,6 +114,7 @@ def assemble(tmp_path: Path, functions: list[tuple[str, str, int, int]],
     for name, anchor, offset, compared in functions:
         text = FAST_PATH.format(name=name, anchor=anchor, offset=offset, next=compared)
         source.append(text if exported else text.replace(f".globl {name}", f".local {name}"))
+    source.append(extra)
     asm = tmp_path / "fast.s"
     asm.write_text("\n".join(source) + "\n")
     out = tmp_path / "libfast.so"
@@ -196,3 +197,10 @@ def test_two_candidate_pairs_in_a_scan_are_refused(tmp_path):
                               ("c", OTHER_GOT, 0x10, 0x18), ("d", OTHER_GOT, 0x20, 0x28)],
                    exported=False)
     refused(lib, "found 2 counter pairs")
+
+
+def test_scan_is_bounded(tmp_path):
+    lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
+                   exported=False, extra=f".rept {machine_code.MAX_SCAN_CANDIDATES}\n"
+                                         "    cmpq %fs:0x340(%rcx), %rdx\n.endr")
+    refused(lib, f"more than {machine_code.MAX_SCAN_CANDIDATES} %fs compares")
