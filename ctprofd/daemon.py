@@ -307,6 +307,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctprofd: {err}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(args.log_level or config.log_level, args.log_format)  # flags win
+    if reserve_setid_for_worker():  # before any thread starts
+        log.info("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
+                 "worker uses them, to take a uid of its own")
     collector = DaemonCollector()
     registry = CollectorRegistry()
     registry.register(collector)
@@ -327,9 +330,6 @@ def run(args: argparse.Namespace) -> int:
     collector.publish(DaemonState(interval_seconds=config.interval))
     log.info("ctprofd starting: config %s, snapshot every %g s", config.source, config.interval)
     warn_if_unprivileged()
-    if reserve_setid_for_worker():
-        log.info("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
-                 "worker uses them, to take a uid of its own")
     return daemon.serve()
 
 

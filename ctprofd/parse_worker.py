@@ -232,8 +232,10 @@ class ParseWorker:
             raise _Unavailable(why) from None
 
     def _start(self) -> socket.socket:
-        if self.limits.uid is None and int(own_status()["CapEff"], 16) >> CAP_SETUID & 1:
+        if self.limits.uid is None and int(own_status()["CapPrm"], 16) >> CAP_SETUID & 1:
             # chosen once, kept across restarts; without CAP_SETUID the uid cannot change
+            # (permitted, not effective: `reserve_setid_for_worker` lowers the latter, and
+            # the worker, exec'd as root, gets the permitted set as its effective one)
             uid, gid, how = worker_identity()
             log.log(logging.WARNING if uid == NOBODY else logging.INFO,
                     "parser worker identity: %s", how)
@@ -531,7 +533,8 @@ def reserve_setid_for_worker() -> bool:
     this): take them out of the effective set and keep them permitted. The daemon makes no
     use of them; each worker it starts gets them back on exec (root's permitted set becomes
     effective, also under no_new_privs, which only refuses capabilities beyond the permitted
-    set) and spends them on a uid of its own. True when they were lowered."""
+    set) and spends them on a uid of its own. Call it before starting threads: capabilities
+    are per thread, and new threads inherit them. True when they were lowered."""
     status = own_status()
     effective = int(status["CapEff"], 16)
     setid = 1 << CAP_SETUID | 1 << CAP_SETGID

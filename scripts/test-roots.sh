@@ -100,11 +100,15 @@ EOF
 fi
 # <<< recipe
 
-if [[ $(podman image inspect --format '{{index .Labels "ctprofd.base-key"}}' "$base_tag" \
-          2>/dev/null) != "$key" ]]; then
+imported=$(podman image inspect --format '{{.Id}} {{index .Labels "ctprofd.base-key"}}' \
+               "$base_tag" 2>/dev/null || true)
+if [[ ${imported#* } != "$key" ]]; then
     log "importing $base_tar as $base_tag"
-    podman import --change "LABEL ctprofd.base-key=$key" --change 'CMD ["/bin/bash"]' \
+    podman import --quiet --change "LABEL ctprofd.base-key=$key" --change 'CMD ["/bin/bash"]' \
         "$base_tar" "$base_tag" >/dev/null
+    if [[ -n ${imported#* } ]]; then  # the previous import, now untagged
+        podman rmi "${imported%% *}" >/dev/null 2>&1 || true
+    fi
 fi
 
 # Trees of recipes unused for a week (another checkout may still use a recent one).
