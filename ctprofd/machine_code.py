@@ -29,6 +29,7 @@ import mmap
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import islice
 from typing import BinaryIO, Callable, Iterable
 
 import capstone
@@ -47,7 +48,7 @@ VERSION_5_3 = re.compile(rb"5\.3\.\d+-\d+-g[0-9a-f]{40}")
 FS_COMPARE = re.compile(rb"\x64[\x48-\x4f]\x3b[\x80-\xbf]", re.DOTALL)
 SCAN_LEAD_INS = (96, 80, 64, 48, 40, 32, 24, 16)  # bytes decoded before a compare
 SCAN_TAIL = 256                   # bytes decoded after it (the store back)
-MAX_SCAN_CANDIDATES = 10_000     # more %fs compares than this: not jemalloc-sized code
+MAX_SCAN_CANDIDATES = 1_000      # %fs compares decoded at most (jemalloc 5.3 has ~6)
 PF_X = 1
 
 
@@ -299,15 +300,18 @@ def _scan(image: Image, md: capstone.Cs) -> CodeOffsets:
     if not VERSION_5_3.search(image.view):
         raise CodeError("no allocation entry point exported and no jemalloc 5.3 version "
                         "string to trust a scan of the code")
+    candidates = list(islice(((vaddr + match.start() - offset, vaddr)
+                              for vaddr, offset, filesz in image.executable_segments()
+                              for match in FS_COMPARE.finditer(image.view, offset,
+                                                               offset + filesz)),
+                             MAX_SCAN_CANDIDATES + 1))
+    if len(candidates) > MAX_SCAN_CANDIDATES:
+        raise CodeError(f"more than {MAX_SCAN_CANDIDATES} %fs compares in the code: "
+                        "too many to scan")
     found: dict[Anchor, set[int]] = defaultdict(set)
-    candidates = 0
-    for vaddr, offset, filesz in image.executable_segments():
-        for match in FS_COMPARE.finditer(image.view, offset, offset + filesz):
-            candidates += 1
-            if candidates > MAX_SCAN_CANDIDATES:
-                raise CodeError(f"more than {MAX_SCAN_CANDIDATES} %fs compares in the code")
-            for shape in _shapes_around(image, md, vaddr + match.start() - offset, vaddr):
-                found[shape.anchor].add(shape.offset)
+    for compare, segment in candidates:
+        for shape in _shapes_around(image, md, compare, segment):
+            found[shape.anchor].add(shape.offset)
     pairs = {(anchor, d) for anchor, offsets in found.items() for d in offsets
              if d + COUNTER_GAP in offsets}
     if len(pairs) != 1:

@@ -203,4 +203,4 @@ def test_scan_is_bounded(tmp_path):
     lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
                    exported=False, extra=f".rept {machine_code.MAX_SCAN_CANDIDATES}\n"
                                          "    cmpq %fs:0x340(%rcx), %rdx\n.endr")
-    refused(lib, f"more than {machine_code.MAX_SCAN_CANDIDATES} %fs compares")
+    refused(lib, f"more than {machine_code.MAX_SCAN_CANDIDATES} %fs compares in the code")
