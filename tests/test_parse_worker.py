@@ -132,6 +132,19 @@ def test_worker_resolves_like_in_process(fixture_bins, worker, variant):
         assert expected.build_id == support_elf.build_id(v.jemalloc_object)
 
 
+def wait_for_child_limits(zygote: int) -> tuple[str, str]:
+    """The zygote's child parsing now and its /proc limits, once there is one."""
+    deadline = time.monotonic() + HANG_GUARD
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
+            try:
+                return child, Path(f"/proc/{child}/limits").read_text()
+            except (FileNotFoundError, ProcessLookupError):  # exited as we looked
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no parsing child of the zygote {zygote} in {HANG_GUARD} s")
+
+
 def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
     assert isinstance(through(worker, fixture_bins["static"].binary), TsdLayout)
     zygote = status(worker.pid)
@@ -154,8 +167,8 @@ def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
         thread.start()
         # the child reads the file only once its limits are set: that read is the signal
         first_read.wait(HANG_GUARD)
-    [child] = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
-    limits = Path(f"/proc/{child}/limits").read_text()
+    # a phase-1 child may have read the file and exited before the parsing child starts
+    child, limits = wait_for_child_limits(worker.pid)
     assert f"Max address space         {512 << 20}" in limits
     assert "Max cpu time              3                    4" in limits
     assert all(int(status(child)[k], 16) == 0 for k in CAP_KEYS)
