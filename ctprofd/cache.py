@@ -23,7 +23,7 @@ from .atomic import write_json
 from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layouts carry the arena statistics' layout (1 had none)
 
 
 class LayoutCache:
@@ -115,7 +115,10 @@ class LayoutCache:
         try:
             with open(path, "rb") as f:
                 data = json.load(f)
-            if data.get("version") != FORMAT_VERSION or data.get("key") != key:
+            version = data.get("version")
+            if type(version) is int and 0 < version < FORMAT_VERSION:
+                return None  # an older ctprofd's: parsed again, and overwritten
+            if version != FORMAT_VERSION or data.get("key") != key:
                 raise ValueError("foreign format version or key")
             return resolution_from_dict(data["result"]), float(data["stored_at"])
         except FileNotFoundError:
