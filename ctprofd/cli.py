@@ -101,9 +101,10 @@ def _print_layout(result: TsdLayout, as_json: bool) -> None:
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
     print(f"thread_allocated:    {result.allocated_offset}")
     print(f"thread_deallocated:  {result.deallocated_offset}")
-    code_only = "; offsets from code give the two counters only" if result.code_source else ""
+    why = ("; offsets from code give the two counters only" if result.code_source
+           else f"; {result.arena_missing}" if result.arena_missing else "")
     print(f"arena statistics:    "
-          f"{'yes' if result.arena else f'no (totals: per-thread sums{code_only})'}")
+          f"{'yes' if result.arena else f'no (totals: per-thread sums{why})'}")
     if result.in_executable:
         print(f"TLS:                 executable, block {result.static_block_offset} bytes "
               "below the thread pointer")

@@ -110,6 +110,7 @@ class TsdLayout:
     dwarf_source: str = "embedded"  # how the DWARF was found ("none": offsets from code)
     code_source: str | None = None  # offsets from machine code: which route found them
     arena: ArenaLayout | None = None  # None: only per-thread counters can be read
+    arena_missing: str = ""  # why `arena` is None, when the DWARF was searched for it
 
     @property
     def source(self) -> str:
@@ -201,6 +202,8 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("symbol and dwarf_source must be strings")
     if layout.code_source is not None and not isinstance(layout.code_source, str):
         raise ValueError("code_source must be a string or null")
+    if not isinstance(layout.arena_missing, str) or len(layout.arena_missing) > 500:
+        raise ValueError("arena_missing must be a short string")
     if not layout.allocated_offset < layout.deallocated_offset:
         raise ValueError("thread_deallocated must come after thread_allocated")
     if (layout.static_block_offset is None) == (layout.tpoff_got is None):
@@ -367,8 +370,7 @@ def layout_from_dwarf(stream: BinaryIO, facts: ObjectFacts, what: str, source: s
         offsets = dwarf.tsd_offsets(image)
         layout = TsdLayout(facts.build_id, symbol.name, symbol.value, offsets.allocated,
                            offsets.deallocated, dwarf_source=source,
-                           arena=_arena_layout(image, facts.load_page, where),
-                           **facts.placement())
+                           **_arena_layout(image, facts.load_page), **facts.placement())
         validate(layout)
         return layout
     except _Failure as failure:
@@ -402,9 +404,9 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     except ValueError as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
     return layout
-def _arena_layout(image, load_page: int, where: str) -> ArenaLayout | None:
-    """The arena statistics' layout, or None (logged) when the DWARF lacks a part of it:
-    the process totals are then the per-thread sums."""
+def _arena_layout(image, load_page: int) -> dict:
+    """The TsdLayout fields of the arena statistics' layout: `arena`, or why there is
+    none (`arena_missing`: the DWARF lacks a part of it, and totals are per-thread sums)."""
     try:
         found = dwarf.arena_offsets(image)
         for name in dwarf.ARENA_VARIABLES:
@@ -413,11 +415,9 @@ def _arena_layout(image, load_page: int, where: str) -> ArenaLayout | None:
             found[name] -= load_page
         arena = ArenaLayout(**found)
         arena.check()
-        return arena
+        return {"arena": arena}
     except (dwarf.DwarfError, *MALFORMED) as exc:
-        log.info("%s: no arena statistics layout (%s); totals will be per-thread sums",
-                 where, exc)
-        return None
+        return {"arena_missing": str(exc)[:500]}
 
 
 def applies_to(layout: TsdLayout, facts: ObjectFacts) -> bool:

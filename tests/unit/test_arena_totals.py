@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from ctprofd.arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
-from ctprofd.layout import ArenaLayout
+from ctprofd.layout import ArenaLayout, TsdLayout, resolution_from_dict
 from ctprofd.snapshot import ARENA, THREADS
 
 
@@ -134,3 +134,11 @@ def test_unreadable_arenas_are_refused():
     memory.put(0x1000, "Q", 0x7000)  # an arena pointer to nothing
     with pytest.raises(ArenaReadError, match="arenas"):
         read_totals(1, LAYOUT, 0, memory)
+
+
+def test_a_layout_says_why_it_has_no_arena_statistics():
+    layout = TsdLayout("ab" * 20, "je_tsd_tls", 0, 824, 840, static_block_offset=2632,
+                       arena_missing="jemalloc's units lack narenas_total")
+    assert resolution_from_dict(layout.to_dict()) == layout  # through caches and files
+    with pytest.raises(ValueError, match="arena_missing"):
+        resolution_from_dict({**layout.to_dict(), "arena_missing": "x" * 501})
