@@ -118,7 +118,7 @@ class _Tracked:
         if isinstance(self.result, ProcessState):
             threads = {(tid, s.start_time): (s.allocated, s.deallocated)
                        for tid, s in self.result.threads.items()}
-        return Saved(self.retained_totals(), threads)
+        return Saved(self.retained_totals(), threads, self.reported)
 
 
 def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -374,6 +374,7 @@ class Capturer:
             tracked = _Tracked(identity, result, process.exe, None, retained, image_mark=mark)
         if previous is not None:
             tracked.earlier_images = saved.retained
+        tracked.reported = previous.reported if previous is not None else saved.reported
         self._tracked[process.key] = tracked
         return tracked
 

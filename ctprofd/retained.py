@@ -2,10 +2,12 @@
 
 One JSON file in the state directory:
 {boot_id, processes: {"pid:start_time": [alloc, dealloc]},
-          threads: {"pid:start_time": {"tid:start_time": [alloc, dealloc]}}}
+          threads: {"pid:start_time": {"tid:start_time": [alloc, dealloc]}},
+          reported: {"pid:start_time": [alloc, dealloc]}}
 `processes` holds what exited threads (and images before an execve) counted; `threads` what
 each thread alive at the last snapshot was last read at, so that one exiting while ctprofd
-is down still counts. A file from another boot is ignored (pids and start times restart
+is down still counts; `reported` the totals last reported (from the arena statistics, when
+they were read), which the next ctprofd never reports below. A file from another boot is ignored (pids and start times restart
 with the kernel); a corrupt one is set aside. Written atomically, only when it changed.
 """
 
@@ -28,6 +30,7 @@ class Saved(NamedTuple):
 
     retained: Totals  # of threads that exited, and images before an execve
     threads: dict[Key, Totals]  # (tid, start time) -> last read, of threads alive then
+    reported: Totals = (0, 0)  # the process's totals last reported: a floor
 
 
 def _key(text: str) -> Key:
@@ -75,6 +78,9 @@ class RetainedStore:
                 loaded[_key(key)] = Saved(retained, {
                     _key(thread): (int(allocated), int(deallocated))
                     for thread, (allocated, deallocated) in threads.items()})
+            for key, (allocated, deallocated) in data.get("reported", {}).items():
+                known = loaded.get(_key(key), Saved((0, 0), {}))
+                loaded[_key(key)] = known._replace(reported=(int(allocated), int(deallocated)))
             self._written = dict(loaded)  # the caller consumes what it is given
             return loaded
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -87,9 +93,10 @@ class RetainedStore:
 
     def save(self, saved: dict[Key, Saved]) -> None:
         """Write what is known of the processes alive now (zero entries left out)."""
-        saved = {key: Saved(v.retained, {t: c for t, c in v.threads.items() if c != (0, 0)})
+        saved = {key: v._replace(threads={t: c for t, c in v.threads.items() if c != (0, 0)})
                  for key, v in saved.items()}
-        saved = {key: v for key, v in saved.items() if v.retained != (0, 0) or v.threads}
+        saved = {key: v for key, v in saved.items()
+                 if v.retained != (0, 0) or v.threads or v.reported != (0, 0)}
         if self.path is None or saved == self._written:
             return
         data = {"boot_id": self.boot_id,
@@ -97,7 +104,9 @@ class RetainedStore:
                               for (pid, start), v in saved.items()},
                 "threads": {f"{pid}:{start}": {f"{tid}:{tstart}": list(c)
                                                for (tid, tstart), c in v.threads.items()}
-                            for (pid, start), v in saved.items() if v.threads}}
+                            for (pid, start), v in saved.items() if v.threads},
+                "reported": {f"{pid}:{start}": list(v.reported)
+                             for (pid, start), v in saved.items() if v.reported != (0, 0)}}
         try:
             write_json(self.path, data)
             self._written = saved

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
+from ctprofd import offsets_file
 from ctprofd.capture import Capturer, CaptureSettings
 from ctprofd.snapshot import ARENA, THREADS
 from support.procs import assert_no_thread_stopped_or_traced
@@ -146,3 +148,33 @@ def test_without_arena_types_totals_are_per_thread_sums(fixture_bins, spawn_fixt
         sum(t["allocated"] for t in fixture.threads),
         sum(t["deallocated"] for t in fixture.threads))
     assert engine.stats.elf_opens == 1  # the layout came from the file, not the DWARF
+
+
+def test_a_restart_never_reports_totals_below_the_last_ones(fixture_bins, spawn_process,
+                                                            tmp_path):
+    """The last reported totals are kept in the state directory: a ctprofd started again,
+    here with layouts that carry no arena statistics (per-thread sums only, far below the
+    truth after thousands of threads), still reports no less than before."""
+    churn = spawn_process([fixture_bins.churn, "4", "200"])
+    truth = paused_truth(churn, threads=1000)
+    state = str(tmp_path)
+    first = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),),
+                                     state_dir=state, select=lambda p: p.pid == churn.pid))
+    try:
+        [before] = [p for p in first.capture().processes if p.pid == churn.pid]
+        exported = tmp_path / "offsets.json"
+        offsets_file.dump([replace(layout, arena=None) for layout in first.cache.layouts()],
+                          str(exported))
+    finally:
+        first.close()
+    assert before.totals_source == ARENA
+    assert_close(before.allocated_bytes, before.deallocated_bytes, truth)
+    again = Capturer(CaptureSettings(debug_dirs=(), offsets_files=(str(exported),),
+                                     state_dir=state, select=lambda p: p.pid == churn.pid))
+    try:
+        [after] = [p for p in again.capture().processes if p.pid == churn.pid]
+    finally:
+        again.close()
+    assert after.totals_source == THREADS
+    assert (after.allocated_bytes, after.deallocated_bytes) == (
+        before.allocated_bytes, before.deallocated_bytes)
