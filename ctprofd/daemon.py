@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     setup_logging(args.log_level or config.log_level, args.log_format)  # flags win
     if reserve_setid_for_worker():  # before any thread starts
-        log.info("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
+        log.debug("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
                  "worker uses them, to take a uid of its own")
     collector = DaemonCollector()
     registry = CollectorRegistry()

@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO, NoReturn
 
 from . import tags
-from .capabilities import own_status
+from .capabilities import CAP_SYS_PTRACE, own_status
 from .debuginfo import stream_crc32
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
                      inspect_object, layout_from_code, layout_from_dwarf, resolution_from_dict)
@@ -534,11 +534,16 @@ def reserve_setid_for_worker() -> bool:
     use of them; each worker it starts gets them back on exec (root's permitted set becomes
     effective, also under no_new_privs, which only refuses capabilities beyond the permitted
     set) and spends them on a uid of its own. Call it before starting threads: capabilities
-    are per thread, and new threads inherit them. True when they were lowered."""
+    are per thread, and new threads inherit them. True when they were lowered.
+
+    Only with CAP_SYS_PTRACE effective: without it, the kernel lets us read a process's
+    /proc/PID/exe only while our effective set covers its permitted set, so lowering would
+    hide every root process."""
     status = own_status()
     effective = int(status["CapEff"], 16)
     setid = 1 << CAP_SETUID | 1 << CAP_SETGID
-    if os.geteuid() != 0 or effective & setid != setid:
+    if (os.geteuid() != 0 or effective & setid != setid
+            or not effective >> CAP_SYS_PTRACE & 1):
         return False
     _capset(effective & ~setid, int(status["CapPrm"], 16), int(status["CapInh"], 16))
     return True
