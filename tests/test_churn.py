@@ -94,8 +94,8 @@ def test_snapshot_command_matches_the_truth_under_churn(fixture_bins, spawn_proc
 
 
 def subprocess_snapshot(fixture_bins, pid: int) -> dict:
-    result = subprocess.run([sys.executable, "-m", "ctprofd", "snapshot", "--json", "--pid",
-                             str(pid), "--debug-dir", str(fixture_bins.debug_root)],
+    result = subprocess.run([sys.executable, "-m", "ctprofd", "snapshot", "--json", "--cache-dir", "",
+                             "--pid", str(pid), "--debug-dir", str(fixture_bins.debug_root)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -130,7 +130,7 @@ def test_without_arena_types_totals_are_per_thread_sums(fixture_bins, spawn_fixt
     exported = tmp_path / "offsets.json"
     binary = fixture_bins["static"].binary
     result = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "export",
-                             str(exported), str(binary)], capture_output=True, text=True,
+                             str(exported), str(binary), "--cache-dir", ""], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(exported.read_text())

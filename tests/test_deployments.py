@@ -132,7 +132,7 @@ def test_stripped_binary_probed_after_offsets_import(fixture_bins, spawn_fixture
     """A host without debug info probes what a host with it resolved (same build-id)."""
     debug_twin = fixture_bins[linkage].jemalloc_object
     exported = tmp_path / "offsets.json"
-    result = ctprofd("offsets", "export", str(exported), str(debug_twin))
+    result = ctprofd("offsets", "export", str(exported), str(debug_twin), "--cache-dir", "")
     assert result.returncode == 0, result.stderr
     stripped_dir = tmp_path / "stripped"
     stripped_dir.mkdir()

@@ -156,7 +156,7 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
         time.sleep(0.2)
         assert task_states(fixture.pid) == {t: ("T", 0) for t in fixture.tids}
         # Another ctprofd process (not the target's parent) sees the same.
-        result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+        result = run_cli("snapshot", "--json", "--cache-dir", "", "--pid", str(fixture.pid))
         assert result.returncode == 0, result.stderr
         [process] = json.loads(result.stdout)["processes"]
         assert {t["tid"]: (t["allocated_bytes"], t["deallocated_bytes"])
