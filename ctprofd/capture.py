@@ -112,6 +112,11 @@ class _Tracked:
             deallocated += sum(s.deallocated for s in self.result.threads.values())
         return allocated, deallocated
 
+    def carries_totals(self) -> bool:
+        """Whether a restart would lose anything of this process (zero entries are not saved)."""
+        return (isinstance(self.result, ProcessState) or self.retained != (0, 0)
+                or self.reported != (0, 0))
+
     def saved(self) -> Saved:
         """What a restarted ctprofd needs to continue this process's totals."""
         threads = {}
@@ -205,7 +210,8 @@ class Capturer:
                 samples.append(sample)
         if complete and pids is None:
             self._forget_all_but(seen)
-            saved = {key: t.saved() for key, t in self._tracked.items()}
+            saved = {key: t.saved() for key, t in self._tracked.items()
+                     if t.carries_totals()}  # most processes are not jemalloc's
             for key in list(self._restored):  # saved by an earlier run, not attached yet
                 if key in seen:
                     saved.setdefault(key, self._restored[key])
