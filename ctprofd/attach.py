@@ -18,6 +18,7 @@ from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLay
                      applies_to, object_dirs_for, resolve)
 from .parse_worker import ParseWorker, WorkerLimits
 from .procfs import Mapping, ProcessInfo, read_maps
+from .resolver import BackgroundResolver
 from .retry import RetrySchedule
 from .tags import ProbeError
 from .target_files import UnusableFile, open_beneath, open_followed
@@ -134,19 +135,33 @@ def _exe_base(process: ProcessInfo, identity: BinaryIdentity) -> int | None:
     return None
 
 
+class Pending(Exception):
+    """The binary (or a shared object) of the process is being resolved in the background:
+    the process is not attached yet, and that is no failure."""
+
+
 class Attacher:
     """Resolves processes to Attachments. Binaries are parsed in a sandboxed worker
     process (parse_worker); `close()` stops it."""
 
     def __init__(self, cache: LayoutCache, search: DebugSearch,
-                 limits: WorkerLimits = WorkerLimits()) -> None:
+                 limits: WorkerLimits = WorkerLimits(),
+                 background: BackgroundResolver | None = None) -> None:
         self.cache = cache
         self.search = search
         self.worker = ParseWorker(limits)
+        self.background = background  # None: parse right away, in the caller's thread
         self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
+        self.submitted = 0  # binaries handed to the background resolver since start
         self.retries = RetrySchedule()
 
     def close(self) -> None:
+        """Stop the worker; when a background parse is still running, the worker is left
+        to it (it ends with the daemon's process)."""
+        if self.background is not None:
+            self.background.close()
+            if self.background.busy:
+                return
         self.worker.close()
 
     def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
@@ -180,9 +195,12 @@ class Attacher:
     def _resolve(self, open_file: Opener, identity: BinaryIdentity, what: str,
                  object_dirs: list[ObjectDir], shared: bool) -> Resolution:
         """A binary's resolution from the cache, or by parsing it once: opened once, and
-        that descriptor parsed in the worker. Raises ProbeError for a LayoutFailure."""
+        that descriptor parsed in the worker (in the background resolver when there is
+        one: Pending is raised meanwhile). Raises ProbeError for a LayoutFailure."""
         resolution = self.cache.get(identity.key)
         if resolution is None:
+            if self.background is not None and self.background.queued(identity.key):
+                raise Pending(f"{what}: being resolved")
             postponed = self.retries.postponed(identity.key)
             if postponed:
                 raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
@@ -190,28 +208,51 @@ class Attacher:
                 fd, st = open_file()
             except UnusableFile as exc:
                 resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}")
+                self.cache.put(identity.key, resolution)
             except OSError as exc:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",
                                  exc.errno) from None
             else:
-                identity = BinaryIdentity.of(st)  # of the file opened, should it differ
-                with os.fdopen(fd, "rb") as stream:
-                    self.elf_opens += 1
-                    resolution = resolve(
-                        self.worker, stream, what, object_dirs, self.search, shared,
-                        known=lambda facts: self._known(facts, st.st_uid))
-                if isinstance(resolution, LayoutFailure) and resolution.lost:
-                    # not the binary's doing: parsed again later, never cached as its failure
-                    delay = self.retries.failed(identity.key)
-                    log.warning("%s; parsing it again in %g s", resolution.message, delay)
-                    raise ProbeError(resolution.tag, resolution.message)
-                self.retries.succeeded(identity.key)
-                if isinstance(resolution, TsdLayout) and resolution.build_id:
-                    self.cache.put(learned_key(resolution.build_id, st.st_uid), resolution)
-            self.cache.put(identity.key, resolution)
+                if self.background is None:
+                    resolution = self._parse(fd, st, what, object_dirs, shared)
+                else:
+                    if self.background.submit(
+                            BinaryIdentity.of(st).key, st.st_uid,
+                            lambda: self._parse_quietly(fd, st, what, object_dirs, shared)):
+                        self.submitted += 1
+                    else:
+                        os.close(fd)  # queued already, or the queues are full: next time
+                    raise Pending(f"{what}: being resolved")
         if isinstance(resolution, LayoutFailure):
             raise ProbeError(resolution.tag, resolution.message)
         return resolution
+
+    def _parse(self, fd: int, st: os.stat_result, what: str, object_dirs: list[ObjectDir],
+               shared: bool) -> Resolution:
+        """Parse an opened file (closing it) and cache what it gave. Raises ProbeError when
+        the worker was lost: not the binary's doing, so parsed again later, never cached."""
+        identity = BinaryIdentity.of(st)  # of the file opened
+        with os.fdopen(fd, "rb") as stream:
+            self.elf_opens += 1
+            resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
+                                 known=lambda facts: self._known(facts, st.st_uid))
+        if isinstance(resolution, LayoutFailure) and resolution.lost:
+            delay = self.retries.failed(identity.key)
+            log.warning("%s; parsing it again in %g s", resolution.message, delay)
+            raise ProbeError(resolution.tag, resolution.message)
+        self.retries.succeeded(identity.key)
+        if isinstance(resolution, TsdLayout) and resolution.build_id:
+            self.cache.put(learned_key(resolution.build_id, st.st_uid), resolution)
+        self.cache.put(identity.key, resolution)
+        return resolution
+
+    def _parse_quietly(self, fd: int, st: os.stat_result, what: str,
+                       object_dirs: list[ObjectDir], shared: bool) -> None:
+        """`_parse` in the background resolver: a lost worker is already logged."""
+        try:
+            self._parse(fd, st, what, object_dirs, shared)
+        except ProbeError:
+            pass
 
     def _known(self, facts: ObjectFacts, owner: int) -> TsdLayout | None:
         """A layout for this build-id learned from a file of the same owner, or imported
@@ -230,6 +271,7 @@ class Attacher:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
         exe = process.exe.removesuffix(" (deleted)")
+        pending: Pending | None = None  # every object not resolved yet is queued at once
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
@@ -242,10 +284,17 @@ class Attacher:
             if found is None:
                 continue
             identity, open_file = found
-            resolution = self._resolve(open_file, identity, mapping.path,
-                                       object_dirs_for(mapping.path, process.path("root")), True)
+            try:
+                resolution = self._resolve(open_file, identity, mapping.path,
+                                           object_dirs_for(mapping.path, process.path("root")),
+                                           True)
+            except Pending as waiting:
+                pending = waiting
+                continue
             if isinstance(resolution, TsdLayout):
                 assert resolution.tpoff_got is not None
                 return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got,
                                   base=mapping.start)
+        if pending is not None:
+            raise pending
         return NotJemalloc()

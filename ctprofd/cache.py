@@ -16,6 +16,7 @@ import json
 from collections import OrderedDict
 import logging
 import os
+import threading
 import time
 
 from .atomic import write_json
@@ -27,7 +28,8 @@ FORMAT_VERSION = 2  # 2: layouts carry the arena statistics' layout (1 had none)
 
 
 class LayoutCache:
-    """Memory cache backed by a directory; any disk problem degrades to memory only."""
+    """Memory cache backed by a directory; any disk problem degrades to memory only. Safe
+    to use from the snapshot loop and the background resolver at once."""
 
     def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
                  max_entries: int = 4096, max_bytes: int = 16 << 20) -> None:
@@ -40,6 +42,7 @@ class LayoutCache:
         self._memory: OrderedDict[str, tuple[Resolution, float]] = OrderedDict()
         self._files: OrderedDict[str, int] = OrderedDict()  # on disk: name -> bytes, by age
         self._warned = False
+        self._lock = threading.RLock()
         if self.directory:
             try:
                 os.makedirs(self.directory, exist_ok=True)
@@ -53,24 +56,26 @@ class LayoutCache:
 
     def get(self, key: str) -> Resolution | None:
         """The cached result for `key`, or None (counted as a miss)."""
-        entry = self._memory.get(key) or self._load(key)
-        if entry is not None:
-            resolution, stored_at = entry
-            if not (isinstance(resolution, LayoutFailure)
-                    and time.time() - stored_at > self.failure_ttl):
-                self._remember(key, entry)
-                self.hits += 1
-                return resolution
-            self._memory.pop(key, None)  # an expired failure: gone from memory and disk
-            if self.directory:
-                self._remove(os.path.basename(self._path(key)))
-        self.misses += 1
-        return None
+        with self._lock:
+            entry = self._memory.get(key) or self._load(key)
+            if entry is not None:
+                resolution, stored_at = entry
+                if not (isinstance(resolution, LayoutFailure)
+                        and time.time() - stored_at > self.failure_ttl):
+                    self._remember(key, entry)
+                    self.hits += 1
+                    return resolution
+                self._memory.pop(key, None)  # an expired failure: gone from memory and disk
+                if self.directory:
+                    self._remove(os.path.basename(self._path(key)))
+            self.misses += 1
+            return None
 
     def put(self, key: str, resolution: Resolution) -> None:
-        entry = (resolution, time.time())
-        self._remember(key, entry)
-        self._store(key, entry)
+        with self._lock:
+            entry = (resolution, time.time())
+            self._remember(key, entry)
+            self._store(key, entry)
 
     def _remember(self, key: str, entry: tuple[Resolution, float]) -> None:
         """Keep `entry` in memory as the most recently used, evicting the least."""
@@ -82,28 +87,31 @@ class LayoutCache:
     def forget_failures(self) -> None:
         """Drop every cached failure, in memory and on disk, so that the next lookup tries
         again at once (after an offsets import, say) instead of after `failure_ttl`."""
-        for key in [k for k, (r, _) in self._memory.items() if isinstance(r, LayoutFailure)]:
-            del self._memory[key]
-        if not self.directory:
-            return
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(self.directory, name)
+        with self._lock:
+            for key in [k for k, (r, _) in self._memory.items()
+                        if isinstance(r, LayoutFailure)]:
+                del self._memory[key]
+            if not self.directory:
+                return
             try:
-                with open(path, "rb") as f:
-                    failed = json.load(f)["result"]["kind"] == "failure"
-                if failed:
-                    self._remove(name)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # not ours to judge: _load sets unusable files aside
+                names = os.listdir(self.directory)
+            except OSError:
+                return
+            for name in names:
+                path = os.path.join(self.directory, name)
+                try:
+                    with open(path, "rb") as f:
+                        failed = json.load(f)["result"]["kind"] == "failure"
+                    if failed:
+                        self._remove(name)
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # not ours to judge: _load sets unusable files aside
 
     def layouts(self) -> list[TsdLayout]:
         """Every layout held in memory, once per build."""
-        found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}
-        return list(found.values())
+        with self._lock:
+            found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}
+            return list(found.values())
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, key.replace(":", "_") + ".json")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 from . import offsets_file, tags
 from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
-from .attach import Attacher, Attachment, BinaryIdentity, exe_identity
+from .attach import Attacher, Attachment, BinaryIdentity, Pending, exe_identity
 from .cache import LayoutCache
 from .debuginfo import DebugSearch
 from .debuginfod import DebuginfodClient, urls_from_environment
@@ -22,6 +22,7 @@ from .parse_worker import WorkerLimits
 from .probe import (ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark,
                     same_image)
 from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
+from .resolver import BackgroundResolver
 from .retained import RetainedStore, Saved
 from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot, ThreadSample
@@ -51,6 +52,8 @@ class CaptureSettings:
     select: Callable[[ProcessInfo], bool] | None = None
     on_thread_stop: Callable[[float], None] | None = None
     parser: WorkerLimits = field(default_factory=WorkerLimits)  # the sandboxed ELF/DWARF parser
+    background: bool = False  # resolve new binaries beside the snapshots (the daemon)
+    resolve_grace: float = 0.0  # how long into a snapshot pending binaries may be waited for
 
     @classmethod
     def from_config(cls, config: Config, **overrides: object) -> CaptureSettings:
@@ -148,7 +151,8 @@ class Capturer:
         self.attacher = Attacher(self.cache,
                                  DebugSearch(self.settings.debug_dirs, self._debuginfod,
                                              self.settings.parser.max_file_bytes),
-                                 self.settings.parser)
+                                 self.settings.parser,
+                                 BackgroundResolver() if self.settings.background else None)
         self.tracer = Tracer()
         self.prober = ThreadProber(self.tracer, self.settings.on_thread_stop)
         self._tracked: dict[tuple[int, int], _Tracked] = {}
@@ -184,6 +188,8 @@ class Capturer:
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
+        waiting: list[ProcessInfo] = []  # pending: their binaries are being resolved
+        submitted = self.attacher.submitted
         complete = True
         for process in iter_processes(self.settings.proc_root,
                                       sorted(pids) if pids is not None else None):
@@ -205,9 +211,21 @@ class Capturer:
             tally.tgids_walked += 1
             tally.current = (process.pid, process.comm)
             seen.add(process.key)
+            pending = tally.pending
             sample = self._probe_process(process, tally, cancel)
             if sample is not None:
                 samples.append(sample)
+            elif tally.pending > pending:
+                waiting.append(process)
+        if (waiting and complete and self.attacher.submitted > submitted
+                and self._wait_for_resolution(clock)):
+            # what the background resolved in time is read in this snapshot after all
+            for process in waiting:
+                tally.pending -= 1
+                tally.current = (process.pid, process.comm)
+                sample = self._probe_process(process, tally, cancel)
+                if sample is not None:
+                    samples.append(sample)
         if complete and pids is None:
             self._forget_all_but(seen)
             saved = {key: t.saved() for key, t in self._tracked.items()
@@ -223,7 +241,7 @@ class Capturer:
                             processes=tuple(samples), traced_by=dict(tally.traced_by),
                             failed_pids=tuple(sorted(tally.failed_pids.values(),
                                                      key=lambda f: f.pid)),
-                            denied_tgids=tally.denied_tgids)
+                            denied_tgids=tally.denied_tgids, pending=tally.pending)
         self._log_snapshot(snapshot)
         return snapshot
 
@@ -254,6 +272,15 @@ class Capturer:
         log.log(logging.INFO if first else logging.DEBUG, "pid %d (%s) %s: %s", process.pid,
                 process.comm, binary, error)
 
+    def _wait_for_resolution(self, clock: float) -> bool:
+        """Give the background resolver until `resolve_grace` seconds after the snapshot
+        began (`clock`) to finish what it was given; whether it did. Only a snapshot that
+        gave it new binaries waits: one already under way for long does not hold up the
+        next snapshots."""
+        background = self.attacher.background
+        left = clock + self.settings.resolve_grace - time.monotonic()
+        return background is not None and left > 0 and background.wait_idle(left)
+
     def _probe_process(self, process: ProcessInfo, tally: Tally,
                        cancel: threading.Event | None) -> ProcessSample | None:
         """Attach to and read one process: whatever it does meanwhile (exit, exec, odd
@@ -275,6 +302,9 @@ class Capturer:
                     return None
                 threads, listed = self._read_threads(process, tracked, tally, cancel)
             arena = self._arena_totals(process.pid, tracked, listed, threads)
+        except Pending:  # its binary is being resolved in the background
+            tally.pending += 1
+            return None
         except ProbeError as error:
             tally.fail(error.tag, reason=error.message)
             if error.tag == tags.READLINK_FAILURE and error.errno in DENIED:

@@ -177,6 +177,10 @@ class DaemonCollector:
                      "or EPERM; kernel threads and exits are not counted): ctprofd cannot "
                      "see them, and they are not in `failed`. Grant CAP_SYS_PTRACE.",
                      None if describe_only else snapshot.denied_tgids)
+        yield _gauge("ctprofd_probe_pending",
+                     "Processes of the last snapshot whose binary was still being resolved "
+                     "(parsed beside the snapshots): not read yet, and not in `failed`.",
+                     None if describe_only else snapshot.pending)
         dominant = InfoMetricFamily("ctprofd_probe_dominant_failure",
                                     "The most frequent actionable failure tag of the last "
                                     "snapshot; absent without failures.")

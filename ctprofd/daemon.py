@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "aggregate.json"
 STOP_GRACE_SECONDS = 0.5
+# A snapshot waits this long at most (and half an interval at most) for new binaries to be
+# resolved beside it, so that a process started just before is read at once.
+RESOLVE_GRACE_SECONDS = 10.0
 # Changing these needs a restart: they are bound (socket) or built into the Capturer.
 RESTART_KEYS = ("listen", "cache_dir", "cache_max_entries", "cache_max_mib", "state_dir",
                 "debug_dirs", "debuginfod_urls", "offsets_files", "parser")
@@ -126,7 +129,8 @@ class Daemon:
                     log.warning("cannot create %s: %s", directory, err.strerror)
         self.capturer = Capturer(CaptureSettings.from_config(
             config, state_dir=config.state_dir, select=self._select,
-            on_thread_stop=self._thread_stops.observe))
+            on_thread_stop=self._thread_stops.observe, background=True,
+            resolve_grace=min(config.interval / 2, RESOLVE_GRACE_SECONDS)))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
         self.aggregator = self._new_aggregator(config)

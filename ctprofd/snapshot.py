@@ -77,6 +77,7 @@ class Snapshot:
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> the other tracer's pid
     failed_pids: tuple[PidFailure, ...] = ()  # each tgid with actionable failures, by pid
     denied_tgids: int = 0  # tgids whose /proc/PID/exe was refused: ctprofd cannot see them
+    pending: int = 0  # tgids whose binary is still being resolved: not read yet, not failed
 
     def to_dict(self) -> dict:
         """The `ctprofd snapshot --json` form (a contract)."""
@@ -85,6 +86,6 @@ class Snapshot:
                 "probe_summary": self.summary.to_dict(),
                 "failures": dict(sorted(self.failures.items())),
                 "traced_by": {str(pid): tracer for pid, tracer in sorted(self.traced_by.items())},
-                "denied_tgids": self.denied_tgids,
+                "denied_tgids": self.denied_tgids, "pending": self.pending,
                 "failed_pids": [f.to_dict() for f in self.failed_pids],
                 "processes": [p.to_dict() for p in self.processes]}

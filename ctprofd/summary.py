@@ -89,6 +89,7 @@ class Tally:
     failures: Counter[str] = field(default_factory=Counter)
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> another tracer's pid
     denied_tgids: int = 0  # /proc/PID/exe refused (EACCES, EPERM): invisible, not failed
+    pending: int = 0  # binary still being resolved in the background: not read yet, not failed
     failed_pids: dict[int, PidFailure] = field(default_factory=dict)
     current: tuple[int, str] | None = None  # (pid, comm) the failures that follow are of
 

@@ -21,6 +21,7 @@ SMALL = {
     "footprint": ["--idle", "5", "--jemalloc", "1", "--threads", "2", "--duration", "2",
                   "--render-procs", "3", "--scrapes", "2"],
     "scrapers": ["--scrapers", "3", "--duration", "2", "--jemalloc", "1", "--threads", "2"],
+    "hostile_schedule": ["--duration", "2"],
 }
 EXPECTED = {
     "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter",
@@ -31,6 +32,7 @@ EXPECTED = {
     "target_impact": ("thread_stops", "throughput"),
     "footprint": ("footprint", "render"),
     "scrapers": ("responses", "verdict", "rss_mib"),
+    "hostile_schedule": ("baseline", "attack", "schedule_ratio_attack_to_baseline"),
 }
 
 

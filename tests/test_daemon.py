@@ -118,7 +118,7 @@ def test_serves_metrics_landing_page_and_a_lint_clean_scrape(tmp_path, daemons, 
     only = f"selection:\n  include:\n    exe: ['{fixture_bins['static'].binary}']\n"
     daemon = daemons("--config", str(write_config(tmp_path, only))).started()
     assert '<a href="/metrics">' in daemon.get("/")
-    text = daemon.wait_for_sample("ctprofd_snapshots_total", 1)
+    text = daemon.wait_for_sample("ctprofd_probe_jemalloc_detected", 1)  # maybe pending first
     assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.5
     assert [daemon.sample(f"ctprofd_probe_{name}", text) for name in (
         "tgids_walked", "jemalloc_detected", "probed_ok", "failed")] == [1, 1, 3, 0]
@@ -300,49 +300,45 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
         tmp_path, daemons, fixture_bins, spawn_fixture):
     """/health with TLS and basic auth on: answered without credentials (/metrics is not),
     503 until the first snapshot, 200 while snapshots complete, 503 once the last completed
-    one is older than 3 intervals (a debuginfod server that accepts and never answers holds a
-    snapshot for the client's 5 s timeout), 200 again after."""
+    one is older than 3 intervals (a new process whose workers are stuck in vfork, which no
+    PTRACE_INTERRUPT can stop, costs each snapshot a 250 ms wait per worker while their
+    children sleep), 200 again after."""
     from test_web import openssl_cert
     cert, key = openssl_cert(tmp_path, "server")
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
     web = tmp_path / "web.yaml"
     web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
                    f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    variant = fixture_bins["dynamic-stripped-buildid"]  # its DWARF only on debuginfod
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)  # connections complete in the backlog; no byte is ever sent
-        empty = tmp_path / "no-debug"
-        empty.mkdir()
-        config = write_config(tmp_path, (
-            f"selection:\n  include:\n    exe: ['{variant.binary}']\n"
-            f"debug_dirs: ['{empty}']\n"
-            f"debuginfod_urls: ['http://127.0.0.1:{silent.getsockname()[1]}']\n"
-            f"web_config_file: {web}\n"), interval=0.2)
-        daemon = daemons("--config", str(config)).started()
-        client = ssl.create_default_context(cafile=str(cert))
+    config = write_config(tmp_path, (
+        f"selection:\n  include:\n    exe: ['{fixture_bins.hostile_threads}']\n"
+        f"web_config_file: {web}\n"), interval=0.2)
+    daemon = daemons("--config", str(config)).started()
+    client = ssl.create_default_context(cafile=str(cert))
 
-        def health() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(daemon.url + "/health", timeout=10,
-                                            context=client) as response:
-                    return response.status, response.read().decode()
-            except urllib.error.HTTPError as err:
-                return err.code, err.read().decode()
+    def health() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(daemon.url + "/health", timeout=10,
+                                        context=client) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
 
-        def wait_health(status: int, prefix: str) -> None:
-            deadline = time.monotonic() + 30
-            while (seen := health())[0] != status:
-                assert time.monotonic() < deadline, seen
-                time.sleep(0.05)
-            assert seen[1].startswith(prefix), seen
+    def wait_health(status: int, prefix: str) -> None:
+        deadline = time.monotonic() + 30
+        while (seen := health())[0] != status:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        assert seen[1].startswith(prefix), seen
 
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(daemon.url + "/metrics", timeout=10, context=client)
-        assert refused.value.code == 401
-        wait_health(200, "ok: last snapshot completed ")
-        spawn_fixture(variant, 1)
-        wait_health(503, "stale: last snapshot completed ")
-        assert "more than 3 intervals (0.6 s)" in health()[1]
-        wait_health(200, "ok: ")
-        daemon.wait_for(f"debuginfod http://127.0.0.1:{silent.getsockname()[1]}: timed out")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(daemon.url + "/metrics", timeout=10, context=client)
+    assert refused.value.code == 401
+    wait_health(200, "ok: last snapshot completed ")
+    target = spawn_fixture(fixture_bins.hostile_threads, STUCK)
+    for worker in range(STUCK):  # each child sleeps 5 s; a snapshot then takes 2 s
+        target.send(f"vfork {worker} 5000")
+        assert target.readline().split()[0] == "VFORKING"
+    wait_health(503, "stale: last snapshot completed ")
+    assert "more than 3 intervals (0.6 s)" in health()[1]
+    wait_health(200, "ok: ")
+    daemon.wait_for(r"failed \(dominant: waitpid\)")  # the hang was the stuck workers

@@ -27,10 +27,14 @@ class Scrapes:
         self.text = ""
 
     def after_next_snapshot(self) -> Scrapes:
-        """Wait until a snapshot that started after this call has been published."""
-        now = self.daemon.sample("ctprofd_snapshots_total") or 0
-        self.text = self.daemon.wait_for_sample("ctprofd_snapshots_total", now + 2)
-        return self
+        """Wait until a snapshot that started after this call, and had no process pending
+        (binaries are resolved beside the snapshots), has been published."""
+        for _ in range(20):
+            now = self.daemon.sample("ctprofd_snapshots_total") or 0
+            self.text = self.daemon.wait_for_sample("ctprofd_snapshots_total", now + 2)
+            if not self.daemon.sample("ctprofd_probe_pending", self.text):
+                return self
+        raise AssertionError(f"processes still pending: {self.text}")
 
     def value(self, name: str, **labels: str) -> float | None:
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

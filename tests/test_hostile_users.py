@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,15 @@ class Host:
         self.daemon = daemon
         self.root_fixture = root_fixture
         self.user_dir = user_dir
+
+    def reads(self, fixture, timeout: float = 60) -> str:
+        """Wait until a scrape has the fixture's series (its binary resolved beside the
+        snapshots); that scrape."""
+        deadline = time.monotonic() + timeout
+        while f'pid="{fixture.pid}"' not in (text := self.daemon.get()):
+            assert time.monotonic() < deadline, f"pid {fixture.pid} never read"
+            time.sleep(0.05)
+        return text
 
     def snapshots(self) -> float:
         return self.daemon.sample("ctprofd_snapshots_total") or 0
@@ -73,8 +83,9 @@ def rss_kib(pid: int) -> int:
 
 
 @pytest.fixture
-def host(tmp_path, fixture_bins, spawn_fixture) -> Iterator[Host]:
-    """The daemon's cache holds at most CACHE_ENTRIES entries."""
+def host(request, tmp_path, fixture_bins, spawn_fixture) -> Iterator[Host]:
+    """The daemon's cache holds at most CACHE_ENTRIES entries; an indirect parameter adds
+    configuration."""
     user_dir = Path(tempfile.mkdtemp(prefix="ctprofd-user-"))
     os.chmod(user_dir, 0o755)
     os.chown(user_dir, NOBODY, NOBODY)
@@ -82,11 +93,14 @@ def host(tmp_path, fixture_bins, spawn_fixture) -> Iterator[Host]:
     extra = (f"labels: [pid]\nlog_level: debug\ncache_max_entries: {CACHE_ENTRIES}\n"
              f"debug_dirs: ['{fixture_bins.debug_root}']\n"
              f"selection:\n  include:\n"
-             f"    exe: ['{fixture_bins.root}/*', '{user_dir}/*']\n")
+             f"    exe: ['{fixture_bins.root}/*', '{user_dir}/*']\n"
+             + getattr(request, "param", ""))
     daemon = DaemonProcess("--config", str(write_config(tmp_path, extra, interval=0.5)))
     try:
         daemon.started()
-        yield Host(daemon, root_fixture, user_dir)
+        host = Host(daemon, root_fixture, user_dir)
+        host.reads(root_fixture)
+        yield host
     finally:
         daemon.stop()
         shutil.rmtree(user_dir, ignore_errors=True)
@@ -122,6 +136,7 @@ def test_a_debug_file_swapped_for_a_fifo_never_blocks(host, fixture_bins, spawn_
     user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
     assert swapper.readline(timeout=60) == "SWAPPED"
     assert stat.S_ISFIFO(os.lstat(debug).st_mode)
+    host.reads(user)
     text = host.keeps_going()
     assert host.failures(text).get("dwarf-parse-failure") is None
     assert f'ctprofd_threads{{pid="{user.pid}"}} 2' in text
@@ -179,8 +194,10 @@ def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, 
     forged.write_bytes(data.replace(bytes.fromhex(elf.build_id(forged)), wanted))
     assert elf.build_id(forged) == wanted.hex()
     user = spawn_fixture(forged, 2, prefix=AS_NOBODY)
+    host.reads(user)
     assert_exact(host.keeps_going(), user)
     root = spawn_fixture(root_binary, 2)
+    host.reads(root)
     assert_exact(host.keeps_going(), root)
 
 
@@ -192,14 +209,42 @@ def test_a_binary_touched_again_and_again_keeps_the_cache_bounded(host, fixture_
     its counters are not counted twice."""
     binary = host.user_file(fixture_bins["static"].binary, "touched")
     running = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    host.reads(running)
     for second in range(2 * CACHE_ENTRIES):
         subprocess.run([*AS_NOBODY, "touch", "-m", "-d", f"@{1_000_000 + second}", str(binary)],
                        check=True)
         new = spawn_fixture(binary, 1, prefix=AS_NOBODY)
-        text = host.keeps_going(2)  # the second one began after the touch
+        host.reads(new)
+        text = host.keeps_going(2)
         assert_exact(text, running)
         assert_exact(text, new)
         new.kill()
         assert host.daemon.sample("ctprofd_offset_cache_entries", text) <= CACHE_ENTRIES
         assert len(os.listdir(tmp_path / "cache" / "layouts")) <= CACHE_ENTRIES
     assert host.daemon.sample("ctprofd_offset_cache_misses_total", text) >= 2 * CACHE_ENTRIES
+
+
+SLOW_PARSES = "parser: {timeout: 15, max_file_mib: 1048576}\n"
+
+
+@pytest.mark.parametrize("host", [SLOW_PARSES], indirect=True)
+def test_a_binary_slow_to_resolve_never_delays_the_others(host, fixture_bins, spawn_fixture):
+    """The user's debug file is a 1 TiB sparse file (allowed here): its CRC cannot end
+    before the parser's 15 s timeout. Meanwhile the user's process is pending, never
+    failed, and snapshots go on reading the root process exactly."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    sparse = host.user_dir / variant.debug_file.name
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+    os.chown(sparse, NOBODY, NOBODY)
+    user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    host.daemon.wait_for_sample("ctprofd_probe_pending", 1)
+    for _ in range(3):  # each of these snapshots ran while the parse was under way
+        text = host.keeps_going(1)
+        assert host.daemon.sample("ctprofd_probe_pending", text) == 1
+        assert host.failures(text).get("dwarf-parse-failure") is None
+    host.daemon.wait_for(rf"{re.escape(str(binary))}.*(timed out|time limit)", timeout=60)
+    text = host.keeps_going(2)
+    assert host.daemon.sample("ctprofd_probe_pending", text) == 0
+    assert f'pid="{user.pid}"' not in text
