@@ -278,14 +278,17 @@ def test_nobody_cannot_stop_the_parser_worker(attacked, fixture_bins, spawn_fixt
     stopped = subprocess.run([*NOBODY, "kill", "-STOP", str(worker)], capture_output=True,
                              text=True)
     assert stopped.returncode != 0 and "not permitted" in stopped.stderr
-    # a binary first seen now (nobody's own copy, so parsed afresh) is read at once
+    # a binary first seen now (nobody's own copy, so parsed afresh) is read once resolved
     drop = Path(fixture_bins.root) / "fresh"
     drop.mkdir()
     shutil.chown(drop, 65534, 65534)
     copy_as(NOBODY, fixture_bins["static"].binary, drop / "fresh")
     fresh = spawn_fixture(drop / "fresh", 1, prefix=NOBODY)
-    text = harness.next_snapshot()
-    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+    for _ in range(50):  # resolved beside the snapshots: maybe pending for a few
+        text = harness.next_snapshot()
+        exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+        if str(fresh.pid) in exported:
+            break
     assert exported[str(fresh.pid)] == sum(t["allocated"] for t in fresh.threads)
     harness.assert_reference_exact(text)
     assert parser_worker(harness.daemon) == worker  # never lost
