@@ -97,6 +97,12 @@ def load_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)
 
 
+def resolve_grace(interval: float) -> float:
+    """How long a snapshot may wait for binaries it found new: half an interval, at most
+    RESOLVE_GRACE_SECONDS."""
+    return min(interval / 2, RESOLVE_GRACE_SECONDS)
+
+
 def process_alive(proc_root: str, pid: int, start_time: int) -> bool:
     """Whether (pid, start time) still runs: a reused pid has another start time."""
     try:
@@ -130,7 +136,7 @@ class Daemon:
         self.capturer = Capturer(CaptureSettings.from_config(
             config, state_dir=config.state_dir, select=self._select,
             on_thread_stop=self._thread_stops.observe, background=True,
-            resolve_grace=min(config.interval / 2, RESOLVE_GRACE_SECONDS)))
+            resolve_grace=resolve_grace(config.interval)))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
         self.aggregator = self._new_aggregator(config)
@@ -295,6 +301,7 @@ class Daemon:
                 log.warning("reload: a change of %s takes effect only after a restart", key)
         self.config = dataclasses.replace(
             new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
+        self.capturer.settings.resolve_grace = resolve_grace(new.interval)
         self.server.web_config = web
         logging.getLogger().setLevel((self.args.log_level or new.log_level).upper())
         self._wake_loop.set()
