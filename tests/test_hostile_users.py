@@ -183,10 +183,11 @@ def test_a_symlinked_debug_dir_lends_no_root_eyes(host, fixture_bins, spawn_fixt
         shutil.rmtree(secret)
 
 
-def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, spawn_fixture):
+def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, spawn_fixture,
+                                                            tmp_path):
     """The user runs a binary claiming the build-id of a root program but placing jemalloc's
-    TSD elsewhere (hostile_threads' larger TLS block); the root program started later must
-    still be read exactly."""
+    TSD elsewhere (hostile_threads' larger TLS block); the root program started later, by
+    a daemon restarted on the same on-disk cache, must still be read exactly."""
     root_binary = fixture_bins["static"].binary
     wanted = bytes.fromhex(elf.build_id(root_binary))
     forged = host.user_file(fixture_bins.hostile_threads, "forged")
@@ -196,9 +197,16 @@ def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, 
     user = spawn_fixture(forged, 2, prefix=AS_NOBODY)
     host.reads(user)
     assert_exact(host.keeps_going(), user)
-    root = spawn_fixture(root_binary, 2)
-    host.reads(root)
-    assert_exact(host.keeps_going(), root)
+    host.daemon.stop()
+    host.daemon = DaemonProcess("--config", str(tmp_path / "ctprofd.yaml"))
+    try:
+        host.daemon.started()
+        root = spawn_fixture(root_binary, 2)
+        host.reads(root)
+        host.reads(host.root_fixture)
+        assert_exact(host.keeps_going(), root)
+    finally:
+        host.daemon.stop()
 
 
 def test_a_binary_touched_again_and_again_keeps_the_cache_bounded(host, fixture_bins,
