@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -122,7 +123,10 @@ class Daemon:
         self.collector = collector
         self.notify = notify
         self.stop = threading.Event()  # also the capture's cancel event
-        self._wake_main = threading.Event()
+        # the signal handler wakes the main thread through a pipe: it runs on the main
+        # thread, between any two bytecodes, so a lock it took (Event.set) could be one
+        # the main thread holds at that moment (Event.clear), and a SIGHUP storm hung it
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_loop = threading.Event()
         self._reload_requested = False
         self._thread_stops = Histogram(THREAD_STOP_BUCKETS)
@@ -260,7 +264,10 @@ class Daemon:
             self._reload_requested = True
         else:
             self.stop.set()
-        self._wake_main.set()
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
 
     def serve(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -270,8 +277,12 @@ class Daemon:
         loop = threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True)
         loop.start()
         while not self.stop.is_set():
-            self._wake_main.wait(1.0)
-            self._wake_main.clear()
+            if select.select([self._wake_read], [], [], 1.0)[0]:
+                while True:
+                    try:
+                        os.read(self._wake_read, 4096)
+                    except BlockingIOError:
+                        break
             if self._reload_requested and not self.stop.is_set():
                 self._reload_requested = False
                 self.reload()
