@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import struct
@@ -133,16 +134,20 @@ def test_worker_resolves_like_in_process(fixture_bins, worker, variant):
 
 
 def wait_for_child_limits(zygote: int) -> tuple[str, str]:
-    """The zygote's child parsing now and its /proc limits, once there is one."""
+    """A child of the zygote once it has set its limits (CPU time last), and its /proc limits.
+    Children come and go (one per phase), and one just forked has not set its limits yet:
+    a child that never sets them fails the test after the hang guard."""
     deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:
         for child in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
             try:
-                return child, Path(f"/proc/{child}/limits").read_text()
+                limits = Path(f"/proc/{child}/limits").read_text()
             except (FileNotFoundError, ProcessLookupError):  # exited as we looked
                 continue
+            if not re.search(r"^Max cpu time +unlimited", limits, re.M):  # set last
+                return child, limits
         time.sleep(0.01)
-    raise AssertionError(f"no parsing child of the zygote {zygote} in {HANG_GUARD} s")
+    raise AssertionError(f"no child of the zygote {zygote} set its limits in {HANG_GUARD} s")
 
 
 def test_worker_runs_unprivileged_with_limits(fixture_bins, worker, tmp_path):
