@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
 LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged at info
+# A process known to run no jemalloc has its exe looked at again when its name changes (an
+# exec renames it, unless the new file has the old name), else once in this many snapshots,
+# spread by pid: an exec into a jemalloc binary is picked up late, never lost (the
+# counters are cumulative), and the stat of every exe is a third of a steady-state snapshot.
+NOT_JEMALLOC_RECHECK = 4
 
 
 @dataclass
@@ -99,6 +104,7 @@ class _Tracked:
     # the last arena statistics read, and the threads' counters they were read with
     arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
+    comm: str = ""  # the name it had when attached: an exec mostly renames a process
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -160,6 +166,7 @@ class Capturer:
         self._restored = self._retained_store.load()
         self._logged_failures: set[tuple[str, str]] = set()
         self._last_line: tuple[str, int] | None = None  # (summary line, denied) last logged
+        self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
 
     def close(self) -> None:
         """Stop the parser worker process; remove debug files downloaded to a temporary
@@ -185,6 +192,7 @@ class Capturer:
     def _capture(self, pids: Collection[int] | None,
                  cancel: threading.Event | None) -> Snapshot:
         started, clock = time.time(), time.monotonic()
+        self._passes += 1
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
@@ -378,6 +386,9 @@ class Capturer:
         tracked = self._tracked.get(process.key)
         if tracked is None:
             return self._attach(process, None)
+        if (isinstance(tracked.result, NotJemalloc) and process.comm == tracked.comm
+                and (process.pid + self._passes) % NOT_JEMALLOC_RECHECK):
+            return tracked  # most processes run no jemalloc: their exe is looked at less often
         identity = exe_identity(process)
         if tracked.identity != identity:
             if not same_image(process.pid, tracked.image_mark):
@@ -411,6 +422,7 @@ class Capturer:
         if previous is not None:
             tracked.earlier_images = saved.retained
         tracked.reported = previous.reported if previous is not None else saved.reported
+        tracked.comm = process.comm
         self._tracked[process.key] = tracked
         return tracked
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from ctprofd import tags
-from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from support import elf
-from support.procs import assert_no_thread_stopped_or_traced, task_states
+from support.procs import READY, assert_no_thread_stopped_or_traced, task_states
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHURNERS = 10_000
@@ -471,6 +471,30 @@ def test_exec_of_the_same_binary_drops_the_old_thread_pointers(fixture_bins, spa
         before.allocated_bytes + totals(image)[0], before.deallocated_bytes + totals(image)[1])
     assert_no_thread_stopped_or_traced(fixture.pid)
 
+
+@pytest.mark.parametrize("name, within", [("sh", 1), ("alloc_threads", NOT_JEMALLOC_RECHECK)])
+def test_an_exec_into_jemalloc_is_picked_up(fixture_bins, spawn_process, tmp_path, name,
+                                            within):
+    """A process seen running no jemalloc (a shell script, whose name is the script's) that
+    execs a jemalloc binary: read at the next snapshot when the exec renamed it, within
+    NOT_JEMALLOC_RECHECK snapshots when the new file has the old name; exact either way."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\necho WAITING\nread line\nexec {fixture_bins['static'].binary} 2\n")
+    script.chmod(0o755)
+    shell = spawn_process([script], ready="WAITING")
+    engine = capturer(fixture_bins)
+    try:
+        assert engine.capture(pids=[shell.pid]).processes == ()  # /bin/sh: no jemalloc
+        shell.send("go")
+        image = [json.loads(line) for line in shell.wait_for(READY)]
+        for _ in range(within):
+            found = engine.capture(pids=[shell.pid])
+            if found.processes:
+                break
+        assert found.processes, f"not read in {within} snapshots"
+        assert by_tid(found, shell.pid) == truth(image)
+    finally:
+        engine.close()
 
 PID_REUSE_SCRIPT = r"""
 import json, os, signal, sys
