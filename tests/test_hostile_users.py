@@ -66,6 +66,14 @@ class Host:
         os.chown(target, NOBODY, NOBODY)
         return target
 
+    def user_sparse_file(self, name: str, size: int) -> Path:
+        """A sparse file of `size` bytes in the user's directory, owned by the user."""
+        target = self.user_dir / name
+        with open(target, "wb") as f:
+            f.truncate(size)
+        os.chown(target, NOBODY, NOBODY)
+        return target
+
 
 def assert_exact(text: str, fixture) -> None:
     """The scrape has the fixture's series (labels [pid]) equal to its own mallctl reports."""
@@ -155,10 +163,7 @@ def test_a_fifo_for_a_debug_file_is_refused(host, fixture_bins, spawn_fixture):
 def test_a_huge_sparse_debug_file_is_not_read(host, fixture_bins, spawn_fixture):
     variant = fixture_bins["static-stripped-debuglink"]
     binary = host.user_file(variant.binary)
-    sparse = host.user_dir / variant.debug_file.name
-    with open(sparse, "wb") as f:
-        f.truncate(64 << 30)
-    os.chown(sparse, NOBODY, NOBODY)
+    host.user_sparse_file(variant.debug_file.name, 64 << 30)
     spawn_fixture(binary, 1, prefix=AS_NOBODY)
     host.keeps_going()
     host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF.*larger than", timeout=30)
@@ -242,10 +247,7 @@ def test_a_binary_slow_to_resolve_never_delays_the_others(host, fixture_bins, sp
     failed, and snapshots go on reading the root process exactly."""
     variant = fixture_bins["static-stripped-debuglink"]
     binary = host.user_file(variant.binary)
-    sparse = host.user_dir / variant.debug_file.name
-    with open(sparse, "wb") as f:
-        f.truncate(1 << 40)
-    os.chown(sparse, NOBODY, NOBODY)
+    host.user_sparse_file(variant.debug_file.name, 1 << 40)
     user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
     host.daemon.wait_for_sample("ctprofd_probe_pending", 1)
     for _ in range(3):  # each of these snapshots ran while the parse was under way
