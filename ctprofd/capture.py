@@ -267,6 +267,8 @@ class Capturer:
     def _log_failure(self, process: ProcessInfo, error: ProbeError) -> None:
         """Why a binary failed, at info the first time for each binary and tag, then at
         debug: a steady failure is not news every interval."""
+        if error.tag not in tags.ACTIONABLE and not log.isEnabledFor(logging.DEBUG):
+            return  # nothing to say: spare the readlink
         try:
             binary = process.exe
         except OSError:
@@ -383,6 +385,9 @@ class Capturer:
 
     def _track(self, process: ProcessInfo) -> _Tracked:
         """The tracked state of a process, attaching when it is new or runs another file."""
+        if process.kernel_thread:  # known from its stat line, without a syscall
+            raise ProbeError(tags.READLINK_FAILURE, f"pid {process.pid}: a kernel thread",
+                             errno.ENOENT)
         tracked = self._tracked.get(process.key)
         if tracked is None:
             return self._attach(process, None)

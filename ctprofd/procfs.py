@@ -17,6 +17,9 @@ from typing import Iterator
 _UNIT_RE = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
 
 
+PF_KTHREAD = 0x00200000
+
+
 @dataclass(frozen=True)
 class StatLine:
     """The fields of /proc/PID/stat (or /proc/PID/task/TID/stat) that ctprofd uses."""
@@ -24,6 +27,7 @@ class StatLine:
     comm: str
     state: str
     start_time: int  # clock ticks after boot (field 22): with the id, the identity
+    kernel_thread: bool = False  # PF_KTHREAD in the flags (field 9): no exe, no memory
 
 
 def parse_stat(text: str) -> StatLine:
@@ -31,7 +35,8 @@ def parse_stat(text: str) -> StatLine:
     head, _, tail = text.rpartition(")")
     comm = head.partition("(")[2]
     fields = tail.split()
-    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]))
+    return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]),
+                    kernel_thread=bool(int(fields[6]) & PF_KTHREAD))
 
 
 def read_file(path: str) -> bytes:
@@ -93,6 +98,7 @@ class ProcessInfo:
         self.comm = stat.comm
         self.start_time = stat.start_time
         self.state = stat.state
+        self.kernel_thread = stat.kernel_thread
         # /proc/PID, built once: joining paths is a sizeable part of a steady-state snapshot
         self._directory = directory if directory is not None else _prefix(proc_root) + str(pid)
 

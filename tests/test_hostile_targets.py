@@ -24,6 +24,7 @@ import pytest
 
 from ctprofd import tags
 from ctprofd.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.procfs import iter_processes
 from support import elf
 from support.procs import READY, assert_no_thread_stopped_or_traced, task_states
 
@@ -294,6 +295,9 @@ def test_zombies_and_kernel_threads_are_walked_without_failures(fixture_bins, sp
     kthreads = [2, *(pid for pid in map(int, Path("/proc/2/task/2/children").read_text().split())
                      if not Path(f"/proc/{pid}/comm").read_text().startswith("kworker"))]
     assert len(kthreads) > 3  # kworkers come and go: the others stay
+    # told apart by their stat line, so a snapshot spends no syscall on them
+    assert {p.pid for p in iter_processes(pids=[*kthreads, live.pid, *zombies])
+            if not isinstance(p, int) and p.kernel_thread} == set(kthreads)
     wanted = {live.pid, *zombies, *kthreads}
 
     # the full walk (the daemon's), narrowed to these processes
