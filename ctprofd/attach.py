@@ -14,6 +14,7 @@ from elftools.common.exceptions import ELFError
 from . import elf, tags
 from .cache import LayoutCache
 from .debuginfo import DebugSearch, ObjectDir
+from .files import FileRefused
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
                      applies_to, object_dirs_for, resolve)
 from .parse_worker import ParseWorker, WorkerLimits
@@ -21,7 +22,7 @@ from .procfs import Mapping, ProcessInfo, read_maps
 from .resolver import BackgroundResolver
 from .retry import RetrySchedule
 from .tags import ProbeError
-from .target_files import UnusableFile, open_beneath, open_followed
+from .target_files import open_beneath, open_followed
 
 Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
 
@@ -206,8 +207,8 @@ class Attacher:
                 raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
             try:
                 fd, st = open_file()
-            except UnusableFile as exc:
-                resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc}")
+            except FileRefused as exc:
+                resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc.strerror}")
                 self.cache.put(identity.key, resolution)
             except OSError as exc:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",

@@ -1,7 +1,8 @@
-"""Reading the operator's files (configuration, web config, offsets): regular files of
-bounded size only, checked on the open descriptor before anything is read, so a path that
-names a FIFO, a device or a huge file is refused with one line instead of blocking or
-filling memory."""
+"""Files as ctprofd accepts them: regular files of bounded size only, checked on the open
+descriptor before anything is read, so a path that names a FIFO, a device or a huge file is
+refused with one line instead of blocking or filling memory. `read_regular` reads the
+operator's files (configuration, web config, offsets); `check_regular` also serves the
+files a target controls (target_files)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,7 @@ def read_regular(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
     a FIFO without a writer cannot stall the caller."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused(0, f"not a regular file ({_kind(info.st_mode)})", path)
-        if info.st_size > limit:
-            raise FileRefused(0, f"too large ({info.st_size} bytes, limit {limit})", path)
+        check_regular(fd, limit, path)
         parts, left = [], limit + 1  # a file growing while read is still bounded
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
             parts.append(chunk)
@@ -35,6 +32,16 @@ def read_regular(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def check_regular(fd: int, limit: int, path: str) -> os.stat_result:
+    """fstat an open descriptor: a regular file of at most `limit` bytes, else FileRefused."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise FileRefused(0, f"not a regular file ({_kind(info.st_mode)})", path)
+    if info.st_size > limit:
+        raise FileRefused(0, f"too large ({info.st_size} bytes, limit {limit})", path)
+    return info
 
 
 def _kind(mode: int) -> str:

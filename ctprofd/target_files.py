@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import stat
+
+from .files import check_regular
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks the open
 SYS_OPENAT2 = 437
@@ -30,26 +31,19 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-class UnusableFile(OSError):
-    """Not a regular file, or larger than allowed: the message says which."""
-
-
-def checked(fd: int, max_bytes: int) -> os.stat_result:
-    """fstat an open file: a regular file of at most `max_bytes`, else UnusableFile (the
-    descriptor is then closed)."""
-    st = os.fstat(fd)
-    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode)
-               else f"larger than {max_bytes} bytes" if st.st_size > max_bytes else None)
-    if problem:
+def checked(fd: int, path: str, max_bytes: int) -> os.stat_result:
+    """`files.check_regular` on a descriptor just opened, closing it when refused."""
+    try:
+        return check_regular(fd, max_bytes, path)
+    except OSError:
         os.close(fd)
-        raise UnusableFile(problem)
-    return st
+        raise
 
 
 def open_followed(path: str, max_bytes: int) -> tuple[int, os.stat_result]:
     """Open a /proc magic link (exe, map_files/…) or an operator's path: fd and fstat."""
     fd = os.open(path, OPEN_FLAGS)
-    return fd, checked(fd, max_bytes)
+    return fd, checked(fd, path, max_bytes)
 
 
 def open_beneath(root: str, path: str, max_bytes: int) -> tuple[int, os.stat_result]:
@@ -68,4 +62,4 @@ def open_beneath(root: str, path: str, max_bytes: int) -> tuple[int, os.stat_res
             raise OSError(errno, os.strerror(errno), path)
     finally:
         os.close(root_fd)
-    return fd, checked(fd, max_bytes)
+    return fd, checked(fd, path, max_bytes)
