@@ -41,8 +41,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import common
-from .common import Processes, distribution, log
+from support.build import default_jemalloc_dir
+
+from . import REPO
+from .processes import Processes, children_of, die_with_parent, status_kib
+from .report import log, machine, parser, write_result
+from .stats import distribution
 
 TYPES = ("int", "unsigned long", "double", "char", "short", "long long", "float",
          "unsigned char")
@@ -127,7 +131,7 @@ def unit_order(binary: Path) -> dict:
 
 def generate(work_dir: Path, units: int, structs: int) -> tuple[Path, dict]:
     """The big binary and its facts (cached by parameters)."""
-    jemalloc = common.default_jemalloc_dir()
+    jemalloc = default_jemalloc_dir()
     directory = work_dir / f"big-{units}x{structs}"
     binary, stamp = directory / "big", directory / "facts.json"
     if stamp.exists() and binary.exists() and stripped_twin(binary).exists():
@@ -175,7 +179,7 @@ def timed_child(argv: list[str], **kw) -> dict:
     """Run to completion; wall, CPU and peak RSS (wait4) of the child."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=common._die_with_parent, **kw)
+                            preexec_fn=die_with_parent, **kw)
     out = proc.stdout.read()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -232,7 +236,7 @@ ON_STRIPPED = {"code_stripped": IN_PROCESS["resolve_object"], "code_scan": SCAN}
 def in_process(code: str, binary: Path, env: dict) -> dict:
     """A fresh interpreter running `code`: its wall, CPU and peak RSS, and the seconds of
     its imports and of the call itself, as it measured them."""
-    run = timed_child([sys.executable, "-c", code, str(binary)], cwd=common.REPO,
+    run = timed_child([sys.executable, "-c", code, str(binary)], cwd=REPO,
                       env={**os.environ, **env})
     said = json.loads(run["stdout"].strip().splitlines()[-1])
     return {**run, "import_seconds": said["import_seconds"], "call_seconds": said["call_seconds"],
@@ -253,9 +257,9 @@ class HwmPoller:
         while not self._stop.is_set():
             zygote = self.capturer.attacher.worker.pid
             if zygote is not None:
-                for child in common.children_of(zygote):
+                for child in children_of(zygote):
                     try:
-                        self.peak_kib = max(self.peak_kib, common.status_kib(child, "VmHWM"))
+                        self.peak_kib = max(self.peak_kib, status_kib(child, "VmHWM"))
                     except OSError:
                         pass
             self._stop.wait(0.005)
@@ -289,7 +293,7 @@ def daemon_path(pid: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--units", type=int, help="generated compile units (default 2300; "
                    "--quick 40)")
     p.add_argument("--structs", type=int, default=100, help="structs per unit (default 100)")
@@ -298,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     units = args.units or (40 if args.quick else 2300)
     repeats = args.repeats or (1 if args.quick else 5)
-    started, host = time.time(), common.machine()
+    started, host = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     binary, facts = generate(args.work_dir, units, args.structs)
     results: dict = {"binary": facts, "repeats": repeats}
-    env_path = {"PYTHONPATH": str(common.REPO)}
+    env_path = {"PYTHONPATH": str(REPO)}
     stripped = stripped_twin(binary)
     methods = {
         "pahole": lambda: timed_child(["pahole", "-C", "tsd_s", str(binary)]),
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                             else "NOT met"))
     if facts["debug_info_bytes"] < 100e6 and not args.quick:
         results["warning"] = "the binary has less than 100 MB of .debug_info"
-    common.write_result("cold_start", args, started, host, results)
+    write_result("cold_start", args, started, host, results)
     print(json.dumps(results["ratios_to_pahole_p50_wall"]))
     return 0
 

@@ -28,15 +28,18 @@ import statistics
 import sys
 import time
 
-from . import common
-from .common import Daemon, IdleHost, Processes, distribution, linear_fit, log, spawn_jemalloc
+from .daemon import Daemon, parse_metrics
+from .processes import Processes, count_processes, cpu_seconds, status_kib
+from .report import log, machine, parser, write_result
+from .simulated_host import IdleHost, add_host_options, fixtures_dir, host_size, spawn_jemalloc
+from .stats import distribution, linear_fit
 
 RENDER_SHARE_TARGET = 0.05
 
 
 def _state(daemon: Daemon) -> dict:
     """What the daemon's /metrics says about its size and work so far."""
-    samples = common.parse_metrics(daemon.scrape())
+    samples = parse_metrics(daemon.scrape())
     return {"snapshots": samples.get("ctprofd_snapshots_total", 0),
             "cache_entries": samples.get("ctprofd_offset_cache_entries", 0),
             "cache_lookups": samples.get("ctprofd_offset_cache_hits_total", 0)
@@ -54,25 +57,25 @@ def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, thread
               interval: float, duration: float) -> dict:
     procs.own(IdleHost(procs, args.work_dir, idle))
     spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
-    log(f"host of {common.count_processes()} processes; starting ctprofd run "
+    log(f"host of {count_processes()} processes; starting ctprofd run "
         f"--interval {interval:g} with an empty cache")
     started = time.monotonic()
     daemon = Daemon(procs, args.work_dir / "footprint-daemon", interval)
     daemon.wait_for_snapshots(1)
     startup_wall = time.monotonic() - started
-    startup_cpu = common.cpu_seconds(daemon.pid)
+    startup_cpu = cpu_seconds(daemon.pid)
     worker = daemon.worker_pid()
-    startup_worker_cpu = common.cpu_seconds(worker, children=True) if worker else 0.0
+    startup_worker_cpu = cpu_seconds(worker, children=True) if worker else 0.0
     first = _state(daemon)
     samples, states = [], [{"t": 0.0, **first}]
     t0 = time.monotonic()
     while True:
         now = time.monotonic()
         worker = daemon.worker_pid()
-        samples.append({"t": now - t0, "cpu": common.cpu_seconds(daemon.pid),
-                        "rss_kib": common.status_kib(daemon.pid),
-                        "worker_rss_kib": common.status_kib(worker) if worker else 0,
-                        "worker_cpu": common.cpu_seconds(worker, children=True)
+        samples.append({"t": now - t0, "cpu": cpu_seconds(daemon.pid),
+                        "rss_kib": status_kib(daemon.pid),
+                        "worker_rss_kib": status_kib(worker) if worker else 0,
+                        "worker_cpu": cpu_seconds(worker, children=True)
                         if worker else 0.0})
         if now - t0 >= duration:
             break
@@ -81,7 +84,7 @@ def footprint(procs: Processes, args, fixtures, idle: int, jemalloc: int, thread
         time.sleep(max(0.0, t0 + len(samples) - time.monotonic()))
     final = _state(daemon)
     states.append({"t": round(samples[-1]["t"], 1), **final})
-    hwm = common.status_kib(daemon.pid, "VmHWM")
+    hwm = status_kib(daemon.pid, "VmHWM")
     daemon.stop()
     window = samples[-1]["t"] - samples[0]["t"]
     cpu = samples[-1]["cpu"] - samples[0]["cpu"]
@@ -135,14 +138,14 @@ def render(procs: Processes, args, fixtures, count: int, scrapes: int,
     log(f"first snapshot: {first.get('ctprofd_probe_jemalloc_detected'):.0f} jemalloc "
         "processes; scraping")
     walls, sizes = [], []
-    cpu = common.cpu_seconds(daemon.pid)
+    cpu = cpu_seconds(daemon.pid)
     for _ in range(scrapes):
         started = time.perf_counter()
         body = daemon.scrape()
         walls.append(time.perf_counter() - started)
         sizes.append(len(body))
-    cpu = (common.cpu_seconds(daemon.pid) - cpu) / scrapes
-    samples = common.parse_metrics(body)
+    cpu = (cpu_seconds(daemon.pid) - cpu) / scrapes
+    samples = parse_metrics(body)
     series = sum(1 for key in samples if key.startswith("ctprofd_allocated_bytes_total{"))
     daemon.stop()
     share = statistics.median(walls) / interval
@@ -158,8 +161,8 @@ def render(procs: Processes, args, fixtures, count: int, scrapes: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0])
-    common.add_host_options(p)
+    p = parser(__doc__.split("\n\n")[0])
+    add_host_options(p)
     p.add_argument("--interval", type=float, help="snapshot interval (default 15; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds of sampling after the first "
                    "snapshot (default 240; --quick 3)")
@@ -169,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", choices=("footprint", "render"), action="append", default=[])
     args = p.parse_args(argv)
     q = args.quick
-    idle, jemalloc, threads = common.host_size(args)
+    idle, jemalloc, threads = host_size(args)
     interval = args.interval or (1.0 if q else 15.0)
     duration = args.duration or (3.0 if q else 240.0)
     render_procs = args.render_procs or (5 if q else 1000)
     scrapes = args.scrapes or (3 if q else 30)
-    started, host = time.time(), common.machine()
+    started, host = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    fixtures = common.fixtures_dir(args)
+    fixtures = fixtures_dir(args)
     results: dict = {}
     if "footprint" not in args.skip:
         with Processes() as procs:
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         with Processes() as procs:
             results["render"] = render(procs, args, fixtures, render_procs, scrapes, interval)
             log(f"render: {results['render']}")
-    common.write_result("footprint", args, started, host, results)
+    write_result("footprint", args, started, host, results)
     return 0
 
 

@@ -27,10 +27,13 @@ import shutil
 import time
 from pathlib import Path
 
-from . import common
-from .common import Daemon, Processes, log, parse_metrics, status_kib
+from support.procs import Fixture  # the package puts tests/ on the path
 
-from support.procs import Fixture  # noqa: E402 (common puts tests/ on the path)
+from .daemon import Daemon, parse_metrics
+from .processes import Processes, status_kib, wait_until
+from .report import log, machine, parser, write_result
+from .simulated_host import fixtures_dir
+
 
 NOBODY = 65534
 AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
@@ -104,15 +107,15 @@ class Attacker:
 
 
 def main() -> None:
-    p = common.parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, help="seconds per phase (default 60; --quick 4)")
     p.add_argument("--period", type=float, default=0.5,
                    help="seconds between two new hostile binaries (default 0.5)")
     p.add_argument("--interval", type=float, default=1.0, help="the daemon's (default 1)")
     args = p.parse_args()
     duration = args.duration or (4.0 if args.quick else 60.0)
-    started, host = time.time(), common.machine()
-    fixtures = common.fixtures_dir(args)
+    started, host = time.time(), machine()
+    fixtures = fixtures_dir(args)
     work = args.work_dir / "hostile_schedule"
     attack_dir = work / "user"
     results = {}
@@ -122,7 +125,7 @@ def main() -> None:
                  f"selection:\n  include:\n    exe: ['{fixtures}/*', '{attack_dir}/*']\n")
         daemon = procs.own(Daemon(procs, work / "daemon", args.interval, extra))
         daemon.wait_for_snapshots(2)
-        common.wait_until(lambda: f'pid="{root.pid}"' in daemon.scrape().decode(), 60,
+        wait_until(lambda: f'pid="{root.pid}"' in daemon.scrape().decode(), 60,
                           "the root fixture to be read")
         log(f"baseline: {duration:g} s")
         results["baseline"] = observe(daemon, root, duration)
@@ -135,7 +138,7 @@ def main() -> None:
         results["attack"]["schedule_kept"] / results["baseline"]["schedule_kept"], 3)
     results["config"] = {"interval": args.interval, "duration": duration,
                          "period": args.period, "parser_timeout": 5}
-    common.write_result("hostile_schedule", args, started, host, results)
+    write_result("hostile_schedule", args, started, host, results)
 
 
 if __name__ == "__main__":

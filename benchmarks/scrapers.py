@@ -33,8 +33,11 @@ from collections import Counter, defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import common
-from .common import Daemon, IdleHost, Processes, distribution, linear_fit, log, spawn_jemalloc
+from .daemon import Daemon, parse_metrics
+from .processes import Processes, cpu_seconds, status_kib
+from .report import log, machine, parser, write_result
+from .simulated_host import IdleHost, add_host_options, fixtures_dir, host_size, spawn_jemalloc
+from .stats import distribution, linear_fit
 
 FIELDS = {
     "snapshots": "ctprofd_snapshots_total",
@@ -128,21 +131,21 @@ class Results:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--scrapers", type=int, help="concurrent clients (default 50; --quick 5)")
     p.add_argument("--duration", type=float, help="seconds of scraping (default 60; "
                    "--quick 3)")
     p.add_argument("--interval", type=float, default=1.0, help="snapshot interval "
                    "(default 1)")
-    common.add_host_options(p, idle=0)
+    add_host_options(p, idle=0)
     args = p.parse_args(argv)
     q = args.quick
     scrapers = args.scrapers or (5 if q else 50)
     duration = args.duration or (3.0 if q else 60.0)
-    idle, jemalloc, threads = common.host_size(args)
-    started, host = time.time(), common.machine()
+    idle, jemalloc, threads = host_size(args)
+    started, host = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    fixtures = common.fixtures_dir(args)
+    fixtures = fixtures_dir(args)
     results = Results()
     rss: list[tuple[float, float]] = []
     with Processes() as procs:
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
         daemon = procs.own(Daemon(procs, args.work_dir / "scrapers-daemon", args.interval))
         first = daemon.wait_for_snapshots(2)
-        cpu = common.cpu_seconds(daemon.pid)
+        cpu = cpu_seconds(daemon.pid)
         log(f"{scrapers} scrapers for {duration:g} s")
         stop = threading.Event()
         clients = [Scraper(daemon.port, stop, results) for _ in range(scrapers)]
@@ -159,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         for client in clients:
             client.start()
         while (elapsed := time.monotonic() - t0) < duration:
-            rss.append((elapsed, common.status_kib(daemon.pid) / 1024))
+            rss.append((elapsed, status_kib(daemon.pid) / 1024))
             time.sleep(max(0.0, t0 + len(rss) - time.monotonic()))
         stop.set()
         for client in clients:
             client.join(60)
         elapsed = time.monotonic() - t0
-        cpu = common.cpu_seconds(daemon.pid) - cpu
-        final = common.parse_metrics(daemon.scrape())
-        rss.append((time.monotonic() - t0, common.status_kib(daemon.pid) / 1024))
+        cpu = cpu_seconds(daemon.pid) - cpu
+        final = parse_metrics(daemon.scrape())
+        rss.append((time.monotonic() - t0, status_kib(daemon.pid) / 1024))
         status = daemon.stop()
     inconsistent = {n: sorted(v) for n, v in results.snapshots.items() if len(v) > 1}
     seen = sorted(results.snapshots)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             2.0, 0.05 * out["rss_mib"]["start"]),
     }
     log(f"{out['verdict']}; {results.responses} responses, {dict(results.problems)}")
-    common.write_result("scrapers", args, started, host, out)
+    write_result("scrapers", args, started, host, out)
     return 0
 
 

@@ -59,9 +59,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from . import common
-from .common import (IdleHost, Processes, distribution, linear_fit, log,
-                     spawn_jemalloc)
+from .daemon import free_port
+from .processes import (Processes, count_processes, cpu_seconds, die_with_parent, tasks_cpu_ns,
+                        wait_until)
+from .report import log, machine, parser, write_result
+from .simulated_host import IdleHost, add_host_options, fixtures_dir, host_size, spawn_jemalloc
+from .stats import distribution, linear_fit
 
 from ctprofd import memory, offsets_file  # noqa: E402
 from ctprofd.aggregate import Aggregator  # noqa: E402
@@ -230,9 +233,9 @@ def _under_strace(capturer: Capturer, argv: list[str]) -> None:
     """One snapshot with strace attached to every thread of this process."""
     tracer = subprocess.Popen(argv + ["-p", str(os.getpid())], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              preexec_fn=common._die_with_parent)
+                              preexec_fn=die_with_parent)
     try:
-        common.wait_until(_traced_by_strace, 30, "strace to attach", 0.01)
+        wait_until(_traced_by_strace, 30, "strace to attach", 0.01)
         time.sleep(0.2)  # every thread attached
         os.path.exists(BEGIN)
         capturer.capture()
@@ -334,7 +337,7 @@ def exporter_scrapes(procs: Processes, work_dir: Path, name: str, repeats: int) 
     config_text, flags = EXPORTER_CONFIGS[name]
     config = work_dir / f"process-exporter-{name}.yml"
     config.write_text(config_text)
-    port = common.free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     exporter = procs.popen([EXPORTER, "-config.path", config, "-web.listen-address",
                             f"127.0.0.1:{port}", *flags],
@@ -358,15 +361,15 @@ def exporter_scrapes(procs: Processes, work_dir: Path, name: str, repeats: int) 
         for _ in range(2):
             scrape()
         walls, cpus = [], []
-        ticks = common.cpu_seconds(exporter.pid)
+        ticks = cpu_seconds(exporter.pid)
         for _ in range(repeats):
             gc.collect()
-            cpu = common.tasks_cpu_ns(exporter.pid)
+            cpu = tasks_cpu_ns(exporter.pid)
             wall = time.perf_counter()
             body = scrape()
             walls.append(time.perf_counter() - wall)
-            cpus.append((common.tasks_cpu_ns(exporter.pid) - cpu) / 1e9)
-        ticks = (common.cpu_seconds(exporter.pid) - ticks) / repeats
+            cpus.append((tasks_cpu_ns(exporter.pid) - cpu) / 1e9)
+        ticks = (cpu_seconds(exporter.pid) - ticks) / repeats
         groups = body.count(b"namedprocess_namegroup_num_procs{")
         procs_line = re.findall(rb"^namedprocess_namegroup_num_procs\{[^}]*\} (\d+)", body, re.M)
     finally:
@@ -443,8 +446,8 @@ def _fit(points: list[dict], x: str, per: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0])
-    common.add_host_options(p)
+    p = parser(__doc__.split("\n\n")[0])
+    add_host_options(p)
     p.add_argument("--repeats", type=int, help="timed snapshots/scrapes per figure "
                    "(default 30; --quick 3)")
     p.add_argument("--sweep-idle", metavar="N,N,...",
@@ -455,15 +458,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick 1,4)")
     args = p.parse_args(argv)
     q = args.quick
-    idle, jemalloc, threads = common.host_size(args)
+    idle, jemalloc, threads = host_size(args)
     repeats = args.repeats or (3 if q else 30)
     idle_points = [int(x) for x in (args.sweep_idle or ("0,20" if q else
                                                        "0,200,900,2900,9900")).split(",")]
     thread_points = [int(x) for x in (args.sweep_threads or ("1,4" if q else
                                                              "1,10,100,300,1000")).split(",")]
-    started, host_info = time.time(), common.machine()
+    started, host_info = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    fixtures = common.fixtures_dir(args)
+    fixtures = fixtures_dir(args)
     results: dict = {"host": {"idle_processes": idle, "jemalloc_fixtures": jemalloc,
                               "threads_per_fixture": threads}, "repeats": repeats}
     with Processes() as procs:
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         own_pids = spawned.tids()
         capturer = new_capturer()
         try:
-            log(f"host of {common.count_processes()} processes; warm-up snapshots")
+            log(f"host of {count_processes()} processes; warm-up snapshots")
             first = time.perf_counter()
             capturer.capture()
             results["first_snapshot_wall_seconds"] = round(time.perf_counter() - first, 3)
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     thread_points, max(repeats // 2, 3))
         finally:
             capturer.close()
-    common.write_result("steady_state", args, started, host_info, results)
+    write_result("steady_state", args, started, host_info, results)
     return 0
 
 

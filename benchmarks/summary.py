@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import RESULTS
+from .report import RESULTS
 
 
 def _ms(seconds: float) -> str:

@@ -44,8 +44,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import common
-from .common import Daemon, IdleHost, Processes, distribution, log, spawn_jemalloc
+from .daemon import Daemon, parse_metrics
+from .processes import Processes, cpu_seconds
+from .report import log, machine, parser, write_result
+from .simulated_host import IdleHost, fixtures_dir, spawn_jemalloc
+from .stats import distribution, percentile
 
 from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
 
@@ -82,14 +85,14 @@ def stop_times(procs: Processes, args, fixtures: Path, rounds: int, count: int,
                     if load is not None:
                         procs.release(load)
             log(f"stops round {round_ + 1}/{rounds}: idle p99 "
-                f"{common.percentile(per_condition['idle'], 99) * 1e3:.3f} ms, loaded p99 "
-                f"{common.percentile(per_condition['loaded'], 99) * 1e3:.3f} ms")
+                f"{percentile(per_condition['idle'], 99) * 1e3:.3f} ms, loaded p99 "
+                f"{percentile(per_condition['loaded'], 99) * 1e3:.3f} ms")
     finally:
         capturer.close()
     results = {}
     for condition, values in per_condition.items():
         micros = [v * 1e6 for v in values]
-        p99 = common.percentile(values, 99)
+        p99 = percentile(values, 99)
         results[condition] = {
             "stop_microseconds": distribution(micros, 1),
             "over_2ms": sum(1 for v in values if v > STOP_TARGET_SECONDS),
@@ -138,13 +141,13 @@ def throughput(procs: Processes, args, fixtures: Path, pairs: int, seconds: floa
             daemon.wait_for_snapshots(1)
 
             def probe(pid: int) -> bool:
-                samples = common.parse_metrics(daemon.scrape())
+                samples = parse_metrics(daemon.scrape())
                 return any(f'pid="{pid}"' in key and value > 0 for key, value in samples.items()
                            if key.startswith("ctprofd_threads{"))
 
-            cpu, wall = common.cpu_seconds(daemon.pid), time.monotonic()
+            cpu, wall = cpu_seconds(daemon.pid), time.monotonic()
             runs["B"].append(alloc_loop(procs, binary, threads, seconds, during=probe))
-            daemon_cpu_share.append((common.cpu_seconds(daemon.pid) - cpu)
+            daemon_cpu_share.append((cpu_seconds(daemon.pid) - cpu)
                                     / (time.monotonic() - wall))
         finally:
             daemon.stop()
@@ -200,19 +203,19 @@ def phases(procs: Processes, args, fixtures: Path, pairs: int, seconds: float,
     daemon_cpu_share, seen = [], []
     try:
         for pair in range(pairs):
-            start, cpu = time.monotonic(), common.cpu_seconds(loop.pid)
+            start, cpu = time.monotonic(), cpu_seconds(loop.pid)
             time.sleep(seconds)
-            spans.append(("A", start, time.monotonic(), common.cpu_seconds(loop.pid) - cpu))
+            spans.append(("A", start, time.monotonic(), cpu_seconds(loop.pid) - cpu))
             daemon = procs.own(Daemon(procs, base, interval=1.0, fresh=pair == 0))
             try:
                 daemon.wait_for_snapshots(1)
-                start, cpu = time.monotonic(), common.cpu_seconds(loop.pid)
-                own = common.cpu_seconds(daemon.pid)
+                start, cpu = time.monotonic(), cpu_seconds(loop.pid)
+                own = cpu_seconds(daemon.pid)
                 time.sleep(seconds)
                 end = time.monotonic()
-                spans.append(("B", start, end, common.cpu_seconds(loop.pid) - cpu))
-                daemon_cpu_share.append((common.cpu_seconds(daemon.pid) - own) / (end - start))
-                samples = common.parse_metrics(daemon.scrape())
+                spans.append(("B", start, end, cpu_seconds(loop.pid) - cpu))
+                daemon_cpu_share.append((cpu_seconds(daemon.pid) - own) / (end - start))
+                samples = parse_metrics(daemon.scrape())
                 seen.append(any(f'pid="{loop.pid}"' in key and value > 0
                                 for key, value in samples.items()
                                 if key.startswith("ctprofd_threads{")))
@@ -266,7 +269,7 @@ def mean_ci95(values: list[float]) -> list[float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, help="stop-time rounds (default 10; --quick 1)")
     p.add_argument("--fixtures-per-round", type=int, help="processes per round and "
                    "condition (default 10; --quick 1)")
@@ -286,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = args.pairs or (1 if q else 20)
     seconds = args.seconds or (1.0 if q else 5.0)
     loop_threads = args.loop_threads or os.cpu_count() or 2
-    started, host = time.time(), common.machine()
+    started, host = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    fixtures = common.fixtures_dir(args)
+    fixtures = fixtures_dir(args)
     results: dict = {}
     with Processes() as procs:
         if "stops" not in args.skip:
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" not in args.skip:
             results["throughput"] = throughput(procs, args, fixtures, pairs, seconds,
                                                loop_threads)
-    common.write_result("target_impact", args, started, host, results)
+    write_result("target_impact", args, started, host, results)
     return 0
 
 
