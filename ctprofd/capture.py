@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Collection
+from typing import Callable, Collection
 
 from . import offsets_file, tags
 from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
@@ -28,9 +28,6 @@ from .ptrace import Tracer
 from .snapshot import ProcessSample, Snapshot, ThreadSample
 from .summary import REMEDIATION_HINT, Tally
 from .tags import ProbeError
-
-if TYPE_CHECKING:
-    from .config import Config
 
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
@@ -59,20 +56,6 @@ class CaptureSettings:
     parser: WorkerLimits = field(default_factory=WorkerLimits)  # the sandboxed ELF/DWARF parser
     background: bool = False  # resolve new binaries beside the snapshots (the daemon)
     resolve_grace: float = 0.0  # how long into a snapshot pending binaries may be waited for
-
-    @classmethod
-    def from_config(cls, config: Config, **overrides: object) -> CaptureSettings:
-        """Where the daemon with this configuration looks: every command searches alike."""
-        return cls(**{"cache_dir": config.cache_dir,
-                      "cache_max_entries": config.cache_max_entries,
-                      "cache_max_bytes": config.cache_max_mib << 20,
-                      "debug_dirs": config.debug_dirs,
-                      "debuginfod_urls": config.debuginfod_urls,
-                      "offsets_files": config.offsets_files,
-                      "parser": WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
-                                             timeout=config.parser.timeout,
-                                             max_file_bytes=config.parser.max_file_mib << 20),
-                      **overrides})
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,17 @@ from typing import Callable
 from . import __version__, offsets_file, tags
 from .cache import LayoutCache
 from .capabilities import warn_if_unprivileged
-from .capture import Capturer, CaptureSettings
-from .config import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, ConfigError, add_check_config_parser,
+from .capture import Capturer
+from .config import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, Config, ConfigError, Override, load,
                      load_effective)
-from .daemon import add_run_parser
+from .daemon import capture_settings, run
 from .debughelp import how_to_get_debug_info
 from .layout import LayoutFailure, NotJemalloc, TsdLayout
 from .logs import FORMATS, setup_logging
 from .offsets_file import OffsetsFileError
 from .snapshot import Snapshot
 from .summary import REMEDIATION_HINT
+from .web_config import load_web_config
 
 
 def _snapshot_table(snapshot: Snapshot) -> str:
@@ -51,12 +52,18 @@ def _capturer(args: argparse.Namespace, **overrides: object) -> Capturer:
     """A Capturer that looks where the daemon with this configuration looks (--config, else
     /etc/ctprofd/ctprofd.yaml when present, else the defaults); --cache-dir and --debug-dir
     override. Raises ConfigError, OffsetsFileError."""
-    config = load_effective(args.config)
+    config = load_effective(args.config, _search_overrides(args))
+    return Capturer(capture_settings(config, **overrides))
+
+
+def _search_overrides(args: argparse.Namespace) -> list[Override]:
+    """--cache-dir ('' for none) and --debug-dir, over the configuration's keys."""
+    overrides = []
     if args.cache_dir is not None:
-        overrides["cache_dir"] = args.cache_dir or None
+        overrides.append(Override("cache_dir", args.cache_dir or None, "--cache-dir"))
     if args.debug_dir:
-        overrides["debug_dirs"] = tuple(args.debug_dir)
-    return Capturer(CaptureSettings.from_config(config, **overrides))
+        overrides.append(Override("debug_dirs", args.debug_dir, "--debug-dir"))
+    return overrides
 
 
 def _with_capturer(args: argparse.Namespace, action: Callable[[Capturer], int],
@@ -179,12 +186,11 @@ def cmd_offsets(args: argparse.Namespace) -> int:
         if len(rest) != 1:
             args.error("offsets import takes one FILE")
         try:
-            config = load_effective(args.config)
+            config = load_effective(args.config, _search_overrides(args))
         except ConfigError as err:
             print(f"ctprofd: {err}", file=sys.stderr)
             return EX_CONFIG
-        cache_dir = config.cache_dir if args.cache_dir is None else args.cache_dir
-        return _offsets_import(rest[0], cache_dir)
+        return _offsets_import(rest[0], config.cache_dir)
     if action == "export":
         if not rest:
             args.error("offsets export takes FILE [BINARY ...]")
@@ -199,6 +205,71 @@ def cmd_offsets(args: argparse.Namespace) -> int:
         _print_layout(layout, args.json)
         return 0
     return _with_capturer(args, show)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`ctprofd run`: the configuration with the flags over it, logging, then the daemon
+    (which reads the same file with the same flags again on SIGHUP)."""
+    overrides = [Override(key, value, flag) for key, value, flag in (
+        ("listen", args.listen, "--listen"), ("interval", args.interval, "--interval"),
+        ("web_config_file", args.web_config_file, "--web.config.file"),
+        ("log_level", args.log_level, "--log-level")) if value is not None]
+
+    def load_config() -> Config:
+        return load_effective(args.config, overrides)
+    try:
+        config = load_config()
+        web = load_web_config(config.web_config_file)
+    except ConfigError as err:
+        print(f"ctprofd: {err}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level, args.log_format)
+    return run(config, web, load_config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """`ctprofd check-config PATH`: print `PATH: OK` or the one-line error; 0 or 78. Refuses
+    whatever `run` refuses at start: the file, the web config and the offsets files."""
+    try:
+        config = load(args.path)
+        load_web_config(config.web_config_file)
+        for path in config.offsets_files:
+            offsets_file.load(path)
+    except (ConfigError, OffsetsFileError) as err:
+        print(err, file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.path}: OK")
+    return 0
+
+
+def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `run [--config PATH] [--listen HOST:PORT] [--interval SECONDS]
+    [--web.config.file PATH]`; flags override the configuration file."""
+    parser = subparsers.add_parser(
+        "run", help="run the exporter daemon",
+        description="Take a snapshot every interval and serve the metrics over HTTP. Exit "
+                    "status 78 on a bad configuration, 1 when the address cannot be bound.")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_PATH} if present, "
+                             "else the built-in defaults)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override `listen`")
+    parser.add_argument("--interval", metavar="SECONDS", type=float,
+                        help="override `interval`")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        help="override `web_config_file` (TLS and basic auth)")
+    parser.set_defaults(func=cmd_run)
+    return parser
+
+
+def add_check_config_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `check-config PATH` (also validates the web config file it names)."""
+    parser = subparsers.add_parser(
+        "check-config", help="validate a configuration file",
+        description="Validate a ctprofd configuration file (and the web config file it "
+                    "names); print OK or a one-line error. Exit 0, or 78 on a bad config.")
+    parser.add_argument("path", metavar="PATH", help="the YAML configuration file")
+    parser.set_defaults(func=cmd_check_config)
+    return parser
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:

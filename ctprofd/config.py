@@ -1,17 +1,16 @@
 """The daemon's YAML configuration: frozen dataclasses, strict one-line validation errors,
-the process-selection predicate, and `ctprofd check-config`."""
+overrides from the command line, and the process-selection predicate."""
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
 import os
 import re
-import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -147,11 +146,27 @@ def load_default() -> Config:
     return load(str(EMBEDDED_DEFAULT))
 
 
-def load_effective(path: str | None) -> Config:
+def load_effective(path: str | None, overrides: Sequence[Override] = ()) -> Config:
     """What every command runs with: `path` (--config), else /etc/ctprofd/ctprofd.yaml when
-    present, else the embedded default."""
+    present, else the embedded default; then `overrides` over it."""
     path = path or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
-    return load(path) if path else load_default()
+    return apply_overrides(load(path) if path else load_default(), overrides)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A value for one configuration key given outside the file (a command-line flag),
+    validated as the key is; `source` (the flag) names it in errors."""
+
+    key: str
+    value: Any
+    source: str
+
+
+def apply_overrides(config: Config, overrides: Sequence[Override]) -> Config:
+    """`config` with each override's value; ConfigError naming the override if invalid."""
+    return dataclasses.replace(config, **{
+        o.key: _Validator(o.source).field(o.key, o.value, "") for o in overrides})
 
 
 def parse(text: str, source: str) -> Config:
@@ -258,66 +273,66 @@ class Reader:
 
 
 class _Validator(Reader):
-    """Turns the raw YAML mapping into a Config."""
+    """Turns the raw YAML mapping (or one overriding value) into Config fields."""
 
     def config(self, raw: dict[str, Any]) -> Config:
-        d = Config()
         names = tuple(n for n in Config.__dataclass_fields__ if n != "source")
         raw = self.mapping(raw, "", names)
-        get = raw.get
-        return Config(
-            listen=self._listen(get("listen", d.listen)),
-            interval=self.interval(get("interval", d.interval), "interval"),
-            cache_dir=self.string(get("cache_dir", d.cache_dir), "cache_dir", nullable=True),
-            cache_max_entries=self.integer(get("cache_max_entries", d.cache_max_entries),
-                                           "cache_max_entries", 1),
-            cache_max_mib=self.integer(get("cache_max_mib", d.cache_max_mib),
-                                       "cache_max_mib", 1),
-            state_dir=self.string(get("state_dir", d.state_dir), "state_dir"),
-            debug_dirs=self.strings(get("debug_dirs", list(d.debug_dirs)), "debug_dirs"),
-            debuginfod_urls=self._urls(get("debuginfod_urls", [])),
-            offsets_files=self.strings(get("offsets_files", []), "offsets_files"),
-            parser=self._parser(get("parser", {})),
-            selection=self._selection(get("selection", {})),
-            labels=self._labels(get("labels", list(d.labels))),
-            max_series=self.integer(get("max_series", d.max_series), "max_series", 1),
-            series_retention=self.number(get("series_retention", d.series_retention),
-                                         "series_retention", 0),
-            web_config_file=self.string(get("web_config_file"), "web_config_file", nullable=True),
-            log_level=self._log_level(get("log_level", d.log_level)),
-            source=self.source,
-        )
+        return Config(**{name: self.field(name, value, name) for name, value in raw.items()},
+                      source=self.source)
 
-    def _listen(self, value: Any) -> str:
-        text = self.string(value, "listen")
+    def field(self, name: str, value: Any, key: str) -> Any:
+        """The valid value of the top-level field `name`; errors name `key`."""
+        check: Callable[[Any, str], Any] = {
+            "listen": self._listen,
+            "interval": self.interval,
+            "cache_dir": lambda v, k: self.string(v, k, nullable=True),
+            "cache_max_entries": lambda v, k: self.integer(v, k, 1),
+            "cache_max_mib": lambda v, k: self.integer(v, k, 1),
+            "state_dir": self.string,
+            "debug_dirs": self.strings,
+            "debuginfod_urls": self._urls,
+            "offsets_files": self.strings,
+            "parser": self._parser,
+            "selection": self._selection,
+            "labels": self._labels,
+            "max_series": lambda v, k: self.integer(v, k, 1),
+            "series_retention": lambda v, k: self.number(v, k, 0),
+            "web_config_file": lambda v, k: self.string(v, k, nullable=True),
+            "log_level": self._log_level,
+        }[name]
+        return check(value, key)
+
+    def _listen(self, value: Any, key: str) -> str:
+        text = self.string(value, key)
         try:
             parse_listen(text)
         except ValueError as err:
-            raise self.fail("listen", str(err))
+            raise self.fail(key, str(err))
         return text
 
-    def _urls(self, value: Any) -> tuple[str, ...]:
-        urls = self.strings(value, "debuginfod_urls")
+    def _urls(self, value: Any, key: str) -> tuple[str, ...]:
+        urls = self.strings(value, key)
         for i, url in enumerate(urls):
             if not re.match(r"https?://[^/\s]+", url):
-                raise self.fail(f"debuginfod_urls[{i}]", f"not an http(s) URL: {url!r}")
+                raise self.fail(f"{key}[{i}]", f"not an http(s) URL: {url!r}")
         return urls
 
-    def _parser(self, value: Any) -> ParserLimits:
-        raw = self.mapping(value, "parser", ("memory_limit_mib", "timeout", "max_file_mib"))
+    def _parser(self, value: Any, key: str) -> ParserLimits:
+        raw = self.mapping(value, key, ("memory_limit_mib", "timeout", "max_file_mib"))
         d = ParserLimits()
         return ParserLimits(
             memory_limit_mib=self.integer(raw.get("memory_limit_mib", d.memory_limit_mib),
-                                          "parser.memory_limit_mib", 64),
-            timeout=self.number(raw.get("timeout", d.timeout), "parser.timeout", 0,
+                                          f"{key}.memory_limit_mib", 64),
+            timeout=self.number(raw.get("timeout", d.timeout), f"{key}.timeout", 0,
                                 exclusive=True),
             max_file_mib=self.integer(raw.get("max_file_mib", d.max_file_mib),
-                                      "parser.max_file_mib", 1))
+                                      f"{key}.max_file_mib", 1))
 
-    def _selection(self, value: Any) -> Selection:
-        raw = self.mapping(value, "selection", ("include", "exclude"))
-        return Selection(include=self._matchers(raw.get("include", {}), "selection.include"),
-                         exclude=self._matchers(raw.get("exclude", {}), "selection.exclude"))
+    def _selection(self, value: Any, key: str) -> Selection:
+        raw = self.mapping(value, key, ("include", "exclude"))
+        return Selection(include=self._matchers(raw.get("include", {}), f"{key}.include"),
+                         exclude=self._matchers(raw.get("exclude", {}), f"{key}.exclude"))
 
     def _matchers(self, value: Any, key: str) -> Matchers:
         raw = self.mapping(value, key, ("comm", "exe", "unit", "uid"))
@@ -332,48 +347,18 @@ class _Validator(Reader):
         return Matchers(comm=tuple(patterns), exe=self.strings(raw.get("exe", []), f"{key}.exe"),
                         unit=self.strings(raw.get("unit", []), f"{key}.unit"), uid=uids)
 
-    def _labels(self, value: Any) -> tuple[str, ...]:
-        labels = self.strings(value, "labels")
+    def _labels(self, value: Any, key: str) -> tuple[str, ...]:
+        labels = self.strings(value, key)
         for i, name in enumerate(labels):
             if name not in LABEL_NAMES:
-                raise self.fail(f"labels[{i}]", f"unknown label {name!r} "
+                raise self.fail(f"{key}[{i}]", f"unknown label {name!r} "
                                 f"(choose from {', '.join(LABEL_NAMES)})")
             if name in labels[:i]:
-                raise self.fail(f"labels[{i}]", f"duplicate label {name!r}")
+                raise self.fail(f"{key}[{i}]", f"duplicate label {name!r}")
         return labels
 
-    def _log_level(self, value: Any) -> str:
-        level = self.string(value, "log_level")
+    def _log_level(self, value: Any, key: str) -> str:
+        level = self.string(value, key)
         if level not in LOG_LEVELS:
-            raise self.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+            raise self.fail(key, f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
         return level
-
-
-def check_config(args: argparse.Namespace) -> int:
-    """`ctprofd check-config PATH`: print `PATH: OK` or the one-line error; 0 or 78. Refuses
-    whatever `run` refuses at start: the file, the web config and the offsets files."""
-    from . import offsets_file
-    from .web import load_web_config
-
-    try:
-        config = load(args.path)
-        if config.web_config_file:
-            load_web_config(config.web_config_file)
-        for path in config.offsets_files:
-            offsets_file.load(path)
-    except (ConfigError, offsets_file.OffsetsFileError) as err:
-        print(err, file=sys.stderr)
-        return EX_CONFIG
-    print(f"{args.path}: OK")
-    return 0
-
-
-def add_check_config_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `check-config PATH` (also validates the web config file it names)."""
-    parser = subparsers.add_parser(
-        "check-config", help="validate a configuration file",
-        description="Validate a ctprofd configuration file (and the web config file it "
-                    "names); print OK or a one-line error. Exit 0, or 78 on a bad config.")
-    parser.add_argument("path", metavar="PATH", help="the YAML configuration file")
-    parser.set_defaults(func=check_config)
-    return parser

@@ -1,5 +1,6 @@
 """`ctprofd run`: snapshots on a fixed-rate schedule in one dedicated thread, the HTTP
-endpoint beside it, signals (TERM/INT stop, HUP reloads), systemd notification and logging.
+endpoint beside it, signals (TERM/INT stop, HUP reloads) and systemd notification; built
+from a Config (the command line's flags are overrides in it, cli).
 
 Exit status: 0 after SIGTERM/SIGINT; 78 (EX_CONFIG) for a bad configuration, web config or
 offsets file; 1 when the listen address cannot be bound (e.g. the port is in use).
@@ -7,7 +8,6 @@ offsets file; 1 when the listen address cannot be bound (e.g. the port is in use
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -15,10 +15,9 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -29,15 +28,14 @@ from .capabilities import warn_if_unprivileged
 from .capture import Capturer, CaptureSettings
 from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                         DaemonState, Histogram)
-from .config import (DEFAULT_PATH, EX_CONFIG, Config, ConfigError, Reader, load_effective,
-                     parse_listen)
+from .config import EX_CONFIG, Config, ConfigError
 from .health import Health
-from .logs import setup_logging
 from .offsets_file import OffsetsFileError
-from .parse_worker import reserve_setid_for_worker
+from .parse_worker import WorkerLimits, reserve_setid_for_worker
 from .procfs import ProcessInfo
 from .retained import boot_id
-from .web import MetricsServer, load_web_config, raise_fd_limit
+from .web import MetricsServer, raise_fd_limit
+from .web_config import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +78,19 @@ class Notifier:
             self("WATCHDOG=1")
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    """The file (--config, else /etc/ctprofd/ctprofd.yaml when present, else the embedded
-    default) with the command-line flags applied over it."""
-    config = load_effective(args.config)
-    changes: dict[str, Any] = {}
-    if args.listen is not None:
-        try:
-            parse_listen(args.listen)
-        except ValueError as err:
-            raise ConfigError("--listen", "", str(err))
-        changes["listen"] = args.listen
-    if args.interval is not None:
-        changes["interval"] = Reader("--interval").interval(args.interval, "")
-    if args.web_config_file is not None:
-        changes["web_config_file"] = args.web_config_file
-    return dataclasses.replace(config, **changes)
+def capture_settings(config: Config, **overrides: object) -> CaptureSettings:
+    """Where the daemon with this configuration looks: every command searches alike."""
+    return CaptureSettings(**{
+        "cache_dir": config.cache_dir,
+        "cache_max_entries": config.cache_max_entries,
+        "cache_max_bytes": config.cache_max_mib << 20,
+        "debug_dirs": config.debug_dirs,
+        "debuginfod_urls": config.debuginfod_urls,
+        "offsets_files": config.offsets_files,
+        "parser": WorkerLimits(memory_bytes=config.parser.memory_limit_mib << 20,
+                               timeout=config.parser.timeout,
+                               max_file_bytes=config.parser.max_file_mib << 20),
+        **overrides})
 
 
 def resolve_grace(interval: float) -> float:
@@ -113,12 +108,13 @@ def process_alive(proc_root: str, pid: int, start_time: int) -> bool:
 
 
 class Daemon:
-    """Owns the snapshot thread, the server thread and the reload logic."""
+    """Owns the snapshot thread, the server thread and the reload logic. `config` is what it
+    starts with; `load_config` reads the configuration again on SIGHUP (ConfigError if bad)."""
 
-    def __init__(self, args: argparse.Namespace, config: Config, server: MetricsServer,
-                 collector: DaemonCollector, notify: Notifier) -> None:
-        self.args = args
+    def __init__(self, config: Config, load_config: Callable[[], Config],
+                 server: MetricsServer, collector: DaemonCollector, notify: Notifier) -> None:
         self.config = config
+        self._load_config = load_config
         self.server = server
         self.collector = collector
         self.notify = notify
@@ -137,7 +133,7 @@ class Daemon:
                     os.makedirs(directory, exist_ok=True)
                 except OSError as err:
                     log.warning("cannot create %s: %s", directory, err.strerror)
-        self.capturer = Capturer(CaptureSettings.from_config(
+        self.capturer = Capturer(capture_settings(
             config, state_dir=config.state_dir, select=self._select,
             on_thread_stop=self._thread_stops.observe, background=True,
             resolve_grace=resolve_grace(config.interval)))
@@ -301,7 +297,7 @@ class Daemon:
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
         try:
-            new = load_config(self.args)
+            new = self._load_config()
             web = load_web_config(new.web_config_file)
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
@@ -314,21 +310,15 @@ class Daemon:
             new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
         self.capturer.settings.resolve_grace = resolve_grace(new.interval)
         self.server.web_config = web
-        logging.getLogger().setLevel((self.args.log_level or new.log_level).upper())
+        logging.getLogger().setLevel(new.log_level.upper())
         self._wake_loop.set()
         log.info("reloaded the configuration from %s", new.source)
         self.notify("READY=1")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`ctprofd run`: returns the exit status (see the module docstring)."""
-    try:
-        config = load_config(args)
-        web = load_web_config(config.web_config_file)
-    except ConfigError as err:
-        print(f"ctprofd: {err}", file=sys.stderr)
-        return EX_CONFIG
-    setup_logging(args.log_level or config.log_level, args.log_format)  # flags win
+def run(config: Config, web: WebConfig, load_config: Callable[[], Config]) -> int:
+    """`ctprofd run` once its configuration is read and logging set up: returns the exit
+    status (see the module docstring). `load_config` is what SIGHUP reloads."""
     if reserve_setid_for_worker():  # before any thread starts
         log.debug("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
                  "worker uses them, to take a uid of its own")
@@ -344,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     notify = Notifier()
     try:
-        daemon = Daemon(args, config, server, collector, notify)
+        daemon = Daemon(config, load_config, server, collector, notify)
     except OffsetsFileError as err:
         log.error("%s", err)
         server.server_close()
@@ -353,23 +343,3 @@ def run(args: argparse.Namespace) -> int:
     log.info("ctprofd starting: config %s, snapshot every %g s", config.source, config.interval)
     warn_if_unprivileged()
     return daemon.serve()
-
-
-def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `run [--config PATH] [--listen HOST:PORT] [--interval SECONDS]
-    [--web.config.file PATH]`; flags override the configuration file."""
-    parser = subparsers.add_parser(
-        "run", help="run the exporter daemon",
-        description="Take a snapshot every interval and serve the metrics over HTTP. Exit "
-                    "status 78 on a bad configuration, 1 when the address cannot be bound.")
-    parser.add_argument("--config", metavar="PATH",
-                        help=f"configuration file (default {DEFAULT_PATH} if present, "
-                             "else the built-in defaults)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override `listen`")
-    parser.add_argument("--interval", metavar="SECONDS", type=float,
-                        help="override `interval`")
-    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
-                        help="override `web_config_file` (TLS and basic auth)")
-    parser.set_defaults(func=run)
-    return parser
-

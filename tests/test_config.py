@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import config
+from ctprofd import cli, config
 from ctprofd.procfs import ProcessInfo, StatLine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,10 +205,10 @@ def test_unreadable_exe_matches_no_glob(tmp_path, processes):
 
 def test_check_config_reports_ok_or_error(tmp_path, capsys):
     good = write(tmp_path, "interval: 5\n")
-    assert config.check_config(argparse.Namespace(path=good)) == 0
+    assert cli.cmd_check_config(argparse.Namespace(path=good)) == 0
     assert capsys.readouterr().out == f"{good}: OK\n"
     bad = write(tmp_path, "interval: -5\n")
-    assert config.check_config(argparse.Namespace(path=bad)) == config.EX_CONFIG
+    assert cli.cmd_check_config(argparse.Namespace(path=bad)) == config.EX_CONFIG
     assert capsys.readouterr().err == f"{bad}: interval: must be > 0, got -5\n"
 
 
@@ -216,13 +216,13 @@ def test_check_config_validates_the_web_config_it_names(tmp_path, capsys):
     web = tmp_path / "web.yaml"
     web.write_text("basic_auth_users:\n  alice: not-a-hash\n")
     path = write(tmp_path, f"web_config_file: {web}\n")
-    assert config.check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
+    assert cli.cmd_check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
     assert capsys.readouterr().err.startswith(f"{web}: basic_auth_users.alice: ")
 
 
 def test_add_check_config_parser_sets_func(tmp_path):
     parser = argparse.ArgumentParser()
-    config.add_check_config_parser(parser.add_subparsers())
+    cli.add_check_config_parser(parser.add_subparsers())
     args = parser.parse_args(["check-config", write(tmp_path, "")])
     assert args.func(args) == 0
 
@@ -322,7 +322,7 @@ def test_a_uid_or_unit_rule_alone_is_a_rule(tmp_path, processes):
 
 def test_check_config_help_names_its_argument_and_what_it_does():
     parser = argparse.ArgumentParser(prog="ctprofd")
-    sub = config.add_check_config_parser(parser.add_subparsers())
+    sub = cli.add_check_config_parser(parser.add_subparsers())
     assert "check-config validate a configuration file" in " ".join(parser.format_help().split())
     assert parser.parse_args(["check-config", "x"]).path == "x"
     help_text = " ".join(sub.format_help().split())
@@ -345,15 +345,33 @@ def test_load_effective_takes_the_path_else_the_system_file_else_the_default(tmp
         3.0, named)
 
 
+def test_overrides_are_validated_as_their_key_and_named_by_their_flag(tmp_path):
+    path = write(tmp_path, "interval: 5\nlisten: ':1'\n")
+    over = config.load_effective(path, [config.Override("interval", 0.5, "--interval"),
+                                        config.Override("debug_dirs", ["/d"], "--debug-dir"),
+                                        config.Override("cache_dir", None, "--cache-dir")])
+    assert (over.interval, over.debug_dirs, over.cache_dir, over.listen, over.source) == (
+        0.5, ("/d",), None, ":1", path)
+    for override, message in (
+            (config.Override("interval", 0, "--interval"), "--interval: must be > 0, got 0"),
+            (config.Override("listen", "nowhere", "--listen"),
+             "--listen: 'nowhere' is not HOST:PORT with a port 0-65535"),
+            (config.Override("log_level", "loud", "--log-level"),
+             "--log-level: must be one of debug, info, warning, error, got 'loud'")):
+        with pytest.raises(config.ConfigError) as err:
+            config.load_effective(path, [override])
+        assert str(err.value) == message
+
+
 def test_check_config_validates_the_offsets_files_it_names(tmp_path, capsys):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text('{"format": "ctprofd-offsets", "version": 1, "layouts": {}}')
     bad.write_text("{not json")
     path = write(tmp_path, f"offsets_files: [{good}]\n")
-    assert config.check_config(argparse.Namespace(path=path)) == 0
+    assert cli.cmd_check_config(argparse.Namespace(path=path)) == 0
     assert capsys.readouterr().out == f"{path}: OK\n"
     path = write(tmp_path, f"offsets_files: [{good}, {bad}]\n")
-    assert config.check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
+    assert cli.cmd_check_config(argparse.Namespace(path=path)) == config.EX_CONFIG
     assert capsys.readouterr().err.startswith(f"{bad}: not JSON: ")
 
 

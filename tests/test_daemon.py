@@ -201,6 +201,19 @@ def test_sighup_applies_a_valid_config(tmp_path, daemons):
     assert daemon.get("/")  # still on the old address
 
 
+def test_flags_still_win_over_the_file_after_a_reload(tmp_path, daemons):
+    path = write_config(tmp_path, QUIET, name="hup.yaml", interval=3600)
+    daemon = daemons("--config", str(path), "--interval", "0.3", "--log-level", "info").started()
+    daemon.wait_for("probe: ")
+    path.write_text(path.read_text().replace("interval: 3600", "interval: 7200")
+                    + "log_level: error\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded the configuration")  # an info line: --log-level info still holds
+    text = daemon.wait_for_sample("ctprofd_snapshots_total",
+                                  daemon.sample("ctprofd_snapshots_total") + 2)
+    assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.3
+
+
 def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(tmp_path, daemons):
     path = write_config(tmp_path, QUIET, name="hup.yaml")
     daemon = daemons("--config", str(path)).started()

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from ctprofd.config import ConfigError
-from ctprofd.web import MetricsServer, WebConfig, load_web_config
+from ctprofd.web import MetricsServer
+from ctprofd.web_config import WebConfig, load_web_config
 
 
 @pytest.fixture
