@@ -145,8 +145,22 @@ def scrapers(r: dict) -> list[str]:
             f"{r['verdict']}"]
 
 
+def hostile_schedule(r: dict) -> list[str]:
+    out = []
+    for phase in ("baseline", "attack"):
+        p = r[phase]
+        out.append(f"{phase}: {p['snapshots']:.0f} snapshots in {p['seconds']:g} s (schedule "
+                   f"kept {p['schedule_kept']}), overruns {p['overruns']:.0f}, root exact in "
+                   f"{p['scrapes_root_exact']} of {p['scrapes']} scrapes, pending max "
+                   f"{p['pending_max']:.0f}, RSS max {p['rss_mib_max']} MiB"
+                   + (f", {p['hostile_binaries']} hostile binaries" if phase == "attack" else ""))
+    out.append(f"schedule kept, attack / baseline: {r['schedule_ratio_attack_to_baseline']}")
+    return out
+
+
 SUMMARIES = {"steady_state": steady_state, "cold_start": cold_start,
-             "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers}
+             "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
+             "hostile_schedule": hostile_schedule}
 
 
 def main(argv: list[str] | None = None) -> int:

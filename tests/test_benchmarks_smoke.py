@@ -58,3 +58,19 @@ def test_benchmark_runs(name: str, fixture_bins, tmp_path: Path) -> None:
             "scan of the executable segment")
     # every comparison tool (strace, process-exporter, pahole) is installed by setup.sh --test
     assert '"skipped"' not in json.dumps(document["results"])
+    summary = summarize(str(out))
+    assert summary.startswith(f"== {name} ({out.name}, ") and len(summary.splitlines()) > 1
+
+
+def summarize(*paths: str) -> str:
+    """`python -m benchmarks.summary PATHS` (no paths: the committed result files)."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.summary", *paths], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_every_committed_result_file_has_a_summary() -> None:
+    results = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+    headers = [line for line in summarize().splitlines() if line.startswith("== ")]
+    assert [h.split(" (")[1].split(",")[0] for h in headers] == [p.name for p in results]
