@@ -14,9 +14,9 @@ Measured, each REPEATS times after one untimed run that warms the page cache:
                    daemon does on first sight (sandboxed parse worker started from scratch,
                    /proc, both parse phases, one ptrace stop); peak RSS of the worker's
                    parsing child (VmHWM, polled)
-  tsd_offsets      `ctprofd.dwarf.tsd_offsets` in a fresh interpreter: the DWARF search
+  tsd_offsets      `ctprofd.resolve.dwarf.tsd_offsets` in a fresh interpreter: the DWARF search
                    alone; peak RSS of that interpreter (wait4)
-  resolve_object   `ctprofd.layout.resolve_object` in a fresh interpreter: both phases
+  resolve_object   `ctprofd.resolve.layout.resolve_object` in a fresh interpreter: both phases
                    (ELF symbols, then DWARF) in process
   code_stripped    `resolve_object` in a fresh interpreter on the binary's stripped twin
                    (`strip --strip-all`, no debug file anywhere): the DWARF search finds
@@ -196,7 +196,7 @@ IN_PROCESS = {
 import json, sys, time
 t0 = time.perf_counter()
 from elftools.elf.elffile import ELFFile
-from ctprofd import dwarf
+from ctprofd.resolve import dwarf
 t1 = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     offsets = dwarf.tsd_offsets(ELFFile(f))
@@ -207,8 +207,8 @@ print(json.dumps({"import_seconds": t1 - t0, "call_seconds": t2 - t1,
     "resolve_object": """
 import json, sys, time
 t0 = time.perf_counter()
-from ctprofd import layout
-from ctprofd.debuginfo import DebugSearch
+from ctprofd.resolve import layout
+from ctprofd.resolve.debuginfo import DebugSearch
 t1 = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     found = layout.resolve_object(f, sys.argv[1], [], DebugSearch(()), False)
@@ -221,7 +221,7 @@ print(json.dumps({"import_seconds": t1 - t0, "call_seconds": t2 - t1,
 SCAN = """
 import json, sys, time
 t0 = time.perf_counter()
-from ctprofd import machine_code
+from ctprofd.resolve import machine_code
 t1 = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     found = machine_code.counter_layout(f, shared=False, scan=True)
@@ -272,7 +272,7 @@ class HwmPoller:
 
 def daemon_path(pid: int) -> dict:
     """A fresh Capturer's first capture of the target, as the daemon's first snapshot."""
-    from ctprofd.capture import Capturer, CaptureSettings
+    from ctprofd.probe.capture import Capturer, CaptureSettings
     started = time.perf_counter()
     capturer = Capturer(CaptureSettings(cache_dir=None, state_dir=None))
     poller = HwmPoller(capturer)

@@ -66,13 +66,14 @@ from .report import log, machine, parser, write_result
 from .simulated_host import IdleHost, add_host_options, fixtures_dir, host_size, spawn_jemalloc
 from .stats import distribution, linear_fit
 
-from ctprofd import memory, offsets_file  # noqa: E402
-from ctprofd.aggregate import Aggregator  # noqa: E402
-from ctprofd.arena_stats import read_totals  # noqa: E402
-from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
-from ctprofd.collector import DaemonCollector, DaemonState  # noqa: E402
-from ctprofd.debuginfo import DebugSearch  # noqa: E402
-from ctprofd.layout import resolve_path  # noqa: E402
+from ctprofd.export.aggregate import Aggregator  # noqa: E402
+from ctprofd.export.collector import DaemonCollector, DaemonState  # noqa: E402
+from ctprofd.probe import memory  # noqa: E402
+from ctprofd.probe.arena_stats import read_totals  # noqa: E402
+from ctprofd.probe.capture import Capturer, CaptureSettings  # noqa: E402
+from ctprofd.resolve import offsets_file  # noqa: E402
+from ctprofd.resolve.debuginfo import DebugSearch  # noqa: E402
+from ctprofd.resolve.layout import resolve_path  # noqa: E402
 
 BEGIN, END = "/ctprofd-bench-strace-begin", "/ctprofd-bench-strace-end"
 EXPORTER = "prometheus-process-exporter"

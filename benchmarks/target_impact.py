@@ -50,7 +50,7 @@ from .report import log, machine, parser, write_result
 from .simulated_host import IdleHost, fixtures_dir, spawn_jemalloc
 from .stats import distribution, percentile
 
-from ctprofd.capture import Capturer, CaptureSettings  # noqa: E402
+from ctprofd.probe.capture import Capturer, CaptureSettings  # noqa: E402
 
 STOP_TARGET_SECONDS = 0.002
 SLOWDOWN_TARGET = 0.01

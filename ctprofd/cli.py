@@ -8,20 +8,22 @@ import os
 import sys
 from typing import Callable
 
-from . import __version__, offsets_file, tags
-from .cache import LayoutCache
-from .capabilities import warn_if_unprivileged
-from .capture import Capturer
-from .config import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, Config, ConfigError, Override, load,
-                     load_effective)
-from .daemon import capture_settings, run
-from .debughelp import how_to_get_debug_info
-from .layout import LayoutFailure, NotJemalloc, TsdLayout
-from .logs import FORMATS, setup_logging
-from .offsets_file import OffsetsFileError
-from .snapshot import Snapshot
-from .summary import REMEDIATION_HINT
-from .web_config import load_web_config
+from . import __version__
+from .config.settings import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, Config, ConfigError, Override,
+                              load, load_effective)
+from .config.web import load_web_config
+from .probe.capture import Capturer
+from .procfs.capabilities import warn_if_unprivileged
+from .report import tags
+from .report.snapshot import Snapshot
+from .report.summary import REMEDIATION_HINT
+from .resolve import offsets_file
+from .resolve.cache import LayoutCache
+from .resolve.debughelp import how_to_get_debug_info
+from .resolve.layout import LayoutFailure, NotJemalloc, TsdLayout
+from .resolve.offsets_file import OffsetsFileError
+from .service.daemon import capture_settings, run
+from .service.logs import FORMATS, setup_logging
 
 
 def _snapshot_table(snapshot: Snapshot) -> str:

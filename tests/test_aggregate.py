@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from ctprofd.aggregate import Aggregator, AggregateView, SeriesValues, username
-from ctprofd.snapshot import ProcessSample, Snapshot, ThreadSample
-from ctprofd.summary import ProbeSummary
+from ctprofd.export.aggregate import Aggregator, AggregateView, SeriesValues, username
+from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
+from ctprofd.report.summary import ProbeSummary
 
 
 def proc(pid: int, *threads: tuple[int, int], start: int = 1, comm: str = "app",

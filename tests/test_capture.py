@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-from ctprofd import tags
-from ctprofd.cache import LayoutCache
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.summary import REMEDIATION_HINT
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report import tags
+from ctprofd.report.summary import REMEDIATION_HINT
+from ctprofd.resolve.cache import LayoutCache
 from support import elf
 from support.cgroups import in_unit, unique_unit
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
@@ -355,8 +355,8 @@ def test_process_exiting_at_any_step_of_its_probe_costs_only_itself(fixture_bins
     snapshot gets through all of them. Each snapshot completes and reads another process
     exactly, and the target is left out or was read exactly before it exited."""
     import builtins
-    from ctprofd import memory
-    from ctprofd.ptrace import Tracer
+    from ctprofd.probe import memory
+    from ctprofd.probe.ptrace import Tracer
 
     bystander = spawn_fixture(fixture_bins["dynamic"], 2)
     steps = {"seen": 0, "kill_at": -1, "target": None}

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from ctprofd import offsets_file
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.snapshot import ARENA, THREADS
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report.snapshot import ARENA, THREADS
+from ctprofd.resolve import offsets_file
 from support.procs import assert_no_thread_stopped_or_traced
 
 MIB = 1 << 20

@@ -16,9 +16,9 @@ from typing import Callable
 
 import pytest
 
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.layout import (ObjectFacts, TsdLayout, inspect_object, layout_from_code,
-                            layout_from_dwarf)
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.resolve.layout import (ObjectFacts, TsdLayout, inspect_object, layout_from_code,
+                                    layout_from_dwarf)
 from support.build import FIXTURES_SRC, default_jemalloc_dir, jemalloc_dir_problem
 from support.procs import assert_no_thread_stopped_or_traced
 

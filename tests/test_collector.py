@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import platform
 import subprocess
-
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ctprofd import __version__
-from ctprofd.revision import REVISION, source_revision
-from ctprofd.aggregate import AggregateView, SeriesValues
-from ctprofd.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
-                               DaemonState, Histogram)
-from ctprofd.snapshot import Snapshot
-from ctprofd.summary import ProbeSummary
+from ctprofd.export.aggregate import AggregateView, SeriesValues
+from ctprofd.export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS,
+                                      DaemonCollector, DaemonState, Histogram)
+from ctprofd.export.revision import REVISION, source_revision
+from ctprofd.report.snapshot import Snapshot
+from ctprofd.report.summary import ProbeSummary
 
 
 def state(summary: ProbeSummary = ProbeSummary(7, 2, 5, 0), failures=None,

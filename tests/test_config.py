@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import cli, config
-from ctprofd.procfs import ProcessInfo, StatLine
+from ctprofd import cli
+from ctprofd.config import settings as config
+from ctprofd.procfs.processes import ProcessInfo, StatLine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ def error_of(tmp_path: Path, text: str) -> str:
 
 def test_embedded_default_is_the_repo_file():
     assert config.EMBEDDED_DEFAULT.is_symlink()
-    assert os.readlink(config.EMBEDDED_DEFAULT) == "../config/ctprofd.yaml"
+    assert os.readlink(config.EMBEDDED_DEFAULT) == "../../config/ctprofd.yaml"
     assert config.EMBEDDED_DEFAULT.resolve() == REPO / "config" / "ctprofd.yaml"
 
 

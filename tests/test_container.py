@@ -10,9 +10,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ctprofd import config
-from ctprofd.health import STALE_INTERVALS
-from ctprofd.web import HEALTH_PATH
+from ctprofd.config import settings as config
+from ctprofd.export.server import HEALTH_PATH
+from ctprofd.service.health import STALE_INTERVALS
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "packaging" / "kubernetes" / "ctprofd-daemonset.yaml"

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.probe.capture import Capturer, CaptureSettings
 from support.procs import assert_no_thread_stopped_or_traced
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,9 +18,9 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ctprofd.debuginfo import DebugSearch
-from ctprofd.layout import LayoutFailure, NotJemalloc, TsdLayout, resolve
-from ctprofd.parse_worker import ParseWorker, WorkerLimits
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import LayoutFailure, NotJemalloc, TsdLayout, resolve
+from ctprofd.resolve.parse_worker import ParseWorker, WorkerLimits
 
 # A jemalloc look-alike small enough to parse in milliseconds: a TLS tsd_s with the
 # mangled counters, in a unit named like one of jemalloc's; as executable and as library,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import tags
-from ctprofd.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
-from ctprofd.procfs import iter_processes
+from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.procfs.processes import iter_processes
+from ctprofd.report import tags
 from support import elf
 from support.procs import READY, assert_no_thread_stopped_or_traced, task_states
 
@@ -507,7 +507,7 @@ def test_an_exec_into_jemalloc_is_picked_up(fixture_bins, spawn_process, tmp_pat
 PID_REUSE_SCRIPT = r"""
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.probe.capture import Capturer, CaptureSettings
 from support.procs import Fixture
 
 binary, state_dir = sys.argv[2], sys.argv[3]
@@ -733,7 +733,7 @@ def test_corrupt_state_file_is_set_aside_not_trusted(fixture_bins, spawn_fixture
     assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
     assert process_of(snapshot, fixture.pid).allocated_bytes == totals(fixture.threads)[0]
     assert (tmp_path / "retained.json.corrupt").read_text() == '{"boot_id": '
-    assert len(warnings_from(caplog, "ctprofd.retained")) == 1
+    assert len(warnings_from(caplog, "ctprofd.probe.retained")) == 1
 
 
 def _corrupt(kind: str, text: str) -> str:
@@ -780,7 +780,7 @@ def test_corrupt_cache_files_are_set_aside_not_trusted(fixture_bins, spawn_fixtu
     # each bad file set aside, and written anew from the parse
     assert sorted(p.name for p in (tmp_path / "layouts").iterdir()) == sorted(
         [p.name for p in files] + [p.name + ".corrupt" for p in files])
-    assert warnings_from(caplog, "ctprofd.cache")
+    assert warnings_from(caplog, "ctprofd.resolve.cache")
 
 
 # -- unusable cache and state directories ----------------------------------------------------
@@ -831,7 +831,7 @@ def test_unusable_cache_dir_degrades_to_memory_with_one_warning(fixture_bins, sp
             parsed = parsed or engine.stats.elf_opens
         engine.close()
         assert engine.stats.elf_opens == parsed  # each binary parsed once: memory works
-    warned = warnings_from(caplog, "ctprofd.cache")
+    warned = warnings_from(caplog, "ctprofd.resolve.cache")
     assert len(warned) == 1, warned
     assert "memory only" in warned[0]
 
@@ -850,5 +850,5 @@ def test_unusable_state_dir_degrades_to_memory_with_one_warning(fixture_bins, sp
             assert (process.allocated_bytes, process.deallocated_bytes) == (
                 first.allocated_bytes, first.deallocated_bytes)
         engine.close()
-    warned = warnings_from(caplog, "ctprofd.retained")
+    warned = warnings_from(caplog, "ctprofd.probe.retained")
     assert len(warned) == 1, warned

@@ -14,13 +14,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from ctprofd.aggregate import Aggregator
-from ctprofd.collector import DaemonCollector, DaemonState
-from ctprofd.labels import label_value
-from ctprofd.procfs import parse_maps, unit_from_cgroup
-from ctprofd.render import CollectError, Renderer
-from ctprofd.snapshot import ProcessSample, Snapshot, ThreadSample
-from ctprofd.summary import ProbeSummary
+from ctprofd.export.aggregate import Aggregator
+from ctprofd.export.collector import DaemonCollector, DaemonState
+from ctprofd.export.labels import label_value
+from ctprofd.export.render import CollectError, Renderer
+from ctprofd.procfs.processes import parse_maps, unit_from_cgroup
+from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
+from ctprofd.report.summary import ProbeSummary
 
 NASTY = {
     "invalid bytes": os.fsdecode(b"/opt/a\xff\xfe\xc3(b"),  # as os.readlink returns them
@@ -113,7 +113,7 @@ def test_a_sample_that_cannot_render_is_dropped_logged_and_counted(encoder, capl
     renderer = Renderer(registry)
     with pytest.raises(UnicodeEncodeError):
         encoder(registry)  # what the scrape did before: nothing at all
-    with caplog.at_level(logging.ERROR, "ctprofd.render"):
+    with caplog.at_level(logging.ERROR, "ctprofd.export.render"):
         text = renderer.render(encoder)
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     assert "without 1 sample(s)" in caplog.records[0].getMessage()
@@ -136,7 +136,7 @@ def test_a_collector_that_raises_is_a_logged_counted_error(caplog):
     registry = CollectorRegistry()
     registry.register(Raising())
     renderer = Renderer(registry)
-    with caplog.at_level(logging.ERROR, "ctprofd.render"), pytest.raises(CollectError):
+    with caplog.at_level(logging.ERROR, "ctprofd.export.render"), pytest.raises(CollectError):
         renderer.render(generate_latest)
     assert [r.getMessage() for r in caplog.records] == [
         "collecting the metrics failed: RuntimeError: a bug"]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import machine_code, tags
-from ctprofd.debuginfo import DebugSearch
-from ctprofd.layout import (LayoutFailure, ObjectFacts, TsdLayout, inspect_object,
-                            layout_from_code, layout_from_dwarf, resolve_path)
+from ctprofd.report import tags
+from ctprofd.resolve import machine_code
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import (LayoutFailure, ObjectFacts, TsdLayout, inspect_object,
+                                    layout_from_code, layout_from_dwarf, resolve_path)
 
 STOCK_LIBJEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 VERSION = b"5.3.0-0-g54eaed1d8b56b1aa528be3bdd1877e59c56fa90c"

@@ -14,10 +14,10 @@ import threading
 
 import pytest
 
-from ctprofd import tags
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.debughelp import how_to_get_debug_info, os_release
-from ctprofd.parse_worker import WorkerLimits
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report import tags
+from ctprofd.resolve.debughelp import how_to_get_debug_info, os_release
+from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import CTPROFD, REPO, clean_env, run_once, write_config
 
 
@@ -106,7 +106,7 @@ def test_summary_line_only_when_it_changes(fixture_bins, spawn_fixture, caplog):
     first = spawn_fixture(fixture_bins["static"], 1)
     second = spawn_fixture(fixture_bins["static"], 1)
     engine = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),)))
-    with caplog.at_level(logging.INFO, logger="ctprofd.capture"):
+    with caplog.at_level(logging.INFO, logger="ctprofd.probe.capture"):
         for _ in range(3):
             engine.capture(pids=[first.pid])
         engine.capture(pids=[first.pid, second.pid])
@@ -122,7 +122,7 @@ def test_each_binary_failure_reason_once_at_info(fixture_bins, spawn_fixture, ca
     variant = fixture_bins["static"]
     fixtures = [spawn_fixture(variant, 1) for _ in range(2)]
     engine = Capturer(CaptureSettings(parser=WorkerLimits(memory_bytes=1 << 20)))
-    with caplog.at_level(logging.INFO, logger="ctprofd.capture"):
+    with caplog.at_level(logging.INFO, logger="ctprofd.probe.capture"):
         for _ in range(2):
             snapshot = engine.capture(pids=[f.pid for f in fixtures])
     engine.close()

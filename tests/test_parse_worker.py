@@ -1,4 +1,4 @@
-"""The sandboxed ELF/DWARF parser (ctprofd.parse_worker): same layouts as parsing in
+"""The sandboxed ELF/DWARF parser (ctprofd.resolve.parse_worker): same layouts as parsing in
 process, an unprivileged worker, and files that hang, eat memory or are not ELF at all
 turned into dwarf-parse-failure within the limits; the zygote comes back when killed."""
 
@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ctprofd import dwarf, tags
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.debuginfo import DebugSearch
-from ctprofd.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_for, resolve,
-                            resolve_object)
-from ctprofd.parse_worker import NOBODY, ParseWorker, WorkerLimits, worker_identity
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report import tags
+from ctprofd.resolve import dwarf
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_for, resolve,
+                                    resolve_object)
+from ctprofd.resolve.parse_worker import (NOBODY, PACKAGE_ROOT, ParseWorker, WorkerLimits,
+                                          worker_identity)
 from support import elf as support_elf
 from support.build import MODES
 from support.inotify import ReadWatch
@@ -114,6 +116,12 @@ def assert_parse_failure(result, *words: str) -> None:
     assert result.tag == tags.DWARF_PARSE_FAILURE
     for word in words:
         assert word in result.message, result.message
+
+
+def test_the_zygote_imports_ctprofd_from_where_the_daemon_did():
+    """The worker starts with `-I` and the package root first on its path: the directory that
+    holds this ctprofd, not ctprofd/ itself or a package inside it."""
+    assert (Path(PACKAGE_ROOT) / "ctprofd" / "resolve" / "parse_worker.py").is_file()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -255,8 +263,9 @@ def test_close_ends_the_worker_and_a_killed_daemon_leaves_none(fixture_bins):
     zygote = parser.pid
     parser.close()
     assert parser.pid is None and is_dead(zygote)
-    script = ("import sys; from ctprofd.parse_worker import ParseWorker; "
-              "from ctprofd.layout import resolve; from ctprofd.debuginfo import DebugSearch; "
+    script = ("import sys; from ctprofd.resolve.parse_worker import ParseWorker; "
+              "from ctprofd.resolve.layout import resolve; "
+              "from ctprofd.resolve.debuginfo import DebugSearch; "
               "p = ParseWorker(); resolve(p, open(sys.argv[1], 'rb'), 'x', [], DebugSearch(()));"
               "print(p.pid, flush=True); sys.stdin.read()")
     daemon = subprocess.Popen([sys.executable, "-c", script, str(fixture_bins["static"].binary)],
@@ -312,9 +321,9 @@ def test_capture_attaches_through_the_worker(fixture_bins, spawn_fixture):
 
 CAPABILITY_ONLY = r"""
 import ctypes, errno, json, os, sys
-from ctprofd.debuginfo import DebugSearch
-from ctprofd.layout import resolve
-from ctprofd.parse_worker import ParseWorker
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import resolve
+from ctprofd.resolve.parse_worker import ParseWorker
 if os.environ.get("SECCOMP_DENY"):  # like the unit's SystemCallFilter=~@privileged @resources
     seccomp = ctypes.CDLL("libseccomp.so.2")
     seccomp.seccomp_init.restype = ctypes.c_void_p
@@ -341,7 +350,7 @@ def importable_without_capabilities(uid: int) -> bool:
     probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                             "--inh-caps=-all", "--", sys.executable, "-I", "-c",
                             "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-                            "import ctprofd.parse_worker", path],
+                            "import ctprofd.resolve.parse_worker", path],
                            cwd="/", capture_output=True, timeout=60)
     return probe.returncode == 0
 

@@ -42,8 +42,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctprofd.procfs import unit_from_cgroup
-from ctprofd.summary import REMEDIATION_HINT
+from ctprofd.procfs.processes import unit_from_cgroup
+from ctprofd.report.summary import REMEDIATION_HINT
 from support.procs import DROP_PTRACE_PREFIX, Fixture, assert_no_thread_stopped_or_traced
 from support.prometheus import Daemon, Prometheus, poll
 from support.promql import (RULES, dashboard_exprs, dashboard_variable_queries,

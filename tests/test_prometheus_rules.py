@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from ctprofd.summary import REMEDIATION_HINT
+from ctprofd.report.summary import REMEDIATION_HINT
 from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, iter_rules,
                             load_rules, metric_names, promtool, rule_exprs)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ctprofd import config
-from ctprofd.capture import Capturer, CaptureSettings
-from ctprofd.procfs import ProcessInfo, read_stat
+from ctprofd.config import settings as config
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.procfs.processes import ProcessInfo, read_stat
 from support.cgroups import in_unit, unique_unit
 
 NOBODY = 65534

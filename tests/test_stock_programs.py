@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.probe.capture import Capturer, CaptureSettings
 from support.procs import assert_no_thread_stopped_or_traced
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import struct
 
-from ctprofd import memory
-from ctprofd.capture import Capturer, CaptureSettings
+from ctprofd.probe import memory
+from ctprofd.probe.capture import Capturer, CaptureSettings
 
 _COUNTERS = struct.Struct("<QQQ")  # thread_allocated, the word between, thread_deallocated
 

@@ -18,9 +18,9 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from ctprofd.config import ConfigError
-from ctprofd.web import MetricsServer
-from ctprofd.web_config import WebConfig, load_web_config
+from ctprofd.config.settings import ConfigError
+from ctprofd.config.web import WebConfig, load_web_config
+from ctprofd.export.server import MetricsServer
 
 
 @pytest.fixture

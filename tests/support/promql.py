@@ -102,7 +102,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exposed_metric_names() -> set[str]:
-    from ctprofd.collector import DaemonCollector
+    from ctprofd.export.collector import DaemonCollector
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",),
                 "histogram": ("_bucket", "_sum", "_count")}

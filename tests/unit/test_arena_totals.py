@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from ctprofd.arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
-from ctprofd.layout import ArenaLayout, TsdLayout, resolution_from_dict
-from ctprofd.snapshot import ARENA, THREADS
+from ctprofd.probe.arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
+from ctprofd.report.snapshot import ARENA, THREADS
+from ctprofd.resolve.layout import ArenaLayout, TsdLayout, resolution_from_dict
 
 
 def arena(requested: int, in_use: int, cached: int = 0, internal: int = 0,

@@ -3,8 +3,8 @@ overwritten, quietly; a file of an unknown format is still set aside."""
 
 import json
 
-from ctprofd.cache import FORMAT_VERSION, LayoutCache
-from ctprofd.layout import TsdLayout
+from ctprofd.resolve.cache import FORMAT_VERSION, LayoutCache
+from ctprofd.resolve.layout import TsdLayout
 
 LAYOUT = TsdLayout("ab" * 20, "je_tsd_tls", 0, 824, 840, static_block_offset=2632)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from ctprofd import dwarf
+from ctprofd.resolve import dwarf
 
 
 def pyelftools_names(info) -> list[tuple[int, str | None]]:

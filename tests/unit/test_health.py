@@ -1,6 +1,6 @@
 """The /health verdict on a controlled clock: starting, fresh, stale, and a reloaded interval."""
 
-from ctprofd.health import STALE_INTERVALS, Health
+from ctprofd.service.health import STALE_INTERVALS, Health
 
 
 class Clock:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import tags
-from ctprofd.ptrace import SeizeRefused, ThreadGone, refusal
+from ctprofd.probe.ptrace import SeizeRefused, ThreadGone, refusal
+from ctprofd.report import tags
 
 
 def status(root: Path, tid: int, state: str, tracer: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from ctprofd.resolver import BackgroundResolver
+from ctprofd.resolve.resolver import BackgroundResolver
 
 
 def test_owners_take_turns_and_one_owner_cannot_starve_another():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ctprofd import retry
-from ctprofd.retry import RetrySchedule
+from ctprofd.resolve import retry
+from ctprofd.resolve.retry import RetrySchedule
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """parse_stat on stat lines as the kernel writes them: the comm may hold spaces and
 parentheses; the flags tell a kernel thread (PF_KTHREAD) without another syscall."""
 
-from ctprofd.procfs import PF_KTHREAD, parse_stat
+from ctprofd.procfs.processes import PF_KTHREAD, parse_stat
 
 # pid (comm) state ppid pgrp session tty tpgid flags ... starttime (field 22) ...
 TAIL = "0 0 0 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0"

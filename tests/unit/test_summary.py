@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd import tags
-from ctprofd.summary import REMEDIATION_HINT, PidFailure, ProbeSummary, Tally, dominant_tag
+from ctprofd.report import tags
+from ctprofd.report.summary import REMEDIATION_HINT, PidFailure, ProbeSummary, Tally, dominant_tag
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

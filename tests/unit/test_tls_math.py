@@ -9,9 +9,10 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from ctprofd import elf, layout as layout_module, tags
-from ctprofd.elf import TlsSegment
-from ctprofd.layout import LayoutFailure, TsdLayout, validate
+from ctprofd.report import tags
+from ctprofd.resolve import elf, layout as layout_module
+from ctprofd.resolve.elf import TlsSegment
+from ctprofd.resolve.layout import LayoutFailure, TsdLayout, validate
 
 PT_LOAD, PT_TLS = 1, 7
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")

@@ -23,7 +23,8 @@ from typing import BinaryIO, Callable, Protocol
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
 
-from . import dwarf, elf, machine_code, tags
+from ..report import tags
+from . import dwarf, elf, machine_code
 from .debuginfo import DebugSearch, ObjectDir, debug_files, stream_crc32
 
 log = logging.getLogger(__name__)

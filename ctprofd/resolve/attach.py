@@ -11,18 +11,19 @@ from typing import Callable
 
 from elftools.common.exceptions import ELFError
 
-from . import elf, tags
+from ..files.regular import FileRefused
+from ..files.target import open_beneath, open_followed
+from ..procfs.processes import Mapping, ProcessInfo, read_maps
+from ..report import tags
+from ..report.tags import ProbeError
+from . import elf
 from .cache import LayoutCache
 from .debuginfo import DebugSearch, ObjectDir
-from .files import FileRefused
-from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
-                     applies_to, object_dirs_for, resolve)
+from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout, applies_to,
+                     object_dirs_for, resolve)
 from .parse_worker import ParseWorker, WorkerLimits
-from .procfs import Mapping, ProcessInfo, read_maps
 from .resolver import BackgroundResolver
 from .retry import RetrySchedule
-from .tags import ProbeError
-from .target_files import open_beneath, open_followed
 
 Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
 

@@ -10,13 +10,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
-from . import memory, tags
-from .attach import Attachment
-from .procfs import ProcessInfo, ThreadInfo, at_random_address
+from ..procfs.processes import ProcessInfo, ThreadInfo, at_random_address
+from ..report import tags
+from ..report.snapshot import ThreadSample
+from ..report.summary import Tally
+from ..report.tags import ProbeError
+from ..resolve.attach import Attachment
+from . import memory
 from .ptrace import SeizeRefused, ThreadGone, Tracer
-from .snapshot import ThreadSample
-from .summary import Tally
-from .tags import ProbeError
 
 log = logging.getLogger(__name__)
 ADDRESS_LIMIT = 1 << 64

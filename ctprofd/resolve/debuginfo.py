@@ -3,7 +3,7 @@
 Search order (REFERENCE.md §3): `<debug_dir>/.build-id/xx/rest.debug` for each configured
 debug dir; then the debuglink name next to the object, in its `.debug/` subfolder and under
 `<debug_dir>/<object dir>/`; then the debuginfod servers. Candidates are opened here, once
-(target_files); whether a debuglink candidate has the CRC the object names is checked on
+(files.target); whether a debuglink candidate has the CRC the object names is checked on
 that descriptor by the caller (in the sandboxed worker).
 
 The configured debug dirs and the debuginfod download dir are the operator's: their paths
@@ -18,8 +18,8 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
+from ..files.target import open_beneath, open_followed
 from .debuginfod import DebuginfodClient
-from .target_files import open_beneath, open_followed
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from .atomic import write_json
-from .files import read_regular
-
+from ..files.atomic import write_json
+from ..files.regular import read_regular
 from .layout import TsdLayout, resolution_from_dict
 
 FORMAT = "ctprofd-offsets"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .files import check_regular
+from .regular import check_regular
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks the open
 SYS_OPENAT2 = 437
@@ -32,7 +32,7 @@ class _OpenHow(ctypes.Structure):
 
 
 def checked(fd: int, path: str, max_bytes: int) -> os.stat_result:
-    """`files.check_regular` on a descriptor just opened, closing it when refused."""
+    """`regular.check_regular` on a descriptor just opened, closing it when refused."""
     try:
         return check_regular(fd, max_bytes, path)
     except OSError:

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import NamedTuple
 
-from .atomic import write_json
+from ..files.atomic import write_json
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]

@@ -11,8 +11,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Reader, load_yaml, read_text
-from .files import read_regular
+from ..files.regular import read_regular
+from .settings import Reader, load_yaml, read_text
 
 _BCRYPT_RE = re.compile(rb"\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}")
 _CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,

@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import tags
-from .tags import ProbeError
+from ..report import tags
+from ..report.tags import ProbeError
 
 PTRACE_DETACH = 17
 PTRACE_GETREGSET = 0x4204

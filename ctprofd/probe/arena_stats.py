@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
+from ..report.snapshot import ARENA, THREADS
+from ..resolve.layout import ArenaLayout
 from . import memory
-from .layout import ArenaLayout
-from .snapshot import ARENA, THREADS
 
 MAX_ARENAS = 1024    # jemalloc's default is 4 per CPU
 MAX_SHARDS = 4096    # bin shards in one arena (jemalloc allows 64 per bin)

@@ -1,5 +1,5 @@
 """The HTTP endpoint: /metrics, a landing page, TLS and basic auth as the web configuration
-(web_config) says; an event loop holding connections cheaply, with a first-byte deadline,
+(config.web) says; an event loop holding connections cheaply, with a first-byte deadline,
 per-connection deadlines, bounded requests and per-address connection limits."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import gzip
 import fcntl
+import gzip
 import hashlib
 import logging
 import resource
@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from .config import parse_listen
+from ..config.settings import parse_listen
+from ..config.web import WebConfig
 from .render import CollectError, Renderer
-from .web_config import WebConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, InfoMetricFamily, Metric)
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
-from .revision import REVISION
+from .. import __version__
+from ..report.snapshot import Snapshot
+from ..report.summary import ProbeSummary
 from .aggregate import DROPPED_EXITED, DROPPED_LIVE, AggregateView
-from .snapshot import Snapshot
-from .summary import ProbeSummary
+from .revision import REVISION
 
 SNAPSHOT_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                              60.0, 120.0)

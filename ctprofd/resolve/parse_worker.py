@@ -19,7 +19,7 @@ Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way p
 The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "crc" and
 "layout", possibly its debug file ("code" reads the binary's machine code when no DWARF
 gave the offsets): between the phases the daemon does the path work the sandbox cannot
-(build-id path, debuglink, debuginfod) and opens each file once (target_files); every read
+(build-id path, debuglink, debuginfod) and opens each file once (files.target); every read
 of a file's content, a debuglink's CRC included, is the worker's (layout.resolve).
 
 What the worker runs as (it refuses to serve with a permitted, effective or ambient
@@ -64,13 +64,14 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from . import tags
-from .capabilities import CAP_SYS_PTRACE, own_status
+from ..procfs.capabilities import CAP_SYS_PTRACE, own_status
+from ..report import tags
 from .debuginfo import stream_crc32
-from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
-                     inspect_object, layout_from_code, layout_from_dwarf, resolution_from_dict)
+from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout, inspect_object,
+                     layout_from_code, layout_from_dwarf, resolution_from_dict)
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,9 @@ MAX_REASON = 500        # characters of a failure message from the sandbox
 START_TIMEOUT = 10.0    # for the zygote to start and drop its privileges
 GRACE = 5.0             # the daemon waits this long beyond the per-parse timeout
 START_BACKOFF = 60.0    # after the zygote failed to start, fail fast for this long
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding ctprofd/
 BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "  # the daemon's imports
-             "from ctprofd.parse_worker import zygote; zygote(*sys.argv[2:])")
+             "from ctprofd.resolve.parse_worker import zygote; zygote(*sys.argv[2:])")
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4

@@ -28,7 +28,7 @@ def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str
 
 
 class LogfmtFormatter(logging.Formatter):
-    """`time=… level=info source=ctprofd.daemon msg="…"`: values quoted when needed."""
+    """`time=… level=info source=ctprofd.service.daemon msg="…"`: values quoted when needed."""
 
     def format(self, record: logging.LogRecord) -> str:
         return " ".join(f"{key}={value if _BARE.match(value) else json.dumps(value)}"

@@ -13,14 +13,13 @@ a user who makes new file identities at will (touching a binary) cannot grow eit
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 
-from .atomic import write_json
-
+from ..files.atomic import write_json
 from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 
 log = logging.getLogger(__name__)

@@ -21,21 +21,21 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from . import procfs
-from .aggregate import Aggregator
-from .atomic import write_json
-from .capabilities import warn_if_unprivileged
-from .capture import Capturer, CaptureSettings
-from .collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
-                        DaemonState, Histogram)
-from .config import EX_CONFIG, Config, ConfigError
+from ..config.settings import EX_CONFIG, Config, ConfigError
+from ..config.web import WebConfig, load_web_config
+from ..export.aggregate import Aggregator
+from ..export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
+                                DaemonState, Histogram)
+from ..export.server import MetricsServer, raise_fd_limit
+from ..files.atomic import write_json
+from ..probe.capture import Capturer, CaptureSettings
+from ..probe.retained import boot_id
+from ..procfs import processes
+from ..procfs.capabilities import warn_if_unprivileged
+from ..procfs.processes import ProcessInfo
+from ..resolve.offsets_file import OffsetsFileError
+from ..resolve.parse_worker import WorkerLimits, reserve_setid_for_worker
 from .health import Health
-from .offsets_file import OffsetsFileError
-from .parse_worker import WorkerLimits, reserve_setid_for_worker
-from .procfs import ProcessInfo
-from .retained import boot_id
-from .web import MetricsServer, raise_fd_limit
-from .web_config import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def resolve_grace(interval: float) -> float:
 def process_alive(proc_root: str, pid: int, start_time: int) -> bool:
     """Whether (pid, start time) still runs: a reused pid has another start time."""
     try:
-        return procfs.read_stat(f"{proc_root}/{pid}/stat").start_time == start_time
+        return processes.read_stat(f"{proc_root}/{pid}/stat").start_time == start_time
     except (OSError, ValueError, IndexError):
         return False
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 
-def source_revision(root: Path = Path(__file__).resolve().parent.parent) -> str:
+def source_revision(root: Path = Path(__file__).resolve().parents[2]) -> str:
     """`git rev-parse --short=12 HEAD` of `root` when it is a checkout, else "unknown"."""
     git = shutil.which("git")
     if git is None or not (root / ".git").exists():

@@ -3,21 +3,21 @@ overrides from the command line, and the process-selection predicate."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
 import re
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
-from .files import MAX_CONFIG_BYTES, read_regular
+from ..files.regular import MAX_CONFIG_BYTES, read_regular
 
 if TYPE_CHECKING:
-    from .procfs import ProcessInfo
+    from ..procfs.processes import ProcessInfo
 
 DEFAULT_PATH = "/etc/ctprofd/ctprofd.yaml"
 EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
@@ -142,7 +142,7 @@ def read_text(path: str) -> str:
 
 
 def load_default() -> Config:
-    """The embedded default configuration (ctprofd/default.yaml)."""
+    """The embedded default configuration (ctprofd/config/default.yaml)."""
     return load(str(EMBEDDED_DEFAULT))
 
 

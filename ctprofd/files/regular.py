@@ -2,7 +2,7 @@
 descriptor before anything is read, so a path that names a FIFO, a device or a huge file is
 refused with one line instead of blocking or filling memory. `read_regular` reads the
 operator's files (configuration, web config, offsets); `check_regular` also serves the
-files a target controls (target_files)."""
+files a target controls (files.target)."""
 
 from __future__ import annotations
 

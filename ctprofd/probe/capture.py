@@ -11,23 +11,23 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from . import offsets_file, tags
+from ..procfs.processes import ProcessInfo, iter_processes, list_pids, list_threads
+from ..report import tags
+from ..report.snapshot import ProcessSample, Snapshot, ThreadSample
+from ..report.summary import REMEDIATION_HINT, Tally
+from ..report.tags import ProbeError
+from ..resolve import offsets_file
+from ..resolve.attach import Attacher, Attachment, BinaryIdentity, Pending, exe_identity
+from ..resolve.cache import LayoutCache
+from ..resolve.debuginfo import DebugSearch
+from ..resolve.debuginfod import DebuginfodClient, urls_from_environment
+from ..resolve.layout import NotJemalloc
+from ..resolve.parse_worker import WorkerLimits
+from ..resolve.resolver import BackgroundResolver
 from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
-from .attach import Attacher, Attachment, BinaryIdentity, Pending, exe_identity
-from .cache import LayoutCache
-from .debuginfo import DebugSearch
-from .debuginfod import DebuginfodClient, urls_from_environment
-from .layout import NotJemalloc
-from .parse_worker import WorkerLimits
-from .probe import (ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark,
-                    same_image)
-from .procfs import ProcessInfo, iter_processes, list_pids, list_threads
-from .resolver import BackgroundResolver
-from .retained import RetainedStore, Saved
 from .ptrace import Tracer
-from .snapshot import ProcessSample, Snapshot, ThreadSample
-from .summary import REMEDIATION_HINT, Tally
-from .tags import ProbeError
+from .retained import RetainedStore, Saved
+from .threads import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark, same_image
 
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races

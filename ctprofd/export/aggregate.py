@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
+from ..report.snapshot import ARENA, ProcessSample, Snapshot
 from .labels import label_value
-from .snapshot import ARENA, ProcessSample, Snapshot
 
 SeriesKey = tuple[str, ...]
 STATE_VERSION = 1
