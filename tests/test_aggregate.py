@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from ctprofd.export.aggregate import Aggregator, AggregateView, SeriesValues, username
+from ctprofd.export.aggregate import Aggregator, AggregateView, SeriesValues
+from ctprofd.export.labels import username
 from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
 from ctprofd.report.summary import ProbeSummary
 

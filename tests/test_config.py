@@ -145,14 +145,6 @@ def test_only_bounded_regular_files_are_read(tmp_path, kind, expected):
     assert str(info.value) == f"{path}: cannot read: {expected}"
 
 
-def test_parse_listen():
-    assert config.parse_listen(":19455") == ("", 19455)
-    assert config.parse_listen("[::1]:80") == ("::1", 80)
-    assert config.parse_listen("10.0.0.1:0") == ("10.0.0.1", 0)
-    with pytest.raises(ValueError):
-        config.parse_listen("host:70000")
-
-
 def fake_process(root: Path, pid: int, comm: str, exe: str | None, uid: int,
                  unit: str) -> ProcessInfo:
     """A ProcessInfo over a hand-made /proc/PID tree (exe None = unreadable link)."""
@@ -301,19 +293,6 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
         config.load(str(path))
     assert str(info.value).startswith(f"{path}: cannot read: 'utf-8' codec can't decode byte")
     assert info.value.key == ""
-
-
-@pytest.mark.parametrize("value, expected", [
-    ("127.0.0.1:65535", ("127.0.0.1", 65535)), (":0", ("", 0)), ("[::1]:80", ("::1", 80)),
-    ("127.0.0.1:65536", None), ("host:abc", None), ("host", None), ("[::1:80", None),
-    ("::1]:80", None),
-])
-def test_parse_listen(value, expected):
-    if expected is None:
-        with pytest.raises(ValueError):
-            config.parse_listen(value)
-    else:
-        assert config.parse_listen(value) == expected
 
 
 def test_a_uid_or_unit_rule_alone_is_a_rule(tmp_path, processes):

@@ -16,7 +16,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from ctprofd.export.aggregate import Aggregator
 from ctprofd.export.collector import DaemonCollector, DaemonState
-from ctprofd.export.labels import label_value
+from ctprofd.config import settings
+from ctprofd.export.labels import LABEL_NAMES, label_value, label_values, username
 from ctprofd.export.render import CollectError, Renderer
 from ctprofd.procfs.processes import parse_maps, unit_from_cgroup
 from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
@@ -141,3 +142,17 @@ def test_a_collector_that_raises_is_a_logged_counted_error(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "collecting the metrics failed: RuntimeError: a bug"]
     assert renderer.failures == 1
+
+
+def test_every_label_dimension_is_read_from_a_process_and_can_be_configured():
+    """LABELS is the one place a dimension is defined: the configuration accepts exactly its
+    names and the aggregate reads each from a process (comm: the name its series keeps)."""
+    process = ProcessSample(pid=7, start_time=1, comm="renamed", exe="/opt/x", build_id=None,
+                            uid=0, unit="x.service", threads=())
+    assert dict(zip(LABEL_NAMES, label_values(LABEL_NAMES, process, "first", username))) == {
+        "pid": "7", "comm": "first", "unit": "x.service", "exe": "/opt/x", "user": "root"}
+    assert settings.parse(f"labels: [{', '.join(LABEL_NAMES)}]\n", "t").labels == LABEL_NAMES
+    with pytest.raises(settings.ConfigError, match=r"unknown label 'host' \(choose from "
+                       + ", ".join(LABEL_NAMES)):
+        settings.parse("labels: [pid, host]\n", "t")
+

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from ctprofd.config.settings import ConfigError
-from ctprofd.config.web import WebConfig, load_web_config
-from ctprofd.export.server import MetricsServer
+from ctprofd.config.web import load_web_config
+from ctprofd.export.server import MetricsServer, WebConfig, parse_listen
 
 
 @pytest.fixture
@@ -318,3 +318,17 @@ def test_web_config_errors_are_one_line(tmp_path, text, expected):
 
 def test_no_web_config_is_plain_http_without_auth():
     assert load_web_config(None) == WebConfig()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:65535", ("127.0.0.1", 65535)), (":0", ("", 0)), (":19455", ("", 19455)),
+    ("[::1]:80", ("::1", 80)), ("10.0.0.1:0", ("10.0.0.1", 0)),
+    ("127.0.0.1:65536", None), ("host:70000", None), ("host:abc", None), ("host", None),
+    ("[::1:80", None), ("::1]:80", None),
+])
+def test_parse_listen(value, expected):
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_listen(value)
+    else:
+        assert parse_listen(value) == expected

@@ -3,4 +3,6 @@ the process selection (`settings`), the exporter-toolkit web configuration (`web
 embedded default (default.yaml, a link to config/ctprofd.yaml). Every error is one line
 naming the file and key.
 
-May import: procfs, files."""
+It builds what the stages it configures define (the server's WebConfig, the label names).
+
+May import: export, procfs, files."""

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
+from ..export.labels import LABEL_NAMES
+from ..export.server import parse_listen
 from ..files.regular import MAX_CONFIG_BYTES, read_regular
 
 if TYPE_CHECKING:
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/etc/ctprofd/ctprofd.yaml"
 EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
 EX_CONFIG = 78
-LABEL_NAMES = ("pid", "comm", "unit", "exe", "user")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_INTERVAL = 86400.0  # one day: a longer one is a typo, and a scheduler's float overflows
 
@@ -113,18 +114,6 @@ class Config:
 def build_select(selection: Selection) -> Callable[[ProcessInfo], bool]:
     """The `CaptureSettings.select` predicate for this selection."""
     return selection.selects
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split HOST:PORT ("" host = every address; IPv6 hosts in brackets); ValueError if bad."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT with a port 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:19455")
-    return host, int(port)
 
 
 def load(path: str) -> Config:

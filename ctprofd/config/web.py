@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
+from ..export.server import WebConfig
 from ..files.regular import read_regular
 from .settings import Reader, load_yaml, read_text
 
@@ -24,13 +24,6 @@ _TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min
              "max_version")
 
 
-@dataclass(frozen=True)
-class WebConfig:
-    """TLS context (None: plain HTTP) and basic-auth users (empty: no authentication)."""
-
-    tls: ssl.SSLContext | None = None
-    users: dict[str, bytes] = field(default_factory=dict)
-    source: str = "<none>"
 
 
 def load_web_config(path: str | None) -> WebConfig:

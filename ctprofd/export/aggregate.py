@@ -19,28 +19,17 @@ exited are forgotten, the least recently active first.
 
 from __future__ import annotations
 
-import pwd
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Callable
 
 from ..report.snapshot import ARENA, ProcessSample, Snapshot
-from .labels import label_value
+from .labels import UserOf, label_value, label_values, username
 
 SeriesKey = tuple[str, ...]
 STATE_VERSION = 1
 TABLE_FACTOR = 2
 DROPPED_LIVE = "live"      # a series with live processes, outranked by older ones
 DROPPED_EXITED = "exited"  # a series whose processes all exited, outranked by live ones
-
-
-@lru_cache(maxsize=4096)
-def username(uid: int) -> str:
-    """The user name of a uid, or the number when it has none here."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return str(uid)
 
 
 @dataclass(frozen=True)
@@ -95,7 +84,7 @@ class Aggregator:
     """Folds snapshots into series. Used by one thread; `update` returns immutable views."""
 
     def __init__(self, labels: tuple[str, ...], max_series: int, retention: float,
-                 user_of: Callable[[int], str] = username) -> None:
+                 user_of: UserOf = username) -> None:
         self.labels = labels
         self.max_series = max_series
         self.retention = retention
@@ -106,11 +95,8 @@ class Aggregator:
 
     def series_key(self, process: ProcessSample, comm: str | None = None) -> SeriesKey:
         """The label values of a process; `comm` overrides its current name."""
-        values = {"pid": lambda: str(process.pid),
-                  "comm": lambda: process.comm if comm is None else comm,
-                  "unit": lambda: process.unit, "exe": lambda: process.exe,
-                  "user": lambda: self._user_of(process.uid)}
-        return tuple(label_value(values[name]()) for name in self.labels)
+        return label_values(self.labels, process, process.comm if comm is None else comm,
+                            self._user_of)
 
     def update(self, snapshot: Snapshot, alive: Callable[[int, int], bool]) -> AggregateView:
         """Take in one snapshot. `alive(pid, start_time)` tells whether a process missing

@@ -19,7 +19,7 @@ import termios
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from urllib.parse import urlsplit
 
@@ -28,8 +28,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from ..config.settings import parse_listen
-from ..config.web import WebConfig
 from .render import CollectError, Renderer
 
 log = logging.getLogger(__name__)
@@ -53,6 +51,26 @@ LANDING_PAGE = b"""<!DOCTYPE html>
 <p><a href="/metrics">Metrics</a> &middot; <a href="/health">Health</a></p>
 </body></html>
 """
+
+@dataclass(frozen=True)
+class WebConfig:
+    """TLS context (None: plain HTTP) and basic-auth users (empty: no authentication)."""
+
+    tls: ssl.SSLContext | None = None
+    users: dict[str, bytes] = field(default_factory=dict)
+    source: str = "<none>"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split HOST:PORT ("" host = every address; IPv6 hosts in brackets); ValueError if bad."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:19455")
+    return host, int(port)
 
 
 class Authenticator:

@@ -22,11 +22,11 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from ..config.settings import EX_CONFIG, Config, ConfigError
-from ..config.web import WebConfig, load_web_config
+from ..config.web import load_web_config
 from ..export.aggregate import Aggregator
 from ..export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                                 DaemonState, Histogram)
-from ..export.server import MetricsServer, raise_fd_limit
+from ..export.server import MetricsServer, WebConfig, raise_fd_limit
 from ..files.atomic import write_json
 from ..probe.capture import Capturer, CaptureSettings
 from ..probe.retained import boot_id
