@@ -63,6 +63,10 @@ def machine(fixture_bins):
         assert booted.run("test", "!", "-e", "/bin/kill", check=False).returncode == 0, \
             "the cached root must not have procps: the install has to bring it"
         booted.run("/src/scripts/install-service.sh", timeout=900)
+        # an operator's first look, as root, before the service ever ran: the default cache
+        # directory is made, root's, with a layout in it
+        booted.run("/opt/ctprofd/bin/ctprofd", "offsets", str(fixture_bins["static"].binary))
+        booted.root_layouts = booted.run("ls", "/var/cache/ctprofd/layouts").stdout.split()
         booted.run("systemctl", "enable", "--now", "ctprofd", timeout=300)
         booted.url = f"http://127.0.0.1:{port}"
         booted.port = port
@@ -132,6 +136,20 @@ def test_the_install_brings_procps_and_the_unit_is_ready(machine):
     assert state["NRestarts"] == "0"
     with urllib.request.urlopen(machine.url + "/health", timeout=10) as response:
         assert response.read().decode().startswith("ok: ")
+
+
+def test_a_root_cli_run_before_the_first_start_leaves_the_service_its_disk_cache(machine):
+    """systemd hands the cache directory root's CLI made to the service's dynamic user: the
+    daemon keeps its disk cache, and root's layout is the user's to read."""
+    assert machine.root_layouts, "the root CLI cached nothing"
+    assert not [e["MESSAGE"] for e in journal(machine)
+                if "caching in memory only" in str(e.get("MESSAGE"))]
+    pid = machine.show("ctprofd", "MainPID")["MainPID"]
+    uid = machine.run("stat", "-c", "%u", f"/proc/{pid}").stdout.strip()
+    owners = machine.run("find", "/var/cache/ctprofd/", "-printf", "%U %p\\n").stdout
+    assert uid != "0" and {line.split()[0] for line in owners.splitlines()} == {uid}, owners
+    listed = machine.run("ls", "/var/cache/ctprofd/layouts").stdout.split()
+    assert set(machine.root_layouts) <= set(listed)
 
 
 def test_the_watchdog_is_pinged(machine):
