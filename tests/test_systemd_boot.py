@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ctprofd import __version__
 from support.machines import REPO, REPO_IGNORE, BootedMachine, pip_config, cached_roots
 
 CONFIG = "/etc/ctprofd/ctprofd.yaml"
@@ -202,6 +203,28 @@ def test_reload_applies_and_a_bad_reload_keeps_the_running_config(machine):
     assert sample(text, "ctprofd_snapshot_interval_seconds") == 0.5
     assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
     config.write_text(config_text(machine.port, 0.5))
+
+
+def test_an_upgrade_keeps_the_configuration_and_the_series_counters(machine):
+    """The README's upgrade: the install script again from a newer checkout, then a restart.
+    The new version runs, the operator's configuration is kept, and the target's series
+    goes on from its value (the state directory survives)."""
+    labels = {"pid": machine.target_pid, "unit": TARGET_UNIT, "user": "nobody"}
+    before = sample(scrape(machine), "ctprofd_allocated_bytes_total", **labels)
+    config = (machine.merged / CONFIG.lstrip("/")).read_text()
+    init = machine.merged / "src" / "ctprofd" / "__init__.py"
+    newer = f"{__version__}+upgrade"
+    init.write_text(init.read_text().replace(f'__version__ = "{__version__}"',
+                                             f'__version__ = "{newer}"'))
+    machine.run("/src/scripts/install-service.sh", timeout=900)
+    machine.run("systemctl", "restart", "ctprofd", timeout=300)
+    text = wait_for_metric(machine, "ctprofd_build_info", lambda v: v == 1, version=newer)
+    text = wait_for_metric(machine, "ctprofd_allocated_bytes_total", lambda v: v is not None,
+                           **labels)
+    assert sample(text, "ctprofd_allocated_bytes_total", **labels) == before
+    assert (machine.merged / CONFIG.lstrip("/")).read_text() == config
+    assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
+    assert_untraced(machine, machine.target_pid)
 
 
 def test_the_journal_has_the_lines_at_their_priorities(machine):
