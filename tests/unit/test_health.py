@@ -1,14 +1,7 @@
 """The /health verdict on a controlled clock: starting, fresh, stale, and a reloaded interval."""
 
 from ctprofd.service.health import STALE_INTERVALS, Health
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from support.clock import Clock
 
 
 def test_starting_fresh_stale_and_a_changed_interval():

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from ctprofd.resolve import retry
 from ctprofd.resolve.retry import RetrySchedule
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from support.clock import Clock
 
 
 def test_backoff_doubles_up_to_the_cap_and_a_parse_clears_it():
