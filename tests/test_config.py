@@ -159,7 +159,7 @@ def fake_process(root: Path, pid: int, comm: str, exe: str | None, uid: int,
 
 
 def selected(tmp_path: Path, yaml_text: str, processes: list[ProcessInfo]) -> list[int]:
-    select = config.build_select(config.load(write(tmp_path, yaml_text)).selection)
+    select = config.load(write(tmp_path, yaml_text)).selection.selects
     return [p.pid for p in processes if select(p)]
 
 

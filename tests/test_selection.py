@@ -30,7 +30,7 @@ def targets(fixture_bins, spawn_fixture):
 def chosen(yaml_text: str, pids: dict[str, int], tmp_path) -> set[str]:
     path = tmp_path / "ctprofd.yaml"
     path.write_text(yaml_text)
-    select = config.build_select(config.load(str(path)).selection)
+    select = config.load(str(path)).selection.selects
     return {name for name, pid in pids.items()
             if select(ProcessInfo("/proc", pid, read_stat(f"/proc/{pid}/stat")))}
 
@@ -64,7 +64,7 @@ def test_a_capture_walks_only_the_selected_real_processes(targets, tmp_path):
     pids, unit = targets
     path = tmp_path / "ctprofd.yaml"
     path.write_text(f"selection:\n  include: {{unit: ['{unit}'], uid: [65534]}}\n")
-    select = config.build_select(config.load(str(path)).selection)
+    select = config.load(str(path)).selection.selects
     engine = Capturer(CaptureSettings(select=select))
     try:
         snapshot = engine.capture(pids=list(pids.values()))

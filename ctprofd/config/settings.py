@@ -111,11 +111,6 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
 
-def build_select(selection: Selection) -> Callable[[ProcessInfo], bool]:
-    """The `CaptureSettings.select` predicate for this selection."""
-    return selection.selects
-
-
 def load(path: str) -> Config:
     """Read and validate the YAML file at `path`; ConfigError on any problem."""
     return parse(read_text(path), path)
