@@ -16,8 +16,7 @@ from .probe.capture import Capturer
 from .procfs.capabilities import warn_if_unprivileged
 from .report import tags
 from .report.snapshot import Snapshot
-from .report.summary import REMEDIATION_HINT
-from .resolve import offsets_file
+from .resolve import needed, offsets_file
 from .resolve.cache import LayoutCache
 from .resolve.debughelp import how_to_get_debug_info
 from .resolve.layout import LayoutFailure, NotJemalloc, TsdLayout
@@ -26,12 +25,30 @@ from .service.daemon import capture_settings, run
 from .service.logs import FORMATS, setup_logging
 
 
-def _snapshot_table(snapshot: Snapshot) -> str:
+def human_bytes(n: int) -> str:
+    """`n` bytes in binary units, one decimal: 512 B, 1.5 KiB, 123.4 MiB."""
+    size, unit = float(abs(n)), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024 or unit == "EiB":
+            break
+        size /= 1024
+    sign = "-" if n < 0 else ""
+    if unit == "B":
+        return f"{sign}{int(size)} B"
+    return f"{sign}{size:.1f} {unit}"
+
+
+def _snapshot_table(snapshot: Snapshot, raw_bytes: bool = False) -> str:
+    """Processes largest live bytes first, then the failures, the summary and notes."""
+    show = str if raw_bytes else human_bytes
     rows = [f"{'PID':>7} {'COMM':<16} {'THREADS':>7} {'ALLOCATED':>15} {'DEALLOCATED':>15} "
             f"{'LIVE':>15} {'TOTALS':<7}  EXE"]
-    for p in snapshot.processes:
-        rows.append(f"{p.pid:>7} {p.comm:<16.16} {len(p.threads):>7} {p.allocated_bytes:>15} "
-                    f"{p.deallocated_bytes:>15} {p.allocated_bytes - p.deallocated_bytes:>15} "
+    processes = sorted(snapshot.processes, key=lambda p: (
+        -(p.allocated_bytes - p.deallocated_bytes), p.pid))
+    for p in processes:
+        rows.append(f"{p.pid:>7} {p.comm:<16.16} {len(p.threads):>7} "
+                    f"{show(p.allocated_bytes):>15} {show(p.deallocated_bytes):>15} "
+                    f"{show(p.allocated_bytes - p.deallocated_bytes):>15} "
                     f"{p.totals_source:<7}  {p.exe}")
     if snapshot.failed_pids:
         rows += ["", f"{'PID':>7} {'COMM':<16} {'TAG':<20} {'COUNT':>5}  REASON"]
@@ -39,9 +56,9 @@ def _snapshot_table(snapshot: Snapshot) -> str:
                  for f in snapshot.failed_pids]
     rows.append("")
     rows.append(snapshot.summary.log_line())
-    if snapshot.denied_tgids:
+    if snapshot.denied_tgids:  # why, and what to do, is the warning on stderr
         rows.append(f"denied: {snapshot.denied_tgids} processes cannot be seen (/proc/PID/exe "
-                    f"refused); {REMEDIATION_HINT}")
+                    "refused)")
     if snapshot.failures:
         rows.append("outcomes: " + ", ".join(f"{tag}={n}" for tag, n in
                                              sorted(snapshot.failures.items())))
@@ -95,16 +112,52 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             json.dump(result.to_dict(), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            print(_snapshot_table(result))
-        return 0
+            print(_snapshot_table(result, raw_bytes=args.bytes))
+        unread = _unread_pids(args.pid, result, capturer)
+        for pid, why in unread.items():
+            print(f"ctprofd: pid {pid} {why}", file=sys.stderr)
+        return 1 if unread else 0
     return _with_capturer(args, snapshot, proc_root=args.proc_root)
 
 
-def _print_layout(result: TsdLayout, as_json: bool) -> None:
+def _unread_pids(pids: list[int], snapshot: Snapshot, capturer: Capturer) -> dict[int, str]:
+    """Each pid asked for that the snapshot did not read, or read only in part (it had
+    actionable failures), and why."""
+    read = {p.pid for p in snapshot.processes}
+    failed = {f.pid: f for f in snapshot.failed_pids}
+    unread: dict[int, str] = {}
+    for pid in dict.fromkeys(pids):
+        if pid in failed:
+            unread[pid] = (f"{'read in part' if pid in read else 'not read'}: "
+                           f"{failed[pid].tag}: {failed[pid].reason}")
+        elif pid in read:
+            continue
+        elif (reason := capturer.not_jemalloc_reason(pid)) is not None:
+            unread[pid] = f"not read: not linked with a recognised jemalloc ({reason})"
+        else:
+            unread[pid] = f"not read: {_why_unseen(pid, capturer.settings.proc_root)}"
+    return unread
+
+
+def _why_unseen(pid: int, proc_root: str) -> str:
+    """Why a process that had no failure and no layout was not read."""
+    try:
+        os.readlink(f"{proc_root}/{pid}/exe")
+    except FileNotFoundError:
+        return ("it exited" if not os.path.isdir(f"{proc_root}/{pid}")
+                else "no executable: a kernel thread or a zombie")
+    except OSError as exc:
+        return f"reading {proc_root}/{pid}/exe was refused ({exc.strerror})"
+    return "none of its threads could be read yet"
+
+
+def _print_layout(where: str, result: TsdLayout, as_json: bool) -> None:
     if as_json:
-        json.dump({**result.to_dict(), "source": result.source}, sys.stdout, indent=2)
+        json.dump({**result.to_dict(), "source": result.source, "object": where}, sys.stdout,
+                  indent=2)
         sys.stdout.write("\n")
         return
+    print(f"object:              {where}")
     print(f"build-id:            {result.build_id or '(none)'}")
     print(f"offsets from:        {result.source}")
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
@@ -122,28 +175,43 @@ def _print_layout(result: TsdLayout, as_json: bool) -> None:
               f"+{result.tpoff_got:#x} from its first mapping")
 
 
-def _resolve_or_explain(binary: str, capturer: Capturer) -> TsdLayout | None:
+def _resolve_or_explain(binary: str, capturer: Capturer) -> tuple[str, TsdLayout] | None:
+    """The object holding jemalloc (`binary`, or a shared object it loads: its DT_NEEDED,
+    found as the loader finds them) and its layout; None after saying on stderr why there
+    is none."""
     try:
-        result = capturer.attacher.resolve_file(binary)
+        result = capturer.attacher.resolve_file(os.path.realpath(binary))
     except OSError as exc:
         print(f"ctprofd: {binary}: {exc.strerror}", file=sys.stderr)
         return None
+    where = os.path.realpath(binary)
     if isinstance(result, NotJemalloc):
-        print(f"ctprofd: {binary}: not linked with jemalloc ({result.reason})", file=sys.stderr)
+        for loaded in needed.loaded_objects(binary):
+            try:
+                found = capturer.attacher.resolve_file(loaded)
+            except OSError:
+                continue
+            if not isinstance(found, NotJemalloc):
+                result, where = found, loaded
+                break
+    if isinstance(result, NotJemalloc):
+        print(f"ctprofd: {binary}: not linked with jemalloc, in itself or in the shared "
+              f"objects it loads ({result.reason})", file=sys.stderr)
         return None
     if isinstance(result, LayoutFailure):
         print(f"ctprofd: {result.tag}: {result.message}", file=sys.stderr)
         if result.tag == tags.DWARF_PARSE_FAILURE and "no DWARF" in result.message:
-            print(f"ctprofd: {how_to_get_debug_info(binary)}", file=sys.stderr)
+            print(f"ctprofd: {how_to_get_debug_info(where)}", file=sys.stderr)
         return None
-    return result
+    return where, result
 
 
 def _offsets_export(capturer: Capturer, path: str, binaries: list[str]) -> int:
     if binaries:
-        layouts = [_resolve_or_explain(b, capturer) for b in binaries]
-        if None in layouts:
+        found = [_resolve_or_explain(b, capturer) for b in binaries]
+        if None in found:
             return 1
+        layouts = [layout for _, layout in filter(None, found)]
     else:  # everything jemalloc that runs here now
         capturer.capture()
         layouts = capturer.cache.layouts()
@@ -201,10 +269,10 @@ def cmd_offsets(args: argparse.Namespace) -> int:
         args.error(f"unexpected arguments after BINARY: {' '.join(rest)}")
 
     def show(capturer: Capturer) -> int:
-        layout = _resolve_or_explain(action, capturer)
-        if layout is None:
+        found = _resolve_or_explain(action, capturer)
+        if found is None:
             return 1
-        _print_layout(layout, args.json)
+        _print_layout(*found, args.json)
         return 0
     return _with_capturer(args, show)
 
@@ -306,8 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    snap = commands.add_parser("snapshot", help="probe the host once and print the result")
+    snap = commands.add_parser(
+        "snapshot", help="probe the host once and print the result",
+        description="Probe the host (or the --pid processes) once and print the result. Exit "
+                    "status 1 when a process asked for with --pid was not read, or only in "
+                    "part (why: on stderr), 78 on a bad configuration.")
     snap.add_argument("--json", action="store_true", help="machine-readable output")
+    snap.add_argument("--bytes", action="store_true",
+                      help="the table in bytes (default: KiB, MiB, GiB)")
     snap.add_argument("--pid", type=int, action="append", default=[],
                       help="probe only this tgid (repeatable)")
     snap.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)

@@ -14,7 +14,8 @@ from typing import Callable, Collection
 from ..procfs.processes import ProcessInfo, iter_processes, list_pids, list_threads
 from ..report import tags
 from ..report.snapshot import ProcessSample, Snapshot, ThreadSample
-from ..report.summary import REMEDIATION_HINT, Tally
+from ..procfs.capabilities import has_ptrace_capability
+from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
 from ..resolve import offsets_file
 from ..resolve.attach import Attacher, Attachment, BinaryIdentity, Pending, exe_identity
@@ -148,7 +149,8 @@ class Capturer:
         self._retained_store = RetainedStore(self.settings.state_dir, self.settings.proc_root)
         self._restored = self._retained_store.load()
         self._logged_failures: set[tuple[str, str]] = set()
-        self._last_line: tuple[str, int] | None = None  # (summary line, denied) last logged
+        self._last_line: str | None = None  # the summary line last logged
+        self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
 
     def close(self) -> None:
@@ -238,14 +240,17 @@ class Capturer:
 
     def _log_snapshot(self, snapshot: Snapshot) -> None:
         """The summary line at info when it differs from the last one logged, else at debug
-        (an unchanged host would repeat it every interval); so too the denied count."""
+        (an unchanged host would repeat it every interval). Processes that cannot be seen
+        are warned about once for their cause (what to do), not again while it holds
+        however many come and go: again only after none was denied, or for another cause."""
         line = snapshot.summary.log_line()
-        changed = (line, snapshot.denied_tgids) != self._last_line
-        self._last_line = (line, snapshot.denied_tgids)
-        log.log(logging.INFO if changed else logging.DEBUG, "%s", line)
-        if changed and snapshot.denied_tgids:
+        log.log(logging.INFO if line != self._last_line else logging.DEBUG, "%s", line)
+        self._last_line = line
+        cause = denied_hint(has_ptrace_capability()) if snapshot.denied_tgids else None
+        if cause is not None and cause != self._denied_cause:
             log.warning("%d processes cannot be seen: reading their /proc/PID/exe was refused "
-                        "(EACCES/EPERM); %s", snapshot.denied_tgids, REMEDIATION_HINT)
+                        "(EACCES/EPERM); %s", snapshot.denied_tgids, cause)
+        self._denied_cause = cause
 
     def _log_failure(self, process: ProcessInfo, error: ProbeError) -> None:
         """Why a binary failed, at info the first time for each binary and tag, then at
@@ -413,6 +418,14 @@ class Capturer:
         tracked.comm = process.comm
         self._tracked[process.key] = tracked
         return tracked
+
+    def not_jemalloc_reason(self, pid: int) -> str | None:
+        """Why the last snapshot found no jemalloc in `pid`, or None when it did, or did
+        not look at it."""
+        for (tracked_pid, _), tracked in self._tracked.items():
+            if tracked_pid == pid and isinstance(tracked.result, NotJemalloc):
+                return tracked.result.reason
+        return None
 
     def _forget_all_but(self, alive: set[tuple[int, int]]) -> None:
         for key in [k for k in self._tracked if k not in alive]:

@@ -16,6 +16,18 @@ REMEDIATION_HINT = (
     "kernel.yama.ptrace_scope (3 forbids ptrace even for root)"
 )
 
+# When ctprofd holds CAP_SYS_PTRACE and is still refused, granting it more is no answer.
+REFUSED_DESPITE_PRIVILEGE_HINT = (
+    "ctprofd holds CAP_SYS_PTRACE, so something outside it refuses: a process of another "
+    "container or user namespace than ctprofd's (run ctprofd in the host's PID namespace), a "
+    "Linux security module (AppArmor, SELinux), or kernel.yama.ptrace_scope 3")
+
+
+def denied_hint(privileged: bool) -> str:
+    """What to do about processes whose /proc/PID/exe is refused: the remediation hint, or,
+    when ctprofd has the privilege already, what else refuses it."""
+    return REFUSED_DESPITE_PRIVILEGE_HINT if privileged else REMEDIATION_HINT
+
 
 @dataclass(frozen=True)
 class ProbeSummary:
