@@ -6,6 +6,7 @@ subprocesses)."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 
 import pytest
@@ -86,3 +87,27 @@ def test_offsets_of_a_program_without_jemalloc_says_so_in_one_line():
     assert result.stderr.count("\n") == 1, result.stderr
     assert "not linked with jemalloc, in itself or in the shared objects it loads" \
         in result.stderr
+
+
+def test_denied_warning_once_per_cause_however_processes_come_and_go(caplog):
+    """The summary line changes with every process that comes or goes; the warning about
+    processes ctprofd cannot see is about their cause, said again only after it cleared."""
+    from ctprofd.probe.capture import Capturer, CaptureSettings
+    from ctprofd.report.snapshot import Snapshot
+    from ctprofd.report.summary import REFUSED_DESPITE_PRIVILEGE_HINT, ProbeSummary
+
+    capturer = Capturer(CaptureSettings())
+    try:
+        def snapshot(walked: int, denied: int) -> None:
+            capturer._log_snapshot(Snapshot(0.0, 0.0, ProbeSummary(tgids_walked=walked),
+                                            denied_tgids=denied))
+        with caplog.at_level(logging.INFO, logger="ctprofd.probe.capture"):
+            for walked, denied in [(10, 1), (11, 2), (12, 1), (13, 3), (14, 0), (15, 1)]:
+                snapshot(walked, denied)
+    finally:
+        capturer.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(" processes")[0] for w in warnings] == ["1", "1"], warnings
+    assert all(w.endswith(REFUSED_DESPITE_PRIVILEGE_HINT) for w in warnings)  # we are root
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 6  # every summary line differed
