@@ -24,6 +24,10 @@ RUN CTPROFD_VENV=/opt/ctprofd /src/scripts/setup.sh \
     && /opt/ctprofd/bin/python -m pip uninstall --yes pip setuptools
 
 FROM ${DEBIAN}
+# Not pinned to versions (hadolint DL3008): the base is a pinned point release, and
+# Debian's archive keeps only the newest version of each package of a release (security
+# fixes replace the old one), so a pinned version would stop building at the next fix.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends python3 libsystemd0 \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
@@ -32,6 +36,11 @@ COPY config/ctprofd.yaml /etc/ctprofd/ctprofd.yaml
 RUN /opt/ctprofd/bin/ctprofd check-config /etc/ctprofd/ctprofd.yaml
 VOLUME ["/var/cache/ctprofd", "/var/lib/ctprofd"]
 EXPOSE 19455
+# Root (hadolint DL3002): reading the memory of processes of every user takes
+# CAP_SYS_PTRACE, which runtimes grant a non-root user only through file capabilities, and
+# the kernel ignores those on the `#!` script ctprofd is; every capability but the four
+# the DaemonSet adds is dropped (see the top of this file).
+# hadolint ignore=DL3002
 USER 0
 ENTRYPOINT ["/opt/ctprofd/bin/ctprofd", "run"]
 CMD ["--config", "/etc/ctprofd/ctprofd.yaml"]

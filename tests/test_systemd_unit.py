@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "packaging" / "systemd" / "ctprofd.service"
 INSTALLED_BINARY = "/opt/ctprofd/bin/ctprofd"
@@ -102,3 +104,16 @@ def test_the_filter_allows_ptrace_and_process_vm_readv():
     assert "read" in allowed and "ptrace" in syscalls("@debug")
     denied = service_section()["SystemCallFilter"][1].removeprefix("~").split()
     assert not {"ptrace", "process_vm_readv"} & set().union(*map(syscalls, denied))
+
+
+def test_memory_max_is_the_daemonsets_limit_and_holds_the_parser_budget():
+    """One memory budget for both deployments, sized on the default parser budget."""
+    from ctprofd.config.settings import ParserLimits
+
+    daemonset = REPO / "packaging" / "kubernetes" / "ctprofd-daemonset.yaml"
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(daemonset.read_text())}
+    (container,) = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    limit = container["resources"]["limits"]["memory"]
+    (memory_max,) = service_section()["MemoryMax"]
+    assert memory_max.removesuffix("M") == limit.removesuffix("Mi")
+    assert int(memory_max.removesuffix("M")) >= ParserLimits().memory_limit_mib + 96

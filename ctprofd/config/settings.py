@@ -83,7 +83,7 @@ class Selection:
 class ParserLimits:
     """Limits of the sandboxed process that parses target binaries."""
 
-    memory_limit_mib: int = 1024
+    memory_limit_mib: int = 512
     timeout: float = 30.0
     max_file_mib: int = 4096
 
