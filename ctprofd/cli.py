@@ -163,10 +163,11 @@ def _print_layout(where: str, result: TsdLayout, as_json: bool) -> None:
     print(f"symbol:              {result.symbol} (TLS offset {result.symbol_offset})")
     print(f"thread_allocated:    {result.allocated_offset}")
     print(f"thread_deallocated:  {result.deallocated_offset}")
-    why = ("; offsets from code give the two counters only" if result.code_source
-           else f"; {result.arena_missing}" if result.arena_missing else "")
+    why = (f"; {result.arena_missing}" if result.arena_missing
+           else "; offsets from code give the two counters only" if result.code_source else "")
+    table = f" (layout table {result.arena.table})" if result.arena and result.arena.table else ""
     print(f"arena statistics:    "
-          f"{'yes' if result.arena else f'no (totals: per-thread sums{why})'}")
+          f"{f'yes{table}' if result.arena else f'no (totals: per-thread sums{why})'}")
     if result.in_executable:
         print(f"TLS:                 executable, block {result.static_block_offset} bytes "
               "below the thread pointer")

@@ -19,6 +19,12 @@
 #   je                       --with-jemalloc-prefix=je_
 #   rjem                     --with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
 #                            (as Rust's tikv-jemalloc-sys configures it)
+#   debian                   as Debian builds libjemalloc2 (debian/rules' configure options,
+#                            dpkg-buildflags' CFLAGS/CPPFLAGS/LDFLAGS, which include -g) and
+#                            --with-lg-vaddr=48 (configure would probe this CPU; Debian's
+#                            build machine had 48-bit addresses): the reference build of the
+#                            arena layout table for Debian's stripped library
+#                            (scripts/arena_tables.py, ctprofd/resolve/arena_tables.json)
 # Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
 # dir beside the target, then renamed into place, under a lock).
 set -euo pipefail
@@ -42,7 +48,9 @@ case $variant in
     prof) CONFIGURE_ARGS=(--enable-prof) ;;
     je) CONFIGURE_ARGS=(--with-jemalloc-prefix=je_) ;;
     rjem) CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_) ;;
-    *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem)" ;;
+    debian) CONFIGURE_ARGS=(--with-lg-page=12 --with-lg-hugepage=21 --with-lg-vaddr=48
+                            --enable-prof) ;;
+    *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem debian)" ;;
 esac
 if [[ -z $variant ]]; then
     DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
@@ -98,9 +106,16 @@ version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
 [[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
     die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
 
+CPPFLAGS_JEMALLOC="" LDFLAGS_JEMALLOC=""
+if [[ $variant == debian ]]; then
+    CFLAGS_JEMALLOC=$(dpkg-buildflags --get CFLAGS)
+    CPPFLAGS_JEMALLOC=$(dpkg-buildflags --get CPPFLAGS)
+    LDFLAGS_JEMALLOC=$(dpkg-buildflags --get LDFLAGS)
+fi
 log "building jemalloc $version ${variant:-(debug)}: CC=$CC_JEMALLOC" \
     "CFLAGS=\"$CFLAGS_JEMALLOC\" ${CONFIGURE_ARGS[*]} (output shown on failure only)"
 if ! (cd "$src" && ./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" \
+        CPPFLAGS="$CPPFLAGS_JEMALLOC" LDFLAGS="$LDFLAGS_JEMALLOC" \
         "${CONFIGURE_ARGS[@]}" && make -j"$(nproc)" "${TARGETS[@]}") >"$work/build.log" 2>&1; then
     tail -n 60 "$work/build.log" >&2
     die "jemalloc build failed"

@@ -58,7 +58,7 @@ log "installing ctprofd[$extra] into $venv"
     die "systemd-python is not importable in $venv"
 
 if ((test_mode)); then
-    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem; do
+    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian; do
         "$here/build-jemalloc.sh" $variant
     done
     "$here/test-roots.sh"

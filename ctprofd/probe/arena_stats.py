@@ -117,6 +117,7 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
     if narenas > min(layout.arenas_count, MAX_ARENAS) or not nbins <= nhbins <= layout.nsizes:
         raise ArenaReadError(f"implausible counts: {narenas} arenas, {nhbins} cached classes")
     size = struct.unpack(f"<{layout.nsizes}Q", sizes)
+    _check_classes(layout, size, infos)
     first_bin = _U32.unpack_from(offsets, 0)[0]
     shard_sizes = []  # the class size of every bin shard, in memory order
     for i in range(nbins):
@@ -126,8 +127,11 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         shard_sizes += [size[i]] * count
         if len(shard_sizes) > MAX_SHARDS:
             raise ArenaReadError("implausible bin shards")
-    arenas = [a for a in struct.unpack(f"<{narenas}Q", _read(
-        reader, pid, [(base + layout.arenas, 8 * narenas)], "arena array")[0]) if a]
+    slots = struct.unpack(f"<{narenas}Q", _read(
+        reader, pid, [(base + layout.arenas, 8 * narenas)], "arena array")[0])
+    if not slots or not slots[0]:
+        raise ArenaReadError(f"no arena 0 ({narenas} arenas)")
+    arenas = [a for a in slots if a]
 
     # the arenas: bins, large classes, internal bytes, the head of their caches' ring
     bins = _records(layout.bin_size, (layout.bin_nrequests, layout.bin_curregs), "QQ",
@@ -139,11 +143,14 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         ranges += [(arena + layout.arena_internal, 8), (arena + layout.arena_descriptors, 8),
                    (arena + layout.arena_cache_locks, 8), (arena + first_bin, bins.size),
                    (arena + layout.arena_lstats, large.size)]
+    indexes = [] if layout.arena_ind is None else [(a + layout.arena_ind, 4) for a in arenas]
     known = [tsd + layout.tsd_descriptor for tsd in tsds]
-    ranges += [r for node in known for r in _ring_entry(layout, node)]
+    ranges += indexes + [r for node in known for r in _ring_entry(layout, node)]
     found = reader(pid, ranges)
-    data = iter(_checked(found[:5 * len(arenas)], "arenas"))
-    pointers = found[5 * len(arenas):]
+    per_arena = 5 * len(arenas)
+    data = iter(_checked(found[:per_arena], "arenas"))
+    _check_indexes(slots, _checked(found[per_arena:per_arena + len(indexes)], "arena indexes"))
+    pointers = found[per_arena + len(indexes):]
     entries = {node: (_U64.unpack(a)[0], _U64.unpack(b)[0])  # type: ignore[arg-type]
                for node, a, b in zip(known, pointers[0::2], pointers[1::2])
                if not isinstance(a, OSError) and not isinstance(b, OSError)}
@@ -191,6 +198,32 @@ def unchanged(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
         return False
     locks = sum(_U64.unpack(f)[0] for f in found[1:])  # type: ignore[arg-type]
     return _U32.unpack(found[0])[0] == last.narenas and locks == last.cache_locks  # type: ignore[arg-type]
+
+
+def _check_classes(layout: ArenaLayout, size: tuple[int, ...], infos: bytes) -> None:
+    """The size classes and the bins' region counts must be what jemalloc makes: growing
+    sizes, each bin's regions of its class's size, whole regions in a slab of pages."""
+    if size[0] <= 0 or any(a >= b for a, b in zip(size, size[1:])):
+        raise ArenaReadError("sz_index2size_tab does not hold growing size classes")
+    if layout.bin_info_reg_size is None:
+        return
+    for i in range(layout.nbins):
+        at = layout.bin_info_size * i
+        reg = _U64.unpack_from(infos, at + layout.bin_info_reg_size)[0]
+        slab = _U64.unpack_from(infos, at + layout.bin_info_slab_size)[0]  # type: ignore[operator]
+        nregs = _U32.unpack_from(infos, at + layout.bin_info_nregs)[0]  # type: ignore[operator]
+        if reg != size[i] or not (0 < nregs and nregs * reg <= slab < 1 << 32) or slab % 4096:
+            raise ArenaReadError(f"bin_infos[{i}] holds {nregs} regions of {reg} bytes in "
+                                 f"{slab}-byte slabs; the size class is {size[i]} bytes")
+
+
+def _check_indexes(slots: tuple[int, ...], found: list[bytes]) -> None:
+    """Each arenas[i] must lead to an arena whose own index is i (`found`: the indexes
+    read, in the order of the arenas)."""
+    for i, data in zip([i for i, a in enumerate(slots) if a], found):
+        if _U32.unpack(data)[0] != i:
+            raise ArenaReadError(f"arenas[{i}] leads to an arena whose own index is "
+                                 f"{_U32.unpack(data)[0]}")
 
 
 def _dot(counts, sizes) -> int:

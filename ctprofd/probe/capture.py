@@ -13,7 +13,7 @@ from typing import Callable, Collection
 
 from ..procfs.processes import ProcessInfo, iter_processes, list_pids, list_threads
 from ..report import tags
-from ..report.snapshot import ProcessSample, Snapshot, ThreadSample
+from ..report.snapshot import THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
 from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
@@ -87,6 +87,7 @@ class _Tracked:
     reported: tuple[int, int] = (0, 0)  # the last totals reported: they never go back
     # the last arena statistics read, and the threads' counters they were read with
     arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
+    arena_refused: str = ""  # why the last read of its arena statistics was not used
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
     comm: str = ""  # the name it had when attached: an exec mostly renames a process
 
@@ -117,6 +118,20 @@ class _Tracked:
             threads = {(tid, s.start_time): (s.allocated, s.deallocated)
                        for tid, s in self.result.threads.items()}
         return Saved(self.retained_totals(), threads, self.reported)
+
+
+def _why_threads(tracked: _Tracked, arena: ArenaTotals | None) -> str:
+    """Why a process's totals are per-thread sums (totals_source "threads")."""
+    if arena is not None:
+        return "arena statistics all zero: jemalloc built without statistics"
+    if tracked.arena_refused:
+        return tracked.arena_refused
+    assert isinstance(tracked.result, ProcessState)
+    layout = tracked.result.attachment.layout
+    if layout.arena is not None:
+        return "the jemalloc object's load address is not known"
+    return (f"no arena layout: {layout.arena_missing}" if layout.arena_missing
+            else f"no arena layout (offsets from {layout.source})")
 
 
 def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -330,7 +345,8 @@ class Capturer:
             threads=tuple(threads),
             retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
             retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads),
-            totals_source=source)
+            totals_source=source, totals_reason=_why_threads(tracked, arena) if source == THREADS
+            else "")
 
     def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
                       threads: list[ThreadSample]) -> ArenaTotals | None:
@@ -355,7 +371,9 @@ class Capturer:
         except ArenaReadError as exc:
             log.debug("pid %d: arena statistics: %s", pid, exc)
             tracked.arena = None
+            tracked.arena_refused = f"arena statistics refused: {exc}"
             return None
+        tracked.arena_refused = ""
         earlier = tracked.earlier_images
         totals = replace(totals, requested=totals.requested + earlier[0],
                          in_use=totals.in_use + earlier[0] - earlier[1])

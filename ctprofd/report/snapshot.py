@@ -42,6 +42,7 @@ class ProcessSample:
     retained_allocated_bytes: int = 0
     retained_deallocated_bytes: int = 0
     totals_source: str = THREADS
+    totals_reason: str = ""  # with "threads": why the arena statistics were not used
 
     @property
     def allocated_bytes(self) -> int:
@@ -62,6 +63,7 @@ class ProcessSample:
                 "allocated_bytes": self.allocated_bytes,
                 "deallocated_bytes": self.deallocated_bytes,
                 "totals_source": self.totals_source,
+                "totals_reason": self.totals_reason or None,
                 "threads": [t.to_dict() for t in self.threads]}
 
 

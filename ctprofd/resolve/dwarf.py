@@ -457,7 +457,11 @@ def arena_offsets(elf: ELFFile) -> dict[str, int]:
     found.update(arenas_count=_count(_variable_type(variables["arenas"])),
                  nsizes=_count(_variable_type(variables["sz_index2size_tab"])))
     bin_info = _type(_variable_type(variables["bin_infos"]))
-    found.update(bin_info_size=_size(bin_info), bin_info_shards=_member(bin_info, "n_shards")[0])
+    found.update(bin_info_size=_size(bin_info), bin_info_shards=_member(bin_info, "n_shards")[0],
+                 bin_info_reg_size=_member(bin_info, "reg_size")[0],
+                 bin_info_slab_size=_member(bin_info, "slab_size")[0],
+                 bin_info_nregs=_member(bin_info, "nregs")[0],
+                 arena_ind=_member(arena, "ind")[0])
     found["arena_internal"] = _member(arena, "stats.internal")[0]
     found["arena_cache_locks"] = _member(arena, "tcache_ql_mtx.prof_data.n_lock_ops")[0]
     found["arena_lstats"], lstats = _member(arena, "stats.lstats")

@@ -24,7 +24,7 @@ from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
 
 from ..report import tags
-from . import dwarf, elf, machine_code
+from . import arena_tables, dwarf, elf, machine_code
 from .debuginfo import DebugSearch, ObjectDir, debug_files, stream_crc32
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ class ArenaLayout:
     bin_size: int
     bin_nrequests: int
     bin_curregs: int
+    # what the live process is checked against before its statistics are believed (None:
+    # a layout cached before these were read; arena_stats checks what it can)
+    arena_ind: int | None = None          # arena_t's own index in the arenas array
+    bin_info_reg_size: int | None = None  # bin_info_t: region size (= the class size)
+    bin_info_slab_size: int | None = None
+    bin_info_nregs: int | None = None     # regions per slab
+    table: str = ""  # the layout table it came from (arena_tables), "" when from DWARF
 
     @property
     def nbins(self) -> int:
@@ -76,8 +83,10 @@ class ArenaLayout:
 
     def check(self) -> None:
         """Raise ValueError unless every field is plausible."""
-        values = [getattr(self, f) for f in self.__dataclass_fields__]
-        if not all(type(v) is int and 0 <= v < 1 << 40 for v in values):
+        values = [getattr(self, f) for f in self.__dataclass_fields__ if f != "table"]
+        if not isinstance(self.table, str) or len(self.table) > 100:
+            raise ValueError("arena layout: table must be a short name")
+        if not all(type(v) is int and 0 <= v < 1 << 40 for v in values if v is not None):
             raise ValueError("arena layout: offsets must be integers in [0, 2**40)")
         if not (0 < self.nlarge < self.nsizes <= 1024 and 0 < self.arenas_count <= 1 << 16):
             raise ValueError("arena layout: implausible size class or arena counts")
@@ -400,11 +409,29 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
                        found.symbol_offset, found.allocated_offset, found.deallocated_offset,
                        found.static_block_offset, found.tpoff_got, found.tpoff_addend,
                        found.tpoff_symbolic, dwarf_source="none", code_source=found.route)
+    layout = replace(layout, **_arena_from_table(stream, layout, facts.load_page))
     try:
         validate(layout)
     except ValueError as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
     return layout
+def _arena_from_table(stream: BinaryIO, layout: TsdLayout, load_page: int) -> dict:
+    """The TsdLayout fields of the arena statistics' layout for offsets found in machine
+    code: from the layout table of the reference build this binary matches
+    (arena_tables), or why none applies."""
+    try:
+        found = arena_tables.arena_fields(elf.open_elf(stream), stream, layout.allocated_offset,
+                                          layout.deallocated_offset, load_page)
+        names = set(ArenaLayout.__dataclass_fields__)
+        arena = ArenaLayout(**{k: v for k, v in found.items() if k in names})
+        arena.check()
+        return {"arena": arena}
+    except arena_tables.TableError as exc:
+        return {"arena_missing": str(exc)[:500]}
+    except (TypeError, OSError, ValueError) as exc:
+        return {"arena_missing": f"arena layout table: {exc}"[:500]}
+
+
 def _arena_layout(image, load_page: int) -> dict:
     """The TsdLayout fields of the arena statistics' layout: `arena`, or why there is
     none (`arena_missing`: the DWARF lacks a part of it, and totals are per-thread sums)."""
