@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
 from support.procs import assert_no_thread_stopped_or_traced
 from test_churn import MIB, assert_close, paused_truth
+from test_stock_programs import until
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 DEBIAN_BUILD = Path("/var/cache/ctprofd/jemalloc-5.3.0-debian/lib/libjemalloc.so.2")
@@ -220,3 +222,52 @@ def test_a_process_refused_a_table_says_why(spawn_process, tmp_path):
     assert process["totals_source"] == THREADS
     assert re.match(rf"no arena layout: table {TABLE}: its data is placed otherwise",
                     process["totals_reason"]), process["totals_reason"]
+
+
+def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
+    """Debian's redis-server on the stock library, tcache on, while redis-benchmark writes:
+    live bytes within 1 % of jemalloc's stats.allocated (redis's allocator_allocated) less
+    the bytes in thread caches, both read inside redis by an LD_PRELOAD shim around each
+    snapshot."""
+    shim = tmp_path / "stats_shim.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-pthread", "-o", shim,
+                    REPO / "tests/fixtures/stats_shim.c", STOCK], check=True)
+    fifo, out, sock = tmp_path / "stats.fifo", tmp_path / "stats.out", tmp_path / "redis.sock"
+    os.mkfifo(fifo)
+    redis = spawn_process(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save",
+                           "", "--appendonly", "no", "--dir", str(tmp_path)], ready=None,
+                          env={"LD_PRELOAD": str(shim), "CTPROFD_STATS_FIFO": str(fifo),
+                               "CTPROFD_STATS_OUT": str(out), "PATH": "/usr/bin:/bin"})
+    requests = open(fifo, "w", buffering=1)  # opens once the shim's thread has it open
+
+    def truth() -> int:
+        before = len(out.read_text().splitlines()) if out.exists() else 0
+        requests.write("read\n")
+        until(lambda: out.exists() and len(out.read_text().splitlines()) > before,
+              "the shim answers")
+        stats = json.loads(out.read_text().splitlines()[-1])
+        return stats["allocated"] - stats["tcache"]
+
+    until(lambda: subprocess.run(["redis-cli", "-s", sock, "ping"], capture_output=True,
+                                 text=True).stdout.strip() == "PONG", "redis answers PING")
+    load = subprocess.Popen(["redis-benchmark", "-s", sock, "-n", "2000000", "-c", "8", "-r",
+                             "200000", "-d", "200", "-t", "set,lpush,get", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = no_debug_info(tmp_path)
+    try:
+        until(lambda: truth() > 20 * MIB, "redis holds 20 MiB")
+        for _ in range(10):
+            first = truth()
+            [process] = engine.capture(pids=[redis.pid]).processes
+            last = truth()
+            live = process.allocated_bytes - process.deallocated_bytes
+            print(f"redis: live {live}, stats.allocated - tcache {first} .. {last}")
+            assert process.totals_source == ARENA, process.totals_reason
+            assert min(first, last) * 0.99 <= live <= max(first, last) * 1.01, (live, first, last)
+        assert load.poll() is None  # the snapshots were taken under load
+    finally:
+        load.kill()
+        load.wait()
+        requests.close()
+        engine.close()
+    assert_no_thread_stopped_or_traced(redis.pid)
