@@ -120,17 +120,21 @@ def test_table_refused_where_the_data_is_placed_otherwise(tmp_path):
                      layout.arena_missing), layout.arena_missing
 
 
-def spawn_workload(spawn_process, mode: str):
+def spawn_workload(spawn_process, mode: str, conf: str = ""):
     return spawn_process([sys.executable, "-c", WORKLOAD, mode], ready=None,
-                         env={"LD_PRELOAD": STOCK, "PATH": "/usr/bin:/bin"})
+                         env={"LD_PRELOAD": STOCK, "PATH": "/usr/bin:/bin",
+                              **({"MALLOC_CONF": conf} if conf else {})})
 
 
-@pytest.mark.parametrize("mode", ["free-in-thread", "allocate-in-thread"])
-def test_python_workloads_on_the_stock_library(spawn_process, tmp_path, mode):
+@pytest.mark.parametrize("mode, conf", [
+    ("free-in-thread", ""), ("allocate-in-thread", ""),
+    # fewer cached classes than bins, and bins of 4 shards: read from the process, not the table
+    ("allocate-in-thread", "tcache_max:4096,bin_shards:1-160:4")])
+def test_python_workloads_on_the_stock_library(spawn_process, tmp_path, mode, conf):
     """Issue 20's python3 workloads on Debian's stock library: live bytes within 8 MiB of
     jemalloc's own stats.allocated less what thread caches hold, at every step, never
     negative, and from the arena statistics."""
-    workload = spawn_workload(spawn_process, mode)
+    workload = spawn_workload(spawn_process, mode, conf)
     engine = no_debug_info(tmp_path)
     steps = 0
     try:

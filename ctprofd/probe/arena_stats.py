@@ -114,7 +114,7 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         (base + layout.tcache_bin_alloc_size, 8),
         (base + layout.tcache_bin_alloc_alignment, 8)], "size-class tables")
     narenas, nhbins = _U32.unpack(narenas)[0], _U32.unpack(nhbins)[0]
-    if narenas > min(layout.arenas_count, MAX_ARENAS) or not nbins <= nhbins <= layout.nsizes:
+    if narenas > min(layout.arenas_count, MAX_ARENAS) or not 0 < nhbins <= layout.nsizes:
         raise ArenaReadError(f"implausible counts: {narenas} arenas, {nhbins} cached classes")
     size = struct.unpack(f"<{layout.nsizes}Q", sizes)
     _check_classes(layout, size, infos)
