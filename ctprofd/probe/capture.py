@@ -26,6 +26,7 @@ from ..resolve.layout import NotJemalloc
 from ..resolve.parse_worker import WorkerLimits
 from ..resolve.resolver import BackgroundResolver
 from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
+from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, without_inherited
 from .ptrace import Tracer
 from .retained import RetainedStore, Saved
 from .threads import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark, same_image
@@ -90,6 +91,7 @@ class _Tracked:
     arena_refused: str = ""  # why the last read of its arena statistics was not used
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
     comm: str = ""  # the name it had when attached: an exec mostly renames a process
+    fork: ForkOrigin | None = None  # a fork() child: what it inherited is not its own
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -102,8 +104,10 @@ class _Tracked:
         """Retained totals plus the last-read values of the threads running now."""
         allocated, deallocated = self.retained_totals()
         if isinstance(self.result, ProcessState):
-            allocated += sum(s.allocated for s in self.result.threads.values())
-            deallocated += sum(s.deallocated for s in self.result.threads.values())
+            for state in self.result.threads.values():
+                counted = state.counted()
+                allocated += counted[0]
+                deallocated += counted[1]
         return allocated, deallocated
 
     def carries_totals(self) -> bool:
@@ -197,6 +201,9 @@ class Capturer:
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
         waiting: list[ProcessInfo] = []  # pending: their binaries are being resolved
+        # new processes listed before their parent (pid wrap): read once the parent was, so
+        # that a fork() child can be told by its parent's memory and state
+        deferred: list[ProcessInfo] = []
         submitted = self.attacher.submitted
         complete = True
         for process in iter_processes(self.settings.proc_root,
@@ -217,14 +224,13 @@ class Capturer:
             if self.settings.select is not None and not self.settings.select(process):
                 continue
             tally.tgids_walked += 1
-            tally.current = (process.pid, process.comm)
             seen.add(process.key)
-            pending = tally.pending
-            sample = self._probe_process(process, tally, cancel)
-            if sample is not None:
-                samples.append(sample)
-            elif tally.pending > pending:
-                waiting.append(process)
+            if process.ppid > process.pid and process.key not in self._tracked:
+                deferred.append(process)
+                continue
+            self._probe_into(process, tally, cancel, samples, waiting)
+        for process in deferred:
+            self._probe_into(process, tally, cancel, samples, waiting)
         if (waiting and complete and self.attacher.submitted > submitted
                 and self._wait_for_resolution(clock)):
             # what the background resolved in time is read in this snapshot after all
@@ -252,6 +258,17 @@ class Capturer:
                             denied_tgids=tally.denied_tgids, pending=tally.pending)
         self._log_snapshot(snapshot)
         return snapshot
+
+    def _probe_into(self, process: ProcessInfo, tally: Tally, cancel: threading.Event | None,
+                    samples: list[ProcessSample], waiting: list[ProcessInfo]) -> None:
+        """Probe one process: its sample to `samples`, or itself to `waiting` when pending."""
+        tally.current = (process.pid, process.comm)
+        pending = tally.pending
+        sample = self._probe_process(process, tally, cancel)
+        if sample is not None:
+            samples.append(sample)
+        elif tally.pending > pending:
+            waiting.append(process)
 
     def _log_snapshot(self, snapshot: Snapshot) -> None:
         """The summary line at info when it differs from the last one logged, else at debug
@@ -314,6 +331,8 @@ class Capturer:
                 if isinstance(tracked.result, NotJemalloc):
                     return None
                 threads, listed = self._read_threads(process, tracked, tally, cancel)
+            if tracked.fork is not None and tracked.fork.threads_pending:
+                threads = self._inherit_thread(process, tracked, threads)
             arena = self._arena_totals(process.pid, tracked, listed, threads)
         except Pending:  # its binary is being resolved in the background
             tally.pending += 1
@@ -374,11 +393,30 @@ class Capturer:
             tracked.arena_refused = f"arena statistics refused: {exc}"
             return None
         tracked.arena_refused = ""
+        if tracked.fork is not None:
+            if tracked.fork.arena_pending:
+                inherit_arena(tracked.fork, totals, tracked.all_totals())
+            totals = without_inherited(totals, tracked.fork.arena_inherited)
         earlier = tracked.earlier_images
         totals = replace(totals, requested=totals.requested + earlier[0],
                          in_use=totals.in_use + earlier[0] - earlier[1])
         tracked.arena = (basis, totals)
         return totals
+
+    def _inherit_thread(self, process: ProcessInfo, tracked: _Tracked,
+                        threads: list[ThreadSample]) -> list[ThreadSample]:
+        """Once the thread fork() copied (the child's first, tid = pid) is read: settle what
+        it inherited and report it without."""
+        assert isinstance(tracked.result, ProcessState) and tracked.fork is not None
+        copy = tracked.result.threads.get(process.pid)
+        if copy is None or not copy.counters_at or process.pid not in {t.tid for t in threads}:
+            return threads  # not read yet: when it is
+        layout = tracked.result.attachment.layout
+        inherit_thread(tracked.fork, copy, layout.deallocated_offset - layout.allocated_offset + 8,
+                       process.start_time)
+        return [replace(t, allocated_bytes=copy.counted()[0],
+                        deallocated_bytes=copy.counted()[1]) if t.tid == process.pid else t
+                for t in threads]
 
     def _read_threads(self, process: ProcessInfo, tracked: _Tracked, tally: Tally,
                       cancel: threading.Event | None) -> tuple[list[ThreadSample], int]:
@@ -432,10 +470,30 @@ class Capturer:
             tracked = _Tracked(identity, result, process.exe, None, retained, image_mark=mark)
         if previous is not None:
             tracked.earlier_images = saved.retained
+        elif isinstance(result, Attachment):
+            tracked.fork = self._fork_origin(process, mark)
         tracked.reported = previous.reported if previous is not None else saved.reported
         tracked.comm = process.comm
         self._tracked[process.key] = tracked
         return tracked
+
+    def _fork_origin(self, process: ProcessInfo,
+                     mark: tuple[int, bytes] | None) -> ForkOrigin | None:
+        """Where a process first seen came from when it is a fork() child: its parent's
+        image, or (its parent gone, it was reparented) an image ctprofd reads in another
+        process. None for a process that exec'ed its image."""
+        if mark is None:
+            return None
+        if is_fork_child(process, mark):
+            parent = None
+            for (pid, _), tracked in self._tracked.items():
+                if (pid == process.ppid and tracked.image_mark == mark
+                        and isinstance(tracked.result, ProcessState)):
+                    parent = tracked.result
+            return ForkOrigin(process.ppid if parent is not None else None, parent)
+        if any(t.image_mark == mark for t in self._tracked.values()):
+            return ForkOrigin(None, None)
+        return None
 
     def not_jemalloc_reason(self, pid: int) -> str | None:
         """Why the last snapshot found no jemalloc in `pid`, or None when it did, or did

@@ -25,7 +25,7 @@ _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 
 
-def _counters(data: bytes) -> tuple[int, int]:
+def counter_pair(data: bytes) -> tuple[int, int]:
     """(thread_allocated, thread_deallocated) from a read spanning both counters."""
     return _U64.unpack_from(data, 0)[0], _U64.unpack_from(data, len(data) - 8)[0]
 
@@ -62,6 +62,12 @@ class ThreadState:
     counters_at: int  # address of thread_allocated; 0 until located (restored from disk)
     allocated: int = 0
     deallocated: int = 0
+    inherited: tuple[int, int] = (0, 0)  # what a fork() child's thread had at the fork
+
+    def counted(self) -> tuple[int, int]:
+        """The counters less what they were inherited at: what this thread did itself."""
+        return (max(0, self.allocated - self.inherited[0]),
+                max(0, self.deallocated - self.inherited[1]))
 
 
 @dataclass
@@ -80,9 +86,9 @@ class ProcessState:
 
     def retire(self, tid: int) -> None:
         """Fold a thread that exited into the retained totals."""
-        state = self.threads.pop(tid)
-        self.retained_allocated += state.allocated
-        self.retained_deallocated += state.deallocated
+        allocated, deallocated = self.threads.pop(tid).counted()
+        self.retained_allocated += allocated
+        self.retained_deallocated += deallocated
 
 
 class ThreadProber:
@@ -182,14 +188,14 @@ class ThreadProber:
                 values.append(data)
                 continue
             known = state.threads[thread.tid]
-            allocated, deallocated = _counters(data)
+            allocated, deallocated = counter_pair(data)
             if allocated < known.allocated or deallocated < known.deallocated:
                 # The target was writing the word as we copied it: read once more, and never
                 # let a counter go backwards either way.
                 self.torn_reads += 1
                 again = self.read_ranges(pid, [(known.counters_at, span)])[0]
                 if not isinstance(again, OSError):
-                    allocated, deallocated = _counters(again)
+                    allocated, deallocated = counter_pair(again)
             values.append((allocated, deallocated))
         # A thread that exited since it was listed left its TLS behind, and the next thread
         # created gets the same cached stack and so the same TLS address: what was read
@@ -215,6 +221,5 @@ class ThreadProber:
             known.allocated = max(known.allocated, allocated)
             known.deallocated = max(known.deallocated, deallocated)
             tally.probed_ok += 1
-            samples.append(ThreadSample(thread.tid, thread.comm, known.allocated,
-                                        known.deallocated))
+            samples.append(ThreadSample(thread.tid, thread.comm, *known.counted()))
         return samples

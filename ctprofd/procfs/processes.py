@@ -28,6 +28,7 @@ class StatLine:
     state: str
     start_time: int  # clock ticks after boot (field 22): with the id, the identity
     kernel_thread: bool = False  # PF_KTHREAD in the flags (field 9): no exe, no memory
+    ppid: int = 0  # the parent (field 4): a fork() child shares its image until it execs
 
 
 def parse_stat(text: str) -> StatLine:
@@ -36,7 +37,7 @@ def parse_stat(text: str) -> StatLine:
     comm = head.partition("(")[2]
     fields = tail.split()
     return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]),
-                    kernel_thread=bool(int(fields[6]) & PF_KTHREAD))
+                    kernel_thread=bool(int(fields[6]) & PF_KTHREAD), ppid=int(fields[1]))
 
 
 def read_file(path: str) -> bytes:
@@ -99,6 +100,7 @@ class ProcessInfo:
         self.start_time = stat.start_time
         self.state = stat.state
         self.kernel_thread = stat.kernel_thread
+        self.ppid = stat.ppid
         # /proc/PID, built once: joining paths is a sizeable part of a steady-state snapshot
         self._directory = directory if directory is not None else _prefix(proc_root) + str(pid)
 

@@ -14,6 +14,7 @@ Output layout under `root` (all compiled -g -O1 -pthread -Wl,--build-id):
     debug-root/                               stand-in for /usr/lib/debug
     churn, alloc_loop                         jemalloc linked in statically
     hostile_threads                           jemalloc linked in statically (hardening tests)
+    forker                                    jemalloc linked in statically (fork() children)
 
 Modes (where the stripped object's debug file goes):
 
@@ -90,6 +91,7 @@ class FixtureBins:
     churn: Path
     alloc_loop: Path
     hostile_threads: Path
+    forker: Path
 
     def __getitem__(self, name: str) -> Variant:
         return self.variants[name]
@@ -197,7 +199,7 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = [pool.submit(_build_variant, root, jemalloc_dir, debug_root, *job) for job in jobs]
         others = [pool.submit(_compile, f"{p}.c", root / p, jemalloc_dir, static_link)
-                  for p in ("churn", "alloc_loop", "hostile_threads")]
+                  for p in ("churn", "alloc_loop", "hostile_threads", "forker")]
         variants = {v.name: v for v in (f.result() for f in futures)}
         for f in others:
             f.result()
@@ -205,7 +207,7 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     for dirpath, _, _ in os.walk(root):
         os.chmod(dirpath, 0o755)
     return FixtureBins(root, jemalloc_dir, debug_root, variants, root / "churn", root / "alloc_loop",
-                       root / "hostile_threads")
+                       root / "hostile_threads", root / "forker")
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,241 @@
+"""A fork() child is counted once, and no exported figure is impossible (issue 20, points 3
+and 4), on the real `forker` fixture: a process holding 256 MiB whose children and
+grandchildren are driven one by one. Every truth is what the process itself measured with
+mallctl, never what ctprofd computed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctprofd.export.aggregate import Aggregator
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
+from support.procs import Spawned, assert_no_thread_stopped_or_traced
+
+MIB = 1 << 20
+HOLD_MIB = 256
+
+
+class Family:
+    """A forker process and what it forked, each driven through its own stdin or FIFO."""
+
+    def __init__(self, proc: Spawned, tmp: Path) -> None:
+        self.proc, self.tmp = proc, tmp
+        self.fifos: dict[int, object] = {}
+
+    def command(self, pid: int, line: str) -> None:
+        if pid == self.proc.pid:
+            self.proc.send(line)
+        else:
+            fifo = self.fifos[pid]
+            fifo.write(line + "\n")  # type: ignore[attr-defined]
+            fifo.flush()  # type: ignore[attr-defined]
+
+    def fork(self, pid: int) -> tuple[int, tuple[int, int]]:
+        """A new child of `pid`: its pid and the counters it measured at the fork."""
+        path = self.tmp / f"fifo{len(self.fifos)}"
+        os.mkfifo(path)
+        self.command(pid, f"FORK {path}")
+        fifo = open(path, "w")  # returns once the child opened it
+        word, child, allocated, deallocated = self.proc.readline().split()
+        assert word == "CHILD", word
+        self.fifos[int(child)] = fifo
+        return int(child), (int(allocated), int(deallocated))
+
+    def truth(self, pid: int) -> tuple[int, int]:
+        """The process's own thread.allocated and thread.deallocated (one thread each)."""
+        self.command(pid, "TRUTH")
+        word, who, allocated, deallocated = self.proc.readline().split()
+        assert (word, int(who)) == ("TRUTH", pid)
+        return int(allocated), int(deallocated)
+
+    def do(self, pid: int, line: str) -> None:
+        self.command(pid, line)
+        assert self.proc.readline() == "DONE"
+
+    def close(self) -> None:
+        for fifo in self.fifos.values():
+            fifo.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def family(fixture_bins, spawn_process, tmp_path):
+    proc = spawn_process([fixture_bins.forker, str(HOLD_MIB)])
+    family = Family(proc, tmp_path)
+    yield family
+    family.close()
+
+
+@pytest.fixture
+def capturer(fixture_bins):
+    engine = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),)))
+    yield engine
+    engine.close()
+
+
+def by_pid(snapshot: Snapshot) -> dict[int, ProcessSample]:
+    return {p.pid: p for p in snapshot.processes}
+
+
+def after_fork(now: tuple[int, int], at_fork: tuple[int, int]) -> tuple[int, int]:
+    return now[0] - at_fork[0], now[1] - at_fork[1]
+
+
+def test_an_idle_child_adds_nothing_and_the_comm_series_stays_the_parents(family, capturer):
+    """The issue's target: a process holding 256 MiB forking children that allocate
+    nothing keeps its comm series within 10 % of its own thread.allocated (it was x12)."""
+    parent = family.proc.pid
+    aggregator = Aggregator(("comm",), max_series=100, retention=3600)
+    aggregator.update(capturer.capture(), lambda *_: True)
+    children = []
+    for _ in range(6):
+        child, at_fork = family.fork(parent)
+        children.append(child)
+        snapshot = capturer.capture()
+        sample = by_pid(snapshot)[child]
+        # it did nothing since the fork, nor did its parent: what it inherited is exact
+        assert (sample.allocated_bytes, sample.deallocated_bytes) == (0, 0)
+        assert [(t.allocated_bytes, t.deallocated_bytes) for t in sample.threads] == [(0, 0)]
+        assert family.truth(child) == at_fork
+        view = aggregator.update(snapshot, lambda *_: True)
+    truth = family.truth(parent)[0]
+    [series] = [s for s in view.series if s.labels == ("forker",)]
+    print(f"comm series allocated {series.allocated_bytes}, parent's own {truth}")
+    assert series.processes == 7
+    assert abs(series.allocated_bytes - truth) <= truth // 10
+    assert series.live_bytes <= truth + truth // 10
+    for pid in (parent, *children):
+        assert_no_thread_stopped_or_traced(pid)
+
+
+def test_what_a_child_allocates_after_the_fork_is_counted_exactly(family, capturer):
+    """Thread counters exact; the process totals (arena statistics) too, within what
+    jemalloc allocates for itself."""
+    parent = family.proc.pid
+    capturer.capture()
+    child, at_fork = family.fork(parent)
+    family.do(child, f"ALLOC {3 * MIB}")
+    sample = by_pid(capturer.capture())[child]
+    own = after_fork(family.truth(child), at_fork)
+    assert own[0] >= 3 * MIB
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in sample.threads] == [own]
+    assert sample.totals_source == ARENA
+    assert own[0] <= sample.allocated_bytes <= own[0] + 64 * 1024
+    live = sample.allocated_bytes - sample.deallocated_bytes
+    assert own[0] - own[1] - 64 * 1024 <= live <= own[0] - own[1] + 64 * 1024
+    family.do(child, "FREE")
+    sample = by_pid(capturer.capture())[child]
+    own = after_fork(family.truth(child), at_fork)
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in sample.threads] == [own]
+    assert 0 <= sample.allocated_bytes - sample.deallocated_bytes <= 64 * 1024
+
+
+def test_grandchildren_and_a_child_whose_parent_is_gone(family, capturer):
+    """A grandchild inherits through its parent (the child): what the child did before
+    forking it is the child's, not the grandchild's. A child first seen after its parent
+    exited (reparented) is still known by its image."""
+    parent = family.proc.pid
+    capturer.capture()
+    child, at_fork = family.fork(parent)
+    family.do(child, f"ALLOC {2 * MIB}")
+    capturer.capture()
+    grandchild, at_grandfork = family.fork(child)
+    family.do(grandchild, f"ALLOC {MIB}")
+    samples = by_pid(capturer.capture())
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in samples[grandchild].threads] == [
+        after_fork(family.truth(grandchild), at_grandfork)]
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in samples[child].threads] == [
+        after_fork(family.truth(child), at_fork)]
+    # an orphan: forked by the grandchild, which exits before any snapshot sees it
+    orphan, at_orphan_fork = family.fork(grandchild)
+    family.command(grandchild, "EXIT")
+    family.fifos.pop(grandchild).close()  # type: ignore[attr-defined]
+    samples = by_pid(capturer.capture())
+    assert grandchild not in samples and orphan in samples
+    assert samples[orphan].allocated_bytes == 0  # nothing since the fork
+    family.do(orphan, f"ALLOC {MIB}")
+    samples = by_pid(capturer.capture())
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in samples[orphan].threads] == [
+        after_fork(family.truth(orphan), at_orphan_fork)]
+
+
+def test_a_child_seen_before_its_parent_never_counts_what_it_inherited(family, fixture_bins,
+                                                                       capturer):
+    """A ctprofd that never read the parent cannot tell what the child did before it first
+    read it: that is left out (under-counted), never the parent's bytes counted again."""
+    parent = family.proc.pid
+    child, at_fork = family.fork(parent)
+    family.do(child, f"ALLOC {MIB}")
+    first = by_pid(capturer.capture(pids=[child]))[child]
+    own = after_fork(family.truth(child), at_fork)
+    assert 0 <= first.allocated_bytes <= own[0]
+    family.do(child, f"ALLOC {2 * MIB}")
+    later = by_pid(capturer.capture(pids=[child]))[child]
+    grown = after_fork(family.truth(child), at_fork)[0] - own[0]
+    assert later.threads[0].allocated_bytes - first.threads[0].allocated_bytes == grown
+
+
+def test_a_child_that_execs_keeps_only_what_it_did_itself(family, capturer):
+    parent = family.proc.pid
+    capturer.capture()
+    child, at_fork = family.fork(parent)
+    family.do(child, f"ALLOC {MIB}")
+    capturer.capture()
+    before_exec = after_fork(family.truth(child), at_fork)
+    family.command(child, "EXEC")
+    assert family.proc.readline() == "READY"
+    new_image = family.truth(child)
+    sample = by_pid(capturer.capture())[child]
+    expected = before_exec[0] + new_image[0]
+    print(f"after exec: allocated {sample.allocated_bytes}, the two images' own {expected}")
+    assert expected <= sample.allocated_bytes <= expected + 256 * 1024
+    assert sample.allocated_bytes < HOLD_MIB * MIB // 4
+
+
+def forged_offsets(fixture_bins, tmp_path) -> str:
+    """An offsets file for the forker without arena statistics: per-thread sums."""
+    exported = tmp_path / "offsets.json"
+    result = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "export", str(exported),
+                             str(fixture_bins.forker), "--cache-dir", ""],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(exported.read_text())
+    for layout in data["layouts"].values():
+        layout["arena"] = None
+    exported.write_text(json.dumps(data))
+    return str(exported)
+
+
+@pytest.mark.parametrize("source", [ARENA, THREADS])
+def test_forged_counters_never_make_a_figure_negative(family, fixture_bins, tmp_path, source):
+    """A process writes its own thread.deallocated 1 TiB above its allocated: no live
+    gauge goes negative, its own or its series', and deallocated never passes allocated."""
+    settings = (CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),)) if source == ARENA
+                else CaptureSettings(debug_dirs=(), offsets_files=(forged_offsets(fixture_bins,
+                                                                                   tmp_path),)))
+    engine = Capturer(settings)
+    try:
+        parent = family.proc.pid
+        honest, _ = family.fork(parent)
+        engine.capture(pids=[parent, honest])
+        family.do(honest, f"ALLOC {4 * MIB}")
+        family.do(parent, f"FORGE {1 << 40}")
+        allocated, deallocated = family.truth(parent)
+        assert deallocated > allocated + (1 << 39)  # the target's own view is forged
+        aggregator = Aggregator(("comm",), max_series=100, retention=3600)
+        snapshot = engine.capture(pids=[parent, honest])
+        view = aggregator.update(snapshot, lambda *_: True)
+    finally:
+        engine.close()
+    samples = by_pid(snapshot)
+    for sample in samples.values():
+        assert sample.totals_source == source
+        assert 0 <= sample.deallocated_bytes <= sample.allocated_bytes
+    [series] = view.series
+    assert series.live_bytes >= 4 * MIB  # the honest child's bytes are not cancelled
+    assert series.deallocated_bytes <= series.allocated_bytes
