@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,79 @@ def test_forged_counters_never_make_a_figure_negative(family, fixture_bins, tmp_
     for sample in samples.values():
         assert sample.totals_source == source
         assert 0 <= sample.deallocated_bytes <= sample.allocated_bytes
+    if source == ARENA:  # the arena statistics hold what the process really has live
+        live = samples[parent].allocated_bytes - samples[parent].deallocated_bytes
+        assert abs(live - (allocated - (deallocated - (1 << 40)))) <= MIB
     [series] = view.series
     assert series.live_bytes >= 4 * MIB  # the honest child's bytes are not cancelled
     assert series.deallocated_bytes <= series.allocated_bytes
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def wait_until(check, what: str, bound: float = 60.0, poll: float = 0.05):
+    """Poll `check` until it returns something true (a hang guard, not a timing claim)."""
+    deadline = time.monotonic() + bound
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what} within {bound} s"
+        time.sleep(poll)
+    return result
+
+
+def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_path):
+    """A real redis-server on Debian's stock libjemalloc.so.2 (no debug info): its BGSAVE
+    child is a fork holding a copy of the main thread's counters. The exe series' allocated
+    total neither jumps while the child runs nor after it exited, measured against redis's
+    own allocator_allocated."""
+    sock = tmp_path / "redis.sock"
+    redis = spawn_process(["redis-server", "--port", "0", "--unixsocket", str(sock),
+                           "--save", "", "--appendonly", "no", "--enable-debug-command", "yes",
+                           "--dir", str(tmp_path)], ready=None)
+
+    def cli(*args: str) -> str:
+        return subprocess.run(["redis-cli", "-s", str(sock), *args], capture_output=True,
+                              text=True, timeout=30).stdout
+
+    wait_until(lambda: cli("ping").strip() == "PONG", "redis answers PING")
+    assert cli("debug", "populate", "200000", "key", "256").strip() == "OK"
+    # the child saves 1 key in 20 µs: it lives long enough to be read, and ends by itself
+    assert cli("config", "set", "rdb-key-save-delay", "20").strip() == "OK"
+    heap = int(re.search(r"^allocator_allocated:(\d+)", cli("info", "memory"), re.M)[1])
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+    aggregator = Aggregator(("exe",), max_series=100, retention=3600)
+    alive = lambda pid, _start: os.path.exists(f"/proc/{pid}")  # noqa: E731
+
+    def exe_series() -> tuple[int, int]:
+        snapshot = engine.capture(pids=[redis.pid, *children_of(redis.pid)])
+        assert snapshot.summary.failed == 0, snapshot.failures
+        [series] = aggregator.update(snapshot, alive).series
+        return series.allocated_bytes, series.processes
+
+    try:
+        before, processes = exe_series()
+        assert processes == 1
+        assert "Background saving started" in cli("bgsave")
+        [child] = wait_until(lambda: children_of(redis.pid), "the BGSAVE child")
+        during, processes = exe_series()
+        assert processes == 2, "the child was read while it saved"
+        # each INFO allocates in redis (a client, its buffers): polled slowly
+        wait_until(lambda: "rdb_bgsave_in_progress:0" in cli("info", "persistence"),
+                   "the BGSAVE ends", poll=0.5)
+        wait_until(lambda: not os.path.exists(f"/proc/{child}"), "the child is reaped")
+        after, processes = exe_series()
+    finally:
+        engine.close()
+    print(f"redis exe series allocated: {before} before, {during} during, {after} after "
+          f"BGSAVE; allocator_allocated {heap}")
+    assert before >= heap // 2  # the main thread's counters hold the populated keys
+    assert during - before <= heap // 10 and after - before <= heap // 10
+    assert_no_thread_stopped_or_traced(redis.pid)

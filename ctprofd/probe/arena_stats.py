@@ -277,13 +277,15 @@ def process_totals(threads: tuple[int, int], arena: ArenaTotals | None,
     (threads read now plus what exited ones were last read at): exact where it reaches,
     blind to threads never read and to frees made after a thread's last read. `arena` is
     the arena statistics' view, None when they cannot be read. Neither total goes below
-    `floor` (the last reported) nor below the per-thread sum; deallocated never exceeds
-    allocated (a thread may free what another allocated, but a process cannot free more
-    than it allocated: more is a thread not read or a forged counter), so live bytes are
-    never negative."""
+    `floor` (the last reported), allocated not below the per-thread sum either;
+    deallocated never exceeds allocated (a thread may free what another allocated, but a
+    process cannot free more than it allocated: more is a thread not read or a forged
+    counter), so live bytes are never negative."""
     if arena is None or arena.requested == 0:  # none, or jemalloc built --disable-stats
         allocated = max(floor[0], threads[0])
         return allocated, min(max(floor[1], threads[1]), allocated), THREADS
     allocated = max(floor[0], threads[0], arena.allocated)
-    deallocated = max(floor[1], threads[1], allocated - max(arena.live, 0))
+    # not the threads' deallocated: the arenas know what is live, a thread's counter is the
+    # thread's to write (a process can forge it, thread.deallocatedp)
+    deallocated = max(floor[1], allocated - max(arena.live, 0))
     return allocated, min(deallocated, allocated), ARENA
