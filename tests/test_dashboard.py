@@ -1,4 +1,5 @@
-"""The Grafana dashboard (packaging/grafana/ctprofd-dashboard.json) is importable as-is.
+"""The Grafana dashboard (packaging/grafana/ctprofd-dashboard.json, rendered from the mixin in
+packaging/mixin/) is importable as-is.
 
 Checks its structure (data source input and variable, unique ids, a valid non-overlapping
 layout, non-empty queries on the data source variable) and that every query is valid
@@ -37,7 +38,9 @@ def query_panels(panels: list[dict]) -> list[dict]:
 
 
 def test_has_the_import_metadata(dashboard: dict) -> None:
-    assert 36 <= dashboard["schemaVersion"] <= 41
+    # Grafana 11.6's, the version of the grafana-foundation-sdk models
+    # (tests/test_grafana_provisioning.py)
+    assert dashboard["schemaVersion"] == 41
     assert dashboard["uid"] == "ctprofd"
     assert dashboard["id"] is None, "an exported dashboard carries no database id"
     inputs = dashboard["__inputs"]
@@ -51,7 +54,7 @@ def test_has_the_import_metadata(dashboard: dict) -> None:
 
 def test_template_variables(dashboard: dict) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables) == ["datasource", "instance", "unit", "comm"]
+    assert list(variables) == ["datasource", "cluster", "job", "instance", "unit", "comm"]
 
     datasource = variables["datasource"]
     assert (datasource["type"], datasource["query"]) == ("datasource", "prometheus")
@@ -59,7 +62,8 @@ def test_template_variables(dashboard: dict) -> None:
     assert datasource["current"]["value"] == "${DS_PROMETHEUS}"
 
     assert variables["comm"]["label"] == "Process"
-    for name in ("instance", "unit", "comm"):
+    assert variables["cluster"]["hide"] == 2  # shown only with the mixin's showMultiCluster
+    for name in ("cluster", "job", "instance", "unit", "comm"):
         var = variables[name]
         assert var["type"] == "query"
         assert var["datasource"] == DATASOURCE
@@ -72,7 +76,7 @@ def test_template_variables(dashboard: dict) -> None:
 def test_variable_queries_use_exposed_metrics() -> None:
     exposed = exposed_metric_names()
     queries = dashboard_variable_queries()
-    assert [q.label for q in queries] == ["instance", "unit", "comm"]
+    assert [q.label for q in queries] == ["cluster", "job", "instance", "unit", "comm"]
     for query in queries:
         assert metric_names(query.selector) <= exposed, query
 
@@ -124,7 +128,7 @@ def test_queries_use_only_defined_variables(dashboard: dict) -> None:
         for target in panel.get("targets", []):
             used |= set(re.findall(r"\$\{?([A-Za-z_]\w*)", target["expr"]))
     assert used <= defined | builtin
-    assert {"instance", "unit", "comm", "__rate_interval"} <= used
+    assert {"cluster", "job", "instance", "unit", "comm", "__rate_interval"} <= used
 
 
 def test_rates_use_rate_interval(query_panels: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""The Prometheus rules (packaging/prometheus/ctprofd-rules.yml) load and behave as tested.
+"""The Prometheus rules (packaging/prometheus/ctprofd-rules.yml, rendered from the mixin in
+packaging/mixin/) load and behave as tested.
 
 promtool must be installed (Debian's `prometheus` package; scripts/setup.sh --test): these
 tests fail, never skip, without it. The alert behaviour itself is specified by the promtool
@@ -18,8 +19,8 @@ from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, iter_
                             load_rules, metric_names, promtool, rule_exprs)
 
 ALERTS = {"CtprofdDown", "CtprofdStale", "CtprofdPtracePrivilege", "CtprofdBlind",
-          "CtprofdProbeFailures",
-          "CtprofdMemoryLeakSuspected", "CtprofdSnapshotSlow"}
+          "CtprofdProbeFailures", "CtprofdMemoryLeakSuspected", "CtprofdSnapshotSlow",
+          "CtprofdSeriesDropped", "CtprofdSnapshotFailures", "CtprofdRenderFailures"}
 RUNBOOK = REPO / "docs" / "alerting.md"
 RECORD_NAME = re.compile(r"^(instance_group|instance_unit):(ctprofd_[a-z_]+):([a-z0-9_]+)$")
 
@@ -78,7 +79,9 @@ def test_alerts_have_severity_and_annotations(alerts: dict[str, dict]) -> None:
         assert rule["labels"]["severity"] in ("warning", "critical", "info"), name
         annotations = rule["annotations"]
         assert annotations["summary"].strip() and annotations["description"].strip(), name
-        assert annotations["runbook_url"] == f"docs/alerting.md#{name.lower()}", name
+        # absolute: the mixin's runbookURLBase (tests/test_mixin.py) + the section's anchor
+        assert re.fullmatch(rf"[a-z]+://\S+/alerting\.md#{name.lower()}",
+                            annotations["runbook_url"]), name
 
 
 def _github_anchor(heading: str) -> str:

@@ -51,6 +51,8 @@ GRAFANA_ALERTS = REPO / "packaging" / "grafana" / "provisioning" / "alerting" / 
 # What Grafana would put in for "All" and for its built-in interval variables with a 15 s
 # scrape interval ($__rate_interval = max(4 x scrape interval, $__interval + scrape interval)).
 DEFAULT_VARIABLES: dict[str, str] = {
+    "cluster": ".*",
+    "job": ".+",
     "instance": ".+",
     "unit": ".*",
     "comm": ".*",
@@ -103,11 +105,14 @@ def metric_names(expr: str) -> set[str]:
 
 def exposed_metric_names() -> set[str]:
     from ctprofd.export.collector import DaemonCollector
+    from ctprofd.export.render import Renderer
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",),
                 "histogram": ("_bucket", "_sum", "_count")}
-    return {family.name + suffix for family in DaemonCollector().describe()
-            for suffix in suffixes[family.type]}
+    collector = DaemonCollector()
+    # the renderer's own counters (render failures) come with every scrape
+    families = [*collector.describe(), *Renderer(collector)._counters()]
+    return {family.name + suffix for family in families for suffix in suffixes[family.type]}
 
 
 def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
