@@ -110,6 +110,17 @@ def test_revision_is_the_checkouts_commit_or_unknown(tmp_path):
     assert source_revision(tmp_path) == "unknown"  # not a checkout
 
 
+def test_a_stamped_revision_comes_first_and_a_bad_stamp_is_ignored(tmp_path):
+    """scripts/build-deb.sh stamps the revision into the package, which has no checkout."""
+    stamp = tmp_path / "REVISION"
+    stamp.write_text("0123456789ab\n")
+    assert source_revision(tmp_path, stamp) == "0123456789ab"
+    stamp.write_text("$(reboot)\n")
+    assert source_revision(tmp_path, stamp) == "unknown"
+    stamp.write_bytes(b"\xff\xfe")
+    assert source_revision(tmp_path, stamp) == "unknown"
+
+
 def test_histograms_are_cumulative(collector, registry):
     stops, durations = Histogram(THREAD_STOP_BUCKETS), Histogram(SNAPSHOT_DURATION_BUCKETS)
     for seconds in (0.00002, 0.00002, 0.0004, 3.0):
