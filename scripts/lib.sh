@@ -53,6 +53,11 @@ ensure_deb_src() {
     log "added $file"
 }
 
+# Debian 12's own packages of ctprofd's libraries: what the .deb depends on
+# (scripts/build-deb.sh) and what the tests' second venv runs on (scripts/setup.sh --test).
+DEBIAN_LIBRARIES=(python3-prometheus-client python3-pyelftools python3-yaml python3-bcrypt
+                  python3-capstone python3-systemd)
+
 apt_install() {
     apt-get install -y --no-install-recommends "$@"
 }

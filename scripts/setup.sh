@@ -4,10 +4,11 @@
 #   scripts/setup.sh [--test]
 #
 # Installs the apt packages, creates the venv ${CTPROFD_VENV:-<repo>/.venv} with
-# ctprofd installed editable ([systemd] extra; [test] with --test), and with
-# --test builds the debug jemalloc the tests link against and the machine-code matrix's
-# builds (scripts/build-jemalloc.sh [VARIANT]), and the root filesystems of the deployment
-# tests (scripts/test-roots.sh).
+# ctprofd installed editable ([systemd] extra; [test] with --test). With --test, it also
+# creates the venv <repo>/.venv-debian on Debian 12's own packages of ctprofd's libraries (the
+# floors; tests/test_debian_libraries.py runs tests in it), builds the debug jemalloc the
+# tests link against and the machine-code matrix's builds (scripts/build-jemalloc.sh
+# [VARIANT]), and the root filesystems of the deployment tests (scripts/test-roots.sh).
 # Safe to re-run.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +28,8 @@ packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2
-               util-linux libcap2-bin procps openssl curl systemd-container debootstrap podman)
+               util-linux libcap2-bin procps openssl curl systemd-container debootstrap podman
+               lintian groff-base "${DEBIAN_LIBRARIES[@]}")
     ensure_deb_src  # for `apt-get source jemalloc`, before the one update
 fi
 log "installing apt packages"
@@ -58,6 +60,13 @@ log "installing ctprofd[$extra] into $venv"
     die "systemd-python is not importable in $venv"
 
 if ((test_mode)); then
+    # ctprofd's libraries as Debian 12 ships them (the .deb's dependencies), the test tools
+    # from the index: ctprofd editable without its dependencies, pytest and hypothesis only.
+    debian_venv=$repo/.venv-debian
+    log "creating $debian_venv on Debian's python3-* packages"
+    /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
+    "$debian_venv/bin/python" -m pip install --progress-bar off --no-deps -e "$repo"
+    "$debian_venv/bin/python" -m pip install --progress-bar off pytest hypothesis
     for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian; do
         "$here/build-jemalloc.sh" $variant
     done
