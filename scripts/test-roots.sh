@@ -8,6 +8,8 @@
 # - systemd root: debootstrap minbase with systemd as init and the packages scripts/setup.sh
 #   installs anyway (so install-service.sh inside only adds what it must: procps and the venv),
 #   booted by tests/test_systemd_boot.py with systemd-nspawn.
+# - fresh root: debootstrap minbase with systemd as init and nothing else (no compiler, no
+#   Python), where tests/test_deb.py installs the Debian package as an operator would.
 # - base image: debootstrap minbase, trimmed like Debian's -slim images (no docs, man pages or
 #   locales), imported into podman under the Dockerfile's base tag for tests/test_image.py
 #   (no image registry is reachable from CI).
@@ -45,6 +47,9 @@ recipe=$(printf '%s\n' "$suite" "$mirror" "${systemd_packages[@]}"
          sed -n '/^# >>> recipe/,/^# <<< recipe/p' "${BASH_SOURCE[0]}")
 key=$(sha256sum <<<"$recipe" | cut -c1-16)
 systemd_root=$roots/systemd-$key
+# Keyed apart so that adding it left the other trees' key (and caches) as they were.
+fresh_packages=(systemd systemd-sysv dbus)
+fresh_root=$roots/fresh-$key-$(printf '%s\n' "${fresh_packages[@]}" | sha256sum | cut -c1-8)
 base_tar=$roots/base-$key.tar
 
 mkdir -p "$roots/debs"
@@ -100,6 +105,13 @@ EOF
 fi
 # <<< recipe
 
+if [[ ! -d $fresh_root ]]; then
+    debootstrap_into "$fresh_root" --include="$(IFS=,; echo "${fresh_packages[*]}")"
+    ln -sf /dev/null "$fresh_root/etc/systemd/system/console-getty.service"
+    ln -sf /dev/null "$fresh_root/etc/systemd/system/getty@.service"
+    echo ctprofd-fresh >"$fresh_root/etc/hostname"
+fi
+
 imported=$(podman image inspect --format '{{.Id}} {{index .Labels "ctprofd.base-key"}}' \
                "$base_tag" 2>/dev/null || true)
 if [[ ${imported#* } != "$key" ]]; then
@@ -112,10 +124,12 @@ if [[ ${imported#* } != "$key" ]]; then
 fi
 
 # Trees of recipes unused for a week (another checkout may still use a recent one).
-touch "$systemd_root" "$base_tar"
-find "$roots" -mindepth 1 -maxdepth 1 \( -name 'systemd-*' -o -name 'base-*' \) -mtime +7 \
+touch "$systemd_root" "$fresh_root" "$base_tar"
+find "$roots" -mindepth 1 -maxdepth 1 \( -name 'systemd-*' -o -name 'fresh-*' -o -name 'base-*' \) \
+    -mtime +7 \
     -exec rm -rf {} +
 if ((print)); then
     echo "SYSTEMD_ROOT=$systemd_root"
+    echo "FRESH_ROOT=$fresh_root"
     echo "BASE_TAG=$base_tag"
 fi

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import tempfile
 import time
 import urllib.request
@@ -21,17 +20,14 @@ from pathlib import Path
 import pytest
 
 from ctprofd import __version__
+from support.guest import assert_untraced, free_port, sample
+from support.guest import scrape as scrape_url
+from support.guest import wait_for_metric as wait_for_url
 from support.machines import REPO, REPO_IGNORE, BootedMachine, pip_config, cached_roots
 
 CONFIG = "/etc/ctprofd/ctprofd.yaml"
 TARGET_UNIT = "alloc-target.service"
 TARGET_OUTPUT = "/var/tmp/alloc-target.out"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(port: int, interval: float) -> str:
@@ -77,30 +73,12 @@ def machine(fixture_bins):
 
 
 def scrape(machine: BootedMachine) -> str:
-    with urllib.request.urlopen(machine.url + "/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the one sample of `name` whose labels include `labels`."""
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(match.group(1)) if match and not labels else None
+    return scrape_url(machine.url)
 
 
 def wait_for_metric(machine: BootedMachine, name: str, wanted, timeout: float = 60,
                     **labels: str) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = scrape(machine)
-        value = sample(text, name, **labels)
-        if value is not None and wanted(value):
-            return text
-        assert time.monotonic() < deadline, f"{name}{labels} stayed {value}"
-        time.sleep(0.2)
+    return wait_for_url(machine.url, name, wanted, timeout, **labels)
 
 
 def journal(machine: BootedMachine, unit: str = "ctprofd") -> list[dict]:
@@ -116,14 +94,6 @@ def wait_for_journal(machine: BootedMachine, pattern: str, timeout: float = 60) 
                 return entry
         assert time.monotonic() < deadline, f"no journal line matching {pattern!r}"
         time.sleep(0.2)
-
-
-def assert_untraced(machine: BootedMachine, pid: str) -> None:
-    """Every thread of `pid` (a pid inside the machine) runs untraced and not stopped."""
-    out = machine.run("sh", "-c", f"grep -h -e ^State -e ^TracerPid /proc/{pid}/task/*/status")
-    lines = out.stdout.splitlines()
-    assert len(lines) == 10, lines
-    assert all(line == "TracerPid:\t0" or line.split()[1] in "SR" for line in lines), lines
 
 
 def test_the_install_brings_procps_and_the_unit_is_ready(machine):

@@ -1,0 +1,58 @@
+"""Talking to a ctprofd running in a booted machine (support/machines.py): free ports, scrapes,
+samples, waits for a metric, and the check that a target was left running untraced."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.request
+from typing import Callable
+
+from support.machines import BootedMachine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> str:
+    """The exposition at `url`/metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the one sample of `name` whose labels include `labels`."""
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            return float(match.group(2))
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match and not labels else None
+
+
+def wait_for_metric(url: str, name: str, wanted: Callable[[float], bool],
+                    timeout: float = 60, **labels: str) -> str:
+    """The first scrape in which `name`{labels} exists and satisfies `wanted`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = scrape(url)
+        except OSError:  # not listening yet (a restart)
+            text = ""
+        value = sample(text, name, **labels)
+        if value is not None and wanted(value):
+            return text
+        assert time.monotonic() < deadline, f"{name}{labels} stayed {value}"
+        time.sleep(0.2)
+
+
+def assert_untraced(machine: BootedMachine, pid: str, threads: int = 5) -> None:
+    """Every thread of `pid` (a pid inside the machine) runs untraced and not stopped."""
+    out = machine.run("sh", "-c", f"grep -h -e ^State -e ^TracerPid /proc/{pid}/task/*/status")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 * threads, lines
+    assert all(line == "TracerPid:\t0" or line.split()[1] in "SR" for line in lines), lines
