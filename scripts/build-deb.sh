@@ -8,7 +8,7 @@
 # on. It ships /usr/bin/ctprofd, the modules under /usr/lib/python3/dist-packages, the unit
 # in /lib/systemd/system (packaging/systemd/ctprofd.service with the package's paths),
 # /etc/ctprofd/ctprofd.yaml as a conffile, ctprofd(8) and the bash completion generated from
-# the argparse parser (scripts/cli_docs.py), the rules and dashboard under /usr/share/ctprofd,
+# the argparse parser (scripts/cli_docs.py), the rules, dashboard and mixin under /usr/share/ctprofd,
 # and the docs, copyright and changelog. Its maintainer scripts (packaging/debian/) are
 # debhelper's systemd snippets. Version: ctprofd.__version__; revision: `git rev-parse` of the
 # checkout, stamped into ctprofd/export/REVISION.
@@ -84,13 +84,10 @@ mkdir -p "$root/usr/share/man/man8"
 install -D -m 0644 /dev/null "$root/usr/share/bash-completion/completions/ctprofd"
 "$python" "$here/cli_docs.py" bash >"$root/usr/share/bash-completion/completions/ctprofd"
 
-# Rules, alerts and dashboard (and the mixin they are generated from, where the tree has one).
+# Rules, alerts and dashboard as generated in the tree, and the mixin they are generated from.
 share=$root/usr/share/ctprofd
 mkdir -p "$share"
-cp -r "$repo/packaging/prometheus" "$repo/packaging/grafana" "$share/"
-if [[ -d $repo/packaging/mixin ]]; then
-    cp -r "$repo/packaging/mixin" "$share/"
-fi
+cp -r "$repo/packaging/prometheus" "$repo/packaging/grafana" "$repo/packaging/mixin" "$share/"
 
 doc=$root/usr/share/doc/ctprofd
 install -D -m 0644 -t "$doc" "$repo/README.md" "$repo/docs/daemon.md" "$repo/docs/alerting.md"

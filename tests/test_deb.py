@@ -83,6 +83,7 @@ def test_the_package_has_what_an_operator_expects(debs):
                  "/usr/share/bash-completion/completions/ctprofd",
                  "/usr/share/ctprofd/prometheus/ctprofd-rules.yml",
                  "/usr/share/ctprofd/grafana/ctprofd-dashboard.json",
+                 "/usr/share/ctprofd/mixin/mixin.libsonnet",
                  "/usr/share/doc/ctprofd/copyright", "/usr/share/doc/ctprofd/changelog.gz",
                  "/usr/lib/python3/dist-packages/ctprofd/cli.py",
                  "/usr/lib/python3/dist-packages/ctprofd/config/default.yaml"):
