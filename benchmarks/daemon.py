@@ -41,6 +41,8 @@ class Daemon:
         config.write_text(f'listen: "127.0.0.1:{self.port}"\ninterval: {interval}\n'
                           f"cache_dir: {directory / 'cache'}\nstate_dir: {directory / 'state'}\n"
                           f"log_level: {log_level}\n{extra_config}")
+        if "labels:" not in extra_config:  # the figures were measured with a series per process
+            config.write_text(config.read_text() + "labels: [pid, comm, unit]\n")
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
                             "JOURNAL_STREAM")}

@@ -15,7 +15,7 @@ render with 1,000 jemalloc processes, against 5 % of the interval.
              offset-cache entries, cache lookups (one per attach: processes that started
              meanwhile) and series.
   render     RENDER_PROCS alloc_threads processes with one thread each (each under its
-             own name, so one series each with the default labels pid, comm, unit) and a
+             own name, so one series each with the labels pid, comm, unit) and a
              fresh `ctprofd run --interval 15`; after its first snapshot, SCRAPES
              sequential GETs of /metrics over loopback: wall per scrape, body size, series.
 

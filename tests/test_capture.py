@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 
 import pytest
 
@@ -16,7 +17,7 @@ from ctprofd.report import tags
 from ctprofd.report.summary import REMEDIATION_HINT
 from ctprofd.resolve.cache import LayoutCache
 from support import elf
-from support.cgroups import in_unit, unique_unit
+from support.cgroups import in_cgroup, in_unit, unique_unit
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,3 +408,21 @@ def test_process_exiting_at_any_step_of_its_probe_costs_only_itself(fixture_bins
     engine.close()
     assert kills >= 8, f"only {kills} steps seen: the probe was not watched"
     assert_no_thread_stopped_or_traced(bystander.pid)
+
+
+def test_a_process_in_a_pod_shaped_cgroup_has_its_container_id_and_pod_uid(fixture_bins,
+                                                                           spawn_fixture):
+    """A real process moved into a cgroup named as the kubelet (systemd driver) and
+    containerd name them: the snapshot gives its container id and pod UID
+    (tests/unit/test_containers.py has every runtime's shape)."""
+    fixture = spawn_fixture(fixture_bins["dynamic"], 1)
+    container_id, pod_uid = uuid.uuid4().hex * 2, str(uuid.uuid4())
+    top = f"kubepods-t{uuid.uuid4().hex[:12]}.slice"  # one no other test or kubelet uses
+    path = (f"{top}/kubepods-burstable-pod{pod_uid.replace('-', '_')}.slice/"
+            f"cri-containerd-{container_id}.scope")
+    with in_cgroup(fixture.pid, path):
+        result = run_cli("snapshot", "--json", "--pid", str(fixture.pid))
+    assert result.returncode == 0, result.stderr
+    [process] = json.loads(result.stdout)["processes"]
+    assert (process["container_id"], process["pod_uid"]) == (container_id, pod_uid)
+    assert process["unit"] == f"cri-containerd-{container_id}.scope"

@@ -246,7 +246,7 @@ def test_add_check_config_parser_sets_func(tmp_path):
                       "offsets_files, parser, selection, labels, max_series, series_retention, "
                      "web_config_file, log_level)"),
     ("labels: [host]\n", "labels[0]: unknown label 'host' (choose from pid, comm, unit, exe, "
-                         "user)"),
+                         "user, container_id, pod_uid)"),
     ("interval: -1\n", "interval: must be > 0, got -1"),
     ("listen: 'h:abc'\n", "listen: 'h:abc' is not HOST:PORT with a port 0-65535"),
     ("? [a]\n: 1\n", "invalid YAML at line 1 column 3: found unhashable key"),

@@ -183,7 +183,7 @@ def test_sigint_exits_zero_and_saves_the_series_state(tmp_path, daemons):
     daemon.signal(signal.SIGINT)
     assert daemon.proc.wait(5) == 0
     state = json.loads((tmp_path / "state" / "aggregate.json").read_text())
-    assert state["labels"] == ["pid", "comm", "unit"] and "boot_id" in state
+    assert state["labels"] == ["comm", "unit"] and "boot_id" in state
 
 
 def test_sighup_applies_a_valid_config(tmp_path, daemons):

@@ -148,11 +148,25 @@ def test_every_label_dimension_is_read_from_a_process_and_can_be_configured():
     """LABELS is the one place a dimension is defined: the configuration accepts exactly its
     names and the aggregate reads each from a process (comm: the name its series keeps)."""
     process = ProcessSample(pid=7, start_time=1, comm="renamed", exe="/opt/x", build_id=None,
-                            uid=0, unit="x.service", threads=())
+                            uid=0, unit="x.service", threads=(), container_id="c" * 64,
+                            pod_uid="p")
     assert dict(zip(LABEL_NAMES, label_values(LABEL_NAMES, process, "first", username))) == {
-        "pid": "7", "comm": "first", "unit": "x.service", "exe": "/opt/x", "user": "root"}
+        "pid": "7", "comm": "first", "unit": "x.service", "exe": "/opt/x", "user": "root",
+        "container_id": "c" * 64, "pod_uid": "p"}
     assert settings.parse(f"labels: [{', '.join(LABEL_NAMES)}]\n", "t").labels == LABEL_NAMES
     with pytest.raises(settings.ConfigError, match=r"unknown label 'host' \(choose from "
                        + ", ".join(LABEL_NAMES)):
         settings.parse("labels: [pid, host]\n", "t")
 
+
+
+def test_container_labels_come_from_the_process_and_are_opt_in():
+    """container_id and pod_uid are one LABELS entry each, read from the process; pid is
+    not a default label (one series per process, docs/alerting.md: Cardinality)."""
+    process = ProcessSample(pid=7, start_time=7, comm="api", exe="/api", build_id=None, uid=0,
+                            unit="cri-containerd-x.scope", threads=(),
+                            container_id="ab" * 32, pod_uid="6a1f93f0-5b1e-4c2a-9f57-1c2b1d2e3f40")
+    assert label_values(("container_id", "pod_uid"), process, "api") == (
+        "ab" * 32, "6a1f93f0-5b1e-4c2a-9f57-1c2b1d2e3f40")
+    assert {"container_id", "pod_uid", "pid"} <= set(LABEL_NAMES)
+    assert settings.Config().labels == ("comm", "unit")

@@ -4,7 +4,7 @@ with the shipped rules loaded, checked through Prometheus's HTTP API.
 One stack per module (tests/support/prometheus.py starts the processes):
 
     daemon          labels                 reads (alloc_threads variants, workers)
-    per-pid         default: pid,comm,unit static (3), dynamic (2)
+    per-pid         pid, comm, unit        static (3), dynamic (2)
     no-pid          comm, unit             static-stripped-debuglink (2),
                                            dynamic-stripped-debuglink (1)
     no-ptrace       default                static-stripped-buildid (2), started with
@@ -114,7 +114,7 @@ class Stack:
 # name: ({variant: worker threads}, labels (None: the default), daemon's command prefix,
 # fixtures' command prefix)
 DAEMONS = {
-    "per-pid": ({"static": 3, "dynamic": 2}, None, (), ()),
+    "per-pid": ({"static": 3, "dynamic": 2}, ["pid", "comm", "unit"], (), ()),
     "no-pid": ({"static-stripped-debuglink": 2, "dynamic-stripped-debuglink": 1},
                ["comm", "unit"], (), ()),
     "no-ptrace": ({"static-stripped-buildid": 2}, None, UNPRIVILEGED_PREFIX,

@@ -103,7 +103,7 @@ class Config:
     offsets_files: tuple[str, ...] = ()
     parser: ParserLimits = ParserLimits()
     selection: Selection = Selection()
-    labels: tuple[str, ...] = ("pid", "comm", "unit")
+    labels: tuple[str, ...] = ("comm", "unit")
     max_series: int = 10000
     series_retention: float = 300.0
     web_config_file: str | None = None

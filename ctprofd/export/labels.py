@@ -39,6 +39,10 @@ LABELS: dict[str, Callable[[ProcessSample, str, UserOf], str]] = {
     "unit": lambda process, comm, user_of: process.unit,
     "exe": lambda process, comm, user_of: process.exe,
     "user": lambda process, comm, user_of: user_of(process.uid),
+    # the container (its 64-hex id) and Kubernetes pod (its UID) named by the cgroup path,
+    # to join kube_pod_container_info / kube_pod_info as cAdvisor's series are
+    "container_id": lambda process, comm, user_of: process.container_id,
+    "pod_uid": lambda process, comm, user_of: process.pod_uid,
 }
 LABEL_NAMES = tuple(LABELS)
 

@@ -365,7 +365,8 @@ class Capturer:
             retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
             retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads),
             totals_source=source, totals_reason=_why_threads(tracked, arena) if source == THREADS
-            else "")
+            else "", container_id=process.container.container_id,
+            pod_uid=process.container.pod_uid)
 
     def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
                       threads: list[ThreadSample]) -> ArenaTotals | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
+from .containers import Container, container_from_cgroup
+
 _UNIT_RE = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
 
 
@@ -57,6 +59,8 @@ def read_file(path: str) -> bytes:
 
 
 _CHUNK = 4096
+# A cgroup file is one line per hierarchy (13 on cgroup v1) of a path of at most PATH_MAX.
+_CGROUP_MAX = 64 * 1024
 
 
 def read_stat(path: str) -> StatLine:
@@ -155,13 +159,23 @@ class ProcessInfo:
         return -1
 
     @cached_property
-    def unit(self) -> str:
-        """The systemd unit from the cgroup path, '' when none or unreadable."""
+    def cgroup(self) -> str:
+        """/proc/PID/cgroup, '' when unreadable."""
         try:
             with open(self.path("cgroup"), "rb") as f:
-                return unit_from_cgroup(f.read().decode("utf-8", "replace"))
+                return f.read(_CGROUP_MAX).decode("utf-8", "replace")
         except OSError:
             return ""
+
+    @cached_property
+    def unit(self) -> str:
+        """The systemd unit from the cgroup path, '' when none or unreadable."""
+        return unit_from_cgroup(self.cgroup)
+
+    @cached_property
+    def container(self) -> Container:
+        """The container id and pod UID from the cgroup path ('' for what it does not name)."""
+        return container_from_cgroup(self.cgroup)
 
     def __repr__(self) -> str:
         return f"ProcessInfo(pid={self.pid}, comm={self.comm!r})"

@@ -43,6 +43,8 @@ class ProcessSample:
     retained_deallocated_bytes: int = 0
     totals_source: str = THREADS
     totals_reason: str = ""  # with "threads": why the arena statistics were not used
+    container_id: str = ""  # from the cgroup path (procfs/containers.py), '' outside one
+    pod_uid: str = ""
 
     @property
     def allocated_bytes(self) -> int:
@@ -60,6 +62,7 @@ class ProcessSample:
     def to_dict(self) -> dict:
         return {"pid": self.pid, "comm": self.comm, "exe": self.exe, "build_id": self.build_id,
                 "start_time": self.start_time, "uid": self.uid, "unit": self.unit,
+                "container_id": self.container_id, "pod_uid": self.pod_uid,
                 "allocated_bytes": self.allocated_bytes,
                 "deallocated_bytes": self.deallocated_bytes,
                 "totals_source": self.totals_source,

@@ -1,5 +1,6 @@
-"""Putting a test's process into a real cgroup named like a systemd unit, in the hierarchy
-ctprofd reads units from (cgroup v2, or v1's name=systemd), without systemd."""
+"""Putting a test's process into a real cgroup named like a systemd unit (or at any path, e.g.
+shaped as a Kubernetes pod's container), in the hierarchy ctprofd reads units from (cgroup
+v2, or v1's name=systemd), without systemd."""
 
 from __future__ import annotations
 
@@ -29,9 +30,24 @@ def unique_unit(kind: str = "scope") -> str:
 def in_unit(pid: int, unit: str) -> Iterator[Path]:
     """Move `pid` (all its threads) into a new top-level cgroup named `unit`; afterwards
     move whatever is left back to the root and remove the cgroup."""
+    with in_cgroup(pid, unit) as cgroup:
+        yield cgroup
+
+
+@contextmanager
+def in_cgroup(pid: int, path: str) -> Iterator[Path]:
+    """Move `pid` into a new cgroup at `path` (relative, its parents created as needed; the
+    first must not exist yet); afterwards move whatever is left back to the root and remove
+    the cgroups made."""
     root = unit_hierarchy()
-    cgroup = root / unit
-    cgroup.mkdir()
+    made = []
+    cgroup = root
+    for part in path.split("/"):
+        cgroup = cgroup / part
+        if not made and cgroup.exists():
+            raise AssertionError(f"{cgroup} exists: choose a path no one else uses")
+        cgroup.mkdir()
+        made.append(cgroup)
     try:
         (cgroup / "cgroup.procs").write_text(str(pid))
         yield cgroup
@@ -41,4 +57,5 @@ def in_unit(pid: int, unit: str) -> Iterator[Path]:
                 (root / "cgroup.procs").write_text(member)
             except OSError:  # exited meanwhile
                 pass
-        os.rmdir(cgroup)
+        for directory in reversed(made):
+            os.rmdir(directory)
