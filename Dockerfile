@@ -1,6 +1,6 @@
 # ctprofd container image: the venv that scripts/setup.sh builds, on the same Debian release.
 #
-#   docker build -t ctprofd:0.1.0 .
+#   docker build --build-arg CTPROFD_REVISION=$(git rev-parse --short=12 HEAD) -t ctprofd:0.1.0 .
 #   docker run --rm --pid=host --cap-drop=ALL --cap-add=SYS_PTRACE --cap-add=DAC_READ_SEARCH \
 #       --cap-add=SETUID --cap-add=SETGID --security-opt no-new-privileges \
 #       --security-opt apparmor=unconfined --read-only -p 19455:19455 ctprofd:0.1.0
@@ -14,6 +14,9 @@
 ARG DEBIAN=debian:12.8-slim
 
 FROM ${DEBIAN} AS build
+# The source revision, stamped into the package by setup.py for ctprofd_build_info and
+# --version (.dockerignore keeps .git out of the build, so it cannot be asked here).
+ARG CTPROFD_REVISION=""
 COPY . /src
 # The same setup the README uses; then ctprofd goes into the venv as a copy, so the final
 # image needs the venv only, not the source tree or the compilers.

@@ -8,10 +8,10 @@ import os
 import sys
 from typing import Callable
 
-from . import __version__
 from .config.settings import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, Config, ConfigError, Override,
                               load, load_effective)
 from .config.web import load_web_config
+from .export.revision import version_text
 from .probe.capture import Capturer
 from .procfs.capabilities import warn_if_unprivileged
 from .report import tags
@@ -369,9 +369,18 @@ def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="log line format on stderr (default text)")
 
 
+class _Version(argparse.Action):
+    """--version as one unwrapped line (argparse's own action wraps it to the terminal)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctprofd", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"ctprofd {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version, revision, Python and platform, and exit")
     _add_log_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
 

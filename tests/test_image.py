@@ -27,6 +27,9 @@ from support.machines import REPO, cached_roots, pip_config
 from support.procs import assert_no_thread_stopped_or_traced
 
 TAG = "localhost/ctprofd:test"
+# what the image is built with (--build-arg CTPROFD_REVISION), as a release build would be
+REVISION = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
 MAX_IMAGE_MIB = 200
 # Where the build sees the host's CA bundle: not the image's own path, which the
 # ca-certificates package rewrites during the build.
@@ -58,6 +61,7 @@ def image():
     volumes = [f"--volume={host}:{guest}:ro" for host, guest in binds]
     try:
         podman("build", "--isolation=chroot", "--network=host", "--layers=false", *volumes,
+               f"--build-arg=CTPROFD_REVISION={REVISION}",
                f"--volume={work / 'pip.conf'}:/etc/pip.conf:ro", "--tag", TAG, str(REPO),
                timeout=900)
         yield TAG
@@ -75,6 +79,17 @@ def image_root(image):
     finally:
         subprocess.run(["podman", "umount", container], capture_output=True)
         subprocess.run(["podman", "rm", "--force", container], capture_output=True)
+
+
+def test_the_image_carries_the_revision_it_was_built_from(image_root):
+    """Stamped at build time (the build argument; the image has no git checkout):
+    ctprofd_build_info's revision and --version's."""
+    [stamp] = image_root.glob("opt/ctprofd/lib/python3*/site-packages/ctprofd/export/REVISION")
+    assert stamp.read_text().strip() == REVISION
+    version = subprocess.run(["chroot", str(image_root), "/opt/ctprofd/bin/ctprofd", "--version"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert f"(revision {REVISION}; Python 3." in version.stdout
 
 
 def test_the_image_is_small(image):

@@ -1,13 +1,17 @@
-"""The source revision ctprofd runs from, for ctprofd_build_info: the one stamped into a built
-package (scripts/build-deb.sh writes the file REVISION beside this module), else the commit of
-the git checkout it is installed from (an editable install, a container built from the tree),
-else "unknown"."""
+"""The source revision ctprofd runs from, for ctprofd_build_info and --version: the one stamped
+into what was built (the file REVISION beside this module: setup.py writes it into every
+wheel and sdist, so pip, install-service.sh and the image carry it; scripts/build-deb.sh
+writes it into the package), else the commit of the git checkout it runs from (an editable
+install), else "unknown"."""
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+from .. import __version__
 
 STAMP = Path(__file__).with_name("REVISION")
 
@@ -36,3 +40,9 @@ def source_revision(root: Path = Path(__file__).resolve().parents[2],
 
 
 REVISION = source_revision()
+
+
+def version_text() -> str:
+    """What `ctprofd --version` prints: version, revision, Python and platform."""
+    return (f"ctprofd {__version__} (revision {REVISION}; Python {platform.python_version()} "
+            f"{platform.python_implementation()}; {platform.platform()})")
