@@ -25,7 +25,8 @@ from ..resolve.debuginfod import DebuginfodClient, urls_from_environment
 from ..resolve.layout import NotJemalloc
 from ..resolve.parse_worker import WorkerLimits
 from ..resolve.resolver import BackgroundResolver
-from .arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals, unchanged
+from .arena_stats import (ArenaReadError, ArenaTotals, OverBudget, process_totals, read_totals,
+                          unchanged)
 from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, without_inherited
 from .ptrace import Tracer
 from .retained import RetainedStore, Saved
@@ -39,6 +40,10 @@ LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged a
 # spread by pid: an exec into a jemalloc binary is picked up late, never lost (the
 # counters are cumulative), and the stat of every exe is a third of a steady-state snapshot.
 NOT_JEMALLOC_RECHECK = 4
+# A process whose arena statistics failed (refused, unreadable, over budget) is not read
+# again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
+# of each read cannot make ctprofd redo the whole read every snapshot.
+ARENA_BACKOFF_MAX = 64
 
 
 @dataclass
@@ -89,6 +94,9 @@ class _Tracked:
     # the last arena statistics read, and the threads' counters they were read with
     arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
     arena_refused: str = ""  # why the last read of its arena statistics was not used
+    arena_failures: int = 0  # consecutive failed reads of its arena statistics
+    arena_skip: int = 0  # snapshots left before they are read again
+    over_budget: bool = False  # the last read would have passed the budget (warned once)
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
     comm: str = ""  # the name it had when attached: an exec mostly renames a process
     fork: ForkOrigin | None = None  # a fork() child: what it inherited is not its own
@@ -333,7 +341,7 @@ class Capturer:
                 threads, listed = self._read_threads(process, tracked, tally, cancel)
             if tracked.fork is not None and tracked.fork.threads_pending:
                 threads = self._inherit_thread(process, tracked, threads)
-            arena = self._arena_totals(process.pid, tracked, listed, threads)
+            arena = self._arena_totals(process.pid, tracked, listed, threads, tally)
         except Pending:  # its binary is being resolved in the background
             tally.pending += 1
             return None
@@ -369,11 +377,12 @@ class Capturer:
             pod_uid=process.container.pod_uid)
 
     def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
-                      threads: list[ThreadSample]) -> ArenaTotals | None:
+                      threads: list[ThreadSample], tally: Tally) -> ArenaTotals | None:
         """The arena statistics' view of a process (what images before an execve counted
         added), or None when its layout has none or they cannot be read now. Not read
         again while every thread was read, none has allocated or freed since, and no
-        thread cache came or went."""
+        thread cache came or went; nor for a while after a failure. A process over its
+        budget is `arena-budget` in every snapshot until a read fits."""
         assert isinstance(tracked.result, ProcessState)
         attachment = tracked.result.attachment
         layout = attachment.layout.arena
@@ -384,16 +393,19 @@ class Capturer:
                 and unchanged(pid, layout, attachment.base, tracked.arena[1],
                               self.prober.read_ranges)):
             return tracked.arena[1]
+        if tracked.arena_skip:
+            tracked.arena_skip -= 1
+            if tracked.over_budget:
+                tally.fail(tags.ARENA_BUDGET, reason=tracked.arena_refused)
+            return None
         tsds = [s.counters_at - attachment.layout.allocated_offset
                 for s in tracked.result.threads.values() if s.counters_at]
         try:
             totals = read_totals(pid, layout, attachment.base, self.prober.read_ranges, tsds)
         except ArenaReadError as exc:
-            log.debug("pid %d: arena statistics: %s", pid, exc)
-            tracked.arena = None
-            tracked.arena_refused = f"arena statistics refused: {exc}"
+            self._arena_failed(pid, tracked, exc, tally)
             return None
-        tracked.arena_refused = ""
+        tracked.arena_refused, tracked.arena_failures, tracked.over_budget = "", 0, False
         if tracked.fork is not None:
             if tracked.fork.arena_pending:
                 inherit_arena(tracked.fork, totals, tracked.all_totals())
@@ -403,6 +415,27 @@ class Capturer:
                          in_use=totals.in_use + earlier[0] - earlier[1])
         tracked.arena = (basis, totals)
         return totals
+
+    def _arena_failed(self, pid: int, tracked: _Tracked, error: ArenaReadError,
+                      tally: Tally) -> None:
+        """Fall back to per-thread sums and back off; over the budget, also tally and (the
+        first time in a row) warn."""
+        tracked.arena = None
+        tracked.arena_failures += 1
+        tracked.arena_skip = min(1 << tracked.arena_failures, ARENA_BACKOFF_MAX) - 1
+        if not isinstance(error, OverBudget):
+            log.debug("pid %d: arena statistics: %s", pid, error)
+            tracked.arena_refused = f"arena statistics refused: {error}"
+            tracked.over_budget = False
+            return
+        tracked.arena_refused = (f"pid {pid}: arena statistics over budget: {error}; "
+                                 "per-thread sums instead")
+        tally.fail(tags.ARENA_BUDGET, reason=tracked.arena_refused)
+        if not tracked.over_budget:
+            log.warning("%s (%s, %s): a process that declares more arenas, bins or thread "
+                        "caches than a real jemalloc has, or rewrote its allocator's memory",
+                        tracked.arena_refused, tracked.comm, tracked.exe)
+        tracked.over_budget = True
 
     def _inherit_thread(self, process: ProcessInfo, tracked: _Tracked,
                         threads: list[ThreadSample]) -> list[ThreadSample]:

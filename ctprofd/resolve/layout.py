@@ -32,6 +32,14 @@ TSD_SYMBOLS = ("je_tsd_tls", "tsd_tls", "_rjem_je_tsd_tls")
 BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 
 
+# The largest size of each record the arena statistics read, in bytes: several times what
+# a jemalloc 5.x build has (5.3.0 x86_64: bin_t 224, bin_info_t 40, cache_bin_t 24,
+# arena_stats_large_t 48; of these only bin_t holds a lock, which a --enable-debug build
+# grows by a witness), so a binary that merely names jemalloc's types cannot make each read
+# huge (a 65,016-byte bin_t read 254 MiB per arena).
+RECORD_MAX = {"bin": 1024, "bin_info": 256, "cache_bin": 256, "lstat": 256}
+
+
 @dataclass(frozen=True)
 class ArenaLayout:
     """Where jemalloc keeps its process-wide arena statistics and how they are laid out
@@ -96,10 +104,12 @@ class ArenaLayout:
                                                       self.cache_bin_nrequests)),
                    "bin": (self.bin_size, (self.bin_nrequests, self.bin_curregs))}
         for name, (size, offsets) in records.items():
-            if not (size <= 1 << 16 and all(o + 8 <= size for o in offsets)
+            if not (size <= RECORD_MAX[name] and all(o + 8 <= size for o in offsets)
                     and list(offsets) == sorted(set(offsets))):
                 raise ValueError(f"arena layout: {name} members outside the record or "
                                  "out of order")
+        if not 0 < self.bin_info_size <= RECORD_MAX["bin_info"]:
+            raise ValueError(f"arena layout: a bin_info_t of {self.bin_info_size} bytes")
         if not self.cache_bin_nrequests + 8 <= self.cache_bin_empty <= self.cache_bin_size - 2:
             raise ValueError("arena layout: cache_bin members outside the record")
 

@@ -15,6 +15,7 @@ Output layout under `root` (all compiled -g -O1 -pthread -Wl,--build-id):
     churn, alloc_loop                         jemalloc linked in statically
     hostile_threads                           jemalloc linked in statically (hardening tests)
     forker                                    jemalloc linked in statically (fork() children)
+    poker                                     jemalloc linked in statically (rewrites its memory)
 
 Modes (where the stripped object's debug file goes):
 
@@ -92,6 +93,7 @@ class FixtureBins:
     alloc_loop: Path
     hostile_threads: Path
     forker: Path
+    poker: Path
 
     def __getitem__(self, name: str) -> Variant:
         return self.variants[name]
@@ -199,7 +201,7 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = [pool.submit(_build_variant, root, jemalloc_dir, debug_root, *job) for job in jobs]
         others = [pool.submit(_compile, f"{p}.c", root / p, jemalloc_dir, static_link)
-                  for p in ("churn", "alloc_loop", "hostile_threads", "forker")]
+                  for p in ("churn", "alloc_loop", "hostile_threads", "forker", "poker")]
         variants = {v.name: v for v in (f.result() for f in futures)}
         for f in others:
             f.result()
@@ -207,7 +209,7 @@ def build_all(root: Path, jemalloc_dir: Path) -> FixtureBins:
     for dirpath, _, _ in os.walk(root):
         os.chmod(dirpath, 0o755)
     return FixtureBins(root, jemalloc_dir, debug_root, variants, root / "churn", root / "alloc_loop",
-                       root / "hostile_threads", root / "forker")
+                       root / "hostile_threads", root / "forker", root / "poker")
 
 
 def main(argv: list[str]) -> int:
