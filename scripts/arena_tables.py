@@ -9,7 +9,8 @@ docs/totals.md).
 Each reference build reproduces how a distributor builds jemalloc, so that its data
 sections are placed as in the distributor's stripped binary; `REFERENCE_BUILDS` says how
 each is made. A build missing here is kept as checked in (and said so); `--check` compares
-the ones present.
+the ones present. Adding a table: bump FORMAT_VERSION in ctprofd/resolve/cache.py, so that
+layouts cached without it are parsed again.
 """
 
 from __future__ import annotations

@@ -275,3 +275,27 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
         requests.close()
         engine.close()
     assert_no_thread_stopped_or_traced(redis.pid)
+
+
+def test_an_offsets_file_carries_the_table_layout(spawn_process, tmp_path):
+    """`offsets export` of the stock library writes the layout with its arena part (from the
+    table); a host importing that file reads the arena statistics with the layout from it."""
+    exported = tmp_path / "offsets.json"
+    result = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "export", exported,
+                             STOCK, "--cache-dir", "", "--debug-dir", str(tmp_path / "empty")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    [layout] = json.loads(exported.read_text())["layouts"].values()
+    assert layout["arena"]["table"] == TABLE
+    workload = spawn_workload(spawn_process, "free-in-thread")
+    truth = json.loads(workload.readline())
+    engine = Capturer(CaptureSettings(debug_dirs=(), offsets_files=(str(exported),)))
+    try:
+        [process] = engine.capture(pids=[workload.pid]).processes
+    finally:
+        engine.close()
+    live = process.allocated_bytes - process.deallocated_bytes
+    assert process.totals_source == ARENA, process.totals_reason
+    assert abs(live - (truth["allocated"] - truth["tcache"])) <= 8 * MIB
+    assert [layout.dwarf_source for layout in engine.cache.layouts()
+            if layout.arena is not None] == [f"imported from {exported}"]
