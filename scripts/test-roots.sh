@@ -132,4 +132,5 @@ if ((print)); then
     echo "SYSTEMD_ROOT=$systemd_root"
     echo "FRESH_ROOT=$fresh_root"
     echo "BASE_TAG=$base_tag"
+    echo "BASE_TAR=$base_tar"
 fi

@@ -140,10 +140,14 @@ def test_hostile_file_names_cannot_break_the_endpoint(attacked, fixture_bins, sp
         path = os.fsdecode(bytes(drop) + b"/" + name)
         subprocess.run([*NOBODY, "cp", str(fixture_bins["static"].binary), path], check=True)
         attackers.append((spawn_fixture(path, 1, prefix=NOBODY), name))
-    text = harness.next_snapshot()
+    wanted = {str(fixture.pid) for fixture, _ in attackers}
+    for _ in range(100):  # their binaries are resolved beside the snapshots; a hang guard
+        text = harness.next_snapshot(1)
+        exes = {labels["pid"]: labels["exe"] for labels, _ in
+                samples(text, "ctprofd_allocated_bytes_total")}
+        if wanted <= exes.keys():
+            break
     lint(text)
-    exes = {labels["pid"]: labels["exe"] for labels, _ in
-            samples(text, "ctprofd_allocated_bytes_total")}
     for fixture, name in attackers:
         expected = (bytes(drop) + b"/" + name).decode("utf-8", "replace")
         assert exes[str(fixture.pid)] == expected

@@ -4,10 +4,12 @@ debug info from everywhere, failure tags, and targets never left stopped or trac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -426,3 +428,53 @@ def test_a_process_in_a_pod_shaped_cgroup_has_its_container_id_and_pod_uid(fixtu
     [process] = json.loads(result.stdout)["processes"]
     assert (process["container_id"], process["pod_uid"]) == (container_id, pod_uid)
     assert process["unit"] == f"cri-containerd-{container_id}.scope"
+
+
+HOLDER = """#!{python}
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+tid = int(sys.argv[1])
+if libc.ptrace(0x4206, tid, None, None) != 0:  # PTRACE_SEIZE: traced, left running
+    sys.exit(f"PTRACE_SEIZE {{tid}}: errno {{ctypes.get_errno()}}")
+print("HELD", flush=True)
+sys.stdin.readline()  # held until told; exiting lets it go
+"""
+
+
+def hold(spawn_process, tmp_path, name: str, tid: int):
+    """A process called `name` that keeps `tid` seized until sent a line."""
+    script = tmp_path / name
+    script.write_text(HOLDER.format(python=sys.executable))
+    script.chmod(0o755)
+    return spawn_process([script, str(tid)], ready="HELD")
+
+
+def test_a_thread_another_ctprofd_holds_is_read_once_it_lets_go(fixture_bins, spawn_fixture,
+                                                                spawn_process, tmp_path, caplog):
+    """Two ctprofd on one host (a second daemon, a `ctprofd snapshot` beside the service)
+    each hold a thread for a moment: a seize refused because a ctprofd traces the thread is
+    retried, not failed. Here the other one lets go only once the retry was seen."""
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    held = fixture.worker_tids[0]
+    holder = hold(spawn_process, tmp_path, "ctprofd", held)
+    engine = capturer(fixture_bins)
+    engine.tracer.held_retry = 120  # a hang guard: the holder is released on an event below
+    taken = {}
+    reader = threading.Thread(target=lambda: taken.update(
+        snapshot=engine.capture(pids=[fixture.pid])))
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.ptrace"):
+            reader.start()
+            retried = f"tid {held}: held by ctprofd (tid {holder.pid}): seize retried"
+            deadline = time.monotonic() + 120  # a hang guard, never a timing claim
+            while retried not in caplog.text:
+                assert time.monotonic() < deadline and reader.is_alive(), caplog.text
+                time.sleep(0.005)
+            holder.send("go")
+            reader.join()
+    finally:
+        engine.close()
+    snapshot = taken["snapshot"]
+    assert snapshot.failures == {}
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    assert_no_thread_stopped_or_traced(fixture.pid)

@@ -133,6 +133,12 @@ def mounted(*argv: str):
             subprocess.run(["umount", "-l", target], capture_output=True)
 
 
+def end_vfork(pid: int, tid: int) -> None:
+    """Kill the vfork child worker `tid` of fixture `pid` waits for: its vfork ends."""
+    [child] = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    os.kill(int(child), signal.SIGKILL)
+
+
 def host_child(pid: int) -> int:
     """The only child of `pid` (e.g. what `unshare --fork` started)."""
     def child():
@@ -152,9 +158,9 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
         snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
         assert snapshot.summary.failed == 0, snapshot.failures
         assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
-        # Still in group stop, untraced: neither the seize nor the detach resumed it. Give
-        # a wrongly resumed thread time to show up as running.
-        time.sleep(0.2)
+        # Still in group stop, untraced: neither the seize nor the detach resumed it. A
+        # thread the detach resumed would have left T in that detach (the wake-up sets it
+        # running then, and nothing stops it again), so looking now tells.
         assert task_states(fixture.pid) == {t: ("T", 0) for t in fixture.tids}
         # Another ctprofd process (not the target's parent) sees the same.
         result = run_cli("snapshot", "--json", "--cache-dir", "", "--pid", str(fixture.pid))
@@ -162,7 +168,6 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
         [process] = json.loads(result.stdout)["processes"]
         assert {t["tid"]: (t["allocated_bytes"], t["deallocated_bytes"])
                 for t in process["threads"]} == truth(fixture.threads)
-        time.sleep(0.1)
         assert task_states(fixture.pid) == {t: ("T", 0) for t in fixture.tids}
     finally:
         os.kill(fixture.pid, signal.SIGCONT)
@@ -212,7 +217,7 @@ def test_job_control_racing_the_snapshots_is_kept(fixture_bins, spawn_fixture, t
                what="group stop")
     assert by_tid(capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid]),
                   fixture.pid) == truth(fixture.threads)
-    time.sleep(0.1)
+    # a thread the detach resumed would have left T in that detach: looking now tells
     assert all(s == ("T", 0) for s in task_states(fixture.pid).values())
     os.kill(fixture.pid, signal.SIGCONT)
 
@@ -590,7 +595,7 @@ def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixtu
     argv = cli_argv("snapshot", "--json", "--cache-dir", cache, "--pid", str(fixture.pid))
     subprocess.run(argv, cwd=REPO, capture_output=True, timeout=120)  # caches the layout
     stuck = sorted(fixture.worker_tids)[len(fixture.worker_tids) // 2]
-    fixture.send(f"vfork {fixture.worker_tids.index(stuck)} 60000")
+    fixture.send(f"vfork {fixture.worker_tids.index(stuck)} 600000")
     assert fixture.readline() == f"VFORKING {stuck}"
     wait_until(lambda: thread_state(fixture.pid, stuck) == "D", what="the vfork")
     for _attempt in range(5):  # a poll on a loaded machine can miss the 250 ms window
@@ -625,8 +630,9 @@ def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixtu
 
 def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tmp_path):
     """A worker waiting for its vfork child cannot enter the interrupt stop: ctprofd has
-    seized and interrupted it and waits. Killed right then, the kernel must detach it so
-    that, when the vfork ends, it does not stop."""
+    seized and interrupted it (in the same breath: the poll sees the seize later than
+    that) and waits. Killed right then, the kernel must detach it so that, when the vfork
+    ends (its child is killed), it does not stop."""
     fixture = spawn_fixture(fixture_bins.hostile_threads, 16)
     cache = str(tmp_path / "cache")
     run_cli("snapshot", "--cache-dir", cache, "--pid", str(fixture.pid))  # warm the cache
@@ -637,20 +643,20 @@ def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tm
         tracer = proc_field(fixture.pid, stuck, "TracerPid")
         return tracer not in (None, "0") and os.path.exists(f"/proc/{cli.pid}/task/{tracer}")
     try:
-        fixture.send("vfork 8 2500")  # while ctprofd starts
+        fixture.send("vfork 8 600000")  # while ctprofd starts; the child ends when killed
         word, tid = fixture.readline().split()
         assert word == "VFORKING"
         stuck = int(tid)
         wait_until(traced_by_cli, what="ctprofd to seize the worker")
-        time.sleep(0.05)  # interrupted, waiting for the stop
-        assert traced_by_cli()
     finally:
         cli.kill()
         cli.wait()
     assert proc_field(fixture.pid, stuck, "TracerPid") == "0"
-    wait_until(lambda: thread_state(fixture.pid, stuck) == "S",
+    end_vfork(fixture.pid, stuck)
+    # A stop still due would come as the vfork returns, before the worker blocks again
+    # (S): a worker seen blocking again has gone past it, and a stopped one stays t.
+    wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
                what="the vfork to end")
-    time.sleep(0.1)
     assert_no_thread_stopped_or_traced(fixture.pid)
     fixture.send("ping")
     assert fixture.readline() == "PONG"
@@ -664,7 +670,7 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     engine = capturer(fixture_bins)
     other = spawn_fixture(fixture_bins.hostile_threads, 0)
     engine.capture(pids=[other.pid])  # the binary is parsed: the next capture is quick
-    fixture.send("vfork 2 800")
+    fixture.send("vfork 2 600000")  # the child ends when killed
     word, tid = fixture.readline().split()
     stuck = int(tid)
     wait_until(lambda: thread_state(fixture.pid, stuck) == "D",
@@ -672,9 +678,11 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     snapshot = engine.capture(pids=[fixture.pid])
     assert snapshot.failures == {tags.WAITPID: 1}
     assert stuck not in by_tid(snapshot, fixture.pid)
+    end_vfork(fixture.pid, stuck)
+    # A stop still due would come as the vfork returns, before the worker blocks again
+    # (S): a worker seen blocking again has gone past it, and a stopped one stays t.
     wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
                what="the vfork to end")
-    time.sleep(0.2)
     assert_no_thread_stopped_or_traced(fixture.pid)
     assert by_tid(engine.capture(pids=[fixture.pid]), fixture.pid) == truth(fixture.threads)
 

@@ -5,12 +5,13 @@ container runtime would start it, reading a host process exactly.
 setup), so the image's root is mounted (`podman create` + `podman mount`) and its entry point
 runs chrooted there with the host's /proc bound in (as `--pid=host` gives), its capabilities
 limited by setpriv to the set the DaemonSet grants, and no_new_privs (as
-allowPrivilegeEscalation: false). The base tag is a debootstrap tree imported by
-scripts/test-roots.sh (no image registry is reachable).
+allowPrivilegeEscalation: false). The base is the debootstrap tree scripts/test-roots.sh
+builds (no image registry is reachable), imported under a tag of this run's own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -54,20 +55,24 @@ def podman(*args: str, timeout: float = 120) -> str:
 def image():
     """Built with the host's pip configuration and CA bundle bound in for the pip step (they
     are not part of any layer)."""
-    cached_roots()  # the base tag
+    # A base of its own, imported from the cached tree under a tag no other checkout uses:
+    # the shared store's base tag may be another recipe's, and the image's size counts it.
+    base = f"localhost/ctprofd-test-base:{os.getpid()}"
+    podman("import", "--quiet", "--change", 'CMD ["/bin/bash"]', cached_roots()["BASE_TAR"],
+           base, timeout=300)
     conf, binds = pip_config(ca_target=BUILD_CA)
     work = Path(tempfile.mkdtemp(prefix="ctprofd-image-"))
     (work / "pip.conf").write_text(conf)
     volumes = [f"--volume={host}:{guest}:ro" for host, guest in binds]
     try:
         podman("build", "--isolation=chroot", "--network=host", "--layers=false", *volumes,
-               f"--build-arg=CTPROFD_REVISION={REVISION}",
+               f"--build-arg=CTPROFD_REVISION={REVISION}", f"--build-arg=DEBIAN={base}",
                f"--volume={work / 'pip.conf'}:/etc/pip.conf:ro", "--tag", TAG, str(REPO),
                timeout=900)
         yield TAG
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        subprocess.run(["podman", "rmi", "--force", TAG], capture_output=True)
+        subprocess.run(["podman", "rmi", "--force", TAG, base], capture_output=True)
 
 
 @pytest.fixture

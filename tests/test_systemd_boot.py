@@ -1,8 +1,10 @@
 """The shipped unit under a real systemd as PID 1: a Debian 12 tree booted with systemd-nspawn,
 ctprofd installed into it by scripts/install-service.sh, then driven with systemctl.
 
-The tests share one booted machine and run in file order: install and start, read a service of
-another user, reload (good and bad), journal, security, stop, and last exit 78. The machine
+The tests share one booted machine, and each makes what it checks itself (the target service
+of another user is a fixture of its own), so they pass in any order or alone: install and
+start, read a service of another user, reload (good and bad), journal, security, stop, and
+exit 78; the uninstall, which removes what the others use, stays last. The machine
 shares the host's network (the metrics are scraped from here) but has its own PID namespace,
 so ctprofd walks only the machine's processes.
 """
@@ -96,6 +98,35 @@ def wait_for_journal(machine: BootedMachine, pattern: str, timeout: float = 60) 
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def target(machine, fixture_bins) -> tuple[str, list[dict]]:
+    """A jemalloc service of user nobody in the machine: (its pid, its threads' counters)."""
+    binary = fixture_bins["static"].binary
+    # stdin a pipe that never closes: the fixture exits at end of file
+    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
+                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
+                f"sleep infinity | exec {binary} 4")
+    output = machine.merged / TARGET_OUTPUT.lstrip("/")
+    deadline = time.monotonic() + 30
+    while "READY" not in (output.read_text() if output.exists() else ""):
+        assert time.monotonic() < deadline, "the target never printed READY"
+        time.sleep(0.1)
+    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
+    assert len(threads) == 5
+    return str(threads[0]["tid"]), threads
+
+
+def bad_reload(machine: BootedMachine) -> None:
+    """A reload with a broken configuration, seen refused in the journal; then the good
+    configuration back in the file (not reloaded)."""
+    config = machine.merged / CONFIG.lstrip("/")
+    good = config.read_text()
+    config.write_text(good + "labels: [\n")
+    machine.run("systemctl", "reload", "ctprofd")
+    wait_for_journal(machine, "reload failed, keeping the running configuration")
+    config.write_text(good)
+
+
 def test_the_install_brings_procps_and_the_unit_is_ready(machine):
     assert machine.run("dpkg-query", "-W", "-f=${Status}", "procps").stdout == \
         "install ok installed"
@@ -135,20 +166,8 @@ def test_the_watchdog_is_pinged(machine):
     assert machine.show("ctprofd", "NRestarts")["NRestarts"] == "0"
 
 
-def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
-    binary = fixture_bins["static"].binary
-    # stdin a pipe that never closes: the fixture exits at end of file
-    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
-                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
-                f"sleep infinity | exec {binary} 4")
-    output = machine.merged / TARGET_OUTPUT.lstrip("/")
-    deadline = time.monotonic() + 30
-    while "READY" not in (output.read_text() if output.exists() else ""):
-        assert time.monotonic() < deadline, "the target never printed READY"
-        time.sleep(0.1)
-    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
-    assert len(threads) == 5
-    pid = str(threads[0]["tid"])
+def test_a_service_of_another_user_is_read_exactly(machine, target):
+    pid, threads = target
     labels = {"pid": pid, "unit": TARGET_UNIT, "user": "nobody"}
     text = wait_for_metric(machine, "ctprofd_allocated_bytes_total", lambda v: v > 0, **labels)
     assert sample(text, "ctprofd_allocated_bytes_total", **labels) == \
@@ -156,7 +175,6 @@ def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
     assert sample(text, "ctprofd_deallocated_bytes_total", **labels) == \
         sum(t["deallocated"] for t in threads)
     assert_untraced(machine, pid)
-    machine.target_pid = pid
 
 
 def test_reload_applies_and_a_bad_reload_keeps_the_running_config(machine):
@@ -165,22 +183,20 @@ def test_reload_applies_and_a_bad_reload_keeps_the_running_config(machine):
     machine.run("systemctl", "reload", "ctprofd")  # ExecReload=/bin/kill -HUP $MAINPID
     wait_for_journal(machine, "reloaded the configuration")
     wait_for_metric(machine, "ctprofd_snapshot_interval_seconds", lambda v: v == 0.5)
-    config.write_text(config.read_text() + "labels: [\n")
-    machine.run("systemctl", "reload", "ctprofd")
-    wait_for_journal(machine, "reload failed, keeping the running configuration")
+    bad_reload(machine)
     snapshots = sample(scrape(machine), "ctprofd_snapshots_total")
     text = wait_for_metric(machine, "ctprofd_snapshots_total", lambda v: v > snapshots + 1)
     assert sample(text, "ctprofd_snapshot_interval_seconds") == 0.5
     assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
-    config.write_text(config_text(machine.port, 0.5))
 
 
-def test_an_upgrade_keeps_the_configuration_and_the_series_counters(machine):
+def test_an_upgrade_keeps_the_configuration_and_the_series_counters(machine, target):
     """The README's upgrade: the install script again from a newer checkout, then a restart.
     The new version runs, the operator's configuration is kept, and the target's series
     goes on from its value (the state directory survives)."""
-    labels = {"pid": machine.target_pid, "unit": TARGET_UNIT, "user": "nobody"}
-    before = sample(scrape(machine), "ctprofd_allocated_bytes_total", **labels)
+    labels = {"pid": target[0], "unit": TARGET_UNIT, "user": "nobody"}
+    text = wait_for_metric(machine, "ctprofd_allocated_bytes_total", lambda v: v > 0, **labels)
+    before = sample(text, "ctprofd_allocated_bytes_total", **labels)
     config = (machine.merged / CONFIG.lstrip("/")).read_text()
     init = machine.merged / "src" / "ctprofd" / "__init__.py"
     newer = f"{__version__}+upgrade"
@@ -194,12 +210,13 @@ def test_an_upgrade_keeps_the_configuration_and_the_series_counters(machine):
     assert sample(text, "ctprofd_allocated_bytes_total", **labels) == before
     assert (machine.merged / CONFIG.lstrip("/")).read_text() == config
     assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
-    assert_untraced(machine, machine.target_pid)
+    assert_untraced(machine, target[0])
 
 
 def test_the_journal_has_the_lines_at_their_priorities(machine):
     """Through the journal handler (its LOGGER and CODE_* fields), not stderr: info 6,
     warning 4, error 3."""
+    bad_reload(machine)
     entries = journal(machine)
     by_message = {}
     for entry in entries:
@@ -220,24 +237,33 @@ def test_online_security_exposure_is_at_most_3(machine):
     assert float(match.group(1)) <= 3.0, out[-2000:]
 
 
-def test_stop_finishes_within_timeout_stop_sec(machine):
+def test_stop_finishes_within_timeout_stop_sec(machine, target):
     """A stop that overran TimeoutStopSec would end in SIGKILL and Result=timeout."""
+    machine.run("systemctl", "start", "ctprofd", timeout=300)  # running, whatever ran before
+    wait_for_metric(machine, "ctprofd_allocated_bytes_total", lambda v: v > 0,
+                    pid=target[0])  # it has read (stopped) the target's threads
     machine.run("systemctl", "stop", "ctprofd", timeout=120)
     state = machine.show("ctprofd", "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
                      "ExecMainStatus": "0"}, state  # CLD_EXITED, status 0
-    assert_untraced(machine, machine.target_pid)
+    assert_untraced(machine, target[0])
 
 
 def test_exit_78_is_not_restarted(machine):
+    machine.run("systemctl", "stop", "ctprofd", timeout=120)  # a start of a running unit is a no-op
     config = machine.merged / CONFIG.lstrip("/")
+    good = config.read_text()
     config.write_text("colour: red\n")
-    assert machine.run("systemctl", "start", "ctprofd", check=False,
-                       timeout=120).returncode != 0
-    state = machine.show("ctprofd", "ActiveState", "SubState", "Result", "ExecMainStatus",
-                         "NRestarts")
-    assert state == {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code",
-                     "ExecMainStatus": "78", "NRestarts": "0"}, state
+    try:
+        assert machine.run("systemctl", "start", "ctprofd", check=False,
+                           timeout=120).returncode != 0
+        state = machine.show("ctprofd", "ActiveState", "SubState", "Result", "ExecMainStatus",
+                             "NRestarts")
+        assert state == {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code",
+                         "ExecMainStatus": "78", "NRestarts": "0"}, state
+    finally:  # what a later test starts is the good configuration again
+        config.write_text(good)
+        machine.run("systemctl", "reset-failed", "ctprofd", check=False)
 
 
 def test_uninstall_keeps_the_configuration_and_purge_removes_it(machine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import queue
 import threading
@@ -30,7 +31,12 @@ USER_REGS_WORDS = 27  # sizeof(struct user_regs_struct) / 8 on x86_64
 FS_BASE_WORD = 21
 STOP_TIMEOUT = 0.25
 SPIN_SECONDS = 0.001  # poll without sleeping this long before backing off
+# Another ctprofd (a second daemon, a `ctprofd snapshot` beside the service) holds a thread
+# for the microseconds of one register read: its seize is retried this long, not failed.
+HELD_BY_CTPROFD_RETRY = 0.25
+CMDLINE_READ_MAX = 4096
 
+log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 _libc.ptrace.restype = ctypes.c_long
@@ -83,6 +89,18 @@ def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
         return ThreadGone(f"tid {tid}: exited (a zombie) at PTRACE_SEIZE")
     tracer = fields.get(b"TracerPid", [b"0"])[0]
     return SeizeRefused(tid, int(tracer) if tracer.isdigit() else 0)
+
+
+def is_ctprofd(tracer: int, proc_root: str = "/proc") -> bool:
+    """Whether the tracing thread `tracer` is one of a ctprofd (`ctprofd ...` or
+    `python -m ctprofd ...`): its first words name ctprofd. A process that only calls itself
+    ctprofd gains no more than the bounded retry every snapshot grants."""
+    try:
+        with open(f"{proc_root}/{tracer}/cmdline", "rb") as f:
+            words = f.read(CMDLINE_READ_MAX).split(b"\0")[:3]
+    except OSError:
+        return False
+    return any(word.rsplit(b"/", 1)[-1] == b"ctprofd" for word in words)
 
 
 @dataclass(frozen=True)
@@ -173,8 +191,10 @@ class Tracer:
     stopped until a next snapshot detaches it; the ones whose stop has arrived meanwhile
     are detached first."""
 
-    def __init__(self, stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(self, stop_timeout: float = STOP_TIMEOUT,
+                 held_retry: float = HELD_BY_CTPROFD_RETRY) -> None:
         self.stop_timeout = stop_timeout
+        self.held_retry = held_retry  # how long a thread another ctprofd holds is retried
         self.stops = 0
         self._pending: set[int] = set()
         self._thread: _PtraceThread | None = None
@@ -194,17 +214,40 @@ class Tracer:
             self._thread = None
         self._pending.clear()
 
+    def _seize(self, tid: int) -> None:
+        """PTRACE_SEIZE, retried for a while when another ctprofd holds the thread."""
+        held_by = 0  # the ctprofd seen holding it
+        give_up = 0.0
+        pause = 0.0005
+        while True:
+            try:
+                _ptrace(PTRACE_SEIZE, tid)
+                return
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
+                if exc.errno != errno.EPERM:
+                    raise ProbeError(tags.PTRACE_SEIZE,
+                                     f"tid {tid}: PTRACE_SEIZE: "
+                                     f"{errno.errorcode.get(exc.errno, '?')} "
+                                     f"({exc.strerror})") from None
+            why = refusal(tid)
+            if not isinstance(why, SeizeRefused):
+                raise why
+            # The holder, once known as a ctprofd, stays so while it exits (its cmdline is
+            # empty then), and a tracer gone by the time we looked (0) just let go.
+            if why.tracer and why.tracer != held_by:
+                held_by = why.tracer if is_ctprofd(why.tracer) else 0
+                if held_by and not give_up:
+                    log.debug("tid %d: held by ctprofd (tid %d): seize retried", tid, held_by)
+                    give_up = time.monotonic() + self.held_retry
+            if not held_by or time.monotonic() >= give_up:
+                raise why
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
     def _thread_pointer(self, tid: int) -> ThreadPointer:
-        try:
-            _ptrace(PTRACE_SEIZE, tid)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
-            if exc.errno == errno.EPERM:
-                raise refusal(tid) from None
-            raise ProbeError(tags.PTRACE_SEIZE,
-                             f"tid {tid}: PTRACE_SEIZE: {errno.errorcode.get(exc.errno, '?')} "
-                             f"({exc.strerror})") from None
+        self._seize(tid)
         stopped_at = time.monotonic()
         signal_to_forward = 0
         stopped = False

@@ -32,7 +32,7 @@ REPO_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info
 
 
 def cached_roots() -> dict[str, str]:
-    """SYSTEMD_ROOT and BASE_TAG from scripts/test-roots.sh (which builds what is missing:
+    """SYSTEMD_ROOT, BASE_TAG and BASE_TAR from scripts/test-roots.sh (which builds what is missing:
     about 3 minutes cold, nothing once scripts/setup.sh --test has run)."""
     result = subprocess.run([str(REPO / "scripts" / "test-roots.sh"), "--print"],
                             capture_output=True, text=True, timeout=1200)

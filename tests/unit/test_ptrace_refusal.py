@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd.probe.ptrace import SeizeRefused, ThreadGone, refusal
+from ctprofd.probe.ptrace import SeizeRefused, ThreadGone, is_ctprofd, refusal
 from ctprofd.report import tags
 
 
@@ -40,3 +40,28 @@ def test_an_untraced_live_thread_is_a_privilege_refusal(tmp_path):
     found = refusal(7, str(tmp_path))
     assert isinstance(found, SeizeRefused) and found.tracer == 0
     assert found.tag == tags.PTRACE_SEIZE
+
+
+def cmdline(root: Path, tid: int, *words: str) -> None:
+    (root / str(tid)).mkdir()
+    (root / str(tid) / "cmdline").write_bytes(b"\0".join(w.encode() for w in words) + b"\0")
+
+
+@pytest.mark.parametrize("words", [("/usr/bin/python3", "-m", "ctprofd", "run"),
+                                   ("/usr/local/bin/ctprofd", "snapshot"),
+                                   ("python3", "/opt/ctprofd/bin/ctprofd", "run")])
+def test_a_tracer_running_ctprofd_is_known(tmp_path, words):
+    cmdline(tmp_path, 9, *words)
+    assert is_ctprofd(9, str(tmp_path))
+
+
+@pytest.mark.parametrize("words", [("strace", "-f", "-p", "12"), ("gdb", "-p", "12"),
+                                   ("python3", "-m", "pytest", "tests", "ctprofd"),
+                                   ("/usr/bin/ctprofd-helper",)])
+def test_other_tracers_are_not_ctprofd(tmp_path, words):
+    cmdline(tmp_path, 9, *words)
+    assert not is_ctprofd(9, str(tmp_path))
+
+
+def test_a_vanished_tracer_is_not_ctprofd(tmp_path):
+    assert not is_ctprofd(9, str(tmp_path))
