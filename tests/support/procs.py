@@ -220,6 +220,15 @@ def _started_by_this_test(tracer: int) -> bool:
     return False
 
 
+def in_group_stop(pid: int) -> dict[int, tuple[str, int]]:
+    """The threads of `pid` that are not in job-control stop (State T, untraced), {} when all
+    are. A thread another test session's ctprofd holds for a moment (t, traced by it) is not
+    counted: it goes back to T when let go."""
+    return {tid: s for tid, s in task_states(pid).items()
+            if s != ("T", 0) and not (s[0] == "t" and s[1] != 0
+                                      and not _started_by_this_test(s[1]))}
+
+
 def assert_no_thread_stopped_or_traced(pid: int) -> None:
     """Assert every thread of `pid` runs untraced: TracerPid 0, State not t/T. Other test
     sessions run ctprofd over the whole host at the same time: a thread they hold for a
