@@ -281,10 +281,11 @@ def cmd_offsets(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`ctprofd run`: the configuration with the flags over it, logging, then the daemon
     (which reads the same file with the same flags again on SIGHUP)."""
+    listen = args.listen[0] if args.listen and len(args.listen) == 1 else args.listen
     overrides = [Override(key, value, flag) for key, value, flag in (
-        ("listen", args.listen, "--listen"), ("interval", args.interval, "--interval"),
+        ("listen", listen, "--web.listen-address"), ("interval", args.interval, "--interval"),
         ("web_config_file", args.web_config_file, "--web.config.file"),
-        ("log_level", args.log_level, "--log-level")) if value is not None]
+        ("log_level", args.log_level, "--log.level")) if value is not None]
 
     def load_config() -> Config:
         return load_effective(args.config, overrides)
@@ -314,7 +315,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `run [--config PATH] [--listen HOST:PORT] [--interval SECONDS]
+    """Register `run [--config PATH] [--web.listen-address HOST:PORT ...] [--interval SECONDS]
     [--web.config.file PATH]`; flags override the configuration file."""
     parser = subparsers.add_parser(
         "run", help="run the exporter daemon",
@@ -323,7 +324,8 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--config", metavar="PATH",
                         help=f"configuration file (default {DEFAULT_PATH} if present, "
                              "else the built-in defaults)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override `listen`")
+    parser.add_argument("--web.listen-address", "--listen", dest="listen", metavar="HOST:PORT",
+                        action="append", help="override `listen` (repeatable: one socket each)")
     parser.add_argument("--interval", metavar="SECONDS", type=float,
                         help="override `interval`")
     parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
@@ -358,15 +360,17 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
-    """--log-level and --log.format, given before or after the subcommand; they override
-    the configuration's log_level."""
+    """--log.level (or --log-level) and --log.format, given before or after the subcommand;
+    they override the configuration's log_level."""
     default = None if top else argparse.SUPPRESS
-    parser.add_argument("--log-level", "--log.level", dest="log_level", choices=LOG_LEVELS,
-                        default=default, help="log level (default: the configuration's "
-                        "log_level for run, warning for the other commands)")
+    parser.add_argument("--log.level", "--log-level", dest="log_level", choices=LOG_LEVELS,
+                        default=default, metavar="{debug,info,warn,error}",
+                        help="log level (default: the configuration's log_level for run, warn "
+                        "for the other commands)")
     parser.add_argument("--log.format", dest="log_format", choices=FORMATS,
                         default="text" if top else argparse.SUPPRESS,
-                        help="log line format on stderr (default text)")
+                        help="log line format on stderr (default text; each with a UTC "
+                        "timestamp for run)")
 
 
 class _Version(argparse.Action):
@@ -420,6 +424,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level or "warning", args.log_format, text="ctprofd: %(message)s",
+    setup_logging(args.log_level or "warn", args.log_format, text="ctprofd: %(message)s",
                   journal=False)  # `run` sets it up again once its configuration is read
     return args.func(args)

@@ -66,7 +66,7 @@ selection:
   exclude: {exe: ["/usr/bin/*"]}
 debuginfod_urls: ["https://debuginfod.example/"]
 """))
-    assert cfg.listen == "127.0.0.1:9999"
+    assert cfg.listen == ("127.0.0.1:9999",)
     assert cfg.interval == 2.5
     assert cfg.cache_dir is None
     assert cfg.labels == ("comm", "user")
@@ -97,7 +97,8 @@ debuginfod_urls: ["https://debuginfod.example/"]
     ("debuginfod_urls: [ftp://x]\n", "debuginfod_urls[0]: not an http(s) URL"),
     ("selection:\n  include:\n    uid: [-1]\n", "selection.include.uid[0]: must be >= 0"),
     ("selection: []\n", "selection: expected a mapping, got a list"),
-    ("log_level: loud\n", "log_level: must be one of debug, info, warning, error"),
+    ("log_level: loud\n", "log_level: must be one of debug, info, warn, error, warning"),
+    ("listen: []\n", "listen: give at least one HOST:PORT"),
     ("state_dir: null\n", "state_dir: expected a string, got null"),
     ("parser:\n  timeout: 0\n", "parser.timeout: must be > 0"),
     ("parser:\n  memory_limit_mib: 10\n", "parser.memory_limit_mib: must be >= 64, got 10"),
@@ -331,13 +332,13 @@ def test_overrides_are_validated_as_their_key_and_named_by_their_flag(tmp_path):
                                         config.Override("debug_dirs", ["/d"], "--debug-dir"),
                                         config.Override("cache_dir", None, "--cache-dir")])
     assert (over.interval, over.debug_dirs, over.cache_dir, over.listen, over.source) == (
-        0.5, ("/d",), None, ":1", path)
+        0.5, ("/d",), None, (":1",), path)
     for override, message in (
             (config.Override("interval", 0, "--interval"), "--interval: must be > 0, got 0"),
-            (config.Override("listen", "nowhere", "--listen"),
-             "--listen: 'nowhere' is not HOST:PORT with a port 0-65535"),
-            (config.Override("log_level", "loud", "--log-level"),
-             "--log-level: must be one of debug, info, warning, error, got 'loud'")):
+            (config.Override("listen", ["1.2.3.4:5", "nowhere"], "--web.listen-address"),
+             "--web.listen-address: [1]: 'nowhere' is not HOST:PORT with a port 0-65535"),
+            (config.Override("log_level", "loud", "--log.level"),
+             "--log.level: must be one of debug, info, warn, error, warning, got 'loud'")):
         with pytest.raises(config.ConfigError) as err:
             config.load_effective(path, [override])
         assert str(err.value) == message

@@ -126,7 +126,7 @@ def test_scrape_annotations_match_the_port_and_the_config():
     (port,) = container()["ports"]
     assert int(annotations["prometheus.io/port"]) == port["containerPort"]
     shipped = shipped_config()
-    assert config.parse_listen(shipped.listen)[1] == port["containerPort"]
+    assert config.parse_listen(shipped.listen[0])[1] == port["containerPort"]
 
 
 def test_writable_paths_are_volumes():

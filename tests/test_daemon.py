@@ -72,7 +72,7 @@ def test_bad_flags_and_web_config_exit_78(tmp_path):
     assert_one_line_error(run_once("run", "--config", path, "--interval", "0"), 78,
                           "--interval: must be > 0")
     assert_one_line_error(run_once("run", "--config", path, "--listen", "nowhere"), 78,
-                          "--listen: 'nowhere' is not HOST:PORT")
+                          "--web.listen-address: 'nowhere' is not HOST:PORT")
     web = tmp_path / "web.yaml"
     web.write_text("basic_auth_users:\n  alice: secret\n")
     assert_one_line_error(run_once("run", "--config", path, "--web.config.file", str(web)), 78,

@@ -18,7 +18,7 @@ from ctprofd.export.aggregate import Aggregator
 from ctprofd.export.collector import DaemonCollector, DaemonState
 from ctprofd.config import settings
 from ctprofd.export.labels import LABEL_NAMES, label_value, label_values, username
-from ctprofd.export.render import CollectError, Renderer
+from ctprofd.export.render import OPENMETRICS, TEXT, CollectError, Exposition
 from ctprofd.procfs.processes import parse_maps, unit_from_cgroup
 from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
 from ctprofd.report.summary import ProbeSummary
@@ -107,15 +107,16 @@ class Broken:
         yield GaugeMetricFamily("test_other", "Another family.", value=4)
 
 
-@pytest.mark.parametrize("encoder", [generate_latest, generate_openmetrics])
-def test_a_sample_that_cannot_render_is_dropped_logged_and_counted(encoder, caplog):
+@pytest.mark.parametrize("fmt", [TEXT, OPENMETRICS])
+def test_a_sample_that_cannot_render_is_dropped_logged_and_counted(fmt, caplog):
     registry = CollectorRegistry()
     registry.register(Broken())
-    renderer = Renderer(registry)
+    exposition = Exposition(registry, CollectorRegistry(), lambda: None)
+    encoder = {TEXT: generate_latest, OPENMETRICS: generate_openmetrics}[fmt]
     with pytest.raises(UnicodeEncodeError):
         encoder(registry)  # what the scrape did before: nothing at all
     with caplog.at_level(logging.ERROR, "ctprofd.export.render"):
-        text = renderer.render(encoder)
+        text = b"".join(exposition.body(fmt, False))
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     assert "without 1 sample(s)" in caplog.records[0].getMessage()
     decoded = text.decode()
@@ -123,8 +124,10 @@ def test_a_sample_that_cannot_render_is_dropped_logged_and_counted(encoder, capl
     assert 'test_values{name="also good"} 3.0' in decoded and "test_other 4.0" in decoded
     assert "ctprofd_render_failures_total 1.0" in decoded
     assert "ctprofd_render_dropped_samples_total 1.0" in decoded
-    if encoder is generate_latest:
+    if fmt is TEXT:
         lint(text)
+    else:
+        assert text.endswith(b"# EOF\n") and text.count(b"# EOF") == 1
 
 
 class Raising:
@@ -136,12 +139,12 @@ class Raising:
 def test_a_collector_that_raises_is_a_logged_counted_error(caplog):
     registry = CollectorRegistry()
     registry.register(Raising())
-    renderer = Renderer(registry)
+    exposition = Exposition(registry, CollectorRegistry(), lambda: None)
     with caplog.at_level(logging.ERROR, "ctprofd.export.render"), pytest.raises(CollectError):
-        renderer.render(generate_latest)
+        exposition.body(TEXT, False)
     assert [r.getMessage() for r in caplog.records] == [
         "collecting the metrics failed: RuntimeError: a bug"]
-    assert renderer.failures == 1
+    assert exposition.renderer.failures == 1
 
 
 def test_every_label_dimension_is_read_from_a_process_and_can_be_configured():

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/etc/ctprofd/ctprofd.yaml"
 EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
 EX_CONFIG = 78
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warn", "error", "warning")  # warn as the toolkit spells it
 MAX_INTERVAL = 86400.0  # one day: a longer one is a typo, and a scheduler's float overflows
 
 
@@ -92,7 +92,7 @@ class ParserLimits:
 class Config:
     """The validated daemon configuration; defaults equal config/ctprofd.yaml."""
 
-    listen: str = ":19455"
+    listen: tuple[str, ...] = (":19455",)
     interval: float = 15.0
     cache_dir: str | None = "/var/cache/ctprofd"
     cache_max_entries: int = 4096
@@ -287,13 +287,20 @@ class _Validator(Reader):
         }[name]
         return check(value, key)
 
-    def _listen(self, value: Any, key: str) -> str:
-        text = self.string(value, key)
-        try:
-            parse_listen(text)
-        except ValueError as err:
-            raise self.fail(key, str(err))
-        return text
+    def _listen(self, value: Any, key: str) -> tuple[str, ...]:
+        """HOST:PORT, or a list of them (each a socket)."""
+        if not isinstance(value, list):
+            values = [(key, self.string(value, key))]
+        else:
+            values = [(path, self.string(item, path)) for path, item in self.items(value, key)]
+            if not values:
+                raise self.fail(key, "give at least one HOST:PORT")
+        for path, text in values:
+            try:
+                parse_listen(text)
+            except ValueError as err:
+                raise self.fail(path, str(err))
+        return tuple(text for _, text in values)
 
     def _urls(self, value: Any, key: str) -> tuple[str, ...]:
         urls = self.strings(value, key)

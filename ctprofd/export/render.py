@@ -1,25 +1,73 @@
-"""Rendering a registry for a scrape so that one bad series cannot empty the endpoint.
+"""The bodies of /metrics: rendered once per published snapshot, per format and compression,
+so that what a scrape costs depends neither on the number of series nor on the number of
+scrapers; and rendered so that one bad series cannot empty the endpoint.
+
+A body is two parts. The snapshot part (everything a snapshot publishes) is rendered once per
+snapshot for each format and compression asked for. The live part (ctprofd's own process_*,
+HTTP and render figures) is rendered at most once per LIVE_SECONDS. A scrape joins the two
+(an OpenMetrics snapshot part without its `# EOF`; two gzip members, which gzip readers
+concatenate).
 
 prometheus_client renders every family into one string and encodes it at the end: a single
-sample it cannot render (a label value that is not valid UTF-8, say) fails the whole scrape.
+sample it cannot render (a label value that is not valid UTF-8, say) fails the whole render.
 When that happens the failure is logged at error level and counted, each family is rendered
 on its own, and in a family that fails only the samples that cannot be rendered are left out;
-the rest is served. The counters are rendered with every scrape.
+the rest is served.
 """
 
 from __future__ import annotations
 
 import copy
+import gzip
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Collector], bytes]
+LIVE_SECONDS = 1.0  # the live part is at most this old
+GZIP_LEVEL = 6
+_OM_EOF = b"# EOF\n"
+_OM_VERSIONS = ("", "0.0.1", "1.0.0")
+
+
+@dataclass(frozen=True)
+class Format:
+    """An exposition format: its name, Content-Type and encoder."""
+
+    name: str
+    content_type: str
+    encoder: Encoder
+
+
+TEXT = Format("text", CONTENT_TYPE_PLAIN_0_0_4, generate_latest)
+OPENMETRICS = Format("openmetrics", om_exposition.CONTENT_TYPE_LATEST,
+                     lambda registry: om_exposition.generate_latest(
+                         registry, escaping=om_exposition.UNDERSCORES, version="1.0.0"))
+
+
+def negotiate(accept: str | None) -> Format:
+    """OpenMetrics 1.0.0 when `accept` lists application/openmetrics-text without a version
+    or with one this server writes; otherwise (any other or unparseable value) the text
+    format 0.0.4."""
+    for entry in (accept or "").split(","):
+        media, *params = (part.strip() for part in entry.split(";"))
+        if media.lower() != "application/openmetrics-text":
+            continue
+        version = next((value.strip().strip('"') for key, _, value in
+                        (p.partition("=") for p in params) if key.strip().lower() == "version"),
+                       "")
+        if version in _OM_VERSIONS:
+            return OPENMETRICS
+    return TEXT
 
 
 class CollectError(Exception):
@@ -37,26 +85,28 @@ class _Families:
 
 
 class Renderer:
-    """Renders `registry` plus its own two counters with an exposition encoder."""
+    """Renders families with an exposition encoder, leaving out samples that cannot be
+    rendered; counts the renders that failed and the samples left out."""
 
-    def __init__(self, registry: Collector) -> None:
-        self.registry = registry
-        self.failures = 0       # scrapes whose first rendering failed
-        self.dropped = 0        # samples left out of those scrapes
+    def __init__(self) -> None:
+        self.failures = 0       # renders whose first attempt failed
+        self.dropped = 0        # samples left out of those renders
         self._lock = threading.Lock()
 
-    def render(self, encoder: Encoder, extra: Iterable[Metric] = ()) -> bytes:
-        """The exposition of every family (and of `extra`); when it fails, of every sample
-        that renders. CollectError when a collector itself raised."""
+    def collect(self, collector: Collector) -> list[Metric]:
+        """Every family of `collector`; CollectError (logged, counted) if it raised."""
         try:
-            families = [*self.registry.collect(), *extra]
+            return list(collector.collect())
         except Exception as exc:  # noqa: BLE001 - a bug must not be a silent empty reply
             with self._lock:
                 self.failures += 1
             log.error("collecting the metrics failed: %s: %s", type(exc).__name__, exc)
             raise CollectError(str(exc)) from exc
+
+    def render(self, encoder: Encoder, families: list[Metric]) -> bytes:
+        """The exposition of `families`; when it fails, of every sample that renders."""
         try:
-            return encoder(_Families([*families, *self._counters()]))
+            return encoder(_Families(families))
         except Exception as exc:  # noqa: BLE001 - whatever broke, serve what still renders
             first = exc
         kept, dropped = [], []
@@ -73,21 +123,98 @@ class Renderer:
         log.error("rendering the metrics failed (%s: %s); served without %d sample(s) that "
                   "cannot be rendered, first: %s", type(first).__name__, first.args[0] if
                   first.args else "", len(dropped), ascii(dropped[0]) if dropped else "none")
-        return encoder(_Families([*kept, *self._counters()]))
+        return encoder(_Families(kept))
 
-    def _counters(self) -> Iterator[Metric]:
+    def counters(self) -> Iterator[Metric]:
         with self._lock:
             failures, dropped = self.failures, self.dropped
         family = CounterMetricFamily("ctprofd_render_failures",
-                                     "Scrapes whose rendering failed and that were served "
-                                     "without the samples that cannot be rendered.")
+                                     "Renders of the metrics (one per snapshot and format) "
+                                     "that failed and were served without the samples that "
+                                     "cannot be rendered.")
         family.add_metric([], failures)
         yield family
         family = CounterMetricFamily("ctprofd_render_dropped_samples",
-                                     "Samples left out of scrapes because they cannot be "
+                                     "Samples left out of renders because they cannot be "
                                      "rendered (see the error log).")
         family.add_metric([], dropped)
         yield family
+
+
+@dataclass(frozen=True)
+class _Part:
+    key: object   # the generation (snapshot part) or the render time (live part)
+    data: bytes
+
+
+class Exposition:
+    """The /metrics bodies of `snapshot` (re-rendered when `generation()` returns another
+    object: the daemon passes its published state) and `live` (re-rendered when older than
+    LIVE_SECONDS). `body` and `cached` return the parts to send, in order."""
+
+    def __init__(self, snapshot: Collector, live: Collector,
+                 generation: Callable[[], object],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.snapshot = snapshot
+        self.live = live
+        self.generation = generation
+        self.renderer = Renderer()
+        self._clock = clock
+        self._parts: dict[tuple[str, str, bool], _Part] = {}
+        self._asked: set[tuple[Format, bool]] = set()  # what scrapes asked for
+        self._lock = threading.Lock()  # one render at a time
+
+    def cached(self, fmt: Format, compressed: bool) -> tuple[bytes, bytes] | None:
+        """The body if both parts are fresh, without rendering; else None."""
+        head = self._parts.get(("snapshot", fmt.name, compressed))
+        tail = self._parts.get(("live", fmt.name, compressed))
+        if head is None or tail is None or head.key is not self.generation() \
+                or self._clock() - tail.key >= LIVE_SECONDS:
+            return None
+        return head.data, tail.data
+
+    def body(self, fmt: Format, compressed: bool) -> tuple[bytes, bytes]:
+        """The body, rendering the parts that are stale (CollectError if a collector
+        raised). Concurrent callers wait for one render."""
+        with self._lock:
+            self._asked.add((fmt, compressed))
+            head = self._snapshot_part(fmt, compressed)
+            key = ("live", fmt.name, compressed)
+            tail = self._parts.get(key)
+            now = self._clock()
+            if tail is None or now - tail.key >= LIVE_SECONDS:
+                families = [*self.renderer.collect(self.live), *self.renderer.counters()]
+                tail = _Part(now, self._encode(fmt, compressed, families, last=True))
+                self._parts[key] = tail
+            return head, tail.data
+
+    def prerender(self) -> None:
+        """Render the snapshot part of the current generation in every format and
+        compression scrapes asked for so far (the daemon calls it after each snapshot, so
+        that no scrape waits for a render)."""
+        with self._lock:
+            for fmt, compressed in list(self._asked):
+                try:
+                    self._snapshot_part(fmt, compressed)
+                except CollectError:
+                    return
+
+    def _snapshot_part(self, fmt: Format, compressed: bool) -> bytes:
+        generation = self.generation()
+        key = ("snapshot", fmt.name, compressed)
+        part = self._parts.get(key)
+        if part is None or part.key is not generation:
+            families = self.renderer.collect(self.snapshot)
+            part = _Part(generation, self._encode(fmt, compressed, families, last=False))
+            self._parts[key] = part
+        return part.data
+
+    def _encode(self, fmt: Format, compressed: bool, families: list[Metric],
+                last: bool) -> bytes:
+        data = self.renderer.render(fmt.encoder, families)
+        if fmt is OPENMETRICS and not last:
+            data = data.removesuffix(_OM_EOF)
+        return gzip.compress(data, GZIP_LEVEL) if compressed else data
 
 
 def _renders(encoder: Encoder, family: Metric) -> bool:

@@ -220,6 +220,7 @@ class Daemon:
             cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
             cache_entries=stats.cache_entries, snapshot_durations=self._durations.freeze(),
             thread_stops=self._thread_stops.freeze()))
+        self.server.prerender()
         self.health.completed()
         status = f"STATUS={snapshot.summary.log_line()}"
         self.notify(*(("READY=1", status) if self._snapshots == 1 else (status,)))
@@ -240,7 +241,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
-        log.info("listening on %s", self.server.url)
+        for url in self.server.urls:
+            log.info("listening on %s", url)
         loop = threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True)
         loop.start()
         while not self.stop.is_set():
@@ -296,12 +298,14 @@ def run(config: Config, web: WebConfig, load_config: Callable[[], Config]) -> in
     collector = DaemonCollector()
     registry = CollectorRegistry()
     registry.register(collector)
-    ProcessCollector(registry=registry)  # process_*: ctprofd's own CPU, memory, fds
+    live = CollectorRegistry()  # rendered at most once a second, not once per snapshot
+    ProcessCollector(registry=live)  # process_*: ctprofd's own CPU, memory, fds
     raise_fd_limit()  # before the server sizes its connection limit by it
-    try:
-        server = MetricsServer(config.listen, registry, web)
+    try:  # a scrape serves the bodies of the published state, rendered once
+        server = MetricsServer(config.listen, registry, web, live=live,
+                               generation=lambda: collector.state)
     except OSError as err:
-        log.error("cannot listen on %s: %s", config.listen, err.strerror or err)
+        log.error("cannot listen on %s: %s", " ".join(config.listen), err.strerror or err)
         return 1
     notify = Notifier()
     try:

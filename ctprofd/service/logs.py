@@ -1,5 +1,6 @@
 """Where ctprofd's log goes and how it reads: the journal under systemd, else stderr as
-text, logfmt or JSON lines (`--log.format`, as Prometheus exporters spell it)."""
+text, logfmt or JSON lines (`--log.format`, as Prometheus exporters spell it), each with a
+UTC timestamp (the journal keeps its own)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,26 @@ import sys
 import time
 
 FORMATS = ("text", "logfmt", "json")
-DAEMON_TEXT = "ctprofd: %(levelname)s: %(message)s"
+DAEMON_TEXT = "%(utc)s ctprofd: %(levelname)s: %(message)s"
 _BARE = re.compile(r"^[^\s\"=\\\x00-\x1f]+$")
 
 
+def _utc(record: logging.LogRecord) -> str:
+    """The record's time in UTC, RFC 3339 with milliseconds (as the toolkit's logs)."""
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z")
+
+
+class TextFormatter(logging.Formatter):
+    """A %-style format that may name %(utc)s, the time as `_utc` writes it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.utc = _utc(record)
+        return super().format(record)
+
+
 def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, str]:
-    seconds = time.gmtime(record.created)
-    fields = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", seconds)
-                      + f".{int(record.msecs):03d}Z",
+    fields = {"time": _utc(record),
               "level": record.levelname.lower(),
               "source": record.name,
               "msg": record.getMessage()}
@@ -60,6 +73,6 @@ def setup_logging(level: str, fmt: str = "text", text: str = DAEMON_TEXT,
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter({"logfmt": LogfmtFormatter(), "json": JsonFormatter()}.get(
-            fmt, logging.Formatter(text)))
+            fmt, TextFormatter(text)))
     root.addHandler(handler)
     root.setLevel(level.upper())
