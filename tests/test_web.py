@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import logging
 import socket
 import ssl
 import subprocess
+import textwrap
 import threading
 import time
 import urllib.error
@@ -20,7 +22,8 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
-from ctprofd.export.server import MetricsServer, WebConfig, parse_listen
+from ctprofd.export.server import (AUTH_BURST, MAX_REQUEST_BYTES, MetricsServer, WebConfig,
+                                   network_of, parse_listen)
 
 
 @pytest.fixture
@@ -343,3 +346,289 @@ def test_parse_listen(value, expected):
             parse_listen(value)
     else:
         assert parse_listen(value) == expected
+
+
+def wait_until(condition, what: str) -> None:
+    """Wait for `condition()` (an event the server records), with a hang guard."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
+TOOLKIT_EXAMPLE = """\
+# TLS and basic authentication configuration example.
+#
+# Additionally, a certificate and a key file are needed.
+tls_server_config:
+  cert_file: server.crt
+  key_file: server.key
+
+# Usernames and passwords required to connect.
+# Passwords are hashed with bcrypt: https://github.com/prometheus/exporter-toolkit/blob/master/docs/web-configuration.md#about-bcrypt.
+basic_auth_users:
+  alice: $2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze
+  bob: $2y$10$hLqFl9jSjoAAy95Z/zw8Ye8wkdMBM8c5Bn1ptYqP/AXyV0.oy0S8m
+
+# Exclude /-/healthy and /-/ready from basic authentication
+basic_auth_excluded_paths:
+- /-/healthy
+- /-/ready
+"""
+
+
+def test_the_toolkit_documentation_example_loads(tmp_path):
+    """exporter-toolkit's docs/web-config.yml, verbatim, beside its two files."""
+    openssl_cert(tmp_path, "server")
+    web = web_config(tmp_path, TOOLKIT_EXAMPLE)
+    assert set(web.users) == {"alice", "bob"}
+    assert web.excluded_paths == ("/-/healthy", "/-/ready")
+    assert web.tls is not None and web.tls.context().verify_mode == ssl.CERT_NONE
+
+
+def test_every_toolkit_key_is_honoured(serve, tmp_path):
+    cert, key = openssl_cert(tmp_path, "server")
+    client_cert, client_key = openssl_cert(tmp_path, "client")
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    server = serve(web_config(tmp_path, f"""
+tls_server_config:
+  cert: |
+{textwrap.indent(cert.read_text(), "    ")}
+  key: |
+{textwrap.indent(key.read_text(), "    ")}
+  client_auth_type: RequireAndVerifyClientCert
+  client_ca_file: {client_cert.name}
+  client_allowed_sans: [127.0.0.1]
+  min_version: TLS12
+  max_version: TLS12
+  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256]
+  prefer_server_cipher_suites: true
+  curve_preferences: [CurveP384]
+http_server_config:
+  http2: true
+  headers:
+    X-Frame-Options: deny
+    X-Content-Type-Options: nosniff
+    Strict-Transport-Security: max-age=31536000
+    Content-Security-Policy: ""
+basic_auth_users:
+  u: '{hashed}'
+basic_auth_excluded_paths: [/]
+rate_limit:
+  interval: 1ms
+  burst: 100
+"""))
+    client = ssl.create_default_context(cafile=str(cert))
+    client.load_cert_chain(str(client_cert), str(client_key))
+    status, headers, _ = get(server.url + "/metrics", basic("u", "pw"), context=client)
+    assert status == 200
+    assert (headers["X-Frame-Options"], headers["X-Content-Type-Options"],
+            headers["Strict-Transport-Security"]) == ("deny", "nosniff", "max-age=31536000")
+    assert "Content-Security-Policy" not in headers  # blank: unset
+    assert get(server.url + "/", context=client)[0] == 200  # excluded from basic auth
+    assert get(server.url + "/metrics", context=client)[0] == 401
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as raw_sock:
+        with client.wrap_socket(raw_sock, server_hostname="127.0.0.1") as tls:
+            assert tls.cipher()[0] == "ECDHE-RSA-AES256-GCM-SHA384"
+    other_curve = ssl.create_default_context(cafile=str(cert))
+    other_curve.load_cert_chain(str(client_cert), str(client_key))
+    other_curve.set_ecdh_curve("prime256v1")
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        get(server.url + "/", context=other_curve)
+
+
+def test_a_certificate_replaced_on_disk_is_served_on_the_next_connection(serve, tmp_path):
+    cert, key = openssl_cert(tmp_path, "server")
+    server = serve(web_config(tmp_path, f"tls_server_config:\n  cert_file: {cert.name}\n"
+                                        f"  key_file: {key.name}\n"))
+
+    def served() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with context.wrap_socket(s) as tls:
+                return tls.getpeercert(binary_form=True)
+
+    first = served()
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    new_cert, new_key = openssl_cert(new_dir, "server")
+    half = tmp_path / "half.crt"  # a rotation seen half-done: a new cert with the old key
+    half.write_bytes(new_cert.read_bytes())
+    half.replace(cert)
+    assert served() == first  # the broken pair is not served; the last good one is
+    new_key.replace(key)
+    renewed = served()
+    assert renewed != first
+    assert renewed == ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+
+
+def test_an_unparseable_accept_gets_the_text_format_without_a_traceback(serve, caplog):
+    server = serve()
+    with caplog.at_level(logging.DEBUG, "ctprofd"):
+        for accept in ("application/openmetrics-text; version=abc", "application/openmetrics-"
+                       "text; version=2.0.0", ";;;,,=", "application/openmetrics-text; version=1.0.0"):
+            status, headers, body = get(server.url + "/metrics", {"Accept": accept})
+            assert status == 200, accept
+            om = accept.endswith("1.0.0")
+            assert headers["Content-Type"].startswith(
+                "application/openmetrics-text" if om else "text/plain; version=0.0.4"), accept
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_gzip_bodies_of_both_formats_decompress_to_one_exposition(serve):
+    server = serve()
+    _, _, body = get(server.url + "/metrics", {"Accept-Encoding": "gzip",
+                                              "Accept": "application/openmetrics-text"})
+    text = gzip.decompress(body)
+    assert text.count(b"# EOF\n") == 1 and text.endswith(b"# EOF\n")
+    assert b"ctprofd_test_value 42.0" in text and b"ctprofd_http_connections " in text
+
+
+def test_one_render_per_snapshot_whatever_the_number_of_scrapes(registry):
+    state = [object()]
+    calls = []
+
+    class Counting:
+        def collect(self):
+            calls.append(1)
+            return registry.collect()
+
+    server = MetricsServer("127.0.0.1:0", Counting(), WebConfig(), generation=lambda: state[0])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(20):
+            assert get(server.url + "/metrics")[0] == 200
+        assert len(calls) == 1
+        state[0] = object()  # a new snapshot published
+        server.prerender()
+        wait_until(lambda: len(calls) == 2, "the new snapshot rendered")
+        for _ in range(20):
+            assert b"ctprofd_test_value" in get(server.url + "/metrics")[2]
+        assert len(calls) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_connections_gauge_returns_to_zero_after_connections_close(serve):
+    server = serve(first_byte=0.5)
+    idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(5)]
+    for _ in range(5):
+        assert get(server.url + "/metrics")[0] == 200
+    assert raw(server, b"GET / HTTP/1.0\r\n" + b"a: b\r\n" * 1000 + b"\r\n") == b""
+    for s in idle[:2]:
+        s.close()  # closed by the client; the others by the first-byte deadline
+    wait_until(lambda: server._count == 0 and not server._peers and not server._requested,
+               "every connection released")
+    held = next(f for f in server.families() if f.name == "ctprofd_http_connections")
+    assert held.samples[0].value == 0  # what the gauge shows (a scrape would count itself)
+    for s in idle:
+        s.close()
+
+
+def test_a_request_is_bounded_to_16_kib_exactly(serve):
+    server = serve()
+    line = b"GET / HTTP/1.0\r\n"
+    pad = MAX_REQUEST_BYTES - len(line) - len(b"X: \r\n\r\n")
+    assert raw(server, line + b"X: " + b"a" * pad + b"\r\n\r\n").startswith(b"HTTP/1.0 200")
+    assert raw(server, line + b"X: " + b"a" * (pad + 1) + b"\r\n\r\n") == b""
+
+
+def test_the_connection_that_sent_nothing_is_evicted_before_an_older_one(serve):
+    server = serve(per_address=2)
+    talking = socket.create_connection(("127.0.0.1", server.server_port))
+    talking.sendall(b"GET / HTTP/1.0\r\n")  # older, and sent something
+    wait_until(lambda: any(c.reader.received for p in server._peers.values() for c in p),
+               "its bytes arrived")
+    silent = socket.create_connection(("127.0.0.1", server.server_port))
+    wait_until(lambda: server._count == 2, "both held")
+    assert get(server.url + "/metrics")[0] == 200
+    assert closed_by_server(silent)
+    talking.sendall(b"\r\n")
+    talking.settimeout(10)
+    assert talking.recv(12) == b"HTTP/1.0 200"
+    talking.close()
+    silent.close()
+
+
+def stalled(server: MetricsServer, source: str, count: int) -> list[socket.socket]:
+    """`count` connections from `source` that send a whole request and never read."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", server.server_port))
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        socks.append(s)
+    return socks
+
+
+@pytest.fixture
+def big_registry():
+    """About 5 MB of text: an answer that cannot fit in the socket buffers."""
+    reg = CollectorRegistry()
+    gauge = Gauge("ctprofd_test_series", "Many series.", ["name"], registry=reg)
+    for i in range(40000):
+        gauge.labels(f"series-{i:06d}-" + "x" * 60).set(i)
+    return reg
+
+
+def requested(server: MetricsServer, address: str | None = None) -> int:
+    return sum(1 for n in list(server._requested.values()) for c in list(n)
+               if address is None or c.address == address)
+
+
+def test_whole_requests_that_are_never_read_are_limited_per_address(big_registry):
+    server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), answering=3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        socks = stalled(server, "127.0.0.2", 6)
+        wait_until(lambda: server.evicted >= 3, "the oldest whole requests closed")
+        assert requested(server, "127.0.0.2") <= 3
+        status, _, body = get(server.url + "/metrics")  # from 127.0.0.1
+        assert status == 200 and body.endswith(b"\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+    for s in socks:
+        s.close()
+
+
+def test_a_network_full_of_unread_answers_makes_room_for_another_address(big_registry):
+    server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), answering=2,
+                           answering_network=8)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        socks = [s for i in range(8) for s in stalled(server, f"127.0.0.{10 + i}", 2)]
+        wait_until(lambda: server.evicted + server.refused >= 8 and requested(server) == 8,
+                   "the /24 held at its limit")
+        for _ in range(3):  # 127.0.0.1 holds none: the address holding the most gives way
+            status, _, body = get(server.url + "/metrics")
+            assert status == 200 and body.endswith(b"\n")
+        assert requested(server) <= 8
+    finally:
+        server.shutdown()
+        server.server_close()
+    for s in socks:
+        s.close()
+
+
+def test_failed_basic_auth_is_rate_limited_per_address_without_bcrypt(serve, tmp_path):
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    server = serve(web_config(tmp_path, f"basic_auth_users:\n  u: '{hashed}'\n"))
+    assert get(server.url + "/metrics", basic("u", "pw"))[0] == 200  # remembered
+    statuses = [get(server.url + "/metrics", basic("u", "wrong"))[0] for _ in range(20)]
+    assert statuses.count(401) >= AUTH_BURST and 429 in statuses
+    assert statuses[:AUTH_BURST] == [401] * AUTH_BURST
+    assert get(server.url + "/metrics", basic("u", "pw"))[0] == 200  # no bcrypt needed
+    assert get(server.url.replace("127.0.0.1", "127.0.0.1"), basic("u", "wrong"))[0] == 429
+    status, _, body = get(server.url + "/metrics", basic("u", "pw"))
+    assert status == 200 and b'ctprofd_http_requests_limited_total{reason="auth"}' in body
+
+
+def test_network_of():
+    assert network_of("127.0.0.77") == "127.0.0.0/24"
+    assert network_of("127.1.2.3") == "127.1.2.0/24"
+    assert network_of("2001:db8::1") == "2001:db8::/64"
