@@ -158,9 +158,21 @@ def hostile_schedule(r: dict) -> list[str]:
     return out
 
 
+def scrape_cost(r: dict) -> list[str]:
+    out = []
+    for phase in ("baseline", "cached", "unread", "bad-auth"):
+        p = r[phase]
+        lat = p["latency_ms"]
+        out.append(f"{phase}: {p['scrapes']} scrapes of {r['series']} series, p50 "
+                   f"{lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, answered within 1 s "
+                   f"{p['within_1s_share']:.2%} ({p['failed']} failed)")
+    out.append(f"p50 cached / per-scrape render: {r['p50_ratio']}")
+    return out
+
+
 SUMMARIES = {"steady_state": steady_state, "cold_start": cold_start,
              "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
-             "hostile_schedule": hostile_schedule}
+             "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,21 +8,25 @@ asserts on elapsed time."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
+import bcrypt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_process import DaemonProcess, write_config
 
 IDLE_CLIENTS = Path(__file__).resolve().parent / "support" / "idle_clients.py"
+REQUEST_FLOOD = Path(__file__).resolve().parent / "support" / "request_flood.py"
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
           "--bounding-set=-all", "--")
@@ -39,8 +43,9 @@ class Scraper:
     """Scrapes /metrics once a second in a thread; counts what succeeded and keeps the last
     successful text."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.url = url
+        self.headers = headers or {}
         self.ok = 0
         self.failed: list[str] = []
         self.text = ""
@@ -51,7 +56,8 @@ class Scraper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+                request = urllib.request.Request(self.url + "/metrics", headers=self.headers)
+                with urllib.request.urlopen(request, timeout=5) as response:
                     text = response.read().decode()
                 if response.status != 200 or "ctprofd_snapshots_total" not in text:
                     raise ValueError(f"status {response.status}, {len(text)} bytes")
@@ -478,3 +484,61 @@ def test_a_child_traced_by_its_parent_is_a_counted_failure_and_left_alone(
     harness.assert_reference_exact(text)
     harness.scraper.stop()
     harness.scraper.assert_succeeded()
+
+
+def flood_connects(attacker) -> int:
+    attacker.send("")
+    assert attacker.readline().startswith("connects=")
+    return int(attacker.output[-1].split("=")[1])
+
+
+def test_whole_requests_never_read_from_64_addresses_cannot_crowd_out_scrapes(
+        attacked, spawn_process):
+    """Issue 22: 64 loopback addresses x 64 connections that send a whole request and never
+    read the answer, reconnecting whenever closed; the scraper (127.0.0.1) shares their /24."""
+    harness = attacked()
+    port = harness.daemon.url.rsplit(":", 1)[1]
+    attacker = spawn_process(["/usr/bin/python3", "-c", REQUEST_FLOOD.read_text(), port,
+                              "unread", "64", "64"], prefix=NOBODY, timeout=120)
+    started = flood_connects(attacker)
+    harness.scraper.ok, harness.scraper.failed = 0, []  # count from here
+    while harness.scraper.ok + len(harness.scraper.failed) < 12:
+        text = harness.next_snapshot()
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()  # within the scraper's 5 s timeout each
+    assert flood_connects(attacker) > started  # the flood went on all along
+    harness.assert_reference_exact(text)
+
+
+def test_wrong_passwords_from_64_connections_cannot_crowd_out_scrapes(tmp_path, spawn_process):
+    """Issue 22: 64 connections from one address sending wrong basic-auth passwords (bcrypt
+    cost 10) while a scraper with the right one polls."""
+    web = tmp_path / "web.yaml"
+    web.write_text("basic_auth_users:\n  prometheus: "
+                   f"'{bcrypt.hashpw(b'right', bcrypt.gensalt(10)).decode()}'\n")
+    daemon = DaemonProcess("--config", str(write_config(
+        tmp_path, f"web_config_file: {web}\n", interval=0.2)))
+    scraper = None
+    try:
+        daemon.started()
+        token = base64.b64encode(b"prometheus:right").decode()
+        scraper = Scraper(daemon.url, {"Authorization": f"Basic {token}"})
+        port = daemon.url.rsplit(":", 1)[1]
+        wrong = "Basic " + base64.b64encode(b"prometheus:wrong").decode()
+        attacker = spawn_process(["/usr/bin/python3", "-c", REQUEST_FLOOD.read_text(), port,
+                                  "bad-auth", "1", "64", wrong], prefix=NOBODY, timeout=120)
+        started = flood_connects(attacker)
+        scraper.ok, scraper.failed = 0, []  # count from here
+        while scraper.ok + len(scraper.failed) < 12:  # each ends within its 5 s timeout
+            time.sleep(0.1)
+        scraper.stop()
+        scraper.assert_succeeded()  # within the scraper's 5 s timeout each
+        assert flood_connects(attacker) > started + 64  # the flood went on all along
+        limited = [v for labels, v in samples(scraper.text,
+                                              "ctprofd_http_requests_limited_total")
+                   if labels["reason"] == "auth"]
+        assert limited and limited[0] > 0  # most wrong passwords never reached bcrypt
+    finally:
+        if scraper is not None:
+            scraper.stop()
+        daemon.stop()

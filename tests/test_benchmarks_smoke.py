@@ -22,6 +22,7 @@ SMALL = {
                   "--render-procs", "3", "--scrapes", "2"],
     "scrapers": ["--scrapers", "3", "--duration", "2", "--jemalloc", "1", "--threads", "2"],
     "hostile_schedule": ["--duration", "2"],
+    "scrape_cost": [],
 }
 EXPECTED = {
     "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter",
@@ -33,6 +34,7 @@ EXPECTED = {
     "footprint": ("footprint", "render"),
     "scrapers": ("responses", "verdict", "rss_mib"),
     "hostile_schedule": ("baseline", "attack", "schedule_ratio_attack_to_baseline"),
+    "scrape_cost": ("baseline", "cached", "p50_ratio", "unread", "bad-auth"),
 }
 
 
