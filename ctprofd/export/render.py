@@ -200,12 +200,19 @@ class Exposition:
                     return
 
     def _snapshot_part(self, fmt: Format, compressed: bool) -> bytes:
+        """The snapshot part; the gzip one compresses the plain one (rendered once)."""
         generation = self.generation()
         key = ("snapshot", fmt.name, compressed)
         part = self._parts.get(key)
         if part is None or part.key is not generation:
-            families = self.renderer.collect(self.snapshot)
-            part = _Part(generation, self._encode(fmt, compressed, families, last=False))
+            if compressed:
+                plain = self._snapshot_part(fmt, False)
+                data = gzip.compress(plain, GZIP_LEVEL)
+                generation = self._parts[("snapshot", fmt.name, False)].key
+            else:
+                families = self.renderer.collect(self.snapshot)
+                data = self._encode(fmt, False, families, last=False)
+            part = _Part(generation, data)
             self._parts[key] = part
         return part.data
 
