@@ -38,6 +38,7 @@ def main() -> None:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.bind((source, 0))
+        sock.settimeout(1.0)  # a full accept queue must not stall every other connection
         try:
             sock.connect(("127.0.0.1", port))
             sock.sendall(request)
