@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 
@@ -48,10 +48,10 @@ class Format:
     encoder: Encoder
 
 
-TEXT = Format("text", CONTENT_TYPE_PLAIN_0_0_4, generate_latest)
-OPENMETRICS = Format("openmetrics", om_exposition.CONTENT_TYPE_LATEST,
-                     lambda registry: om_exposition.generate_latest(
-                         registry, escaping=om_exposition.UNDERSCORES, version="1.0.0"))
+# Spelled out: prometheus_client's names for them differ between 0.16 (Debian 12) and now.
+TEXT = Format("text", "text/plain; version=0.0.4; charset=utf-8", generate_latest)
+OPENMETRICS = Format("openmetrics", "application/openmetrics-text; version=1.0.0; "
+                     "charset=utf-8", om_exposition.generate_latest)
 
 
 def negotiate(accept: str | None) -> Format:
