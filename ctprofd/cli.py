@@ -63,7 +63,10 @@ def _snapshot_table(snapshot: Snapshot, raw_bytes: bool = False) -> str:
         rows.append("outcomes: " + ", ".join(f"{tag}={n}" for tag, n in
                                              sorted(snapshot.failures.items())))
     for pid, tracer in sorted(snapshot.traced_by.items()):
-        rows.append(f"pid {pid}: ptrace-seize refused, already traced by pid {tracer}")
+        name = snapshot.tracer_names.get(tracer) or "?"
+        rows.append(f"pid {pid}: ptrace-traced: held by another tracer, pid {tracer} ({name});"
+                    " it is read once that tracer detaches (strace, gdb or a parent that "
+                    "traces it: not a privilege problem)")
     return "\n".join(rows)
 
 

@@ -173,19 +173,43 @@ def test_corrupt_cache_file_is_set_aside_and_rebuilt(fixture_bins, spawn_fixture
     assert "setting aside unusable cache file" in caplog.text
 
 
-def test_traced_target_gives_ptrace_seize(fixture_bins, spawn_fixture):
+def test_a_target_under_strace_is_ptrace_traced_not_a_privilege_failure(fixture_bins,
+                                                                         spawn_fixture):
+    """As root: a thread another tracer holds has its own tag, counted in `failed`, outside
+    the privilege gate, and the reason and the table name the tracer (pid and comm)."""
     fixture = spawn_fixture(fixture_bins["static"], 3, prefix=["strace", "-f", "-o", "/dev/null"])
     snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
-    assert snapshot.failures == {tags.PTRACE_SEIZE: 4}
-    assert snapshot.summary.dominant_failure == tags.PTRACE_SEIZE
-    assert snapshot.summary.privilege_dominant
+    assert snapshot.failures == {tags.PTRACE_TRACED: 4}
+    assert snapshot.summary.failed == 4
+    assert snapshot.summary.dominant_failure == tags.PTRACE_TRACED
+    assert not snapshot.summary.privilege_dominant
+    assert snapshot.summary.remediation_hint() is None
     strace = fixture.proc.pid
     assert snapshot.traced_by == {fixture.pid: strace}
-    table = run_cli("snapshot", "--pid", str(fixture.pid)).stdout
-    assert f"pid {fixture.pid}: ptrace-seize refused, already traced by pid {strace}" in table
     [failed] = snapshot.failed_pids
-    assert (failed.pid, failed.tag, failed.count) == (fixture.pid, tags.PTRACE_SEIZE, 4)
-    assert "EPERM" in failed.reason or "not permitted" in failed.reason, failed.reason
+    assert (failed.pid, failed.tag, failed.count) == (fixture.pid, tags.PTRACE_TRACED, 4)
+    assert f"held by another tracer, pid {strace} (strace)" in failed.reason, failed.reason
+    table = run_cli("snapshot", "--pid", str(fixture.pid)).stdout
+    assert (f"pid {fixture.pid}: ptrace-traced: held by another tracer, pid {strace} (strace)"
+            in table), table
+
+
+def test_a_target_under_gdb_is_ptrace_traced(fixture_bins, spawn_fixture, spawn_process):
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    gdb = spawn_process(["gdb", "-q", "-nx", "-p", str(fixture.pid), "-ex", "echo ATTACHED\\n"],
+                        ready="ATTACHED", timeout=120)
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
+    assert snapshot.failures == {tags.PTRACE_TRACED: 3}
+    assert not snapshot.summary.privilege_dominant
+    [failed] = snapshot.failed_pids
+    assert f"held by another tracer, pid {gdb.pid} (gdb)" in failed.reason, failed.reason
+    gdb.send("detach")
+    gdb.send("quit")
+    assert gdb.proc.wait(timeout=120) == 0
+    snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])  # read once gdb let go
+    assert snapshot.failures == {}
+    assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    assert_no_thread_stopped_or_traced(fixture.pid)
 
 
 def test_refused_ptrace_is_privilege_dominant_with_the_hint(fixture_bins, spawn_fixture):

@@ -261,6 +261,7 @@ class Capturer:
         snapshot = Snapshot(timestamp=started, duration_seconds=time.monotonic() - clock,
                             summary=tally.summary(), failures=dict(tally.failures),
                             processes=tuple(samples), traced_by=dict(tally.traced_by),
+                            tracer_names=dict(tally.tracer_names),
                             failed_pids=tuple(sorted(tally.failed_pids.values(),
                                                      key=lambda f: f.pid)),
                             denied_tgids=tally.denied_tgids, pending=tally.pending)

@@ -61,13 +61,27 @@ class ThreadGone(Exception):
 
 
 class SeizeRefused(ProbeError):
-    """PTRACE_SEIZE refused with EPERM; `tracer` is the pid already tracing the thread
-    (0 when none: a privilege problem)."""
+    """PTRACE_SEIZE refused with EPERM; `tracer` is the thread already tracing it, named
+    `tracer_comm` (`ptrace-traced`: another tracer holds it), or 0 when none (`ptrace-seize`:
+    a privilege problem)."""
 
-    def __init__(self, tid: int, tracer: int) -> None:
-        why = f"traced by pid {tracer}" if tracer else "not permitted"
-        super().__init__(tags.PTRACE_SEIZE, f"tid {tid}: PTRACE_SEIZE: EPERM ({why})")
+    def __init__(self, tid: int, tracer: int, tracer_comm: str = "") -> None:
+        if tracer:
+            super().__init__(tags.PTRACE_TRACED, f"tid {tid}: PTRACE_SEIZE: EPERM: held by "
+                             f"another tracer, pid {tracer} ({tracer_comm or '?'})")
+        else:
+            super().__init__(tags.PTRACE_SEIZE, f"tid {tid}: PTRACE_SEIZE: EPERM (not permitted)")
         self.tracer = tracer
+        self.tracer_comm = tracer_comm
+
+
+def _comm(tid: int, proc_root: str) -> str:
+    """A thread's name, '' when it cannot be read (bounded: the kernel caps it at 16)."""
+    try:
+        with open(f"{proc_root}/{tid}/comm", "rb") as f:
+            return f.read(64).strip().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
@@ -88,7 +102,8 @@ def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
     if fields.get(b"State", [b"?"])[0] in (b"Z", b"X"):
         return ThreadGone(f"tid {tid}: exited (a zombie) at PTRACE_SEIZE")
     tracer = fields.get(b"TracerPid", [b"0"])[0]
-    return SeizeRefused(tid, int(tracer) if tracer.isdigit() else 0)
+    tracer_pid = int(tracer) if tracer.isdigit() else 0
+    return SeizeRefused(tid, tracer_pid, _comm(tracer_pid, proc_root) if tracer_pid else "")
 
 
 def is_ctprofd(tracer: int, proc_root: str = "/proc") -> bool:

@@ -151,6 +151,7 @@ class ThreadProber:
             tally.fail(error.tag, reason=error.message)
             if isinstance(error, SeizeRefused) and error.tracer:
                 tally.traced_by[pid] = error.tracer
+                tally.tracer_names[error.tracer] = error.tracer_comm
             log.debug("pid %d: %s", pid, error)
             return
         if self.on_stop:

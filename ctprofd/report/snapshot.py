@@ -80,6 +80,7 @@ class Snapshot:
     failures: dict[str, int] = field(default_factory=dict)
     processes: tuple[ProcessSample, ...] = ()
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> the other tracer's pid
+    tracer_names: dict[int, str] = field(default_factory=dict)  # that tracer's pid -> comm
     failed_pids: tuple[PidFailure, ...] = ()  # each tgid with actionable failures, by pid
     denied_tgids: int = 0  # tgids whose /proc/PID/exe was refused: ctprofd cannot see them
     pending: int = 0  # tgids whose binary is still being resolved: not read yet, not failed

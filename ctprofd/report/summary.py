@@ -100,6 +100,7 @@ class Tally:
     probed_ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> another tracer's pid
+    tracer_names: dict[int, str] = field(default_factory=dict)  # that tracer's pid -> comm
     denied_tgids: int = 0  # /proc/PID/exe refused (EACCES, EPERM): invisible, not failed
     pending: int = 0  # binary still being resolved in the background: not read yet, not failed
     failed_pids: dict[int, PidFailure] = field(default_factory=dict)

@@ -31,8 +31,17 @@ def test_a_traced_thread_names_its_tracer(tmp_path):
     status(tmp_path, 7, "S (sleeping)", 4242)
     found = refusal(7, str(tmp_path))
     assert isinstance(found, SeizeRefused)
-    assert (found.tag, found.tracer) == (tags.PTRACE_SEIZE, 4242)
-    assert "traced by pid 4242" in str(found)
+    assert (found.tag, found.tracer) == (tags.PTRACE_TRACED, 4242)
+    assert "held by another tracer, pid 4242 (?)" in str(found)  # its comm is gone
+
+
+def test_the_tracer_is_named_by_its_comm(tmp_path):
+    status(tmp_path, 7, "t (tracing stop)", 4242)
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "comm").write_text("strace\n")
+    found = refusal(7, str(tmp_path))
+    assert (found.tag, found.tracer_comm) == (tags.PTRACE_TRACED, "strace")
+    assert "held by another tracer, pid 4242 (strace)" in str(found)
 
 
 def test_an_untraced_live_thread_is_a_privilege_refusal(tmp_path):
