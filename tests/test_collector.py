@@ -139,6 +139,20 @@ def test_histograms_are_cumulative(collector, registry):
     assert get("ctprofd_snapshot_duration_seconds_bucket", {"le": "0.1"}) == 0
 
 
+def test_snapshot_durations_resolve_1_to_50_ms(collector, registry):
+    """A steady-state snapshot takes a few ms to a few tens: the buckets tell them apart."""
+    durations = Histogram(SNAPSHOT_DURATION_BUCKETS)
+    for seconds in (0.0015, 0.007, 0.011, 0.018, 0.035, 0.045):
+        durations.observe(seconds)
+    collector.publish(state(snapshot_durations=durations.freeze()))
+    bounds = [b for b in SNAPSHOT_DURATION_BUCKETS if 0.001 <= b <= 0.05]
+    assert len(bounds) >= 10 and bounds[0] == 0.001 and bounds[-1] == 0.05
+    get = registry.get_sample_value
+    counts = [get("ctprofd_snapshot_duration_seconds_bucket", {"le": le})
+              for le in ("0.001", "0.002", "0.008", "0.0125", "0.02", "0.04", "0.05")]
+    assert counts == [0, 1, 2, 3, 4, 5, 6]
+
+
 def test_one_scrape_renders_one_state(collector):
     collector.publish(state(snapshots_total=1))
     families = collector.collect()

@@ -22,8 +22,10 @@ from ..report.summary import ProbeSummary
 from .aggregate import DROPPED_EXITED, DROPPED_LIVE, AggregateView
 from .revision import REVISION
 
-SNAPSHOT_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                             60.0, 120.0)
+# A steady-state snapshot takes a few to a few tens of ms: 1-50 ms is resolved finely.
+SNAPSHOT_DURATION_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02,
+                             0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                             10.0, 30.0, 60.0, 120.0)
 THREAD_STOP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01,
                        0.025, 0.05, 0.1)
 
