@@ -29,7 +29,7 @@ if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2
                util-linux libcap2-bin procps openssl curl systemd-container debootstrap podman
-               lintian groff-base "${DEBIAN_LIBRARIES[@]}")
+               lintian groff-base bash-completion "${DEBIAN_LIBRARIES[@]}")
     ensure_deb_src  # for `apt-get source jemalloc`, before the one update
 fi
 log "installing apt packages"

@@ -134,6 +134,31 @@ def test_the_man_page_and_completion_follow_the_parser(debs):
                 assert option in completion, (name, option)
 
 
+def test_the_completion_completes(debs, tmp_path):
+    """The packaged completion under bash-completion, as a shell calls it: a command, a
+    command's options, an option's choices, a file argument."""
+    subprocess.run(["dpkg-deb", "-x", str(debs["current"]), str(tmp_path)], check=True)
+    script = tmp_path / "usr/share/bash-completion/completions/ctprofd"
+    (tmp_path / "check-me.yaml").write_text("")
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        shell = ("source /usr/share/bash-completion/bash_completion; source \"$1\"; shift; "
+                 "COMP_WORDS=(\"$@\"); COMP_CWORD=$(($# - 1)); COMP_LINE=\"$*\"; "
+                 "COMP_POINT=${#COMP_LINE}; _ctprofd; printf '%s\\n' \"${COMPREPLY[@]}\"")
+        result = subprocess.run(["bash", "-c", shell, "bash", str(script), *words],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=30)
+        assert result.returncode == 0, (line, result.stderr)
+        return sorted(result.stdout.split())
+
+    assert complete("ctprofd", "sn") == ["snapshot"]
+    assert complete("ctprofd", "run", "--l") == ["--listen", "--log-level", "--log.format",
+                                                 "--log.level"]
+    assert complete("ctprofd", "snapshot", "--log-level", "w") == ["warning"]
+    assert complete("ctprofd", "--log.format", "j") == ["json"]
+    assert complete("ctprofd", "check-config", "check-") == ["check-me.yaml"]
+
+
 def test_lintian_reports_nothing(debs):
     """No error, no warning, not even pedantic or experimental tags; what is justified is
     in packaging/debian/lintian-overrides, with the reason."""
