@@ -310,9 +310,18 @@ def test_an_upgrade_restarts_it_and_keeps_the_configuration_and_series(machine, 
     assert_untraced(machine, machine.target_pid)
 
 
+def test_remove_stops_it_and_keeps_the_configuration(machine):
+    machine.run("apt-get", "remove", "-y", "ctprofd", timeout=300)
+    assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "inactive"
+    assert machine.run("pgrep", "-f", "/usr/bin/ctprofd", check=False).returncode == 1
+    assert not (machine.merged / "usr/bin/ctprofd").exists()
+    assert (machine.merged / CONFIG.lstrip("/")).exists()
+    assert machine.run("ls", "/var/lib/private/ctprofd").returncode == 0  # the state stays
+
+
 def test_purge_leaves_nothing(machine):
-    """Stopped, unit gone, and of the tree only what was there with the dependencies alone:
-    no file, no user or group, no cache or state (the operator removes their own drop-in)."""
+    """Unit gone, and of the tree only what was there with the dependencies alone: no file,
+    no user or group, no cache or state (the operator removes their own drop-in)."""
     machine.run("systemctl", "stop", TARGET_UNIT)
     machine.run("rm", "-r", DROPIN)
     machine.run("apt-get", "purge", "-y", "ctprofd", timeout=300)
