@@ -270,7 +270,7 @@ def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
         time.sleep(0.1)
     threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
     pid = str(threads[0]["tid"])
-    labels = {"pid": pid, "unit": TARGET_UNIT}
+    labels = {"unit": TARGET_UNIT}  # the shipped labels: comm, unit
     text = wait_for_metric(machine.url, "ctprofd_allocated_bytes_total", lambda v: v > 0,
                            **labels)
     assert sample(text, "ctprofd_allocated_bytes_total", **labels) == \
@@ -291,7 +291,7 @@ def test_an_upgrade_restarts_it_and_keeps_the_configuration_and_series(machine, 
     config.write_text(edited)
     machine.run("systemctl", "restart", "ctprofd", timeout=300)
     wait_for_metric(machine.url, "ctprofd_snapshot_interval_seconds", lambda v: v == 1)
-    labels = {"pid": machine.target_pid, "unit": TARGET_UNIT}
+    labels = {"unit": TARGET_UNIT}
     before = sample(wait_for_metric(machine.url, "ctprofd_allocated_bytes_total",
                                     lambda v: v > 0, **labels),
                     "ctprofd_allocated_bytes_total", **labels)
