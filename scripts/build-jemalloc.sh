@@ -25,6 +25,8 @@
 #                            build machine had 48-bit addresses): the reference build of the
 #                            arena layout table for Debian's stripped library
 #                            (scripts/arena_tables.py, ctprofd/resolve/arena_tables.json)
+#   rjem-gd                  rjem's options plus --disable-initial-exec-tls: general-dynamic
+#                            TLS, as a jemalloc inside a dlopen'ed module (polars) is built
 # Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
 # dir beside the target, then renamed into place, under a lock).
 set -euo pipefail
@@ -50,7 +52,9 @@ case $variant in
     rjem) CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_) ;;
     debian) CONFIGURE_ARGS=(--with-lg-page=12 --with-lg-hugepage=21 --with-lg-vaddr=48
                             --enable-prof) ;;
-    *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem debian)" ;;
+    rjem-gd) CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
+                             --disable-initial-exec-tls) ;;
+    *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd)" ;;
 esac
 if [[ -z $variant ]]; then
     DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}

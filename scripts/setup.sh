@@ -67,7 +67,7 @@ if ((test_mode)); then
     /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
     "$debian_venv/bin/python" -m pip install --progress-bar off --no-deps -e "$repo"
     "$debian_venv/bin/python" -m pip install --progress-bar off pytest hypothesis
-    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian; do
+    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd; do
         "$here/build-jemalloc.sh" $variant
     done
     "$here/test-roots.sh"
