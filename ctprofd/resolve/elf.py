@@ -15,6 +15,9 @@ from elftools.elf.sections import StringTableSection, SymbolTableSection
 TSD_SYMBOL = re.compile(r"^(?:\w*_)?tsd_tls$")  # tsd_tls, je_tsd_tls, _rjem_je_tsd_tls, …
 MALLCTL_SYMBOL = re.compile(r"^(?:\w*_)?mallctl$")
 JEMALLOC_MARKER = b"<jemalloc>: "
+JEMALLOC_VERSION = re.compile(rb"[45]\.\d+\.\d+-\d+-g[0-9a-f]{40}")  # mallctl("version")
+R_X86_64_DTPMOD64 = 16
+R_X86_64_DTPOFF64 = 17
 R_X86_64_TPOFF64 = 18
 STT_FUNC = 2
 STT_TLS = 6
@@ -151,6 +154,35 @@ def defined_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int
     return found
 
 
+def jemalloc_prefix(elf: ELFFile) -> str | None:
+    """The prefix of the `mallctl` function the object defines, exported or local (e.g.
+    '' for Debian's library, 'je_arrow_' inside pyarrow's libarrow, '_rjem_' in Rust's
+    tikv-jemalloc-sys), from .dynsym or .symtab; None when it defines none. ELF64
+    little-endian only; only the names ending in `mallctl` are decoded."""
+    for table in _symbol_tables(elf):
+        strings = elf.get_section(table["sh_link"])
+        if (not isinstance(strings, StringTableSection) or elf.elfclass != 64
+                or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size):
+            continue
+        text = strings.data()
+        ends: list[tuple[int, int]] = []  # [start, end) of every string ending in mallctl
+        at = text.find(b"mallctl\0")
+        while at >= 0:
+            ends.append((text.rfind(b"\0", 0, at) + 1, at))
+            at = text.find(b"mallctl\0", at + 1)
+        if not ends:
+            continue
+        data = table.data()
+        for st_name, info, _, shndx, value, _ in _ELF64_SYM.iter_unpack(
+                data[:len(data) - len(data) % _ELF64_SYM.size]):
+            if (info & 0xF == STT_FUNC and shndx != 0 and value
+                    and any(start <= st_name <= end for start, end in ends)):
+                name = text[st_name:text.index(b"\0", st_name)].decode("ascii", "replace")
+                if MALLCTL_SYMBOL.match(name):
+                    return name.removesuffix("mallctl")
+    return None
+
+
 def exports_mallctl(elf: ELFFile) -> bool:
     """True when the dynamic symbol table defines jemalloc's `mallctl` (maybe prefixed)."""
     table = elf.get_section_by_name(".dynsym")
@@ -164,6 +196,13 @@ def has_jemalloc_marker(stream: BinaryIO) -> bool:
     """jemalloc's message prefix is in the file: a stripped binary may still be jemalloc."""
     with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
         return view.find(JEMALLOC_MARKER) >= 0
+
+
+def has_jemalloc_version(stream: BinaryIO) -> bool:
+    """jemalloc's message prefix and a version string as `mallctl("version")` returns it
+    (`5.3.0-0-g54eaed1…`) are both in the file: jemalloc, stripped of every symbol."""
+    with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return view.find(JEMALLOC_MARKER) >= 0 and JEMALLOC_VERSION.search(view) is not None
 
 
 def has_debug_info(elf: ELFFile) -> bool:
@@ -180,6 +219,31 @@ def debuglink(elf: ELFFile) -> tuple[str, int] | None:
     name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
     crc_at = (len(name) + 1 + 3) & ~3
     return name, int.from_bytes(data[crc_at:crc_at + 4], "little")
+
+
+def module_tls_pairs(elf: ELFFile) -> dict[int, int | None]:
+    """General-dynamic TLS: the GOT pairs whose first word an R_X86_64_DTPMOD64
+    relocation fills with this object's own module id, mapped to the offset in the
+    module's block that the second word holds: from the R_X86_64_DTPOFF64 relocation
+    there (symbol value + addend), or None when the linker wrote it into the file (a
+    local symbol) and the caller reads it there. Pairs naming a symbol the object does
+    not define belong to another module and are left out."""
+    modules: dict[int, int | None] = {}
+    offsets: dict[int, int] = {}
+    for section in elf.iter_sections("SHT_RELA"):
+        symtab = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+        for rel in section.iter_relocations():
+            kind, index = rel["r_info_type"], rel["r_info_sym"]
+            if kind not in (R_X86_64_DTPMOD64, R_X86_64_DTPOFF64):
+                continue
+            symbol = symtab.get_symbol(index) if index and symtab is not None else None
+            if index and (symbol is None or symbol["st_shndx"] == "SHN_UNDEF"):
+                continue
+            if kind == R_X86_64_DTPMOD64:
+                modules[rel["r_offset"]] = None
+            else:
+                offsets[rel["r_offset"]] = (symbol["st_value"] if symbol else 0) + rel["r_addend"]
+    return {slot: offsets.get(slot + 8) for slot in modules}
 
 
 def tpoff_relocations(elf: ELFFile) -> list[TpoffReloc]:

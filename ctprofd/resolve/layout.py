@@ -127,6 +127,7 @@ class TsdLayout:
     tpoff_got: int | None = None  # shared object: GOT slot (from load base) with the TP offset
     tpoff_addend: int = 0
     tpoff_symbolic: bool = False  # relocation against the symbol: the slot includes symbol_offset
+    dynamic_tls: bool = False     # shared object, general-dynamic: the block is behind the DTV
     dwarf_source: str = "embedded"  # how the DWARF was found ("none": offsets from code)
     code_source: str | None = None  # offsets from machine code: which route found them
     arena: ArenaLayout | None = None  # None: only per-thread counters can be read
@@ -216,8 +217,10 @@ def validate(layout: TsdLayout) -> None:
         value = getattr(layout, name)
         if value is not None and not (type(value) is int and 0 <= value < 1 << 40):
             raise ValueError(f"{name} must be a non-negative integer")
-    if type(layout.tpoff_addend) is not int or type(layout.tpoff_symbolic) is not bool:
-        raise ValueError("tpoff_addend must be an integer and tpoff_symbolic a boolean")
+    if (type(layout.tpoff_addend) is not int or type(layout.tpoff_symbolic) is not bool
+            or type(layout.dynamic_tls) is not bool):
+        raise ValueError("tpoff_addend must be an integer, tpoff_symbolic and dynamic_tls "
+                         "booleans")
     if not isinstance(layout.symbol, str) or not isinstance(layout.dwarf_source, str):
         raise ValueError("symbol and dwarf_source must be strings")
     if layout.code_source is not None and not isinstance(layout.code_source, str):
@@ -226,8 +229,11 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("arena_missing must be a short string")
     if not layout.allocated_offset < layout.deallocated_offset:
         raise ValueError("thread_deallocated must come after thread_allocated")
-    if (layout.static_block_offset is None) == (layout.tpoff_got is None):
-        raise ValueError("exactly one of static_block_offset and tpoff_got must be set")
+    placements = (layout.static_block_offset is not None, layout.tpoff_got is not None,
+                  layout.dynamic_tls)
+    if sum(placements) != 1:
+        raise ValueError("exactly one of static_block_offset, tpoff_got and dynamic_tls "
+                         "must be set")
     if layout.arena is not None:
         layout.arena.check()
 
@@ -257,12 +263,14 @@ class ObjectFacts:
     tpoff_got: int | None = None
     tpoff_addend: int = 0
     tpoff_symbolic: bool = False
+    dynamic_tls: bool = False
     load_page: int = 0  # link-time address of the first loaded page
 
     def placement(self) -> dict:
         """The TsdLayout fields that place the TLS block."""
         return {"static_block_offset": self.static_block_offset, "tpoff_got": self.tpoff_got,
-                "tpoff_addend": self.tpoff_addend, "tpoff_symbolic": self.tpoff_symbolic}
+                "tpoff_addend": self.tpoff_addend, "tpoff_symbolic": self.tpoff_symbolic,
+                "dynamic_tls": self.dynamic_tls}
 
     def to_dict(self) -> dict:
         return {"kind": "facts", **asdict(self)}
@@ -310,22 +318,35 @@ def _plain_file_name(name: object) -> bool:
 
 
 def _is_jemalloc(image, stream, symbol: elf.Symbol | None, shared: bool) -> bool:
-    if shared:  # the dynamic symbol table survives stripping
-        return elf.exports_mallctl(image) and elf.tls_segment(image) is not None
-    if symbol is not None:
+    """jemalloc by its TSD symbol or its `mallctl` (exported, local or prefixed); failing
+    those, in a file stripped of them, by its message prefix (an executable) or by that and
+    its version string (a shared object: a library may quote the prefix)."""
+    if symbol is not None or elf.jemalloc_prefix(image) is not None:
         return True
-    return not elf.has_symtab(image) and elf.has_jemalloc_marker(stream)
+    if elf.has_symtab(image) and not shared:
+        return False
+    return elf.has_jemalloc_version(stream) if shared else elf.has_jemalloc_marker(stream)
 
 
-def _tpoff_reloc(image, what: str) -> elf.TpoffReloc:
-    """The initial-exec relocation whose GOT slot gives the TSD's offset from the TP."""
+def _shared_placement(image, symbol: elf.Symbol | None, what: str) -> dict:
+    """Where a shared object's TSD block is: initial-exec (the TPOFF64 GOT slot the loader
+    fills) or general-dynamic (behind each thread's DTV, the object's own DTPMOD64 pairs)."""
     relocs = elf.tpoff_relocations(image)
-    for reloc in relocs:
-        if reloc.symbol is None or reloc.symbol in TSD_SYMBOLS:
-            return reloc
-    model = "no initial-exec TLS relocation" if not relocs else "TLS relocations name other symbols"
-    raise _Failure(tags.JEMALLOC_IN_DSO, f"{what}: {model}; jemalloc built for dynamic TLS "
-                   "(general-dynamic model) is not supported")
+    named = [r for r in relocs if r.symbol is not None and elf.TSD_SYMBOL.match(r.symbol)]
+    pairs = elf.module_tls_pairs(image)
+    dynamic = bool(pairs) and (symbol is None or symbol.value in pairs.values()
+                               or None in pairs.values())
+    anonymous = [r for r in relocs if r.symbol is None]
+    if named or (anonymous and not (dynamic and symbol is not None
+                                    and symbol.value in pairs.values())):
+        reloc = (named or anonymous)[0]
+        return {"tpoff_got": reloc.offset, "tpoff_addend": reloc.addend,
+                "tpoff_symbolic": reloc.symbol is not None}
+    if dynamic:
+        return {"dynamic_tls": True}
+    model = "no TLS relocation" if not relocs else "TLS relocations name other symbols"
+    raise _Failure(tags.JEMALLOC_UNREADABLE, f"{what}: jemalloc, but {model} of its own places "
+                   "its thread data")
 
 
 def _first_load_page(image) -> int:
@@ -350,7 +371,8 @@ def inspect_object(stream: BinaryIO, what: str,
                                  "only x86_64 is supported")
         tls = elf.tls_segment(image)
         if tls is None:
-            return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: jemalloc but no PT_TLS")
+            return LayoutFailure(tags.JEMALLOC_UNREADABLE, f"{what}: jemalloc, but no PT_TLS "
+                                 "segment holds its thread data")
         build_id = elf.build_id(image)
         link = elf.debuglink(image)
         facts = ObjectFacts(build_id if _plausible_build_id(build_id) else None,
@@ -358,9 +380,10 @@ def inspect_object(stream: BinaryIO, what: str,
                             link if link and _plain_file_name(link[0]) else None,
                             load_page=_first_load_page(image))
         if shared:
-            reloc = _tpoff_reloc(image, what)
-            facts = replace(facts, tpoff_got=reloc.offset - facts.load_page,
-                            tpoff_addend=reloc.addend, tpoff_symbolic=reloc.symbol is not None)
+            placement = _shared_placement(image, symbol, what)
+            if "tpoff_got" in placement:
+                placement["tpoff_got"] -= facts.load_page
+            facts = replace(facts, **placement)
         else:
             facts = replace(facts, static_block_offset=tls.static_block_offset())
         facts.check()
@@ -405,7 +428,7 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     """The layout from jemalloc's machine code in `stream` (the object itself), for when
     no DWARF gives it; a failure's message says what the code showed."""
     try:
-        found = machine_code.counter_layout(stream, shared=facts.tpoff_got is not None)
+        found = machine_code.counter_layout(stream, shared=facts.static_block_offset is None)
     except machine_code.CodeError as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
     except MALFORMED as exc:
@@ -418,7 +441,8 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     layout = TsdLayout(facts.build_id, symbol.name if symbol else "(stripped)",
                        found.symbol_offset, found.allocated_offset, found.deallocated_offset,
                        found.static_block_offset, found.tpoff_got, found.tpoff_addend,
-                       found.tpoff_symbolic, dwarf_source="none", code_source=found.route)
+                       found.tpoff_symbolic, found.dynamic_tls, dwarf_source="none",
+                       code_source=found.route)
     layout = replace(layout, **_arena_from_table(stream, layout, facts.load_page))
     try:
         validate(layout)

@@ -59,13 +59,15 @@ class CodeError(Exception):
 @dataclass(frozen=True)
 class Anchor:
     """Where the TSD's thread-pointer offset comes from: a GOT slot (its address) or an
-    immediate (local-exec)."""
+    immediate (local-exec); or, general-dynamic, the GOT pair (its address) whose
+    `__tls_get_addr` call returned the TSD's own address (no %fs then)."""
 
-    kind: str  # "got" | "imm"
+    kind: str  # "got" | "imm" | "dtv"
     value: int
 
     def __str__(self) -> str:
-        return f"GOT slot {self.value:#x}" if self.kind == "got" else f"immediate {self.value:#x}"
+        return {"got": f"GOT slot {self.value:#x}", "imm": f"immediate {self.value:#x}",
+                "dtv": f"__tls_get_addr of GOT pair {self.value:#x}"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class CodeLayout:
     tpoff_addend: int
     tpoff_symbolic: bool
     route: str
+    dynamic_tls: bool = False
 
 
 _FAMILIES: dict[int, int] = {}  # capstone register id -> id of its 64-bit register
@@ -115,6 +118,10 @@ def _family(reg: int) -> int:
     return _FAMILIES.get(reg, reg)
 
 
+CALL_CLOBBERED = frozenset(getattr(x86, f"X86_REG_{name}") for name in (
+    "RAX", "RCX", "RDX", "RSI", "RDI", "R8", "R9", "R10", "R11"))
+
+
 def _disassembler() -> capstone.Cs:
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.detail = True
@@ -127,22 +134,51 @@ class _Tracker:
     followed, and do not end what is tracked: compilers place the store back after a
     branch (gcc -Os), and only a register written since loses its meaning."""
 
-    def __init__(self, tls_slot: Callable[[int], bool]) -> None:
+    def __init__(self, tls_slot: Callable[[int], bool],
+                 tls_pair: Callable[[int], bool] = lambda _: False) -> None:
         self.tls_slot = tls_slot          # GOT address -> is it a TPOFF slot?
+        self.tls_pair = tls_pair          # GOT address -> is it a pair with our module id?
+        self.pair_argument: int | None = None  # `lea PAIR(%rip),%rdi` just before a call
         self.anchors: dict[int, Anchor] = {}
         self.loaded: dict[int, tuple[Anchor, int]] = {}
         self.compared: set[tuple[int, Anchor, int]] = set()
 
     def _fs_operand(self, op) -> tuple[Anchor, int] | None:
+        """An operand at anchor + offset: %fs-relative, or for a general-dynamic anchor
+        (the TSD's own address in a register) plain."""
         mem = op.mem
-        if (op.type == x86.X86_OP_MEM and mem.segment == x86.X86_REG_FS and mem.index == 0
-                and _family(mem.base) in self.anchors):
-            return self.anchors[_family(mem.base)], mem.disp
-        return None
+        if op.type != x86.X86_OP_MEM or mem.index != 0:
+            return None
+        anchor = self.anchors.get(_family(mem.base))
+        if anchor is None or (mem.segment == x86.X86_REG_FS) == (anchor.kind == "dtv"):
+            return None
+        return anchor, mem.disp
+
+    def _call(self, pair: int | None) -> None:
+        """A call clobbers the caller-saved registers; the one right after `lea
+        PAIR(%rip),%rdi` for one of our module's GOT pairs is `__tls_get_addr`, whose
+        result (%rax) is the TSD's address (the general-dynamic sequence the linker knows)."""
+        for family in CALL_CLOBBERED:
+            self.anchors.pop(family, None)
+            self.loaded.pop(family, None)
+        self.compared = {c for c in self.compared if c[0] not in CALL_CLOBBERED}
+        if pair is not None:
+            self.anchors[x86.X86_REG_RAX] = Anchor("dtv", pair)
 
     def step(self, insn) -> CounterShape | None:
         ops = insn.operands
         name = insn.mnemonic
+        pair, self.pair_argument = self.pair_argument, None
+        if name == "call":
+            self._call(pair)
+            return None
+        if (name == "lea" and len(ops) == 2 and ops[0].type == x86.X86_OP_REG
+                and _family(ops[0].reg) == x86.X86_REG_RDI and ops[1].type == x86.X86_OP_MEM
+                and ops[1].mem.base == x86.X86_REG_RIP and ops[1].mem.index == 0
+                and self.tls_pair(insn.address + insn.size + ops[1].mem.disp)):
+            self._kill(insn)
+            self.pair_argument = insn.address + insn.size + ops[1].mem.disp
+            return None
         if len(ops) != 2:
             self._kill(insn)
             return None
@@ -168,6 +204,11 @@ class _Tracker:
             self._kill(insn)
             if anchor is not None:
                 self.anchors[reg] = anchor
+            return None
+        if name == "cmp" and src.type == x86.X86_OP_REG and (fs := self._fs_operand(dst)):
+            held = self.loaded.get(_family(src.reg))  # the other operand order
+            if held is not None and held == (fs[0], fs[1] - 8):
+                self.compared.add((_family(src.reg), *held))
             return None
         if name == "mov" and src.type == x86.X86_OP_REG and (fs := self._fs_operand(dst)):
             key = (_family(src.reg), *fs)
@@ -206,10 +247,10 @@ class _Tracker:
             self.compared = {c for c in self.compared if c[0] != family}
 
 
-def shapes_in(md: capstone.Cs, code: bytes, address: int,
-              tls_slot: Callable[[int], bool]) -> list[CounterShape]:
+def shapes_in(md: capstone.Cs, code: bytes, address: int, tls_slot: Callable[[int], bool],
+              tls_pair: Callable[[int], bool] = lambda _: False) -> list[CounterShape]:
     """Every counter shape in a linear decode of `code` (at `address`)."""
-    tracker = _Tracker(tls_slot)
+    tracker = _Tracker(tls_slot, tls_pair)
     found = []
     for insn in md.disasm(code, address):
         shape = tracker.step(insn)
@@ -228,6 +269,21 @@ class Image:
         self.loads = [(s["p_vaddr"], s["p_offset"], s["p_filesz"], s["p_flags"])
                       for s in image.iter_segments("PT_LOAD")]
         self.tpoff_slots = {r.offset: r for r in elf.tpoff_relocations(image)}
+        self.tls_pairs = elf.module_tls_pairs(image) if shared else {}
+        self.prefix = elf.jemalloc_prefix(image)
+
+    def is_tls_pair(self, address: int) -> bool:
+        """A general-dynamic GOT pair carrying this object's own module id."""
+        return address in self.tls_pairs
+
+    def pair_offset(self, address: int) -> int | None:
+        """The offset in the module's block a GOT pair's second word holds: from its
+        DTPOFF64 relocation, else the constant the linker wrote into the file."""
+        offset = self.tls_pairs.get(address)
+        if offset is None:
+            data = self.bytes_at(address + 8, 8)
+            offset = int.from_bytes(data, "little") if len(data) == 8 else None
+        return offset if offset is not None and 0 <= offset < MAX_TLS_OFFSET else None
 
     def bytes_at(self, address: int, size: int) -> bytes:
         for vaddr, offset, filesz, _ in self.loads:
@@ -260,14 +316,17 @@ ROLES = {prefix + name: role for prefix in PREFIXES for name, role in ENTRY_POIN
 def _from_entry_points(image: Image, md: capstone.Cs) -> CodeOffsets | None:
     """The offsets from the exported (or, unstripped, named) entry points; None when
     there are none, or none shows a counter."""
-    functions = elf.defined_functions(image.elf, set(ROLES))
+    roles = dict(ROLES)
+    if image.prefix:  # the prefix of its mallctl: pyarrow's je_arrow_, and any other
+        roles.update({image.prefix + name: role for name, role in ENTRY_POINTS.items()})
+    functions = elf.defined_functions(image.elf, set(roles))
     counters: dict[str, set[tuple[Anchor, int]]] = defaultdict(set)
     seen = []
     for name, (address, size) in sorted(functions.items()):
         code = image.bytes_at(address, min(size or FUNCTION_WINDOW, FUNCTION_WINDOW))
-        shapes = shapes_in(md, code, address, image.is_tls_slot)
+        shapes = shapes_in(md, code, address, image.is_tls_slot, image.is_tls_pair)
         seen.append(f"{name}: {len(shapes)}")
-        counters[ROLES[name]].update((s.anchor, s.offset) for s in shapes)
+        counters[roles[name]].update((s.anchor, s.offset) for s in shapes)
     if not any(counters.values()):
         return None
     if not counters["allocated"] or not counters["deallocated"]:
@@ -337,7 +396,7 @@ def _shapes_around(image: Image, md: capstone.Cs, compare: int,
                 boundary = insn_address == compare
                 break
         if boundary:
-            return shapes_in(md, code, start, image.is_tls_slot)
+            return shapes_in(md, code, start, image.is_tls_slot, image.is_tls_pair)
     return []
 
 
@@ -349,7 +408,14 @@ def _placed(image: Image, found: CodeOffsets) -> CodeLayout:
     if tls is None:
         raise CodeError("no PT_TLS segment")
     anchor, alloc, dealloc = found.anchor, found.allocated, found.deallocated
-    if image.shared:
+    if anchor.kind == "dtv":
+        symbol_offset = image.pair_offset(anchor.value)
+        if symbol_offset is None:
+            raise CodeError(f"{anchor}: no plausible offset in the TLS block")
+        shift = 0
+        placement = {"static_block_offset": None, "tpoff_got": None, "tpoff_addend": 0,
+                     "tpoff_symbolic": False, "dynamic_tls": True}
+    elif image.shared:
         reloc = image.tpoff_slots.get(anchor.value) if anchor.kind == "got" else None
         if reloc is None:
             raise CodeError(f"a shared object whose fast paths use {anchor}, not a TPOFF64 slot")
