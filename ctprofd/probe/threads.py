@@ -16,7 +16,7 @@ from ..report.snapshot import ThreadSample
 from ..report.summary import Tally
 from ..report.tags import ProbeError
 from ..resolve.attach import Attachment
-from . import memory
+from . import dtv, memory
 from .ptrace import SeizeRefused, ThreadGone, Tracer
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class ThreadState:
     counters_at: int  # address of thread_allocated; 0 until located (restored from disk)
     allocated: int = 0
     deallocated: int = 0
+    thread_pointer: int = 0  # general-dynamic TLS, no block yet: its DTV is read again
     inherited: tuple[int, int] = (0, 0)  # what a fork() child's thread had at the fork
 
     def counted(self) -> tuple[int, int]:
@@ -80,6 +81,7 @@ class ProcessState:
     retained_deallocated: int = 0
     tsd_delta: int | None = None  # addr(tsd) - fs_base, once known
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM (address, bytes) of the image
+    module: dtv.Module | None = None  # general-dynamic TLS: the module's id, once read
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta
@@ -123,11 +125,50 @@ class ThreadProber:
             if cancel is not None and cancel.is_set():
                 break
             known = state.threads.get(thread.tid)
-            if known is None or not known.counters_at:
+            if known is not None and not known.counters_at and known.thread_pointer:
+                self._place_block(pid, thread, state, known.thread_pointer, tally)
+            elif known is None or not known.counters_at:
                 self._locate(pid, thread, state, tally)
         readable = [t for t in threads
                     if t.tid in state.threads and state.threads[t.tid].counters_at]
-        return self._read(pid, state, readable, tally, alive)
+        samples = self._read(pid, state, readable, tally, alive)
+        for thread in threads:  # no TLS block yet: it has not allocated, it counts zero
+            known = state.threads.get(thread.tid)
+            if known is not None and not known.counters_at and known.thread_pointer:
+                tally.probed_ok += 1
+                samples.append(ThreadSample(thread.tid, thread.comm, *known.counted()))
+        return samples
+
+    def _place_block(self, pid: int, thread: ThreadInfo, state: ProcessState,
+                     thread_pointer: int, tally: Tally) -> None:
+        """General-dynamic TLS: the thread's counters from its DTV, read from memory only
+        (the thread pointer is known). A thread without a block yet keeps its thread
+        pointer, to be looked at again next time without being stopped again."""
+        loader = state.attachment.loader
+        assert loader is not None and state.attachment.base is not None
+        known = state.threads.get(thread.tid)
+        floor = (known.allocated, known.deallocated) if known is not None else (0, 0)
+        state.threads[thread.tid] = ThreadState(thread.start_time, 0, *floor,
+                                                thread_pointer=thread_pointer)
+        try:
+            if state.module is None:
+                state.module = dtv.find_module(self.read_ranges, pid, loader,
+                                               state.attachment.base)
+            block = dtv.block_address(self.read_ranges, pid, loader, state.module,
+                                      thread_pointer)
+        except dtv.DtvError as exc:
+            tally.fail(tags.JEMALLOC_IN_DSO, reason=f"tid {thread.tid}: general-dynamic "
+                       f"TLS: {exc}")
+            return
+        if block is None:
+            return
+        layout = state.attachment.layout
+        address = block + layout.symbol_offset + layout.allocated_offset
+        if not 0 < address < address + layout.deallocated_offset + 8 <= ADDRESS_LIMIT:
+            tally.fail(tags.TLS_ARITHMETIC, reason=f"tid {thread.tid}: TLS block {block:#x} "
+                       "gives counters outside the address space")
+            return
+        state.threads[thread.tid] = ThreadState(thread.start_time, address, *floor)
 
     def _read_got_slot(self, pid: int, state: ProcessState, tally: Tally) -> bool:
         """Learn the TSD's TP offset from the GOT slot the dynamic loader filled."""
@@ -156,6 +197,9 @@ class ThreadProber:
             return
         if self.on_stop:
             self.on_stop(pointer.stopped_seconds)
+        if state.attachment.loader is not None:
+            self._place_block(pid, thread, state, pointer.fs_base, tally)
+            return
         if state.tsd_delta is None and not self._read_got_slot(pid, state, tally):
             return
         layout = state.attachment.layout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,7 @@ from ..report.tags import ProbeError
 from . import elf
 from .cache import LayoutCache
 from .debuginfo import DebugSearch, ObjectDir
+from .loader import LoaderFacts, LoaderLayout, place
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout, applies_to,
                      object_dirs_for, resolve)
 from .parse_worker import ParseWorker, WorkerLimits
@@ -28,6 +30,10 @@ from .retry import RetrySchedule
 Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
 
 log = logging.getLogger(__name__)
+# The loader's objects, by the names glibc gives them; what they hold is checked by their
+# symbols (loader.py), the name only spares parsing every other mapped object for them.
+LOADER_OBJECT = re.compile(r"^(?:ld-linux[\w.-]*\.so[\d.]*|ld-[\d.]+\.so|libc\.so\.6|libc-[\d.]+\.so)$")
+LOADER_CACHE_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Attachment:
     tsd_delta: int | None = None
     got_slot: int | None = None
     base: int | None = None  # where the jemalloc object is mapped, for its arena statistics
+    loader: LoaderLayout | None = None  # general-dynamic TLS: the block is behind the DTV
 
 
 def learned_key(build_id: str, owner: int) -> str:
@@ -156,6 +163,7 @@ class Attacher:
         self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
         self.submitted = 0  # binaries handed to the background resolver since start
         self.retries = RetrySchedule()
+        self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # by identity key
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -293,6 +301,9 @@ class Attacher:
             except Pending as waiting:
                 pending = waiting
                 continue
+            if isinstance(resolution, TsdLayout) and resolution.dynamic_tls:
+                return Attachment(resolution, base=mapping.start,
+                                  loader=self._loader(process, mappings, mapping.path))
             if isinstance(resolution, TsdLayout):
                 assert resolution.tpoff_got is not None
                 return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got,
@@ -300,3 +311,38 @@ class Attacher:
         if pending is not None:
             raise pending
         return NotJemalloc()
+
+    def _loader(self, process: ProcessInfo, mappings: list[Mapping], what: str) -> LoaderLayout:
+        """The loader's layouts in this process (libc's descriptors, ld.so's symbols, each
+        parsed once per file); raises ProbeError(jemalloc-in-dso) saying what is missing."""
+        found: list[tuple[LoaderFacts, int]] = []
+        for mapping in _first_mappings(mappings):
+            if not LOADER_OBJECT.match(os.path.basename(mapping.path)):
+                continue
+            mapped = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
+            if mapped is None:
+                continue
+            identity, open_file = mapped
+            facts = self.loaders.get(identity.key)
+            if facts is None:
+                try:
+                    fd, _ = open_file()
+                except (OSError, FileRefused):
+                    continue
+                with os.fdopen(fd, "rb") as stream:
+                    facts = self.worker.loader(stream, mapping.path)
+                if isinstance(facts, LayoutFailure) and facts.lost:
+                    continue
+                if len(self.loaders) >= LOADER_CACHE_MAX:
+                    self.loaders.clear()
+                self.loaders[identity.key] = facts
+            if isinstance(facts, LoaderFacts):
+                found.append((facts, mapping.start))
+        libc = next((f for f in found if f[0].fields), None)
+        ld = next((f for f in found if "_r_debug" in f[0].symbols), None)
+        placed = (place(libc[0], libc[1], ld[0], ld[1]) if libc and ld
+                  else "no glibc loader (libc.so.6 and ld.so) mapped")
+        if isinstance(placed, str):
+            raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {what}: general-dynamic "
+                             f"TLS, but {placed}")
+        return placed

@@ -12,8 +12,9 @@ Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way p
                       {"op": "crc", "what": NAME}                                  + 1 fd
                       {"op": "layout", "what": NAME, "source": HOW, "facts": {...}} + 1 fd
                       {"op": "code", "what": NAME, "facts": {...}}                 + 1 fd
+                      {"op": "loader", "what": NAME}                               + 1 fd
     zygote -> daemon  the child's answer: ObjectFacts.to_dict(), {"kind": "crc", "crc": N}
-                      or a Resolution's to_dict(), or {"crash": WHY} when it raised, hung,
+                      a Resolution's or LoaderFacts' to_dict(), or {"crash": WHY} when it raised, hung,
                       died or overran a limit
 
 The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "crc" and
@@ -70,6 +71,7 @@ from typing import BinaryIO, NoReturn
 from ..procfs.capabilities import CAP_SYS_PTRACE, own_status
 from ..report import tags
 from .debuginfo import stream_crc32
+from .loader import LoaderFacts, loader_facts
 from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout, inspect_object,
                      layout_from_code, layout_from_dwarf, resolution_from_dict)
 
@@ -150,6 +152,12 @@ class ParseWorker:
         request = {"op": "code", "what": what, "facts": facts.to_dict()}
         return self._phase_two(request, stream, what)
 
+    def loader(self, stream: BinaryIO, what: str) -> LoaderFacts | LayoutFailure:
+        """The loader's descriptors and symbols in a mapped object (libc, ld.so)."""
+        found = self._request({"op": "loader", "what": what}, stream, what)
+        return found if isinstance(found, (LoaderFacts, LayoutFailure)) else self._crashed(
+            what, "parser answered a loader request with something else")
+
     def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
         if isinstance(found, (ObjectFacts, int)):
@@ -162,7 +170,7 @@ class ParseWorker:
             self._stop(wait=2.0)
 
     def _request(self, request: dict, stream: BinaryIO,
-                 what: str) -> ObjectFacts | Resolution | int:
+                 what: str) -> ObjectFacts | Resolution | LoaderFacts | int:
         with self._lock:
             try:
                 data = self._exchange(json.dumps(request).encode(), stream.fileno())
@@ -178,6 +186,8 @@ class ParseWorker:
                 return self._crashed(what, f"parser {reply['crash']}")
             if reply["kind"] == "facts":
                 return ObjectFacts.from_dict(reply)
+            if reply["kind"] == "loader":
+                return LoaderFacts.from_dict(reply)
             if reply["kind"] == "crc":
                 if type(reply["crc"]) is not int or not 0 <= reply["crc"] < 1 << 32:
                     raise ValueError("a CRC32 must be a 32-bit integer")
@@ -487,6 +497,8 @@ def _parse(request: dict, fd: int) -> dict:
             return inspect_object(stream, what, request["shared"]).to_dict()
         if request["op"] == "crc":
             return {"kind": "crc", "crc": stream_crc32(stream)}
+        if request["op"] == "loader":
+            return loader_facts(stream).to_dict()
         facts = ObjectFacts.from_dict(request["facts"])
         if request["op"] == "code":
             return layout_from_code(stream, facts, what).to_dict()
