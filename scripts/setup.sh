@@ -70,6 +70,17 @@ if ((test_mode)); then
     for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd; do
         "$here/build-jemalloc.sh" $variant
     done
+    # jemalloc users from PyPI, read by the tests (tests/test_dynamic_tls.py): their own venv,
+    # so that ctprofd's is not touched; recreated when the pinned versions change
+    targets=/var/cache/ctprofd/targets-venv
+    requirements="$repo/tests/targets-requirements.txt"
+    if ! cmp -s "$requirements" "$targets/requirements.txt"; then
+        log "installing the pinned jemalloc users from PyPI into $targets"
+        rm -rf "$targets"
+        "$python" -m venv "$targets"
+        "$targets/bin/python" -m pip install --progress-bar off -r "$requirements"
+        cp "$requirements" "$targets/requirements.txt"
+    fi
     "$here/test-roots.sh"
 fi
 log "done"

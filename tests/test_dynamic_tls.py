@@ -1,0 +1,140 @@
+"""jemalloc where modern stacks put it: inside a dlopen'ed module, built for general-dynamic
+TLS (its counters behind each thread's DTV), found by local or prefixed symbols.
+
+- a fixture module (gd_module.so, jemalloc rjem-gd) dlopen'ed by dlopen_threads, with
+  threads started before and after the dlopen and one that never touches the module, read
+  exactly against each thread's own mallctl (DWARF, and stripped: from the code);
+- pyarrow and polars from PyPI (the targets venv scripts/setup.sh --test installs), read
+  with no debug info and no debuginfod.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.procs import Spawned, assert_no_thread_stopped_or_traced
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests/fixtures"
+JEMALLOC_GD = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem-gd")
+TARGETS_VENV = Path("/var/cache/ctprofd/targets-venv")
+
+
+def _required(path: Path, how: str) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: {how}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gd_build(tmp_path_factory) -> dict[str, Path]:
+    """dlopen_threads, and gd_module.so unstripped (DWARF) and stripped (code only)."""
+    _required(JEMALLOC_GD / ".ctprofd-complete",
+              "run scripts/build-jemalloc.sh rjem-gd (or scripts/setup.sh --test)")
+    root = tmp_path_factory.mktemp("gd")
+    root.chmod(0o755)
+    subprocess.run(["gcc", "-g", "-O1", "-fPIC", "-shared", "-pthread", "-Wl,--build-id",
+                    "-I", JEMALLOC_GD / "include", FIXTURES / "gd_module.c", "-o",
+                    root / "gd_module.so", JEMALLOC_GD / "lib/libjemalloc_pic.a",
+                    "-Wl,--exclude-libs,ALL", "-lpthread", "-ldl", "-lm"],
+                   check=True, capture_output=True)
+    (root / "stripped").mkdir()
+    shutil.copy(root / "gd_module.so", root / "stripped/gd_module.so")
+    subprocess.run(["strip", "--strip-debug", root / "stripped/gd_module.so"], check=True)
+    subprocess.run(["gcc", "-g", "-O1", "-pthread", "-Wall", "-Wl,--build-id",
+                    FIXTURES / "dlopen_threads.c", "-o", root / "dlopen_threads", "-ldl"],
+                   check=True, capture_output=True)
+    return {"full": root / "gd_module.so", "stripped": root / "stripped/gd_module.so",
+            "host": root / "dlopen_threads"}
+
+
+def snapshot(pid: int, tmp_path: Path) -> dict:
+    """`ctprofd snapshot --json --pid PID` with no cache, no debug dir, no debuginfod."""
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "ctprofd", "snapshot", "--json", "--pid",
+                             str(pid), "--cache-dir", "", "--debug-dir", str(empty)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={"PATH": "/usr/bin:/bin", "DEBUGINFOD_URLS": ""})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("module", ["full", "stripped"])
+def test_dlopened_general_dynamic_module_is_read_exactly(gd_build, tmp_path, module):
+    target = Spawned([gd_build["host"], gd_build[module], "3", "3"])
+    try:
+        lines = [json.loads(line) for line in target.wait_for("READY", timeout=30)]
+        truth = {t["tid"]: (t["allocated"], t["deallocated"]) for t in lines if "idle" not in t}
+        [idle] = [t["tid"] for t in lines if "idle" in t]
+        assert len(truth) == 7 and all(a > 0 for tid, (a, _) in truth.items()
+                                       if tid != target.pid)
+        shown = snapshot(target.pid, tmp_path)
+        assert shown["probe_summary"]["failed"] == 0, shown["failed_pids"]
+        [process] = shown["processes"]
+        read = {t["tid"]: (t["allocated_bytes"], t["deallocated_bytes"])
+                for t in process["threads"]}
+        assert read == {**truth, idle: (0, 0)}  # the idle thread has no block: zero
+        assert_no_thread_stopped_or_traced(target.pid)
+    finally:
+        target.kill()
+
+
+POOL_SCRIPT = """
+import sys, pyarrow as pa
+pool = pa.jemalloc_memory_pool()
+arrays = [pa.array(range(10_000_000), type=pa.int64(), memory_pool=pool) for _ in range(5)]
+print(pool.bytes_allocated(), flush=True)
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+POLARS_SCRIPT = """
+import sys, polars as pl
+frame = pl.DataFrame({"a": range(20_000_000), "b": [1.5] * 20_000_000})
+print(frame.estimated_size(), flush=True)
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+
+def run_target(script: str, tmp_path: Path) -> tuple[int, dict]:
+    """Run a script in the targets venv; what it printed before READY, and the snapshot."""
+    python = _required(TARGETS_VENV / "bin/python", "run scripts/setup.sh --test")
+    target = Spawned([python, "-c", script])
+    try:
+        [measured] = target.wait_for("READY", timeout=120)
+        shown = snapshot(target.pid, tmp_path)
+        assert_no_thread_stopped_or_traced(target.pid)
+        return int(measured), shown
+    finally:
+        target.kill()
+
+
+def test_pyarrow_jemalloc_pool_is_read(tmp_path):
+    """pyarrow 26: jemalloc static in libarrow.so (local je_arrow_ symbols, general-dynamic
+    TLS): live bytes within [0.95, 1.30] x the pool's bytes_allocated() (jemalloc counts
+    size classes, the pool requested bytes)."""
+    pool_bytes, shown = run_target(POOL_SCRIPT, tmp_path)
+    assert shown["probe_summary"]["failed"] == 0, shown["failed_pids"]
+    [process] = shown["processes"]
+    live = process["allocated_bytes"] - process["deallocated_bytes"]
+    assert pool_bytes >= 400_000_000
+    assert 0.95 * pool_bytes <= live <= 1.30 * pool_bytes, (live, pool_bytes)
+
+
+def test_polars_frame_is_read(tmp_path):
+    """polars 2.1: _rjem_ jemalloc 5.3.1 in the extension module, general-dynamic TLS: the
+    process is read and its live bytes cover its frame's estimated_size()."""
+    estimated, shown = run_target(POLARS_SCRIPT, tmp_path)
+    assert shown["probe_summary"]["failed"] == 0, shown["failed_pids"]
+    [process] = shown["processes"]
+    live = process["allocated_bytes"] - process["deallocated_bytes"]
+    assert estimated >= 300_000_000
+    assert live >= estimated, (live, estimated)
