@@ -217,10 +217,10 @@ def validate(layout: TsdLayout) -> None:
         value = getattr(layout, name)
         if value is not None and not (type(value) is int and 0 <= value < 1 << 40):
             raise ValueError(f"{name} must be a non-negative integer")
-    if (type(layout.tpoff_addend) is not int or type(layout.tpoff_symbolic) is not bool
-            or type(layout.dynamic_tls) is not bool):
-        raise ValueError("tpoff_addend must be an integer, tpoff_symbolic and dynamic_tls "
-                         "booleans")
+    if type(layout.tpoff_addend) is not int or type(layout.tpoff_symbolic) is not bool:
+        raise ValueError("tpoff_addend must be an integer and tpoff_symbolic a boolean")
+    if type(layout.dynamic_tls) is not bool:
+        raise ValueError("dynamic_tls must be a boolean")
     if not isinstance(layout.symbol, str) or not isinstance(layout.dwarf_source, str):
         raise ValueError("symbol and dwarf_source must be strings")
     if layout.code_source is not None and not isinstance(layout.code_source, str):

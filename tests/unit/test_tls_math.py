@@ -134,8 +134,8 @@ def test_plausible_layouts_are_accepted(change):
     ({"dwarf_source": None}, "symbol and dwarf_source must be strings"),
     ({"code_source": 5}, "code_source must be a string or null"),
     ({"deallocated_offset": 824}, "thread_deallocated must come after thread_allocated"),
-    ({"tpoff_got": 4096}, "exactly one of static_block_offset and tpoff_got must be set"),
-    ({"static_block_offset": None}, "exactly one of static_block_offset and tpoff_got must be set"),
+    ({"tpoff_got": 4096}, "exactly one of static_block_offset, tpoff_got and dynamic_tls must be set"),
+    ({"static_block_offset": None}, "exactly one of static_block_offset, tpoff_got and dynamic_tls must be set"),
 ])
 def test_implausible_layouts_are_rejected(change, message):
     with pytest.raises(ValueError) as info:
