@@ -1,0 +1,138 @@
+"""The DTV walk (probe/dtv.py) over a target's memory laid out by hand, as glibc 2.36 lays
+it out, with the descriptors read from this host's own libc.so.6 and ld.so: the module
+found along the link map, its block from the DTV, no block (zero) when the DTV is older
+than the module or the slot unallocated, static TLS, and hostile memory refused."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ctprofd.probe import dtv
+from ctprofd.resolve.loader import LoaderLayout, loader_facts, place
+
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+LD_SO = "/lib64/ld-linux-x86-64.so.2"
+LD_BASE, LIBC_BASE = 0x7F0000000000, 0x7F1000000000
+LINK_MAPS = 0x10000      # two link maps, 0x1000 apart
+SLOTINFO = 0x20000
+TP, DTV = 0x30000, 0x40000
+BIAS = 0x7F2000000000    # where the module is loaded
+BLOCK = 0x50000
+
+
+def host_loader() -> LoaderLayout:
+    with open(LIBC, "rb") as libc, open(LD_SO, "rb") as ld:
+        placed = place(loader_facts(libc), LIBC_BASE, loader_facts(ld), LD_BASE)
+    assert isinstance(placed, LoaderLayout), placed
+    return placed
+
+
+class Memory:
+    """A sparse target address space of 64-bit words; unset words fault."""
+
+    def __init__(self) -> None:
+        self.words: dict[int, int] = {}
+        self.reads = 0
+
+    def put(self, address: int, value: int) -> None:
+        self.words[address] = value
+
+    def read(self, pid: int, ranges: list[tuple[int, int]]) -> list[bytes | OSError]:
+        self.reads += 1
+        out: list[bytes | OSError] = []
+        for address, size in ranges:
+            if size != 8 or address not in self.words:
+                out.append(OSError(14, "Bad address"))
+            else:
+                out.append(struct.pack("<Q", self.words[address]))
+        return out
+
+
+def layout_memory(loader: LoaderLayout, *, modid: int = 3, module_gen: int = 2,
+                  dtv_gen: int = 2, slot: int = BLOCK, tls_offset: int = (1 << 64) - 1) -> Memory:
+    f = loader.fields
+    mem = Memory()
+    first, second = LINK_MAPS, LINK_MAPS + 0x1000
+    mem.put(loader.r_debug + dtv.R_DEBUG_MAP, first)
+    mem.put(first, 0)                                   # the executable, l_addr 0
+    mem.put(first + dtv.LINK_MAP_NEXT, second)
+    mem.put(second, BIAS)
+    mem.put(second + dtv.LINK_MAP_NEXT, 0)
+    mem.put(f["link_map_l_tls_modid"].at(second), modid)
+    mem.put(f["link_map_l_tls_offset"].at(second), tls_offset)
+    mem.put(f["rtld_global__dl_tls_dtv_slotinfo_list"].at(loader.rtld_global), SLOTINFO)
+    mem.put(f["dtv_slotinfo_list_len"].at(SLOTINFO), 64)
+    mem.put(f["dtv_slotinfo_list_next"].at(SLOTINFO), 0)
+    entry = SLOTINFO + f["dtv_slotinfo_list_slotinfo"].offset + modid * loader.slotinfo_size
+    mem.put(f["dtv_slotinfo_gen"].at(entry), module_gen)
+    mem.put(f["dtv_slotinfo_map"].at(entry), second)
+    mem.put(f["pthread_dtvp"].at(TP), DTV)
+    slots = f["dtv_dtv"]
+    mem.put(f["dtv_t_counter"].at(slots.at(DTV, 0)), dtv_gen)
+    mem.put(f["dtv_t_pointer_val"].at(slots.at(DTV, modid)), slot)
+    return mem
+
+
+def test_host_glibc_describes_what_the_walk_reads():
+    loader = host_loader()
+    assert loader.fields["dtv_dtv"].size == 16 and loader.slotinfo_size == 16
+    assert loader.r_debug > LD_BASE and loader.rtld_global > LD_BASE
+
+
+def test_module_and_block_are_found():
+    loader = host_loader()
+    mem = layout_memory(loader)
+    module = dtv.find_module(mem.read, 1, loader, BIAS)
+    assert module == dtv.Module(3, 2, (1 << 64) - 1)
+    assert dtv.block_address(mem.read, 1, loader, module, TP) == BLOCK
+
+
+@pytest.mark.parametrize("change", [{"dtv_gen": 1}, {"slot": (1 << 64) - 1}])
+def test_no_block_yet_is_none(change):
+    """A DTV older than the module, or its slot unallocated: the thread has no block."""
+    loader = host_loader()
+    mem = layout_memory(loader, **change)
+    module = dtv.find_module(mem.read, 1, loader, BIAS)
+    assert dtv.block_address(mem.read, 1, loader, module, TP) is None
+
+
+def test_static_tls_module_is_below_the_thread_pointer():
+    loader = host_loader()
+    mem = layout_memory(loader, dtv_gen=1, tls_offset=0x2000)
+    module = dtv.find_module(mem.read, 1, loader, BIAS)
+    assert dtv.block_address(mem.read, 1, loader, module, TP) == TP - 0x2000
+
+
+def test_hostile_memory_is_refused():
+    loader = host_loader()
+    looping = layout_memory(loader)
+    looping.put(LINK_MAPS + 0x1000, 1)  # not our bias: follow l_next ...
+    looping.put(LINK_MAPS + 0x1000 + dtv.LINK_MAP_NEXT, LINK_MAPS)  # ... back to the first
+    with pytest.raises(dtv.DtvError, match="loops"):
+        dtv.find_module(looping.read, 1, loader, BIAS)
+    wild = layout_memory(loader, slot=1 << 60)
+    module = dtv.find_module(wild.read, 1, loader, BIAS)
+    with pytest.raises(dtv.DtvError, match="holds"):
+        dtv.block_address(wild.read, 1, loader, module, TP)
+    kernel = layout_memory(loader)
+    kernel.put(loader.r_debug + dtv.R_DEBUG_MAP, 0xFFFF800000000000)
+    with pytest.raises(dtv.DtvError, match="outside user space"):
+        dtv.find_module(kernel.read, 1, loader, BIAS)
+    absurd = layout_memory(loader, modid=1 << 40)
+    with pytest.raises(dtv.DtvError, match="implausible"):
+        dtv.find_module(absurd.read, 1, loader, BIAS)
+    other = layout_memory(loader)
+    f = loader.fields
+    entry = SLOTINFO + f["dtv_slotinfo_list_slotinfo"].offset + 3 * loader.slotinfo_size
+    other.put(f["dtv_slotinfo_map"].at(entry), 0x1234)
+    with pytest.raises(dtv.DtvError, match="another link map"):
+        dtv.find_module(other.read, 1, loader, BIAS)
+
+
+def test_a_loader_that_does_not_describe_itself_is_named():
+    with open(LIBC, "rb") as libc:
+        facts = loader_facts(libc)
+    placed = place(facts, LIBC_BASE, facts, LIBC_BASE)  # libc has no _r_debug
+    assert isinstance(placed, str) and "_r_debug" in placed
