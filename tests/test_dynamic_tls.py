@@ -5,7 +5,8 @@ TLS (its counters behind each thread's DTV), found by local or prefixed symbols.
   threads started before and after the dlopen and one that never touches the module, read
   exactly against each thread's own mallctl (DWARF, and stripped: from the code);
 - pyarrow and polars from PyPI (the targets venv scripts/setup.sh --test installs), read
-  with no debug info and no debuginfod.
+  with no debug info and no debuginfod;
+- a shared object with a mallctl whose thread data nothing places: jemalloc-unreadable.
 """
 
 from __future__ import annotations
@@ -138,3 +139,22 @@ def test_polars_frame_is_read(tmp_path):
     live = process["allocated_bytes"] - process["deallocated_bytes"]
     assert estimated >= 300_000_000
     assert live >= estimated, (live, estimated)
+
+
+@pytest.mark.parametrize("source, flags, why", [
+    ("int x_mallctl(void) { return 0; }", [], "no PT_TLS segment"),
+    ("__thread int other; int x_mallctl(void) { return other; }",
+     ["-ftls-model=initial-exec"], "TLS relocations name other symbols"),
+])
+def test_jemalloc_found_but_not_placed_is_unreadable(tmp_path, source, flags, why):
+    """A shared object with a (prefixed) mallctl is jemalloc; when nothing places its thread
+    data it is the actionable jemalloc-unreadable, never jemalloc-not-found."""
+    from ctprofd.resolve.layout import LayoutFailure, inspect_object
+
+    (tmp_path / "lib.c").write_text(source + "\n")
+    subprocess.run(["gcc", "-O1", "-fPIC", "-shared", *flags, tmp_path / "lib.c", "-o",
+                    tmp_path / "lib.so"], check=True, capture_output=True)
+    with open(tmp_path / "lib.so", "rb") as stream:
+        found = inspect_object(stream, "lib.so", shared=True)
+    assert isinstance(found, LayoutFailure) and found.tag == "jemalloc-unreadable", found
+    assert why in found.message
