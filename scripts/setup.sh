@@ -67,7 +67,7 @@ if ((test_mode)); then
     /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
     "$debian_venv/bin/python" -m pip install --progress-bar off --no-deps -e "$repo"
     "$debian_venv/bin/python" -m pip install --progress-bar off pytest hypothesis
-    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd; do
+    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd rjem-gcc11 rjem-clang16; do
         "$here/build-jemalloc.sh" $variant
     done
     # jemalloc users from PyPI, read by the tests (tests/test_dynamic_tls.py): their own venv,
@@ -80,6 +80,17 @@ if ((test_mode)); then
         "$python" -m venv "$targets"
         "$targets/bin/python" -m pip install --progress-bar off -r "$requirements"
         cp "$requirements" "$targets/requirements.txt"
+    fi
+    # Rust tools from PyPI, read by tests/test_rust_tools.py: their own venv, recreated
+    # when the pinned versions change
+    tools=/var/cache/ctprofd/rust-tools-venv
+    requirements="$repo/tests/rust-tools-requirements.txt"
+    if ! cmp -s "$requirements" "$tools/requirements.txt"; then
+        log "installing the pinned Rust tools from PyPI into $tools"
+        rm -rf "$tools"
+        "$python" -m venv "$tools"
+        "$tools/bin/python" -m pip install --progress-bar off -r "$requirements"
+        cp "$requirements" "$tools/requirements.txt"
     fi
     "$here/test-roots.sh"
 fi

@@ -4,10 +4,12 @@ paths have almost the right shape."""
 
 from __future__ import annotations
 
+import mmap
 import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from ctprofd.report import tags
 from ctprofd.resolve import machine_code
@@ -204,4 +206,309 @@ def test_scan_is_bounded(tmp_path):
     lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
                    exported=False, extra=f".rept {machine_code.MAX_SCAN_CANDIDATES}\n"
                                          "    cmpq %fs:0x340(%rcx), %rdx\n.endr")
-    refused(lib, f"more than {machine_code.MAX_SCAN_CANDIDATES} %fs compares in the code")
+    refused(lib, f"more than {machine_code.MAX_SCAN_CANDIDATES} %fs compares")
+
+
+# --- every form the compilers emit (issue 21) --------------------------------------------
+
+FORMS = {  # the fast path as each compiler writes it; {anchor}: a TPOFF GOT slot or $imm
+    "gcc 12: cmp %fs:next,reg": """
+    movq {anchor}, %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq %fs:{next}(%rcx), %rdx
+    jae 1f
+    movq %rdx, %fs:{offset}(%rcx)
+""",
+    "gcc 11, ruff: cmp reg,%fs:next, other registers": """
+    movq {anchor}, %r8
+    movq %fs:{offset}(%r8), %r11
+    addq %rdi, %r11
+    cmpq %r11, %fs:{next}(%r8)
+    jbe 1f
+    movq %r11, %fs:{offset}(%r8)
+""",
+    "add of the counter from memory": """
+    movq {anchor}, %r9
+    movq (%rsi), %r10
+    addq %fs:{offset}(%r9), %r10
+    cmpq %fs:{next}(%r9), %r10
+    jae 1f
+    movq %r10, %fs:{offset}(%r9)
+""",
+    "lea of counter plus size, then a copy": """
+    movq {anchor}, %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    leaq (%rdi,%rdx), %rax
+    movq %rax, %rsi
+    cmpq %rsi, %fs:{next}(%rcx)
+    jbe 1f
+    movq %rsi, %fs:{offset}(%rcx)
+""",
+    "add of size into a register holding the counter": """
+    movq {anchor}, %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdx, %rdi
+    cmpq %fs:{next}(%rcx), %rdi
+    jae 1f
+    movq %rdi, %fs:{offset}(%rcx)
+""",
+    "store back by add into memory": """
+    movq {anchor}, %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq %fs:{next}(%rcx), %rdx
+    jae 1f
+    addq %rdi, %fs:{offset}(%rcx)
+""",
+    "clang 16: the TSD's address, %fs:0 plus the slot": """
+    movq %fs:0, %rax
+    addq {anchor}, %rax
+    movq (%rsi), %rcx
+    addq {offset}(%rax), %rcx
+    cmpq {next}(%rax), %rcx
+    jae 1f
+    movq %rcx, {offset}(%rax)
+""",
+    "clang 16: the slot, then %fs:0 added to it": """
+    movq {anchor}, %rcx
+    movq %fs:0, %rax
+    addq %rcx, %rax
+    movq {offset}(%rax), %rdx
+    addq %rdi, %rdx
+    cmpq %rdx, {next}(%rax)
+    jbe 1f
+    movq %rdx, {offset}(%rax)
+""",
+    "thread pointer and slot as base and index": """
+    movq {anchor}, %rcx
+    movq %fs:0, %rax
+    leaq (%rax,%rcx), %r8
+    movq {offset}(%rax,%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq {next}(%r8), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rcx,%rax)
+""",
+}
+
+
+def assemble_forms(tmp_path: Path, functions: list[tuple[str, str, str, int, int]],
+                   exported: bool = True, executable: bool = False, data: str = "") -> Path:
+    """Like `assemble`, each function (name, FORMS body, anchor, offset, compared offset);
+    `executable`: a static non-PIE executable (local-exec), else a shared object."""
+    source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", "tsd: .zero 2632",
+              "other: .zero 64", "    .section .rodata", f'    .ascii "{VERSION.decode()}"',
+              "    .data", "    .p2align 3", data, "    .text", "    .globl _start",
+              "_start: ret", "    .globl mallctl", "    .type mallctl, @function",
+              "mallctl: ret", "    .size mallctl, .-mallctl"]
+    for name, form, anchor, offset, compared in functions:
+        body = form.format(anchor=anchor, offset=offset, next=compared)
+        source += [f"    .{'globl' if exported else 'local'} {name}",
+                   f"    .type {name}, @function", f"{name}:", body, "1:  ret",
+                   f"    .size {name}, .-{name}"]
+    asm = tmp_path / "forms.s"
+    asm.write_text("\n".join(source) + "\n")
+    out = tmp_path / ("fast" if executable else "libfast.so")
+    link = ["-static", "-no-pie"] if executable else ["-shared"]
+    subprocess.run(["gcc", *link, "-nostdlib", "-Wl,--build-id", "-o", out, asm], check=True)
+    if not exported:
+        subprocess.run(["strip", out], check=True)
+    return out
+
+
+def code_layout(path: Path, shared: bool = True):
+    """machine_code.counter_layout itself (below the layout checks that follow it)."""
+    with open(path, "rb") as stream:
+        return machine_code.counter_layout(stream, shared=shared)
+
+
+def code_refusal(path: Path, shared: bool = True) -> str:
+    with pytest.raises(machine_code.CodeError) as refusal:
+        code_layout(path, shared)
+    return str(refusal.value)
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["entry points", "scan"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_compiler_form_is_read(tmp_path, form, exported):
+    lib = assemble_forms(tmp_path, [("_rjem_malloc", FORMS[form], GOT, 0x338, 0x340),
+                                    ("_rjem_free", FORMS[form], GOT, 0x348, 0x350)],
+                         exported=exported)
+    found = code_layout(lib)
+    [slot] = tpoff_slots(lib)
+    assert (found.allocated_offset, found.deallocated_offset, found.tpoff_got) == (
+        0x338, 0x348, slot)
+    assert found.route == ("malloc/free fast paths" if exported
+                           else "scan of the executable segment")
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_form_in_an_executable_local_exec(tmp_path, form):
+    """A static executable: the linker makes the slot an immediate (mov or add $imm)."""
+    exe = assemble_forms(tmp_path, [("_rjem_malloc", FORMS[form], GOT, 0x338, 0x340),
+                                    ("_rjem_sdallocx", FORMS[form], GOT, 0x348, 0x350)],
+                         exported=False, executable=True)
+    found = code_layout(exe, shared=False)
+    assert (found.symbol_offset, found.allocated_offset, found.deallocated_offset,
+            found.static_block_offset, found.tpoff_got) == (0, 0x338, 0x348, 2696, None)
+
+
+def test_functions_may_differ_in_form_when_they_agree_on_the_anchor(tmp_path):
+    lib = assemble_forms(tmp_path, [
+        ("malloc", FORMS["gcc 11, ruff: cmp reg,%fs:next, other registers"], GOT, 0x338, 0x340),
+        ("free", FORMS["clang 16: the TSD's address, %fs:0 plus the slot"], GOT, 0x348, 0x350)])
+    found = code_layout(lib)
+    assert (found.allocated_offset, found.deallocated_offset) == (0x338, 0x348)
+
+
+@pytest.mark.parametrize("form", ["gcc 11, ruff: cmp reg,%fs:next, other registers",
+                                  "clang 16: the TSD's address, %fs:0 plus the slot"])
+def test_new_forms_that_disagree_on_the_anchor_are_refused(tmp_path, form):
+    lib = assemble_forms(tmp_path, [("malloc", FORMS[form], GOT, 0x338, 0x340),
+                                    ("free", FORMS[form], OTHER_GOT, 0x348, 0x350)])
+    assert "disagree on the TLS anchor" in code_refusal(lib)
+
+
+# --- refusals, each failing without its check (issue 28) ---------------------------------
+
+ALMOST = {  # fast paths missing one part of the shape: no counter in them
+    "the thread pointer alone, no offset added": """
+    movq %fs:0, %rax
+    movq {offset}(%rax), %rdx
+    addq %rdi, %rdx
+    cmpq {next}(%rax), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rax)
+""",
+    "a positive constant added to the thread pointer": """
+    movq %fs:0, %rax
+    addq $0x100, %rax
+    movq {offset}(%rax), %rdx
+    addq %rdi, %rdx
+    cmpq {next}(%rax), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rax)
+""",
+    "a positive displacement lea'd onto the thread pointer": """
+    movq %fs:0, %rax
+    leaq 0x100(%rax), %rax
+    movq {offset}(%rax), %rdx
+    addq %rdi, %rdx
+    cmpq {next}(%rax), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rax)
+""",
+    "a register compared that does not hold the counter": """
+    movq tsd@gottpoff(%rip), %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq %rsi, %fs:{next}(%rcx)
+    jae 1f
+    movq %rdx, %fs:{offset}(%rcx)
+""",
+    "the counter's register overwritten before the store": """
+    movq tsd@gottpoff(%rip), %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq %rdx, %fs:{next}(%rcx)
+    jbe 1f
+    movl $1, %edx
+    movq %rdx, %fs:{offset}(%rcx)
+""",
+    "the counter scaled (not counter plus size)": """
+    movq tsd@gottpoff(%rip), %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    leaq (%rdi,%rdx,2), %rax
+    cmpq %rax, %fs:{next}(%rcx)
+    jbe 1f
+    movq %rax, %fs:{offset}(%rcx)
+""",
+}
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["entry points", "scan"])
+@pytest.mark.parametrize("almost", list(ALMOST))
+def test_almost_the_shape_is_no_counter(tmp_path, almost, exported):
+    lib = assemble_forms(tmp_path, [("malloc", ALMOST[almost], "", 0x338, 0x340),
+                                    ("free", ALMOST[almost], "", 0x348, 0x350)],
+                         exported=exported)
+    assert "scan of the code found 0 counter pairs" in code_refusal(lib)
+
+
+def test_two_offsets_for_one_counter_are_refused_not_the_lowest_taken(tmp_path):
+    lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340), ("je_malloc", GOT, 0x328, 0x330),
+                              ("free", GOT, 0x348, 0x350)])
+    assert "ambiguous counters: allocated at [808, 824]" in code_refusal(lib)
+
+
+def test_counters_in_the_wrong_order_are_refused(tmp_path):
+    """thread_deallocated 16 bytes below thread_allocated: jemalloc 5.3 has it above."""
+    lib = assemble(tmp_path, [("malloc", GOT, 0x348, 0x350), ("free", GOT, 0x338, 0x340)])
+    assert "counters at 0x348 and 0x338 are not 16 bytes apart" in code_refusal(lib)
+
+
+def test_rip_relative_load_of_ordinary_data_is_no_anchor(tmp_path):
+    """In a shared object only a slot a TPOFF64 relocation fills is a TLS anchor."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    lib = assemble_forms(tmp_path, [("malloc", form, "datum(%rip)", 0x338, 0x340),
+                                    ("free", form, "datum(%rip)", 0x348, 0x350)],
+                         data="datum: .quad -2696")
+    assert "scan of the code found 0 counter pairs" in code_refusal(lib)
+
+
+@pytest.mark.parametrize("immediate", ["$0x100", f"$-{1 << 20}"])
+def test_implausible_immediate_is_no_thread_pointer_offset(tmp_path, immediate):
+    """Local-exec: only a negative offset below 1 MiB is the TSD's place below TP."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    exe = assemble_forms(tmp_path, [("malloc", form, immediate, 0x338, 0x340),
+                                    ("free", form, immediate, 0x348, 0x350)],
+                         executable=True)
+    assert "scan of the code found 0 counter pairs" in code_refusal(exe, shared=False)
+
+
+@pytest.mark.parametrize("immediate", ["$-8", "$-2704"])
+def test_counters_outside_the_tls_block_are_refused(tmp_path, immediate):
+    """A plausible offset that puts the counters past the 2696-byte block's end (-8) or
+    before its start (-2704)."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    exe = assemble_forms(tmp_path, [("malloc", form, immediate, 0x338, 0x340),
+                                    ("free", form, immediate, 0x348, 0x350)],
+                         executable=True)
+    assert "lie outside the 2696-byte TLS block" in code_refusal(exe, shared=False)
+
+
+def test_executable_got_slot_constant_is_the_anchor(tmp_path):
+    """A GOT slot the linker filled in an executable: its constant is the TP offset."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    exe = assemble_forms(tmp_path, [("malloc", form, "slot(%rip)", 0x338, 0x340),
+                                    ("free", form, "slot(%rip)", 0x348, 0x350)],
+                         executable=True, data="slot: .quad -2696")
+    found = code_layout(exe, shared=False)
+    assert (found.symbol_offset, found.allocated_offset) == (0, 0x338)
+
+
+SLOTS = {"negative": ("-2696", -2696), "lowest": (f"-{(1 << 20) - 1}", -(1 << 20) + 1),
+         "too low": (f"-{1 << 20}", None), "zero": ("0", None), "positive": ("16", None)}
+
+
+def test_constant_tpoff_takes_only_a_plausible_negative_offset(tmp_path):
+    data = "\n".join(f"slot{i}: .quad {text}" for i, (text, _) in enumerate(SLOTS.values()))
+    exe = assemble_forms(tmp_path, [], executable=True, data=data)
+    symbols = _symbols(exe)
+    with open(exe, "rb") as stream, mmap.mmap(stream.fileno(), 0,
+                                              access=mmap.ACCESS_READ) as view:
+        image = machine_code.Image(ELFFile(stream), view, shared=False)
+        got = {name: image.constant_tpoff(symbols[f"slot{i}"])
+               for i, name in enumerate(SLOTS)}
+        assert got == {name: want for name, (_, want) in SLOTS.items()}
+        assert image.constant_tpoff(0x10) is None  # outside every segment
+        assert image.is_tls_slot(symbols["slot0"]) and not image.is_tls_slot(symbols["slot4"])
+        shared = machine_code.Image(ELFFile(stream), view, shared=True)
+        assert not shared.is_tls_slot(symbols["slot0"])  # a shared object's needs a TPOFF64
+
+
+def _symbols(path: Path) -> dict[str, int]:
+    out = subprocess.run(["nm", str(path)], capture_output=True, text=True, check=True).stdout
+    return {parts[2]: int(parts[0], 16) for parts in map(str.split, out.splitlines())
+            if len(parts) == 3}

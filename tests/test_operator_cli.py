@@ -16,7 +16,7 @@ import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report import tags
-from ctprofd.resolve.debughelp import how_to_get_debug_info, os_release
+from ctprofd.resolve.debughelp import how_to_get_debug_info
 from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import CTPROFD, REPO, clean_env, run_once, write_config
 
@@ -202,10 +202,26 @@ def test_offsets_failure_says_how_to_get_debug_info(fixture_bins, tmp_path):
     result = cli("offsets", "--cache-dir", "", "--debug-dir", str(tmp_path / "empty"), broken)
     assert result.returncode == 1
     assert "dwarf-parse-failure" in result.stderr and "no DWARF" in result.stderr
-    assert "DEBUGINFOD_URLS=" in result.stderr
-    if os_release().get("ID") == "debian":
-        assert "-dbgsym" in result.stderr and "debian-debug" in result.stderr
+    # a binary built here, that no package installed: no -dbgsym advice, what would help
+    assert "no package of the distribution installed" in result.stderr
+    for text in ("debug (unstripped) build of the same version", "ctprofd offsets export",
+                 "ctprofd offsets import", "ctprofd offsets on an unstripped build"):
+        assert text in result.stderr, result.stderr
+    assert "-dbgsym" not in result.stderr and "DEBUGINFOD_URLS" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_debug_info_advice_for_a_packaged_and_an_unpackaged_binary(tmp_path):
+    """Debian's libjemalloc.so.2 (dpkg knows its package): its -dbgsym; the same bytes
+    copied elsewhere (no package owns them): no package to install, what would help."""
+    packaged = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    advice = how_to_get_debug_info(packaged)
+    assert "libjemalloc2-dbgsym" in advice and "DEBUGINFOD_URLS=" in advice, advice
+    copy = tmp_path / "libjemalloc.so.2"
+    shutil.copy(packaged, copy)
+    advice = how_to_get_debug_info(str(copy))
+    assert advice.startswith(f"no package of the distribution installed {copy}"), advice
+    assert "dbgsym" not in advice and "ctprofd offsets export" in advice
 
 
 @pytest.mark.parametrize("release, expected", [

@@ -1,6 +1,8 @@
 """How to get the debug info of a binary on this distribution: its -dbgsym (or -debuginfo)
 package from the distribution's debug archive, or the distribution's debuginfod server
-through DEBUGINFOD_URLS. Only for messages to an operator; nothing here is run for them."""
+through DEBUGINFOD_URLS; for a binary no package installed (a Rust tool from PyPI, a
+project's own build), what would help instead. Only for messages to an operator; nothing
+here is run for them."""
 
 from __future__ import annotations
 
@@ -52,9 +54,21 @@ def owning_package(path: str) -> str | None:
     return result.stdout.split(":", 1)[0].split(",")[0].strip() or None
 
 
+NOT_PACKAGED = ("no package of the distribution installed {binary}, so no debug symbols "
+                "package or debuginfod server has its DWARF: use the debug (unstripped) build "
+                "of the same version from its project, or an offsets file from a machine that "
+                "has one (ctprofd offsets export FILE BINARY there, ctprofd offsets import FILE "
+                "here), or run ctprofd offsets on an unstripped build of the same version")
+
+
 def how_to_get_debug_info(binary: str, release: dict[str, str] | None = None,
                           package: str | None = None) -> str:
-    """One sentence saying how to get `binary`'s DWARF here."""
+    """One sentence saying how to get `binary`'s DWARF here: on a dpkg system, a binary
+    that no package owns gets what would help instead of a package to install."""
+    if package is None and shutil.which("dpkg-query") is not None:
+        package = owning_package(binary)
+        if package is None:
+            return NOT_PACKAGED.format(binary=binary)
     release = os_release() if release is None else release
     ids = [release.get("ID", "")] + release.get("ID_LIKE", "").split()
     known = next((i for i in ids if i in _DISTRIBUTIONS), None)

@@ -44,8 +44,15 @@ FUNCTION_WINDOW = 1024            # bytes decoded from an entry point (the fast 
 COUNTER_GAP = 16                  # thread_deallocated - thread_allocated in jemalloc 5.3
 MAX_TLS_OFFSET = 1 << 20
 VERSION_5_3 = re.compile(rb"5\.3\.\d+-\d+-g[0-9a-f]{40}")
-# cmp r64, %fs:disp32(base): fs prefix, REX.W, opcode 3B, ModRM with mod=10
-FS_COMPARE = re.compile(rb"\x64[\x48-\x4f]\x3b[\x80-\xbf]", re.DOTALL)
+# cmp between r64 and %fs:disp32(base), either order: fs prefix, REX.W, opcode 3B
+# (register first) or 39 (memory first), ModRM with mod=10
+FS_COMPARE = re.compile(rb"\x64[\x48-\x4f][\x39\x3b][\x80-\xbf]", re.DOTALL)
+# mov %fs:0,r64 (the thread pointer; clang 15+ then adds the TSD's offset and reads the
+# counters without %fs), followed within TP_COMPARE_WINDOW bytes by a cmp between r64 and
+# disp32(base), either order
+TP_LOAD = re.compile(rb"\x64[\x48\x4c]\x8b[\x04\x0c\x14\x1c\x24\x2c\x34\x3c]\x25\0\0\0\0")
+DISP32_COMPARE = re.compile(rb"[\x48-\x4f][\x39\x3b][\x80-\xbf]", re.DOTALL)
+TP_COMPARE_WINDOW = 160
 SCAN_LEAD_INS = (96, 80, 64, 48, 40, 32, 24, 16)  # bytes decoded before a compare
 SCAN_TAIL = 256                   # bytes decoded after it (the store back)
 MAX_SCAN_CANDIDATES = 1_000      # %fs compares decoded at most (jemalloc 5.3 has ~6)
@@ -128,42 +135,76 @@ def _disassembler() -> capstone.Cs:
     return md
 
 
+_TP, _OFFSET, _ADDRESS, _COUNTER = "tp", "offset", "address", "counter"
+
+
 class _Tracker:
-    """Follows instructions in address order: which registers hold an anchor, which hold a
-    counter loaded from %fs, which compared it; yields completed shapes. Jumps are not
-    followed, and do not end what is tracked: compilers place the store back after a
-    branch (gcc -Os), and only a register written since loses its meaning."""
+    """Follows instructions in address order, with what each register holds: the thread
+    pointer (read from %fs:0), the TSD's offset from it (an anchor), the TSD's address (the
+    two added), or a counter read through one of those (plus, maybe, a size); yields
+    completed shapes. Jumps are not followed, and do not end what is tracked: compilers
+    place the store back after a branch (gcc -Os), and only a register written since loses
+    its meaning.
+
+    The forms accepted, any registers, as gcc 10-13 and clang 14-16 emit them (M is a
+    counter's memory operand: %fs:off(OFFSET), off(ADDRESS) or off(TP,OFFSET); a
+    general-dynamic module's ADDRESS is %rax after `lea PAIR(%rip),%rdi; call`):
+      anchor   mov GOT(%rip)|$imm,R                          (an offset)
+               mov %fs:0,R; add GOT(%rip)|$imm|OFFSET,R      (an address; or lea)
+      read     mov|add M,R     add|lea (R's counter plus anything, or anything plus R's)
+      compare  cmp M+8,R  or  cmp R,M+8                      (R holding the counter at M)
+      store    mov R,M    or  add S,M                        (after that compare)"""
 
     def __init__(self, tls_slot: Callable[[int], bool],
                  tls_pair: Callable[[int], bool] = lambda _: False) -> None:
         self.tls_slot = tls_slot          # GOT address -> is it a TPOFF slot?
         self.tls_pair = tls_pair          # GOT address -> is it a pair with our module id?
         self.pair_argument: int | None = None  # `lea PAIR(%rip),%rdi` just before a call
-        self.anchors: dict[int, Anchor] = {}
-        self.loaded: dict[int, tuple[Anchor, int]] = {}
+        self.regs: dict[int, tuple[str, object]] = {}  # register family -> (kind, value)
         self.compared: set[tuple[int, Anchor, int]] = set()
+        self.read_at: dict[int, int] = {}  # register family -> where it got what it holds
 
-    def _fs_operand(self, op) -> tuple[Anchor, int] | None:
-        """An operand at anchor + offset: %fs-relative, or for a general-dynamic anchor
-        (the TSD's own address in a register) plain."""
+    def _holds(self, reg: int, kind: str):
+        state = self.regs.get(_family(reg))
+        return state[1] if state is not None and state[0] == kind else None
+
+    def _counter_operand(self, op) -> tuple[Anchor, int] | None:
+        """(anchor, offset) of a memory operand relative to the TSD."""
+        if op.type != x86.X86_OP_MEM:
+            return None
         mem = op.mem
-        if op.type != x86.X86_OP_MEM or mem.index != 0:
+        if mem.segment == x86.X86_REG_FS:
+            anchor = self._holds(mem.base, _OFFSET) if mem.index == 0 else None
+        elif mem.segment != 0:
+            anchor = None
+        elif mem.index == 0:
+            anchor = self._holds(mem.base, _ADDRESS)
+        else:
+            anchor = self._tp_plus_offset(mem.base, mem.index, mem.scale)
+        return (anchor, mem.disp) if anchor is not None else None
+
+    def _tp_plus_offset(self, a: int, b: int, scale: int) -> Anchor | None:
+        if scale != 1:
             return None
-        anchor = self.anchors.get(_family(mem.base))
-        if anchor is None or (mem.segment == x86.X86_REG_FS) == (anchor.kind == "dtv"):
-            return None
-        return anchor, mem.disp
+        if self._holds(a, _TP) is not None:
+            return self._holds(b, _OFFSET)
+        return self._holds(a, _OFFSET) if self._holds(b, _TP) is not None else None
+
+    def _counter_in(self, op) -> tuple[Anchor, int] | None:
+        """The counter a 64-bit register operand holds."""
+        if op.type == x86.X86_OP_REG and op.size == 8:
+            return self._holds(op.reg, _COUNTER)
+        return None
 
     def _call(self, pair: int | None) -> None:
         """A call clobbers the caller-saved registers; the one right after `lea
         PAIR(%rip),%rdi` for one of our module's GOT pairs is `__tls_get_addr`, whose
         result (%rax) is the TSD's address (the general-dynamic sequence the linker knows)."""
         for family in CALL_CLOBBERED:
-            self.anchors.pop(family, None)
-            self.loaded.pop(family, None)
+            self.regs.pop(family, None)
         self.compared = {c for c in self.compared if c[0] not in CALL_CLOBBERED}
         if pair is not None:
-            self.anchors[x86.X86_REG_RAX] = Anchor("dtv", pair)
+            self.regs[x86.X86_REG_RAX] = (_ADDRESS, Anchor("dtv", pair))
 
     def step(self, insn) -> CounterShape | None:
         ops = insn.operands
@@ -183,51 +224,103 @@ class _Tracker:
             self._kill(insn)
             return None
         dst, src = ops
+        if name == "cmp":
+            self._compare(dst, src) or self._compare(src, dst)
+            return None
         if dst.type == x86.X86_OP_REG:
-            reg = _family(dst.reg)
-            fs = self._fs_operand(src)
-            if name in ("mov", "add") and fs is not None and dst.size == 8:
-                self._kill(insn)
-                self.loaded[reg] = fs
-                return None
-            if name == "cmp" and fs is not None:
-                held = self.loaded.get(reg)
-                if held is not None and held == (fs[0], fs[1] - 8):
-                    self.compared.add((reg, *held))
-                return None
-            if name == "add" and reg in self.loaded:
-                held = self.loaded[reg]  # the size added to the loaded counter
-                self._kill(insn)
-                self.loaded[reg] = held
-                return None
-            anchor = self._anchor_source(insn, dst, src)
+            state = self._written(insn, dst, src) if dst.size == 8 else None
             self._kill(insn)
-            if anchor is not None:
-                self.anchors[reg] = anchor
+            if state is not None:
+                self.regs[_family(dst.reg)] = state
+                self.read_at[_family(dst.reg)] = (
+                    self.read_at[_family(src.reg)] if src.type == x86.X86_OP_REG
+                    and self.regs.get(_family(src.reg)) == state else insn.address)
             return None
-        if name == "cmp" and src.type == x86.X86_OP_REG and (fs := self._fs_operand(dst)):
-            held = self.loaded.get(_family(src.reg))  # the other operand order
-            if held is not None and held == (fs[0], fs[1] - 8):
-                self.compared.add((_family(src.reg), *held))
-            return None
-        if name == "mov" and src.type == x86.X86_OP_REG and (fs := self._fs_operand(dst)):
-            key = (_family(src.reg), *fs)
-            self._kill(insn)
-            if key in self.compared:
-                self.compared.discard(key)
-                return CounterShape(*fs)
-            return None
+        fs = self._counter_operand(dst)
         self._kill(insn)
+        if fs is None or src.type != x86.X86_OP_REG or src.size != 8:
+            return None
+        if name == "mov" and (_family(src.reg), *fs) in self.compared:
+            return self._stored(fs)
+        if name == "add" and any(c[1:] == fs for c in self.compared):
+            return self._stored(fs)
         return None
 
-    def _anchor_source(self, insn, dst, src) -> Anchor | None:
-        if insn.mnemonic not in ("mov", "movabs") or dst.size != 8:
+    def _written(self, insn, dst, src) -> tuple[str, object] | None:
+        """What a 64-bit register holds after `insn` writes it from `src`."""
+        name, old = insn.mnemonic, self.regs.get(_family(dst.reg))
+        counter = None if name == "lea" else self._counter_operand(src)
+        if counter is not None:
+            return (_COUNTER, counter) if name in ("mov", "add") else None
+        if name in ("mov", "movabs"):
+            if src.type == x86.X86_OP_REG:
+                return self.regs.get(_family(src.reg))
+            if self._is_thread_pointer(src):
+                return _TP, True
+            anchor = self._offset_source(insn, src)
+            return (_OFFSET, anchor) if anchor is not None else None
+        if name == "add":
+            added = self._counter_in(src)
+            if old is not None and old[0] == _COUNTER and (
+                    added is None or self.read_at[_family(dst.reg)] > self.read_at[
+                        _family(src.reg)]):
+                return old  # the counter plus a size (or an older counter, from before)
+            if added is not None:
+                return _COUNTER, added
+            return self._address(old, src, insn)
+        if name == "lea" and src.type == x86.X86_OP_MEM and src.mem.segment == 0:
+            return self._lea(src.mem)
+        return None
+
+    def _address(self, old, src, insn) -> tuple[str, object] | None:
+        """TP + offset, added into a register that held one of the two."""
+        if old is None:
             return None
+        if old[0] == _TP:
+            anchor = (self._holds(src.reg, _OFFSET) if src.type == x86.X86_OP_REG
+                      else self._offset_source(insn, src))
+            return (_ADDRESS, anchor) if anchor is not None else None
+        if old[0] == _OFFSET and (self._is_thread_pointer(src) or (
+                src.type == x86.X86_OP_REG and self._holds(src.reg, _TP) is not None)):
+            return _ADDRESS, old[1]
+        return None
+
+    def _lea(self, mem) -> tuple[str, object] | None:
+        """`lea` of a counter plus anything, or of TP + offset."""
+        held = [self._holds(r, _COUNTER) for r, scale in ((mem.base, 1), (mem.index, mem.scale))
+                if r != 0 and scale == 1 and self._holds(r, _COUNTER) is not None]
+        if held:
+            return (_COUNTER, held[0]) if len(held) == 1 else None
+        if mem.index != 0:
+            anchor = self._tp_plus_offset(mem.base, mem.index, mem.scale)
+            return (_ADDRESS, anchor) if anchor is not None and mem.disp == 0 else None
+        if self._holds(mem.base, _TP) is not None and -MAX_TLS_OFFSET < mem.disp < 0:
+            return _ADDRESS, Anchor("imm", mem.disp)
+        return None
+
+    def _compare(self, reg_op, mem_op) -> bool:
+        fs = self._counter_operand(mem_op)
+        held = self._counter_in(reg_op)
+        if fs is None or held is None or held != (fs[0], fs[1] - 8):
+            return False
+        self.compared.add((_family(reg_op.reg), *held))
+        return True
+
+    def _stored(self, fs: tuple[Anchor, int]) -> CounterShape:
+        self.compared = {c for c in self.compared if c[1:] != fs}
+        return CounterShape(*fs)
+
+    @staticmethod
+    def _is_thread_pointer(op) -> bool:
+        mem = op.mem
+        return (op.type == x86.X86_OP_MEM and mem.segment == x86.X86_REG_FS and mem.base == 0
+                and mem.index == 0 and mem.disp == 0)
+
+    def _offset_source(self, insn, src) -> Anchor | None:
+        """The TSD's offset from TP in an immediate (local-exec) or a TPOFF GOT slot."""
         if src.type == x86.X86_OP_IMM:
             value = src.imm if src.imm < 1 << 63 else src.imm - (1 << 64)
             return Anchor("imm", value) if -MAX_TLS_OFFSET < value < 0 else None
-        if src.type == x86.X86_OP_REG:
-            return self.anchors.get(_family(src.reg))
         mem = src.mem
         if (src.type == x86.X86_OP_MEM and mem.base == x86.X86_REG_RIP and mem.index == 0
                 and mem.segment == 0):
@@ -242,8 +335,7 @@ class _Tracker:
             written = ()
         for reg in written:
             family = _family(reg)
-            self.anchors.pop(family, None)
-            self.loaded.pop(family, None)
+            self.regs.pop(family, None)
             self.compared = {c for c in self.compared if c[0] != family}
 
 
@@ -359,14 +451,10 @@ def _scan(image: Image, md: capstone.Cs) -> CodeOffsets:
     if not VERSION_5_3.search(image.view):
         raise CodeError("no allocation entry point exported and no jemalloc 5.3 version "
                         "string to trust a scan of the code")
-    candidates = list(islice(((vaddr + match.start() - offset, vaddr)
-                              for vaddr, offset, filesz in image.executable_segments()
-                              for match in FS_COMPARE.finditer(image.view, offset,
-                                                               offset + filesz)),
-                             MAX_SCAN_CANDIDATES + 1))
+    candidates = list(islice(_scan_candidates(image), MAX_SCAN_CANDIDATES + 1))
     if len(candidates) > MAX_SCAN_CANDIDATES:
-        raise CodeError(f"more than {MAX_SCAN_CANDIDATES} %fs compares in the code: "
-                        "too many to scan")
+        raise CodeError(f"more than {MAX_SCAN_CANDIDATES} %fs compares (or thread-pointer "
+                        "loads followed by a compare) in the code: too many to scan")
     found: dict[Anchor, set[int]] = defaultdict(set)
     for compare, segment in candidates:
         for shape in _shapes_around(image, md, compare, segment):
@@ -379,6 +467,20 @@ def _scan(image: Image, md: capstone.Cs) -> CodeOffsets:
                         f"(shapes by anchor: {seen})")
     (anchor, alloc), = pairs
     return CodeOffsets(anchor, alloc, alloc + COUNTER_GAP, "scan of the executable segment")
+
+
+def _scan_candidates(image: Image) -> Iterable[tuple[int, int]]:
+    """(address, its segment's address) of each %fs compare, then of each thread-pointer
+    load with a compare after it, in the executable segments."""
+    view = image.view
+    for vaddr, offset, filesz in image.executable_segments():
+        for match in FS_COMPARE.finditer(view, offset, offset + filesz):
+            yield vaddr + match.start() - offset, vaddr
+    for vaddr, offset, filesz in image.executable_segments():
+        end = offset + filesz
+        for match in TP_LOAD.finditer(view, offset, end):
+            if DISP32_COMPARE.search(view, match.end(), min(end, match.end() + TP_COMPARE_WINDOW)):
+                yield vaddr + match.start() - offset, vaddr
 
 
 def _shapes_around(image: Image, md: capstone.Cs, compare: int,
