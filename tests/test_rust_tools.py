@@ -1,9 +1,9 @@
 """Rust tools from PyPI that link jemalloc statically (tikv-jemallocator: `_rjem_`, in a
-stripped PIE, no debug info anywhere): ruff, pinned in tests/rust-tools-requirements.txt
-and installed by scripts/setup.sh --test. Their counters are found by the scan of the code
-(gcc's compare with memory first, an `add` of the counter from memory), equal to the DWARF
-offsets of the same jemalloc version built here with the same options, and read live while
-`ruff server` works on LSP requests.
+stripped PIE, no debug info anywhere): ruff and uv, pinned in
+tests/rust-tools-requirements.txt and installed by scripts/setup.sh --test. Their counters
+are found by the scan of the code (gcc's compare with memory first, an `add` of the counter
+from memory), equal to the DWARF offsets of the same jemalloc version built here with the
+same options; ruff is read live while `ruff server` works on LSP requests.
 
 Not compared exactly: a static `_rjem_` build exports no mallctl (its local symbol is
 stripped) and no preloaded shim can interpose on it, so the live test checks that the
@@ -26,14 +26,19 @@ from support.procs import assert_no_thread_stopped_or_traced
 
 TOOLS = Path("/var/cache/ctprofd/rust-tools-venv")
 RUFF = TOOLS / "bin/ruff"
+UV = TOOLS / "bin/uv"
 RJEM = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem/lib/libjemalloc.so.2")
 REPLY_BUDGET = 60.0  # seconds for ruff to answer one request
 
 
+def tool(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"no {path}: run scripts/setup.sh --test", pytrace=False)
+    return path
+
+
 def ruff() -> Path:
-    if not RUFF.exists():
-        pytest.fail(f"no {RUFF}: run scripts/setup.sh --test", pytrace=False)
-    return RUFF
+    return tool(RUFF)
 
 
 def rjem_dwarf() -> TsdLayout:
@@ -46,10 +51,11 @@ def rjem_dwarf() -> TsdLayout:
     return layout
 
 
-def test_ruff_offsets_from_the_code_equal_the_dwarf_of_its_jemalloc(tmp_path):
+@pytest.mark.parametrize("binary", [RUFF, UV], ids=["ruff", "uv"])
+def test_offsets_from_the_code_equal_the_dwarf_of_its_jemalloc(tmp_path, binary):
     result = subprocess.run(
-        [sys.executable, "-m", "ctprofd", "offsets", "--json", str(ruff()), "--debug-dir",
-         str(tmp_path / "empty"), "--cache-dir", ""], capture_output=True, text=True,
+        [sys.executable, "-m", "ctprofd", "offsets", "--json", str(tool(binary)),
+         "--debug-dir", str(tmp_path / "empty"), "--cache-dir", ""], capture_output=True, text=True,
         timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
