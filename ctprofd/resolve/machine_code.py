@@ -233,8 +233,9 @@ class _Tracker:
             if state is not None:
                 self.regs[_family(dst.reg)] = state
                 self.read_at[_family(dst.reg)] = (
-                    self.read_at[_family(src.reg)] if src.type == x86.X86_OP_REG
-                    and self.regs.get(_family(src.reg)) == state else insn.address)
+                    self.read_at.get(_family(src.reg), insn.address)
+                    if src.type == x86.X86_OP_REG and self.regs.get(_family(src.reg)) == state
+                    else insn.address)
             return None
         fs = self._counter_operand(dst)
         self._kill(insn)
@@ -262,8 +263,8 @@ class _Tracker:
         if name == "add":
             added = self._counter_in(src)
             if old is not None and old[0] == _COUNTER and (
-                    added is None or self.read_at[_family(dst.reg)] > self.read_at[
-                        _family(src.reg)]):
+                    added is None or self.read_at.get(_family(dst.reg), -1) > self.read_at.get(
+                        _family(src.reg), -1)):
                 return old  # the counter plus a size (or an older counter, from before)
             if added is not None:
                 return _COUNTER, added
