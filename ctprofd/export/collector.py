@@ -72,6 +72,7 @@ class DaemonState:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_entries: int = 0
+    stop_timeouts_total: int = 0
     snapshot_durations: HistogramValues = field(
         default_factory=lambda: HistogramValues.empty(SNAPSHOT_DURATION_BUCKETS))
     thread_stops: HistogramValues = field(
@@ -179,6 +180,11 @@ class DaemonCollector:
                      "or EPERM; kernel threads and exits are not counted): ctprofd cannot "
                      "see them, and they are not in `failed`. Grant CAP_SYS_PTRACE.",
                      None if describe_only else snapshot.denied_tgids)
+        yield _gauge("ctprofd_probe_left_out_threads",
+                     "Threads of the last snapshot not read because their stop did not come "
+                     "in time, they are backed off after missing it, or the snapshot's stop "
+                     "wait (0.5 s) was spent: each is tried at a later snapshot.",
+                     None if describe_only else snapshot.left_out_threads)
         yield _gauge("ctprofd_probe_pending",
                      "Processes of the last snapshot whose binary was still being resolved "
                      "(parsed beside the snapshots): not read yet, and not in `failed`.",
@@ -213,6 +219,9 @@ class DaemonCollector:
              state.snapshot_failures_total),
             ("ctprofd_snapshot_overruns", "Scheduled snapshots skipped because the previous "
              "one was still running.", state.overruns_total),
+            ("ctprofd_thread_stop_timeouts", "Target threads that did not stop within their "
+             "wait (a vfork wait, an uninterruptible sleep): left out of that snapshot, tried "
+             "again after 1, 2, 4 ... 64 snapshots.", state.stop_timeouts_total),
             ("ctprofd_offset_cache_hits", "Layout lookups answered by the offset cache.",
              state.cache_hits),
             ("ctprofd_offset_cache_misses", "Layout lookups that had to read DWARF.",

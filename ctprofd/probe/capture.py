@@ -76,6 +76,7 @@ class CaptureStats:
     cache_hits: int
     cache_misses: int
     cache_entries: int
+    stop_timeouts: int = 0  # threads that did not stop in time (each left out that snapshot)
 
 
 @dataclass
@@ -191,7 +192,8 @@ class Capturer:
     def stats(self) -> CaptureStats:
         return CaptureStats(self.tracer.stops, self.attacher.elf_opens, self.prober.torn_reads,
                             self.prober.exit_races,
-                            self.cache.hits, self.cache.misses, len(self.cache))
+                            self.cache.hits, self.cache.misses, len(self.cache),
+                            self.tracer.stop_timeouts)
 
     def capture(self, pids: Collection[int] | None = None,
                 cancel: threading.Event | None = None) -> Snapshot:
@@ -264,7 +266,8 @@ class Capturer:
                             tracer_names=dict(tally.tracer_names),
                             failed_pids=tuple(sorted(tally.failed_pids.values(),
                                                      key=lambda f: f.pid)),
-                            denied_tgids=tally.denied_tgids, pending=tally.pending)
+                            denied_tgids=tally.denied_tgids, pending=tally.pending,
+                            left_out_threads=tally.left_out)
         self._log_snapshot(snapshot)
         return snapshot
 

@@ -34,6 +34,11 @@ SPIN_SECONDS = 0.001  # poll without sleeping this long before backing off
 # Another ctprofd (a second daemon, a `ctprofd snapshot` beside the service) holds a thread
 # for the microseconds of one register read: its seize is retried this long, not failed.
 HELD_BY_CTPROFD_RETRY = 0.25
+# Per snapshot, waiting on stops that did not come (a thread in a vfork wait or an
+# uninterruptible sleep) and on threads another ctprofd holds ends after this long in all:
+# threads not reached then are left out of that snapshot and tried at a later one.
+STOP_WAIT_BUDGET = 0.5
+MIN_STOP_WAIT = 0.01  # the last wait a nearly spent budget allows
 CMDLINE_READ_MAX = 4096
 
 log = logging.getLogger(__name__)
@@ -118,6 +123,17 @@ def is_ctprofd(tracer: int, proc_root: str = "/proc") -> bool:
     return any(word.rsplit(b"/", 1)[-1] == b"ctprofd" for word in words)
 
 
+class StopTimeout(ProbeError):
+    """The thread did not stop in time (`waitpid`): not read this snapshot."""
+
+    def __init__(self, tid: int, seconds: float) -> None:
+        super().__init__(tags.WAITPID, f"tid {tid}: no stop within {seconds * 1000:.0f} ms")
+
+
+class WaitBudgetSpent(Exception):
+    """This snapshot's stop-wait budget is spent: the thread was not seized."""
+
+
 @dataclass(frozen=True)
 class ThreadPointer:
     """fs_base of a thread, and how long reading it kept the thread stopped."""
@@ -126,12 +142,13 @@ class ThreadPointer:
     stopped_seconds: float
 
 
-def _wait_for_stop(tid: int, deadline: float) -> int:
+def _wait_for_stop(tid: int, started: float, timeout: float) -> int:
     """Wait, polling without blocking, until `tid` reports a stop; returns the status.
 
     The stop usually arrives within microseconds, far below the timer slack of a sleep
     (50 us), so the first millisecond yields the CPU between polls instead of sleeping:
     the target stays stopped for as short a time as possible."""
+    deadline = started + timeout
     spin_until = time.monotonic() + SPIN_SECONDS
     pause = 0.0001
     while True:
@@ -145,7 +162,7 @@ def _wait_for_stop(tid: int, deadline: float) -> int:
             return status
         now = time.monotonic()
         if now >= deadline:
-            raise ProbeError(tags.WAITPID, f"tid {tid}: no stop within {STOP_TIMEOUT * 1000:.0f} ms")
+            raise StopTimeout(tid, timeout)
         if now < spin_until:
             os.sched_yield()
             continue
@@ -207,16 +224,23 @@ class Tracer:
     are detached first."""
 
     def __init__(self, stop_timeout: float = STOP_TIMEOUT,
-                 held_retry: float = HELD_BY_CTPROFD_RETRY) -> None:
+                 held_retry: float = HELD_BY_CTPROFD_RETRY,
+                 wait_budget: float = STOP_WAIT_BUDGET) -> None:
         self.stop_timeout = stop_timeout
         self.held_retry = held_retry  # how long a thread another ctprofd holds is retried
+        self.wait_budget = wait_budget  # per snapshot: missed stops and holds, in all
         self.stops = 0
+        self.stop_timeouts = 0  # threads that did not stop in time, ever
+        self._waited = 0.0  # of the budget, spent in this snapshot
         self._pending: set[int] = set()
         self._thread: _PtraceThread | None = None
 
     def thread_pointer(self, tid: int) -> ThreadPointer:
         """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag, or
-        ThreadGone when the thread exited first."""
+        ThreadGone when the thread exited first, WaitBudgetSpent (the thread untouched) once
+        this snapshot waited `wait_budget` seconds for stops that did not come."""
+        if self._waited >= self.wait_budget:
+            raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent")
         if self._thread is None:
             self._thread = _PtraceThread()
         return self._thread.call(self._thread_pointer, tid)
@@ -228,38 +252,50 @@ class Tracer:
             self._thread.stop()
             self._thread = None
         self._pending.clear()
+        self._waited = 0.0
 
     def _seize(self, tid: int) -> None:
-        """PTRACE_SEIZE, retried for a while when another ctprofd holds the thread."""
+        """PTRACE_SEIZE, retried for a while when another ctprofd holds the thread (the
+        while charged to this snapshot's wait budget)."""
         held_by = 0  # the ctprofd seen holding it
-        give_up = 0.0
+        retried_from = 0.0
+        untraced_refusals = 0  # refused with no tracer left: it may have just let go
         pause = 0.0005
-        while True:
-            try:
-                _ptrace(PTRACE_SEIZE, tid)
-                return
-            except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
-                if exc.errno != errno.EPERM:
-                    raise ProbeError(tags.PTRACE_SEIZE,
-                                     f"tid {tid}: PTRACE_SEIZE: "
-                                     f"{errno.errorcode.get(exc.errno, '?')} "
-                                     f"({exc.strerror})") from None
-            why = refusal(tid)
-            if not isinstance(why, SeizeRefused):
-                raise why
-            # The holder, once known as a ctprofd, stays so while it exits (its cmdline is
-            # empty then), and a tracer gone by the time we looked (0) just let go.
-            if why.tracer and why.tracer != held_by:
-                held_by = why.tracer if is_ctprofd(why.tracer) else 0
-                if held_by and not give_up:
-                    log.debug("tid %d: held by ctprofd (tid %d): seize retried", tid, held_by)
-                    give_up = time.monotonic() + self.held_retry
-            if not held_by or time.monotonic() >= give_up:
-                raise why
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        try:
+            while True:
+                try:
+                    _ptrace(PTRACE_SEIZE, tid)
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH:
+                        raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
+                    if exc.errno != errno.EPERM:
+                        raise ProbeError(tags.PTRACE_SEIZE,
+                                         f"tid {tid}: PTRACE_SEIZE: "
+                                         f"{errno.errorcode.get(exc.errno, '?')} "
+                                         f"({exc.strerror})") from None
+                why = refusal(tid)
+                if not isinstance(why, SeizeRefused):
+                    raise why
+                # The holder, once known as a ctprofd, stays so while it exits (its cmdline
+                # is empty then), and a tracer gone by the time we looked (0) just let go.
+                if not why.tracer and not held_by and untraced_refusals == 0:
+                    untraced_refusals += 1  # once more: a tracer let go between the two
+                    continue
+                if why.tracer and why.tracer != held_by:
+                    held_by = why.tracer if is_ctprofd(why.tracer) else 0
+                    if held_by and not retried_from:
+                        log.debug("tid %d: held by ctprofd (tid %d): seize retried", tid,
+                                  held_by)
+                        retried_from = time.monotonic()
+                limit = min(self.held_retry, self.wait_budget - self._waited)
+                if not held_by or time.monotonic() >= retried_from + limit:
+                    raise why
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+        finally:
+            if retried_from:
+                self._waited += time.monotonic() - retried_from
 
     def _thread_pointer(self, tid: int) -> ThreadPointer:
         self._seize(tid)
@@ -274,7 +310,15 @@ class Tracer:
                     raise ThreadGone(f"tid {tid}: exited before PTRACE_INTERRUPT") from None
                 raise ProbeError(tags.PTRACE_INTERRUPT,
                                  f"tid {tid}: PTRACE_INTERRUPT: {exc.strerror}") from None
-            status = _wait_for_stop(tid, stopped_at + self.stop_timeout)
+            # what is left of the budget, but never so little that a healthy thread misses
+            timeout = min(self.stop_timeout,
+                          max(self.wait_budget - self._waited, MIN_STOP_WAIT))
+            try:
+                status = _wait_for_stop(tid, stopped_at, timeout)
+            except StopTimeout:
+                self.stop_timeouts += 1
+                self._waited += time.monotonic() - stopped_at
+                raise
             stopped = True
             self.stops += 1
             if status >> 16 != PTRACE_EVENT_STOP:

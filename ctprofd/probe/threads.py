@@ -17,10 +17,11 @@ from ..report.summary import Tally
 from ..report.tags import ProbeError
 from ..resolve.attach import Attachment
 from . import dtv, memory
-from .ptrace import SeizeRefused, ThreadGone, Tracer
+from .ptrace import SeizeRefused, StopTimeout, ThreadGone, Tracer, WaitBudgetSpent
 
 log = logging.getLogger(__name__)
 ADDRESS_LIMIT = 1 << 64
+MAX_BACKOFF = 64  # snapshots a thread that keeps missing its stop is skipped, at most
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 
@@ -82,6 +83,8 @@ class ProcessState:
     tsd_delta: int | None = None  # addr(tsd) - fs_base, once known
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM (address, bytes) of the image
     module: dtv.Module | None = None  # general-dynamic TLS: the module's id, once read
+    # threads that missed their stop: tid -> (start time, misses, snapshots still skipped)
+    backoff: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta
@@ -121,13 +124,24 @@ class ThreadProber:
         for tid in [tid for tid, s in state.threads.items()
                     if tid not in listed or listed[tid].start_time != s.start_time]:
             state.retire(tid)
-        for thread in threads:
+        for tid in [tid for tid, b in state.backoff.items()
+                    if tid not in listed or listed[tid].start_time != b[0]]:
+            del state.backoff[tid]
+        unlocated = [t for t in threads if t.tid not in state.threads
+                     or not state.threads[t.tid].counters_at]
+        # Threads in an uninterruptible sleep (a vfork wait: no stop comes) or that missed
+        # their stop before go last, so the snapshot's stop wait is not spent before the
+        # threads that do stop are reached.
+        unlocated.sort(key=lambda t: t.state == "D" or t.tid in state.backoff)
+        for thread in unlocated:
             if cancel is not None and cancel.is_set():
                 break
             known = state.threads.get(thread.tid)
             if known is not None and not known.counters_at and known.thread_pointer:
                 self._place_block(pid, thread, state, known.thread_pointer, tally)
-            elif known is None or not known.counters_at:
+            elif self._backed_off(state, thread.tid):
+                tally.left_out += 1
+            else:
                 self._locate(pid, thread, state, tally)
         readable = [t for t in threads
                     if t.tid in state.threads and state.threads[t.tid].counters_at]
@@ -170,6 +184,15 @@ class ThreadProber:
             return
         state.threads[thread.tid] = ThreadState(thread.start_time, address, *floor)
 
+    @staticmethod
+    def _backed_off(state: ProcessState, tid: int) -> bool:
+        """Whether a thread that missed its stop is still skipped (one snapshot fewer now)."""
+        entry = state.backoff.get(tid)
+        if entry is None or entry[2] == 0:
+            return False
+        state.backoff[tid] = (entry[0], entry[1], entry[2] - 1)
+        return True
+
     def _read_got_slot(self, pid: int, state: ProcessState, tally: Tally) -> bool:
         """Learn the TSD's TP offset from the GOT slot the dynamic loader filled."""
         assert state.attachment.got_slot is not None
@@ -188,6 +211,18 @@ class ThreadProber:
             self.exit_races += 1
             log.debug("pid %d: %s", pid, gone)
             return
+        except WaitBudgetSpent as spent:  # tried at the next snapshot
+            tally.left_out += 1
+            log.debug("pid %d: %s", pid, spent)
+            return
+        except StopTimeout as missed:  # skipped for 1, 2, 4 ... 64 snapshots, then tried
+            misses = state.backoff.get(thread.tid, (0, 0, 0))[1] + 1
+            state.backoff[thread.tid] = (thread.start_time, misses,
+                                         min(1 << (misses - 1), MAX_BACKOFF))
+            tally.fail(missed.tag, reason=missed.message)
+            tally.left_out += 1
+            log.debug("pid %d: %s", pid, missed)
+            return
         except ProbeError as error:
             tally.fail(error.tag, reason=error.message)
             if isinstance(error, SeizeRefused) and error.tracer:
@@ -195,6 +230,7 @@ class ThreadProber:
                 tally.tracer_names[error.tracer] = error.tracer_comm
             log.debug("pid %d: %s", pid, error)
             return
+        state.backoff.pop(thread.tid, None)
         if self.on_stop:
             self.on_stop(pointer.stopped_seconds)
         if state.attachment.loader is not None:

@@ -200,11 +200,12 @@ def iter_processes(proc_root: str = "/proc",
 
 @dataclass(frozen=True)
 class ThreadInfo:
-    """One thread of a process: its id, thread start time and name."""
+    """One thread of a process: its id, thread start time, name and state letter."""
 
     tid: int
     start_time: int
     comm: str
+    state: str = ""
 
 
 def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
@@ -218,7 +219,7 @@ def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
         except (OSError, ValueError, IndexError):
             continue
         if stat.state not in ("Z", "X"):
-            threads.append(ThreadInfo(tid, stat.start_time, stat.comm))
+            threads.append(ThreadInfo(tid, stat.start_time, stat.comm, stat.state))
     return threads
 
 

@@ -84,6 +84,7 @@ class Snapshot:
     failed_pids: tuple[PidFailure, ...] = ()  # each tgid with actionable failures, by pid
     denied_tgids: int = 0  # tgids whose /proc/PID/exe was refused: ctprofd cannot see them
     pending: int = 0  # tgids whose binary is still being resolved: not read yet, not failed
+    left_out_threads: int = 0  # threads whose stop did not come, or was not waited for
 
     def to_dict(self) -> dict:
         """The `ctprofd snapshot --json` form (a contract)."""
@@ -93,5 +94,6 @@ class Snapshot:
                 "failures": dict(sorted(self.failures.items())),
                 "traced_by": {str(pid): tracer for pid, tracer in sorted(self.traced_by.items())},
                 "denied_tgids": self.denied_tgids, "pending": self.pending,
+                "left_out_threads": self.left_out_threads,
                 "failed_pids": [f.to_dict() for f in self.failed_pids],
                 "processes": [p.to_dict() for p in self.processes]}

@@ -102,6 +102,7 @@ class Tally:
     traced_by: dict[int, int] = field(default_factory=dict)  # pid -> another tracer's pid
     tracer_names: dict[int, str] = field(default_factory=dict)  # that tracer's pid -> comm
     denied_tgids: int = 0  # /proc/PID/exe refused (EACCES, EPERM): invisible, not failed
+    left_out: int = 0  # threads not read because their stop was not (or not all) waited for
     pending: int = 0  # binary still being resolved in the background: not read yet, not failed
     failed_pids: dict[int, PidFailure] = field(default_factory=dict)
     current: tuple[int, str] | None = None  # (pid, comm) the failures that follow are of

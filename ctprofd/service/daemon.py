@@ -218,7 +218,8 @@ class Daemon:
             snapshot_failures_total=self._failed_snapshots,
             overruns_total=self._overruns, interval_seconds=config.interval,
             cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
-            cache_entries=stats.cache_entries, snapshot_durations=self._durations.freeze(),
+            cache_entries=stats.cache_entries, stop_timeouts_total=stats.stop_timeouts,
+            snapshot_durations=self._durations.freeze(),
             thread_stops=self._thread_stops.freeze()))
         self.server.prerender()
         self.health.completed()
