@@ -111,7 +111,7 @@ def exposed_metric_names() -> set[str]:
                 "histogram": ("_bucket", "_sum", "_count")}
     collector = DaemonCollector()
     # the renderer's own counters (render failures) come with every scrape
-    families = [*collector.describe(), *Renderer(collector)._counters()]
+    families = [*collector.describe(), *Renderer().counters()]
     return {family.name + suffix for family in families for suffix in suffixes[family.type]}
 
 
