@@ -7,7 +7,7 @@ import mmap
 import re
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import StringTableSection, SymbolTableSection
@@ -111,19 +111,33 @@ def tsd_symbol(elf: ELFFile) -> Symbol | None:
     return None
 
 
-def _tls_symbols_elf64le(elf: ELFFile, table: SymbolTableSection) -> list[Symbol] | None:
-    """The STT_TLS symbols of a table, decoding only those: a large program's .symtab has
-    a hundred thousand entries, and pyelftools takes seconds to build them all."""
+def _elf64le(elf: ELFFile, table: SymbolTableSection) -> tuple[bytes, Iterator[tuple]] | None:
+    """A symbol table's string table and its raw entries (st_name, st_info, st_other,
+    st_shndx, st_value, st_size), for ELF64 little-endian; None otherwise. Decoding the raw
+    entries is what keeps a large program's .symtab (a hundred thousand entries, seconds in
+    pyelftools) cheap."""
     if elf.elfclass != 64 or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size:
         return None
     strings = elf.get_section(table["sh_link"])
     if not isinstance(strings, StringTableSection):
         return None
     data = table.data()
-    return [Symbol(strings.get_string(name), value, size)
-            for name, info, _, _, value, size in _ELF64_SYM.iter_unpack(
-                data[:len(data) - len(data) % _ELF64_SYM.size])
-            if info & 0xF == STT_TLS]
+    return strings.data(), _ELF64_SYM.iter_unpack(data[:len(data) - len(data) % _ELF64_SYM.size])
+
+
+def _tls_symbols_elf64le(elf: ELFFile, table: SymbolTableSection) -> list[Symbol] | None:
+    """The STT_TLS symbols of a table, decoding only those; None when not ELF64 LE."""
+    raw = _elf64le(elf, table)
+    if raw is None:
+        return None
+    text, rows = raw
+    return [Symbol(_string_at(text, name), value, size)
+            for name, info, _, _, value, size in rows if info & 0xF == STT_TLS]
+
+
+def _string_at(text: bytes, offset: int) -> str:
+    end = text.find(b"\0", offset)
+    return text[offset:end if end >= 0 else len(text)].decode("utf-8", "replace")
 
 
 def defined_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int]]:
@@ -132,11 +146,10 @@ def defined_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int
     table is searched first."""
     found: dict[str, tuple[int, int]] = {}
     for table in _symbol_tables(elf):
-        strings = elf.get_section(table["sh_link"])
-        if (not isinstance(strings, StringTableSection) or elf.elfclass != 64
-                or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size):
+        raw = _elf64le(elf, table)
+        if raw is None:
             continue
-        text = strings.data()
+        text, rows = raw
         wanted = {}
         for name in names:
             needle = name.encode() + b"\0"
@@ -146,9 +159,7 @@ def defined_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int
                 at = text.find(needle, at + 1)
         if not wanted:
             continue
-        data = table.data()
-        for st_name, info, _, shndx, value, size in _ELF64_SYM.iter_unpack(
-                data[:len(data) - len(data) % _ELF64_SYM.size]):
+        for st_name, info, _, shndx, value, size in rows:
             if st_name in wanted and info & 0xF == STT_FUNC and shndx != 0 and value:
                 found.setdefault(wanted[st_name], (value, size))
     return found
@@ -160,11 +171,10 @@ def jemalloc_prefix(elf: ELFFile) -> str | None:
     tikv-jemalloc-sys), from .dynsym or .symtab; None when it defines none. ELF64
     little-endian only; only the names ending in `mallctl` are decoded."""
     for table in _symbol_tables(elf):
-        strings = elf.get_section(table["sh_link"])
-        if (not isinstance(strings, StringTableSection) or elf.elfclass != 64
-                or not elf.little_endian or table["sh_entsize"] != _ELF64_SYM.size):
+        raw = _elf64le(elf, table)
+        if raw is None:
             continue
-        text = strings.data()
+        text, rows = raw
         ends: list[tuple[int, int]] = []  # [start, end) of every string ending in mallctl
         at = text.find(b"mallctl\0")
         while at >= 0:
@@ -172,12 +182,10 @@ def jemalloc_prefix(elf: ELFFile) -> str | None:
             at = text.find(b"mallctl\0", at + 1)
         if not ends:
             continue
-        data = table.data()
-        for st_name, info, _, shndx, value, _ in _ELF64_SYM.iter_unpack(
-                data[:len(data) - len(data) % _ELF64_SYM.size]):
+        for st_name, info, _, shndx, value, _ in rows:
             if (info & 0xF == STT_FUNC and shndx != 0 and value
                     and any(start <= st_name <= end for start, end in ends)):
-                name = text[st_name:text.index(b"\0", st_name)].decode("ascii", "replace")
+                name = _string_at(text, st_name)
                 if MALLCTL_SYMBOL.match(name):
                     return name.removesuffix("mallctl")
     return None
