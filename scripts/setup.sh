@@ -59,6 +59,19 @@ log "installing ctprofd[$extra] into $venv"
 "$venv/bin/python" -c 'import systemd.journal' ||
     die "systemd-python is not importable in $venv"
 
+# pinned_venv DIR REQUIREMENTS: a venv at DIR with REQUIREMENTS installed, made anew only
+# when the requirements changed since it was made
+pinned_venv() {
+    local dir=$1 requirements=$2
+    if ! cmp -s "$requirements" "$dir/requirements.txt"; then
+        log "installing $(basename "$requirements") from PyPI into $dir"
+        rm -rf "$dir"
+        "$python" -m venv "$dir"
+        "$dir/bin/python" -m pip install --progress-bar off -r "$requirements"
+        cp "$requirements" "$dir/requirements.txt"
+    fi
+}
+
 if ((test_mode)); then
     # ctprofd's libraries as Debian 12 ships them (the .deb's dependencies), the test tools
     # from the index: ctprofd editable without its dependencies, pytest and hypothesis only.
@@ -70,28 +83,10 @@ if ((test_mode)); then
     for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd rjem-gcc11 rjem-clang16; do
         "$here/build-jemalloc.sh" $variant
     done
-    # jemalloc users from PyPI, read by the tests (tests/test_dynamic_tls.py): their own venv,
-    # so that ctprofd's is not touched; recreated when the pinned versions change
-    targets=/var/cache/ctprofd/targets-venv
-    requirements="$repo/tests/targets-requirements.txt"
-    if ! cmp -s "$requirements" "$targets/requirements.txt"; then
-        log "installing the pinned jemalloc users from PyPI into $targets"
-        rm -rf "$targets"
-        "$python" -m venv "$targets"
-        "$targets/bin/python" -m pip install --progress-bar off -r "$requirements"
-        cp "$requirements" "$targets/requirements.txt"
-    fi
-    # Rust tools from PyPI, read by tests/test_rust_tools.py: their own venv, recreated
-    # when the pinned versions change
-    tools=/var/cache/ctprofd/rust-tools-venv
-    requirements="$repo/tests/rust-tools-requirements.txt"
-    if ! cmp -s "$requirements" "$tools/requirements.txt"; then
-        log "installing the pinned Rust tools from PyPI into $tools"
-        rm -rf "$tools"
-        "$python" -m venv "$tools"
-        "$tools/bin/python" -m pip install --progress-bar off -r "$requirements"
-        cp "$requirements" "$tools/requirements.txt"
-    fi
+    # jemalloc users from PyPI, read by the tests (tests/test_dynamic_tls.py,
+    # tests/test_rust_tools.py): venvs of their own, so that ctprofd's is not touched
+    pinned_venv /var/cache/ctprofd/targets-venv "$repo/tests/targets-requirements.txt"
+    pinned_venv /var/cache/ctprofd/rust-tools-venv "$repo/tests/rust-tools-requirements.txt"
     "$here/test-roots.sh"
 fi
 log "done"
