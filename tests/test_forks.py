@@ -18,6 +18,7 @@ from ctprofd.export.aggregate import Aggregator
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
 from support.procs import Spawned, assert_no_thread_stopped_or_traced
+from support.redis import Redis
 
 MIB = 1 << 20
 HOLD_MIB = 256
@@ -276,16 +277,8 @@ def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_pat
     child is a fork holding a copy of the main thread's counters. The exe series' allocated
     total neither jumps while the child runs nor after it exited, measured against redis's
     own allocator_allocated."""
-    sock = tmp_path / "redis.sock"
-    redis = spawn_process(["redis-server", "--port", "0", "--unixsocket", str(sock),
-                           "--save", "", "--appendonly", "no", "--enable-debug-command", "yes",
-                           "--dir", str(tmp_path)], ready=None)
-
-    def cli(*args: str) -> str:
-        return subprocess.run(["redis-cli", "-s", str(sock), *args], capture_output=True,
-                              text=True, timeout=30).stdout
-
-    wait_until(lambda: cli("ping").strip() == "PONG", "redis answers PING")
+    redis = Redis(spawn_process, tmp_path, "--enable-debug-command", "yes")
+    cli = redis.cli
     assert cli("debug", "populate", "200000", "key", "256").strip() == "OK"
     # the child saves 1 key in 20 µs: it lives long enough to be read, and ends by itself
     assert cli("config", "set", "rdb-key-save-delay", "20").strip() == "OK"

@@ -23,6 +23,7 @@ from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
 from support.procs import assert_no_thread_stopped_or_traced
+from support.redis import Redis
 from test_churn import MIB, assert_close, paused_truth
 from test_stock_programs import until
 
@@ -236,12 +237,11 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
     shim = tmp_path / "stats_shim.so"
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-pthread", "-o", shim,
                     REPO / "tests/fixtures/stats_shim.c", STOCK], check=True)
-    fifo, out, sock = tmp_path / "stats.fifo", tmp_path / "stats.out", tmp_path / "redis.sock"
+    fifo, out = tmp_path / "stats.fifo", tmp_path / "stats.out"
     os.mkfifo(fifo)
-    redis = spawn_process(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save",
-                           "", "--appendonly", "no", "--dir", str(tmp_path)], ready=None,
-                          env={"LD_PRELOAD": str(shim), "CTPROFD_STATS_FIFO": str(fifo),
-                               "CTPROFD_STATS_OUT": str(out), "PATH": "/usr/bin:/bin"})
+    redis = Redis(spawn_process, tmp_path,
+                  env={"LD_PRELOAD": str(shim), "CTPROFD_STATS_FIFO": str(fifo),
+                       "CTPROFD_STATS_OUT": str(out), "PATH": "/usr/bin:/bin"})
     requests = open(fifo, "w", buffering=1)  # opens once the shim's thread has it open
 
     def truth() -> int:
@@ -252,9 +252,7 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
         stats = json.loads(out.read_text().splitlines()[-1])
         return stats["allocated"] - stats["tcache"]
 
-    until(lambda: subprocess.run(["redis-cli", "-s", sock, "ping"], capture_output=True,
-                                 text=True).stdout.strip() == "PONG", "redis answers PING")
-    load = subprocess.Popen(["redis-benchmark", "-s", sock, "-n", "2000000", "-c", "8", "-r",
+    load = subprocess.Popen(["redis-benchmark", "-s", str(redis.socket), "-n", "2000000", "-c", "8", "-r",
                              "200000", "-d", "200", "-t", "set,lpush,get", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     engine = no_debug_info(tmp_path)

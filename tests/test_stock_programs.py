@@ -13,6 +13,7 @@ import urllib.request
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from support.procs import assert_no_thread_stopped_or_traced
+from support.redis import Redis
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 WAIT = 20.0  # bound on a program's start
@@ -44,16 +45,8 @@ def maps_stock_libjemalloc(pid: int) -> bool:
 
 
 def test_redis_server_live_bytes_match_allocator_allocated(spawn_process, tmp_path):
-    sock = tmp_path / "redis.sock"
-    redis = spawn_process(["redis-server", "--port", "0", "--unixsocket", str(sock),
-                           "--save", "", "--appendonly", "no", "--enable-debug-command", "yes",
-                           "--dir", str(tmp_path)], ready=None)
-
-    def cli(*args: str) -> str:
-        return subprocess.run(["redis-cli", "-s", str(sock), *args], capture_output=True,
-                              text=True, timeout=30).stdout
-
-    until(lambda: cli("ping").strip() == "PONG", "redis answers PING")
+    redis = Redis(spawn_process, tmp_path, "--enable-debug-command", "yes")
+    cli = redis.cli
     assert maps_stock_libjemalloc(redis.pid)
     assert cli("debug", "populate", "100000", "key", "128").strip() == "OK"
     engine = no_debug_info(tmp_path)
