@@ -9,25 +9,22 @@ upgrade to a rebuilt package of a higher version, and purge leaving nothing behi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from ctprofd import __version__
 from ctprofd.cli import build_parser
-from support.guest import assert_untraced, free_port, sample, scrape, wait_for_metric
+from support.guest import (TARGET_UNIT, assert_untraced, free_port, sample, start_target,
+                           wait_for_metric)
 from support.machines import REPO, REPO_IGNORE, BootedMachine, cached_roots
 
 CONFIG = "/etc/ctprofd/ctprofd.yaml"
 DROPIN = "/etc/systemd/system/ctprofd.service.d"
-TARGET_UNIT = "alloc-target.service"
-TARGET_OUTPUT = "/var/tmp/alloc-target.out"
 NEWER = f"{__version__}+upgrade"
 # What changes in any running Debian system whatever is installed: kernel and runtime file
 # systems, logs, apt's and dpkg's own databases (dpkg -L is asked instead), caches of
@@ -258,18 +255,14 @@ def test_the_service_is_enabled_started_and_ready(machine):
     assert machine.run("getent", "passwd", "ctprofd-parser", check=False).returncode == 0
 
 
-def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
-    binary = fixture_bins["static"].binary
-    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
-                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
-                f"sleep infinity | exec {binary} 4")
-    output = machine.merged / TARGET_OUTPUT.lstrip("/")
-    deadline = time.monotonic() + 30
-    while "READY" not in (output.read_text() if output.exists() else ""):
-        assert time.monotonic() < deadline, "the target never printed READY"
-        time.sleep(0.1)
-    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
-    pid = str(threads[0]["tid"])
+@pytest.fixture(scope="module")
+def target(machine, fixture_bins) -> tuple[str, list[dict]]:
+    """A jemalloc service of user nobody in the machine: (its pid, its threads' counters)."""
+    return start_target(machine, fixture_bins["static"].binary)
+
+
+def test_a_service_of_another_user_is_read_exactly(machine, target):
+    pid, threads = target
     labels = {"unit": TARGET_UNIT}  # the shipped labels: comm, unit
     text = wait_for_metric(machine.url, "ctprofd_allocated_bytes_total", lambda v: v > 0,
                            **labels)
@@ -278,10 +271,9 @@ def test_a_service_of_another_user_is_read_exactly(machine, fixture_bins):
     assert sample(text, "ctprofd_deallocated_bytes_total", **labels) == \
         sum(t["deallocated"] for t in threads)
     assert_untraced(machine, pid)
-    machine.target_pid = pid
 
 
-def test_an_upgrade_restarts_it_and_keeps_the_configuration_and_series(machine, debs):
+def test_an_upgrade_restarts_it_and_keeps_the_configuration_and_series(machine, debs, target):
     """The operator edited the conffile; `apt-get install` of a rebuilt package of a higher
     version keeps the edit without asking, restarts the service on the new code, and the
     target's series goes on from its value (the state directory survives)."""
@@ -307,7 +299,7 @@ def test_an_upgrade_restarts_it_and_keeps_the_configuration_and_series(machine, 
     assert config.read_text() == edited
     assert not list(config.parent.glob("ctprofd.yaml.dpkg-*"))
     assert machine.show("ctprofd", "ActiveState")["ActiveState"] == "active"
-    assert_untraced(machine, machine.target_pid)
+    assert_untraced(machine, target[0])
 
 
 def test_remove_stops_it_and_keeps_the_configuration(machine):

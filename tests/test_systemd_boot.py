@@ -22,14 +22,12 @@ from pathlib import Path
 import pytest
 
 from ctprofd import __version__
-from support.guest import assert_untraced, free_port, sample
+from support.guest import TARGET_UNIT, assert_untraced, free_port, sample, start_target
 from support.guest import scrape as scrape_url
 from support.guest import wait_for_metric as wait_for_url
 from support.machines import REPO, REPO_IGNORE, BootedMachine, pip_config, cached_roots
 
 CONFIG = "/etc/ctprofd/ctprofd.yaml"
-TARGET_UNIT = "alloc-target.service"
-TARGET_OUTPUT = "/var/tmp/alloc-target.out"
 
 
 def config_text(port: int, interval: float) -> str:
@@ -101,19 +99,7 @@ def wait_for_journal(machine: BootedMachine, pattern: str, timeout: float = 60) 
 @pytest.fixture(scope="module")
 def target(machine, fixture_bins) -> tuple[str, list[dict]]:
     """A jemalloc service of user nobody in the machine: (its pid, its threads' counters)."""
-    binary = fixture_bins["static"].binary
-    # stdin a pipe that never closes: the fixture exits at end of file
-    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
-                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
-                f"sleep infinity | exec {binary} 4")
-    output = machine.merged / TARGET_OUTPUT.lstrip("/")
-    deadline = time.monotonic() + 30
-    while "READY" not in (output.read_text() if output.exists() else ""):
-        assert time.monotonic() < deadline, "the target never printed READY"
-        time.sleep(0.1)
-    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
-    assert len(threads) == 5
-    return str(threads[0]["tid"]), threads
+    return start_target(machine, fixture_bins["static"].binary)
 
 
 def bad_reload(machine: BootedMachine) -> None:

@@ -1,8 +1,10 @@
 """Talking to a ctprofd running in a booted machine (support/machines.py): free ports, scrapes,
-samples, waits for a metric, and the check that a target was left running untraced."""
+samples, waits for a metric, a jemalloc target service, and the check that a target was left
+running untraced."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -10,6 +12,9 @@ import urllib.request
 from typing import Callable
 
 from support.machines import BootedMachine
+
+TARGET_UNIT = "alloc-target.service"
+TARGET_OUTPUT = "/var/tmp/alloc-target.out"
 
 
 def free_port() -> int:
@@ -66,3 +71,21 @@ def assert_untraced(machine: BootedMachine, pid: str, threads: int = 5,
             return
         assert time.monotonic() < deadline, lines
         time.sleep(0.2)
+
+
+def start_target(machine: BootedMachine, binary: object,
+                 hang_guard: float = 30) -> tuple[str, list[dict]]:
+    """alloc_threads `binary` with 4 workers, run in the machine as TARGET_UNIT of user
+    nobody: (its pid in the machine, its threads' counters as it printed them, main first)."""
+    # stdin a pipe that never closes: the fixture exits at end of file
+    machine.run("systemd-run", f"--unit={TARGET_UNIT}", "--property=User=nobody",
+                f"--property=StandardOutput=file:{TARGET_OUTPUT}", "sh", "-c",
+                f"sleep infinity | exec {binary} 4")
+    output = machine.merged / TARGET_OUTPUT.lstrip("/")
+    deadline = time.monotonic() + hang_guard
+    while "READY" not in (output.read_text() if output.exists() else ""):
+        assert time.monotonic() < deadline, "the target never printed READY"
+        time.sleep(0.1)
+    threads = [json.loads(line) for line in output.read_text().splitlines()[:-1]]
+    assert len(threads) == 5
+    return str(threads[0]["tid"]), threads
