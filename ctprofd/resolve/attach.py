@@ -163,7 +163,7 @@ class Attacher:
         self.elf_opens = 0  # binaries parsed since start: no growth on an unchanged host
         self.submitted = 0  # binaries handed to the background resolver since start
         self.retries = RetrySchedule()
-        self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # by identity key
+        self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # "loader:" + identity key
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -313,31 +313,32 @@ class Attacher:
         return NotJemalloc()
 
     def _loader(self, process: ProcessInfo, mappings: list[Mapping], what: str) -> LoaderLayout:
-        """The loader's layouts in this process (libc's descriptors, ld.so's symbols, each
-        parsed once per file); raises ProbeError(jemalloc-in-dso) saying what is missing."""
+        """The loader's layouts in this process (libc's descriptors, ld.so's symbols), from
+        the first mapping of each name: each file parsed once, in the background resolver
+        when there is one (Pending is raised meanwhile), never beside the snapshot's own
+        reads. Raises ProbeError(jemalloc-in-dso) saying what is missing."""
         found: list[tuple[LoaderFacts, int]] = []
+        pending: Pending | None = None
+        seen: set[str] = set()
         for mapping in _first_mappings(mappings):
-            if not LOADER_OBJECT.match(os.path.basename(mapping.path)):
-                continue
+            name = os.path.basename(mapping.path)
+            kind = "ld" if name.startswith("ld") else "libc"
+            if not LOADER_OBJECT.match(name) or kind in seen:
+                continue  # a process maps one of each; any more are nobody's loader
+            seen.add(kind)
             mapped = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
             if mapped is None:
                 continue
             identity, open_file = mapped
-            facts = self.loaders.get(identity.key)
-            if facts is None:
-                try:
-                    fd, _ = open_file()
-                except (OSError, FileRefused):
-                    continue
-                with os.fdopen(fd, "rb") as stream:
-                    facts = self.worker.loader(stream, mapping.path)
-                if isinstance(facts, LayoutFailure) and facts.lost:
-                    continue
-                if len(self.loaders) >= LOADER_CACHE_MAX:
-                    self.loaders.clear()
-                self.loaders[identity.key] = facts
+            try:
+                facts = self._loader_facts(identity, open_file, mapping.path)
+            except Pending as waiting:
+                pending = waiting
+                continue
             if isinstance(facts, LoaderFacts):
                 found.append((facts, mapping.start))
+        if pending is not None:
+            raise pending
         libc = next((f for f in found if f[0].fields), None)
         ld = next((f for f in found if "_r_debug" in f[0].symbols), None)
         placed = (place(libc[0], libc[1], ld[0], ld[1]) if libc and ld
@@ -346,3 +347,38 @@ class Attacher:
             raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {what}: general-dynamic "
                              f"TLS, but {placed}")
         return placed
+
+    def _loader_facts(self, identity: BinaryIdentity, open_file: Opener,
+                      what: str) -> LoaderFacts | LayoutFailure | None:
+        """A loader object's facts, cached per file; None when it cannot be opened or the
+        worker was lost on it (looked at again next time). Raises Pending while the
+        background resolver parses it."""
+        key = f"loader:{identity.key}"
+        facts = self.loaders.get(key)
+        if facts is not None:
+            return facts
+        if self.background is not None and self.background.queued(key):
+            raise Pending(f"{what}: being resolved")
+        try:
+            fd, st = open_file()
+        except (OSError, FileRefused):
+            return None
+        if self.background is None:
+            return self._parse_loader(key, fd, what)
+        if self.background.submit(key, st.st_uid, lambda: self._parse_loader(key, fd, what)):
+            self.submitted += 1
+        else:
+            os.close(fd)  # queued already, or the queues are full: next time
+        raise Pending(f"{what}: being resolved")
+
+    def _parse_loader(self, key: str, fd: int, what: str) -> LoaderFacts | LayoutFailure | None:
+        """Parse an opened loader object (closing it) and cache what it gave."""
+        with os.fdopen(fd, "rb") as stream:
+            self.elf_opens += 1
+            facts = self.worker.loader(stream, what)
+        if isinstance(facts, LayoutFailure) and facts.lost:
+            return None
+        if len(self.loaders) >= LOADER_CACHE_MAX:
+            self.loaders.clear()
+        self.loaders[key] = facts
+        return facts
