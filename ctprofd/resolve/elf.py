@@ -14,6 +14,9 @@ from elftools.elf.sections import StringTableSection, SymbolTableSection
 
 TSD_SYMBOL = re.compile(r"^(?:\w*_)?tsd_tls$")  # tsd_tls, je_tsd_tls, _rjem_je_tsd_tls, …
 MALLCTL_SYMBOL = re.compile(r"^(?:\w*_)?mallctl$")
+# strings ending in mallctl looked at per symbol table (jemalloc has one or two): each symbol
+# is checked against every one of them
+MAX_MALLCTL_NAMES = 64
 JEMALLOC_MARKER = b"<jemalloc>: "
 JEMALLOC_VERSION = re.compile(rb"[45]\.\d+\.\d+-\d+-g[0-9a-f]{40}")  # mallctl("version")
 R_X86_64_DTPMOD64 = 16
@@ -177,7 +180,7 @@ def jemalloc_prefix(elf: ELFFile) -> str | None:
         text, rows = raw
         ends: list[tuple[int, int]] = []  # [start, end) of every string ending in mallctl
         at = text.find(b"mallctl\0")
-        while at >= 0:
+        while at >= 0 and len(ends) < MAX_MALLCTL_NAMES:
             ends.append((text.rfind(b"\0", 0, at) + 1, at))
             at = text.find(b"mallctl\0", at + 1)
         if not ends:
@@ -189,15 +192,6 @@ def jemalloc_prefix(elf: ELFFile) -> str | None:
                 if MALLCTL_SYMBOL.match(name):
                     return name.removesuffix("mallctl")
     return None
-
-
-def exports_mallctl(elf: ELFFile) -> bool:
-    """True when the dynamic symbol table defines jemalloc's `mallctl` (maybe prefixed)."""
-    table = elf.get_section_by_name(".dynsym")
-    if not isinstance(table, SymbolTableSection):
-        return False
-    return any(sym["st_shndx"] != "SHN_UNDEF" and MALLCTL_SYMBOL.match(sym.name)
-               for sym in table.iter_symbols())
 
 
 def has_jemalloc_marker(stream: BinaryIO) -> bool:
