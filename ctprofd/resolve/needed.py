@@ -11,16 +11,19 @@ import os
 from collections import deque
 from typing import Iterator
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 
+from ..files.target import open_followed
 from . import elf
+from .layout import MALFORMED
 
 # glibc's built-in search path on Debian x86_64, after ld.so.conf
 DEFAULT_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                 "/lib", "/usr/lib")
 MAX_OBJECTS = 256  # a dependency graph larger than any real program's is cut off here
 MAX_CONF_FILES = 256
+MAX_ENTRIES = 256  # DT_NEEDED, and search directories, read per object
+MAX_FILE_BYTES = 1 << 30
 
 
 def conf_dirs(path: str = "/etc/ld.so.conf", depth: int = 0) -> list[str]:
@@ -45,27 +48,28 @@ def conf_dirs(path: str = "/etc/ld.so.conf", depth: int = 0) -> list[str]:
 
 
 def _dynamic(path: str) -> tuple[list[str], list[str], list[str]]:
-    """(DT_NEEDED, DT_RPATH, DT_RUNPATH) of an ELF file; empty when it has none or is no
-    ELF file."""
+    """(DT_NEEDED, DT_RPATH, DT_RUNPATH) of an ELF file, MAX_ENTRIES of each at most; empty
+    when it has none, is no ELF file, or is no regular file (a FIFO is not waited on)."""
     needed: list[str] = []
     rpath: list[str] = []
     runpath: list[str] = []
     try:
-        with open(path, "rb") as stream:
+        fd, _ = open_followed(path, MAX_FILE_BYTES)
+        with os.fdopen(fd, "rb") as stream:
             parsed = elf.open_elf(stream)
             for section in parsed.iter_sections():
                 if not isinstance(section, DynamicSection):
                     continue
                 for tag in section.iter_tags():
-                    if tag.entry.d_tag == "DT_NEEDED":
+                    if tag.entry.d_tag == "DT_NEEDED" and len(needed) < MAX_ENTRIES:
                         needed.append(tag.needed)
                     elif tag.entry.d_tag == "DT_RPATH":
                         rpath += tag.rpath.split(":")
                     elif tag.entry.d_tag == "DT_RUNPATH":
                         runpath += tag.runpath.split(":")
-    except (OSError, ELFError, ValueError, AttributeError):
-        pass
-    return needed, rpath, runpath
+    except (*MALFORMED, AttributeError, RecursionError):
+        pass  # a malformed object loads nothing we could follow
+    return needed, rpath[:MAX_ENTRIES], runpath[:MAX_ENTRIES]
 
 
 def _expand(entry: str, origin: str) -> str:
