@@ -223,6 +223,13 @@ def debuglink(elf: ELFFile) -> tuple[str, int] | None:
     return name, int.from_bytes(data[crc_at:crc_at + 4], "little")
 
 
+def _linked_symbols(elf: ELFFile, section) -> SymbolTableSection | None:
+    """The symbol table a relocation section names, or None (none, or not a symbol table:
+    a crafted sh_link)."""
+    linked = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+    return linked if isinstance(linked, SymbolTableSection) else None
+
+
 def module_tls_pairs(elf: ELFFile) -> dict[int, int | None]:
     """General-dynamic TLS: the GOT pairs whose first word an R_X86_64_DTPMOD64
     relocation fills with this object's own module id, mapped to the offset in the
@@ -233,7 +240,7 @@ def module_tls_pairs(elf: ELFFile) -> dict[int, int | None]:
     modules: dict[int, int | None] = {}
     offsets: dict[int, int] = {}
     for section in elf.iter_sections("SHT_RELA"):
-        symtab = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+        symtab = _linked_symbols(elf, section)
         for rel in section.iter_relocations():
             kind, index = rel["r_info_type"], rel["r_info_sym"]
             if kind not in (R_X86_64_DTPMOD64, R_X86_64_DTPOFF64):
@@ -252,7 +259,7 @@ def tpoff_relocations(elf: ELFFile) -> list[TpoffReloc]:
     """R_X86_64_TPOFF64 dynamic relocations (initial-exec TLS accesses)."""
     relocs = []
     for section in elf.iter_sections("SHT_RELA"):
-        symtab = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+        symtab = _linked_symbols(elf, section)
         for rel in section.iter_relocations():
             if rel["r_info_type"] != R_X86_64_TPOFF64:
                 continue

@@ -449,6 +449,8 @@ def layout_from_code(stream: BinaryIO, facts: ObjectFacts, what: str) -> Resolut
     except ValueError as exc:
         return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"machine code: {exc}")
     return layout
+
+
 def _arena_from_table(stream: BinaryIO, layout: TsdLayout, load_page: int) -> dict:
     """The TsdLayout fields of the arena statistics' layout for offsets found in machine
     code: from the layout table of the reference build this binary matches
@@ -462,7 +464,7 @@ def _arena_from_table(stream: BinaryIO, layout: TsdLayout, load_page: int) -> di
         return {"arena": arena}
     except arena_tables.TableError as exc:
         return {"arena_missing": str(exc)[:500]}
-    except (TypeError, OSError, ValueError) as exc:
+    except (*MALFORMED, TypeError) as exc:  # the counters' offsets found stand without it
         return {"arena_missing": f"arena layout table: {exc}"[:500]}
 
 
