@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import mmap
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+from .elf import JEMALLOC_VERSION
+
 TABLES = Path(__file__).with_name("arena_tables.json")
-VERSION = re.compile(rb"\d\.\d+\.\d+-\d+-g[0-9a-f]{40}")
 MAX_VERSIONS = 4  # distinct version strings looked at in one file
 
 
@@ -63,7 +63,7 @@ def versions_in(stream: BinaryIO) -> list[str]:
     """The jemalloc version strings in a file (in .rodata even when stripped)."""
     with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
         found: list[str] = []
-        for match in VERSION.finditer(view):
+        for match in JEMALLOC_VERSION.finditer(view):
             version = match[0].decode()
             if version not in found:
                 found.append(version)
