@@ -64,6 +64,7 @@ class ThreadState:
     allocated: int = 0
     deallocated: int = 0
     thread_pointer: int = 0  # general-dynamic TLS, no block yet: its DTV is read again
+    unplaced: bool = False  # its block could not be placed at the last try: not a zero
     inherited: tuple[int, int] = (0, 0)  # what a fork() child's thread had at the fork
 
     def counted(self) -> tuple[int, int]:
@@ -83,6 +84,9 @@ class ProcessState:
     tsd_delta: int | None = None  # addr(tsd) - fs_base, once known
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM (address, bytes) of the image
     module: dtv.Module | None = None  # general-dynamic TLS: the module's id, once read
+    # the module not found: (why, misses in a row, snapshots before it is looked for again);
+    # meanwhile its threads fail with that reason, without the link map being walked again
+    module_failure: tuple[str, int, int] | None = None
     # threads that missed their stop: tid -> (start time, misses, snapshots still skipped)
     backoff: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
@@ -127,6 +131,9 @@ class ThreadProber:
         for tid in [tid for tid, b in state.backoff.items()
                     if tid not in listed or listed[tid].start_time != b[0]]:
             del state.backoff[tid]
+        if state.module_failure is not None and state.module_failure[2]:
+            why, misses, skip = state.module_failure
+            state.module_failure = (why, misses, skip - 1)
         unlocated = [t for t in threads if t.tid not in state.threads
                      or not state.threads[t.tid].counters_at]
         # Threads in an uninterruptible sleep (a vfork wait: no stop comes) or that missed
@@ -148,7 +155,8 @@ class ThreadProber:
         samples = self._read(pid, state, readable, tally, alive)
         for thread in threads:  # no TLS block yet: it has not allocated, it counts zero
             known = state.threads.get(thread.tid)
-            if known is not None and not known.counters_at and known.thread_pointer:
+            if (known is not None and not known.counters_at and known.thread_pointer
+                    and not known.unplaced):
                 tally.probed_ok += 1
                 samples.append(ThreadSample(thread.tid, thread.comm, *known.counted()))
         return samples
@@ -156,8 +164,9 @@ class ThreadProber:
     def _place_block(self, pid: int, thread: ThreadInfo, state: ProcessState,
                      thread_pointer: int, tally: Tally) -> None:
         """General-dynamic TLS: the thread's counters from its DTV, read from memory only
-        (the thread pointer is known). A thread without a block yet keeps its thread
-        pointer, to be looked at again next time without being stopped again."""
+        (the thread pointer is known). A thread without a block yet, or whose block could
+        not be placed, keeps its thread pointer, to be looked at again next time without
+        being stopped again."""
         loader = state.attachment.loader
         assert loader is not None and state.attachment.base is not None
         known = state.threads.get(thread.tid)
@@ -165,12 +174,10 @@ class ThreadProber:
         state.threads[thread.tid] = ThreadState(thread.start_time, 0, *floor,
                                                 thread_pointer=thread_pointer)
         try:
-            if state.module is None:
-                state.module = dtv.find_module(self.read_ranges, pid, loader,
-                                               state.attachment.base)
-            block = dtv.block_address(self.read_ranges, pid, loader, state.module,
-                                      thread_pointer)
+            block = dtv.block_address(self.read_ranges, pid, loader,
+                                      self._module(pid, state), thread_pointer)
         except dtv.DtvError as exc:
+            state.threads[thread.tid].unplaced = True
             tally.fail(tags.JEMALLOC_IN_DSO, reason=f"tid {thread.tid}: general-dynamic "
                        f"TLS: {exc}")
             return
@@ -179,10 +186,30 @@ class ThreadProber:
         layout = state.attachment.layout
         address = block + layout.symbol_offset + layout.allocated_offset
         if not 0 < address < address + layout.deallocated_offset + 8 <= ADDRESS_LIMIT:
+            state.threads[thread.tid].unplaced = True
             tally.fail(tags.TLS_ARITHMETIC, reason=f"tid {thread.tid}: TLS block {block:#x} "
                        "gives counters outside the address space")
             return
         state.threads[thread.tid] = ThreadState(thread.start_time, address, *floor)
+
+    def _module(self, pid: int, state: ProcessState) -> dtv.Module:
+        """The module's TLS identity, found along the link map once; a failure is said
+        again, not looked for again, for 1, 3, 7 ... 63 snapshots. Raises DtvError."""
+        if state.module is not None:
+            return state.module
+        failure = state.module_failure
+        if failure is not None and failure[2]:
+            raise dtv.DtvError(failure[0])
+        assert state.attachment.loader is not None and state.attachment.base is not None
+        try:
+            state.module = dtv.find_module(self.read_ranges, pid, state.attachment.loader,
+                                           state.attachment.base)
+        except dtv.DtvError as exc:
+            misses = failure[1] + 1 if failure is not None else 1
+            state.module_failure = (str(exc), misses, min(1 << misses, MAX_BACKOFF))
+            raise
+        state.module_failure = None
+        return state.module
 
     @staticmethod
     def _backed_off(state: ProcessState, tid: int) -> bool:

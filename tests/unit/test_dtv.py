@@ -1,15 +1,25 @@
 """The DTV walk (probe/dtv.py) over a target's memory laid out by hand, as glibc 2.36 lays
 it out, with the descriptors read from this host's own libc.so.6 and ld.so: the module
 found along the link map, its block from the DTV, no block (zero) when the DTV is older
-than the module or the slot unallocated, static TLS, and hostile memory refused."""
+than the module or the slot unallocated, static TLS, and hostile memory refused; a module
+not found is looked for once per process and then backed off, its threads failures and not
+zeros."""
 
 from __future__ import annotations
 
 import struct
+from collections import Counter
 
 import pytest
 
 from ctprofd.probe import dtv
+from ctprofd.probe.ptrace import Tracer
+from ctprofd.probe.threads import ProcessState, ThreadProber, ThreadState
+from ctprofd.procfs.processes import ThreadInfo
+from ctprofd.report import tags
+from ctprofd.report.summary import Tally
+from ctprofd.resolve.attach import Attachment
+from ctprofd.resolve.layout import TsdLayout
 from ctprofd.resolve.loader import LoaderLayout, loader_facts, place
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
@@ -30,11 +40,13 @@ def host_loader() -> LoaderLayout:
 
 
 class Memory:
-    """A sparse target address space of 64-bit words; unset words fault."""
+    """A sparse target address space of 64-bit words; unset words fault. `seen` counts
+    the reads of each address."""
 
     def __init__(self) -> None:
         self.words: dict[int, int] = {}
         self.reads = 0
+        self.seen: Counter[int] = Counter()
 
     def put(self, address: int, value: int) -> None:
         self.words[address] = value
@@ -43,10 +55,12 @@ class Memory:
         self.reads += 1
         out: list[bytes | OSError] = []
         for address, size in ranges:
-            if size != 8 or address not in self.words:
+            self.seen[address] += 1
+            words = range(address, address + size, 8)
+            if size % 8 or not size or any(word not in self.words for word in words):
                 out.append(OSError(14, "Bad address"))
             else:
-                out.append(struct.pack("<Q", self.words[address]))
+                out.append(b"".join(struct.pack("<Q", self.words[word]) for word in words))
         return out
 
 
@@ -136,3 +150,42 @@ def test_a_loader_that_does_not_describe_itself_is_named():
         facts = loader_facts(libc)
     placed = place(facts, LIBC_BASE, facts, LIBC_BASE)  # libc has no _r_debug
     assert isinstance(placed, str) and "_r_debug" in placed
+
+
+def test_a_module_not_found_is_one_failure_per_thread_and_looked_for_again_after_a_back_off():
+    """A link map that does not lead to the module (here it loops) is walked once for all
+    the threads of a process, not again for 1, then 3 snapshots; meanwhile each thread is
+    a jemalloc-in-dso failure, never also read as zero. Once the walk finds the module
+    the threads are read."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    second = LINK_MAPS + 0x1000
+    mem.put(second, 1)  # not our bias: follow l_next ...
+    mem.put(second + dtv.LINK_MAP_NEXT, LINK_MAPS)  # ... back to the first
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    pointers = {11: TP, 12: TP + 0x100000}  # two threads sharing one DTV, so one block
+    mem.put(loader.fields["pthread_dtvp"].at(pointers[12]), DTV)
+    for offset, value in ((824, 5000), (832, 0), (840, 3000)):
+        mem.put(BLOCK + 0x10 + offset, value)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    threads = [ThreadInfo(tid, 50, "worker") for tid in pointers]
+    for tid, pointer in pointers.items():
+        state.threads[tid] = ThreadState(50, 0, thread_pointer=pointer)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read)
+    walks = mem.seen[loader.r_debug + dtv.R_DEBUG_MAP]
+    for walked in [1, 0, 1, 0, 0, 0, 1]:
+        tally = Tally()
+        assert prober.probe(1, state, threads, tally) == []
+        assert mem.seen[loader.r_debug + dtv.R_DEBUG_MAP] - walks == walked
+        walks += walked
+        assert tally.failures == {tags.JEMALLOC_IN_DSO: 2} and tally.probed_ok == 0
+    mem.put(second, BIAS)
+    mem.put(second + dtv.LINK_MAP_NEXT, 0)
+    for _ in range(8):  # its back-off (7 snapshots) is over
+        tally = Tally()
+        samples = prober.probe(1, state, threads, tally)
+        if samples:
+            break
+    assert tally.failures == {} and tally.probed_ok == 2
+    assert {s.tid: (s.allocated_bytes, s.deallocated_bytes) for s in samples} == {
+        11: (5000, 3000), 12: (5000, 3000)}
