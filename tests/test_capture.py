@@ -502,3 +502,39 @@ def test_a_thread_another_ctprofd_holds_is_read_once_it_lets_go(fixture_bins, sp
     assert snapshot.failures == {}
     assert by_tid(snapshot, fixture.pid) == truth(fixture)
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def test_a_thread_another_tracer_keeps_is_backed_off_and_still_said(fixture_bins,
+                                                                    spawn_fixture,
+                                                                    spawn_process, tmp_path,
+                                                                    caplog):
+    """A thread a tracer (here one called ctprofd) keeps holding is seized again, and its
+    ctprofd holder waited for, only after 1, then 2 snapshots, not in each; meanwhile it is
+    still ptrace-traced, naming its tracer. It is read once the tracer let go."""
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    held = fixture.worker_tids[0]
+    holder = hold(spawn_process, tmp_path, "ctprofd", held)
+    engine = capturer(fixture_bins)
+    readable = {tid: c for tid, c in truth(fixture).items() if tid != held}
+    retried = f"tid {held}: held by ctprofd (tid {holder.pid}): seize retried"
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.ptrace"):
+            for seized in [1, 0, 1, 0, 0, 1]:  # 1: seized and waited for; 0: backed off
+                caplog.clear()
+                snapshot = engine.capture(pids=[fixture.pid])
+                assert caplog.text.count(retried) == seized, caplog.text
+                assert snapshot.failures == {tags.PTRACE_TRACED: 1}
+                assert snapshot.traced_by == {fixture.pid: holder.pid}
+                assert snapshot.left_out_threads == 0
+                assert by_tid(snapshot, fixture.pid) == readable
+        holder.send("go")
+        assert holder.proc.wait(timeout=120) == 0
+        for _ in range(200):  # a hang guard: its back-off (4 snapshots here) ends first
+            snapshot = engine.capture(pids=[fixture.pid])
+            if not snapshot.failures:
+                break
+        assert snapshot.traced_by == {}
+        assert by_tid(snapshot, fixture.pid) == truth(fixture)
+    finally:
+        engine.close()
+    assert_no_thread_stopped_or_traced(fixture.pid)

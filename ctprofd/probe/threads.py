@@ -87,8 +87,10 @@ class ProcessState:
     # the module not found: (why, misses in a row, snapshots before it is looked for again);
     # meanwhile its threads fail with that reason, without the link map being walked again
     module_failure: tuple[str, int, int] | None = None
-    # threads that missed their stop: tid -> (start time, misses, snapshots still skipped)
-    backoff: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # threads that missed their stop or another tracer holds: tid -> (start time, misses,
+    # snapshots still skipped, the tracer's refusal, said again while skipped)
+    backoff: dict[int, tuple[int, int, int, SeizeRefused | None]] = field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta
@@ -147,7 +149,11 @@ class ThreadProber:
             if known is not None and not known.counters_at and known.thread_pointer:
                 self._place_block(pid, thread, state, known.thread_pointer, tally)
             elif self._backed_off(state, thread.tid):
-                tally.left_out += 1
+                held = state.backoff[thread.tid][3]
+                if held is None:
+                    tally.left_out += 1
+                else:  # not seized again: still held, as far as is known
+                    self._failed(pid, held, tally)
             else:
                 self._locate(pid, thread, state, tally)
         readable = [t for t in threads
@@ -212,13 +218,28 @@ class ThreadProber:
         return state.module
 
     @staticmethod
+    def _back_off(state: ProcessState, thread: ThreadInfo, held: SeizeRefused | None) -> None:
+        """Skip a thread that missed its stop, or that another tracer holds (`held`), for
+        1, 2, 4 ... 64 snapshots, then try it again."""
+        misses = state.backoff[thread.tid][1] + 1 if thread.tid in state.backoff else 1
+        state.backoff[thread.tid] = (thread.start_time, misses,
+                                     min(1 << (misses - 1), MAX_BACKOFF), held)
+
+    @staticmethod
     def _backed_off(state: ProcessState, tid: int) -> bool:
-        """Whether a thread that missed its stop is still skipped (one snapshot fewer now)."""
+        """Whether a backed-off thread is still skipped (one snapshot fewer now)."""
         entry = state.backoff.get(tid)
         if entry is None or entry[2] == 0:
             return False
-        state.backoff[tid] = (entry[0], entry[1], entry[2] - 1)
+        state.backoff[tid] = (entry[0], entry[1], entry[2] - 1, entry[3])
         return True
+
+    @staticmethod
+    def _failed(pid: int, error: ProbeError, tally: Tally) -> None:
+        tally.fail(error.tag, reason=error.message)
+        if isinstance(error, SeizeRefused) and error.tracer:
+            tally.traced_by[pid] = error.tracer
+            tally.tracer_names[error.tracer] = error.tracer_comm
 
     def _read_got_slot(self, pid: int, state: ProcessState, tally: Tally) -> bool:
         """Learn the TSD's TP offset from the GOT slot the dynamic loader filled."""
@@ -242,19 +263,16 @@ class ThreadProber:
             tally.left_out += 1
             log.debug("pid %d: %s", pid, spent)
             return
-        except StopTimeout as missed:  # skipped for 1, 2, 4 ... 64 snapshots, then tried
-            misses = state.backoff.get(thread.tid, (0, 0, 0))[1] + 1
-            state.backoff[thread.tid] = (thread.start_time, misses,
-                                         min(1 << (misses - 1), MAX_BACKOFF))
+        except StopTimeout as missed:
+            self._back_off(state, thread, None)
             tally.fail(missed.tag, reason=missed.message)
             tally.left_out += 1
             log.debug("pid %d: %s", pid, missed)
             return
         except ProbeError as error:
-            tally.fail(error.tag, reason=error.message)
             if isinstance(error, SeizeRefused) and error.tracer:
-                tally.traced_by[pid] = error.tracer
-                tally.tracer_names[error.tracer] = error.tracer_comm
+                self._back_off(state, thread, error)
+            self._failed(pid, error, tally)
             log.debug("pid %d: %s", pid, error)
             return
         state.backoff.pop(thread.tid, None)
