@@ -787,6 +787,32 @@ def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 
+
+def test_a_stop_wait_the_budget_cut_short_is_left_out_not_backed_off(fixture_bins,
+                                                                     spawn_fixture):
+    """A wait cut short because the snapshot's stop wait is nearly spent says nothing
+    against the thread: it is left out, no `waitpid` failure and no stop timeout, and tried
+    again at the next snapshot instead of being backed off. (Here every wait is: a thread's
+    own wait is longer than the whole budget.)"""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4)
+    engine = capturer(fixture_bins)
+    engine.capture(pids=[spawn_fixture(fixture_bins.hostile_threads, 0).pid])  # parsed
+    engine.tracer.stop_timeout = 120  # a hang guard: the budget cuts every wait short
+    engine.tracer.wait_budget = 1.0
+    [stuck] = stuck_in_vfork(fixture, [2])
+    snapshot = engine.capture(pids=[fixture.pid])
+    assert snapshot.failures == {}, snapshot.failures
+    assert snapshot.left_out_threads == 1 and engine.stats.stop_timeouts == 0
+    assert by_tid(snapshot, fixture.pid) == {tid: c for tid, c in truth(fixture.threads).items()
+                                             if tid != stuck}
+    end_vfork(fixture.pid, stuck)
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "S", what="the vfork to end")
+    snapshot = engine.capture(pids=[fixture.pid])  # not backed off: read at once
+    assert (snapshot.failures, snapshot.left_out_threads) == ({}, 0)
+    assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
+    engine.close()
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
 # -- totals across thread exits and restarts -------------------------------------------------
 
 def test_totals_stay_monotonic_across_thread_exits_and_restarts(fixture_bins, spawn_fixture,

@@ -131,7 +131,8 @@ class StopTimeout(ProbeError):
 
 
 class WaitBudgetSpent(Exception):
-    """This snapshot's stop-wait budget is spent: the thread was not seized."""
+    """This snapshot's stop-wait budget is spent: the thread was not seized, or its stop
+    was not waited for as long as a thread's due (no fault of the thread's)."""
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,9 @@ class Tracer:
 
     def thread_pointer(self, tid: int) -> ThreadPointer:
         """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag, or
-        ThreadGone when the thread exited first, WaitBudgetSpent (the thread untouched) once
-        this snapshot waited `wait_budget` seconds for stops that did not come."""
+        ThreadGone when the thread exited first, WaitBudgetSpent once this snapshot waited
+        `wait_budget` seconds for stops that did not come (the thread untouched, or its
+        wait, cut short by what was left, missed)."""
         if self._waited >= self.wait_budget:
             raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent")
         if self._thread is None:
@@ -316,8 +318,12 @@ class Tracer:
             try:
                 status = _wait_for_stop(tid, stopped_at, timeout)
             except StopTimeout:
-                self.stop_timeouts += 1
                 self._waited += time.monotonic() - stopped_at
+                if timeout < self.stop_timeout:  # the budget's miss, not the thread's
+                    raise WaitBudgetSpent(f"tid {tid}: no stop within the "
+                                          f"{timeout * 1000:.0f} ms left of this snapshot's "
+                                          "stop wait") from None
+                self.stop_timeouts += 1
                 raise
             stopped = True
             self.stops += 1
