@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from ctprofd.export.aggregate import Aggregator
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
-from support.procs import Spawned, assert_no_thread_stopped_or_traced
+from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 from support.redis import Redis
 
 MIB = 1 << 20
@@ -263,15 +262,6 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def wait_until(check, what: str, bound: float = 60.0, poll: float = 0.05):
-    """Poll `check` until it returns something true (a hang guard, not a timing claim)."""
-    deadline = time.monotonic() + bound
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what} within {bound} s"
-        time.sleep(poll)
-    return result
-
-
 def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_path):
     """A real redis-server on Debian's stock libjemalloc.so.2 (no debug info): its BGSAVE
     child is a fork holding a copy of the main thread's counters. The exe series' allocated
@@ -297,7 +287,7 @@ def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_pat
         before, processes = exe_series()
         assert processes == 1
         assert "Background saving started" in cli("bgsave")
-        [child] = wait_until(lambda: children_of(redis.pid), "the BGSAVE child")
+        [child] = wait_until(lambda: children_of(redis.pid), "the BGSAVE child", poll=0.05)
         during, processes = exe_series()
         assert processes == 2, "the child was read while it saved"
         # each INFO allocates in redis (a client, its buffers): polled slowly

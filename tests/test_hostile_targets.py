@@ -26,7 +26,8 @@ from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSetting
 from ctprofd.procfs.processes import iter_processes
 from ctprofd.report import tags
 from support import elf
-from support.procs import READY, assert_no_thread_stopped_or_traced, in_group_stop, task_states
+from support.procs import (READY, assert_no_thread_stopped_or_traced, in_group_stop, task_states,
+                           wait_until)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHURNERS = 10_000
@@ -59,19 +60,6 @@ def truth(threads) -> dict[int, tuple[int, int]]:
 
 def totals(threads) -> tuple[int, int]:
     return sum(t["allocated"] for t in threads), sum(t["deallocated"] for t in threads)
-
-
-def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
-    """Poll `predicate` until it holds; `timeout` is a guard against a hang, never a
-    timing claim."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def proc_field(pid: int, tid: int, name: str) -> str | None:
@@ -144,7 +132,7 @@ def host_child(pid: int) -> int:
     def child():
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return int(text[0]) if text else None
-    return wait_until(child, what=f"a child of {pid}")
+    return wait_until(child, f"a child of {pid}")
 
 
 # -- a stopped process stays stopped; signals are not lost ----------------------------------
@@ -154,7 +142,7 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
     os.kill(fixture.pid, signal.SIGSTOP)
     try:
         wait_until(lambda: not in_group_stop(fixture.pid),
-                   what="group stop")
+                   "group stop")
         snapshot = capturer(fixture_bins).capture(pids=[fixture.pid])
         assert snapshot.summary.failed == 0, snapshot.failures
         assert by_tid(snapshot, fixture.pid) == truth(fixture.threads)
@@ -176,7 +164,7 @@ def test_sigstopped_process_stays_stopped_and_reads_exactly(fixture_bins, spawn_
     fixture.send("ping")
     assert fixture.readline() == "PONG"
     wait_until(lambda: all(s[0] == "S" for s in task_states(fixture.pid).values()),
-               what="threads blocked again after SIGCONT")
+               "threads blocked again after SIGCONT")
     assert by_tid(capturer(fixture_bins).capture(pids=[fixture.pid]),
                   fixture.pid) == truth(fixture.threads)
     assert_no_thread_stopped_or_traced(fixture.pid)
@@ -216,7 +204,7 @@ def test_job_control_racing_the_snapshots_is_kept(fixture_bins, spawn_fixture, t
     assert fixture.readline() == "PONG"
     os.kill(fixture.pid, signal.SIGSTOP)  # last: stopped
     wait_until(lambda: not in_group_stop(fixture.pid),
-               what="group stop")
+               "group stop")
     assert by_tid(capturer(fixture_bins, cache_dir=cache).capture(pids=[fixture.pid]),
                   fixture.pid) == truth(fixture.threads)
     # a thread the detach resumed would have left T in that detach: looking now tells
@@ -240,7 +228,7 @@ def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tm
         fixture.send("signals")
         word, usr1, rt = fixture.readline().split()
         return int(usr1), int(rt)
-    wait_until(lambda: all(signals()), what="the storm to reach the workers")
+    wait_until(lambda: all(signals()), "the storm to reach the workers")
     for _ in range(10):  # the storm goes on until told to calm down
         # A new Capturer each round: every thread is stopped again.
         engine = capturer(fixture_bins, cache_dir=cache)
@@ -260,7 +248,7 @@ def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tm
     assert word == "STORMED"
     try:
         wait_until(lambda: signals() == (int(usr1_sent), int(rt_sent)),
-                   what="every signal sent to be handled")
+                   "every signal sent to be handled")
     except AssertionError:
         fixture.send("signals")
         pytest.fail(f"signals lost: sent SIGUSR1/SIGRTMIN {usr1_sent}/{rt_sent}, "
@@ -302,7 +290,7 @@ def test_zombies_and_kernel_threads_are_walked_without_failures(fixture_bins, sp
     zombie_sleep.send("")
     zombies = [zombie_jemalloc.proc.pid, zombie_sleep.proc.pid]
     wait_until(lambda: all(Path(f"/proc/{z}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                           == "Z" for z in zombies), what="zombies")
+                           == "Z" for z in zombies), "zombies")
     kthreads = [2, *(pid for pid in map(int, Path("/proc/2/task/2/children").read_text().split())
                      if not Path(f"/proc/{pid}/comm").read_text().startswith("kworker"))]
     assert len(kthreads) > 3  # kworkers come and go: the others stay
@@ -343,7 +331,7 @@ def test_process_whose_main_thread_exited_is_still_read(fixture_bins, spawn_fixt
     assert word == "COMMANDER"
     workers = [*fixture.threads[1:], json.loads(commander)]
     wait_until(lambda: Path(f"/proc/{fixture.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-               == "Z", what="the leader to be a zombie")
+               == "Z", "the leader to be a zombie")
     assert len(os.listdir(f"/proc/{fixture.pid}/task")) == len(workers) + 1
 
     main_before = (before.threads[0].allocated_bytes, before.threads[0].deallocated_bytes)
@@ -611,7 +599,7 @@ def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixtu
     stuck = sorted(fixture.worker_tids)[len(fixture.worker_tids) // 2]
     fixture.send(f"vfork {fixture.worker_tids.index(stuck)} 600000")
     assert fixture.readline() == f"VFORKING {stuck}"
-    wait_until(lambda: thread_state(fixture.pid, stuck) == "D", what="the vfork")
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "D", "the vfork")
     for _attempt in range(5):  # a poll on a loaded machine can miss the 250 ms window
         before = voluntary_switches(fixture.pid)
         cli = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -622,7 +610,7 @@ def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixtu
             return tracer not in (None, "0") and os.path.exists(f"/proc/{cli.pid}/task/{tracer}")
         try:
             if wait_until(lambda: seized_by_cli() or ("exited" if cli.poll() is not None else None),
-                          what="ctprofd to seize the stuck worker") is True:
+                          "ctprofd to seize the stuck worker") is True:
                 break
         finally:
             cli.kill()
@@ -670,7 +658,7 @@ def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tm
         word, tid = fixture.readline().split()
         assert word == "VFORKING"
         stuck = int(tid)
-        wait_until(traced_by_cli, what="ctprofd to seize the worker")
+        wait_until(traced_by_cli, "ctprofd to seize the worker")
     finally:
         cli.kill()
         cli.wait()
@@ -679,7 +667,7 @@ def test_sigkill_while_a_thread_is_mid_interrupt(fixture_bins, spawn_fixture, tm
     # A stop still due would come as the vfork returns, before the worker blocks again
     # (S): a worker seen blocking again has gone past it, and a stopped one stays t.
     wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
-               what="the vfork to end")
+               "the vfork to end")
     assert_no_thread_stopped_or_traced(fixture.pid)
     fixture.send("ping")
     assert fixture.readline() == "PONG"
@@ -697,7 +685,7 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     word, tid = fixture.readline().split()
     stuck = int(tid)
     wait_until(lambda: thread_state(fixture.pid, stuck) == "D",
-               what="the worker waiting for its vfork child")
+               "the worker waiting for its vfork child")
     snapshot = engine.capture(pids=[fixture.pid])
     assert snapshot.failures == {tags.WAITPID: 1}
     assert stuck not in by_tid(snapshot, fixture.pid)
@@ -705,7 +693,7 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     # A stop still due would come as the vfork returns, before the worker blocks again
     # (S): a worker seen blocking again has gone past it, and a stopped one stays t.
     wait_until(lambda: thread_state(fixture.pid, stuck) in ("S", "t"),
-               what="the vfork to end")
+               "the vfork to end")
     assert_no_thread_stopped_or_traced(fixture.pid)
     for _ in range(HANG_GUARD_ROUNDS):  # it is backed off for a snapshot after its miss
         snapshot = engine.capture(pids=[fixture.pid])
@@ -724,7 +712,7 @@ def stuck_in_vfork(fixture, workers) -> list[int]:
         assert word == "VFORKING"
         stuck.append(int(tid))
     for tid in stuck:
-        wait_until(lambda: thread_state(fixture.pid, tid) == "D", what="the vfork wait")
+        wait_until(lambda: thread_state(fixture.pid, tid) == "D", "the vfork wait")
     return stuck
 
 
@@ -746,7 +734,7 @@ def test_a_thread_that_missed_its_stop_is_backed_off_then_read(fixture_bins, spa
         assert engine.stats.stop_timeouts == timeouts + missed
         assert stuck not in by_tid(snapshot, fixture.pid)
     end_vfork(fixture.pid, stuck)
-    wait_until(lambda: thread_state(fixture.pid, stuck) == "S", what="the vfork to end")
+    wait_until(lambda: thread_state(fixture.pid, stuck) == "S", "the vfork to end")
     for _ in range(HANG_GUARD_ROUNDS):  # until its back-off (4 snapshots here) is over
         snapshot = engine.capture(pids=[fixture.pid])
         if not snapshot.left_out_threads:
@@ -783,7 +771,7 @@ def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_
         end_vfork(fixture.pid, tid)
     engine.close()
     for tid in stuck:
-        wait_until(lambda: thread_state(fixture.pid, tid) == "S", what="the vfork to end")
+        wait_until(lambda: thread_state(fixture.pid, tid) == "S", "the vfork to end")
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 

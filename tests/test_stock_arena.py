@@ -22,10 +22,9 @@ from ctprofd.resolve import arena_tables
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
-from support.procs import assert_no_thread_stopped_or_traced
+from support.procs import assert_no_thread_stopped_or_traced, wait_until
 from support.redis import Redis
 from test_churn import MIB, assert_close, paused_truth
-from test_stock_programs import until
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 DEBIAN_BUILD = Path("/var/cache/ctprofd/jemalloc-5.3.0-debian/lib/libjemalloc.so.2")
@@ -247,8 +246,8 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
     def truth() -> int:
         before = len(out.read_text().splitlines()) if out.exists() else 0
         requests.write("read\n")
-        until(lambda: out.exists() and len(out.read_text().splitlines()) > before,
-              "the shim answers")
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) > before,
+                   "the shim answers")
         stats = json.loads(out.read_text().splitlines()[-1])
         return stats["allocated"] - stats["tcache"]
 
@@ -257,7 +256,7 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     engine = no_debug_info(tmp_path)
     try:
-        until(lambda: truth() > 20 * MIB, "redis holds 20 MiB")
+        wait_until(lambda: truth() > 20 * MIB, "redis holds 20 MiB", poll=0.1)
         for _ in range(10):
             first = truth()
             [process] = engine.capture(pids=[redis.pid]).processes

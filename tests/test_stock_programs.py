@@ -7,12 +7,11 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
-from support.procs import assert_no_thread_stopped_or_traced
+from support.procs import assert_no_thread_stopped_or_traced, wait_until
 from support.redis import Redis
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -27,15 +26,6 @@ def free_port() -> int:
 
 def no_debug_info(tmp_path) -> Capturer:
     return Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
-
-
-def until(check, what: str):
-    """Poll `check` until it returns something true, at most WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
-        time.sleep(0.1)
-    return result
 
 
 def maps_stock_libjemalloc(pid: int) -> bool:
@@ -80,7 +70,7 @@ def test_varnishd_manager_and_child_are_read(spawn_process, tmp_path):
             return False
         return True
 
-    until(answers, "varnishd answers HTTP")
+    wait_until(answers, "varnishd answers HTTP", poll=0.1)
     assert maps_stock_libjemalloc(varnish.pid) and maps_stock_libjemalloc(child)
     engine = no_debug_info(tmp_path)
     snapshot = engine.capture(pids=[varnish.pid, child])

@@ -24,6 +24,7 @@ from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
 from ctprofd.export.server import (AUTH_BURST, MAX_REQUEST_BYTES, MetricsServer, WebConfig,
                                    network_of, parse_listen)
+from support.procs import wait_until
 
 
 @pytest.fixture
@@ -346,14 +347,6 @@ def test_parse_listen(value, expected):
             parse_listen(value)
     else:
         assert parse_listen(value) == expected
-
-
-def wait_until(condition, what: str) -> None:
-    """Wait for `condition()` (an event the server records), with a hang guard."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
 
 
 TOOLKIT_EXAMPLE = """\

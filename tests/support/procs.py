@@ -177,6 +177,17 @@ def is_dead(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def wait_until(check, what: str, hang_guard: float = 120.0, poll: float = 0.01):
+    """Poll `check` until it returns something true, and return that; AssertionError naming
+    `what` if it has not after `hang_guard` seconds, a guard against hanging the suite and
+    never a timing claim. `poll` spaces out checks that cost a process or a request."""
+    deadline = time.monotonic() + hang_guard
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"never happened within {hang_guard} s: {what}"
+        time.sleep(poll)
+    return result
+
+
 def wait_for_exit(pid: int, hang_guard: float) -> bool:
     """Wait for any process (not only a child) to exit, through its pidfd: an event, not
     polling. False only if it still runs after `hang_guard` seconds, a guard against
