@@ -470,12 +470,26 @@ def test_an_unparseable_accept_gets_the_text_format_without_a_traceback(serve, c
 
 
 def test_gzip_bodies_of_both_formats_decompress_to_one_exposition(serve):
+    """Each format's gzip body (its snapshot and live parts, two gzip members) decompresses
+    to that format's plain body: one generation (the server's static one), and nothing in
+    the live part moves between these requests."""
     server = serve()
-    _, _, body = get(server.url + "/metrics", {"Accept-Encoding": "gzip",
-                                              "Accept": "application/openmetrics-text"})
-    text = gzip.decompress(body)
-    assert text.count(b"# EOF\n") == 1 and text.endswith(b"# EOF\n")
-    assert b"ctprofd_test_value 42.0" in text and b"ctprofd_http_connections " in text
+    for accept, content_type in (("text/plain", "text/plain; version=0.0.4"),
+                                 ("application/openmetrics-text", "application/openmetrics-text")):
+        _, plain_headers, plain = get(server.url + "/metrics", {"Accept": accept})
+        _, headers, body = get(server.url + "/metrics", {"Accept-Encoding": "gzip",
+                                                         "Accept": accept})
+        assert "Content-Encoding" not in plain_headers
+        assert headers["Content-Encoding"] == "gzip"
+        assert plain_headers["Content-Type"].startswith(content_type)
+        assert headers["Content-Type"] == plain_headers["Content-Type"]
+        text = gzip.decompress(body)
+        assert text == plain, accept
+        assert b"ctprofd_test_value 42.0" in text and b"ctprofd_http_connections " in text
+        if accept == "text/plain":
+            assert b"# EOF" not in text
+        else:
+            assert text.count(b"# EOF\n") == 1 and text.endswith(b"# EOF\n")
 
 
 def test_one_render_per_snapshot_whatever_the_number_of_scrapes(registry):
