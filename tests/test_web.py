@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import http.client
 import logging
 import socket
 import ssl
@@ -13,6 +14,7 @@ import textwrap
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
-from ctprofd.export.server import (AUTH_BURST, MAX_REQUEST_BYTES, MetricsServer, WebConfig,
-                                   network_of, parse_listen)
+from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MAX_REQUEST_BYTES, MetricsServer,
+                                   TokenBuckets, WebConfig, network_of, parse_listen)
+from support.clock import Clock
 from support.procs import wait_until
 
 
@@ -58,6 +61,20 @@ def get(url: str, headers: dict | None = None, context: ssl.SSLContext | None = 
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
+
+
+def get_from(source: str, url: str, headers: dict) -> int:
+    """The status of GET `url` from a client socket bound to the address `source`."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", parts.path or "/", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
 
 
 def openssl_cert(directory: Path, name: str) -> tuple[Path, Path]:
@@ -625,12 +642,22 @@ def test_a_network_full_of_unread_answers_makes_room_for_another_address(big_reg
 def test_failed_basic_auth_is_rate_limited_per_address_without_bcrypt(serve, tmp_path):
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
     server = serve(web_config(tmp_path, f"basic_auth_users:\n  u: '{hashed}'\n"))
+    # the refill moves when the test says, not with how fast the host answers
+    clock = Clock()
+    server.auth_failures = TokenBuckets(AUTH_BURST, AUTH_PER_SECOND, clock=clock)
     assert get(server.url + "/metrics", basic("u", "pw"))[0] == 200  # remembered
     statuses = [get(server.url + "/metrics", basic("u", "wrong"))[0] for _ in range(20)]
     assert statuses.count(401) >= AUTH_BURST and 429 in statuses
     assert statuses[:AUTH_BURST] == [401] * AUTH_BURST
+    assert statuses == [401] * AUTH_BURST + [429] * (20 - AUTH_BURST)
     assert get(server.url + "/metrics", basic("u", "pw"))[0] == 200  # no bcrypt needed
-    assert get(server.url.replace("127.0.0.1", "127.0.0.1"), basic("u", "wrong"))[0] == 429
+    assert get(server.url, basic("u", "wrong"))[0] == 429
+    # per address: another loopback address has a bucket of its own
+    assert get_from("127.0.0.2", server.url + "/metrics", basic("u", "wrong")) == 401
+    assert get(server.url, basic("u", "wrong"))[0] == 429  # 127.0.0.1 is still limited
+    clock.now += 1 / AUTH_PER_SECOND  # one token back
+    assert get(server.url, basic("u", "wrong"))[0] == 401
+    assert get(server.url, basic("u", "wrong"))[0] == 429
     status, _, body = get(server.url + "/metrics", basic("u", "pw"))
     assert status == 200 and b'ctprofd_http_requests_limited_total{reason="auth"}' in body
 
