@@ -12,6 +12,7 @@ counters are read and move with the work, not their values."""
 from __future__ import annotations
 
 import json
+import re
 import select
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def rjem_dwarf() -> TsdLayout:
     return layout
 
 
+def rjem_pahole() -> tuple[int, int]:
+    """The offsets of tsd_s's thread_allocated and thread_deallocated members in the same
+    build as pahole (dwarves) reads them: a DWARF reader that is not ctprofd's."""
+    out = subprocess.run(["pahole", "-C", "tsd_s", str(RJEM)], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    offsets = [re.findall(rf"_{member}; */\* +(\d+) ", out)
+               for member in ("thread_allocated", "thread_deallocated")]
+    assert all(len(found) == 1 for found in offsets), out
+    return int(offsets[0][0]), int(offsets[1][0])
+
+
 @pytest.mark.parametrize("binary", [RUFF, UV], ids=["ruff", "uv"])
 def test_offsets_from_the_code_equal_the_dwarf_of_its_jemalloc(tmp_path, binary):
     result = subprocess.run(
@@ -63,6 +75,7 @@ def test_offsets_from_the_code_equal_the_dwarf_of_its_jemalloc(tmp_path, binary)
     dwarf = rjem_dwarf()
     assert (found["allocated_offset"], found["deallocated_offset"]) == (
         dwarf.allocated_offset, dwarf.deallocated_offset)
+    assert (found["allocated_offset"], found["deallocated_offset"]) == rjem_pahole()
     assert found["static_block_offset"] is not None  # local-exec, below the thread pointer
 
 
