@@ -163,6 +163,10 @@ def test_ruff_server_counters_move_as_it_works(tmp_path):
         [worked] = after.processes
         [layout] = engine.cache.layouts()
         assert layout.source == "code: scan of the executable segment"
+        # the words read are the checked counters (the rjem build's DWARF), not any growing word
+        dwarf = rjem_dwarf()
+        assert (layout.allocated_offset, layout.deallocated_offset) == (
+            dwarf.allocated_offset, dwarf.deallocated_offset)
         # linting 3000 functions allocates at least the 100 kB of text it was sent
         assert worked.allocated_bytes - idle.allocated_bytes > len(big_module(3000))
         assert worked.deallocated_bytes > idle.deallocated_bytes
