@@ -132,13 +132,17 @@ def test_pyarrow_jemalloc_pool_is_read(tmp_path):
 
 def test_polars_frame_is_read(tmp_path):
     """polars 2.1: _rjem_ jemalloc 5.3.1 in the extension module, general-dynamic TLS: the
-    process is read and its live bytes cover its frame's estimated_size()."""
+    process is read and its live bytes cover its frame's estimated_size(), and at most
+    1.10 x it."""
     estimated, shown = run_target(POLARS_SCRIPT, tmp_path)
     assert shown["probe_summary"]["failed"] == 0, shown["failed_pids"]
     [process] = shown["processes"]
     live = process["allocated_bytes"] - process["deallocated_bytes"]
     assert estimated >= 300_000_000
     assert live >= estimated, (live, estimated)
+    # measured 320,056,744 for 320,000,000 (x 1.0002): a counter read twice, or a word that
+    # is not the counter, is far above
+    assert live <= 1.10 * estimated, (live, estimated)
 
 
 @pytest.mark.parametrize("source, flags, why", [
