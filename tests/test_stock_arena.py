@@ -251,8 +251,9 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
         stats = json.loads(out.read_text().splitlines()[-1])
         return stats["allocated"] - stats["tcache"]
 
-    load = subprocess.Popen(["redis-benchmark", "-s", str(redis.socket), "-n", "2000000", "-c", "8", "-r",
-                             "200000", "-d", "200", "-t", "set,lpush,get", "-q"],
+    # -l: the load loops until killed, whatever the snapshots take on a busy host
+    load = subprocess.Popen(["redis-benchmark", "-s", str(redis.socket), "-l", "-n", "2000000", "-c", "8",
+                             "-r", "200000", "-d", "200", "-t", "set,lpush,get", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     engine = no_debug_info(tmp_path)
     try:
