@@ -184,6 +184,7 @@ def test_over_budget_is_counted_every_snapshot_warned_once_and_not_reread_each_t
     exported = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--json",
                                str(fixture_bins.poker), "--cache-dir", ""],
                               capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
     poker = Poker(spawn_process([fixture_bins.poker], prefix=NOBODY),
                   json.loads(exported.stdout))
     long_cache_ring(poker)
