@@ -261,6 +261,31 @@ def test_fully_unprivileged_capture_sees_uncounted_readlink_failures(fixture_bin
     assert "denied: 1 processes cannot be seen" in table, table
 
 
+CAPTURES_DENIED = """
+import sys
+from ctprofd.probe.capture import Capturer
+engine = Capturer()
+for _ in range(3):
+    assert engine.capture(pids=[int(sys.argv[1])]).denied_tgids == 1
+engine.close()
+"""
+
+
+def test_a_capture_with_denied_processes_reads_its_capabilities_once(fixture_bins,
+                                                                      spawn_fixture, tmp_path):
+    """The hint for processes that cannot be seen depends on CAP_SYS_PTRACE: it is read
+    from /proc/self/status once per Capturer, not in every snapshot that has any."""
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=-all", "--bounding-set=-all", "--")
+    trace = tmp_path / "openat"
+    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", trace, *nobody,
+                             sys.executable, "-c", CAPTURES_DENIED, str(fixture.pid)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "DEBUGINFOD_URLS": ""})
+    assert result.returncode == 0, result.stderr
+    assert trace.read_text().count('"/proc/self/status"') == 1, trace.read_text()
+
 def test_exited_and_kernel_processes_are_not_denied(fixture_bins, spawn_fixture):
     """ENOENT (a kernel thread's exe, a process gone) is no denial."""
     fixture = spawn_fixture(fixture_bins["static"], 1)

@@ -179,6 +179,7 @@ class Capturer:
         self._logged_failures: set[tuple[str, str]] = set()
         self._last_line: str | None = None  # the summary line last logged
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
+        self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
 
     def close(self) -> None:
@@ -290,7 +291,7 @@ class Capturer:
         line = snapshot.summary.log_line()
         log.log(logging.INFO if line != self._last_line else logging.DEBUG, "%s", line)
         self._last_line = line
-        cause = denied_hint(has_ptrace_capability()) if snapshot.denied_tgids else None
+        cause = denied_hint(self._ptrace_capable) if snapshot.denied_tgids else None
         if cause is not None and cause != self._denied_cause:
             log.warning("%d processes cannot be seen: reading their /proc/PID/exe was refused "
                         "(EACCES/EPERM); %s", snapshot.denied_tgids, cause)
