@@ -107,6 +107,17 @@ def test_check_config(tmp_path):
                           f"{bad}: max_series: expected an integer, got a string")
 
 
+def test_check_config_refuses_a_header_value_that_cannot_be_sent(tmp_path):
+    """Every answer's headers are encoded as latin-1: a value outside it failed every one."""
+    web = tmp_path / "web.yaml"
+    web.write_text('http_server_config:\n  headers:\n    X-XSS-Protection: "\u20ac"\n',
+                   encoding="utf-8")
+    config = write_config(tmp_path, f"web_config_file: {web}\n")
+    assert_one_line_error(run_once("check-config", str(config)), 78,
+                          f"{web}: http_server_config.headers.X-XSS-Protection: '\u20ac' "
+                          "cannot be sent")
+
+
 def test_the_shipped_default_config_is_valid():
     result = run_once("check-config", "config/ctprofd.yaml")
     assert result.returncode == 0, result.stderr

@@ -319,6 +319,9 @@ def test_head_answers_without_a_body_and_other_methods_are_refused(serve):
      "tls_server_config.client_allowed_sans: needs client_auth_type"),
     ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
      "http_server_config.headers.X-Frame-Options: must be one of deny, sameorigin"),
+    ("http_server_config:\n  headers:\n    X-XSS-Protection: \"\u20ac\"\n",
+     "http_server_config.headers.X-XSS-Protection: '\u20ac' cannot be sent: a header value "
+     "is latin-1 text"),
     ("http_server_config:\n  headers:\n    Set-Cookie: a\n",
      "http_server_config.headers.Set-Cookie: unknown key"),
     ("http_server_config:\n  http2: maybe\n", "http_server_config.http2: expected true or false"),

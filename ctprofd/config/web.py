@@ -336,6 +336,9 @@ class _WebValidator(Reader):
             allowed = _HEADERS[name]
             if any(c in text for c in "\r\n\0"):
                 raise self.fail(key, "a header value is one line")
+            if bad := [c for c in text if ord(c) > 0xFF]:
+                raise self.fail(key, f"{bad[0]!r} cannot be sent: a header value is "
+                                "latin-1 text")
             if text and allowed and text.lower() not in allowed:
                 raise self.fail(key, f"must be one of {', '.join(allowed)}, got {text!r}")
             if text:  # blank: unset, as in the toolkit
