@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -19,7 +20,7 @@ import bcrypt
 import pytest
 
 from ctprofd import __version__
-from daemon_process import CTPROFD, DaemonProcess, clean_env, run_once, write_config
+from daemon_process import CTPROFD, REPO, DaemonProcess, clean_env, run_once, write_config
 
 STUCK = 8
 HANG_GUARD = 120  # seconds: keeps a broken run from hanging, never a timing claim
@@ -116,6 +117,30 @@ def test_check_config_refuses_a_header_value_that_cannot_be_sent(tmp_path):
     assert_one_line_error(run_once("check-config", str(config)), 78,
                           f"{web}: http_server_config.headers.X-XSS-Protection: '\u20ac' "
                           "cannot be sent")
+
+
+def test_an_encrypted_key_is_refused_in_one_line_without_a_prompt(tmp_path):
+    """OpenSSL's default is to ask for the pass phrase on the terminal: check-config hung
+    under a tty (and a changed key file would have been read on the event loop)."""
+    key, cert = tmp_path / "enc.key", tmp_path / "enc.crt"
+    subprocess.run(["openssl", "genrsa", "-aes256", "-passout", "pass:x", "-out", str(key),
+                    "2048"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-key", str(key), "-passin", "pass:x", "-days",
+                    "1", "-subj", "/CN=x", "-out", str(cert)], check=True, capture_output=True)
+    web = tmp_path / "web.yaml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n")
+    config = write_config(tmp_path, f"web_config_file: {web}\n")
+    expected = (f"{web}: tls_server_config.key_file: {key} is encrypted: encrypted private "
+                "keys are not supported")
+    assert_one_line_error(run_once("check-config", str(config)), 78, expected)
+    # with a terminal (script gives it a pty): no prompt, the same line, no wait for input
+    command = shlex.join([*CTPROFD, "check-config", str(config)])
+    result = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, env=clean_env(), cwd=REPO,
+                            timeout=HANG_GUARD)
+    assert result.returncode == 78, result.stdout
+    assert "Enter PEM" not in result.stdout
+    assert result.stdout.strip().splitlines() == [expected]
 
 
 def test_the_shipped_default_config_is_valid():

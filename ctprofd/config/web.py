@@ -112,8 +112,8 @@ class TlsOptions:
             if path:
                 _regular(self.source, key, path)
         with _Pem(self.cert, self.cert_file) as cert, _Pem(self.key, self.key_file) as key:
-            try:
-                ctx.load_cert_chain(cert, key)
+            try:  # without a password callback, OpenSSL prompts on the terminal
+                ctx.load_cert_chain(cert, key, password=self._no_password)
             except (ssl.SSLError, OSError) as err:
                 raise ConfigError(self.source, "tls_server_config.cert_file",
                                   f"cannot load {cert} with key {key}: {_ssl_reason(err)}")
@@ -129,6 +129,14 @@ class TlsOptions:
                               f"{_ssl_reason(err)}")
         ctx.verify_mode = _CLIENT_AUTH[self.client_auth]
         return ctx
+
+
+    def _no_password(self) -> str:
+        if self.key is not None:
+            raise ConfigError(self.source, "tls_server_config.key", "the inline PEM is "
+                              "encrypted: encrypted private keys are not supported")
+        raise ConfigError(self.source, "tls_server_config.key_file", f"{self.key_file} is "
+                          "encrypted: encrypted private keys are not supported")
 
 
 class ReloadingTls:
