@@ -351,6 +351,27 @@ def test_web_config_errors_are_one_line(tmp_path, text, expected):
     assert message.startswith(f"{path}: {expected}")
 
 
+def test_inline_pem_errors_name_the_inline_key(tmp_path):
+    """Not cert_file and a /proc/self/fd path the user never wrote."""
+    cert, key = openssl_cert(tmp_path, "server")
+    cases = [(f"cert: not a certificate\n  key_file: {key}\n",
+              f"tls_server_config.cert: cannot load the certificate (inline PEM) with the key "
+              f"{key}: "),
+             (f"cert_file: {cert}\n  key: not a key\n",
+              f"tls_server_config.cert_file: cannot load the certificate {cert} with the key "
+              "(inline PEM): "),
+             (f"cert_file: {cert}\n  key_file: {key}\n  client_ca: not a certificate\n",
+              "tls_server_config.client_ca: cannot load the inline PEM: ")]
+    path = tmp_path / "web.yaml"
+    for text, expected in cases:
+        path.write_text(f"tls_server_config:\n  {text}")
+        with pytest.raises(ConfigError) as info:
+            load_web_config(str(path))
+        message = str(info.value)
+        assert "\n" not in message and "/proc/" not in message
+        assert message.startswith(f"{path}: {expected}"), message
+
+
 def test_no_web_config_is_plain_http_without_auth():
     assert load_web_config(None) == WebConfig()
 

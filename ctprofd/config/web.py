@@ -115,8 +115,11 @@ class TlsOptions:
             try:  # without a password callback, OpenSSL prompts on the terminal
                 ctx.load_cert_chain(cert, key, password=self._no_password)
             except (ssl.SSLError, OSError) as err:
-                raise ConfigError(self.source, "tls_server_config.cert_file",
-                                  f"cannot load {cert} with key {key}: {_ssl_reason(err)}")
+                inline = "(inline PEM)"
+                raise ConfigError(self.source, "tls_server_config.cert" if self.cert else
+                                  "tls_server_config.cert_file",
+                                  f"cannot load the certificate {self.cert_file or inline} "
+                                  f"with the key {self.key_file or inline}: {_ssl_reason(err)}")
         try:
             if self.client_ca is not None:
                 ctx.load_verify_locations(cadata=self.client_ca)
@@ -124,8 +127,9 @@ class TlsOptions:
                 _regular(self.source, "client_ca_file", self.client_ca_file)
                 ctx.load_verify_locations(cafile=self.client_ca_file)
         except (ssl.SSLError, OSError, ValueError) as err:
-            raise ConfigError(self.source, "tls_server_config.client_ca_file",
-                              f"cannot load {self.client_ca_file or 'client_ca'}: "
+            raise ConfigError(self.source, "tls_server_config.client_ca" if self.client_ca else
+                              "tls_server_config.client_ca_file",
+                              f"cannot load {self.client_ca_file or 'the inline PEM'}: "
                               f"{_ssl_reason(err)}")
         ctx.verify_mode = _CLIENT_AUTH[self.client_auth]
         return ctx
