@@ -178,6 +178,24 @@ def test_flags_override_the_config(tmp_path, daemons):
     assert daemon.sample("ctprofd_snapshot_interval_seconds", text) == 0.25
 
 
+def test_a_request_target_that_cannot_be_parsed_gets_400_without_a_traceback(tmp_path, daemons):
+    """It was logged at error level with a traceback and left unanswered: any client could
+    fill the log."""
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET))).started()
+    port = int(daemon.url.rsplit(":", 1)[1])
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET http://[::1/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 400 Bad Request\r\n"), reply
+    assert daemon.get("/")  # still serving
+    assert daemon.stop() == 0
+    lines = daemon.lines + daemon.remaining_lines()
+    assert not [line for line in lines if "Traceback" in line or "ERROR" in line], lines
+
+
 def test_sigterm_exits_mid_snapshot_without_finishing_it(tmp_path, daemons, fixture_bins,
                                                         spawn_fixture):
     """The only target's workers wait for their vfork children, which no PTRACE_INTERRUPT

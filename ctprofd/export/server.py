@@ -221,7 +221,7 @@ class _Request:
     headers: dict[str, str]  # names lower-cased
 
 
-_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
 _TEXT = "text/plain; charset=utf-8"
@@ -535,7 +535,10 @@ class MetricsServer:
             return 429, [b"Too Many Requests\n"], _TEXT, [("Retry-After", "1")]
         if request.method not in ("GET", "HEAD"):
             return 405, [b"Method Not Allowed\n"], _TEXT, [("Allow", "GET, HEAD")]
-        path = urlsplit(request.path).path
+        try:
+            path = urlsplit(request.path).path
+        except ValueError:  # e.g. http://[::1/metrics: any client could fill the log
+            return 400, [b"Bad Request\n"], _TEXT, []
         if path == HEALTH_PATH:  # probes send no credentials; the answer holds no metric data
             healthy, why = self.health()
             return 200 if healthy else 503, [f"{why}\n".encode()], _TEXT, []
