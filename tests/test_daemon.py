@@ -99,6 +99,17 @@ def test_port_in_use_exits_1_with_one_line(tmp_path):
                                      "Address already in use")
 
 
+def test_of_several_listen_addresses_the_one_in_use_is_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_once("run", "--config", str(write_config(tmp_path)),
+                          "--listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}: "
+                                     "Address already in use")
+
+
 def test_check_config(tmp_path):
     good = write_config(tmp_path)
     result = run_once("check-config", str(good))

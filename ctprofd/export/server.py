@@ -337,12 +337,12 @@ class MetricsServer:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self.sockets: list[socket.socket] = []
-        try:
-            for value in [listen] if isinstance(listen, str) else listen:
+        for value in [listen] if isinstance(listen, str) else listen:
+            try:
                 self.sockets.append(_bind(*parse_listen(value)))
-        except OSError:
-            self.server_close()
-            raise
+            except OSError as err:  # its filename: the address that failed
+                self.server_close()
+                raise OSError(err.errno, err.strerror or str(err), value) from err
         self.server_address = self.sockets[0].getsockname()
         self.server_port = self.server_address[1]
 

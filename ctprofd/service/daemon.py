@@ -306,7 +306,7 @@ def run(config: Config, web: WebConfig, load_config: Callable[[], Config]) -> in
         server = MetricsServer(config.listen, registry, web, live=live,
                                generation=lambda: collector.state)
     except OSError as err:
-        log.error("cannot listen on %s: %s", " ".join(config.listen), err.strerror or err)
+        log.error("cannot listen on %s: %s", err.filename, err.strerror)
         return 1
     notify = Notifier()
     try:
