@@ -99,6 +99,8 @@ debuginfod_urls: ["https://debuginfod.example/"]
     ("selection: []\n", "selection: expected a mapping, got a list"),
     ("log_level: loud\n", "log_level: must be one of debug, info, warn, error, warning"),
     ("listen: []\n", "listen: give at least one HOST:PORT"),
+    ("listen: [':19455', '127.0.0.1:80', ':19455']\n",
+     "listen[2]: duplicate listen address ':19455'"),
     ("state_dir: null\n", "state_dir: expected a string, got null"),
     ("parser:\n  timeout: 0\n", "parser.timeout: must be > 0"),
     ("parser:\n  memory_limit_mib: 10\n", "parser.memory_limit_mib: must be >= 64, got 10"),

@@ -74,6 +74,9 @@ def test_bad_flags_and_web_config_exit_78(tmp_path):
                           "--interval: must be > 0")
     assert_one_line_error(run_once("run", "--config", path, "--listen", "nowhere"), 78,
                           "--web.listen-address: 'nowhere' is not HOST:PORT")
+    assert_one_line_error(run_once("run", "--config", path, "--listen", "127.0.0.1:0",
+                                   "--listen", "127.0.0.1:0"), 78,
+                          "--web.listen-address: [1]: duplicate listen address '127.0.0.1:0'")
     web = tmp_path / "web.yaml"
     web.write_text("basic_auth_users:\n  alice: secret\n")
     assert_one_line_error(run_once("run", "--config", path, "--web.config.file", str(web)), 78,

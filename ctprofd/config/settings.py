@@ -295,11 +295,15 @@ class _Validator(Reader):
             values = [(path, self.string(item, path)) for path, item in self.items(value, key)]
             if not values:
                 raise self.fail(key, "give at least one HOST:PORT")
+        seen = set()
         for path, text in values:
             try:
-                parse_listen(text)
+                address = parse_listen(text)
             except ValueError as err:
                 raise self.fail(path, str(err))
+            if address in seen:  # the second bind would fail: Address already in use
+                raise self.fail(path, f"duplicate listen address {text!r}")
+            seen.add(address)
         return tuple(text for _, text in values)
 
     def _urls(self, value: Any, key: str) -> tuple[str, ...]:
