@@ -271,9 +271,10 @@ class _Connection:
     writer: asyncio.StreamWriter
     requested: bool = False
 
-    @property
-    def network(self) -> str:
-        return network_of(self.address)
+    network: str = field(init=False)
+
+    def __post_init__(self) -> None:  # read on every admission and release: parsed once
+        self.network = network_of(self.address)
 
 
 class MetricsServer:
