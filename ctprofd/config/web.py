@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import ssl
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +153,6 @@ class ReloadingTls:
         self._stamp = self._stamps()
         self._context = options.build()
         self._failed: tuple | None = None
-        self._lock = threading.Lock()
 
     def _stamps(self) -> tuple:
         stamps = []
@@ -167,20 +165,20 @@ class ReloadingTls:
         return tuple(stamps)
 
     def context(self) -> ssl.SSLContext:
+        """Called by the event loop alone (for each new connection): no lock."""
         stamp = self._stamps()
         if stamp == self._stamp or stamp == self._failed:
             return self._context
-        with self._lock:
-            try:
-                self._context = self.options.build()
-            except ConfigError as err:
-                self._failed = stamp
-                log.warning("TLS files changed but cannot be loaded; serving the previous "
-                            "certificate: %s", err)
-                return self._context
-            self._stamp, self._failed = stamp, None
-            log.info("TLS files changed: loaded %s", ", ".join(self.options.files()))
+        try:
+            self._context = self.options.build()
+        except ConfigError as err:
+            self._failed = stamp
+            log.warning("TLS files changed but cannot be loaded; serving the previous "
+                        "certificate: %s", err)
             return self._context
+        self._stamp, self._failed = stamp, None
+        log.info("TLS files changed: loaded %s", ", ".join(self.options.files()))
+        return self._context
 
 
 class _Pem:
