@@ -28,6 +28,7 @@ packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2
+               gcc-11 clang-16  # build-jemalloc.sh's rjem-gcc11 and rjem-clang16 compilers
                util-linux libcap2-bin procps openssl curl systemd-container debootstrap podman
                lintian groff-base bash-completion "${DEBIAN_LIBRARIES[@]}")
     ensure_deb_src  # for `apt-get source jemalloc`, before the one update
