@@ -4,17 +4,20 @@ grandchildren are driven one by one. Every truth is what the process itself meas
 mallctl, never what ctprofd computed."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 
 from ctprofd.export.aggregate import Aggregator
+from ctprofd.probe import memory
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
@@ -182,6 +185,42 @@ def test_a_child_seen_before_its_parent_never_counts_what_it_inherited(family, f
     grown = after_fork(family.truth(child), at_fork)[0] - own[0]
     assert later.threads[0].allocated_bytes - first.threads[0].allocated_bytes == grown
 
+
+def test_a_parent_is_let_go_once_its_childs_inheritance_is_settled(family, capturer):
+    """A child needs its parent's state only until what it inherited is settled: once the
+    parent exits, ctprofd forgets it whole, though the child lives on."""
+    parent = family.proc.pid
+    capturer.capture()
+    [state] = [t.result for (pid, _), t in capturer._tracked.items() if pid == parent]
+    parent_state = weakref.ref(state)
+    del state
+    child, _ = family.fork(parent)
+    sample = by_pid(capturer.capture())[child]
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in sample.threads] == [(0, 0)]
+    family.proc.proc.stdin.close()  # the parent reads end of file: it exits
+    assert family.proc.proc.wait(timeout=120) == 0
+    samples = by_pid(capturer.capture())
+    assert parent not in samples and child in samples
+    gc.collect()
+    assert parent_state() is None
+
+
+def test_the_parents_counters_are_read_through_the_probers_reader(family, capturer):
+    """What the parent's forking thread holds is read as every other target read is, through
+    the prober's `read_ranges` (the one tests serve chosen values through)."""
+    parent = family.proc.pid
+    capturer.capture(pids=[parent])
+    read_from = []
+
+    def reader(pid: int, ranges: list[tuple[int, int]]) -> list[bytes | OSError]:
+        read_from.append(pid)
+        return memory.read_ranges(pid, ranges)
+
+    capturer.prober.read_ranges = reader
+    child, _ = family.fork(parent)
+    sample = by_pid(capturer.capture(pids=[child]))[child]
+    assert [(t.allocated_bytes, t.deallocated_bytes) for t in sample.threads] == [(0, 0)]
+    assert parent in read_from
 
 def test_a_child_that_execs_keeps_only_what_it_did_itself(family, capturer):
     parent = family.proc.pid

@@ -452,7 +452,7 @@ class Capturer:
             return threads  # not read yet: when it is
         layout = tracked.result.attachment.layout
         inherit_thread(tracked.fork, copy, layout.deallocated_offset - layout.allocated_offset + 8,
-                       process.start_time)
+                       process.start_time, self.prober.read_ranges)
         return [replace(t, allocated_bytes=copy.counted()[0],
                         deallocated_bytes=copy.counted()[1]) if t.tid == process.pid else t
                 for t in threads]

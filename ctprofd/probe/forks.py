@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..procfs.processes import ProcessInfo
-from .arena_stats import ArenaTotals
-from .memory import read_ranges
-from .threads import ProcessState, ThreadState, counter_pair
+from .arena_stats import ArenaTotals, Reader
+from .threads import ProcessState, ThreadState, counter_pair, same_image
 
 
 @dataclass
@@ -30,7 +29,8 @@ class ForkOrigin:
     """A process found to be a fork() child, until what it inherited is known."""
 
     parent_pid: int | None  # the parent still running its image; None when gone or unknown
-    parent: ProcessState | None  # the parent's state when ctprofd attached to it
+    parent: ProcessState | None  # the parent's state when ctprofd attached to it, until
+    # the copied thread's inheritance is settled
     threads_pending: bool = True  # the copied thread's inheritance not settled yet
     arena_pending: bool = True    # the arena statistics' inheritance not settled yet
     arena_inherited: tuple[int, int] = (0, 0)  # (allocated, deallocated) at the fork
@@ -39,32 +39,32 @@ class ForkOrigin:
 def is_fork_child(process: ProcessInfo, mark: tuple[int, bytes] | None) -> bool:
     """Whether `process`'s parent holds the same AT_RANDOM bytes at the same address: the
     process was forked and has not exec'ed since."""
-    if mark is None or process.ppid <= 1:
-        return False
-    return read_ranges(process.ppid, [(mark[0], len(mark[1]))])[0] == mark[1]
+    return process.ppid > 1 and same_image(process.ppid, mark)
 
 
-def inherit_thread(origin: ForkOrigin, copy: ThreadState, span: int,
-                   child_start: int) -> None:
+def inherit_thread(origin: ForkOrigin, copy: ThreadState, span: int, child_start: int,
+                   read: Reader) -> None:
     """Settle what the child's copy of its parent's forking thread (at the same address:
     the address space is a copy) inherited. The parent's thread is trusted only when
     ctprofd located one there that started before the child (a thread started later
-    may have been given the exited one's memory, and counters lower than F)."""
+    may have been given the exited one's memory, and counters lower than F). The
+    parent's state is let go then."""
     own = (copy.allocated, copy.deallocated)
-    parent = _parent_counters(origin, copy.counters_at, span, child_start)
+    parent = _parent_counters(origin, copy.counters_at, span, child_start, read)
     copy.inherited = own if parent is None else (min(own[0], parent[0]),
                                                  min(own[1], parent[1]))
     origin.threads_pending = False
+    origin.parent = None
 
 
-def _parent_counters(origin: ForkOrigin, address: int, span: int,
-                     child_start: int) -> tuple[int, int] | None:
+def _parent_counters(origin: ForkOrigin, address: int, span: int, child_start: int,
+                     read: Reader) -> tuple[int, int] | None:
     if origin.parent_pid is None or origin.parent is None:
         return None
     if not any(t.counters_at == address and t.start_time <= child_start
                for t in origin.parent.threads.values()):
         return None
-    data = read_ranges(origin.parent_pid, [(address, span)])[0]
+    data = read(origin.parent_pid, [(address, span)])[0]
     return None if isinstance(data, OSError) else counter_pair(data)
 
 
