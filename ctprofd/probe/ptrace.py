@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..procfs.processes import read_file
 from ..report import tags
 from ..report.tags import ProbeError
 
@@ -81,10 +82,9 @@ class SeizeRefused(ProbeError):
 
 
 def _comm(tid: int, proc_root: str) -> str:
-    """A thread's name, '' when it cannot be read (bounded: the kernel caps it at 16)."""
+    """A thread's name, '' when it cannot be read (the kernel caps it at 16 bytes)."""
     try:
-        with open(f"{proc_root}/{tid}/comm", "rb") as f:
-            return f.read(64).strip().decode("utf-8", "replace")
+        return read_file(f"{proc_root}/{tid}/comm").strip().decode("utf-8", "replace")
     except OSError:
         return ""
 
