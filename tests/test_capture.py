@@ -563,3 +563,45 @@ def test_a_thread_another_tracer_keeps_is_backed_off_and_still_said(fixture_bins
     finally:
         engine.close()
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+CANCELLED_WITH_A_CHILD_LISTED_FIRST = """
+import json, os, subprocess, sys, threading
+from ctprofd.probe.capture import Capturer, CaptureSettings
+
+def next_pid(pid):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+
+next_pid(500)
+parent = subprocess.Popen(["sh", "-c", "read go; sleep 600 & echo $!; read done"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+next_pid(10)
+parent.stdin.write("go\\n")
+parent.stdin.flush()
+child = int(parent.stdout.readline())
+assert (parent.pid, child) == (500, 10), (parent.pid, child)
+cancel = threading.Event()
+
+def select(process):
+    if process.pid == parent.pid:  # the walk is cancelled as it reaches the parent
+        cancel.set()
+    return process.pid == child
+
+engine = Capturer(CaptureSettings(select=select))
+snapshot = engine.capture(cancel=cancel)
+engine.close()
+print(json.dumps({"walked": snapshot.summary.tgids_walked, "failures": snapshot.failures}))
+"""
+
+
+def test_a_cancelled_snapshot_does_not_read_the_processes_it_put_off(tmp_path):
+    """A process listed before its parent (here forced: a fresh PID namespace, where
+    ns_last_pid gives the child a lower pid) is read after the others; a snapshot cancelled
+    meanwhile does not read it either."""
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             "-c", CANCELLED_WITH_A_CHILD_LISTED_FIRST],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "DEBUGINFOD_URLS": ""})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"walked": 1, "failures": {}}

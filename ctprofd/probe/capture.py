@@ -241,6 +241,9 @@ class Capturer:
                 continue
             self._probe_into(process, tally, cancel, samples, waiting)
         for process in deferred:
+            if cancel is not None and cancel.is_set():
+                complete = False
+                break
             self._probe_into(process, tally, cancel, samples, waiting)
         if (waiting and complete and self.attacher.submitted > submitted
                 and self._wait_for_resolution(clock)):
