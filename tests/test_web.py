@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
+from ctprofd.export.render import OPENMETRICS, TEXT, Exposition
 from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MAX_REQUEST_BYTES, MetricsServer,
                                    TokenBuckets, WebConfig, network_of, parse_listen)
 from support.clock import Clock
@@ -557,6 +558,55 @@ def test_one_render_per_snapshot_whatever_the_number_of_scrapes(registry):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Counting:
+    """A collector counting its collects."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry, self.calls = registry, 0
+
+    def collect(self):
+        self.calls += 1
+        return self.registry.collect()
+
+
+OM_ACCEPT = "application/openmetrics-text"
+EVERY_BODY = [{}, {"Accept": OM_ACCEPT}, {"Accept-Encoding": "gzip"},
+              {"Accept": OM_ACCEPT, "Accept-Encoding": "gzip"}]
+
+
+def test_one_collect_per_snapshot_whatever_the_formats_scraped(registry):
+    state = [object()]
+    counting = Counting(registry)
+    server = MetricsServer("127.0.0.1:0", counting, WebConfig(), generation=lambda: state[0])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for headers in EVERY_BODY:  # each format and compression asked for a first time
+            assert get(server.url + "/metrics", headers)[0] == 200
+        for _ in range(3):
+            before = counting.calls
+            state[0] = object()  # a new snapshot published
+            server.prerender()
+            wait_until(lambda: counting.calls > before, "the new snapshot rendered")
+            for headers in EVERY_BODY * 3:
+                status, _, body = get(server.url + "/metrics", headers)
+                assert status == 200
+                text = gzip.decompress(body) if "Accept-Encoding" in headers else body
+                assert b"ctprofd_test_value 42.0" in text
+            assert counting.calls == before + 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_gzip_live_part_compresses_the_plain_one(registry):
+    live = Counting(CollectorRegistry())
+    exposition = Exposition(registry, live, lambda: registry, clock=lambda: 100.0)
+    for fmt in (TEXT, OPENMETRICS):
+        plain = exposition.body(fmt, False)
+        assert [gzip.decompress(part) for part in exposition.body(fmt, True)] == list(plain)
+    assert live.calls == 2  # once per format: the clock stands still
 
 
 def test_the_connections_gauge_returns_to_zero_after_connections_close(serve):

@@ -178,15 +178,7 @@ class Exposition:
         raised). Concurrent callers wait for one render."""
         with self._lock:
             self._asked.add((fmt, compressed))
-            head = self._snapshot_part(fmt, compressed)
-            key = ("live", fmt.name, compressed)
-            tail = self._parts.get(key)
-            now = self._clock()
-            if tail is None or now - tail.key >= LIVE_SECONDS:
-                families = [*self.renderer.collect(self.live), *self.renderer.counters()]
-                tail = _Part(now, self._encode(fmt, compressed, families, last=True))
-                self._parts[key] = tail
-            return head, tail.data
+            return self._snapshot_part(fmt, compressed), self._live_part(fmt, compressed)
 
     def prerender(self) -> None:
         """Render the snapshot part of the current generation in every format and
@@ -200,7 +192,9 @@ class Exposition:
                     return
 
     def _snapshot_part(self, fmt: Format, compressed: bool) -> bytes:
-        """The snapshot part; the gzip one compresses the plain one (rendered once)."""
+        """The snapshot part: the snapshot collected once per generation and encoded in every
+        format asked for so far (a format asked for the first time collects again); the gzip
+        one compresses the plain one."""
         generation = self.generation()
         key = ("snapshot", fmt.name, compressed)
         part = self._parts.get(key)
@@ -209,19 +203,35 @@ class Exposition:
                 plain = self._snapshot_part(fmt, False)
                 data = gzip.compress(plain, GZIP_LEVEL)
                 generation = self._parts[("snapshot", fmt.name, False)].key
-            else:
+            else:  # one collect encoded in every format asked for so far (not held after)
                 families = self.renderer.collect(self.snapshot)
-                data = self._encode(fmt, False, families, last=False)
+                for other in {f for f, _ in self._asked} - {fmt}:
+                    self._parts[("snapshot", other.name, False)] = _Part(
+                        generation, self._encode(other, families, last=False))
+                data = self._encode(fmt, families, last=False)
             part = _Part(generation, data)
             self._parts[key] = part
         return part.data
 
-    def _encode(self, fmt: Format, compressed: bool, families: list[Metric],
-                last: bool) -> bytes:
+    def _live_part(self, fmt: Format, compressed: bool) -> bytes:
+        """The live part, at most LIVE_SECONDS old; the gzip one compresses the plain one."""
+        key = ("live", fmt.name, compressed)
+        part = self._parts.get(key)
+        now = self._clock()
+        if part is None or now - part.key >= LIVE_SECONDS:
+            if compressed:
+                plain = self._live_part(fmt, False)
+                part = _Part(self._parts[("live", fmt.name, False)].key,
+                             gzip.compress(plain, GZIP_LEVEL))
+            else:
+                families = [*self.renderer.collect(self.live), *self.renderer.counters()]
+                part = _Part(now, self._encode(fmt, families, last=True))
+            self._parts[key] = part
+        return part.data
+
+    def _encode(self, fmt: Format, families: list[Metric], last: bool) -> bytes:
         data = self.renderer.render(fmt.encoder, families)
-        if fmt is OPENMETRICS and not last:
-            data = data.removesuffix(_OM_EOF)
-        return gzip.compress(data, GZIP_LEVEL) if compressed else data
+        return data.removesuffix(_OM_EOF) if fmt is OPENMETRICS and not last else data
 
 
 def _renders(encoder: Encoder, family: Metric) -> bool:
