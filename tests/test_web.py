@@ -609,6 +609,24 @@ def test_the_gzip_live_part_compresses_the_plain_one(registry):
     assert live.calls == 2  # once per format: the clock stands still
 
 
+def test_without_a_generation_every_scrape_serves_the_collector_as_it_is():
+    """No generation: nothing says when the figures change, so none is served stale."""
+    registry = CollectorRegistry()
+    gauge = Gauge("ctprofd_test_changing", "A gauge that changes.", registry=registry)
+    server = MetricsServer("127.0.0.1:0", registry, WebConfig())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for value in (1, 2, 3):
+            gauge.set(value)
+            for headers in EVERY_BODY:
+                _, _, body = get(server.url + "/metrics", headers)
+                text = gzip.decompress(body) if "Accept-Encoding" in headers else body
+                assert f"ctprofd_test_changing {value}.0".encode() in text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_connections_gauge_returns_to_zero_after_connections_close(serve):
     server = serve(first_byte=0.5)
     idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(5)]
@@ -679,7 +697,8 @@ def requested(server: MetricsServer, address: str | None = None) -> int:
 
 
 def test_whole_requests_that_are_never_read_are_limited_per_address(big_registry):
-    server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), answering=3)
+    server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), answering=3,
+                           generation=lambda: big_registry)  # unchanging: rendered once
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         socks = stalled(server, "127.0.0.2", 6)
@@ -696,7 +715,7 @@ def test_whole_requests_that_are_never_read_are_limited_per_address(big_registry
 
 def test_a_network_full_of_unread_answers_makes_room_for_another_address(big_registry):
     server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), answering=2,
-                           answering_network=8)
+                           answering_network=8, generation=lambda: big_registry)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         socks = [s for i in range(8) for s in stalled(server, f"127.0.0.{10 + i}", 2)]

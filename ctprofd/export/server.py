@@ -296,19 +296,19 @@ class MetricsServer:
     gets in.
 
     /metrics is served from the bodies `exposition` keeps (rendered in one thread of their
-    own, once per snapshot); bcrypt runs in another thread, its failures rate-limited per
-    address. `web_config` can be swapped while serving (applies to new connections)."""
+    own, once per snapshot: per value of `generation()`, which the daemon makes its published
+    state; without it, a new object every call, so every scrape renders); bcrypt runs in
+    another thread, its failures rate-limited per address. `web_config` can be swapped while
+    serving (applies to new connections)."""
 
     def __init__(self, listen: str | Iterable[str], snapshot: Collector, web_config: WebConfig,
-                 live: Collector | None = None, generation: Callable[[], object] | None = None,
+                 live: Collector | None = None, generation: Callable[[], object] = object,
                  deadline: float = REQUEST_DEADLINE_SECONDS,
                  first_byte: float = FIRST_BYTE_SECONDS, per_address: int = MAX_PER_ADDRESS,
                  max_connections: int = MAX_CONNECTIONS,
                  answering: int = ANSWERING_PER_ADDRESS,
                  answering_network: int = ANSWERING_PER_NETWORK) -> None:
-        static = object()
-        self.exposition = Exposition(snapshot, _Joined(live, self),
-                                     generation or (lambda: static))
+        self.exposition = Exposition(snapshot, _Joined(live, self), generation)
         self.web_config = web_config
         self.deadline = deadline
         self.first_byte = first_byte
