@@ -2,9 +2,10 @@
 so that what a scrape costs depends neither on the number of series nor on the number of
 scrapers; and rendered so that one bad series cannot empty the endpoint.
 
-A body is two parts. The snapshot part (everything a snapshot publishes) is rendered once per
-snapshot for each format and compression asked for. The live part (ctprofd's own process_*,
-HTTP and render figures) is rendered at most once per LIVE_SECONDS. A scrape joins the two
+A body is two parts. The snapshot part (everything a snapshot publishes) is collected once per
+snapshot and rendered for each format asked for (the gzip one compresses the plain one). The
+live part (ctprofd's own process_*, HTTP and render figures) is rendered at most once per
+LIVE_SECONDS, so a scrape finding it older waits for that render. A scrape joins the two
 (an OpenMetrics snapshot part without its `# EOF`; two gzip members, which gzip readers
 concatenate).
 
@@ -89,7 +90,7 @@ class Renderer:
     rendered; counts the renders that failed and the samples left out."""
 
     def __init__(self) -> None:
-        self.failures = 0       # renders whose first attempt failed
+        self.failures = 0       # collects that raised, renders whose first attempt failed
         self.dropped = 0        # samples left out of those renders
         self._lock = threading.Lock()
 
@@ -129,9 +130,12 @@ class Renderer:
         with self._lock:
             failures, dropped = self.failures, self.dropped
         family = CounterMetricFamily("ctprofd_render_failures",
-                                     "Renders of the metrics (one per snapshot and format) "
-                                     "that failed and were served without the samples that "
-                                     "cannot be rendered.")
+                                     "Collects or renders of the metrics that failed: a "
+                                     "collector raised (the scrape is answered 500), or a "
+                                     "render was served without the samples that cannot be "
+                                     "rendered. The snapshot part is rendered once per "
+                                     "snapshot and format, ctprofd's own live part at most "
+                                     "once a second per format.")
         family.add_metric([], failures)
         yield family
         family = CounterMetricFamily("ctprofd_render_dropped_samples",
