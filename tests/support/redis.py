@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable
+
+from support.procs import wait_until
 
 HANG_GUARD = 60.0  # a bound on waiting for redis to answer, not a timing claim
 
@@ -20,10 +21,8 @@ class Redis:
         self.process = spawn(["redis-server", "--port", "0", "--unixsocket", str(self.socket),
                               "--save", "", "--appendonly", "no", "--dir", str(directory),
                               *args], ready=None, **({"env": env} if env else {}))
-        deadline = time.monotonic() + HANG_GUARD
-        while self.cli("ping").strip() != "PONG":
-            assert time.monotonic() < deadline, "redis-server never answered PING"
-            time.sleep(0.05)
+        wait_until(lambda: self.cli("ping").strip() == "PONG", "redis-server answers PING",
+                   HANG_GUARD, poll=0.05)
 
     @property
     def pid(self) -> int:
