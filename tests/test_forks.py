@@ -22,6 +22,7 @@ from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 from support.redis import Redis
+from daemon_process import REPO
 
 MIB = 1 << 20
 HOLD_MIB = 256
@@ -345,3 +346,57 @@ def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_pat
     assert before >= heap // 2  # the main thread's counters hold the populated keys
     assert during - before <= heap // 10 and after - before <= heap // 10
     assert_no_thread_stopped_or_traced(redis.pid)
+
+
+PARENT_AFTER_ITS_CHILD = """
+import json, os, subprocess, sys
+from ctprofd.probe.capture import Capturer, CaptureSettings
+
+def next_pid(pid):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+
+forker, debug_root, fifo = sys.argv[1:4]
+next_pid(900)
+# the forker's parent (pid 900) has a higher pid than the forker (500) and its child (501),
+# as after a pid wrap: the walk puts the forker off until after its child
+shell = subprocess.Popen(["sh", "-c", f"read go; {forker} 64; :"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+next_pid(500)
+shell.stdin.write("go\\n"); shell.stdin.flush()
+assert shell.stdout.readline().strip() == "READY"
+os.mkfifo(fifo)
+shell.stdin.write(f"FORK {fifo}\\n"); shell.stdin.flush()
+child_fifo = open(fifo, "w")
+word, child, _, _ = shell.stdout.readline().split()
+shell.stdin.write("TRUTH\\n"); shell.stdin.flush()
+_, parent, allocated, deallocated = shell.stdout.readline().split()
+engine = Capturer(CaptureSettings(debug_dirs=(debug_root,)))
+snapshot = engine.capture(pids=[int(parent), int(child)])
+engine.close()
+print(json.dumps({"pids": [int(parent), int(child), shell.pid],
+                  "truth": [int(allocated), int(deallocated)],
+                  "read": {p.pid: [p.allocated_bytes, p.deallocated_bytes]
+                           for p in snapshot.processes}}))
+"""
+
+
+def test_a_parent_read_after_its_fork_child_keeps_what_it_holds(fixture_bins, tmp_path):
+    """A pid wrap can list a fork child before its parent, and the parent's own parent
+    after both (so the walk puts the parent off). The parent, read after its child and with
+    the same AT_RANDOM, is not taken for a fork of its child: it keeps the 64 MiB it holds
+    (it was read as having inherited them, live 0). Forced in a fresh PID namespace."""
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         PARENT_AFTER_ITS_CHILD, str(fixture_bins.forker), str(fixture_bins.debug_root),
+         str(tmp_path / "fifo")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "DEBUGINFOD_URLS": ""})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["pids"] == [500, 501, 900]
+    allocated, deallocated = out["truth"]
+    parent, child = out["read"]["500"], out["read"]["501"]
+    assert parent[0] >= allocated >= 64 * MIB  # the forker's own thread.allocated
+    assert parent[0] - parent[1] >= allocated - deallocated - MIB
+    assert child == [0, 0]  # it did nothing since the fork

@@ -533,7 +533,10 @@ class Capturer:
                         and isinstance(tracked.result, ProcessState)):
                     parent = tracked.result
             return ForkOrigin(process.ppid if parent is not None else None, parent)
-        if any(t.image_mark == mark for t in self._tracked.values()):
+        # only an older process can be where it came from: a process seen after its own
+        # fork child (pid wrap put the child first) is no child of that child
+        if any(t.image_mark == mark and started < process.start_time
+               for (_, started), t in self._tracked.items()):
             return ForkOrigin(None, None)
         return None
 
