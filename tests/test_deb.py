@@ -151,7 +151,7 @@ def test_the_completion_completes(debs, tmp_path):
     assert complete("ctprofd", "sn") == ["snapshot"]
     assert complete("ctprofd", "run", "--l") == ["--listen", "--log-level", "--log.format",
                                                  "--log.level"]
-    assert complete("ctprofd", "snapshot", "--log-level", "w") == ["warning"]
+    assert complete("ctprofd", "snapshot", "--log-level", "w") == ["warn", "warning"]
     assert complete("ctprofd", "--log.format", "j") == ["json"]
     assert complete("ctprofd", "check-config", "check-") == ["check-me.yaml"]
 
