@@ -75,12 +75,12 @@ pinned_venv() {
 
 if ((test_mode)); then
     # ctprofd's libraries as Debian 12 ships them (the .deb's dependencies), the test tools
-    # from the index: ctprofd editable without its dependencies, pytest and hypothesis only.
+    # from the index: ctprofd editable without its dependencies, pytest, pytest-timeout and hypothesis only.
     debian_venv=$repo/.venv-debian
     log "creating $debian_venv on Debian's python3-* packages"
     /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
     "$debian_venv/bin/python" -m pip install --progress-bar off --no-deps -e "$repo"
-    "$debian_venv/bin/python" -m pip install --progress-bar off pytest hypothesis
+    "$debian_venv/bin/python" -m pip install --progress-bar off pytest pytest-timeout hypothesis
     for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd rjem-gcc11 rjem-clang16; do
         "$here/build-jemalloc.sh" $variant
     done

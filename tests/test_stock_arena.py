@@ -5,6 +5,7 @@ the truth read inside each target by its own mallctl."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
@@ -228,6 +229,21 @@ def test_a_process_refused_a_table_says_why(spawn_process, tmp_path):
                     process["totals_reason"]), process["totals_reason"]
 
 
+def open_fifo_writer(fifo: Path, what: str):
+    """`fifo` opened for writing, line-buffered, once a reader has it open (a plain open
+    would block for ever if the reader never comes: a preload that failed, a crash)."""
+    def attempt() -> tuple[int] | None:
+        try:
+            return (os.open(fifo, os.O_WRONLY | os.O_NONBLOCK),)  # a tuple: fd 0 is true too
+        except OSError as exc:  # ENXIO: no reader yet
+            if exc.errno != errno.ENXIO:
+                raise
+            return None
+    [fd] = wait_until(attempt, what, poll=0.05)
+    os.set_blocking(fd, True)
+    return open(fd, "w", buffering=1)
+
+
 def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
     """Debian's redis-server on the stock library, tcache on, while redis-benchmark writes:
     live bytes within 1 % of jemalloc's stats.allocated (redis's allocator_allocated) less
@@ -238,10 +254,13 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
                     REPO / "tests/fixtures/stats_shim.c", STOCK], check=True)
     fifo, out = tmp_path / "stats.fifo", tmp_path / "stats.out"
     os.mkfifo(fifo)
-    redis = Redis(spawn_process, tmp_path,
+    # maxmemory: the load loops (-l) and LPUSHes to one list, so without a bound redis grows
+    # by hundreds of MB a minute for as long as the snapshots take on a busy host
+    redis = Redis(spawn_process, tmp_path, "--maxmemory", "256mb",
+                  "--maxmemory-policy", "allkeys-lru",
                   env={"LD_PRELOAD": str(shim), "CTPROFD_STATS_FIFO": str(fifo),
                        "CTPROFD_STATS_OUT": str(out), "PATH": "/usr/bin:/bin"})
-    requests = open(fifo, "w", buffering=1)  # opens once the shim's thread has it open
+    requests = open_fifo_writer(fifo, "the shim's thread opens its FIFO")
 
     def truth() -> int:
         before = len(out.read_text().splitlines()) if out.exists() else 0
