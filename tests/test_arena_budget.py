@@ -64,6 +64,16 @@ class Poker:
         return int.from_bytes(self.peek(self.at("arenas"), 8), "little")
 
 
+@pytest.fixture
+def poker(fixture_bins, spawn_process) -> Poker:
+    """The poker program run as nobody, with its layout as `offsets --json` exports it."""
+    exported = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--json",
+                               str(fixture_bins.poker), "--cache-dir", ""],
+                              capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    return Poker(spawn_process([fixture_bins.poker], prefix=NOBODY), json.loads(exported.stdout))
+
+
 def same_region_arenas(poker: Poker) -> None:
     """narenas 1024, every arenas[i] but the real first pointing at one zeroed 1 MiB region."""
     region = poker.region(1 << 20)
@@ -139,13 +149,7 @@ def snapshot_as_root(pids: list[int], tmp_path) -> tuple[dict, int]:
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.__name__)
 def test_an_arena_rewriting_process_is_bounded_and_others_read_exactly(
-        attack, fixture_bins, spawn_process, spawn_fixture, tmp_path):
-    exported = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--json",
-                               str(fixture_bins.poker), "--cache-dir", ""],
-                              capture_output=True, text=True, timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    poker = Poker(spawn_process([fixture_bins.poker], prefix=NOBODY),
-                  json.loads(exported.stdout))
+        attack, poker, fixture_bins, spawn_fixture, tmp_path):
     assert os.stat(f"/proc/{poker.proc.pid}").st_uid == 65534
     reference = spawn_fixture(fixture_bins["static"], 4)  # root, read beside it
     # the layouts parsed and cached before: the snapshot measured holds no cold DWARF parse
@@ -178,15 +182,9 @@ def test_an_arena_rewriting_process_is_bounded_and_others_read_exactly(
 
 
 def test_over_budget_is_counted_every_snapshot_warned_once_and_not_reread_each_time(
-        fixture_bins, spawn_process, caplog):
+        poker, caplog):
     """The daemon's view over snapshots: the tag in each, one warning, and the whole read
     retried only after 2, 4, ... snapshots (a counting reader sees the ranges asked for)."""
-    exported = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--json",
-                               str(fixture_bins.poker), "--cache-dir", ""],
-                              capture_output=True, text=True, timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    poker = Poker(spawn_process([fixture_bins.poker], prefix=NOBODY),
-                  json.loads(exported.stdout))
     long_cache_ring(poker)
     engine = Capturer(CaptureSettings(debug_dirs=()))
     asked: list[int] = []

@@ -716,6 +716,17 @@ def stuck_in_vfork(fixture, workers) -> list[int]:
     return stuck
 
 
+def release_stuck(fixture, engine: Capturer, stuck) -> None:
+    """End the vforks of the `stuck` threads and the engine; check that none of the
+    fixture's threads is left stopped or traced once they run again."""
+    for tid in stuck:
+        end_vfork(fixture.pid, tid)
+    engine.close()
+    for tid in stuck:
+        wait_until(lambda: thread_state(fixture.pid, tid) == "S", "the vfork to end")
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
 def first_snapshot_reading_the_others(fixture_bins, spawn_fixture, nthreads: int,
                                       workers: list[int]):
     """A fixture of `nthreads` workers, `workers` of them stuck in vfork waits; an engine;
@@ -735,12 +746,7 @@ def first_snapshot_reading_the_others(fixture_bins, spawn_fixture, nthreads: int
         first = engine.capture(pids=[fixture.pid])
         if readable.items() <= by_tid(first, fixture.pid).items():
             return fixture, engine, stuck, timeouts, first
-        for tid in stuck:
-            end_vfork(fixture.pid, tid)
-        engine.close()
-        for tid in stuck:
-            wait_until(lambda: thread_state(fixture.pid, tid) == "S", "the vfork to end")
-        assert_no_thread_stopped_or_traced(fixture.pid)
+        release_stuck(fixture, engine, stuck)
         fixture.kill()
     raise AssertionError(f"50 first snapshots left out a thread that can stop: "
                          f"{readable} read as {by_tid(first, fixture.pid)}")
@@ -793,13 +799,7 @@ def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_
     assert second.left_out_threads + second.failures.get(tags.PTRACE_TRACED, 0) == 4
     assert engine.stats.stop_timeouts - timeouts <= 2
     assert by_tid(second, fixture.pid) == readable
-    for tid in stuck:
-        end_vfork(fixture.pid, tid)
-    engine.close()
-    for tid in stuck:
-        wait_until(lambda: thread_state(fixture.pid, tid) == "S", "the vfork to end")
-    assert_no_thread_stopped_or_traced(fixture.pid)
-
+    release_stuck(fixture, engine, stuck)
 
 
 def test_a_stop_wait_the_budget_cut_short_is_left_out_not_backed_off(fixture_bins,
