@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from . import REPO
 from .processes import Processes, children_of, kill
@@ -28,10 +29,11 @@ def free_port() -> int:
 
 class Daemon:
     """`python -m ctprofd run` on a loopback port with its own config, cache and state
-    (emptied first unless `fresh` is false)."""
+    (emptied first unless `fresh` is false), behind `wrap` (a prefix that execs it)."""
 
     def __init__(self, procs: Processes, directory: Path, interval: float,
-                 extra_config: str = "", log_level: str = "warning", fresh: bool = True) -> None:
+                 extra_config: str = "", log_level: str = "warning", fresh: bool = True,
+                 wrap: Sequence[str] = ()) -> None:
         if fresh:  # no layout cache, no saved state: a first start
             shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,7 @@ class Daemon:
                             "JOURNAL_STREAM")}
         self.log_path = directory / "ctprofd.log"
         self._log = open(self.log_path, "ab")
-        self.proc = procs.popen([sys.executable, "-m", "ctprofd", "run", "--config", config],
+        self.proc = procs.popen([*wrap, sys.executable, "-m", "ctprofd", "run", "--config", config],
                                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                                 cwd=REPO, env=env)
         self.pid = self.proc.pid

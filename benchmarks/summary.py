@@ -170,9 +170,26 @@ def scrape_cost(r: dict) -> list[str]:
     return out
 
 
+def combined_attack(r: dict) -> list[str]:
+    out = []
+    for phase in ("baseline", "arena", "vfork", "mappings", "accept", "all"):
+        p = r[phase]
+        ratio = r["ratios_to_baseline"].get(phase, {}).get("schedule_kept")
+        out.append(f"{phase}: schedule kept {p['schedule_kept']}"
+                   + (f" ({ratio} of baseline)" if ratio is not None else "")
+                   + f", scrapes within 1 s {p['scrapes_on_time']:.1%}, both fixtures exact "
+                   f"in {p['scrapes_exact']:.1%} of {p['scrapes']} scrapes, RSS max "
+                   f"{p['rss_mib_max']} MiB")
+    c = r["cgroup"]
+    out.append(f"cgroup of {c['limit_mib']} MiB: peak {c['peak_mib']} MiB, "
+               f"{c['oom_kills']} OOM kills")
+    return out
+
+
 SUMMARIES = {"steady_state": steady_state, "cold_start": cold_start,
              "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
-             "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost}
+             "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost,
+             "combined_attack": combined_attack}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ SMALL = {
                   "--render-procs", "3", "--scrapes", "2"],
     "scrapers": ["--scrapers", "3", "--duration", "2", "--jemalloc", "1", "--threads", "2"],
     "hostile_schedule": ["--duration", "2"],
+    "combined_attack": ["--duration", "2"],
     "scrape_cost": [],
 }
 EXPECTED = {
@@ -34,6 +35,8 @@ EXPECTED = {
     "footprint": ("footprint", "render"),
     "scrapers": ("responses", "verdict", "rss_mib"),
     "hostile_schedule": ("baseline", "attack", "schedule_ratio_attack_to_baseline"),
+    "combined_attack": ("baseline", "arena", "vfork", "mappings", "accept", "all", "cgroup",
+                        "ratios_to_baseline"),
     "scrape_cost": ("baseline", "cached", "p50_ratio", "unread", "bad-auth"),
 }
 
