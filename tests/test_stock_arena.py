@@ -5,7 +5,6 @@ the truth read inside each target by its own mallctl."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib.util
 import json
 import os
@@ -23,7 +22,7 @@ from ctprofd.resolve import arena_tables
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
-from support.procs import assert_no_thread_stopped_or_traced, wait_until
+from support.procs import assert_no_thread_stopped_or_traced, open_fifo_writer, wait_until
 from support.redis import Redis
 from test_churn import MIB, assert_close, paused_truth
 
@@ -227,21 +226,6 @@ def test_a_process_refused_a_table_says_why(spawn_process, tmp_path):
     assert process["totals_source"] == THREADS
     assert re.match(rf"no arena layout: table {TABLE}: its data is placed otherwise",
                     process["totals_reason"]), process["totals_reason"]
-
-
-def open_fifo_writer(fifo: Path, what: str):
-    """`fifo` opened for writing, line-buffered, once a reader has it open (a plain open
-    would block for ever if the reader never comes: a preload that failed, a crash)."""
-    def attempt() -> tuple[int] | None:
-        try:
-            return (os.open(fifo, os.O_WRONLY | os.O_NONBLOCK),)  # a tuple: fd 0 is true too
-        except OSError as exc:  # ENXIO: no reader yet
-            if exc.errno != errno.ENXIO:
-                raise
-            return None
-    [fd] = wait_until(attempt, what, poll=0.05)
-    os.set_blocking(fd, True)
-    return open(fd, "w", buffering=1)
 
 
 def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):

@@ -1,6 +1,7 @@
 """Handles on spawned fixture processes, and /proc checks on them."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -9,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 READY = "READY"
 DEFAULT_TIMEOUT = 60.0  # a hang guard for a reply or READY, never a timing claim
@@ -186,6 +188,21 @@ def wait_until(check, what: str, hang_guard: float = 120.0, poll: float = 0.01):
         assert time.monotonic() < deadline, f"never happened within {hang_guard} s: {what}"
         time.sleep(poll)
     return result
+
+
+def open_fifo_writer(fifo: str | os.PathLike[str], what: str) -> TextIO:
+    """`fifo` opened for writing, line-buffered, once a reader has it open (a plain open
+    would block for ever if the reader never comes: a preload that failed, a crash)."""
+    def attempt() -> tuple[int] | None:
+        try:
+            return (os.open(fifo, os.O_WRONLY | os.O_NONBLOCK),)  # a tuple: fd 0 is true too
+        except OSError as exc:  # ENXIO: no reader yet
+            if exc.errno != errno.ENXIO:
+                raise
+            return None
+    [fd] = wait_until(attempt, what, poll=0.05)
+    os.set_blocking(fd, True)
+    return open(fd, "w", buffering=1)
 
 
 def wait_for_exit(pid: int, hang_guard: float) -> bool:
