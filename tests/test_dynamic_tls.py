@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from ctprofd.probe import capture
+from ctprofd.probe.capture import Capturer, CaptureSettings
 from support.procs import Spawned, assert_no_thread_stopped_or_traced
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +86,74 @@ def test_dlopened_general_dynamic_module_is_read_exactly(gd_build, tmp_path, mod
         assert read == {**truth, idle: (0, 0)}  # the idle thread has no block: zero
         assert_no_thread_stopped_or_traced(target.pid)
     finally:
+        target.kill()
+
+
+def test_a_module_loaded_after_the_first_look_is_found(gd_build, monkeypatch):
+    """A process with no jemalloc when first looked at, that dlopen()s a jemalloc module
+    later, is read (exactly) once its code objects are looked at again: every
+    NOT_JEMALLOC_OBJECTS_RECHECK seconds, not before (an engine with the default period,
+    beside one with 0, still finds none)."""
+    target = Spawned([gd_build["host"], gd_build["full"], "2", "2", "wait"])
+    engines = {"default": Capturer(CaptureSettings(debug_dirs=()))}
+    engines["default"].capture(pids=[target.pid])
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0.0)
+    engines["every snapshot"] = Capturer(CaptureSettings(debug_dirs=()))
+    try:
+        target.wait_for("WAITING", timeout=30)
+        for engine in engines.values():
+            assert engine.capture(pids=[target.pid]).processes == ()
+            assert engine.not_jemalloc_reason(target.pid)
+        target.send("load")
+        lines = [json.loads(line) for line in target.wait_for("READY", timeout=30)]
+        truth = {t["tid"]: (t["allocated"], t["deallocated"]) for t in lines if "idle" not in t}
+        [idle] = [t["tid"] for t in lines if "idle" in t]
+        assert engines["default"].capture(pids=[target.pid]).processes == ()
+        snapshot = engines["every snapshot"].capture(pids=[target.pid])
+        assert snapshot.failures == {}, snapshot.failed_pids
+        [process] = snapshot.processes
+        read = {t.tid: (t.allocated_bytes, t.deallocated_bytes) for t in process.threads}
+        assert read == {**truth, idle: (0, 0)}
+    finally:
+        for engine in engines.values():
+            engine.close()
+        assert_no_thread_stopped_or_traced(target.pid)
+        target.kill()
+
+
+LATE_IMPORT_SCRIPT = """
+import sys
+print("WAITING", flush=True)
+sys.stdin.readline()
+import pyarrow as pa
+pool = pa.jemalloc_memory_pool()
+arrays = [pa.array(range(10_000_000), type=pa.int64(), memory_pool=pool) for _ in range(5)]
+print(pool.bytes_allocated(), flush=True)
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_pyarrow_imported_after_the_first_look_is_read(monkeypatch):
+    """The common case: a Python process looked at before it imports pyarrow (no jemalloc
+    then), read once it did, its live bytes covering the pool's as when imported first."""
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0.0)
+    python = _required(TARGETS_VENV / "bin/python", "run scripts/setup.sh --test")
+    target = Spawned([python, "-c", LATE_IMPORT_SCRIPT])
+    engine = Capturer(CaptureSettings(debug_dirs=()))
+    try:
+        target.wait_for("WAITING", timeout=60)
+        assert engine.capture(pids=[target.pid]).processes == ()
+        target.send("import")
+        [pool_bytes] = target.wait_for("READY", timeout=120)
+        snapshot = engine.capture(pids=[target.pid])
+        assert snapshot.failures == {}, snapshot.failed_pids
+        [process] = snapshot.processes
+        live = process.allocated_bytes - process.deallocated_bytes
+        assert 0.95 * int(pool_bytes) <= live <= 1.30 * int(pool_bytes), (live, pool_bytes)
+    finally:
+        engine.close()
+        assert_no_thread_stopped_or_traced(target.pid)
         target.kill()
 
 

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from ..procfs.processes import ProcessInfo, iter_processes, list_pids, list_threads
+from ..procfs.processes import (ProcessInfo, code_objects_digest, iter_processes, list_pids,
+                                list_threads, read_maps)
 from ..report import tags
 from ..report.snapshot import THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
@@ -40,6 +41,10 @@ LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged a
 # spread by pid: an exec into a jemalloc binary is picked up late, never lost (the
 # counters are cumulative), and the stat of every exe is a third of a steady-state snapshot.
 NOT_JEMALLOC_RECHECK = 4
+# ... and the code objects it maps looked at again every this many seconds (reading its
+# maps): a module that brings jemalloc in later (pyarrow imported after start, a plugin
+# dlopen'ed) is found within that long, and nothing is lost (the counters are cumulative).
+NOT_JEMALLOC_OBJECTS_RECHECK = 60.0
 # A process whose arena statistics failed (refused, unreadable, over budget) is not read
 # again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
 # of each read cannot make ctprofd redo the whole read every snapshot.
@@ -101,6 +106,7 @@ class _Tracked:
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
     comm: str = ""  # the name it had when attached: an exec mostly renames a process
     fork: ForkOrigin | None = None  # a fork() child: what it inherited is not its own
+    objects_due: float = 0.0  # when the code objects of a process with no jemalloc are next due
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -181,6 +187,7 @@ class Capturer:
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
+        self._now = time.monotonic()  # when the snapshot under way began
 
     def close(self) -> None:
         """Stop the parser worker process; remove debug files downloaded to a temporary
@@ -207,6 +214,7 @@ class Capturer:
     def _capture(self, pids: Collection[int] | None,
                  cancel: threading.Event | None) -> Snapshot:
         started, clock = time.time(), time.monotonic()
+        self._now = clock
         self._passes += 1
         tally = Tally()
         samples: list[ProcessSample] = []
@@ -477,6 +485,8 @@ class Capturer:
         tracked = self._tracked.get(process.key)
         if tracked is None:
             return self._attach(process, None)
+        if isinstance(tracked.result, NotJemalloc) and self._loaded_since(process, tracked):
+            return self._attach(process, tracked)
         if (isinstance(tracked.result, NotJemalloc) and process.comm == tracked.comm
                 and (process.pid + self._passes) % NOT_JEMALLOC_RECHECK):
             return tracked  # most processes run no jemalloc: their exe is looked at less often
@@ -486,6 +496,18 @@ class Capturer:
                 return self._attach(process, tracked)
             tracked.identity = identity  # the file was touched or renamed, not exec'ed
         return tracked  # an exec of the same file shows when its AT_RANDOM is read
+
+    def _loaded_since(self, process: ProcessInfo, tracked: _Tracked) -> bool:
+        """Whether a process with no jemalloc mapped other code objects since it was looked
+        at, checked once in NOT_JEMALLOC_OBJECTS_RECHECK seconds."""
+        assert isinstance(tracked.result, NotJemalloc)
+        if tracked.result.mapped is None or self._now < tracked.objects_due:
+            return False
+        tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK
+        try:
+            return code_objects_digest(read_maps(process)) != tracked.result.mapped
+        except OSError:
+            return False  # it exited: the walk's next pass forgets it
 
     def _attach(self, process: ProcessInfo, previous: _Tracked | None) -> _Tracked:
         """Attach to the image a process runs now. What an earlier image counted stays in
@@ -516,6 +538,9 @@ class Capturer:
             tracked.fork = self._fork_origin(process, mark)
         tracked.reported = previous.reported if previous is not None else saved.reported
         tracked.comm = process.comm
+        # the first look at its code objects spread over the period by pid
+        tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK * (
+            1 + process.pid % 64 / 64)
         self._tracked[process.key] = tracked
         return tracked
 

@@ -253,6 +253,12 @@ def parse_maps(text: str) -> list[Mapping]:
     return mappings
 
 
+def code_objects_digest(mappings: list[Mapping]) -> int:
+    """A digest of the files a process maps with code (its loaded ELF objects): it changes
+    when a module is loaded or unloaded. Only comparable within one run."""
+    return hash(frozenset((m.inode, m.path) for m in mappings if "x" in m.perms))
+
+
 AT_RANDOM = 25  # auxv entry: address of 16 random bytes the kernel writes at each execve
 _AUXV_ENTRY = struct.Struct("<QQ")
 

@@ -14,7 +14,7 @@ from elftools.common.exceptions import ELFError
 
 from ..files.regular import FileRefused
 from ..files.target import open_beneath, open_followed
-from ..procfs.processes import Mapping, ProcessInfo, read_maps
+from ..procfs.processes import Mapping, ProcessInfo, code_objects_digest, read_maps
 from ..report import tags
 from ..report.tags import ProbeError
 from . import elf
@@ -310,7 +310,7 @@ class Attacher:
                                   base=mapping.start)
         if pending is not None:
             raise pending
-        return NotJemalloc()
+        return NotJemalloc(mapped=code_objects_digest(mappings))
 
     def _loader(self, process: ProcessInfo, mappings: list[Mapping], what: str) -> LoaderLayout:
         """The loader's layouts in this process (libc's descriptors, ld.so's symbols), from

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import BinaryIO, Callable, Protocol
 
 from elftools.common.exceptions import DWARFError, ELFError
@@ -159,9 +159,12 @@ class TsdLayout:
 
 @dataclass(frozen=True)
 class NotJemalloc:
-    """The binary has no recognised jemalloc in it."""
+    """The binary has no recognised jemalloc in it. For a process, `mapped` is a digest of
+    the code objects it mapped when they were looked at (None for a file's resolution): a
+    module loaded later changes it."""
 
     reason: str = "no jemalloc TSD symbol"
+    mapped: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {"kind": "not-jemalloc", "reason": self.reason}
