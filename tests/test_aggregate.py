@@ -172,6 +172,25 @@ def test_a_flood_of_short_lived_processes_cannot_keep_a_service_out():
     assert view.evicted > 1000 and view.dropped["exited"] > 0
 
 
+def test_one_users_many_older_series_cannot_push_out_another_users_service():
+    """Each uid gets an equal share of the cap: 20 idle processes of uid 65534, all older,
+    leave room for root's two series, and the flood still fills what root leaves."""
+    agg = grouped(("pid",), max_series=6)
+    idle = [proc(100 + i, (1, 0), uid=65534, start=i) for i in range(20)]
+    root = [proc(7, (5, 0), start=50), proc(8, (9, 0), start=90)]  # the service restarted
+    view = agg.update(snap(0, *idle, *root), NONE_ALIVE)
+    kept = [s.labels[0] for s in view.series]
+    assert kept == ["100", "101", "102", "103", "7", "8"]  # still best-first
+    assert view.dropped == {"live": 16, "exited": 0}
+    state = agg.to_state()  # the owner of a series survives a restart
+    again = grouped(("pid",), max_series=6)
+    assert again.restore(json.loads(json.dumps(state)), same_boot=False)
+    view = again.update(snap(1), NONE_ALIVE)  # all exited now: by owner and recency
+    assert {"7", "8"} <= {s.labels[0] for s in view.series}
+    old = {**state, "series": [entry[:4] for entry in state["series"]]}  # saved before owners
+    assert grouped(("pid",), max_series=6).restore(old, same_boot=False)
+
+
 def test_empty_series_are_kept_for_the_retention_then_forgotten():
     agg = grouped(("pid",), retention=10)
     agg.update(snap(0, proc(10, (5, 1))), NONE_ALIVE)

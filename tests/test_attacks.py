@@ -194,6 +194,35 @@ def test_idle_and_trickling_connections_cannot_crowd_out_scrapes(attacked, spawn
     assert rss_kib(daemon.proc.pid) - before < 64 << 10
 
 
+def test_idle_processes_of_one_user_cannot_push_out_another_users_service(
+        attacked, fixture_bins, spawn_fixture):
+    """20 idle jemalloc processes of uid 65534, all started before a root service restarts,
+    against a cap of 6 series: each uid gets its share, so the restarted service (younger
+    than every one of them) keeps a series, and the flood keeps the rest of the cap."""
+    harness = attacked("max_series: 6\n")
+    idle = [spawn_fixture(fixture_bins["static"], 1, prefix=NOBODY) for _ in range(20)]
+    text = harness.next_snapshot(1)
+    for _ in range(100):  # the idle processes are read (their binary is resolved already)
+        if dict((l["reason"], v) for l, v in samples(text, "ctprofd_series_dropped"))["live"] >= 15:
+            break
+        text = harness.next_snapshot(1)
+    service = spawn_fixture(fixture_bins["static"], 1)  # the service restarts: a new pid
+    pid = str(service.pid)
+    for _ in range(30):
+        if pid in {l.get("pid") for l, _ in samples(text, "ctprofd_allocated_bytes_total")}:
+            break
+        text = harness.next_snapshot(1)
+    for _ in range(3):  # it keeps its series, exact, and so does the reference
+        exported = {l.get("pid"): v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
+        assert exported.get(pid) == sum(t["allocated"] for t in service.threads), exported
+        harness.assert_reference_exact(text)
+        flood = {str(p.pid) for p in idle} & set(exported)
+        assert len(flood) == 4, exported  # the cap's other 4 series are the flood's
+        text = harness.next_snapshot(1)
+    harness.scraper.stop()
+    harness.scraper.assert_succeeded()
+
+
 def test_a_flood_of_short_lived_processes_cannot_keep_a_service_out(
         attacked, fixture_bins, spawn_fixture, spawn_process):
     harness = attacked("max_series: 20\n")

@@ -12,7 +12,10 @@ renaming itself stays in its series, and its current name is reported beside it
 
 Under the cap, series with live processes come first, the longest-running first (then the
 larger), and series whose processes all exited fill what is left, the most recent first: a
-flood of short-lived processes cannot keep a service that started later out. The internal
+flood of short-lived processes cannot keep a service that started later out. Each user (the
+uid of a series' longest-running process) gets an equal share: the series are taken in
+rounds, each user's best remaining one per round, so one user holding many series cannot
+push out another user's service however long it has run. The internal
 table holds at most TABLE_FACTOR x max_series series; beyond that, series whose processes all
 exited are forgotten, the least recently active first.
 """
@@ -71,6 +74,7 @@ class _Process:
     base_allocated: int = 0
     base_deallocated: int = 0
     comm: str | None = None  # when first seen or at the last exec: the comm label
+    uid: int = -1  # its owner: the series' share of the cap is its user's
 
 
 @dataclass
@@ -78,6 +82,7 @@ class _Series:
     folded_allocated: int = 0
     folded_deallocated: int = 0
     last_active: float = 0.0
+    uid: int = -1  # the owner of its longest-running process when last live
 
 
 class Aggregator:
@@ -150,9 +155,10 @@ class Aggregator:
         allocated, deallocated = sample.allocated_bytes, sample.deallocated_bytes
         process = self._processes.get(sample.key)
         if process is None:
-            self._processes[sample.key] = _Process(key, allocated, deallocated, comm=comm)
+            self._processes[sample.key] = _Process(key, allocated, deallocated, comm=comm,
+                                                   uid=sample.uid)
             return
-        process.comm = comm
+        process.comm, process.uid = comm, sample.uid
         if _restarted(process, sample):
             # Counters restarted under the same identity: a new image after execve.
             self._fold(process)
@@ -178,7 +184,9 @@ class Aggregator:
             total = totals[process.series]
             total[0] += process.allocated - process.base_allocated
             total[1] += process.deallocated - process.base_deallocated
-            started[process.series] = min(start, started.get(process.series, start))
+            if start < started.get(process.series, start + 1):
+                started[process.series] = start
+                self._series.setdefault(process.series, _Series()).uid = process.uid
 
         def rank(key: SeriesKey) -> tuple:
             if key in started:  # live: the longest-running first, then the larger
@@ -186,20 +194,22 @@ class Aggregator:
             return (1, -self._series[key].last_active, -totals[key][0])
 
         ordered = sorted(totals, key=rank)
-        kept, left_out = ordered[:self.max_series], ordered[self.max_series:]
+        exported = set(_fair_share(ordered, lambda key: self._series[key].uid, rank,
+                                   self.max_series))
+        kept = [key for key in ordered if key in exported]
+        left_out = [key for key in ordered if key not in exported]
         series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0, 0)))
                        for key in kept)
         dropped = {DROPPED_LIVE: sum(1 for k in left_out if k in started)}
         dropped[DROPPED_EXITED] = len(left_out) - dropped[DROPPED_LIVE]
-        exported = set(kept)
         return AggregateView(self.labels, series, dropped, self.evicted,
                              tuple(r for r in renamed if r[0] in exported))
 
     def to_state(self) -> dict[str, Any]:
         """A JSON-able form of everything needed to continue the counters later."""
         return {"version": STATE_VERSION, "labels": list(self.labels),
-                "series": [[list(k), s.folded_allocated, s.folded_deallocated, s.last_active]
-                           for k, s in self._series.items()],
+                "series": [[list(k), s.folded_allocated, s.folded_deallocated, s.last_active,
+                            s.uid] for k, s in self._series.items()],
                 "processes": [[pid, start, list(p.series), p.allocated, p.deallocated,
                                p.base_allocated, p.base_deallocated]
                               for (pid, start), p in self._processes.items()]}
@@ -209,7 +219,9 @@ class Aggregator:
         other labels or another format. From another boot, every process there has exited."""
         if state.get("version") != STATE_VERSION or tuple(state.get("labels", ())) != self.labels:
             return False
-        self._series = {_key(k): _Series(a, d, t) for k, a, d, t in state["series"]}
+        # a series saved before owners were (4 fields) is nobody's until it is live again
+        self._series = {_key(k): _Series(a, d, t, *(int(u) for u in owner[:1]))
+                        for k, a, d, t, *owner in state["series"]}
         comm = self.labels.index("comm") if "comm" in self.labels else None
         self._processes = {(pid, start): _Process(_key(k), a, d, ba, bd,
                                                   None if comm is None else _key(k)[comm])
@@ -218,6 +230,24 @@ class Aggregator:
             for ident in list(self._processes):
                 self._fold(self._processes.pop(ident))
         return True
+
+
+def _fair_share(ordered: list[SeriesKey], owner: Callable[[SeriesKey], int],
+                rank: Callable[[SeriesKey], tuple], cap: int) -> list[SeriesKey]:
+    """At most `cap` of the series `ordered` (best first), in rounds: each round takes
+    every owner's best series not taken yet, best first. An owner with fewer series than
+    its share leaves the rest to the others."""
+    queues: dict[int, list[SeriesKey]] = {}
+    for key in ordered:
+        queues.setdefault(owner(key), []).append(key)
+    taken: list[SeriesKey] = []
+    depth = 0
+    while len(taken) < cap and queues:
+        round_ = sorted((keys[depth] for keys in queues.values()), key=rank)
+        taken.extend(round_[:cap - len(taken)])
+        depth += 1
+        queues = {uid: keys for uid, keys in queues.items() if len(keys) > depth}
+    return taken
 
 
 def _restarted(process: _Process, sample: ProcessSample) -> bool:
