@@ -187,6 +187,7 @@ class Capturer:
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
+        self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
 
     def close(self) -> None:
@@ -199,7 +200,7 @@ class Capturer:
     @property
     def stats(self) -> CaptureStats:
         return CaptureStats(self.tracer.stops, self.attacher.elf_opens, self.prober.torn_reads,
-                            self.prober.exit_races,
+                            self.prober.exit_races + self.exit_races,
                             self.cache.hits, self.cache.misses, len(self.cache),
                             self.tracer.stop_timeouts)
 
@@ -231,14 +232,14 @@ class Capturer:
                 complete = False
                 break
             if isinstance(process, int):
-                # gone between readdir and reading its stat: a race with exit, like an
-                # unreadable exe (uncounted when a selection could have left it out); only
-                # a pid asked for by name is missing
-                if pids is not None or self.settings.select is None:
+                # gone between readdir and reading its stat: an exit race, counted nowhere
+                # (only a pid asked for by name is missing)
+                if pids is not None:
                     tally.tgids_walked += 1
-                    tally.current = (process, "")
-                    tally.fail(tags.PID_MISSING if pids is not None else tags.READLINK_FAILURE,
-                               reason="no such process")
+                    tally.begin(process, "")
+                    tally.fail(tags.PID_MISSING, reason="no such process")
+                else:
+                    tally.exit_races += 1
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 continue
@@ -258,7 +259,7 @@ class Capturer:
             # what the background resolved in time is read in this snapshot after all
             for process in waiting:
                 tally.pending -= 1
-                tally.current = (process.pid, process.comm)
+                tally.begin(process.pid, process.comm)
                 sample = self._probe_process(process, tally, cancel)
                 if sample is not None:
                     samples.append(sample)
@@ -280,13 +281,14 @@ class Capturer:
                                                      key=lambda f: f.pid)),
                             denied_tgids=tally.denied_tgids, pending=tally.pending,
                             left_out_threads=tally.left_out)
+        self.exit_races += tally.exit_races
         self._log_snapshot(snapshot)
         return snapshot
 
     def _probe_into(self, process: ProcessInfo, tally: Tally, cancel: threading.Event | None,
                     samples: list[ProcessSample], waiting: list[ProcessInfo]) -> None:
         """Probe one process: its sample to `samples`, or itself to `waiting` when pending."""
-        tally.current = (process.pid, process.comm)
+        tally.begin(process.pid, process.comm)
         pending = tally.pending
         sample = self._probe_process(process, tally, cancel)
         if sample is not None:
@@ -338,7 +340,32 @@ class Capturer:
     def _probe_process(self, process: ProcessInfo, tally: Tally,
                        cancel: threading.Event | None) -> ProcessSample | None:
         """Attach to and read one process: whatever it does meanwhile (exit, exec, odd
-        /proc state) costs its own outcome only, never the snapshot."""
+        /proc state) costs its own outcome only, never the snapshot. A process that failed
+        in any step and has exited by then (`ProcessInfo.exited`) is an exit race: its
+        failures are taken back and said at debug only."""
+        try:
+            sample = self._read_process(process, tally, cancel)
+        except (ProbeError, OSError, ImageChanged) as error:
+            sample, failure = None, error
+        else:
+            failure = None
+        if not process.kernel_thread and tally.failed_now() and process.exited():
+            tally.forgive()
+            log.debug("pid %d (%s): exited while read%s", process.pid, process.comm,
+                      f": {failure}" if failure is not None else "")
+            return sample
+        if isinstance(failure, ProbeError):
+            if failure.tag == tags.READLINK_FAILURE and failure.errno in DENIED:
+                tally.denied_tgids += 1
+            self._log_failure(process, failure)
+        elif failure is not None:
+            log.debug("pid %d: gone while probed: %s", process.pid, failure)
+        return sample
+
+    def _read_process(self, process: ProcessInfo, tally: Tally,
+                      cancel: threading.Event | None) -> ProcessSample | None:
+        """`_probe_process` but for exit races: failures tallied, then raised (ProbeError,
+        or OSError / ImageChanged when its /proc entries went away or it exec'ed again)."""
         attached = False
         try:
             tracked = self._track(process)
@@ -363,19 +390,16 @@ class Capturer:
             return None
         except ProbeError as error:
             tally.fail(error.tag, reason=error.message)
-            if error.tag == tags.READLINK_FAILURE and error.errno in DENIED:
-                tally.denied_tgids += 1
-            self._log_failure(process, error)
-            return None
+            raise
         except (OSError, ImageChanged) as exc:  # it exited (or exec'ed again) meanwhile
             tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE,
                        reason=f"exited while probed: {exc}")
-            log.debug("pid %d: gone while probed: %s", process.pid, exc)
-            return None
+            raise
         except Exception as exc:  # one odd process must never cost the whole snapshot
             tally.fail(tags.WORKER_PANIC, reason=f"unexpected {type(exc).__name__}: {exc}")
-            log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
-                        type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            if not process.exited():
+                log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
+                            type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None
         if arena is None and not threads and tracked.retained_totals() == (0, 0):
             return None  # nothing read yet: exporting zeros would fake a counter reset

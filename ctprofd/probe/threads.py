@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
-from ..procfs.processes import ProcessInfo, ThreadInfo, at_random_address
+from ..procfs.processes import ProcessInfo, ThreadInfo, at_random_address, gone
 from ..report import tags
 from ..report.snapshot import ThreadSample
 from ..report.summary import Tally
@@ -107,10 +107,13 @@ class ThreadProber:
 
     def __init__(self, tracer: Tracer, on_stop: Callable[[float], None] | None = None,
                  read_ranges: Callable[[int, list[tuple[int, int]]], list[bytes | OSError]]
-                 = memory.read_ranges) -> None:
+                 = memory.read_ranges,
+                 thread_gone: Callable[[int, ThreadInfo], bool] = lambda pid, thread: gone(
+                     f"/proc/{pid}/task/{thread.tid}", thread.start_time)) -> None:
         self.tracer = tracer
         self.on_stop = on_stop
         self.read_ranges = read_ranges  # tests serve torn values through it
+        self.thread_gone = thread_gone  # (pid, thread): whether it has exited by now
         self.torn_reads = 0
         self.exit_races = 0  # threads gone before or while being stopped
 
@@ -183,6 +186,10 @@ class ThreadProber:
             block = dtv.block_address(self.read_ranges, pid, loader,
                                       self._module(pid, state), thread_pointer)
         except dtv.DtvError as exc:
+            if self.thread_gone(pid, thread):
+                self.exit_races += 1  # its DTV went with it: nothing to place
+                log.debug("pid %d: tid %d exited while its DTV was read: %s", pid, thread.tid, exc)
+                return
             state.threads[thread.tid].unplaced = True
             tally.fail(tags.JEMALLOC_IN_DSO, reason=f"tid {thread.tid}: general-dynamic "
                        f"TLS: {exc}")

@@ -20,6 +20,7 @@ _UNIT_RE = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
 
 
 PF_KTHREAD = 0x00200000
+PF_EXITING = 0x00000004
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class StatLine:
     start_time: int  # clock ticks after boot (field 22): with the id, the identity
     kernel_thread: bool = False  # PF_KTHREAD in the flags (field 9): no exe, no memory
     ppid: int = 0  # the parent (field 4): a fork() child shares its image until it execs
+    exiting: bool = False  # PF_EXITING in the flags: it is on its way out (do_exit)
 
 
 def parse_stat(text: str) -> StatLine:
@@ -38,8 +40,10 @@ def parse_stat(text: str) -> StatLine:
     head, _, tail = text.rpartition(")")
     comm = head.partition("(")[2]
     fields = tail.split()
+    flags = int(fields[6])
     return StatLine(comm=comm, state=fields[0], start_time=int(fields[19]),
-                    kernel_thread=bool(int(fields[6]) & PF_KTHREAD), ppid=int(fields[1]))
+                    kernel_thread=bool(flags & PF_KTHREAD), ppid=int(fields[1]),
+                    exiting=bool(flags & PF_EXITING))
 
 
 def read_file(path: str) -> bytes:
@@ -140,6 +144,27 @@ class ProcessInfo:
                 continue
         return None
 
+    def exited(self) -> bool:
+        """Whether this process has exited by now (see `gone`). A leader that is a zombie
+        while other threads of its group run on has not."""
+        if not gone(self._directory, self.start_time):
+            return False
+        task_dir = self._directory + "/task"
+        try:
+            if read_stat(self._directory + "/stat").start_time != self.start_time:
+                return True
+            tids = list_pids(task_dir)
+        except (OSError, ValueError, IndexError):
+            return True
+        for tid in tids:
+            try:
+                start = read_stat(f"{task_dir}/{tid}/stat").start_time
+            except (OSError, ValueError, IndexError):
+                continue
+            if not gone(f"{task_dir}/{tid}", start):
+                return False
+        return True
+
     @cached_property
     def exe(self) -> str:
         """The executable's path as the kernel names it (may end in ' (deleted)');
@@ -179,6 +204,27 @@ class ProcessInfo:
 
     def __repr__(self) -> str:
         return f"ProcessInfo(pid={self.pid}, comm={self.comm!r})"
+
+
+def gone(directory: str, start_time: int) -> bool:
+    """Whether the process or thread at `directory` (/proc/PID, /proc/PID/task/TID) with this
+    start time has exited: the directory vanished, names a newer one (its id reused), is a
+    zombie, or is on its way out (exiting, or SIGKILL pending: its group was killed or
+    called exit).
+    The one test of an exit race: what failed while reading something gone by then counts
+    nowhere, and is said at debug only."""
+    try:
+        stat = read_stat(directory + "/stat")
+        if stat.start_time != start_time or stat.state in ("Z", "X") or stat.exiting:
+            return True
+        status = read_file(directory + "/status")
+    except (OSError, ValueError, IndexError):
+        return True
+    pending = re.search(rb"^SigPnd:\s*([0-9a-f]+)", status, re.M)
+    return pending is not None and bool(int(pending.group(1), 16) & _SIGKILL_BIT)
+
+
+_SIGKILL_BIT = 1 << (9 - 1)
 
 
 def iter_processes(proc_root: str = "/proc",

@@ -106,11 +106,32 @@ class Tally:
     pending: int = 0  # binary still being resolved in the background: not read yet, not failed
     failed_pids: dict[int, PidFailure] = field(default_factory=dict)
     current: tuple[int, str] | None = None  # (pid, comm) the failures that follow are of
+    exit_races: int = 0  # tgids that exited while read: their failures were forgiven
+    _current_failures: Counter[str] = field(default_factory=Counter)
+
+    def begin(self, pid: int, comm: str) -> None:
+        """The failures that follow are of this tgid (until the next `begin`)."""
+        self.current = (pid, comm)
+        self._current_failures = Counter()
+
+    def failed_now(self) -> bool:
+        """Whether the current tgid had a failure (any tag but `jemalloc-not-found`)."""
+        return any(tag != tags.JEMALLOC_NOT_FOUND for tag in self._current_failures)
+
+    def forgive(self) -> None:
+        """The current tgid exited while read: take back its failures, count an exit race."""
+        self.failures.subtract(self._current_failures)
+        self.failures = +self.failures  # no zero or negative counts left
+        if self.current is not None:
+            self.failed_pids.pop(self.current[0], None)
+        self._current_failures = Counter()
+        self.exit_races += 1
 
     def fail(self, tag: str, count: int = 1, reason: str = "") -> None:
         """Record `count` outcomes with `tag` (actionable or not); an actionable one is
         also listed under the current tgid."""
         self.failures[tag] += count
+        self._current_failures[tag] += count
         if self.current is None or tag not in tags.ACTIONABLE:
             return
         pid, comm = self.current
