@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Callable
@@ -12,6 +13,7 @@ from .config.settings import (DEFAULT_PATH, EX_CONFIG, LOG_LEVELS, Config, Confi
                               load, load_effective)
 from .config.web import load_web_config
 from .export.revision import version_text
+from .files import lock
 from .probe.capture import Capturer
 from .procfs.capabilities import warn_if_unprivileged
 from .report import tags
@@ -23,6 +25,8 @@ from .resolve.layout import LayoutFailure, NotJemalloc, TsdLayout
 from .resolve.offsets_file import OffsetsFileError
 from .service.daemon import capture_settings, run
 from .service.logs import FORMATS, setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: int) -> str:
@@ -73,8 +77,14 @@ def _snapshot_table(snapshot: Snapshot, raw_bytes: bool = False) -> str:
 def _capturer(args: argparse.Namespace, **overrides: object) -> Capturer:
     """A Capturer that looks where the daemon with this configuration looks (--config, else
     /etc/ctprofd/ctprofd.yaml when present, else the defaults); --cache-dir and --debug-dir
-    override. Raises ConfigError, OffsetsFileError."""
+    override. Beside a daemon that owns the cache directory, its cache is read, never
+    written. Raises ConfigError, OffsetsFileError."""
     config = load_effective(args.config, _search_overrides(args))
+    owner = lock.holder(config.cache_dir) if config.cache_dir else None
+    if owner is not None:
+        log.info("a ctprofd (pid %d) owns %s: reading its cache, writing nothing", owner,
+                 config.cache_dir)
+        overrides = {"cache_writable": False, **overrides}
     return Capturer(capture_settings(config, **overrides))
 
 
@@ -323,7 +333,8 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser = subparsers.add_parser(
         "run", help="run the exporter daemon",
         description="Take a snapshot every interval and serve the metrics over HTTP. Exit "
-                    "status 78 on a bad configuration, 1 when the address cannot be bound.")
+                    "status 78 on a bad configuration, 75 when another process holds the state or "
+                    "cache directory, 1 when the address cannot be bound.")
     parser.add_argument("--config", metavar="PATH",
                         help=f"configuration file (default {DEFAULT_PATH} if present, "
                              "else the built-in defaults)")

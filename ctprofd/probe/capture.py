@@ -59,6 +59,7 @@ class CaptureSettings:
     cache_dir: str | None = None
     cache_max_entries: int = 4096
     cache_max_bytes: int = 16 << 20
+    cache_writable: bool = True  # False: read cache_dir, write nothing (a daemon owns it)
     state_dir: str | None = None  # where exited threads' totals survive a restart
     debug_dirs: tuple[str, ...] = ("/usr/lib/debug",)
     debuginfod_urls: tuple[str, ...] = ()
@@ -165,13 +166,15 @@ class Capturer:
         self.settings = settings or CaptureSettings()
         self.cache = LayoutCache(self.settings.cache_dir,
                                  max_entries=self.settings.cache_max_entries,
-                                 max_bytes=self.settings.cache_max_bytes)
+                                 max_bytes=self.settings.cache_max_bytes,
+                                 writable=self.settings.cache_writable)
         for path in self.settings.offsets_files:  # raises OffsetsFileError
             for layout in offsets_file.load(path):
                 self.cache.put(f"build-id:{layout.build_id}",
                                replace(layout, dwarf_source=f"imported from {path}"))
         urls = self.settings.debuginfod_urls or urls_from_environment()
-        self._debuginfod = DebuginfodClient(urls, self.settings.cache_dir) if urls else None
+        downloads = self.settings.cache_dir if self.settings.cache_writable else None
+        self._debuginfod = DebuginfodClient(urls, downloads) if urls else None
         self.attacher = Attacher(self.cache,
                                  DebugSearch(self.settings.debug_dirs, self._debuginfod,
                                              self.settings.parser.max_file_bytes),

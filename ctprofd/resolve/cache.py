@@ -7,7 +7,9 @@ Keys are `file:<dev>:<ino>:<size>:<mtime_ns>` (a file as the kernel names it),
 seconds so newly installed debug info is picked up, and are then removed; the other
 results describe an immutable file. Both memory and disk hold at most `max_entries`, and
 the disk at most `max_bytes`, evicting the least recently used (memory) or written (disk):
-a user who makes new file identities at will (touching a binary) cannot grow either.
+a user who makes new file identities at will (touching a binary) cannot grow either. A
+cache opened read-only (`writable=False`: the CLI beside a daemon that owns the directory)
+reads the directory and writes nothing to it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class LayoutCache:
     to use from the snapshot loop and the background resolver at once."""
 
     def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
-                 max_entries: int = 4096, max_bytes: int = 16 << 20) -> None:
+                 max_entries: int = 4096, max_bytes: int = 16 << 20,
+                 writable: bool = True) -> None:
         self.directory = os.path.join(directory, "layouts") if directory else None
+        self.writable = writable
         self.failure_ttl = failure_ttl
         self.max_entries = max_entries
         self.max_bytes = max_bytes
@@ -46,7 +50,7 @@ class LayoutCache:
         self._files: OrderedDict[str, int] = OrderedDict()  # on disk: name -> bytes, by age
         self._warned = False
         self._lock = threading.RLock()
-        if self.directory:
+        if self.directory and writable:
             try:
                 os.makedirs(self.directory, exist_ok=True)
                 self._files = _existing_files(self.directory)
@@ -69,7 +73,7 @@ class LayoutCache:
                     self.hits += 1
                     return resolution
                 self._memory.pop(key, None)  # an expired failure: gone from memory and disk
-                if self.directory:
+                if self.directory and self.writable:
                     self._remove(os.path.basename(self._path(key)))
             self.misses += 1
             return None
@@ -94,7 +98,7 @@ class LayoutCache:
             for key in [k for k, (r, _) in self._memory.items()
                         if isinstance(r, LayoutFailure)]:
                 del self._memory[key]
-            if not self.directory:
+            if not self.directory or not self.writable:
                 return
             try:
                 names = os.listdir(self.directory)
@@ -135,6 +139,8 @@ class LayoutCache:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if not self.writable:
+                return None
             log.warning("setting aside unusable cache file %s (%s); it will be rebuilt",
                         path, exc)
             try:
@@ -145,7 +151,7 @@ class LayoutCache:
             return None
 
     def _store(self, key: str, entry: tuple[Resolution, float]) -> None:
-        if not self.directory:
+        if not self.directory or not self.writable:
             return
         data = {"version": FORMAT_VERSION, "key": key, "stored_at": entry[1],
                 "result": entry[0].to_dict()}

@@ -3,7 +3,9 @@ endpoint beside it, signals (TERM/INT stop, HUP reloads) and systemd notificatio
 from a Config (the command line's flags are overrides in it, cli).
 
 Exit status: 0 after SIGTERM/SIGINT; 78 (EX_CONFIG) for a bad configuration, web config or
-offsets file; 1 when the listen address cannot be bound (e.g. the port is in use).
+offsets file, or a lock file that is not a regular file; 75 (EX_TEMPFAIL) when another process
+holds its state or cache directory; 1 when the listen address cannot be bound (e.g. the port
+is in use).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..export.aggregate import Aggregator
 from ..export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                                 DaemonState, Histogram)
 from ..export.server import MetricsServer, WebConfig, raise_fd_limit
+from ..files import lock
 from ..files.atomic import write_json
 from ..probe.capture import Capturer, CaptureSettings
 from ..probe.retained import boot_id
@@ -40,6 +43,7 @@ from .notify import Notifier
 log = logging.getLogger(__name__)
 
 STATE_FILE = "aggregate.json"
+EX_TEMPFAIL = 75  # another process holds the state or cache directory
 STOP_GRACE_SECONDS = 0.5
 # A snapshot waits this long at most (and half an interval at most) for new binaries to be
 # resolved beside it, so that a process started just before is read at once.
@@ -98,12 +102,6 @@ class Daemon:
         self._reload_requested = False
         self._thread_stops = Histogram(THREAD_STOP_BUCKETS)
         self._durations = Histogram(SNAPSHOT_DURATION_BUCKETS)
-        for directory in (config.cache_dir, config.state_dir):
-            if directory:  # systemd makes them; elsewhere a failure degrades to memory
-                try:
-                    os.makedirs(directory, exist_ok=True)
-                except OSError as err:
-                    log.warning("cannot create %s: %s", directory, err.strerror)
         self.capturer = Capturer(capture_settings(
             config, state_dir=config.state_dir, select=self._select,
             on_thread_stop=self._thread_stops.observe, background=True,
@@ -290,9 +288,38 @@ class Daemon:
         self.notify("READY=1")
 
 
+_held: dict[str, int] = {}  # directory -> its lock's descriptor, open until the process exits
+
+
+def own_directories(config: Config) -> None:
+    """Create the cache and state directories and lock each for this process's lifetime:
+    two daemons sharing one would export each other's series and trim each other's cache.
+    Raises lock.DirectoryBusy and lock.LockRefused; a directory that cannot be created or
+    locked otherwise (a read-only file system) is warned about, and its users degrade to
+    memory."""
+    for directory in dict.fromkeys(filter(None, (config.cache_dir, config.state_dir))):
+        if directory in _held:
+            continue
+        try:  # systemd makes them (StateDirectory=, CacheDirectory=)
+            os.makedirs(directory, exist_ok=True)
+            _held[directory] = lock.acquire(directory)
+        except lock.LockRefused:
+            raise
+        except OSError as err:
+            log.warning("cannot create or lock %s: %s", directory, err.strerror or err)
+
+
 def run(config: Config, web: WebConfig, load_config: Callable[[], Config]) -> int:
     """`ctprofd run` once its configuration is read and logging set up: returns the exit
     status (see the module docstring). `load_config` is what SIGHUP reloads."""
+    try:
+        own_directories(config)
+    except lock.DirectoryBusy as busy:
+        log.error("%s: give each ctprofd its own state_dir and cache_dir", busy)
+        return EX_TEMPFAIL
+    except lock.LockRefused as err:
+        log.error("%s", err.strerror)
+        return EX_CONFIG
     if reserve_setid_for_worker():  # before any thread starts
         log.debug("CAP_SETUID and CAP_SETGID are permitted, not effective: only the parse "
                  "worker uses them, to take a uid of its own")
