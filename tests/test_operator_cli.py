@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -259,3 +261,44 @@ def test_debuginfod_network_errors_are_named(fixture_bins, tmp_path, url, expect
     assert result.returncode == 1
     assert f"debuginfod: {url}: {expected}" in result.stderr, result.stderr
     assert "not on" not in result.stderr
+
+
+# -- a cached failure names the path the process has the file at -----------------------------
+
+MAP_EXECUTABLE = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+code = mmap.mmap(fd, 0, prot=mmap.PROT_READ | mmap.PROT_EXEC)  # offset 0, as a loader maps it
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_cached_failure_names_the_path_the_process_maps_not_the_one_typed(
+        fixture_bins, spawn_process, tmp_path):
+    """`ctprofd offsets typed/libjemalloc.so.2` caches a failure for that file; a process
+    that maps the same file through another hard link is told of under its own path."""
+    library = fixture_bins["dynamic-stripped-buildid"].jemalloc_object
+    data, count = FS_COUNTER_ACCESS.subn(b"\x3e", library.read_bytes())  # no counters in code
+    assert count >= 4, count
+    (tmp_path / "typed").mkdir()
+    (tmp_path / "mapped").mkdir()
+    typed = tmp_path / "typed" / "libjemalloc.so.2"
+    typed.write_bytes(data)
+    mapped = tmp_path / "mapped" / "libjemalloc.so.2"
+    os.link(typed, mapped)  # the same file (same cache key), at another path
+    config = tmp_path / "ctprofd.yaml"
+    config.write_text(f"cache_dir: {tmp_path / 'cache'}\ndebug_dirs: [{tmp_path / 'empty'}]\n")
+    offsets = subprocess.run([*CTPROFD, "offsets", "--config", str(config),
+                              "typed/libjemalloc.so.2"], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                             env={**clean_env(), "PYTHONPATH": str(REPO)})
+    assert offsets.returncode == 1, offsets.stderr
+    assert f"dwarf-parse-failure: {typed}: no DWARF" in offsets.stderr, offsets.stderr
+    assert any((tmp_path / "cache").rglob("file_*.json"))  # the failure is cached
+    user = spawn_process([sys.executable, "-c", MAP_EXECUTABLE, str(mapped)])
+    snapshot = cli("snapshot", "--config", str(config), "--pid", str(user.proc.pid))
+    assert snapshot.returncode == 1, snapshot.stderr
+    assert (f"pid {user.proc.pid} not read: dwarf-parse-failure: {mapped}: no DWARF"
+            in snapshot.stderr), snapshot.stderr
+    assert str(typed) not in snapshot.stderr

@@ -217,7 +217,8 @@ class Attacher:
             try:
                 fd, st = open_file()
             except FileRefused as exc:
-                resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc.strerror}")
+                resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc.strerror}",
+                                           subject=what)
                 self.cache.put(identity.key, resolution)
             except OSError as exc:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",
@@ -233,8 +234,8 @@ class Attacher:
                     else:
                         os.close(fd)  # queued already, or the queues are full: next time
                     raise Pending(f"{what}: being resolved")
-        if isinstance(resolution, LayoutFailure):
-            raise ProbeError(resolution.tag, resolution.message)
+        if isinstance(resolution, LayoutFailure):  # named as this process has the file
+            raise ProbeError(resolution.tag, resolution.about(what).message)
         return resolution
 
     def _parse(self, fd: int, st: os.stat_result, what: str, object_dirs: list[ObjectDir],
@@ -251,6 +252,8 @@ class Attacher:
             log.warning("%s; parsing it again in %g s", resolution.message, delay)
             raise ProbeError(resolution.tag, resolution.message)
         self.retries.succeeded(identity.key)
+        if isinstance(resolution, LayoutFailure):
+            resolution = resolution.about(what)  # the path its message names, kept with it
         if isinstance(resolution, TsdLayout) and resolution.build_id:
             self.cache.put(learned_key(resolution.build_id, st.st_uid), resolution)
         self.cache.put(identity.key, resolution)

@@ -27,9 +27,10 @@ from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 log = logging.getLogger(__name__)
 # 2: layouts carry the arena statistics' layout (1 had none); 3: offsets from machine code
 # may carry one from a layout table, and arena layouts what the live process is checked
-# against. An older entry is parsed again; a new layout table (arena_tables.json) warrants
-# a new version, so that binaries it serves are no longer kept without one.
-FORMAT_VERSION = 3
+# against; 4: a failure names the path its message begins with (`subject`). An older entry
+# is parsed again; a new layout table (arena_tables.json) warrants a new version, so that
+# binaries it serves are no longer kept without one.
+FORMAT_VERSION = 4
 
 
 class LayoutCache:

@@ -182,10 +182,21 @@ class LayoutFailure:
     message: str
     crashed: bool = False
     lost: bool = False
+    subject: str = ""  # the object's path the message begins with ("": not known)
+
+    def about(self, what: str) -> LayoutFailure:
+        """This failure told of the object at `what`, the path the process asking has it
+        at: a failure cached for a file found at another path (a hard link, another mount
+        namespace, the path an operator typed at the CLI) names `what` instead."""
+        if not self.subject:
+            return replace(self, subject=what) if self.message.startswith(what) else self
+        if self.subject == what or not self.message.startswith(self.subject):
+            return self
+        return replace(self, message=what + self.message[len(self.subject):], subject=what)
 
     def to_dict(self) -> dict:
         return {"kind": "failure", "tag": self.tag, "message": self.message,
-                "crashed": self.crashed, "lost": self.lost}
+                "crashed": self.crashed, "lost": self.lost, "subject": self.subject}
 
 
 Resolution = TsdLayout | NotJemalloc | LayoutFailure
@@ -207,6 +218,8 @@ def resolution_from_dict(data: dict) -> Resolution:
             raise ValueError(f"unknown tag {fields['tag']!r}")
         if any(type(fields.get(k, False)) is not bool for k in ("crashed", "lost")):
             raise ValueError("crashed and lost must be booleans")
+        if type(fields.get("subject", "")) is not str:
+            raise ValueError("subject must be a string")
         return LayoutFailure(**fields)
     raise ValueError(f"unknown kind {kind!r}")
 
