@@ -320,6 +320,8 @@ def test_json_form_is_the_contract(fixture_bins, spawn_fixture):
     assert (data["failures"], data["traced_by"]) == ({}, {})
     [process] = data["processes"]
     assert set(process) == set(contract["processes"][0])
+    assert set(process["allocator"]) == set(contract["processes"][0]["allocator"])
+    assert process["allocator"]["active_bytes"] >= process["allocator"]["allocated_bytes"] > 0
     assert (process["pid"], process["comm"], process["uid"], process["unit"]) == (
         fixture.pid, "alloc_threads", 0, unit)
     assert process["exe"] == str(fixture_bins["dynamic"].binary)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..report.snapshot import ARENA, ProcessSample, Snapshot
+from ..report.snapshot import ARENA, AllocatorHealth, ProcessSample, Snapshot
 from .labels import UserOf, label_value, label_values, username
 
 SeriesKey = tuple[str, ...]
@@ -46,6 +46,8 @@ class SeriesValues:
     processes: int
     threads: int
     arena_processes: int = 0  # of `processes`, those whose totals came from arena statistics
+    # the allocator figures summed over its live processes; None unless every one has them
+    allocator: AllocatorHealth | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class Aggregator:
         from it still runs; only processes that do not are folded away."""
         now = snapshot.timestamp
         live: dict[SeriesKey, list[int]] = {}
+        health: dict[SeriesKey, AllocatorHealth | None] = {}
         renamed = []
         for sample in snapshot.processes:
             comm = self._label_comm(sample)
@@ -120,6 +123,8 @@ class Aggregator:
             counts[1] += 1
             counts[2] += len(sample.threads)
             counts[3] += sample.totals_source == ARENA
+            health[key] = (sample.allocator if counts[1] == 1
+                           else _sum(health[key], sample.allocator))
         present = {sample.key for sample in snapshot.processes}
         for ident in [i for i in self._processes if i not in present]:
             if not alive(*ident):
@@ -129,7 +134,7 @@ class Aggregator:
         for key in [k for k, s in self._series.items() if s.last_active + self.retention < now]:
             del self._series[key]
         self._bound_table()
-        return self._view(live, tuple(renamed))
+        return self._view(live, health, tuple(renamed))
 
     def _label_comm(self, sample: ProcessSample) -> str:
         """The name for the comm label: the first seen, or the current one after an exec."""
@@ -176,6 +181,7 @@ class Aggregator:
         series.folded_deallocated += process.deallocated - process.base_deallocated
 
     def _view(self, live: dict[SeriesKey, list[int]],
+              health: dict[SeriesKey, AllocatorHealth | None],
               renamed: tuple[tuple[SeriesKey, int, str], ...]) -> AggregateView:
         totals = {key: [s.folded_allocated, s.folded_deallocated]
                   for key, s in self._series.items()}
@@ -198,7 +204,8 @@ class Aggregator:
                                    self.max_series))
         kept = [key for key in ordered if key in exported]
         left_out = [key for key in ordered if key not in exported]
-        series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0, 0)))
+        series = tuple(SeriesValues(key, *totals[key], *live.get(key, (0, 0, 0, 0)),
+                                    allocator=health.get(key))
                        for key in kept)
         dropped = {DROPPED_LIVE: sum(1 for k in left_out if k in started)}
         dropped[DROPPED_EXITED] = len(left_out) - dropped[DROPPED_LIVE]
@@ -248,6 +255,14 @@ def _fair_share(ordered: list[SeriesKey], owner: Callable[[SeriesKey], int],
         depth += 1
         queues = {uid: keys for uid, keys in queues.items() if len(keys) > depth}
     return taken
+
+
+def _sum(a: AllocatorHealth | None, b: AllocatorHealth | None) -> AllocatorHealth | None:
+    """Two processes' allocator figures added; None when either has none (a partial sum
+    would pass for the whole series')."""
+    if a is None or b is None:
+        return None
+    return AllocatorHealth(*(getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__))
 
 
 def _restarted(process: _Process, sample: ProcessSample) -> bool:

@@ -79,6 +79,28 @@ class DaemonState:
         default_factory=lambda: HistogramValues.empty(THREAD_STOP_BUCKETS))
 
 
+# jemalloc's own figures (mallctl "stats.<name>" after "epoch"), summed over the series'
+# live processes; a series with a process whose arena statistics were not read has none
+_EVERY = " Summed over the series' processes; absent unless each one's were read."
+ALLOCATOR_FIGURES = (
+    ("allocated", "jemalloc's stats.allocated: bytes in regions and large extents handed out, "
+                  "thread caches' included." + _EVERY),
+    ("active", "jemalloc's stats.active: bytes in pages of active extents (allocated plus "
+               "the free regions of partly used slabs)." + _EVERY),
+    ("resident", "jemalloc's stats.resident: bytes in pages jemalloc holds that are mapped "
+                 "to memory (active and dirty extents, base allocators)." + _EVERY),
+    ("mapped", "jemalloc's stats.mapped: bytes in extents jemalloc has mapped, retained "
+               "ones excluded." + _EVERY),
+    ("retained", "jemalloc's stats.retained: bytes of address space kept (decommitted or "
+                 "purged) for reuse instead of unmapped." + _EVERY),
+    ("metadata", "jemalloc's stats.metadata: bytes of its own metadata (base allocators and "
+                 "internal allocations)." + _EVERY),
+    ("dirty", "Bytes in dirty pages (freed, not yet purged by decay): the arenas' pdirty "
+              "times the page size." + _EVERY),
+    ("muzzy", "Bytes in muzzy pages (purged lazily with MADV_FREE, not yet purged for "
+              "good): the arenas' pmuzzy times the page size." + _EVERY),
+)
+
 _PROBE_FIELDS = (
     ("tgids_walked", "Processes (/proc entries) seen in the last snapshot, minus ctprofd."),
     ("jemalloc_detected", "Processes whose jemalloc counters could be located in the last "
@@ -144,6 +166,13 @@ class DaemonCollector:
             if not describe_only:
                 for series in state.aggregate.series:
                     family.add_metric(list(series.labels), value(series))
+            yield family
+        for name, doc in ALLOCATOR_FIGURES:
+            family = GaugeMetricFamily(f"ctprofd_allocator_{name}_bytes", doc, labels=names)
+            if not describe_only:
+                for series in state.aggregate.series:
+                    if series.allocator is not None:  # absent, never 0, when not read
+                        family.add_metric(list(series.labels), getattr(series.allocator, name))
             yield family
         view = state.aggregate
         dropped = GaugeMetricFamily(

@@ -16,6 +16,14 @@ live      = Σ (curregs + large extents) × class size − cached bytes − inte
 
 (docs/totals.md says why and how exact.)
 
+The same reads carry the allocator's health figures, what mallctl("stats.<name>") gives
+after `epoch` (AllocatorHealth, docs/allocator.md): each arena's active, dirty, muzzy and
+retained pages and the bytes its extents map, and its base allocator's bytes, summed as
+jemalloc 5.3.0's ctl_refresh sums them. jemalloc writes the page counts and pac_mapped as
+atomics (nactive by fetch-add, the extent sets' npages under their mutex), the base's bytes
+under its mutex: each word is copied twice side by side in the same process_vm_readv call,
+and a word whose two copies differ (written meanwhile: a copy may be torn) is read again.
+
 The target keeps running while it is read: a flush between two reads moves counts from
 a cache to its arena, so a figure may be off by what one flush carries, in either
 direction, until the next read. Callers keep totals from going backwards.
@@ -27,11 +35,11 @@ import bisect
 import operator
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from ..report.snapshot import ARENA, THREADS
+from ..report.snapshot import ARENA, THREADS, AllocatorHealth
 from ..resolve.layout import ArenaLayout
 from . import memory
 
@@ -45,8 +53,10 @@ MAX_CACHES = 65536   # thread caches in one process
 BUDGET_BYTES = 32 << 20
 BUDGET_RANGES = 1 << 17   # the ring walk reads 2 per thread cache it was not told of
 BUDGET_SECONDS = 2.0
+HEALTH_REREADS = 2  # further calls for words still changing between their two copies
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_BASE = struct.Struct("<QQQ")  # base_t's allocated, resident, mapped
 Reader = Callable[[int, list[tuple[int, int]]], list[bytes | OSError]]
 
 
@@ -97,6 +107,9 @@ class ArenaTotals:
     cache_stacks: int  # usable size of one thread cache's stacks
     narenas: int = 0   # arenas created when read
     arenas: tuple[int, ...] = ()  # their addresses
+    bases: tuple[int, ...] = ()   # their base allocators' (with a health layout)
+    page: int = 0                 # jemalloc's page size
+    health: AllocatorHealth | None = None  # None: the layout has no health members
 
     @property
     def unlinked(self) -> int:
@@ -186,14 +199,22 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         ranges += [(arena + layout.arena_internal, 8), (arena + layout.arena_descriptors, 8),
                    (arena + layout.arena_cache_locks, 8), (arena + first_bin, bins.size),
                    (arena + layout.arena_lstats, large.size)]
+    per_arena = len(ranges)
+    words = _health_words(layout, arenas)
+    if words:  # each arena's base pointer, and its words ctl.c merges
+        ranges += [(arena + layout.arena_base, 8) for arena in arenas]  # type: ignore[operator]
+        ranges += _twice(words)
     indexes = [] if layout.arena_ind is None else [(a + layout.arena_ind, 4) for a in arenas]
     known = [tsd + layout.tsd_descriptor for tsd in tsds]
     ranges += indexes + [r for node in known for r in _ring_entry(layout, node)]
     found = reader(pid, ranges)
-    per_arena = 5 * len(arenas)
     data = iter(_checked(found[:per_arena], "arenas"))
-    _check_indexes(slots, _checked(found[per_arena:per_arena + len(indexes)], "arena indexes"))
-    pointers = found[per_arena + len(indexes):]
+    at = per_arena + (len(arenas) if words else 0)
+    bases = [_U64.unpack(b)[0] for b in _checked(found[per_arena:at], "arena bases")]
+    word_copies = _checked(found[at:at + 2 * len(words)], "allocator statistics")
+    at += 2 * len(words)
+    _check_indexes(slots, _checked(found[at:at + len(indexes)], "arena indexes"))
+    pointers = found[at + len(indexes):]
     entries = {node: (_U64.unpack(a)[0], _U64.unpack(b)[0])  # type: ignore[arg-type]
                for node, a, b in zip(known, pointers[0::2], pointers[1::2])
                if not isinstance(a, OSError) and not isinstance(b, OSError)}
@@ -212,35 +233,144 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         requested += nmalloc + _dot(fields[2::3], large_sizes)
         in_use += nmalloc - _dot(fields[1::3], large_sizes)
 
-    # the thread caches: requests not flushed yet, regions held
+    # the thread caches: requests not flushed yet, regions held; the arenas' bases
     arrays = _cache_bins(reader, pid, layout, heads, entries)
     cache = _records(layout.cache_bin_size, (layout.cache_bin_head, layout.cache_bin_nrequests,
                                              layout.cache_bin_empty), "QQH", nhbins)
     cached_sizes = size[:nhbins]
-    for data_or_error in reader(pid, [(a, cache.size) for a in arrays]):
+    spans = _base_spans(layout, bases)
+    found = reader(pid, [(a, cache.size) for a in arrays] + _twice(spans))
+    for data_or_error in found[:len(arrays)]:
         if isinstance(data_or_error, OSError):
             continue  # a cache freed since its ring was walked: its thread has exited
         fields = cache.unpack(data_or_error)
         requested += _dot(fields[1::3], cached_sizes)
         cached += _dot([((empty - head) & 0xFFFF) >> 3 for head, empty
                         in zip(fields[0::3], fields[2::3])], cached_sizes)
+    health, page = None, 0
+    if words:
+        page = _page_size(size, nbins)
+        values = _settle(reader, pid, words + spans, word_copies + _checked(
+            found[len(arrays):], "base allocators"))
+        if values is None:
+            raise ArenaReadError("allocator statistics kept changing while read")
+        health = _health(page, values[:len(words)], values[len(words):], internal, in_use)
     return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
                        _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]),
-                       narenas, tuple(arenas))
+                       narenas, tuple(arenas), tuple(bases), page, health)
 
 
-def unchanged(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
-              reader: Reader = memory.read_ranges) -> bool:
-    """Whether no thread cache was linked or unlinked and no arena created since `last`
-    was read (one small read). With every live thread's counters unmoved too, nothing
-    was allocated or freed: a thread that allocates gets a cache, linked when it starts
-    to allocate and unlinked when it exits."""
+def _health_words(layout: ArenaLayout, arenas: list[int]) -> list[tuple[int, int]]:
+    """The ranges of each arena's words that ctl.c merges (HEALTH_FIELDS' arena words, in
+    that order), none without a health layout."""
+    if not layout.has_health:
+        return []
+    offsets = (layout.arena_nactive, layout.arena_dirty_pages, layout.arena_dirty_guarded_pages,
+               layout.arena_muzzy_pages, layout.arena_muzzy_guarded_pages,
+               layout.arena_retained_pages, layout.arena_retained_guarded_pages,
+               layout.arena_pac_mapped)
+    return [(arena + offset, 8) for arena in arenas for offset in offsets]  # type: ignore[operator]
+
+
+def _base_spans(layout: ArenaLayout, bases: list[int]) -> list[tuple[int, int]]:
+    """The range of each base_t's allocated .. mapped."""
+    if not bases:
+        return []
+    return [(base + layout.base_allocated, _BASE.size) for base in bases]  # type: ignore[operator]
+
+
+def _twice(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each range twice, side by side: two copies taken a moment apart in one call."""
+    return [r for r in ranges for r in (r, r)]
+
+
+def _settle(reader: Reader, pid: int, ranges: list[tuple[int, int]],
+            copies: list[bytes]) -> list[bytes] | None:
+    """The value of each range from its two copies (`copies`, as `_twice` ordered them).
+    Copies that differ were taken while the target wrote the range (either may be torn):
+    those ranges are read twice again, in one call, at most HEALTH_REREADS times. None when
+    some still differ."""
+    values = copies[0::2]
+    moving = [i for i, (a, b) in enumerate(zip(copies[0::2], copies[1::2])) if a != b]
+    for _ in range(HEALTH_REREADS):
+        if not moving:
+            break
+        again = _read(reader, pid, _twice([ranges[i] for i in moving]), "allocator statistics")
+        still = []
+        for i, a, b in zip(moving, again[0::2], again[1::2]):
+            if a == b:
+                values[i] = a
+            else:
+                still.append(i)
+        moving = still
+    return None if moving else values
+
+
+def _page_size(size: tuple[int, ...], nbins: int) -> int:
+    """jemalloc's page: its smallest large class is four pages (SC_LARGE_MINCLASS)."""
+    page = size[nbins] >> 2 if nbins < len(size) else 0
+    if page & (page - 1) or not 4096 <= page <= 1 << 16:
+        raise ArenaReadError(f"the smallest large class ({size[nbins] if page else '?'} bytes) "
+                             "is not four pages")
+    return page
+
+
+def _health(page: int, words: list[bytes], spans: list[bytes], internal: int,
+            allocated: int) -> AllocatorHealth:
+    """The figures ctl_refresh makes: arena_stats_merge and pa_shard_stats_merge per arena
+    (`words`: 8 per arena, as _health_words orders them), base_stats_get per base
+    (`spans`), summed."""
+    value = [_U64.unpack(w)[0] for w in words]
+    active, dirty, muzzy, retained = (sum(value[i::8]) for i in (0, 1, 3, 5))
+    dirty += sum(value[2::8])
+    muzzy += sum(value[4::8])
+    retained += sum(value[6::8])
+    base_allocated = base_resident = base_mapped = 0
+    for i, span in enumerate(spans):
+        fields = _BASE.unpack(span)
+        if not fields[0] <= fields[1] <= fields[2]:
+            raise ArenaReadError(f"base allocator {i}: allocated {fields[0]:,}, resident "
+                                 f"{fields[1]:,}, mapped {fields[2]:,} out of order")
+        base_allocated += fields[0]
+        base_resident += fields[1]
+        base_mapped += fields[2]
+    return AllocatorHealth(allocated=allocated, active=active * page,
+                           resident=base_resident + (active + dirty) * page,
+                           mapped=base_mapped + sum(value[7::8]),
+                           retained=retained * page, metadata=base_allocated + internal,
+                           dirty=dirty * page, muzzy=muzzy * page)
+
+
+def refreshed(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
+              reader: Reader = memory.read_ranges) -> ArenaTotals | None:
+    """`last`, with its allocator health read anew, when no thread cache was linked or
+    unlinked and no arena created since it was read (one small read); else None. With
+    every live thread's counters unmoved too, nothing was allocated or freed: a thread that
+    allocates gets a cache, linked when it starts to allocate and unlinked when it exits.
+    Pages still move without that (decay purges dirty pages into muzzy and retained ones):
+    the health words are read in the same call, and None (read it all) when any of them was
+    changing while copied."""
+    words = _health_words(layout, list(last.arenas)) if last.health is not None else []
+    spans = _base_spans(layout, list(last.bases)) if words else []
     found = reader(pid, [(base + layout.narenas_total, 4)] + [
-        (arena + layout.arena_cache_locks, 8) for arena in last.arenas])
+        (arena + layout.arena_cache_locks, 8) for arena in last.arenas]
+        + _twice(words + spans))
     if any(isinstance(f, OSError) for f in found):
-        return False
-    locks = sum(_U64.unpack(f)[0] for f in found[1:])  # type: ignore[arg-type]
-    return _U32.unpack(found[0])[0] == last.narenas and locks == last.cache_locks  # type: ignore[arg-type]
+        return None
+    locks = sum(_U64.unpack(f)[0] for f in found[1:1 + len(last.arenas)])  # type: ignore[arg-type]
+    if _U32.unpack(found[0])[0] != last.narenas or locks != last.cache_locks:  # type: ignore[arg-type]
+        return None
+    if not words:
+        return last
+    copies: list[bytes] = found[1 + len(last.arenas):]  # type: ignore[assignment]
+    if copies[0::2] != copies[1::2]:
+        return None
+    values = copies[0::2]
+    try:
+        return replace(last, health=_health(last.page, values[:len(words)], values[len(words):],
+                                            last.internal, last.health.allocated))  # type: ignore[union-attr]
+    except ArenaReadError:
+        return None
 
 
 def _check_classes(layout: ArenaLayout, size: tuple[int, ...], infos: bytes) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Collection
 from ..procfs.processes import (ProcessInfo, code_objects_digest, iter_processes, list_pids,
                                 list_threads, read_maps)
 from ..report import tags
-from ..report.snapshot import THREADS, ProcessSample, Snapshot, ThreadSample
+from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
 from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
@@ -27,7 +27,7 @@ from ..resolve.layout import NotJemalloc
 from ..resolve.parse_worker import WorkerLimits
 from ..resolve.resolver import BackgroundResolver
 from .arena_stats import (ArenaReadError, ArenaTotals, OverBudget, process_totals, read_totals,
-                          unchanged)
+                          refreshed)
 from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, without_inherited
 from .ptrace import Tracer
 from .retained import RetainedStore, Saved
@@ -417,7 +417,8 @@ class Capturer:
             retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads),
             totals_source=source, totals_reason=_why_threads(tracked, arena) if source == THREADS
             else "", container_id=process.container.container_id,
-            pod_uid=process.container.pod_uid)
+            pod_uid=process.container.pod_uid,
+            allocator=arena.health if arena is not None and source == ARENA else None)
 
     def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
                       threads: list[ThreadSample], tally: Tally) -> ArenaTotals | None:
@@ -432,10 +433,12 @@ class Capturer:
         if layout is None or attachment.base is None:
             return None
         basis = tuple(sorted((t.tid, t.allocated_bytes, t.deallocated_bytes) for t in threads))
-        if (tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed
-                and unchanged(pid, layout, attachment.base, tracked.arena[1],
-                              self.prober.read_ranges)):
-            return tracked.arena[1]
+        if tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed:
+            fresh = refreshed(pid, layout, attachment.base, tracked.arena[1],
+                              self.prober.read_ranges)
+            if fresh is not None:
+                tracked.arena = (basis, fresh)
+                return fresh
         if tracked.arena_skip:
             tracked.arena_skip -= 1
             if tracked.over_budget:

@@ -24,6 +24,26 @@ class ThreadSample:
 
 
 @dataclass(frozen=True)
+class AllocatorHealth:
+    """A process's allocator figures, in bytes, as jemalloc's own mallctl gives them after
+    `epoch` (ctl_refresh over every arena): stats.allocated, stats.active, stats.resident,
+    stats.mapped, stats.retained, stats.metadata, and the dirty and muzzy pages not purged
+    yet (Σ stats.arenas.<i>.pdirty and pmuzzy, times the page size)."""
+
+    allocated: int
+    active: int
+    resident: int
+    mapped: int
+    retained: int
+    metadata: int
+    dirty: int
+    muzzy: int
+
+    def to_dict(self) -> dict:
+        return {f"{name}_bytes": getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class ProcessSample:
     """One jemalloc process. Its byte totals are the sum over the threads read now plus
     `retained_*`: what the process counted beyond them (threads that exited or were not
@@ -45,6 +65,7 @@ class ProcessSample:
     totals_reason: str = ""  # with "threads": why the arena statistics were not used
     container_id: str = ""  # from the cgroup path (procfs/containers.py), '' outside one
     pod_uid: str = ""
+    allocator: AllocatorHealth | None = None  # from the arena statistics; None: not read
 
     @property
     def allocated_bytes(self) -> int:
@@ -67,6 +88,7 @@ class ProcessSample:
                 "deallocated_bytes": self.deallocated_bytes,
                 "totals_source": self.totals_source,
                 "totals_reason": self.totals_reason or None,
+                "allocator": self.allocator.to_dict() if self.allocator else None,
                 "threads": [t.to_dict() for t in self.threads]}
 
 

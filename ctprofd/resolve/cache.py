@@ -27,10 +27,11 @@ from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 log = logging.getLogger(__name__)
 # 2: layouts carry the arena statistics' layout (1 had none); 3: offsets from machine code
 # may carry one from a layout table, and arena layouts what the live process is checked
-# against; 4: a failure names the path its message begins with (`subject`). An older entry
-# is parsed again; a new layout table (arena_tables.json) warrants a new version, so that
-# binaries it serves are no longer kept without one.
-FORMAT_VERSION = 4
+# against; 4: a failure names the path its message begins with (`subject`); 5: arena
+# layouts carry the allocator health members (layouts without them are parsed again). An
+# older entry is parsed again; a new layout table (arena_tables.json) warrants a new
+# version, so that binaries it serves are no longer kept without one.
+FORMAT_VERSION = 5
 
 
 class LayoutCache:

@@ -483,9 +483,41 @@ def arena_offsets(elf: ELFFile) -> dict[str, int]:
                  cache_bin_head=_member(cache_bin, "stack_head")[0],
                  cache_bin_nrequests=_member(cache_bin, "tstats.nrequests")[0],
                  cache_bin_empty=_member(cache_bin, "low_bits_empty")[0])
+    found.update(_health_offsets(arena))
     _, bins = _member(arena, "bins")
     bin_type = _type(bins)
     found.update(bin_size=_size(bin_type),
                  bin_nrequests=_member(bin_type, "stats.nrequests")[0],
                  bin_curregs=_member(bin_type, "stats.curregs")[0])
+    return found
+
+
+# arena_t members ctl.c merges into stats.active, resident, mapped, retained and the arenas'
+# pdirty and pmuzzy (pa_shard_basic_stats_merge, pa_shard_stats_merge, pac_mapped)
+HEALTH_MEMBERS = {
+    "arena_nactive": "pa_shard.nactive",
+    "arena_dirty_pages": "pa_shard.pac.ecache_dirty.eset.npages",
+    "arena_dirty_guarded_pages": "pa_shard.pac.ecache_dirty.guarded_eset.npages",
+    "arena_muzzy_pages": "pa_shard.pac.ecache_muzzy.eset.npages",
+    "arena_muzzy_guarded_pages": "pa_shard.pac.ecache_muzzy.guarded_eset.npages",
+    "arena_retained_pages": "pa_shard.pac.ecache_retained.eset.npages",
+    "arena_retained_guarded_pages": "pa_shard.pac.ecache_retained.guarded_eset.npages",
+    "arena_pac_mapped": "stats.pa_shard_stats.pac_stats.pac_mapped",
+}
+
+
+def _health_offsets(arena: DIE) -> dict[str, int]:
+    """The offsets of what jemalloc's ctl.c merges into the allocator's health figures:
+    the arena_t members above, its `base` pointer and base_t's allocated, resident and
+    mapped (base_stats_get). Empty when a member is missing (another jemalloc version):
+    the totals do not need them."""
+    try:
+        found = {name: _member(arena, path)[0] for name, path in HEALTH_MEMBERS.items()}
+        found["arena_base"], pointer = _member(arena, "base")
+        base = _pointee(pointer)
+        found.update(base_allocated=_member(base, "allocated")[0],
+                     base_resident=_member(base, "resident")[0],
+                     base_mapped=_member(base, "mapped")[0])
+    except DwarfError:
+        return {}
     return found

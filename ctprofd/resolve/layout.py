@@ -40,6 +40,12 @@ BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 RECORD_MAX = {"bin": 1024, "bin_info": 256, "cache_bin": 256, "lstat": 256}
 
 
+HEALTH_FIELDS = ("arena_nactive", "arena_dirty_pages", "arena_dirty_guarded_pages",
+                 "arena_muzzy_pages", "arena_muzzy_guarded_pages", "arena_retained_pages",
+                 "arena_retained_guarded_pages", "arena_pac_mapped", "arena_base",
+                 "base_allocated", "base_resident", "base_mapped")
+
+
 @dataclass(frozen=True)
 class ArenaLayout:
     """Where jemalloc keeps its process-wide arena statistics and how they are laid out
@@ -83,7 +89,27 @@ class ArenaLayout:
     bin_info_reg_size: int | None = None  # bin_info_t: region size (= the class size)
     bin_info_slab_size: int | None = None
     bin_info_nregs: int | None = None     # regions per slab
+    # what ctl.c merges into stats.active, resident, mapped, retained, metadata and the
+    # dirty and muzzy pages (arena_stats.AllocatorHealth); None: a layout without them
+    # (from an older ctprofd's offsets file, or a jemalloc that lacks one): no such figures
+    arena_nactive: int | None = None        # pa_shard.nactive (pages)
+    arena_dirty_pages: int | None = None    # pa_shard.pac.ecache_dirty.eset.npages
+    arena_dirty_guarded_pages: int | None = None  # ... .guarded_eset.npages
+    arena_muzzy_pages: int | None = None
+    arena_muzzy_guarded_pages: int | None = None
+    arena_retained_pages: int | None = None
+    arena_retained_guarded_pages: int | None = None
+    arena_pac_mapped: int | None = None     # stats.pa_shard_stats.pac_stats.pac_mapped
+    arena_base: int | None = None           # base_t *base
+    base_allocated: int | None = None       # in base_t: size_t allocated, resident, mapped
+    base_resident: int | None = None
+    base_mapped: int | None = None
     table: str = ""  # the layout table it came from (arena_tables), "" when from DWARF
+
+    @property
+    def has_health(self) -> bool:
+        """Whether the allocator's health figures can be read with this layout."""
+        return all(getattr(self, name) is not None for name in HEALTH_FIELDS)
 
     @property
     def nbins(self) -> int:
@@ -112,6 +138,10 @@ class ArenaLayout:
             raise ValueError(f"arena layout: a bin_info_t of {self.bin_info_size} bytes")
         if not self.cache_bin_nrequests + 8 <= self.cache_bin_empty <= self.cache_bin_size - 2:
             raise ValueError("arena layout: cache_bin members outside the record")
+        if self.has_health and not (self.base_allocated + 8 == self.base_resident  # type: ignore[operator]
+                                    == self.base_mapped - 8):  # type: ignore[operator]
+            raise ValueError("arena layout: base_t's allocated, resident and mapped are not "
+                             "three words in a row")
 
 
 @dataclass(frozen=True)

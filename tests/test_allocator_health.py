@@ -1,0 +1,169 @@
+"""The allocator's health figures (stats.active, resident, mapped, retained, metadata, the
+dirty and muzzy pages), read from outside, against what the process's own mallctl says
+after `epoch`: on the debug jemalloc (its DWARF) and on Debian's stock, stripped library
+(the layout table), in a real process that fragments its heap and then holds still."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctprofd.probe import memory
+from ctprofd.probe.arena_stats import read_totals, refreshed
+from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report.snapshot import ARENA, THREADS
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import HEALTH_FIELDS, TsdLayout, resolve_path
+from support.procs import assert_no_thread_stopped_or_traced
+
+STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("allocated", "active", "resident", "mapped", "retained", "metadata", "dirty",
+           "muzzy")
+
+# Fragments its heap (small blocks, three in four freed again; 3 MiB blocks, every other
+# one freed), in the main thread and in a thread of its own (another arena with narenas),
+# then holds still: for each line on stdin, jemalloc's own figures after `epoch` as one
+# JSON line (ctypes: LD_PRELOAD makes the library's mallctl global).
+WORKLOAD = r"""
+import ctypes, json, sys, threading
+lib = ctypes.CDLL(None)
+def read(name, kind=ctypes.c_size_t):
+    value, size = kind(), ctypes.c_size_t(ctypes.sizeof(kind))
+    assert lib.mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0
+    return value.value
+kept = []
+def fragment():
+    small = [bytearray(200) for _ in range(200000)]
+    del small[::4]; del small[::3]
+    big = [bytearray(3 << 20) for _ in range(20)]
+    del big[::2]
+    kept.append((small, big))
+fragment()
+thread = threading.Thread(target=fragment)
+thread.start()
+thread.join()
+names = ("allocated", "active", "resident", "mapped", "retained", "metadata")
+while True:
+    epoch = ctypes.c_uint64(1)
+    assert lib.mallctl(b"epoch", None, None, ctypes.byref(epoch), 8) == 0
+    page = read("arenas.page")
+    truth = {name: read("stats." + name) for name in names}
+    truth.update(dirty=read("stats.arenas.4096.pdirty") * page,
+                 muzzy=read("stats.arenas.4096.pmuzzy") * page,
+                 narenas=read("arenas.narenas", ctypes.c_uint))
+    print(json.dumps(truth), flush=True)
+    if not sys.stdin.readline():
+        break
+"""
+
+
+def spawn_workload(spawn_process, library: str, conf: str):
+    process = spawn_process([sys.executable, "-c", WORKLOAD], ready=None,
+                            env={"LD_PRELOAD": library, "PATH": "/usr/bin:/bin",
+                                 **({"MALLOC_CONF": conf} if conf else {})})
+    return process, json.loads(process.readline(timeout=60))
+
+
+def assert_within(got: dict, before: dict, after: dict, share: float = 0.02) -> None:
+    """Each figure within `share` of the truth read just before and just after (with
+    background threads, decay moves pages between the two)."""
+    for name in FIGURES:
+        low, high = sorted((before[name], after[name]))
+        assert low * (1 - share) <= got[name] <= high * (1 + share), (name, got, before, after)
+
+
+@pytest.mark.parametrize("conf", [
+    "",                                      # dirty pages left to decay
+    # purged lazily by the decay threads at once: muzzy pages, kept
+    "dirty_decay_ms:1,muzzy_decay_ms:-1,background_thread:true",
+    "narenas:3,background_thread:true",      # arenas and decay threads
+])
+@pytest.mark.parametrize("route", ["dwarf", "table"])
+def test_each_figure_is_the_process_own(spawn_process, jemalloc_dir, tmp_path, route, conf):
+    """Every figure within 2 % of mallctl("stats.<name>") (the bar of issue 26), on the debug
+    build through its DWARF and on the stock library through the layout table."""
+    library = str(jemalloc_dir / "lib/libjemalloc.so.2") if route == "dwarf" else STOCK
+    workload, before = spawn_workload(spawn_process, library, conf)
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+    try:
+        for _ in range(2):  # the second read takes the path of a process that did not move
+            [process] = engine.capture(pids=[workload.pid]).processes
+            workload.send("")
+            after = json.loads(workload.readline(timeout=60))
+            assert process.totals_source == ARENA, process.totals_reason
+            got = {name: getattr(process.allocator, name) for name in FIGURES}
+            print(f"{route} {conf or 'default'}: ctprofd {got}; mallctl {before} .. {after}")
+            assert_within(got, before, after)
+            before = after
+    finally:
+        engine.close()
+    assert after["retained"] > 0 and after["active"] > after["allocated"]
+    if conf.startswith("dirty_decay_ms:1"):
+        assert after["muzzy"] > 0
+    elif not conf:
+        assert after["dirty"] > 0
+    else:
+        assert after["narenas"] == 3 + 1  # and the huge arena
+    assert_no_thread_stopped_or_traced(workload.pid)
+
+
+def counting(calls: list) -> memory.Reader:
+    def read(pid, ranges):
+        calls.append(len(ranges))
+        return memory.read_ranges(pid, ranges)
+    return read
+
+
+def test_the_figures_add_no_read_call(spawn_process):
+    """The health words ride in the calls that read the arena statistics already: as many
+    process_vm_readv calls as without them, and one for a process that did not move."""
+    layout = resolve_path(STOCK, DebugSearch(()))
+    assert isinstance(layout, TsdLayout) and layout.arena is not None
+    workload, _ = spawn_workload(spawn_process, STOCK, "")
+    base = mapped_at(workload.pid, "libjemalloc.so.2")
+    without = dataclasses.replace(layout.arena, **{name: None for name in HEALTH_FIELDS})
+    calls_with: list[int] = []
+    calls_without: list[int] = []
+    totals = read_totals(workload.pid, layout.arena, base, counting(calls_with))
+    assert read_totals(workload.pid, without, base, counting(calls_without)).health is None
+    assert totals.health is not None and len(calls_with) == len(calls_without)
+    assert sum(calls_with) > sum(calls_without)  # more ranges in the same calls
+    calls: list[int] = []
+    again = refreshed(workload.pid, layout.arena, base, totals, counting(calls))
+    assert again is not None and again.health is not None and len(calls) == 1
+    assert again.health.active == totals.health.active
+
+
+def mapped_at(pid: int, name: str) -> int:
+    """Where the first page of the object called `name` is mapped in `pid`."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "00000000" and fields[-1].endswith(name):
+                return int(fields[0].split("-")[0], 16)
+    raise AssertionError(f"{name} not mapped in {pid}")
+
+
+def test_absent_where_the_arena_statistics_are_not_read(spawn_process, tmp_path):
+    """A process on a stripped jemalloc built otherwise (no table applies) has no figures:
+    null in `snapshot --json`, never zeros, and its totals_reason says why."""
+    stripped = tmp_path / "libjemalloc.so.2"
+    subprocess.run(["strip", "-o", stripped,
+                    "/var/cache/ctprofd/jemalloc-5.3.0-prof/lib/libjemalloc.so.2"], check=True)
+    stripped.chmod(0o755)
+    workload, _ = spawn_workload(spawn_process, str(stripped), "")
+    out = subprocess.run([sys.executable, "-m", "ctprofd", "snapshot", "--json", "--cache-dir",
+                          "", "--debug-dir", str(tmp_path / "empty"), "--pid",
+                          str(workload.pid)], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    [process] = json.loads(out.stdout)["processes"]
+    assert process["totals_source"] == THREADS and process["allocator"] is None
+    assert re.match(r"no arena layout: table \S+: its data is placed otherwise",
+                    process["totals_reason"]), process["totals_reason"]
