@@ -20,10 +20,12 @@ from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import HEALTH_FIELDS, TsdLayout, resolve_path
-from support.procs import assert_no_thread_stopped_or_traced
+from support.procs import assert_no_thread_stopped_or_traced, wait_until
+from support.redis import Redis
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
 FIGURES = ("allocated", "active", "resident", "mapped", "retained", "metadata", "dirty",
            "muzzy")
 
@@ -167,3 +169,53 @@ def test_absent_where_the_arena_statistics_are_not_read(spawn_process, tmp_path)
     assert process["totals_source"] == THREADS and process["allocator"] is None
     assert re.match(r"no arena layout: table \S+: its data is placed otherwise",
                     process["totals_reason"]), process["totals_reason"]
+
+
+def allocator_info(redis: Redis) -> dict[str, int]:
+    """redis's INFO memory figures of its allocator (jemalloc's own, after `epoch`)."""
+    fields = dict(line.split(":", 1) for line in redis.cli("info", "memory").splitlines()
+                  if line.startswith("allocator_"))
+    return {name: int(fields[f"allocator_{name}"]) for name in ("allocated", "active",
+                                                                  "resident")}
+
+
+def next_info(redis: Redis, last: dict[str, int]) -> dict[str, int]:
+    """INFO memory's allocator figures once they differ from `last`: redis asks jemalloc
+    for them in its cron, every 100 ms, and INFO shows the last answer."""
+    seen: list[dict[str, int]] = []
+    wait_until(lambda: seen.append(allocator_info(redis)) or seen[-1] != last,
+               "redis's cron refreshes its allocator figures", poll=0.002)
+    return seen[-1]
+
+
+def test_redis_under_load_as_its_info_memory(spawn_process, tmp_path):
+    """Debian's redis-server on the stock library while redis-benchmark writes: active and
+    resident within 2 % of INFO memory's allocator_active and allocator_resident, from
+    the refresh of redis's cron just before each snapshot and the one just after."""
+    redis = Redis(spawn_process, tmp_path, "--maxmemory", "256mb",
+                  "--maxmemory-policy", "allkeys-lru")
+    # -l: the load loops until killed, whatever the snapshots take on a busy host
+    load = subprocess.Popen(["redis-benchmark", "-s", str(redis.socket), "-l", "-n", "2000000",
+                             "-c", "8", "-r", "200000", "-d", "200", "-t", "set,lpush,get",
+                             "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+    try:
+        wait_until(lambda: allocator_info(redis)["allocated"] > 20 * MIB, "redis holds 20 MiB",
+                   poll=0.1)
+        engine.capture(pids=[redis.pid])  # attached: the snapshots below only read
+        for _ in range(10):
+            before = next_info(redis, allocator_info(redis))  # a refresh just now
+            [process] = engine.capture(pids=[redis.pid]).processes
+            after = next_info(redis, allocator_info(redis))  # the first after the snapshot
+            assert process.totals_source == ARENA, process.totals_reason
+            got = {name: getattr(process.allocator, name) for name in before}
+            print(f"redis: ctprofd {got}; INFO memory {before} .. {after}")
+            for name in ("active", "resident"):
+                low, high = sorted((before[name], after[name]))
+                assert low * 0.98 <= got[name] <= high * 1.02, (name, got, before, after)
+        assert load.poll() is None  # the snapshots were taken under load
+    finally:
+        load.kill()
+        load.wait()
+        engine.close()
+    assert_no_thread_stopped_or_traced(redis.pid)
