@@ -15,6 +15,7 @@
   },
   local sel = c.ctprofdSelector,
   local on = std.join(', ', c.instanceLabels),
+  local perProcess = std.join(', ', ['pid', 'comm', 'exe', 'user'] + c.containerLabels),
   local hint = 'grant ctprofd cap_sys_ptrace: AmbientCapabilities=CAP_SYS_PTRACE in its systemd unit, --cap-add SYS_PTRACE for its container, or run it as root; and check kernel.yama.ptrace_scope (3 forbids ptrace even for root)',
 
   prometheusAlerts+:: {
@@ -64,6 +65,54 @@
             annotations: {
               summary: 'Live heap of {{ $labels.comm }}{{ with $labels.unit }} ({{ . }}){{ end }} on {{ $labels.instance }} keeps growing',
               description: 'The hourly low of the live bytes of {{ $labels.comm }}{{ with $labels.unit }} in unit {{ . }}{{ end }} on {{ $labels.instance }} keeps setting new highs: it is above anything it held in the six hours before, it was an hour ago too, and it grew by {{ $value | humanize1024 }}B per hour over the last two hours. Steady growth like this is what a memory leak looks like.',
+            },
+          }),
+        ],
+      },
+      // Allocator health (docs/allocator.md): how much more jemalloc holds than the program
+      // has allocated, per exported series (instance_series: a process when pid is among
+      // ctprofd's labels, else a group), per group and per unit, and the alert on it.
+      // Ratios only where something is allocated (no division by zero).
+      {
+        name: 'ctprofd.allocator',
+        rules: [
+          { record: 'instance_group:ctprofd_allocator_%s_bytes:sum' % m, expr: 'sum without (pid) (ctprofd_allocator_%s_bytes{%s})' % [m, sel] }
+          for m in ['allocated', 'active', 'resident']
+        ] + [
+          { record: 'instance_unit:ctprofd_allocator_%s_bytes:sum' % m, expr: 'sum without (%s) (ctprofd_allocator_%s_bytes{%s})' % [perProcess, m, sel] }
+          for m in ['allocated', 'active', 'resident']
+        ] + [
+          {
+            record: 'instance_series:ctprofd_allocator_%s_bytes:ratio_allocated' % m,
+            expr: 'ctprofd_allocator_%(m)s_bytes{%(sel)s} / (ctprofd_allocator_allocated_bytes{%(sel)s} > 0)' % { m: m, sel: sel },
+          }
+          for m in ['active', 'resident']
+        ] + [
+          {
+            record: '%(level)s:ctprofd_allocator_%(m)s_bytes:ratio_allocated' % { level: level, m: m },
+            expr: '%(level)s:ctprofd_allocator_%(m)s_bytes:sum / (%(level)s:ctprofd_allocator_allocated_bytes:sum > 0)' % { level: level, m: m },
+          }
+          for level in ['instance_group', 'instance_unit']
+          for m in ['active', 'resident']
+        ] + [
+          // What the allocator holds in memory beyond what the program allocated.
+          {
+            record: 'instance_group:ctprofd_allocator_resident_bytes:minus_allocated',
+            expr: 'instance_group:ctprofd_allocator_resident_bytes:sum - instance_group:ctprofd_allocator_allocated_bytes:sum',
+          },
+          // Both: a high ratio alone is common and harmless in a small process (a few MiB of
+          // dirty pages against a small heap), a large waste alone in a big one (1 GiB
+          // against 50 GiB allocated); together, for an hour, memory is being wasted.
+          alert('CtprofdAllocatorFragmentation', {
+            expr: |||
+              instance_group:ctprofd_allocator_resident_bytes:ratio_allocated > %s
+              and
+              instance_group:ctprofd_allocator_resident_bytes:minus_allocated > %s
+            ||| % [c.fragmentationRatio, c.fragmentationWasteBytes],
+            'for': c.fragmentationFor,
+            annotations: {
+              summary: 'jemalloc in {{ $labels.comm }}{{ with $labels.unit }} ({{ . }}){{ end }} on {{ $labels.instance }} holds {{ $value | humanize }}x what it allocated',
+              description: 'For %s, jemalloc in {{ $labels.comm }}{{ with $labels.unit }} in unit {{ . }}{{ end }} on {{ $labels.instance }} has held more than %s times the bytes the program allocated in resident memory, and more than %d MiB beyond them: fragmentation (active / allocated) and dirty pages not purged yet (resident / active). The runbook says what to tune: dirty_decay_ms, narenas, background threads.' % [minutes(c.fragmentationFor), c.fragmentationRatio, c.fragmentationWasteBytes / 1048576],
             },
           }),
         ],

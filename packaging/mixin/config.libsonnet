@@ -35,6 +35,11 @@
     snapshotSlowRatio: 0.8,  // CtprofdSnapshotSlow: p90 duration / interval
     seriesDroppedFor: '15m',
     failuresWindow: '15m',  // CtprofdSnapshotFailures, CtprofdRenderFailures
+    // CtprofdAllocatorFragmentation: resident / allocated above the ratio AND resident -
+    // allocated above the waste, both for fragmentationFor
+    fragmentationRatio: 1.5,
+    fragmentationWasteBytes: 512 * 1024 * 1024,
+    fragmentationFor: '60m',
 
     severity: 'warning',
 
