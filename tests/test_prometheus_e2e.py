@@ -76,6 +76,9 @@ RULES_MAY_BE_EMPTY = {
     "CtprofdSeriesDropped": "max_series is far above the few series here",
     "CtprofdSnapshotFailures": "no snapshot fails",
     "CtprofdRenderFailures": "every scrape renders",
+    "CtprofdAllocatorFragmentation": "no fixture here holds 512 MiB beyond what it "
+                                     "allocated (tests/prometheus/ctprofd-rules.test.yml "
+                                     "makes it fire and stay silent)",
     "CtprofdSnapshotSlow": "a first snapshot that parses DWARF may overrun the 1 s interval: "
                            "test_snapshot_slow_names_exactly_the_daemons_that_overran "
                            "checks which daemons it names against the raw counters",
@@ -97,7 +100,7 @@ HEALTHY_INSTANCE_MAY_BE_EMPTY = {
 MUST_BE_EMPTY = {"CtprofdMemoryLeakSuspected", "CtprofdDown", "CtprofdStale",
                  "CtprofdProbeFailures", "CtprofdBlind", "CtprofdSeriesDropped",
                  "CtprofdSnapshotFailures", "CtprofdRenderFailures",
-                 "annotation ctprofd alerts"}
+                 "CtprofdAllocatorFragmentation", "annotation ctprofd alerts"}
 
 
 @dataclass

@@ -2362,6 +2362,455 @@
             x: 0,
             y: 67,
           },
+          id: 37,
+          panels: [],
+          title: 'Allocator health',
+          type: 'row',
+        },
+        {
+          datasource: {
+            type: 'prometheus',
+            uid: '${datasource}',
+          },
+          description: "jemalloc's own figures for the five processes (series) holding the most resident memory, each line above the one before: allocated (stats.allocated: what the program holds, thread caches included) <= active (stats.active: pages of extents in use; the gap is fragmentation inside slabs) <= resident (stats.resident: pages backed by memory; the gap is mostly dirty pages waiting for decay) <= mapped (stats.mapped). Absent for a process whose arena statistics ctprofd could not read. docs/allocator.md says what each figure means.",
+          fieldConfig: {
+            defaults: {
+              color: {
+                mode: 'palette-classic',
+              },
+              custom: {
+                axisBorderShow: false,
+                axisCenteredZero: false,
+                axisColorMode: 'text',
+                axisLabel: '',
+                axisPlacement: 'auto',
+                barAlignment: 0,
+                drawStyle: 'line',
+                fillOpacity: 10,
+                gradientMode: 'none',
+                hideFrom: {
+                  legend: false,
+                  tooltip: false,
+                  viz: false,
+                },
+                insertNulls: false,
+                lineInterpolation: 'linear',
+                lineWidth: 1,
+                pointSize: 4,
+                scaleDistribution: {
+                  type: 'linear',
+                },
+                showPoints: 'never',
+                spanNulls: false,
+                stacking: {
+                  group: 'A',
+                  mode: 'none',
+                },
+                thresholdsStyle: {
+                  mode: 'off',
+                },
+              },
+              mappings: [],
+              thresholds: {
+                mode: 'absolute',
+                steps: [
+                  {
+                    color: 'green',
+                    value: null,
+                  },
+                ],
+              },
+              unit: 'bytes',
+              min: 0,
+            },
+            overrides: [],
+          },
+          gridPos: {
+            h: 9,
+            w: 12,
+            x: 0,
+            y: 68,
+          },
+          id: 38,
+          options: {
+            legend: {
+              calcs: ['lastNotNull', 'max'],
+              displayMode: 'table',
+              placement: 'bottom',
+              showLegend: true,
+            },
+            tooltip: {
+              mode: 'multi',
+              sort: 'desc',
+            },
+          },
+          targets: [
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'sum by (instance, pid, comm) (ctprofd_allocator_allocated_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) and on (instance, pid, comm) topk(5, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} allocated',
+              range: true,
+              instant: false,
+              refId: 'A',
+            },
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'sum by (instance, pid, comm) (ctprofd_allocator_active_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) and on (instance, pid, comm) topk(5, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} active',
+              range: true,
+              instant: false,
+              refId: 'B',
+            },
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) and on (instance, pid, comm) topk(5, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} resident',
+              range: true,
+              instant: false,
+              refId: 'C',
+            },
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'sum by (instance, pid, comm) (ctprofd_allocator_mapped_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) and on (instance, pid, comm) topk(5, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} mapped',
+              range: true,
+              instant: false,
+              refId: 'D',
+            },
+          ],
+          title: 'Allocator: allocated → active → resident → mapped (top 5 by resident)',
+          type: 'timeseries',
+        },
+        {
+          datasource: {
+            type: 'prometheus',
+            uid: '${datasource}',
+          },
+          description: "resident - allocated: what jemalloc holds in memory beyond what the program allocated (fragmentation and dirty pages), for the ten processes (series) wasting the most. CtprofdAllocatorFragmentation fires on a group holding more than 1.5 times its allocated bytes and more than 512 MiB beyond them for an hour; its runbook says what to tune.",
+          fieldConfig: {
+            defaults: {
+              color: {
+                mode: 'palette-classic',
+              },
+              custom: {
+                axisBorderShow: false,
+                axisCenteredZero: false,
+                axisColorMode: 'text',
+                axisLabel: '',
+                axisPlacement: 'auto',
+                barAlignment: 0,
+                drawStyle: 'line',
+                fillOpacity: 10,
+                gradientMode: 'none',
+                hideFrom: {
+                  legend: false,
+                  tooltip: false,
+                  viz: false,
+                },
+                insertNulls: false,
+                lineInterpolation: 'linear',
+                lineWidth: 1,
+                pointSize: 4,
+                scaleDistribution: {
+                  type: 'linear',
+                },
+                showPoints: 'never',
+                spanNulls: false,
+                stacking: {
+                  group: 'A',
+                  mode: 'none',
+                },
+                thresholdsStyle: {
+                  mode: 'off',
+                },
+              },
+              mappings: [],
+              thresholds: {
+                mode: 'absolute',
+                steps: [
+                  {
+                    color: 'green',
+                    value: null,
+                  },
+                ],
+              },
+              unit: 'bytes',
+              min: 0,
+            },
+            overrides: [],
+          },
+          gridPos: {
+            h: 9,
+            w: 12,
+            x: 12,
+            y: 68,
+          },
+          id: 39,
+          options: {
+            legend: {
+              calcs: ['lastNotNull', 'max'],
+              displayMode: 'table',
+              placement: 'bottom',
+              showLegend: true,
+            },
+            tooltip: {
+              mode: 'multi',
+              sort: 'desc',
+            },
+          },
+          targets: [
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'topk(10, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) - sum by (instance, pid, comm) (ctprofd_allocator_allocated_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} ({{instance}})',
+              range: true,
+              instant: false,
+              refId: 'A',
+            },
+          ],
+          title: 'Top processes by wasted bytes (resident − allocated)',
+          type: 'timeseries',
+        },
+        {
+          datasource: {
+            type: 'prometheus',
+            uid: '${datasource}',
+          },
+          description: "Per process (series): active / allocated (fragmentation inside slabs; redis calls it allocator_frag_ratio) and resident / allocated (everything the allocator holds in memory per byte allocated). 1 is no waste. A high ratio of a small heap matters little: read it with the wasted bytes beside it.",
+          fieldConfig: {
+            defaults: {
+              color: {
+                mode: 'palette-classic',
+              },
+              custom: {
+                axisBorderShow: false,
+                axisCenteredZero: false,
+                axisColorMode: 'text',
+                axisLabel: '',
+                axisPlacement: 'auto',
+                barAlignment: 0,
+                drawStyle: 'line',
+                fillOpacity: 10,
+                gradientMode: 'none',
+                hideFrom: {
+                  legend: false,
+                  tooltip: false,
+                  viz: false,
+                },
+                insertNulls: false,
+                lineInterpolation: 'linear',
+                lineWidth: 1,
+                pointSize: 4,
+                scaleDistribution: {
+                  type: 'linear',
+                },
+                showPoints: 'never',
+                spanNulls: false,
+                stacking: {
+                  group: 'A',
+                  mode: 'none',
+                },
+                thresholdsStyle: {
+                  mode: 'off',
+                },
+              },
+              mappings: [],
+              thresholds: {
+                mode: 'absolute',
+                steps: [
+                  {
+                    color: 'green',
+                    value: null,
+                  },
+                ],
+              },
+              unit: 'none',
+              min: 1,
+            },
+            overrides: [],
+          },
+          gridPos: {
+            h: 9,
+            w: 12,
+            x: 0,
+            y: 77,
+          },
+          id: 40,
+          options: {
+            legend: {
+              calcs: ['lastNotNull', 'max'],
+              displayMode: 'table',
+              placement: 'bottom',
+              showLegend: true,
+            },
+            tooltip: {
+              mode: 'multi',
+              sort: 'desc',
+            },
+          },
+          targets: [
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'topk(10, sum by (instance, pid, comm) (ctprofd_allocator_resident_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) / sum by (instance, pid, comm) (ctprofd_allocator_allocated_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"} > 0))' % s,
+              legendFormat: '{{comm}} {{pid}} resident / allocated',
+              range: true,
+              instant: false,
+              refId: 'A',
+            },
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'topk(10, sum by (instance, pid, comm) (ctprofd_allocator_active_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}) / sum by (instance, pid, comm) (ctprofd_allocator_allocated_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"} > 0))' % s,
+              legendFormat: '{{comm}} {{pid}} active / allocated',
+              range: true,
+              instant: false,
+              refId: 'B',
+            },
+          ],
+          title: 'Fragmentation ratios per process (top 10)',
+          type: 'timeseries',
+        },
+        {
+          datasource: {
+            type: 'prometheus',
+            uid: '${datasource}',
+          },
+          description: "Freed pages jemalloc has not purged yet: dirty (still resident; purged after dirty_decay_ms, without background threads only when the program calls into jemalloc) and muzzy (given back lazily with MADV_FREE; purged for good after muzzy_decay_ms).",
+          fieldConfig: {
+            defaults: {
+              color: {
+                mode: 'palette-classic',
+              },
+              custom: {
+                axisBorderShow: false,
+                axisCenteredZero: false,
+                axisColorMode: 'text',
+                axisLabel: '',
+                axisPlacement: 'auto',
+                barAlignment: 0,
+                drawStyle: 'line',
+                fillOpacity: 10,
+                gradientMode: 'none',
+                hideFrom: {
+                  legend: false,
+                  tooltip: false,
+                  viz: false,
+                },
+                insertNulls: false,
+                lineInterpolation: 'linear',
+                lineWidth: 1,
+                pointSize: 4,
+                scaleDistribution: {
+                  type: 'linear',
+                },
+                showPoints: 'never',
+                spanNulls: false,
+                stacking: {
+                  group: 'A',
+                  mode: 'none',
+                },
+                thresholdsStyle: {
+                  mode: 'off',
+                },
+              },
+              mappings: [],
+              thresholds: {
+                mode: 'absolute',
+                steps: [
+                  {
+                    color: 'green',
+                    value: null,
+                  },
+                ],
+              },
+              unit: 'bytes',
+              min: 0,
+            },
+            overrides: [],
+          },
+          gridPos: {
+            h: 9,
+            w: 12,
+            x: 12,
+            y: 77,
+          },
+          id: 41,
+          options: {
+            legend: {
+              calcs: ['lastNotNull', 'max'],
+              displayMode: 'table',
+              placement: 'bottom',
+              showLegend: true,
+            },
+            tooltip: {
+              mode: 'multi',
+              sort: 'desc',
+            },
+          },
+          targets: [
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'topk(10, sum by (instance, pid, comm) (ctprofd_allocator_dirty_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} dirty',
+              range: true,
+              instant: false,
+              refId: 'A',
+            },
+            {
+              datasource: {
+                type: 'prometheus',
+                uid: '${datasource}',
+              },
+              editorMode: 'code',
+              expr: 'topk(10, sum by (instance, pid, comm) (ctprofd_allocator_muzzy_bytes{%(sel)s, unit=~"$unit", comm=~"$comm"}))' % s,
+              legendFormat: '{{comm}} {{pid}} muzzy',
+              range: true,
+              instant: false,
+              refId: 'B',
+            },
+          ],
+          title: 'Dirty and muzzy pages per process (top 10)',
+          type: 'timeseries',
+        },
+        {
+          collapsed: false,
+          gridPos: {
+            h: 1,
+            w: 24,
+            x: 0,
+            y: 86,
+          },
           id: 29,
           panels: [],
           title: 'ctprofd',
@@ -2452,7 +2901,7 @@
             h: 8,
             w: 12,
             x: 0,
-            y: 68,
+            y: 87,
           },
           id: 30,
           options: {
@@ -2582,7 +3031,7 @@
             h: 8,
             w: 12,
             x: 12,
-            y: 68,
+            y: 87,
           },
           id: 31,
           options: {
@@ -2724,7 +3173,7 @@
             h: 8,
             w: 8,
             x: 0,
-            y: 76,
+            y: 95,
           },
           id: 32,
           options: {
@@ -2830,7 +3279,7 @@
             h: 8,
             w: 8,
             x: 8,
-            y: 76,
+            y: 95,
           },
           id: 33,
           options: {
@@ -2936,7 +3385,7 @@
             h: 8,
             w: 8,
             x: 16,
-            y: 76,
+            y: 95,
           },
           id: 34,
           options: {
