@@ -73,6 +73,7 @@ class DaemonState:
     cache_misses: int = 0
     cache_entries: int = 0
     stop_timeouts_total: int = 0
+    state_write_failures: dict[str, int] = field(default_factory=dict)  # file -> failed writes
     snapshot_durations: HistogramValues = field(
         default_factory=lambda: HistogramValues.empty(SNAPSHOT_DURATION_BUCKETS))
     thread_stops: HistogramValues = field(
@@ -261,6 +262,15 @@ class DaemonCollector:
             if not describe_only:
                 family.add_metric([], value)
             yield family
+        family = CounterMetricFamily(
+            "ctprofd_state_write_failures", "Writes of a state file (in state_dir) that failed, "
+            "a full disk even after using the space set aside for it; tried again every "
+            "snapshot. Meanwhile the series counters shown stay at those last written.",
+            labels=["file"])
+        if not describe_only:
+            for name, failures in sorted(state.state_write_failures.items()):
+                family.add_metric([name], failures)
+        yield family
         yield _gauge("ctprofd_offset_cache_entries", "Layouts held in the offset cache.",
                      None if describe_only else state.cache_entries)
         yield _gauge("ctprofd_snapshot_interval_seconds", "Configured time between snapshots.",

@@ -83,6 +83,7 @@ class CaptureStats:
     cache_misses: int
     cache_entries: int
     stop_timeouts: int = 0  # threads that did not stop in time (each left out that snapshot)
+    state_write_failures: int = 0  # writes of the retained totals' file that failed
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Capturer:
         return CaptureStats(self.tracer.stops, self.attacher.elf_opens, self.prober.torn_reads,
                             self.prober.exit_races + self.exit_races,
                             self.cache.hits, self.cache.misses, len(self.cache),
-                            self.tracer.stop_timeouts)
+                            self.tracer.stop_timeouts, self._retained_store.write_failures)
 
     def capture(self, pids: Collection[int] | None = None,
                 cancel: threading.Event | None = None) -> Snapshot:

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import NamedTuple
 
-from ..files.atomic import write_json
+from ..files.atomic import ReservedWriter
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
@@ -46,13 +46,24 @@ def boot_id(proc_root: str = "/proc") -> str:
         return ""
 
 
+RETAINED_FILE = "retained.json"
+
+
 class RetainedStore:
     """Load and save retained per-process totals; disk problems degrade to memory."""
 
     def __init__(self, directory: str | None, proc_root: str = "/proc") -> None:
-        self.path = os.path.join(directory, "retained.json") if directory else None
+        self.path = os.path.join(directory, RETAINED_FILE) if directory else None
         self.boot_id = boot_id(proc_root)
         self._written: dict[Key, Saved] | None = None
+        self._writer = ReservedWriter(
+            self.path, "tried again at each snapshot: until then, a restart loses the "
+            "totals of threads that exited since the last write") if self.path else None
+
+    @property
+    def write_failures(self) -> int:
+        """Writes that failed, each tried again at the next save."""
+        return self._writer.failures if self._writer is not None else 0
 
     def load(self) -> dict[Key, Saved]:
         if self.path is None:
@@ -107,10 +118,8 @@ class RetainedStore:
                             for (pid, start), v in saved.items() if v.threads},
                 "reported": {f"{pid}:{start}": list(v.reported)
                              for (pid, start), v in saved.items() if v.reported != (0, 0)}}
-        try:
-            write_json(self.path, data)
-            self._written = saved
-        except OSError as exc:
-            log.warning("cannot write %s (%s); exited-thread totals will not survive a "
-                        "restart", self.path, exc.strerror)
-            self.path = None
+        assert self._writer is not None
+        if not self._writer.write(data):
+            self._written = None  # tried again at the next save
+            return
+        self._written = saved

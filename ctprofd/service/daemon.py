@@ -24,14 +24,14 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from ..config.settings import EX_CONFIG, Config, ConfigError
 from ..config.web import load_web_config
-from ..export.aggregate import Aggregator
+from ..export.aggregate import Aggregator, AggregateView
 from ..export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS, DaemonCollector,
                                 DaemonState, Histogram)
 from ..export.server import MetricsServer, WebConfig, raise_fd_limit
 from ..files import lock
-from ..files.atomic import write_json
+from ..files.atomic import ReservedWriter
 from ..probe.capture import Capturer, CaptureSettings
-from ..probe.retained import boot_id
+from ..probe.retained import RETAINED_FILE, boot_id
 from ..procfs import processes
 from ..procfs.capabilities import warn_if_unprivileged
 from ..procfs.processes import ProcessInfo
@@ -113,8 +113,14 @@ class Daemon:
         self._snapshots = 0
         self._failed_snapshots = 0  # captures that raised: a bug, logged with its traceback
         self._overruns = 0
+        self._state = ReservedWriter(
+            self._state_path, "the series counters shown stay at those last written, so that "
+            "none goes back after a restart, until a write succeeds (tried again every "
+            "snapshot)")
         self._saved: dict[str, Any] | None = None  # the state last written
-        self._save_failing = False  # warned once until a write succeeds again
+        # the series last written to disk: while writes fail, these are what is published,
+        # so that no counter scraped is higher than what a restart continues from
+        self._persisted: AggregateView | None = None
         self.health = Health(lambda: self.config.interval)
         server.health = self.health.check
 
@@ -139,21 +145,17 @@ class Daemon:
             log.warning("ignoring unusable state file %s (%s)", self._state_path, err)
             self.aggregator = self._new_aggregator(self.config)
 
-    def _save_state(self) -> None:
+    def _save_state(self) -> bool:
         """Write the series state when it changed: after every snapshot, before it is
-        published, so a counter scraped once is never lower after a SIGKILL."""
+        published, so a counter scraped once is never lower after a SIGKILL. Whether the
+        file holds the current state; a failed write is tried again at the next snapshot."""
         state = {"boot_id": self._boot_id, **self.aggregator.to_state()}
         if state == self._saved:
-            return
-        try:
-            write_json(self._state_path, state)
-        except OSError as err:
-            if not self._save_failing:
-                log.warning("cannot write %s (%s); series counters will restart with "
-                            "ctprofd", self._state_path, err.strerror)
-            self._save_failing = True
-            return
-        self._saved, self._save_failing = state, False
+            return True
+        if not self._state.write(state):
+            return False
+        self._saved = state
+        return True
 
     # -- the snapshot thread --
 
@@ -207,16 +209,20 @@ class Daemon:
             return
         view = self.aggregator.update(
             snapshot, lambda pid, start: process_alive("/proc", pid, start))
-        self._save_state()
+        if self._save_state() or self._persisted is None:
+            # (never written yet, e.g. a disk full since start: nothing to hold to)
+            self._persisted = view
         self._snapshots += 1
         self._durations.observe(snapshot.duration_seconds)
         stats = self.capturer.stats
         self.collector.publish(DaemonState(
-            snapshot=snapshot, aggregate=view, snapshots_total=self._snapshots,
+            snapshot=snapshot, aggregate=self._persisted, snapshots_total=self._snapshots,
             snapshot_failures_total=self._failed_snapshots,
             overruns_total=self._overruns, interval_seconds=config.interval,
             cache_hits=stats.cache_hits, cache_misses=stats.cache_misses,
             cache_entries=stats.cache_entries, stop_timeouts_total=stats.stop_timeouts,
+            state_write_failures={STATE_FILE: self._state.failures,
+                                  RETAINED_FILE: stats.state_write_failures},
             snapshot_durations=self._durations.freeze(),
             thread_stops=self._thread_stops.freeze()))
         self.server.prerender()
