@@ -5,6 +5,7 @@ exactly, scrapes are answered and the daemon's memory (and cache) stay bounded."
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ctprofd.probe.capture import Capturer, CaptureSettings
 from daemon_process import DaemonProcess, write_config
 from support import elf
 
@@ -258,3 +260,114 @@ def test_a_binary_slow_to_resolve_never_delays_the_others(host, fixture_bins, sp
     text = host.keeps_going(2)
     assert host.daemon.sample("ctprofd_probe_pending", text) == 0
     assert f'pid="{user.pid}"' not in text
+
+
+def refused_line(host: Host, binary: Path, why: str) -> str:
+    """The daemon's line saying the binary's debug file was refused for `why` (a regex)."""
+    return host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF: .*refused: {why}",
+                                timeout=30).string
+
+
+@pytest.mark.parametrize("owner, mode, why", [
+    (12345, 0o644, r"owned by uid 12345, neither the object's owner \(uid 65534\) nor root"),
+    (NOBODY, 0o664, r"writable by group"),
+    (NOBODY, 0o646, r"writable by others"),
+])
+def test_a_debug_file_beside_the_object_must_be_its_owners(host, fixture_bins, spawn_fixture,
+                                                           owner, mode, why):
+    """The user's binary has the right debug file beside it, but owned by another user, or
+    writable by others: not taken (the offsets come from machine code instead)."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    debug = host.user_file(variant.debug_file)
+    os.chown(debug, owner, owner)
+    os.chmod(debug, mode)
+    user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    host.reads(user)
+    assert_exact(host.keeps_going(), user)
+    line = refused_line(host, binary, why)
+    assert str(debug) in line
+
+
+def test_a_debug_file_of_another_build_cannot_vouch_with_a_matching_crc(
+        host, fixture_bins, spawn_fixture):
+    """The user's debug file carries another build-id, and the binary's debuglink names its
+    CRC: the CRC matches, the build-id does not, so it is refused, naming both files."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    binary = host.user_file(variant.binary)
+    debug = host.user_file(variant.debug_file)
+    real = elf.build_id(binary)
+    fake = bytes(0xFF - b for b in bytes.fromhex(real))
+    elf.set_build_id(debug, fake)
+    elf.set_debuglink_crc(binary, elf.file_crc32(debug))
+    user = spawn_fixture(binary, 1, prefix=AS_NOBODY)
+    host.reads(user)
+    assert_exact(host.keeps_going(), user)
+    line = refused_line(host, binary, rf"its build-id {fake.hex()} is not "
+                                      rf"{re.escape(str(binary))}'s {real}")
+    assert f"debuglink {debug}" in line
+
+
+def test_a_debug_file_under_the_build_id_path_must_carry_that_build_id(fixture_bins,
+                                                                        spawn_fixture, tmp_path,
+                                                                        caplog):
+    """A file at .build-id/xx/rest.debug whose own build-id is another is not the object's."""
+    variant = fixture_bins["static-stripped-buildid"]
+    real = elf.build_id(variant.binary)
+    planted = elf.build_id_path(tmp_path / "debug", real)
+    planted.parent.mkdir(parents=True)
+    shutil.copy2(elf.build_id_path(fixture_bins.debug_root, real), planted)
+    fake = bytes(0xFF - b for b in bytes.fromhex(real))
+    elf.set_build_id(planted, fake)
+    fixture = spawn_fixture(variant, 1)
+    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "debug"),)))
+    try:
+        with caplog.at_level(logging.INFO, logger="ctprofd"):
+            snapshot = engine.capture(pids=[fixture.pid])
+    finally:
+        engine.close()
+    assert snapshot.summary.failed == 0, snapshot.failures
+    [layout] = engine.cache.layouts()
+    assert layout.source.startswith("code: ")
+    assert f"build-id {planted}: refused: its build-id {fake.hex()} is not " in caplog.text
+
+
+def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
+        fixture_bins, spawn_fixture, caplog):
+    """In a user and mount namespace of its own, the user bind-mounts a directory holding a
+    debug file (and a hard link of the binary: the same file) over the binary's directory.
+    The layout found there is cached for that view only: the same file run in ctprofd's
+    view, where no debug file lies beside it, is resolved on its own."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    shown, hidden = (Path(tempfile.mkdtemp(prefix="ctprofd-view-")) for _ in range(2))
+    try:
+        for directory in (shown, hidden):
+            os.chmod(directory, 0o755)
+            os.chown(directory, NOBODY, NOBODY)
+        binary = shown / variant.binary.name
+        shutil.copy2(variant.binary, binary)
+        os.chown(binary, NOBODY, NOBODY)
+        os.link(binary, hidden / binary.name)  # the same file in both directories
+        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
+        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        in_view = spawn_fixture(binary, 1, prefix=(
+            *AS_NOBODY, "unshare", "-Urm", "--", "sh", "-c",
+            f'mount --bind {hidden} {shown} && exec "$0" "$@"'))
+        engine = Capturer(CaptureSettings(debug_dirs=()))
+        try:
+            engine.capture(pids=[in_view.pid])
+            [learned] = engine.cache.layouts()
+            assert learned.source == f"dwarf: debuglink {binary}.debug"
+            outside = spawn_fixture(binary, 1)
+            with caplog.at_level(logging.INFO, logger="ctprofd"):
+                snapshot = engine.capture(pids=[outside.pid, in_view.pid])
+        finally:
+            engine.close()
+        assert snapshot.summary.failed == 0, snapshot.failures
+        assert {p.pid for p in snapshot.processes} == {outside.pid, in_view.pid}
+        sources = sorted(layout.source for layout in engine.cache.layouts())
+        assert sources == ["code: malloc/free fast paths", learned.source], sources
+        assert f"{binary}: no DWARF" in caplog.text  # parsed again, in ctprofd's view
+    finally:
+        shutil.rmtree(shown)
+        shutil.rmtree(hidden)

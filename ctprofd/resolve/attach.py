@@ -74,6 +74,31 @@ def learned_key(build_id: str, owner: int) -> str:
     return f"build-id:{build_id}:uid:{owner}"
 
 
+def view_key(key: str, view: str) -> str:
+    """A cache key for what was learned through a target's own view of the files (a debug
+    file found beside the object in its mount namespace or root): only that view hits it."""
+    return f"{key}:view:{view}" if view else key
+
+
+def _own_view() -> tuple[int, int, int]:
+    """ctprofd's own mount namespace and root directory."""
+    ns, root = os.stat("/proc/self/ns/mnt"), os.stat("/")
+    return ns.st_ino, root.st_dev, root.st_ino
+
+
+def view_of(process: ProcessInfo, own: tuple[int, int, int]) -> str:
+    """"" when the process sees the files as ctprofd does (its mount namespace and root),
+    else a name for its view: mount namespace, root directory and uid (a namespace's number
+    may be reused by another user's). One process's own when they cannot be read."""
+    try:
+        ns, root = os.stat(process.path("ns", "mnt")), os.stat(process.path("root"))
+    except OSError:
+        return f"pid:{process.pid}:{process.start_time}"
+    if (ns.st_ino, root.st_dev, root.st_ino) == own:
+        return ""
+    return f"mnt:{ns.st_ino}:root:{root.st_dev}:{root.st_ino}:uid:{process.uid}"
+
+
 def identity_of(path: str) -> BinaryIdentity:
     """stat() of a /proc magic link (exe, map_files/…); raises OSError."""
     return BinaryIdentity.of(os.stat(path))
@@ -164,6 +189,7 @@ class Attacher:
         self.submitted = 0  # binaries handed to the background resolver since start
         self.retries = RetrySchedule()
         self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # "loader:" + identity key
+        self.own_view = _own_view()
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -177,9 +203,11 @@ class Attacher:
     def attach(self, process: ProcessInfo, identity: BinaryIdentity) -> Attachment | NotJemalloc:
         """Attach to a process; raises ProbeError with the attach tag on failure."""
         exe = process.path("exe")
+        view = view_of(process, self.own_view)
         resolution = self._resolve(lambda: open_followed(exe, self.worker.limits.max_file_bytes),
                                    identity, process.exe,
-                                   object_dirs_for(process.exe, process.path("root")), False)
+                                   object_dirs_for(process.exe, process.path("root"), view),
+                                   False)
         if isinstance(resolution, TsdLayout):
             base = _exe_base(process, identity) if resolution.arena is not None else None
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta(), base=base)
@@ -207,7 +235,10 @@ class Attacher:
         """A binary's resolution from the cache, or by parsing it once: opened once, and
         that descriptor parsed in the worker (in the background resolver when there is
         one: Pending is raised meanwhile). Raises ProbeError for a LayoutFailure."""
+        view = object_dirs[0].view if object_dirs else ""
         resolution = self.cache.get(identity.key)
+        if resolution is None and view:
+            resolution = self.cache.get(view_key(identity.key, view))
         if resolution is None:
             if self.background is not None and self.background.queued(identity.key):
                 raise Pending(f"{what}: being resolved")
@@ -245,8 +276,9 @@ class Attacher:
         identity = BinaryIdentity.of(st)  # of the file opened
         with os.fdopen(fd, "rb") as stream:
             self.elf_opens += 1
+            view = object_dirs[0].view if object_dirs else ""
             resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
-                                 known=lambda facts: self._known(facts, st.st_uid))
+                                 known=lambda facts: self._known(facts, st.st_uid, view))
         if isinstance(resolution, LayoutFailure) and resolution.lost:
             delay = self.retries.failed(identity.key)
             log.warning("%s; parsing it again in %g s", resolution.message, delay)
@@ -254,9 +286,11 @@ class Attacher:
         self.retries.succeeded(identity.key)
         if isinstance(resolution, LayoutFailure):
             resolution = resolution.about(what)  # the path its message names, kept with it
+        scope = resolution.view if isinstance(resolution, TsdLayout) else ""
         if isinstance(resolution, TsdLayout) and resolution.build_id:
-            self.cache.put(learned_key(resolution.build_id, st.st_uid), resolution)
-        self.cache.put(identity.key, resolution)
+            self.cache.put(view_key(learned_key(resolution.build_id, st.st_uid), scope),
+                           resolution)
+        self.cache.put(view_key(identity.key, scope), resolution)
         return resolution
 
     def _parse_quietly(self, fd: int, st: os.stat_result, what: str,
@@ -267,11 +301,15 @@ class Attacher:
         except ProbeError:
             pass
 
-    def _known(self, facts: ObjectFacts, owner: int) -> TsdLayout | None:
-        """A layout for this build-id learned from a file of the same owner, or imported
-        by the operator, that is shown to apply to the file `facts` describe."""
+    def _known(self, facts: ObjectFacts, owner: int, view: str) -> TsdLayout | None:
+        """A layout for this build-id learned from a file of the same owner (in any view,
+        or in this `view` from a debug file found there), or imported by the operator, that
+        is shown to apply to the file `facts` describe."""
         assert facts.build_id is not None
-        for key in (learned_key(facts.build_id, owner), f"build-id:{facts.build_id}"):
+        learned = learned_key(facts.build_id, owner)
+        keys = [learned, *([view_key(learned, view)] if view else []),
+                f"build-id:{facts.build_id}"]
+        for key in keys:
             found = self.cache.get(key)
             if isinstance(found, TsdLayout) and applies_to(found, facts):
                 return found
@@ -285,10 +323,12 @@ class Attacher:
                              f"pid {process.pid}: maps: {exc.strerror}") from None
         exe = process.exe.removesuffix(" (deleted)")
         pending: Pending | None = None  # every object not resolved yet is queued at once
+        view: str | None = None  # the process's view of the files, once needed
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
             found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
+            view = view_of(process, self.own_view) if view is None else view
             if found is None and "jemalloc" in os.path.basename(mapping.path):
                 raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
                                  "the mapped file is gone or replaced on disk, and "
@@ -299,8 +339,8 @@ class Attacher:
             identity, open_file = found
             try:
                 resolution = self._resolve(open_file, identity, mapping.path,
-                                           object_dirs_for(mapping.path, process.path("root")),
-                                           True)
+                                           object_dirs_for(mapping.path, process.path("root"),
+                                                           view), True)
             except Pending as waiting:
                 pending = waiting
                 continue

@@ -3,7 +3,10 @@ and optionally on disk (one JSON file per key, written atomically).
 
 Keys are `file:<dev>:<ino>:<size>:<mtime_ns>` (a file as the kernel names it),
 `build-id:<hex>:uid:<owner>` (a layout parsed from a file with that build-id and owner) or
-`build-id:<hex>` (imported from an offsets file). Failures expire after `failure_ttl`
+`build-id:<hex>` (imported from an offsets file); either of the first two ending in
+`:view:<view>` when learned from a debug file beside the object in a target's view of the
+files that is not ctprofd's own (its mount namespace or root: attach.view_of), which only
+processes of that view look up. Failures expire after `failure_ttl`
 seconds so newly installed debug info is picked up, and are then removed; the other
 results describe an immutable file. Both memory and disk hold at most `max_entries`, and
 the disk at most `max_bytes`, evicting the least recently used (memory) or written (disk):

@@ -8,7 +8,11 @@ that descriptor by the caller (in the sandboxed worker).
 
 The configured debug dirs and the debuginfod download dir are the operator's: their paths
 are followed as they are. A directory beside the object belongs to the object's owner:
-it is opened below the target's root without following any symlink.
+it is opened below the target's root without following any symlink, and a debug file there
+is taken only when the object's owner or root owns it and neither group nor others may
+write it (a user cannot vouch for another user's object, say root's library bind-mounted
+into the user's directory). Whether each file is the object's (its build-id, a debuglink's
+CRC) is checked on its descriptor by the caller, in the sandboxed worker.
 """
 
 from __future__ import annotations
@@ -34,19 +38,24 @@ class DebugSearch:
 @dataclass(frozen=True)
 class ObjectDir:
     """The directory an object was loaded from: `path` (absolute) as seen from `root`
-    ("/", or /proc/PID/root for a process in another mount namespace)."""
+    ("/", or /proc/PID/root for a process in another mount namespace). `view` names that
+    view when it is not ctprofd's own ("" when it is): what is found there is cached
+    under it."""
 
     root: str
     path: str
+    view: str = ""
 
 
 @dataclass
 class Candidate:
-    """An open debug file, how it was found, and the CRC32 it must have (a debuglink's)."""
+    """An open debug file, how it was found, the CRC32 it must have (a debuglink's), and
+    the view it was found in when beside the object in a view not ctprofd's own."""
 
     stream: BinaryIO
     source: str
     crc: int | None = None
+    view: str = ""
 
 
 def build_id_path(debug_dir: str, build_id: str) -> str:
@@ -62,25 +71,40 @@ def stream_crc32(stream: BinaryIO) -> int:
     return crc
 
 
+def owner_refusal(st: os.stat_result, owner: int | None) -> str | None:
+    """Why a debug file beside an object of uid `owner` cannot vouch for it, or None: it
+    must be the object owner's or root's, and writable by neither group nor others."""
+    if owner is not None and st.st_uid not in (owner, 0):
+        return f"owned by uid {st.st_uid}, neither the object's owner (uid {owner}) nor root"
+    if st.st_mode & 0o022:
+        return f"writable by {'group' if st.st_mode & 0o020 else 'others'} (mode {st.st_mode & 0o7777:o})"
+    return None
+
+
 def _attempt(open_file: Callable[[], tuple[int, os.stat_result]], path: str,
-             tried: list[str]) -> BinaryIO | None:
+             tried: list[str], owner: int | None = None,
+             beside: bool = False) -> BinaryIO | None:
     """The file `open_file` opens, or None (a missing one silently, others said in
-    `tried`)."""
+    `tried`). A file `beside` the object must pass `owner_refusal`."""
     try:
-        fd, _ = open_file()
+        fd, st = open_file()
     except FileNotFoundError:
         return None
     except OSError as exc:
         tried.append(f"{path}: {exc.strerror or exc}")
+        return None
+    if beside and (why := owner_refusal(st, owner)):
+        os.close(fd)
+        tried.append(f"{path}: refused: {why}")
         return None
     return os.fdopen(fd, "rb")
 
 
 def debug_files(build_id: str | None, link: tuple[str, int] | None,
                 object_dirs: list[ObjectDir], search: DebugSearch,
-                tried: list[str]) -> Iterator[Candidate]:
-    """Every debug file that may be the object's, opened, in gdb's order; appends to
-    `tried` why the others were not."""
+                tried: list[str], owner: int | None = None) -> Iterator[Candidate]:
+    """Every debug file that may be the object's (owned by uid `owner`), opened, in gdb's
+    order; appends to `tried` why the others were not."""
     limit = search.max_bytes
     if build_id:
         for debug_dir in search.debug_dirs:
@@ -91,17 +115,18 @@ def debug_files(build_id: str | None, link: tuple[str, int] | None,
     if link:
         name, crc = link
         found = False
-        owners = [(d.root, os.path.join(d.path, sub, name))
+        owners = [(d, os.path.join(d.path, sub, name))
                   for d in object_dirs for sub in ("", ".debug")]
         operators = [os.path.join(debug_dir, d.path.lstrip("/"), name)
                      for debug_dir in search.debug_dirs for d in object_dirs]
-        openers = [(path, lambda root=root, path=path: open_beneath(root, path, limit))
-                   for root, path in owners]
-        openers += [(path, lambda path=path: open_followed(path, limit)) for path in operators]
-        for path, open_file in openers:
-            if stream := _attempt(open_file, f"debuglink {path}", tried):
+        openers = [(path, lambda d=d, path=path: open_beneath(d.root, path, limit), d.view,
+                    True) for d, path in owners]
+        openers += [(path, lambda path=path: open_followed(path, limit), "", False)
+                    for path in operators]
+        for path, open_file, view, beside in openers:
+            if stream := _attempt(open_file, f"debuglink {path}", tried, owner, beside):
                 found = True
-                yield Candidate(stream, f"debuglink {path}", crc)
+                yield Candidate(stream, f"debuglink {path}", crc, view)
         if not found:
             tried.append(f"debuglink {name} not found")
     else:

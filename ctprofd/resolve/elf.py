@@ -86,6 +86,16 @@ def build_id(elf: ELFFile) -> str | None:
     return None
 
 
+def section_build_id(elf: ELFFile) -> str | None:
+    """NT_GNU_BUILD_ID from the note sections only, as lowercase hex, or None: a debug file
+    (objcopy --only-keep-debug) keeps its program headers but not what they point at."""
+    for section in elf.iter_sections("SHT_NOTE"):
+        for note in section.iter_notes():
+            if note["n_type"] == "NT_GNU_BUILD_ID":
+                return note["n_desc"]
+    return None
+
+
 def tls_segment(elf: ELFFile) -> TlsSegment | None:
     for segment in elf.iter_segments("PT_TLS"):
         return TlsSegment(segment["p_vaddr"], segment["p_memsz"], segment["p_align"])

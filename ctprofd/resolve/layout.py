@@ -162,6 +162,9 @@ class TsdLayout:
     code_source: str | None = None  # offsets from machine code: which route found them
     arena: ArenaLayout | None = None  # None: only per-thread counters can be read
     arena_missing: str = ""  # why `arena` is None, when the DWARF was searched for it
+    # the target's view of the files (debuginfo.ObjectDir.view) its debug file was found
+    # in, beside the object; "" when none or ctprofd's own: it is cached for that view only
+    view: str = ""
 
     @property
     def source(self) -> str:
@@ -273,6 +276,8 @@ def validate(layout: TsdLayout) -> None:
         raise ValueError("code_source must be a string or null")
     if not isinstance(layout.arena_missing, str) or len(layout.arena_missing) > 500:
         raise ValueError("arena_missing must be a short string")
+    if not isinstance(layout.view, str) or len(layout.view) > 200:
+        raise ValueError("view must be a short string")
     if not layout.allocated_offset < layout.deallocated_offset:
         raise ValueError("thread_deallocated must come after thread_allocated")
     placements = (layout.static_block_offset is not None, layout.tpoff_got is not None,
@@ -548,7 +553,8 @@ class Parser(Protocol):
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure: ...
 
-    def crc(self, stream: BinaryIO, what: str) -> int | LayoutFailure: ...
+    def identify(self, stream: BinaryIO, what: str,
+                 crc: bool) -> tuple[int | None, str | None] | LayoutFailure: ...
 
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str,
                source: str) -> Resolution: ...
@@ -563,9 +569,18 @@ class InProcess:
     layout = staticmethod(layout_from_dwarf)
     code = staticmethod(layout_from_code)
 
-    @staticmethod
-    def crc(stream: BinaryIO, what: str) -> int:
-        return stream_crc32(stream)
+    identify = staticmethod(lambda stream, what, crc: debug_identity(stream, crc))
+
+
+def debug_identity(stream: BinaryIO, crc: bool) -> tuple[int | None, str | None]:
+    """A debug file's CRC32 (when `crc`) and its own build-id (None when it has none or is
+    no ELF file)."""
+    checksum = stream_crc32(stream) if crc else None
+    try:
+        found = elf.section_build_id(elf.open_elf(stream))
+    except MALFORMED:
+        found = None
+    return checksum, found if _plausible_build_id(found) else None
 
 
 def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[ObjectDir],
@@ -577,6 +592,7 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[Objec
     and as `search` says), or, when none gives it, from its machine code. Every file is
     opened once and read only by the parser, a debuglink's CRC included."""
     facts = parser.inspect(stream, what, shared)
+    owner = os.fstat(stream.fileno()).st_uid
     if not isinstance(facts, ObjectFacts):
         return facts
     if known is not None and facts.build_id and (found := known(facts)) is not None:
@@ -584,7 +600,7 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[Objec
     if facts.embedded_dwarf:
         result = parser.layout(stream, facts, what, "embedded")
     else:
-        result = _layout_from_debug_files(parser, facts, what, object_dirs, search)
+        result = _layout_from_debug_files(parser, facts, what, object_dirs, search, owner)
     if not (isinstance(result, LayoutFailure) and result.tag == tags.DWARF_PARSE_FAILURE
             and not result.crashed):
         return result
@@ -597,19 +613,28 @@ def resolve(parser: Parser, stream: BinaryIO, what: str, object_dirs: list[Objec
 
 
 def _layout_from_debug_files(parser: Parser, facts: ObjectFacts, what: str,
-                             object_dirs: list[ObjectDir], search: DebugSearch) -> Resolution:
-    """The layout from the first external debug file found that is the object's."""
+                             object_dirs: list[ObjectDir], search: DebugSearch,
+                             owner: int) -> Resolution:
+    """The layout from the first external debug file found that is the object's: its own
+    build-id equal to the object's, and a debuglink's CRC matching."""
     tried: list[str] = []
-    for candidate in debug_files(facts.build_id, facts.debuglink, object_dirs, search, tried):
+    for candidate in debug_files(facts.build_id, facts.debuglink, object_dirs, search, tried,
+                                 owner):
         with candidate.stream:
-            if candidate.crc is not None:
-                crc = parser.crc(candidate.stream, what)
-                if isinstance(crc, LayoutFailure):
-                    return crc
-                if crc != candidate.crc:
-                    tried.append(f"{candidate.source}: CRC mismatch")
-                    continue
-            return parser.layout(candidate.stream, facts, what, candidate.source)
+            identity = parser.identify(candidate.stream, what, candidate.crc is not None)
+            if isinstance(identity, LayoutFailure):
+                return identity
+            crc, build_id = identity
+            if crc != candidate.crc:
+                tried.append(f"{candidate.source}: CRC mismatch")
+                continue
+            if build_id != facts.build_id:
+                tried.append(f"{candidate.source}: refused: its build-id {build_id or '(none)'} "
+                             f"is not {what}'s {facts.build_id or '(none)'}")
+                continue
+            result = parser.layout(candidate.stream, facts, what, candidate.source)
+            return (replace(result, view=candidate.view)
+                    if isinstance(result, TsdLayout) and candidate.view else result)
     return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: no DWARF: {'; '.join(tried)}")
 
 
@@ -632,7 +657,7 @@ def resolve_path(path: str, search: DebugSearch) -> Resolution:
         return resolve_object(stream, path, object_dirs_for(path, "/"), search, shared)
 
 
-def object_dirs_for(exe_path: str, root: str) -> list[ObjectDir]:
+def object_dirs_for(exe_path: str, root: str, view: str = "") -> list[ObjectDir]:
     """The directory a debuglink of `exe_path` may be relative to, as seen from `root`
-    (the target's, /proc/PID/root: it may live in another mount namespace)."""
-    return [ObjectDir(root, os.path.dirname(exe_path.removesuffix(" (deleted)")))]
+    (the target's, /proc/PID/root: it may live in another mount namespace, named `view`)."""
+    return [ObjectDir(root, os.path.dirname(exe_path.removesuffix(" (deleted)")), view)]

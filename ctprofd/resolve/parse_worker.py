@@ -9,19 +9,20 @@ memory, crash, raise) becomes a `dwarf-parse-failure` with the reason, logged on
 Protocol, over an AF_UNIX SOCK_SEQPACKET socketpair, one JSON message each way per request:
 
     daemon -> zygote  {"op": "inspect", "what": NAME, "shared": BOOL}            + 1 fd
-                      {"op": "crc", "what": NAME}                                  + 1 fd
+                      {"op": "identify", "what": NAME, "crc": BOOL}                + 1 fd
                       {"op": "layout", "what": NAME, "source": HOW, "facts": {...}} + 1 fd
                       {"op": "code", "what": NAME, "facts": {...}}                 + 1 fd
                       {"op": "loader", "what": NAME}                               + 1 fd
-    zygote -> daemon  the child's answer: ObjectFacts.to_dict(), {"kind": "crc", "crc": N}
+    zygote -> daemon  the child's answer: ObjectFacts.to_dict(), {"kind": "identity", "crc": N|null,
+                      "build_id": HEX|null}
                       a Resolution's or LoaderFacts' to_dict(), or {"crash": WHY} when it raised, hung,
                       died or overran a limit
 
-The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "crc" and
+The fd (SCM_RIGHTS) is the open binary (/proc/PID/exe, map_files/...) or, for "identify" and
 "layout", possibly its debug file ("code" reads the binary's machine code when no DWARF
 gave the offsets): between the phases the daemon does the path work the sandbox cannot
 (build-id path, debuglink, debuginfod) and opens each file once (files.target); every read
-of a file's content, a debuglink's CRC included, is the worker's (layout.resolve).
+of a file's content, a debuglink's CRC and a debug file's own build-id included, is the worker's (layout.resolve).
 
 What the worker runs as (it refuses to serve with a permitted, effective or ambient
 capability left):
@@ -70,10 +71,10 @@ from typing import BinaryIO, NoReturn
 
 from ..procfs.capabilities import CAP_SYS_PTRACE, own_status
 from ..report import tags
-from .debuginfo import stream_crc32
 from .loader import LoaderFacts, loader_facts
-from .layout import (LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout, inspect_object,
-                     layout_from_code, layout_from_dwarf, resolution_from_dict)
+from .layout import (BUILD_ID, LayoutFailure, NotJemalloc, ObjectFacts, Resolution, TsdLayout,
+                     debug_identity, inspect_object, layout_from_code, layout_from_dwarf,
+                     resolution_from_dict)
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,16 @@ class ParseWorker:
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
         found = self._request({"op": "inspect", "what": what, "shared": shared}, stream, what)
-        if isinstance(found, (TsdLayout, int)):
+        if isinstance(found, (TsdLayout, tuple)):
             return self._crashed(what, "parser answered phase 1 with something else")
         return found
 
-    def crc(self, stream: BinaryIO, what: str) -> int | LayoutFailure:
-        found = self._request({"op": "crc", "what": what}, stream, what)
-        return found if isinstance(found, (int, LayoutFailure)) else self._crashed(
-            what, "parser answered a CRC request with something else")
+    def identify(self, stream: BinaryIO, what: str,
+                 crc: bool) -> tuple[int | None, str | None] | LayoutFailure:
+        """A debug file's CRC32 (when `crc`) and own build-id (see layout.debug_identity)."""
+        found = self._request({"op": "identify", "what": what, "crc": crc}, stream, what)
+        return found if isinstance(found, (tuple, LayoutFailure)) else self._crashed(
+            what, "parser answered an identify request with something else")
 
     def layout(self, stream: BinaryIO, facts: ObjectFacts, what: str, source: str) -> Resolution:
         request = {"op": "layout", "what": what, "source": source, "facts": facts.to_dict()}
@@ -160,7 +163,7 @@ class ParseWorker:
 
     def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
-        if isinstance(found, (ObjectFacts, int)):
+        if isinstance(found, (ObjectFacts, tuple)):
             return self._crashed(what, "parser answered phase 2 with something else")
         return found
 
@@ -188,10 +191,13 @@ class ParseWorker:
                 return ObjectFacts.from_dict(reply)
             if reply["kind"] == "loader":
                 return LoaderFacts.from_dict(reply)
-            if reply["kind"] == "crc":
-                if type(reply["crc"]) is not int or not 0 <= reply["crc"] < 1 << 32:
+            if reply["kind"] == "identity":
+                crc, build_id = reply["crc"], reply["build_id"]
+                if crc is not None and (type(crc) is not int or not 0 <= crc < 1 << 32):
                     raise ValueError("a CRC32 must be a 32-bit integer")
-                return reply["crc"]
+                if build_id is not None and not BUILD_ID.match(build_id):
+                    raise ValueError("a build-id must be 2 to 128 lowercase hex digits")
+                return crc, build_id
             found = resolution_from_dict(reply)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             return self._crashed(what, f"parser sent a malformed reply ({exc})")
@@ -495,8 +501,9 @@ def _parse(request: dict, fd: int) -> dict:
         what = request["what"]
         if request["op"] == "inspect":
             return inspect_object(stream, what, request["shared"]).to_dict()
-        if request["op"] == "crc":
-            return {"kind": "crc", "crc": stream_crc32(stream)}
+        if request["op"] == "identify":
+            crc, build_id = debug_identity(stream, request["crc"] is True)
+            return {"kind": "identity", "crc": crc, "build_id": build_id}
         if request["op"] == "loader":
             return loader_facts(stream).to_dict()
         facts = ObjectFacts.from_dict(request["facts"])

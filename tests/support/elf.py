@@ -103,3 +103,16 @@ def set_build_id(path: Path, new_id: bytes) -> None:
         desc_at = section["sh_offset"] + 12 + ((namesz + 3) & ~3)
         f.seek(desc_at)
         f.write(new_id)
+
+
+def set_debuglink_crc(path: Path, crc: int) -> None:
+    """Overwrite the CRC32 the .gnu_debuglink section records, in place."""
+    with open(path, "r+b") as f:
+        elf = ELFFile(f)
+        section = elf.get_section_by_name(".gnu_debuglink")
+        if section is None:
+            raise ValueError(f"{path}: no .gnu_debuglink")
+        data = section.data()
+        crc_at = (data.index(b"\0") + 1 + 3) & ~3
+        f.seek(section["sh_offset"] + crc_at)
+        f.write(struct.pack("<I" if elf.little_endian else ">I", crc))
