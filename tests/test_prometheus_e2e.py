@@ -75,6 +75,7 @@ RULES_MAY_BE_EMPTY = {
                     "a real unprivileged capture is in tests/test_capture.py)",
     "CtprofdSeriesDropped": "max_series is far above the few series here",
     "CtprofdSnapshotFailures": "no snapshot fails",
+    "CtprofdStateNotWritten": "every state file is written (tests/test_full_disk.py fills a disk)",
     "CtprofdRenderFailures": "every scrape renders",
     "CtprofdAllocatorFragmentation": "no fixture here holds 512 MiB beyond what it "
                                      "allocated (tests/prometheus/ctprofd-rules.test.yml "
@@ -99,7 +100,7 @@ HEALTHY_INSTANCE_MAY_BE_EMPTY = {
 }
 MUST_BE_EMPTY = {"CtprofdMemoryLeakSuspected", "CtprofdDown", "CtprofdStale",
                  "CtprofdProbeFailures", "CtprofdBlind", "CtprofdSeriesDropped",
-                 "CtprofdSnapshotFailures", "CtprofdRenderFailures",
+                 "CtprofdSnapshotFailures", "CtprofdStateNotWritten", "CtprofdRenderFailures",
                  "CtprofdAllocatorFragmentation", "annotation ctprofd alerts"}
 
 

@@ -20,7 +20,8 @@ from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, iter_
 
 ALERTS = {"CtprofdDown", "CtprofdStale", "CtprofdPtracePrivilege", "CtprofdBlind",
           "CtprofdProbeFailures", "CtprofdMemoryLeakSuspected", "CtprofdSnapshotSlow",
-          "CtprofdSeriesDropped", "CtprofdSnapshotFailures", "CtprofdRenderFailures",
+          "CtprofdSeriesDropped", "CtprofdSnapshotFailures", "CtprofdStateNotWritten",
+          "CtprofdRenderFailures",
           "CtprofdAllocatorFragmentation"}
 RUNBOOK = REPO / "docs" / "alerting.md"
 RECORD_NAME = re.compile(r"^(instance_series|instance_group|instance_unit):(ctprofd_[a-z_]+):([a-z0-9_]+)$")

@@ -34,7 +34,7 @@
     probeFailuresWindow: '15m',
     snapshotSlowRatio: 0.8,  // CtprofdSnapshotSlow: p90 duration / interval
     seriesDroppedFor: '15m',
-    failuresWindow: '15m',  // CtprofdSnapshotFailures, CtprofdRenderFailures
+    failuresWindow: '15m',  // CtprofdSnapshotFailures, CtprofdStateNotWritten, CtprofdRenderFailures
     // CtprofdAllocatorFragmentation: resident / allocated above the ratio AND resident -
     // allocated above the waste, both for fragmentationFor
     fragmentationRatio: 1.5,
