@@ -101,3 +101,18 @@ def test_processes_that_exit_at_any_step_count_nowhere(fixture_bins, spawn_fixtu
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and "CAP_SYS_PTRACE" not in r.getMessage()]
     assert_no_thread_stopped_or_traced(steady.pid)
+
+
+def test_a_pid_gone_between_the_listing_and_its_stat_counts_nowhere(tmp_path):
+    """A /proc entry listed whose stat cannot be read any more (here a directory without
+    one, in a proc root of our own) is an exit race, in no tag; a pid asked for by name and
+    not there is still pid-missing."""
+    (tmp_path / "4242").mkdir()
+    engine = Capturer(CaptureSettings(proc_root=str(tmp_path)))
+    try:
+        snapshot = engine.capture()
+        assert snapshot.failures == {} and snapshot.summary.failed == 0
+        assert engine.stats.exit_races == 1
+        assert engine.capture(pids=[4242]).failures == {tags.PID_MISSING: 1}
+    finally:
+        engine.close()
