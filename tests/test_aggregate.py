@@ -4,10 +4,11 @@ drift, pid reuse, transient misses, exec, renames, the series cap, retention and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from ctprofd.export.aggregate import Aggregator, AggregateView, SeriesValues
 from ctprofd.export.labels import username
-from ctprofd.report.snapshot import ProcessSample, Snapshot, ThreadSample
+from ctprofd.report.snapshot import AllocatorHealth, ProcessSample, Snapshot, ThreadSample
 from ctprofd.report.summary import ProbeSummary
 
 
@@ -340,3 +341,24 @@ def test_exited_series_follow_the_most_recently_active_then_the_larger():
                NONE_ALIVE)  # x, p and q exited, active last at 0
     view = agg.update(snap(2, proc(9, (1, 0), start=7, comm="live")), NONE_ALIVE)  # y at 1
     assert order(view) == ["live", "y", "p", "q", "x"]
+
+
+def test_allocator_figures_are_summed_only_when_every_process_has_them():
+    """A series' allocator figures are the sum over its live processes when each one's were
+    read; one process without them leaves the series without (absent, never a partial sum
+    passing for the whole), and the next snapshot that reads them all brings them back."""
+    one = AllocatorHealth(100, 120, 200, 300, 50, 10, 70, 0)
+    two = AllocatorHealth(1000, 1100, 1500, 2000, 400, 20, 300, 100)
+    aggregator = grouped(("comm",))
+    both = snap(0, replace(proc(10, (100, 0)), allocator=one),
+                replace(proc(11, (100, 0)), allocator=two),
+                replace(proc(12, (5, 0), comm="other"), allocator=None))
+    view = by_labels(aggregator.update(both, alive_set((10, 1), (11, 1), (12, 1))))
+    assert view[("app",)].allocator == AllocatorHealth(1100, 1220, 1700, 2300, 450, 30, 370, 100)
+    assert view[("other",)].allocator is None
+    partial = snap(15, replace(proc(10, (100, 0)), allocator=one),
+                   replace(proc(11, (100, 0)), allocator=None))
+    assert by_labels(aggregator.update(partial, alive_set((10, 1), (11, 1))))[
+        ("app",)].allocator is None
+    assert by_labels(aggregator.update(snap(30, replace(proc(10, (100, 0)), allocator=one)),
+                                       alive_set((10, 1))))[("app",)].allocator == one

@@ -71,8 +71,10 @@ def test_an_arena_rewriting_process_is_bounded_and_others_read_exactly(
     assert snapshot["duration_seconds"] <= arena_stats.BUDGET_SECONDS * 5  # a hang guard
     assert {(t["tid"], t["allocated_bytes"], t["deallocated_bytes"]) for t in root["threads"]} \
         == {(t["tid"], t["allocated"], t["deallocated"]) for t in reference.threads}
-    assert root["totals_source"] == "arena"
+    assert root["totals_source"] == "arena" and root["allocator"]["active_bytes"] > 0
     assert 0 <= hostile["deallocated_bytes"] <= hostile["allocated_bytes"]
+    if hostile["totals_source"] == "threads":  # no allocator figures then: absent, not 0
+        assert hostile["allocator"] is None
     if attack in (long_cache_ring, sharded_bins_in_1024_arenas):
         assert hostile["totals_source"] == "threads"
         assert snapshot["failures"].get(tags.ARENA_BUDGET) == 1
@@ -110,6 +112,7 @@ def test_over_budget_is_counted_every_snapshot_warned_once_and_not_reread_each_t
         engine.close()
     assert [s.failures.get(tags.ARENA_BUDGET) for s in snapshots] == [1] * 7
     assert [s.processes[0].totals_source for s in snapshots] == [THREADS] * 7
+    assert [s.processes[0].allocator for s in snapshots] == [None] * 7
     warned = [r for r in caplog.records if "over budget" in r.getMessage()]
     assert len(warned) == 1 and str(poker.proc.pid) in warned[0].getMessage()
     full = [i for i, n in enumerate(asked) if n > 1000]  # the whole walk, not the threads

@@ -15,7 +15,7 @@ from ctprofd.export.aggregate import AggregateView, SeriesValues
 from ctprofd.export.collector import (SNAPSHOT_DURATION_BUCKETS, THREAD_STOP_BUCKETS,
                                       DaemonCollector, DaemonState, Histogram)
 from ctprofd.export.revision import REVISION, source_revision
-from ctprofd.report.snapshot import Snapshot
+from ctprofd.report.snapshot import AllocatorHealth, Snapshot
 from ctprofd.report.summary import ProbeSummary
 
 
@@ -177,3 +177,22 @@ def test_promtool_lint_is_clean(collector, registry, tmp_path):
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
+
+
+def test_allocator_gauges_absent_for_a_series_without_them(collector, registry):
+    """Each figure of a series that has them, under its ctprofd_allocator_*_bytes name; a
+    series whose processes were not all read has none of them, not zeros."""
+    health = AllocatorHealth(1000, 1200, 2000, 3000, 500, 100, 700, 50)
+    read = SeriesValues(("10", "redis", "redis.service"), 1000, 400, 600, 1, 3, 1, health)
+    unread = SeriesValues(("11", "api", "api.service"), 10, 4, 6, 1, 1, 0, None)
+    collector.publish(state(series=(read, unread)))
+    get = registry.get_sample_value
+    for name in ("allocated", "active", "resident", "mapped", "retained", "metadata", "dirty",
+                 "muzzy"):
+        assert get(f"ctprofd_allocator_{name}_bytes",
+                   {"pid": "10", "comm": "redis", "unit": "redis.service"}) == getattr(health, name)
+        assert get(f"ctprofd_allocator_{name}_bytes",
+                   {"pid": "11", "comm": "api", "unit": "api.service"}) is None
+    lines = generate_latest(registry).decode().splitlines()
+    allocator = [line for line in lines if line.startswith("ctprofd_allocator_")]
+    assert len(allocator) == 8 and not any('comm="api"' in line for line in allocator)
