@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..procfs.processes import read_file
+from ..procfs.processes import gone, read_file
 from ..report import tags
 from ..report.tags import ProbeError
 
@@ -91,8 +91,11 @@ def _comm(tid: int, proc_root: str) -> str:
 
 def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
     """Why PTRACE_SEIZE said EPERM: the kernel also says so for a thread that has exited
-    but is not reaped yet (a zombie), which is an exit race; otherwise another tracer
-    (named by the thread's TracerPid) or a lack of privilege."""
+    but is not reaped yet (a zombie) or is exiting, which is an exit race (procfs `gone`,
+    the rule every step follows); otherwise another tracer (named by the thread's
+    TracerPid) or a lack of privilege."""
+    if gone(f"{proc_root}/{tid}", None):
+        return ThreadGone(f"tid {tid}: exited (or exiting) at PTRACE_SEIZE")
     fields = {}
     try:
         with open(f"{proc_root}/{tid}/status", "rb") as f:

@@ -206,20 +206,23 @@ class ProcessInfo:
         return f"ProcessInfo(pid={self.pid}, comm={self.comm!r})"
 
 
-def gone(directory: str, start_time: int) -> bool:
+def gone(directory: str, start_time: int | None) -> bool:
     """Whether the process or thread at `directory` (/proc/PID, /proc/PID/task/TID) with this
-    start time has exited: the directory vanished, names a newer one (its id reused), is a
-    zombie, or is on its way out (exiting, or SIGKILL pending: its group was killed or
-    called exit).
-    The one test of an exit race: what failed while reading something gone by then counts
-    nowhere, and is said at debug only."""
+    start time (None: whichever it is now) has exited: the directory vanished, names a newer
+    one (its id reused), is a zombie, or is on its way out (exiting, or SIGKILL pending: its
+    group was killed or called exit). One refused to us (hidepid, an LSM) is not known to be
+    gone. The one test of an exit race: what failed while reading something gone by then
+    counts nowhere, and is said at debug only."""
     try:
         stat = read_stat(directory + "/stat")
-        if stat.start_time != start_time or stat.state in ("Z", "X") or stat.exiting:
+        if ((start_time is not None and stat.start_time != start_time)
+                or stat.state in ("Z", "X") or stat.exiting):
             return True
         status = read_file(directory + "/status")
-    except (OSError, ValueError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
         return True
+    except OSError:
+        return False
     pending = re.search(rb"^SigPnd:\s*([0-9a-f]+)", status, re.M)
     return pending is not None and bool(int(pending.group(1), 16) & _SIGKILL_BIT)
 

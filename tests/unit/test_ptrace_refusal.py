@@ -11,15 +11,27 @@ from ctprofd.probe.ptrace import SeizeRefused, ThreadGone, is_ctprofd, refusal
 from ctprofd.report import tags
 
 
-def status(root: Path, tid: int, state: str, tracer: int) -> None:
+def status(root: Path, tid: int, state: str, tracer: int, flags: int = 0x400040,
+           pending: int = 0) -> None:
     (root / str(tid)).mkdir()
     (root / str(tid) / "status").write_text(
-        f"Name:\tworker\nState:\t{state}\nTgid:\t1\nPid:\t{tid}\nTracerPid:\t{tracer}\n")
+        f"Name:\tworker\nState:\t{state}\nTgid:\t1\nPid:\t{tid}\nTracerPid:\t{tracer}\n"
+        f"SigPnd:\t{pending:016x}\n")
+    fields = [state[0], "1", "1", "1", "0", "-1", str(flags)] + ["0"] * 12 + ["12345"]
+    (root / str(tid) / "stat").write_text(f"{tid} (worker) {' '.join(fields)} 0 0\n")
 
 
 @pytest.mark.parametrize("state", ["Z (zombie)", "X (dead)"])
 def test_an_exited_thread_is_an_exit_race(tmp_path, state):
     status(tmp_path, 7, state, 0)
+    assert isinstance(refusal(7, str(tmp_path)), ThreadGone)
+
+
+@pytest.mark.parametrize("flags, pending", [(0x400044, 0), (0x400040, 1 << 8)])
+def test_an_exiting_thread_is_an_exit_race(tmp_path, flags, pending):
+    """The kernel refuses to seize a thread already in do_exit (PF_EXITING) with EPERM; one
+    with SIGKILL pending (its group killed, or exit called) is about to be there."""
+    status(tmp_path, 7, "R (running)", 0, flags, pending)
     assert isinstance(refusal(7, str(tmp_path)), ThreadGone)
 
 
