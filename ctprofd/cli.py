@@ -19,7 +19,7 @@ from .procfs.capabilities import warn_if_unprivileged
 from .report import tags
 from .report.snapshot import Snapshot
 from .resolve import needed, offsets_file
-from .resolve.cache import LayoutCache
+from .resolve.cache import IMPORTED_FILE, LayoutCache
 from .resolve.debughelp import how_to_get_debug_info
 from .resolve.layout import LayoutFailure, NotJemalloc, TsdLayout
 from .resolve.offsets_file import OffsetsFileError
@@ -238,43 +238,124 @@ def _offsets_export(capturer: Capturer, path: str, binaries: list[str]) -> int:
     return 0
 
 
+def _imported_file(cache_dir: str | None) -> str | None:
+    """Where `offsets import` keeps the layouts it pins; None (after saying so) without a
+    cache directory."""
+    if not cache_dir:
+        print("ctprofd: no cache directory for imported layouts (cache_dir is null): pass "
+              "--cache-dir DIR", file=sys.stderr)
+        return None
+    return os.path.join(cache_dir, IMPORTED_FILE)
+
+
+def _read_imported(path: str) -> list[TsdLayout] | None:
+    """The layouts imported so far ([] before the first import); None after saying why
+    the file cannot be used."""
+    if not os.path.lexists(path):
+        return []
+    try:
+        return offsets_file.load(path)
+    except OffsetsFileError as exc:
+        print(f"ctprofd: {exc}", file=sys.stderr)
+        return None
+
+
 def _offsets_import(path: str, cache_dir: str | None) -> int:
+    """Add the layouts of an offsets file to the imported ones (pinned: never evicted); a
+    running daemon reads them at its next snapshot and retries the binaries that failed."""
     try:
         layouts = offsets_file.load(path)
-    except offsets_file.OffsetsFileError as exc:
+    except OffsetsFileError as exc:
         print(f"ctprofd: {exc}", file=sys.stderr)
         return 1
-    if not cache_dir:
-        print("ctprofd: no cache directory to import into (cache_dir is null): pass "
-              "--cache-dir DIR", file=sys.stderr)
+    target = _imported_file(cache_dir)
+    held = _read_imported(target) if target else None
+    if target is None or held is None:
         return 1
-    cache = LayoutCache(cache_dir)
-    for layout in layouts:
-        cache.put(f"build-id:{layout.build_id}", layout)
-    cache.forget_failures()  # a binary that failed for want of these layouts is retried
-    if cache.directory is None:
-        print(f"ctprofd: {cache_dir}: cannot write the cache directory", file=sys.stderr)
+    merged = {layout.build_id: layout for layout in (*held, *layouts)}
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        offsets_file.dump(list(merged.values()), target)
+    except OSError as exc:
+        print(f"ctprofd: {target}: {exc.strerror}", file=sys.stderr)
         return 1
-    print(f"imported {len(layouts)} layouts into {cache_dir}")
+    print(f"imported {len(layouts)} layouts into {target} ({len(merged)} imported in all)")
+    return 0
+
+
+def _offsets_remove(build_ids: list[str], cache_dir: str | None) -> int:
+    """Remove imported layouts by build-id; one line and exit 1 for one not imported."""
+    target = _imported_file(cache_dir)
+    held = _read_imported(target) if target else None
+    if target is None or held is None:
+        return 1
+    kept = [layout for layout in held if layout.build_id not in build_ids]
+    unknown = sorted(set(build_ids) - {layout.build_id for layout in held})
+    if unknown:
+        print(f"ctprofd: not imported in {target}: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    try:
+        offsets_file.dump(kept, target)
+    except OSError as exc:
+        print(f"ctprofd: {target}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"removed {len(held) - len(kept)} layouts from {target} ({len(kept)} imported "
+          "remain)")
+    return 0
+
+
+def _offsets_list(cache: LayoutCache, as_json: bool) -> int:
+    """Every layout the cache holds: imported (pinned), configured (offsets_files), then
+    learned from binaries here, with their owner."""
+    rows = []
+    for kind, pinned in (("imported", cache.imported()), ("configured", cache.configured())):
+        for build_id, layout in sorted(pinned.items()):
+            rows.append({"build_id": build_id, "kind": kind, "owner": None,
+                         "allocated_offset": layout.allocated_offset,
+                         "deallocated_offset": layout.deallocated_offset,
+                         "source": layout.source})
+    for key, owner, layout in sorted(cache.learned(), key=lambda e: e[0]):
+        rows.append({"build_id": layout.build_id, "kind": "learned", "owner": owner,
+                     "allocated_offset": layout.allocated_offset,
+                     "deallocated_offset": layout.deallocated_offset, "source": layout.source})
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'BUILD-ID':<40} {'KIND':<10} {'OWNER':>6} {'COUNTERS':>9}  SOURCE")
+    for row in rows:
+        owner = "-" if row["owner"] is None else str(row["owner"])
+        print(f"{row['build_id']:<40} {row['kind']:<10} {owner:>6} "
+              f"{row['allocated_offset']:>4}/{row['deallocated_offset']:<4}  {row['source']}")
     return 0
 
 
 OFFSETS_USAGE = ("ctprofd offsets [options] BINARY\n"
                  "       ctprofd offsets [options] export FILE [BINARY ...]\n"
-                 "       ctprofd offsets [options] import FILE")
+                 "       ctprofd offsets [options] import FILE\n"
+                 "       ctprofd offsets [options] list\n"
+                 "       ctprofd offsets [options] remove BUILD-ID [BUILD-ID ...]")
 
 
 def cmd_offsets(args: argparse.Namespace) -> int:
     action, rest = args.action, args.rest
-    if action == "import":
-        if len(rest) != 1:
+    if action in ("import", "remove"):
+        if action == "import" and len(rest) != 1:
             args.error("offsets import takes one FILE")
+        if action == "remove" and not rest:
+            args.error("offsets remove takes BUILD-ID [BUILD-ID ...]")
         try:
             config = load_effective(args.config, _search_overrides(args))
         except ConfigError as err:
             print(f"ctprofd: {err}", file=sys.stderr)
             return EX_CONFIG
-        return _offsets_import(rest[0], config.cache_dir)
+        if action == "import":
+            return _offsets_import(rest[0], config.cache_dir)
+        return _offsets_remove(rest, config.cache_dir)
+    if action == "list":
+        if rest:
+            args.error("offsets list takes no arguments")
+        return _with_capturer(args, lambda c: _offsets_list(c.cache, args.json))
     if action == "export":
         if not rest:
             args.error("offsets export takes FILE [BINARY ...]")
@@ -421,12 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
         usage=OFFSETS_USAGE,
         description="ctprofd offsets BINARY: show the layout, found as the daemon finds it; "
         "ctprofd offsets export FILE [BINARY ...]: write layouts by build-id (default: of "
-        "every jemalloc process running); ctprofd offsets import FILE: validate them and add "
-        "them to the cache directory that snapshot and the daemon read")
-    offsets.add_argument("action", metavar="BINARY|export|import")
+        "every jemalloc process running); ctprofd offsets import FILE: validate them and pin "
+        "them in the cache directory that snapshot and the daemon read (CACHE_DIR/"
+        "imported.json: never evicted; a running daemon reads them at its next snapshot); "
+        "ctprofd offsets list: the layouts cached (imported, configured, learned with their "
+        "owner uid); ctprofd offsets remove BUILD-ID ...: unpin imported layouts")
+    offsets.add_argument("action", metavar="BINARY|export|import|list|remove")
     offsets.add_argument("rest", nargs="*", metavar="ARG", help=argparse.SUPPRESS)
     offsets.add_argument("--json", action="store_true",
-                         help="ctprofd offsets BINARY: print the layout as JSON")
+                         help="ctprofd offsets BINARY or list: print JSON")
     _add_search_options(offsets)
     offsets.set_defaults(func=cmd_offsets, error=offsets.error)
     add_run_parser(commands)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,8 @@ from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report import tags
 from ctprofd.resolve.debughelp import how_to_get_debug_info
 from ctprofd.resolve.parse_worker import WorkerLimits
-from daemon_process import CTPROFD, REPO, clean_env, run_once, write_config
+from daemon_process import CTPROFD, REPO, DaemonProcess, clean_env, run_once, write_config
+from support.procs import wait_until
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -267,6 +269,9 @@ def test_debuginfod_network_errors_are_named(fixture_bins, tmp_path, url, expect
 
 MAP_EXECUTABLE = """
 import mmap, os, sys
+if len(sys.argv) > 2:
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(sys.argv[2])
 fd = os.open(sys.argv[1], os.O_RDONLY)
 code = mmap.mmap(fd, 0, prot=mmap.PROT_READ | mmap.PROT_EXEC)  # offset 0, as a loader maps it
 print("READY", flush=True)
@@ -302,3 +307,71 @@ def test_a_cached_failure_names_the_path_the_process_maps_not_the_one_typed(
     assert (f"pid {user.proc.pid} not read: dwarf-parse-failure: {mapped}: no DWARF"
             in snapshot.stderr), snapshot.stderr
     assert str(typed) not in snapshot.stderr
+
+
+def broken_library(fixture_bins, directory) -> tuple[str, str]:
+    """A copy of a stripped libjemalloc.so.2 whose counters cannot be found (no DWARF, no
+    %fs accesses), and the offsets file exported from the original (same build-id)."""
+    variant = fixture_bins["dynamic-stripped-buildid"]
+    data, count = FS_COUNTER_ACCESS.subn(b"\x3e", variant.jemalloc_object.read_bytes())
+    assert count >= 4, count
+    broken = directory / "libjemalloc.so.2"
+    broken.write_bytes(data)
+    exported = directory / "offsets.json"
+    result = cli("offsets", "--debug-dir", str(fixture_bins.debug_root), "--cache-dir", "",
+                 "export", str(exported), str(variant.jemalloc_object))
+    assert result.returncode == 0, result.stderr
+    return str(broken), str(exported)
+
+
+def failures(daemon: DaemonProcess, tag: str) -> float:
+    match = re.search(rf'^ctprofd_probe_failures{{tag="{tag}"}} (\S+)$', daemon.get(), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_an_import_takes_effect_in_a_running_daemon_and_remove_undoes_it(
+        fixture_bins, spawn_process, tmp_path):
+    """A daemon that cached a dwarf-parse-failure reads an `offsets import` at its next
+    snapshot and tries the binary again at once (it kept the failure for its 600 s before);
+    `offsets list` shows the import as such; `offsets remove` unpins it, and a process
+    started from the binary then fails again. The CLI writes only the imported layouts
+    beside the daemon."""
+    broken, exported = broken_library(fixture_bins, tmp_path)
+    config = write_config(tmp_path, "selection:\n  include:\n    comm: ['^ctprofd-mapper$']\n"
+                          f"debug_dirs: [{tmp_path / 'empty'}]\n")
+    user = spawn_process([sys.executable, "-c", MAP_EXECUTABLE, broken, "ctprofd-mapper"])
+    daemon = DaemonProcess("--config", str(config), "--log-level", "info")
+    try:
+        daemon.started()
+        wait_until(lambda: failures(daemon, "dwarf-parse-failure") == 1,
+                   "the daemon caches the failure", poll=0.1)
+        result = cli("offsets", "import", exported, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: (failures(daemon, "dwarf-parse-failure") == 0
+                            and daemon.sample("ctprofd_probe_jemalloc_detected") == 1),
+                   "the import is used at the next snapshots", poll=0.1)
+        daemon.wait_for("imported layouts changed: 1 held")
+        listed = cli("offsets", "list", "--json", "--config", str(config))
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        build_id = json.loads(Path(exported).read_text())["layouts"].popitem()[0]
+        assert {"build_id": build_id, "kind": "imported", "owner": None,
+                "allocated_offset": 824, "deallocated_offset": 840} in [
+                    {k: v for k, v in row.items() if k != "source"} for row in rows]
+        table = cli("offsets", "list", "--config", str(config))
+        assert any(line.startswith(build_id) and " imported " in line
+                   for line in table.stdout.splitlines()), table.stdout
+        removed = cli("offsets", "remove", build_id, "--config", str(config))
+        assert removed.returncode == 0, removed.stderr
+        daemon.wait_for("imported layouts changed: 0 held")
+        # a process attached through the import stays attached; one started now is not
+        spawn_process([sys.executable, "-c", MAP_EXECUTABLE, broken, "ctprofd-mapper"])
+        wait_until(lambda: failures(daemon, "dwarf-parse-failure") == 1,
+                   "the binary fails again once its import is removed", poll=0.1)
+        assert daemon.sample("ctprofd_probe_jemalloc_detected") == 1
+        again = cli("offsets", "remove", build_id, "--config", str(config))
+        assert again.returncode == 1 and again.stderr.count("\n") == 1, again.stderr
+        assert f"not imported in {tmp_path / 'cache' / 'imported.json'}: {build_id}" in \
+            again.stderr
+    finally:
+        assert daemon.stop() == 0

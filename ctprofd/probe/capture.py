@@ -170,9 +170,8 @@ class Capturer:
                                  max_bytes=self.settings.cache_max_bytes,
                                  writable=self.settings.cache_writable)
         for path in self.settings.offsets_files:  # raises OffsetsFileError
-            for layout in offsets_file.load(path):
-                self.cache.put(f"build-id:{layout.build_id}",
-                               replace(layout, dwarf_source=f"imported from {path}"))
+            self.cache.pin([replace(layout, dwarf_source=f"imported from {path}")
+                            for layout in offsets_file.load(path)])
         urls = self.settings.debuginfod_urls or urls_from_environment()
         downloads = self.settings.cache_dir if self.settings.cache_writable else None
         self._debuginfod = DebuginfodClient(urls, downloads) if urls else None
@@ -221,6 +220,9 @@ class Capturer:
         started, clock = time.time(), time.monotonic()
         self._now = clock
         self._passes += 1
+        if self.cache.refresh():  # `offsets import` or `remove` since the last snapshot
+            log.info("imported layouts changed: %d held; failures cached before are tried "
+                     "again", len(self.cache.imported()))
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()

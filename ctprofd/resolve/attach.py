@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from elftools.common.exceptions import ELFError
@@ -44,6 +44,7 @@ class BinaryIdentity:
     ino: int
     size: int
     mtime_ns: int
+    uid: int = field(default=0, compare=False)  # the owner: its share of the cache
 
     @property
     def key(self) -> str:
@@ -51,7 +52,7 @@ class BinaryIdentity:
 
     @classmethod
     def of(cls, st: os.stat_result) -> BinaryIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class Attacher:
             except FileRefused as exc:
                 resolution = LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{what}: {exc.strerror}",
                                            subject=what)
-                self.cache.put(identity.key, resolution)
+                self.cache.put(identity.key, resolution, identity.uid)
             except OSError as exc:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",
                                  exc.errno) from None
@@ -289,8 +290,8 @@ class Attacher:
         scope = resolution.view if isinstance(resolution, TsdLayout) else ""
         if isinstance(resolution, TsdLayout) and resolution.build_id:
             self.cache.put(view_key(learned_key(resolution.build_id, st.st_uid), scope),
-                           resolution)
-        self.cache.put(view_key(identity.key, scope), resolution)
+                           resolution, st.st_uid)
+        self.cache.put(view_key(identity.key, scope), resolution, st.st_uid)
         return resolution
 
     def _parse_quietly(self, fd: int, st: os.stat_result, what: str,

@@ -3,15 +3,29 @@ and optionally on disk (one JSON file per key, written atomically).
 
 Keys are `file:<dev>:<ino>:<size>:<mtime_ns>` (a file as the kernel names it),
 `build-id:<hex>:uid:<owner>` (a layout parsed from a file with that build-id and owner) or
-`build-id:<hex>` (imported from an offsets file); either of the first two ending in
+`build-id:<hex>` (imported by the operator); either of the first two ending in
 `:view:<view>` when learned from a debug file beside the object in a target's view of the
 files that is not ctprofd's own (its mount namespace or root: attach.view_of), which only
-processes of that view look up. Failures expire after `failure_ttl`
-seconds so newly installed debug info is picked up, and are then removed; the other
-results describe an immutable file. Both memory and disk hold at most `max_entries`, and
-the disk at most `max_bytes`, evicting the least recently used (memory) or written (disk):
-a user who makes new file identities at will (touching a binary) cannot grow either. A
-cache opened read-only (`writable=False`: the CLI beside a daemon that owns the directory)
+processes of that view look up. Three stores, so that nothing a user makes can
+push out what matters:
+
+- **imported** layouts (`offsets import` into `DIR/imported.json`, and the configured offsets
+  files): pinned, never evicted; removed only by the operator (`offsets remove`). The file is
+  looked at (a stat) at every `refresh`: a change is read again, and every failure cached
+  before it is dropped, so a binary that failed for want of these layouts is retried at once.
+- **layouts** (`DIR/layouts/`): positive results, at most `max_entries` in memory and on
+  disk, and `max_bytes` on disk.
+- **negative** results (`DIR/negative/`: "not jemalloc" and failures), bounded alike on
+  their own: however many a user makes, they never push out a layout. Failures expire after
+  `failure_ttl` seconds, so newly installed debug info is picked up.
+
+Each entry has an owner (the uid owning the file). In both bounded stores every owner holding
+entries has an equal share: when one is full, the owner holding the most entries gives up its
+least recently used (memory) or oldest written (disk) entry. A user who makes new file
+identities at will (touching a binary, mapping thousands of files) evicts its own entries,
+never another user's while that one holds no more than its share.
+
+A cache opened read-only (`writable=False`: the CLI beside a daemon that owns the directory)
 reads the directory and writes nothing to it.
 """
 
@@ -23,127 +37,189 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from ..files.atomic import write_json
+from . import offsets_file
 from .layout import LayoutFailure, Resolution, TsdLayout, resolution_from_dict
 
 log = logging.getLogger(__name__)
 # 2: layouts carry the arena statistics' layout (1 had none); 3: offsets from machine code
 # may carry one from a layout table, and arena layouts what the live process is checked
 # against; 4: a failure names the path its message begins with (`subject`); 5: arena
-# layouts carry the allocator health members (layouts without them are parsed again). An
+# layouts carry the allocator health members (layouts without them are parsed again); 6:
+# positive and negative results in their own directories, each file named with its owner. An
 # older entry is parsed again; a new layout table (arena_tables.json) warrants a new
 # version, so that binaries it serves are no longer kept without one.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
+IMPORTED_FILE = "imported.json"
 
 
-class LayoutCache:
-    """Memory cache backed by a directory; any disk problem degrades to memory only. Safe
-    to use from the snapshot loop and the background resolver at once."""
+class Shares:
+    """Keys by owner, each owner's least recently used first. The victim, when a store is
+    full, is the oldest key of the owner holding the most (equal shares for all owners)."""
 
-    def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
-                 max_entries: int = 4096, max_bytes: int = 16 << 20,
-                 writable: bool = True) -> None:
-        self.directory = os.path.join(directory, "layouts") if directory else None
-        self.writable = writable
-        self.failure_ttl = failure_ttl
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.misses = 0
-        self._memory: OrderedDict[str, tuple[Resolution, float]] = OrderedDict()
-        self._files: OrderedDict[str, int] = OrderedDict()  # on disk: name -> bytes, by age
-        self._warned = False
-        self._lock = threading.RLock()
-        if self.directory and writable:
-            try:
-                os.makedirs(self.directory, exist_ok=True)
-                self._files = _existing_files(self.directory)
-            except OSError as exc:
-                self._degrade(f"cannot create cache directory {self.directory}: {exc.strerror}")
-            self._trim_disk()
+    def __init__(self) -> None:
+        self._by_owner: dict[int, OrderedDict[str, None]] = {}
+        self._owner: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._memory)
+        return len(self._owner)
 
-    def get(self, key: str) -> Resolution | None:
-        """The cached result for `key`, or None (counted as a miss)."""
-        with self._lock:
-            entry = self._memory.get(key) or self._load(key)
-            if entry is not None:
-                resolution, stored_at = entry
-                if not (isinstance(resolution, LayoutFailure)
-                        and time.time() - stored_at > self.failure_ttl):
-                    self._remember(key, entry)
-                    self.hits += 1
-                    return resolution
-                self._memory.pop(key, None)  # an expired failure: gone from memory and disk
-                if self.directory and self.writable:
-                    self._remove(os.path.basename(self._path(key)))
-            self.misses += 1
-            return None
+    def __contains__(self, key: str) -> bool:
+        return key in self._owner
 
-    def put(self, key: str, resolution: Resolution) -> None:
-        with self._lock:
-            entry = (resolution, time.time())
-            self._remember(key, entry)
-            self._store(key, entry)
+    def touch(self, key: str, owner: int) -> None:
+        """Add `key` for `owner`, or make it its most recently used."""
+        self.discard(key)
+        self._by_owner.setdefault(owner, OrderedDict())[key] = None
+        self._owner[key] = owner
 
-    def _remember(self, key: str, entry: tuple[Resolution, float]) -> None:
-        """Keep `entry` in memory as the most recently used, evicting the least."""
-        self._memory[key] = entry
-        self._memory.move_to_end(key)
-        while len(self._memory) > self.max_entries:
-            self._memory.popitem(last=False)
+    def discard(self, key: str) -> None:
+        owner = self._owner.pop(key, None)
+        if owner is not None:
+            keys = self._by_owner[owner]
+            del keys[key]
+            if not keys:
+                del self._by_owner[owner]
 
-    def forget_failures(self) -> None:
-        """Drop every cached failure, in memory and on disk, so that the next lookup tries
-        again at once (after an offsets import, say) instead of after `failure_ttl`."""
-        with self._lock:
-            for key in [k for k, (r, _) in self._memory.items()
-                        if isinstance(r, LayoutFailure)]:
-                del self._memory[key]
-            if not self.directory or not self.writable:
-                return
-            try:
-                names = os.listdir(self.directory)
-            except OSError:
-                return
-            for name in names:
-                path = os.path.join(self.directory, name)
-                try:
-                    with open(path, "rb") as f:
-                        failed = json.load(f)["result"]["kind"] == "failure"
-                    if failed:
-                        self._remove(name)
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue  # not ours to judge: _load sets unusable files aside
+    def victim(self) -> str:
+        """The key to evict: the least recent of the owner holding the most (of equals,
+        the highest uid: root's entries go last)."""
+        owner = max(self._by_owner, key=lambda o: (len(self._by_owner[o]), o))
+        return next(iter(self._by_owner[owner]))
 
-    def layouts(self) -> list[TsdLayout]:
-        """Every layout held in memory, once per build."""
-        with self._lock:
-            found = {id(r): r for r, _ in self._memory.values() if isinstance(r, TsdLayout)}
-            return list(found.values())
+    def owner_of(self, key: str) -> int:
+        return self._owner[key]
 
-    def _path(self, key: str) -> str:
-        return os.path.join(self.directory, key.replace(":", "_") + ".json")
+    def keys(self) -> list[str]:
+        return list(self._owner)
+
+
+class _Store:
+    """One bounded store (layouts, or negative results): memory by use, disk by age, both
+    evicting by owner shares. Disk problems degrade it to memory only."""
+
+    def __init__(self, directory: str | None, max_entries: int, max_bytes: int,
+                 writable: bool, degrade: Callable[[str], None]) -> None:
+        self.directory = directory
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.writable = writable
+        self._degrade_cb = degrade
+        self.memory: dict[str, tuple[Resolution, float]] = {}
+        self.used = Shares()  # memory, least recently used first per owner
+        self.files: dict[str, tuple[str, int]] = {}  # key -> (file name, bytes) on disk
+        self.written = Shares()  # disk, oldest written first per owner
+        self.disk_bytes = 0
+
+    def open(self) -> int:
+        """Index the directory's files (creating it when writable); returns how many files of
+        an older format it removed."""
+        if not self.directory:
+            return 0
+        if self.writable:
+            os.makedirs(self.directory, exist_ok=True)
+        found, old = [], 0
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith(".json") or not entry.is_file(follow_symlinks=False):
+                continue
+            stem, _, owner = entry.name[:-len(".json")].rpartition(".u")
+            if not stem or not owner.isdigit():
+                if self.writable:  # an older ctprofd's file: parsed again when needed
+                    self._unlink(entry.name)
+                old += 1
+                continue
+            st = entry.stat(follow_symlinks=False)
+            found.append((st.st_mtime_ns, stem.replace("_", ":"), entry.name, int(owner),
+                          st.st_size))
+        for _, key, name, owner, size in sorted(found):
+            self._index(key, name, owner, size)
+        self.trim_disk()
+        return old
+
+    def get(self, key: str) -> tuple[Resolution, float] | None:
+        entry = self.memory.get(key) or self._load(key)
+        if entry is not None:
+            owner = self.used if key in self.used else self.written
+            self.remember(key, entry, owner.owner_of(key))
+        return entry
+
+    def remember(self, key: str, entry: tuple[Resolution, float], owner: int) -> None:
+        self.memory[key] = entry
+        self.used.touch(key, owner)
+        while len(self.used) > self.max_entries:
+            victim = self.used.victim()
+            self.used.discard(victim)
+            del self.memory[victim]
+
+    def put(self, key: str, entry: tuple[Resolution, float], owner: int) -> None:
+        self.remember(key, entry, owner)
+        if not self.directory or not self.writable:
+            return
+        name = f"{key.replace(':', '_')}.u{owner}.json"
+        path = os.path.join(self.directory, name)
+        data = {"version": FORMAT_VERSION, "key": key, "owner": owner, "stored_at": entry[1],
+                "result": entry[0].to_dict()}
+        try:
+            write_json(path, data)
+            size = os.path.getsize(path)
+        except OSError as exc:
+            self._degrade(f"cannot write cache directory {self.directory}: {exc.strerror}")
+            return
+        if key in self.files and self.files[key][0] != name:
+            self._unlink(self.files[key][0])  # the same key under another owner
+        self._forget_file(key)
+        self._index(key, name, owner, size)
+        self.trim_disk()
+
+    def remove(self, key: str) -> None:
+        """Forget `key`, in memory and on disk."""
+        if key in self.memory:
+            del self.memory[key]
+            self.used.discard(key)
+        if key in self.files and self.directory and self.writable:
+            self._unlink(self.files[key][0])
+        self._forget_file(key)
+
+    def trim_disk(self) -> None:
+        """Remove files, by owner shares, while over `max_entries` or `max_bytes`."""
+        while self.files and (len(self.files) > self.max_entries
+                              or self.disk_bytes > self.max_bytes):
+            victim = self.written.victim()
+            if self.writable:
+                self._unlink(self.files[victim][0])
+            self._forget_file(victim)
+
+    def _index(self, key: str, name: str, owner: int, size: int) -> None:
+        self.files[key] = (name, size)
+        self.written.touch(key, owner)
+        self.disk_bytes += size
+
+    def _forget_file(self, key: str) -> None:
+        if key in self.files:
+            self.disk_bytes -= self.files.pop(key)[1]
+            self.written.discard(key)
 
     def _load(self, key: str) -> tuple[Resolution, float] | None:
-        if not self.directory:
+        if not self.directory or key not in self.files:
             return None
-        path = self._path(key)
+        path = os.path.join(self.directory, self.files[key][0])
         try:
             with open(path, "rb") as f:
                 data = json.load(f)
-            version = data.get("version")
-            if type(version) is int and 0 < version < FORMAT_VERSION:
-                return None  # an older ctprofd's: parsed again, and overwritten
-            if version != FORMAT_VERSION or data.get("key") != key:
+            if data.get("version") != FORMAT_VERSION or data.get("key") != key:
                 raise ValueError("foreign format version or key")
             return resolution_from_dict(data["result"]), float(data["stored_at"])
         except FileNotFoundError:
+            self._forget_file(key)
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._forget_file(key)
             if not self.writable:
                 return None
             log.warning("setting aside unusable cache file %s (%s); it will be rebuilt",
@@ -152,37 +228,9 @@ class LayoutCache:
                 os.replace(path, path + ".corrupt")
             except OSError:
                 pass
-            self._files.pop(os.path.basename(path), None)
             return None
 
-    def _store(self, key: str, entry: tuple[Resolution, float]) -> None:
-        if not self.directory or not self.writable:
-            return
-        data = {"version": FORMAT_VERSION, "key": key, "stored_at": entry[1],
-                "result": entry[0].to_dict()}
-        path = self._path(key)
-        try:
-            write_json(path, data)
-            size = os.path.getsize(path)
-        except OSError as exc:
-            self._degrade(f"cannot write cache directory {self.directory}: {exc.strerror}")
-            return
-        name = os.path.basename(path)
-        self._files[name] = size
-        self._files.move_to_end(name)
-        self._trim_disk()
-
-    def _trim_disk(self) -> None:
-        """Remove the oldest files while over `max_entries` or `max_bytes`."""
-        total = sum(self._files.values())
-        while self._files and (len(self._files) > self.max_entries or total > self.max_bytes):
-            name, size = next(iter(self._files.items()))
-            self._remove(name)
-            total -= size
-
-    def _remove(self, name: str) -> None:
-        """Delete one cache file (already gone is fine)."""
-        self._files.pop(name, None)
+    def _unlink(self, name: str) -> None:
         assert self.directory is not None
         try:
             os.unlink(os.path.join(self.directory, name))
@@ -190,17 +238,178 @@ class LayoutCache:
             pass
 
     def _degrade(self, message: str) -> None:
+        self._degrade_cb(message)
+        self.directory = None
+        self.files.clear()
+        self.written = Shares()
+        self.disk_bytes = 0
+
+
+class LayoutCache:
+    """Imported layouts, learned layouts and negative results (see the module docstring).
+    Safe to use from the snapshot loop and the background resolver at once."""
+
+    def __init__(self, directory: str | None = None, failure_ttl: float = 600.0,
+                 max_entries: int = 4096, max_bytes: int = 16 << 20,
+                 writable: bool = True) -> None:
+        self.root = directory
+        self.writable = writable
+        self.failure_ttl = failure_ttl
+        self.hits = 0
+        self.misses = 0
+        self._warned = False
+        self._lock = threading.RLock()
+        self._configured: dict[str, TsdLayout] = {}  # build-id -> layout (offsets_files)
+        self._imported: dict[str, TsdLayout] = {}  # build-id -> layout (DIR/imported.json)
+        self._imports_seen: tuple[int, int, int] | None = None  # its ino, size, mtime_ns
+        self._imported_at = 0.0  # failures cached before this are stale
+        self._started = False  # the first refresh (at start) was made
+        join = (lambda name: os.path.join(directory, name)) if directory else (lambda _: None)
+        self._layouts = _Store(join("layouts"), max_entries, max_bytes, writable, self._degrade)
+        self._negative = _Store(join("negative"), max_entries, max_bytes, writable,
+                                self._degrade)
+        old = 0
+        for store in (self._layouts, self._negative):
+            try:
+                old += store.open()
+            except OSError as exc:
+                self._degrade(f"cannot create cache directory {store.directory}: "
+                              f"{exc.strerror}")
+                store.directory = None
+        if old:
+            log.warning("removed %d cache files of an older ctprofd from %s: their binaries "
+                        "are parsed again", old, directory)
+        self.refresh()
+
+    @property
+    def directory(self) -> str | None:
+        """The layouts' directory, None when caching in memory only."""
+        return self._layouts.directory
+
+    def __len__(self) -> int:
+        """Layouts held in memory (imported ones included)."""
+        return len(self._layouts.memory) + len(self._imported) + len(self._configured)
+
+    def pin(self, layouts: list[TsdLayout]) -> None:
+        """Layouts of the configured offsets files: held for the cache's life."""
+        with self._lock:
+            for layout in layouts:
+                self._configured[layout.build_id] = layout
+
+    def imported_path(self) -> str | None:
+        return os.path.join(self.root, IMPORTED_FILE) if self.root else None
+
+    def refresh(self) -> bool:
+        """Read `imported.json` again when it changed (a stat otherwise); whether it did.
+        Failures cached before the change are stale from then on."""
+        path = self.imported_path()
+        if path is None:
+            return False
+        try:
+            st = os.stat(path)
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        with self._lock:
+            first, self._started = not self._started, True
+            if seen == self._imports_seen:
+                return False
+            self._imports_seen = seen
+            try:
+                layouts = offsets_file.load(path) if seen is not None else []
+            except offsets_file.OffsetsFileError as exc:
+                log.warning("imported layouts unusable, none used: %s", exc)
+                layouts = []
+            before = set(self._imported)
+            self._imported = {layout.build_id: layout for layout in layouts}
+            self._purge_builds(before - set(self._imported))
+            # failures found before these layouts were read are stale: for an import seen
+            # now, every one cached so far (also one stored after the file's mtime, which the
+            # kernel's coarse clock may date a little early); at start, those before the file
+            if seen is not None:
+                self._imported_at = st.st_mtime_ns / 1e9 if first else time.time()
+            return True
+
+    def get(self, key: str) -> Resolution | None:
+        """The cached result for `key`, or None (counted as a miss)."""
+        with self._lock:
+            found = self._get(key)
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return found
+
+    def _get(self, key: str) -> Resolution | None:
+        if key.count(":") == 1 and key.startswith("build-id:"):
+            build_id = key.partition(":")[2]
+            return self._imported.get(build_id) or self._configured.get(build_id)
+        entry = self._layouts.get(key)
+        if entry is not None:
+            return entry[0]
+        entry = self._negative.get(key)
+        if entry is None:
+            return None
+        resolution, stored_at = entry
+        if isinstance(resolution, LayoutFailure) and (
+                time.time() - stored_at > self.failure_ttl or stored_at < self._imported_at):
+            self._negative.remove(key)  # expired, or older than the last import: try again
+            return None
+        return resolution
+
+    def put(self, key: str, resolution: Resolution, owner: int = 0) -> None:
+        """Cache `resolution` for `key`, owned by uid `owner` (the file's owner)."""
+        with self._lock:
+            entry = (resolution, time.time())
+            if isinstance(resolution, TsdLayout):
+                self._negative.remove(key)
+                self._layouts.put(key, entry, owner)
+            else:
+                self._layouts.remove(key)
+                self._negative.put(key, entry, owner)
+
+    def layouts(self) -> list[TsdLayout]:
+        """Every layout held in memory, imported ones included, once per build."""
+        with self._lock:
+            found = {id(r): r for r, _ in self._layouts.memory.values()
+                     if isinstance(r, TsdLayout)}
+            for layout in (*self._configured.values(), *self._imported.values()):
+                found[id(layout)] = layout
+            return list(found.values())
+
+    def imported(self) -> dict[str, TsdLayout]:
+        """The layouts imported into the directory, by build-id."""
+        with self._lock:
+            return dict(self._imported)
+
+    def configured(self) -> dict[str, TsdLayout]:
+        """The layouts of the configured offsets files, by build-id."""
+        with self._lock:
+            return dict(self._configured)
+
+    def _purge_builds(self, build_ids: set[str]) -> None:
+        """Forget the layouts of these builds (their import was removed): what was learned
+        through it is not kept, and is resolved again."""
+        if not build_ids:
+            return
+        store = self._layouts
+        for key in dict.fromkeys([*store.used.keys(), *store.written.keys()]):
+            entry = store.get(key)
+            if entry is not None and getattr(entry[0], "build_id", None) in build_ids:
+                store.remove(key)
+
+    def learned(self) -> list[tuple[str, int, TsdLayout]]:
+        """Every learned layout (key, owner, layout), from memory and disk."""
+        with self._lock:
+            found = []
+            for key in dict.fromkeys([*self._layouts.used.keys(),
+                                      *self._layouts.written.keys()]):
+                entry = self._layouts.get(key)
+                if entry is not None and key.startswith("build-id:"):
+                    found.append((key, self._layouts.used.owner_of(key), entry[0]))
+            return found
+
+    def _degrade(self, message: str) -> None:
         if not self._warned:
             log.warning("%s; caching in memory only", message)
             self._warned = True
-        self.directory = None
-
-
-def _existing_files(directory: str) -> OrderedDict[str, int]:
-    """The cache files in `directory`, oldest written first, with their sizes."""
-    found = []
-    for entry in os.scandir(directory):
-        if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
-            st = entry.stat(follow_symlinks=False)
-            found.append((st.st_mtime_ns, entry.name, st.st_size))
-    return OrderedDict((name, size) for _, name, size in sorted(found))
