@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.procfs import processes
 from ctprofd.report import tags
 from ctprofd.report.summary import REMEDIATION_HINT
 from ctprofd.resolve.cache import LayoutCache
@@ -115,6 +116,42 @@ def test_non_jemalloc_process_is_walked_not_failed(spawn_process):
     assert snapshot.summary.tgids_walked == 1
     assert snapshot.summary.failed == 0
     assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+
+
+def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_bins,
+                                                                       spawn_process,
+                                                                       spawn_fixture,
+                                                                       monkeypatch):
+    """A steady-state snapshot opens no file of a process known to run no jemalloc: its
+    /proc/PID/stat is read once in NOT_JEMALLOC_RECHECK snapshots (the look that catches an
+    exec), and it is still walked and tallied as if read. A jemalloc process beside it is
+    read in every snapshot."""
+    sleeper = spawn_process(["sleep", "600"], ready=None)
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    watched = {sleeper.pid, fixture.pid}
+    opened: list[str] = []
+    real_read_file = processes.read_file
+
+    def reading(path: str) -> bytes:
+        opened.append(path)
+        return real_read_file(path)
+    monkeypatch.setattr(processes, "read_file", reading)
+    engine = capturer(fixture_bins, select=lambda p: p.pid in watched)
+    try:
+        engine.capture()  # first sight: both read
+        assert f"/proc/{sleeper.pid}/stat" in opened
+        opened.clear()
+        snapshots = [engine.capture() for _ in range(2 * NOT_JEMALLOC_RECHECK)]
+    finally:
+        engine.close()
+    assert opened.count(f"/proc/{sleeper.pid}/stat") == 2
+    assert not [path for path in opened if path.startswith(f"/proc/{sleeper.pid}/")
+                and path != f"/proc/{sleeper.pid}/stat"]
+    assert opened.count(f"/proc/{fixture.pid}/stat") == 2 * NOT_JEMALLOC_RECHECK
+    for snapshot in snapshots:
+        assert snapshot.summary.tgids_walked == 2
+        assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+        assert by_tid(snapshot, fixture.pid) == truth(fixture)
 
 
 def test_missing_pid_is_pid_missing():
@@ -569,7 +606,8 @@ def test_a_thread_another_tracer_keeps_is_backed_off_and_still_said(fixture_bins
 
 CANCELLED_WITH_A_CHILD_LISTED_FIRST = """
 import json, os, subprocess, sys, threading
-from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.procfs import processes
 
 def next_pid(pid):
     with open("/proc/sys/kernel/ns_last_pid", "w") as f:

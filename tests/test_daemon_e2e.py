@@ -143,6 +143,30 @@ def test_sighup_applies_new_labels_and_selection(fixture_bins, spawn_fixture, ru
         allocated, deallocated, allocated - deallocated, 1, 2)
 
 
+def test_sighup_reads_at_once_a_process_the_old_selection_left_out(fixture_bins, spawn_fixture,
+                                                                   run_daemon, tmp_path):
+    """A process the selection leaves out is remembered as such and not read again for a
+    few snapshots; a reload that selects it has it read in the first snapshot after."""
+    static = spawn_fixture(fixture_bins["static"], 1)
+    dynamic = spawn_fixture(fixture_bins["dynamic"], 2)
+    scrapes = run_daemon("pid")
+    path = tmp_path / "ctprofd.yaml"
+    path.write_text(path.read_text().replace(f"{fixture_bins.root}/*",
+                                             f"{fixture_bins['static'].binary}"))
+    scrapes.daemon.signal(signal.SIGHUP)
+    scrapes.daemon.wait_for("reloaded the configuration")
+    for _ in range(3):
+        scrapes.after_next_snapshot()
+        assert scrapes.value("ctprofd_allocated_bytes_total", pid=str(dynamic.pid)) is None
+    path.write_text(path.read_text().replace(f"{fixture_bins['static'].binary}",
+                                             f"{fixture_bins.root}/*"))
+    scrapes.daemon.signal(signal.SIGHUP)
+    scrapes.daemon.wait_for("reloaded the configuration")
+    scrapes.after_next_snapshot()
+    assert scrapes.series(pid=str(dynamic.pid))[:2] == truth(dynamic)
+    assert scrapes.series(pid=str(static.pid))[:2] == truth(static)
+
+
 def test_series_of_exited_processes_survive_a_sigkill(fixture_bins, spawn_fixture, run_daemon):
     """An aggregated series (no pid label) holds what exited processes counted; a SIGKILL
     right after one exited must not take that away from the restarted daemon."""

@@ -487,23 +487,29 @@ def test_exec_of_the_same_binary_drops_the_old_thread_pointers(fixture_bins, spa
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 
-@pytest.mark.parametrize("name, within", [("sh", 1), ("alloc_threads", NOT_JEMALLOC_RECHECK)])
+@pytest.mark.parametrize("name, within, walk", [
+    ("sh", 1, False), ("alloc_threads", NOT_JEMALLOC_RECHECK, False),
+    ("sh", NOT_JEMALLOC_RECHECK, True), ("alloc_threads", NOT_JEMALLOC_RECHECK, True)])
 def test_an_exec_into_jemalloc_is_picked_up(fixture_bins, spawn_process, tmp_path, name,
-                                            within):
+                                            within, walk):
     """A process seen running no jemalloc (a shell script, whose name is the script's) that
-    execs a jemalloc binary: read at the next snapshot when the exec renamed it, within
-    NOT_JEMALLOC_RECHECK snapshots when the new file has the old name; exact either way."""
+    execs a jemalloc binary: asked for by pid, read at the next snapshot when the exec
+    renamed it, within NOT_JEMALLOC_RECHECK snapshots when the new file has the old name; in
+    a walk of the host, where it is counted from the /proc listing alone while it seems
+    unchanged, within NOT_JEMALLOC_RECHECK snapshots either way; exact in every case."""
     script = tmp_path / name
     script.write_text(f"#!/bin/sh\necho WAITING\nread line\nexec {fixture_bins['static'].binary} 2\n")
     script.chmod(0o755)
     shell = spawn_process([script], ready="WAITING")
-    engine = capturer(fixture_bins)
+    engine = capturer(fixture_bins, select=lambda p: p.pid == shell.pid)
+    pids = None if walk else [shell.pid]
     try:
-        assert engine.capture(pids=[shell.pid]).processes == ()  # /bin/sh: no jemalloc
+        for _ in range(2):  # /bin/sh: no jemalloc
+            assert engine.capture(pids=pids).failures == {tags.JEMALLOC_NOT_FOUND: 1}
         shell.send("go")
         image = [json.loads(line) for line in shell.wait_for(READY)]
         for _ in range(within):
-            found = engine.capture(pids=[shell.pid])
+            found = engine.capture(pids=pids)
             if found.processes:
                 break
         assert found.processes, f"not read in {within} snapshots"
@@ -583,6 +589,51 @@ def test_reused_pid_is_a_new_process(fixture_bins, tmp_path):
         assert sample["total"] == list(totals(process["threads"]))
     assert b["sample_after_exit"]["total"] == b["sample"]["total"]
     assert a_key not in out["state_after_b"]  # pruned: that process is gone
+
+
+QUIET_PID_REUSE_SCRIPT = r"""
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from ctprofd.probe import capture
+from support.procs import Fixture
+
+capture.NOT_JEMALLOC_RECHECK = 10 ** 9  # no periodic look: only the /proc listing can tell
+sleeper = subprocess.Popen(["sleep", "600"])
+pid = sleeper.pid
+engine = capture.Capturer(capture.CaptureSettings(select=lambda p: p.pid == pid))
+out = {"before": [engine.capture().failures for _ in range(3)]}
+sleeper.kill()
+sleeper.wait()
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(pid - 1))
+fixture = Fixture(sys.argv[2], 2)
+snapshot = engine.capture()
+out["pid"], out["reused"] = pid, fixture.pid
+out["threads"] = fixture.threads
+out["read"] = [{str(t.tid): [t.allocated_bytes, t.deallocated_bytes] for t in p.threads}
+               for p in snapshot.processes if p.pid == pid]
+engine.close()
+fixture.kill()
+print(json.dumps(out))
+"""
+
+
+def test_a_pid_reused_after_a_process_with_no_jemalloc_is_read_at_once(fixture_bins):
+    """A process with no jemalloc is counted from the /proc listing alone while it stays
+    the same; a jemalloc process that gets its pid (forced in a fresh PID namespace) is
+    read in the very next snapshot, by the listing alone: the periodic look that would also
+    find it is switched off here."""
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         QUIET_PID_REUSE_SCRIPT, os.path.join(REPO, "tests"),
+         str(fixture_bins["static"].binary)],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["before"] == [{tags.JEMALLOC_NOT_FOUND: 1}] * 3
+    assert out["reused"] == out["pid"]
+    assert out["read"] == [{str(t["tid"]): [t["allocated"], t["deallocated"]]
+                            for t in out["threads"]}]
 
 
 # -- a ctprofd killed mid-snapshot -----------------------------------------------------------

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from ..procfs.processes import (ProcessInfo, code_objects_digest, iter_processes, list_pids,
-                                list_threads, read_maps)
+from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_tgids,
+                                list_threads, read_maps, read_process)
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
@@ -30,16 +31,18 @@ from .arena_stats import (ArenaReadError, ArenaTotals, OverBudget, process_total
                           refreshed)
 from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, without_inherited
 from .ptrace import Tracer
+from .quiet import KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED, QuietProcesses
 from .retained import RetainedStore, Saved
 from .threads import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark, same_image
 
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
 LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged at info
-# A process known to run no jemalloc has its exe looked at again when its name changes (an
-# exec renames it, unless the new file has the old name), else once in this many snapshots,
-# spread by pid: an exec into a jemalloc binary is picked up late, never lost (the
-# counters are cumulative), and the stat of every exe is a third of a steady-state snapshot.
+# A process known to have nothing to read (no jemalloc, a kernel thread, its exe refused, not
+# selected) is counted from the /proc listing alone, and read again (its stat file, and the
+# identity of its exe) once in this many snapshots, spread by pid (see quiet.py): an exec
+# into a jemalloc binary is picked up late, never lost (the counters are cumulative), and
+# reading every stat file and exe is most of a steady-state snapshot.
 NOT_JEMALLOC_RECHECK = 4
 # ... and the code objects it maps looked at again every this many seconds (reading its
 # maps): a module that brings jemalloc in later (pyarrow imported after start, a plugin
@@ -190,6 +193,7 @@ class Capturer:
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
+        self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK)  # counted unread while unchanged
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
 
@@ -232,34 +236,43 @@ class Capturer:
         deferred: list[ProcessInfo] = []
         submitted = self.attacher.submitted
         complete = True
-        for process in iter_processes(self.settings.proc_root,
-                                      sorted(pids) if pids is not None else None):
+        root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
+        quiet.begin(self._passes, clock, seen)
+        # a pid asked for by name is read whatever it was (inode -1 matches nothing)
+        listing = list_tgids(root) if pids is None else [(pid, -1) for pid in sorted(pids)]
+        for pid, inode in listing:
             if cancel is not None and cancel.is_set():
                 complete = False
                 break
-            if isinstance(process, int):
+            if quiet.skip(pid, inode) or pid == own:
+                continue
+            process = read_process(root, pid)
+            if process is None:
                 # gone between readdir and reading its stat: an exit race, counted nowhere
                 # (only a pid asked for by name is missing)
+                quiet.forget(pid)
                 if pids is not None:
                     tally.tgids_walked += 1
-                    tally.begin(process, "")
+                    tally.begin(pid, "")
                     tally.fail(tags.PID_MISSING, reason="no such process")
                 else:
                     tally.exit_races += 1
                 continue
             if self.settings.select is not None and not self.settings.select(process):
+                self._remember(process, inode, UNSELECTED)
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
             if process.ppid > process.pid and process.key not in self._tracked:
-                deferred.append(process)
+                deferred.append((process, inode))
                 continue
-            self._probe_into(process, tally, cancel, samples, waiting)
-        for process in deferred:
+            self._probe_into(process, inode, tally, cancel, samples, waiting)
+        for process, inode in deferred:
             if cancel is not None and cancel.is_set():
                 complete = False
                 break
-            self._probe_into(process, tally, cancel, samples, waiting)
+            self._probe_into(process, inode, tally, cancel, samples, waiting)
+        self._count_quiet(tally)
         if (waiting and complete and self.attacher.submitted > submitted
                 and self._wait_for_resolution(clock)):
             # what the background resolved in time is read in this snapshot after all
@@ -271,6 +284,7 @@ class Capturer:
                     samples.append(sample)
         if complete and pids is None:
             self._forget_all_but(seen)
+            quiet.sweep()
             saved = {key: t.saved() for key, t in self._tracked.items()
                      if t.carries_totals()}  # most processes are not jemalloc's
             for key in list(self._restored):  # saved by an earlier run, not attached yet
@@ -291,16 +305,66 @@ class Capturer:
         self._log_snapshot(snapshot)
         return snapshot
 
-    def _probe_into(self, process: ProcessInfo, tally: Tally, cancel: threading.Event | None,
-                    samples: list[ProcessSample], waiting: list[ProcessInfo]) -> None:
-        """Probe one process: its sample to `samples`, or itself to `waiting` when pending."""
+    def _probe_into(self, process: ProcessInfo, inode: int, tally: Tally,
+                    cancel: threading.Event | None, samples: list[ProcessSample],
+                    waiting: list[ProcessInfo]) -> None:
+        """Probe one process: its sample to `samples`, or itself to `waiting` when pending;
+        remembered as quiet when it has nothing to read."""
         tally.begin(process.pid, process.comm)
-        pending = tally.pending
+        before = (tally.pending, tally.denied_tgids, tally.jemalloc_detected)
         sample = self._probe_process(process, tally, cancel)
         if sample is not None:
             samples.append(sample)
-        elif tally.pending > pending:
+        elif tally.pending > before[0]:
             waiting.append(process)
+        self._remember(process, inode, self._quiet_outcome(process, tally, before))
+
+    def _quiet_outcome(self, process: ProcessInfo, tally: Tally,
+                       before: tuple[int, int, int]) -> int | None:
+        """What the probe of `process` just gave when it has nothing to read (see
+        quiet.py), None otherwise; `before` is the tally's (pending, denied_tgids,
+        jemalloc_detected) before it."""
+        if process.kernel_thread:
+            return KERNEL_THREAD
+        pending, denied, detected = before
+        if tally.denied_tgids > denied:
+            return REFUSED
+        tracked = self._tracked.get(process.key)
+        if (tracked is None or not isinstance(tracked.result, NotJemalloc)
+                or tally.pending > pending or tally.jemalloc_detected > detected
+                or tally.failed_now()):
+            return None
+        return NOT_JEMALLOC
+
+    def _remember(self, process: ProcessInfo, inode: int, outcome: int | None) -> None:
+        """Count `process` unread in the next snapshots while its /proc/PID stays the same,
+        or not when `outcome` is None or `inode` is -1 (not listed: a capture of named pids)."""
+        if outcome is None or inode < 0:
+            self._quiet.forget(process.pid)
+            return
+        key, due = None, float("inf")
+        if outcome == NOT_JEMALLOC:
+            tracked = self._tracked[process.key]
+            assert isinstance(tracked.result, NotJemalloc)
+            key = process.key
+            if tracked.result.mapped is not None:  # its code objects are looked at again
+                due = tracked.objects_due
+        self._quiet.remember(process.pid, inode, outcome, key, due)
+
+    def _count_quiet(self, tally: Tally) -> None:
+        """Tally the processes counted unread as reading them would have."""
+        counts = self._quiet.counts
+        tally.tgids_walked += sum(counts) - counts[UNSELECTED]
+        unreadable = counts[KERNEL_THREAD] + counts[REFUSED]
+        if counts[NOT_JEMALLOC]:
+            tally.failures[tags.JEMALLOC_NOT_FOUND] += counts[NOT_JEMALLOC]
+        if unreadable:
+            tally.failures[tags.READLINK_FAILURE] += unreadable
+        tally.denied_tgids += counts[REFUSED]
+
+    def selection_changed(self) -> None:
+        """The selection's rules changed: every process is read (and selected) again."""
+        self._quiet.clear()
 
     def _log_snapshot(self, snapshot: Snapshot) -> None:
         """The summary line at info when it differs from the last one logged, else at debug

@@ -234,17 +234,31 @@ def iter_processes(proc_root: str = "/proc",
                    pids: list[int] | None = None) -> Iterator[ProcessInfo | int]:
     """Every tgid but our own: a ProcessInfo, or the bare pid when its stat vanished."""
     own = os.getpid()
-    prefix = _prefix(proc_root)
     for pid in (pids if pids is not None else list_pids(proc_root)):
-        if pid == own:
-            continue
-        directory = prefix + str(pid)
-        try:
-            stat = read_stat(directory + "/stat")
-        except (OSError, ValueError, IndexError):
-            yield pid
-            continue
-        yield ProcessInfo(proc_root, pid, stat, directory)
+        if pid != own:
+            yield read_process(proc_root, pid) or pid
+
+
+def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
+    """The process `pid` from its stat file; None when that vanished (it exited)."""
+    directory = _prefix(proc_root) + str(pid)
+    try:
+        stat = read_stat(directory + "/stat")
+    except (OSError, ValueError, IndexError):
+        return None
+    return ProcessInfo(proc_root, pid, stat, directory)
+
+
+def list_tgids(proc_root: str) -> list[tuple[int, int]]:
+    """(pid, inode number of /proc/PID) of every process, sorted by pid, from the listing
+    alone (the number is the directory entry's). The kernel flushes /proc/PID when a process
+    is reaped, so a later process with the same pid shows with another number; the same
+    number is the same process, though it may have exec'ed since. A number may also change
+    for the same process (its entry evicted from memory): a needless read, nothing lost."""
+    with os.scandir(proc_root) as entries:
+        found = [(int(entry.name), entry.inode()) for entry in entries if entry.name.isdigit()]
+    found.sort()
+    return found
 
 
 @dataclass(frozen=True)

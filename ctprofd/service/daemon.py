@@ -108,6 +108,7 @@ class Daemon:
             resolve_grace=resolve_grace(config.interval)))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
+        self._selection = config.selection  # what the processes remembered were selected by
         self.aggregator = self._new_aggregator(config)
         self._restore_state()
         self._snapshots = 0
@@ -197,6 +198,9 @@ class Daemon:
                 self.aggregator = self._new_aggregator(config)
             self.aggregator.max_series = config.max_series
             self.aggregator.retention = config.series_retention
+        if config.selection != self._selection:  # reloaded: select every process anew
+            self.capturer.selection_changed()
+            self._selection = config.selection
         try:
             snapshot = self.capturer.capture(cancel=self.stop)
         except Exception:  # a bug in one snapshot must not end the daemon

@@ -1,0 +1,80 @@
+"""Processes with nothing for ctprofd to read (no jemalloc, kernel threads, /proc/PID/exe
+refused, left out by the selection), remembered across snapshots: a snapshot counts an
+unchanged one from the /proc listing alone, opening no file of it.
+
+The listing gives each pid with the inode number of its /proc/PID directory, which the
+kernel flushes when a process is reaped: another process with the same pid has another
+number and is read at once (`procfs.processes.list_tgids`). What the number cannot show (an
+exec, a rename, a new owner or unit the selection looks at) is caught by reading the process
+again once in `recheck` snapshots, spread by pid; a process with no jemalloc is also read
+when its code objects are due for another look (a module that brings jemalloc in later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# What a process's read gave, and so what counting it without a read adds to the tally.
+KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED = range(4)
+
+
+@dataclass(slots=True)
+class Quiet:
+    """One remembered process."""
+
+    inode: int  # of /proc/PID when it was read
+    outcome: int  # KERNEL_THREAD, NOT_JEMALLOC, REFUSED or UNSELECTED
+    key: tuple[int, int] | None  # (pid, start time) of a process the Capturer tracks
+    due: float  # the monotonic time it must be read again by (its code objects' next look)
+    listed: int = 0  # the last snapshot whose listing had it
+
+
+class QuietProcesses:
+    """The remembered processes, and what the snapshot under way counted of them."""
+
+    def __init__(self, recheck: int) -> None:
+        self.recheck = recheck
+        self._entries: dict[int, Quiet] = {}
+        self._pass = 0
+        self._now = 0.0
+        self._seen: set[tuple[int, int]] = set()
+        self.counts = [0, 0, 0, 0]  # processes counted unread this snapshot, per outcome
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def begin(self, snapshot: int, now: float, seen: set[tuple[int, int]]) -> None:
+        """A new snapshot (its number and monotonic start); the keys of tracked processes
+        counted unread go to `seen`."""
+        self._pass, self._now, self._seen = snapshot, now, seen
+        self.counts = [0, 0, 0, 0]
+
+    def skip(self, pid: int, inode: int) -> bool:
+        """Whether `pid`, listed with `inode`, is a remembered process not due for a read:
+        then it is counted, and needs nothing more. No object is made for it."""
+        entry = self._entries.get(pid)
+        if (entry is None or entry.inode != inode or not (pid + self._pass) % self.recheck
+                or self._now >= entry.due):
+            return False
+        entry.listed = self._pass
+        self.counts[entry.outcome] += 1
+        if entry.key is not None:
+            self._seen.add(entry.key)
+        return True
+
+    def remember(self, pid: int, inode: int, outcome: int,
+                 key: tuple[int, int] | None = None, due: float = float("inf")) -> None:
+        """What reading `pid` gave: it is counted unread until it is due again."""
+        self._entries[pid] = Quiet(inode, outcome, key, due, self._pass)
+
+    def forget(self, pid: int) -> None:
+        """`pid` was read and has something to read (or was read outside a full walk)."""
+        self._entries.pop(pid, None)
+
+    def sweep(self) -> None:
+        """After a complete walk: forget the pids it did not list (those processes ended)."""
+        for pid in [pid for pid, e in self._entries.items() if e.listed != self._pass]:
+            del self._entries[pid]
+
+    def clear(self) -> None:
+        """Forget everything (the selection changed): every process is read again."""
+        self._entries.clear()
