@@ -219,7 +219,8 @@ def test_a_borrowed_build_id_never_lends_its_layout_to_root(host, fixture_bins, 
 def test_a_binary_touched_again_and_again_keeps_the_cache_bounded(host, fixture_bins,
                                                                   spawn_fixture, tmp_path):
     """Every touch makes a new file identity, so a process started from it is a new parse
-    and a new cache entry: the cache keeps its bound, forgetting the oldest. A process
+    and a new cache entry: the cache keeps its bound, forgetting the user's own oldest
+    entries, never root's. A process
     already running from the file is not attached again (its image did not change), and
     its counters are not counted twice."""
     binary = host.user_file(fixture_bins["static"].binary, "touched")
@@ -237,6 +238,11 @@ def test_a_binary_touched_again_and_again_keeps_the_cache_bounded(host, fixture_
         assert host.daemon.sample("ctprofd_offset_cache_entries", text) <= CACHE_ENTRIES
         assert len(os.listdir(tmp_path / "cache" / "layouts")) <= CACHE_ENTRIES
     assert host.daemon.sample("ctprofd_offset_cache_misses_total", text) >= 2 * CACHE_ENTRIES
+    # the user evicted its own layouts, never root's (within its share): the root fixture's
+    # libjemalloc.so.2 is still cached, on disk too
+    st = fixture_bins["dynamic"].jemalloc_object.stat()
+    root_key = f"file_{st.st_dev}_{st.st_ino}_{st.st_size}_{st.st_mtime_ns}."
+    assert any(name.startswith(root_key) for name in os.listdir(tmp_path / "cache" / "layouts"))
 
 
 SLOW_PARSES = "parser: {timeout: 15, max_file_mib: 1048576}\n"
