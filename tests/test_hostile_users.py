@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import DaemonProcess, write_config
 from support import elf
 
@@ -374,6 +375,43 @@ def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
         sources = sorted(layout.source for layout in engine.cache.layouts())
         assert sources == ["code: malloc/free fast paths", learned.source], sources
         assert f"{binary}: no DWARF" in caplog.text  # parsed again, in ctprofd's view
+    finally:
+        shutil.rmtree(shown)
+        shutil.rmtree(hidden)
+
+
+def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_bins,
+                                                                       spawn_fixture):
+    """In its own mount namespace the user puts a 1 TiB sparse file where the debuglink
+    points: its CRC outlasts the parser's time limit, a failure that is not retried from
+    machine code. That failure is the view's: the same file run in ctprofd's view is read."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    shown, hidden = (Path(tempfile.mkdtemp(prefix="ctprofd-view-")) for _ in range(2))
+    try:
+        for directory in (shown, hidden):
+            os.chmod(directory, 0o755)
+            os.chown(directory, NOBODY, NOBODY)
+        binary = shown / variant.binary.name
+        shutil.copy2(variant.binary, binary)
+        os.chown(binary, NOBODY, NOBODY)
+        os.link(binary, hidden / binary.name)
+        with open(hidden / variant.debug_file.name, "wb") as sparse:
+            sparse.truncate(1 << 40)
+        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        in_view = spawn_fixture(binary, 1, prefix=(
+            *AS_NOBODY, "unshare", "-Urm", "--", "sh", "-c",
+            f'mount --bind {hidden} {shown} && exec "$0" "$@"'))
+        engine = Capturer(CaptureSettings(debug_dirs=(), parser=WorkerLimits(
+            timeout=2, max_file_bytes=1 << 41)))
+        try:
+            failed = engine.capture(pids=[in_view.pid])
+            assert failed.failures == {"dwarf-parse-failure": 1}, failed.failures
+            outside = spawn_fixture(binary, 1)
+            snapshot = engine.capture(pids=[outside.pid])
+        finally:
+            engine.close()
+        assert snapshot.summary.failed == 0, snapshot.failures
+        assert [p.pid for p in snapshot.processes] == [outside.pid]
     finally:
         shutil.rmtree(shown)
         shutil.rmtree(hidden)

@@ -287,7 +287,10 @@ class Attacher:
         self.retries.succeeded(identity.key)
         if isinstance(resolution, LayoutFailure):
             resolution = resolution.about(what)  # the path its message names, kept with it
-        scope = resolution.view if isinstance(resolution, TsdLayout) else ""
+        # what a debug file beside the object gave, or may have made fail, holds for the
+        # view it was found in only
+        scope = (resolution.view if isinstance(resolution, TsdLayout)
+                 else view if isinstance(resolution, LayoutFailure) else "")
         if isinstance(resolution, TsdLayout) and resolution.build_id:
             self.cache.put(view_key(learned_key(resolution.build_id, st.st_uid), scope),
                            resolution, st.st_uid)
