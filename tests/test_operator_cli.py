@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -373,5 +374,21 @@ def test_an_import_takes_effect_in_a_running_daemon_and_remove_undoes_it(
         assert again.returncode == 1 and again.stderr.count("\n") == 1, again.stderr
         assert f"not imported in {tmp_path / 'cache' / 'imported.json'}: {build_id}" in \
             again.stderr
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sighup_reads_an_import_without_waiting_for_a_snapshot(fixture_bins, tmp_path):
+    _, exported = broken_library(fixture_bins, tmp_path)
+    config = write_config(tmp_path, "selection:\n  include:\n    comm: ['^ctprofd-none$']\n",
+                          interval=3600)
+    daemon = DaemonProcess("--config", str(config), "--log-level", "info")
+    try:
+        daemon.started()
+        daemon.wait_for("probe: ")  # the first snapshot is done; the next is in an hour
+        result = cli("offsets", "import", exported, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for(f"imported layouts changed: 1 held in {tmp_path / 'cache'}")
     finally:
         assert daemon.stop() == 0

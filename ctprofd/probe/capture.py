@@ -224,9 +224,7 @@ class Capturer:
         started, clock = time.time(), time.monotonic()
         self._now = clock
         self._passes += 1
-        if self.cache.refresh():  # `offsets import` or `remove` since the last snapshot
-            log.info("imported layouts changed: %d held; failures cached before are tried "
-                     "again", len(self.cache.imported()))
+        self.cache.refresh()  # `offsets import` or `remove` since the last snapshot
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()

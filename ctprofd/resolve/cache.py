@@ -328,6 +328,9 @@ class LayoutCache:
             # kernel's coarse clock may date a little early); at start, those before the file
             if seen is not None:
                 self._imported_at = st.st_mtime_ns / 1e9 if first else time.time()
+            if not first:
+                log.info("imported layouts changed: %d held in %s; failures cached before are "
+                         "tried again", len(self._imported), path)
             return True
 
     def get(self, key: str) -> Resolution | None:

@@ -291,6 +291,7 @@ class Daemon:
         self.config = dataclasses.replace(
             new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
         self.capturer.settings.resolve_grace = resolve_grace(new.interval)
+        self.capturer.cache.refresh()  # offsets imported: used from the next snapshot on
         self.server.web_config = web
         logging.getLogger().setLevel(new.log_level.upper())
         self._wake_loop.set()
