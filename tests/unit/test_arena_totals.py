@@ -1,11 +1,15 @@
 """How a process's totals combine its arena statistics with its per-thread sums, and how
 they are read from a (made-up) jemalloc's memory."""
 
+import dataclasses
 import struct
 
 import pytest
 
-from ctprofd.probe.arena_stats import ArenaReadError, ArenaTotals, process_totals, read_totals
+from ctprofd.probe import arena_stats
+from ctprofd.probe.arena_stats import (BUDGET_RANGES, MAX_ARENAS, MAX_SHARDS_PER_BIN,
+                                       ArenaReadError, ArenaTotals, Budget, OverBudget,
+                                       process_totals, read_totals, refreshed)
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve.layout import ArenaLayout, TsdLayout, resolution_from_dict
 
@@ -26,6 +30,9 @@ def test_jemalloc_own_allocations_are_taken_out():
 
 def test_without_statistics_the_per_thread_sums_stand():
     assert process_totals((500, 200), None, (0, 0)) == (500, 200, THREADS)
+    # never below the last reported, each total its own floor
+    assert process_totals((500, 200), None, (700, 300)) == (700, 300, THREADS)
+    assert process_totals((500, 200), None, (100, 50)) == (500, 200, THREADS)
     # jemalloc built --disable-stats: the arena counts stay zero
     assert process_totals((500, 200), arena(0, 0), (0, 0)) == (500, 200, THREADS)
 
@@ -48,18 +55,67 @@ def test_totals_never_go_backwards_nor_below_the_thread_sums():
 
 
 # --- reading: a made-up jemalloc in a byte buffer -----------------------------------------
+# Made up so that a wrong stride, sign, offset or `=` for `+=` changes a figure: the object
+# is not loaded at 0, no field sits at offset 0, three arenas (one arenas[] slot empty)
+# hold different counts, the bins have 2, 1 and 3 shards, the class sizes are not powers of
+# two, and the thread caches' stacks need the alignment round-up to find their class.
 
-# globals at 0x1000.., one arena at 0x8000, thread caches' bins at 0x9000.., ring at 0xA000..
+PID = 4242
+BASE = 0x7F00_0040_0000  # the object's first loaded page
 LAYOUT = ArenaLayout(
-    arenas=0x1000, arenas_count=4, narenas_total=0x1100, nhbins=0x1110,
-    sz_index2size_tab=0x1200, nsizes=4, arena_bin_offsets=0x1300, bin_infos=0x1400,
-    bin_info_size=8, bin_info_shards=4, tcache_bin_alloc_size=0x1500,
-    tcache_bin_alloc_alignment=0x1508, arena_internal=0, arena_cache_locks=8,
-    arena_lstats=16, nlarge=2, lstat_size=24, lstat_nmalloc=0, lstat_ndalloc=8,
-    lstat_nrequests=16, arena_descriptors=64, tsd_descriptor=0, descriptor_next=0,
-    descriptor_bins=8, cache_bin_size=24, cache_bin_head=0, cache_bin_nrequests=8,
-    cache_bin_empty=16, bin_size=16, bin_nrequests=0, bin_curregs=8)
-SIZES = (8, 16, 4096, 8192)  # two bins, two large classes
+    arenas=0x2040, arenas_count=6, narenas_total=0x1104, nhbins=0x1118,
+    sz_index2size_tab=0x1200, nsizes=5, arena_bin_offsets=0x1300, bin_infos=0x1400,
+    bin_info_size=32, bin_info_shards=28, tcache_bin_alloc_size=0x1500,
+    tcache_bin_alloc_alignment=0x1510, arena_internal=0x18, arena_cache_locks=0x28,
+    arena_lstats=0x1000, nlarge=2, lstat_size=0x28, lstat_nmalloc=0x8, lstat_ndalloc=0x10,
+    lstat_nrequests=0x18, arena_descriptors=0x40, tsd_descriptor=0x30, descriptor_next=0x8,
+    descriptor_bins=0x18, cache_bin_size=0x20, cache_bin_head=0x8, cache_bin_nrequests=0x10,
+    cache_bin_empty=0x1A, bin_size=0x30, bin_nrequests=0x8, bin_curregs=0x20, arena_ind=0x4C,
+    bin_info_reg_size=0x8, bin_info_slab_size=0x10, bin_info_nregs=0x18)
+SIZES = (16, 48, 112, 20480, 81920)  # three bins, two large classes
+SHARDS = (2, 1, 3)
+BIN_INFOS = ((16, 4096, 256), (48, 12288, 256), (112, 8192, 73))  # region, slab, regions
+NHBINS = 4  # the bins and the first large class are cached
+STACKS = (40, 32)  # the caches' stacks: 40 bytes aligned to 32 = 64 bytes: class 112
+SLOTS = (0x10000, 0, 0x30000, 0x50000, 0, 0)  # arenas[]; 4 created, slot 1 empty
+ARENAS = {  # internal, ring locks, shards' (requests, in use), large (nmalloc, ndalloc, nreq)
+    0x10000: (1000, 9, ((7, 3), (11, 5), (13, 2), (17, 1), (19, 4), (23, 6)),
+              ((5, 2, 40), (3, 1, 9))),
+    0x30000: (300, 4, ((29, 8), (31, 7), (37, 9), (41, 10), (43, 12), (47, 11)),
+              ((2, 0, 6), (4, 3, 1))),
+    0x50000: (70, 2, ((53, 14), (59, 13), (61, 15), (67, 16), (71, 18), (73, 17)),
+              ((1, 1, 2), (0, 0, 0))),
+}
+RINGS = {0x10000: [0x60000, 0x61000], 0x30000: [0x62000], 0x50000: []}
+CACHES = {  # ring entry -> (bin array, its bins' (head, pending requests, empty))
+    0x60000: (0x70000, ((0x7FFF_FFF0, 3, 0x0010), (0x20, 5, 0x38), (0x100, 0, 0x108),
+                        (0x40, 7, 0x40))),
+    0x61000: (0x71000, ((0x10, 2, 0x18), (0x30, 1, 0x30), (0x0, 4, 0x28), (0x8, 0, 0x10))),
+    0x62000: (0x72000, ((0x18, 6, 0x20), (0xFFF8, 9, 0x10), (0x50, 1, 0x58),
+                        (0x60, 2, 0x70))),
+}
+
+
+def cached_regions(head: int, empty: int) -> int:
+    return ((empty - head) % 0x10000) // 8  # the stack's low 16 bits, 8-byte pointers
+
+
+def expected() -> dict[str, int]:
+    """The made-up process's figures, summed straight from the tables above."""
+    shard_sizes = [size for size, count in zip(SIZES, SHARDS) for _ in range(count)]
+    large_sizes = SIZES[len(SHARDS):]
+    requested = in_use = cached = 0
+    for _, _, shards, large in ARENAS.values():
+        requested += sum(n * s for (n, _), s in zip(shards, shard_sizes))
+        in_use += sum(c * s for (_, c), s in zip(shards, shard_sizes))
+        requested += sum((m + r) * s for (m, _, r), s in zip(large, large_sizes))
+        in_use += sum((m - d) * s for (m, d, _), s in zip(large, large_sizes))
+    for _, bins in CACHES.values():
+        requested += sum(r * s for (_, r, _), s in zip(bins, SIZES))
+        cached += sum(cached_regions(h, e) * s for (h, _, e), s in zip(bins, SIZES))
+    return {"requested": requested, "in_use": in_use, "cached": cached,
+            "internal": sum(a[0] for a in ARENAS.values()),
+            "cache_locks": sum(a[1] for a in ARENAS.values())}
 
 
 class Memory:
@@ -74,6 +130,7 @@ class Memory:
             self.words[address + i] = bytes([byte])
 
     def __call__(self, pid: int, ranges: list[tuple[int, int]]) -> list:
+        assert pid == PID, f"read pid {pid}, not the target's"
         self.reads += 1
         out = []
         for address, length in ranges:
@@ -84,56 +141,366 @@ class Memory:
         return out
 
 
-def process(ring: list[int], cache_locks: int) -> Memory:
+def process(layout: ArenaLayout = LAYOUT, narenas: int = 4, shards=SHARDS) -> Memory:
+    """The made-up process's memory, as LAYOUT reads it."""
     m = Memory()
-    m.put(0x1000, "4Q", 0x8000, 0, 0, 0)
-    m.put(0x1100, "I", 1)
-    m.put(0x1110, "I", 3)  # the bins and the first large class are cached
-    m.put(0x1200, "4Q", *SIZES)
-    m.put(0x1300, "2I", 0x100, 0x110)  # bin shards right after each other
-    m.put(0x1400, "4I", 0, 1, 0, 1)  # one shard each
-    m.put(0x1500, "2Q", 40, 8)  # thread-cache stacks: 40 bytes -> the 4096 class
-    m.put(0x8000, "2Q", 100, cache_locks)  # internal, ring locks
-    m.put(0x8000 + 16, "6Q", 3, 1, 2, 0, 0, 0)  # large: 4096 x (3, 1, 2); 8192 none
-    m.put(0x8000 + 64, "Q", ring[0] if ring else 0)
-    m.put(0x8100, "4Q", 10, 4, 5, 2)  # bins: 8 x (10 requests, 4 in use), 16 x (5, 2)
-    for i, node in enumerate(ring):
-        m.put(node, "2Q", ring[(i + 1) % len(ring)], 0x9000 + 0x100 * i)
-        for j in range(3):  # each bin: head low bits 0x10, empty 0x20 (2 cached), 1 pending
-            m.put(0x9000 + 0x100 * i + 24 * j, "QQH6x", 0x10, 1, 0x20)
+    m.put(BASE + layout.arenas, f"{len(SLOTS)}Q", *SLOTS)
+    m.put(BASE + layout.narenas_total, "I", narenas)
+    m.put(BASE + layout.nhbins, "I", NHBINS)
+    m.put(BASE + layout.sz_index2size_tab, f"{len(SIZES)}Q", *SIZES)
+    first = 0x100
+    offsets = [first + sum(shards[:i]) * layout.bin_size for i in range(len(shards))]
+    m.put(BASE + layout.arena_bin_offsets, f"{len(shards)}I", *offsets)
+    for i, ((reg, slab, nregs), count) in enumerate(zip(BIN_INFOS, shards)):
+        at = BASE + layout.bin_infos + layout.bin_info_size * i
+        m.put(at, f"{layout.bin_info_size}x")
+        m.put(at + 8, "Q", reg)  # bin_info_reg_size
+        m.put(at + 16, "Q", slab)  # bin_info_slab_size
+        m.put(at + 24, "II", nregs, count)  # bin_info_nregs, bin_info_shards
+    m.put(BASE + layout.tcache_bin_alloc_size, "Q", STACKS[0])
+    m.put(BASE + layout.tcache_bin_alloc_alignment, "Q", STACKS[1])
+    for slot, arena in enumerate(SLOTS):
+        if not arena:
+            continue
+        internal, locks, bins, large = ARENAS[arena]
+        m.put(arena + layout.arena_internal, "Q", internal)
+        m.put(arena + layout.arena_cache_locks, "Q", locks)
+        m.put(arena + layout.arena_ind, "I", slot)
+        ring = RINGS[arena]
+        m.put(arena + layout.arena_descriptors, "Q", ring[0] if ring else 0)
+        m.put(arena + first, f"{sum(shards) * layout.bin_size}x")  # shards beyond the data
+        for k, (nrequests, curregs) in enumerate(bins):
+            m.put(arena + first + k * layout.bin_size + layout.bin_nrequests, "Q", nrequests)
+            m.put(arena + first + k * layout.bin_size + layout.bin_curregs, "Q", curregs)
+        m.put(arena + layout.arena_lstats, f"{layout.nlarge * layout.lstat_size}x")
+        for k, (nmalloc, ndalloc, nrequests) in enumerate(large):
+            at = arena + layout.arena_lstats + k * layout.lstat_size
+            m.put(at + layout.lstat_nmalloc, "Q", nmalloc)
+            m.put(at + layout.lstat_ndalloc, "Q", ndalloc)
+            m.put(at + layout.lstat_nrequests, "Q", nrequests)
+        for i, node in enumerate(ring):
+            m.put(node + layout.descriptor_next, "Q", ring[(i + 1) % len(ring)])
+            array, cache_bins = CACHES[node]
+            m.put(node + layout.descriptor_bins, "Q", array)
+            m.put(array, f"{NHBINS * layout.cache_bin_size}x")
+            for k, (head, nrequests, empty) in enumerate(cache_bins):
+                at = array + k * layout.cache_bin_size
+                m.put(at + layout.cache_bin_head, "Q", head)
+                m.put(at + layout.cache_bin_nrequests, "Q", nrequests)
+                m.put(at + layout.cache_bin_empty, "H", empty)
     return m
 
 
+def read(memory: Memory, layout: ArenaLayout = LAYOUT, tsds=()) -> ArenaTotals:
+    return read_totals(PID, layout, BASE, memory, tsds=tsds)
+
+
+def test_the_made_up_layout_is_plausible_and_its_data_distinguishes():
+    LAYOUT.check()
+    figures = expected()
+    # the data is not degenerate: arenas and caches differ, wrapped stacks, no round sums
+    assert len({a[0] for a in ARENAS.values()}) == len(ARENAS) and len(set(SHARDS)) == 3
+    assert cached_regions(0x7FFF_FFF0, 0x10) == 4 and figures["cached"] > 0
+
+
 def test_the_figures_of_a_made_up_process():
-    memory = process([0xA000, 0xA100], cache_locks=6)
-    totals = read_totals(1, LAYOUT, 0, memory, tsds=[0xA000])
-    pending = 2 * (8 + 16 + 4096)
-    assert totals.requested == 10 * 8 + 5 * 16 + (3 + 2) * 4096 + pending
-    assert totals.cached == 2 * 2 * (8 + 16 + 4096)
-    assert totals.in_use == 4 * 8 + 2 * 16 + (3 - 1) * 4096
-    assert (totals.internal, totals.caches, totals.unlinked, totals.cache_stacks) == (
-        100, 2, 2, 4096)
-    assert memory.reads == 5  # one ring entry was known from its tsd, one walked
+    memory = process()
+    totals = read(memory, tsds=[0x60000 - LAYOUT.tsd_descriptor])
+    figures = expected()
+    assert (totals.requested, totals.in_use, totals.cached, totals.internal,
+            totals.cache_locks) == (figures["requested"], figures["in_use"],
+                                    figures["cached"], figures["internal"],
+                                    figures["cache_locks"])
+    # 3 caches linked now, (15 - 3) / 2 = 6 unlinked; 40 bytes aligned to 32: class 112
+    assert (totals.caches, totals.unlinked, totals.cache_stacks) == (3, 6, 112)
+    assert (totals.narenas, totals.arenas) == (4, (0x10000, 0x30000, 0x50000))
+    # globals, the arena array, arenas + the known entry, 2 entries walked, the caches
+    assert memory.reads == 6
+
+
+def test_the_ring_is_walked_alike_with_or_without_known_entries():
+    known = read(process(), tsds=[n - LAYOUT.tsd_descriptor for n in CACHES])
+    walked = read(process())
+    assert known == walked
+    # an entry whose tsd is unreadable (its thread gone) is walked instead
+    assert read(process(), tsds=[0x90000]) == walked
 
 
 def test_a_ring_that_loops_short_of_its_head_ends():
-    memory = process([0xA000, 0xA100, 0xA200], cache_locks=6)
-    memory.put(0xA200, "Q", 0xA100)  # the last entry points back into the ring
-    assert read_totals(1, LAYOUT, 0, memory).caches == 3
+    memory = process()
+    memory.put(0x61000 + LAYOUT.descriptor_next, "Q", 0x61000)  # points at itself
+    assert read(memory).caches == 3
 
 
-def test_implausible_counts_are_refused():
-    memory = process([], cache_locks=0)
-    memory.put(0x1100, "I", 5000)
-    with pytest.raises(ArenaReadError, match="implausible"):
-        read_totals(1, LAYOUT, 0, memory)
+def test_a_bin_array_two_ring_entries_lead_to_is_read_once():
+    memory = process()
+    memory.put(0x61000 + LAYOUT.descriptor_bins, "Q", 0x70000)
+    totals = read(memory)
+    assert totals.caches == 2
+    assert totals.requested == expected()["requested"] - sum(
+        r * s for (_, r, _), s in zip(CACHES[0x61000][1], SIZES))
 
 
-def test_unreadable_arenas_are_refused():
-    memory = process([], cache_locks=0)
-    memory.put(0x1000, "Q", 0x7000)  # an arena pointer to nothing
-    with pytest.raises(ArenaReadError, match="arenas"):
-        read_totals(1, LAYOUT, 0, memory)
+def test_a_ring_entry_freed_meanwhile_keeps_what_was_walked():
+    memory = process()
+    memory.put(0x60000 + LAYOUT.descriptor_next, "Q", 0x88000)  # unlinked and freed
+    assert read(memory).caches == 2  # 0x60000 and arena 2's 0x62000; not 0x61000
+
+
+def test_a_cache_freed_since_its_ring_was_walked_is_left_out():
+    memory = process()
+    for i in range(LAYOUT.cache_bin_size * NHBINS):
+        del memory.words[0x71000 + i]
+    totals = read(memory)
+    assert totals.caches == 3  # it was linked when the ring was walked
+    assert totals.cached == expected()["cached"] - sum(
+        cached_regions(h, e) * s for (h, _, e), s in zip(CACHES[0x61000][1], SIZES))
+
+
+def test_a_ring_longer_than_the_cache_bound_is_refused(monkeypatch):
+    # the bound is 65,536 caches; the read budget (2 ranges a ring entry) stops a ring
+    # that long first, so the bound itself is tested lowered to the ring's length
+    monkeypatch.setattr(arena_stats, "MAX_CACHES", 3)
+    assert read(process()).caches == 3
+    monkeypatch.setattr(arena_stats, "MAX_CACHES", 2)
+    with pytest.raises(ArenaReadError, match="^more than 2 thread caches$"):
+        read(process())
+
+
+@pytest.mark.parametrize("narenas", [6, 0, 7])
+def test_the_arena_count_is_bounded_by_the_array(narenas):
+    memory = process(narenas=narenas)
+    if narenas == 6:  # as many as arenas[] holds: read
+        assert read(memory).narenas == 6
+    elif narenas == 0:
+        with pytest.raises(ArenaReadError, match="no arena 0"):
+            read(memory)
+    else:
+        with pytest.raises(ArenaReadError, match="^implausible counts: 7 arenas, 4 cached classes$"):
+            read(memory)
+
+
+def test_the_arena_count_is_bounded_by_max_arenas_whatever_the_array_says():
+    layout = dataclasses.replace(LAYOUT, arenas_count=4096)
+    memory = process(layout)
+    memory.put(BASE + layout.arenas + 8 * len(SLOTS), f"{1024 - len(SLOTS)}Q",
+               *[0] * (1024 - len(SLOTS)))
+    memory.put(BASE + layout.narenas_total, "I", MAX_ARENAS)
+    assert read(memory, layout).narenas == MAX_ARENAS
+    memory.put(BASE + layout.narenas_total, "I", MAX_ARENAS + 1)
+    with pytest.raises(ArenaReadError, match="^implausible counts: 1025 arenas, 4 cached classes$"):
+        read(memory, layout)
+
+
+@pytest.mark.parametrize("nhbins,refused", [(0, True), (1, False), (len(SIZES), False),
+                                            (len(SIZES) + 1, True)])
+def test_the_cached_classes_are_bounded_by_the_size_classes(nhbins, refused):
+    memory = process()
+    memory.put(BASE + LAYOUT.nhbins, "I", nhbins)
+    if refused:
+        with pytest.raises(ArenaReadError, match=f"^implausible counts: 4 arenas, {nhbins} cached classes$"):
+            read(memory)
+    else:  # every class cached: the second large class's pending requests count too
+        for _, bins in CACHES.values():
+            for k in range(NHBINS, nhbins):
+                assert bins is not None and k < len(SIZES)
+        assert read(memory).requested > 0
+
+
+def test_bin_shards_must_follow_each_other():
+    memory = process()
+    memory.put(BASE + LAYOUT.arena_bin_offsets + 4, "I", 0x100 + 3 * LAYOUT.bin_size)
+    with pytest.raises(ArenaReadError, match="^bin shards not laid out one after the other$"):
+        read(memory)
+    memory = process()
+    memory.put(BASE + LAYOUT.arena_bin_offsets + 8, "I", 0x100 + 2 * LAYOUT.bin_size)
+    with pytest.raises(ArenaReadError, match="^bin shards not laid out one after the other$"):
+        read(memory)
+
+
+@pytest.mark.parametrize("count", [0, MAX_SHARDS_PER_BIN, MAX_SHARDS_PER_BIN + 1])
+def test_shards_per_bin_are_bounded(count):
+    shards = (SHARDS[0], SHARDS[1], count)
+    memory = process(shards=shards)
+    if count == MAX_SHARDS_PER_BIN:  # the last bin's shards beyond 3 hold nothing
+        assert read(memory).requested == expected()["requested"]
+    else:
+        with pytest.raises(ArenaReadError, match=f"^bin 2 has {count} shards; jemalloc makes 1 to 64$"):
+            read(memory)
+
+
+def test_no_arena_0_two_slots_to_one_arena_and_a_wrong_index_are_refused():
+    memory = process()
+    memory.put(BASE + LAYOUT.arenas, "Q", 0)
+    with pytest.raises(ArenaReadError, match=r"^no arena 0 \(4 arenas\)$"):
+        read(memory)
+    memory = process()
+    memory.put(BASE + LAYOUT.arenas + 8 * 3, "Q", 0x30000)
+    with pytest.raises(ArenaReadError, match=r"^two arenas\[\] slots lead to the same arena$"):
+        read(memory)
+    memory = process()
+    memory.put(0x50000 + LAYOUT.arena_ind, "I", 2)
+    with pytest.raises(ArenaReadError, match=r"arenas\[3\] leads to an arena whose own "
+                                             "index is 2"):
+        read(memory)
+
+
+@pytest.mark.parametrize("sizes", [(0, 48, 112, 20480, 81920), (16, 48, 48, 20480, 81920),
+                                   (16, 112, 48, 20480, 81920)])
+def test_size_classes_must_grow(sizes):
+    memory = process()
+    memory.put(BASE + LAYOUT.sz_index2size_tab, "5Q", *sizes)
+    with pytest.raises(ArenaReadError, match="^sz_index2size_tab does not hold growing size classes$"):
+        read(memory)
+
+
+@pytest.mark.parametrize("field,value", [
+    (8, 17), (24, 0), (24, 257), (16, 4097), (16, 1 << 32)])  # reg, nregs, nregs, slab, slab
+def test_bin_infos_must_match_their_classes(field, value):
+    memory = process()
+    fmt = "I" if field == 24 else "Q"
+    memory.put(BASE + LAYOUT.bin_infos + field, fmt, value)  # bin 0: 16 x 256 in 4096
+    with pytest.raises(ArenaReadError, match=r"^bin_infos\[0\] holds \d+ regions of \d+ "
+                                             r"bytes in \d+-byte slabs; the size class is 16 "
+                                             "bytes$"):
+        read(memory)
+
+
+def test_the_smallest_plausible_classes_and_slabs_are_read():
+    memory = process()
+    memory.put(BASE + LAYOUT.sz_index2size_tab, "Q", 1)  # a 1-byte class of 256 regions
+    memory.put(BASE + LAYOUT.bin_infos + 8, "Q", 1)
+    memory.put(BASE + LAYOUT.bin_infos + LAYOUT.bin_info_size + 24, "I", 1)  # 1 region
+    assert read(memory).requested < expected()["requested"]
+
+
+def test_counters_with_the_top_bit_set_are_unsigned():
+    # a forged counter; read as signed it would make the totals negative
+    for address in (0x10000 + 0x100 + LAYOUT.bin_nrequests,
+                    0x10000 + LAYOUT.arena_lstats + LAYOUT.lstat_nmalloc,
+                    0x70000 + LAYOUT.cache_bin_nrequests):
+        memory = process()
+        memory.put(address, "Q", 1 << 63)
+        assert read(memory).requested > 1 << 63
+
+
+def test_a_layout_without_arena_indexes_reads_the_same_without_checking_them():
+    layout = dataclasses.replace(LAYOUT, arena_ind=None)
+    memory = process()
+    memory.put(0x50000 + LAYOUT.arena_ind, "I", 2)  # a wrong index, not read
+    assert read(memory, layout) == read(process())
+
+
+def test_a_known_ring_entry_half_unreadable_is_walked_instead():
+    memory = process()
+    tsd = 0x90000  # its next pointer readable, its bins pointer not
+    memory.put(tsd + LAYOUT.tsd_descriptor + LAYOUT.descriptor_next, "Q", 0x60000)
+    assert read(memory, tsds=[tsd]) == read(process())
+
+
+def test_bin_infos_are_not_checked_by_a_layout_without_their_offsets():
+    layout = dataclasses.replace(LAYOUT, bin_info_reg_size=None, bin_info_slab_size=None,
+                                 bin_info_nregs=None)
+    memory = process()
+    memory.put(BASE + LAYOUT.bin_infos + 8, "Q", 17)
+    assert read(memory, layout).in_use == expected()["in_use"]
+
+
+@pytest.mark.parametrize("stacks,size", [((40, 0), 48), ((40, 1), 48), ((48, 16), 48),
+                                         ((49, 1), 112), ((20481, 1 << 16), 81920)])
+def test_thread_cache_stacks_take_the_aligned_class(stacks, size):
+    memory = process()
+    memory.put(BASE + LAYOUT.tcache_bin_alloc_size, "Q", stacks[0])
+    memory.put(BASE + LAYOUT.tcache_bin_alloc_alignment, "Q", stacks[1])
+    assert read(memory).cache_stacks == size
+
+
+@pytest.mark.parametrize("stacks,what", [((40, 24), "alignment 24"),
+                                         ((40, 1 << 17), "alignment"),
+                                         ((81921, 1), "size 81921")])
+def test_implausible_thread_cache_stacks_are_refused(stacks, what):
+    memory = process()
+    memory.put(BASE + LAYOUT.tcache_bin_alloc_size, "Q", stacks[0])
+    memory.put(BASE + LAYOUT.tcache_bin_alloc_alignment, "Q", stacks[1])
+    with pytest.raises(ArenaReadError, match=what):
+        read(memory)
+
+
+@pytest.mark.parametrize("address,what", [
+    (BASE + LAYOUT.nhbins, "size-class tables"), (BASE + LAYOUT.arenas, "arena array"),
+    (0x30000 + LAYOUT.arena_lstats, "arenas"), (0x50000 + LAYOUT.arena_ind, "arena indexes")])
+def test_unreadable_statistics_are_refused_naming_what(address, what):
+    memory = process()
+    del memory.words[address]
+    with pytest.raises(ArenaReadError, match=f"^{what}: Bad address"):
+        read(memory)
+
+
+def test_the_budget_refuses_a_read_that_would_pass_it_before_reading():
+    memory = process()
+    budget = Budget(memory, max_bytes=16, max_ranges=3, seconds=3600)
+    assert budget(PID, [(BASE + LAYOUT.arenas, 8), (BASE + LAYOUT.arenas + 8, 8)])
+    with pytest.raises(OverBudget, match="^reading 17 bytes passes the budget of 16 per snapshot$"):
+        budget(PID, [(BASE + LAYOUT.arenas, 1)])
+    assert memory.reads == 1
+    budget = Budget(memory, max_bytes=1 << 20, max_ranges=3, seconds=3600)
+    assert budget(PID, [(BASE + LAYOUT.arenas, 8)] * 3)
+    with pytest.raises(OverBudget, match="^reading 4 ranges passes the budget of 3 per snapshot$"):
+        budget(PID, [(BASE + LAYOUT.arenas, 8)])
+    with pytest.raises(OverBudget, match="^still reading after the budget of -2 s per snapshot$"):
+        Budget(memory, seconds=-2)(PID, [(BASE + LAYOUT.arenas, 8)])
+    assert memory.reads == 2
+
+
+def test_a_layout_that_would_read_past_the_byte_budget_reads_nothing():
+    # bin_infos of 1023 bins of 33 KiB each: 33 MiB, a layout a hostile binary's DWARF
+    # could declare
+    layout = dataclasses.replace(LAYOUT, nsizes=1024, nlarge=1, bin_info_size=33 << 10)
+    memory = process()
+    with pytest.raises(OverBudget, match="passes the budget of 33,554,432"):
+        read(memory, layout)
+    assert memory.reads == 0
+
+
+def test_thread_caches_declared_past_the_range_budget_are_not_read():
+    memory = process()
+    tsds = range(0x100000, 0x100000 + 16 * (BUDGET_RANGES // 2), 16)  # 2 ranges each
+    with pytest.raises(OverBudget, match=f"passes the budget of {BUDGET_RANGES:,}"):
+        read(memory, tsds=tsds)
+    assert memory.reads == 2  # the globals and the arena array, not the arenas
+
+
+def test_a_read_still_going_after_the_time_budget_stops(monkeypatch):
+    clock = [0.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+    monkeypatch.setattr(arena_stats, "time", Clock)
+    memory = process()
+
+    def slow(pid, ranges):  # every read takes a second of the target's (made-up) time
+        clock[0] += 1.0
+        return memory(pid, ranges)
+
+    with pytest.raises(OverBudget, match="^still reading after the budget of 2 s per snapshot$"):
+        read_totals(PID, LAYOUT, BASE, slow)
+    assert memory.reads == 3  # the third read started within 2 s, the fourth after
+
+
+def test_refreshed_only_until_a_cache_is_linked_or_an_arena_created():
+    memory = process()
+    last = read(memory)
+    assert refreshed(PID, LAYOUT, BASE, last, memory) is last  # no health layout: as read
+    memory.put(0x50000 + LAYOUT.arena_cache_locks, "Q", 3)  # a cache linked in arena 3
+    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
+    memory = process(narenas=5)
+    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
+    memory = process()
+    del memory.words[0x30000 + LAYOUT.arena_cache_locks]
+    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
 
 
 def test_a_layout_says_why_it_has_no_arena_statistics():
