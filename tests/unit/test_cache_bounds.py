@@ -1,0 +1,102 @@
+"""The layout cache's bounds (resolve.cache), as behaviour: memory forgets the least
+recently used, the disk the least recently written, within an entry count and a byte
+count, and a cache opened on a directory over its bounds trims the oldest files first.
+Real files; file names are the cache's own business, so a file is found by the key it
+holds."""
+
+import json
+import os
+from pathlib import Path
+
+from ctprofd.resolve.cache import LayoutCache
+from ctprofd.resolve.layout import TsdLayout
+
+
+def layout(n: int) -> TsdLayout:
+    return TsdLayout(f"{n:02x}" * 20, "je_tsd_tls", 0, 824, 840, static_block_offset=2632)
+
+
+def key(n: int) -> str:
+    """A file as the kernel names it (dev, inode, size, mtime): a user can make any number"""
+    return f"file:64769:{1000 + n}:4096:{n * 10**9}"
+
+
+def files(directory: Path) -> dict[str, Path]:
+    """The cache files under `directory`, by the key each holds."""
+    found = {}
+    for path in directory.rglob("*.json"):
+        try:
+            found[json.loads(path.read_text())["key"]] = path
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def present(directory: Path, *numbers: int) -> list[int]:
+    """Which of `numbers` a fresh cache on `directory` finds."""
+    fresh = LayoutCache(str(directory), writable=False)
+    return [n for n in numbers if fresh.get(key(n)) == layout(n)]
+
+
+def test_memory_forgets_the_least_recently_used_not_the_first_stored():
+    cache = LayoutCache(None, max_entries=2)
+    cache.put(key(1), layout(1))
+    cache.put(key(2), layout(2))
+    assert cache.get(key(1)) == layout(1)  # 1 used after 2 was stored
+    cache.put(key(3), layout(3))
+    assert len(cache) == 2
+    assert [cache.get(key(n)) is not None for n in (1, 2, 3)] == [True, False, True]
+
+
+def test_the_disk_forgets_the_least_recently_written(tmp_path):
+    cache = LayoutCache(str(tmp_path), max_entries=2)
+    cache.put(key(1), layout(1))
+    cache.put(key(2), layout(2))
+    assert cache.get(key(1)) == layout(1)  # a use is no write
+    cache.put(key(3), layout(3))
+    assert len(files(tmp_path)) == 2
+    assert present(tmp_path, 1, 2, 3) == [2, 3]
+
+
+def test_the_disk_holds_no_more_bytes_than_its_bound(tmp_path):
+    probe = tmp_path / "probe"
+    LayoutCache(str(probe)).put(key(1), layout(1))
+    size = sum(p.stat().st_size for p in files(probe).values())
+    directory = tmp_path / "cache"
+    cache = LayoutCache(str(directory), max_bytes=2 * size + size // 2)  # room for two
+    for n in (1, 2, 3, 4):
+        cache.put(key(n), layout(n))
+        on_disk = files(directory)
+        assert sum(p.stat().st_size for p in on_disk.values()) <= 2 * size + size // 2
+    assert present(directory, 1, 2, 3, 4) == [3, 4]
+    both = sum(p.stat().st_size for p in files(directory).values())
+    LayoutCache(str(directory), max_bytes=both)  # opened with room for exactly these two
+    assert present(directory, 3, 4) == [3, 4]
+    LayoutCache(str(directory), max_bytes=both - 1)  # a byte short: the newest stays
+    assert present(directory, 3, 4) == [4]
+
+
+def test_a_directory_over_its_bounds_is_trimmed_oldest_written_first(tmp_path):
+    writer = LayoutCache(str(tmp_path))
+    for n in (1, 2, 3, 4):
+        writer.put(key(n), layout(n))
+    on_disk = files(tmp_path)
+    # written 1, 2, 3, 4; aged so that the oldest are 3, then 1, then 4, then 2
+    for age, n in enumerate((2, 4, 1, 3)):
+        os.utime(on_disk[key(n)], ns=(10**18 - age * 10**12, 10**18 - age * 10**12))
+    LayoutCache(str(tmp_path), max_entries=3)  # a daemon started with a smaller bound
+    assert present(tmp_path, 1, 2, 3, 4) == [1, 2, 4]
+    LayoutCache(str(tmp_path), max_entries=2)
+    assert present(tmp_path, 1, 2, 4) == [2, 4]
+    size = max(p.stat().st_size for p in files(tmp_path).values())
+    LayoutCache(str(tmp_path), max_bytes=size)
+    assert present(tmp_path, 2, 4) == [2]
+
+
+def test_a_read_only_cache_trims_nothing(tmp_path):
+    writer = LayoutCache(str(tmp_path))
+    for n in (1, 2, 3):
+        writer.put(key(n), layout(n))
+    reader = LayoutCache(str(tmp_path), max_entries=1, writable=False)
+    reader.put(key(4), layout(4))
+    assert len(files(tmp_path)) == 3 and present(tmp_path, 1, 2, 3, 4) == [1, 2, 3]
