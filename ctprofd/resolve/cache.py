@@ -115,7 +115,7 @@ class _Store:
 
     def open(self) -> int:
         """Index the directory's files (creating it when writable); returns how many files of
-        an older format it removed."""
+        an older format it removed (read-only: passed over)."""
         if not self.directory:
             return 0
         if self.writable:
@@ -132,7 +132,7 @@ class _Store:
             if not stem or not owner.isdigit():
                 if self.writable:  # an older ctprofd's file: parsed again when needed
                     self._unlink(entry.name)
-                old += 1
+                    old += 1
                 continue
             st = entry.stat(follow_symlinks=False)
             found.append((st.st_mtime_ns, stem.replace("_", ":"), entry.name, int(owner),
