@@ -73,7 +73,7 @@ from ctprofd.probe.arena_stats import read_totals  # noqa: E402
 from ctprofd.probe.capture import Capturer, CaptureSettings  # noqa: E402
 from ctprofd.resolve import offsets_file  # noqa: E402
 from ctprofd.resolve.debuginfo import DebugSearch  # noqa: E402
-from ctprofd.resolve.layout import resolve_path  # noqa: E402
+from ctprofd.resolve.layout import HEALTH_FIELDS, resolve_path  # noqa: E402
 
 BEGIN, END = "/ctprofd-bench-strace-begin", "/ctprofd-bench-strace-end"
 EXPORTER = "prometheus-process-exporter"
@@ -121,14 +121,17 @@ def bare_stat_walk() -> int:
     return read
 
 
-def against_bare_walk(capturer: Capturer, per_thread: Capturer, repeats: int) -> dict:
-    """Bare stat walks, snapshots and per-thread-only snapshots in rounds (order rotating)."""
+def against_bare_walk(capturer: Capturer, per_thread: Capturer, no_allocator: Capturer,
+                      repeats: int) -> dict:
+    """Bare stat walks, snapshots, per-thread-only snapshots and snapshots without the
+    allocator's health figures, in rounds (order rotating)."""
     arms = {"walk": bare_stat_walk, "snapshot": capturer.capture,
-            "snapshot_per_thread_only": per_thread.capture}
+            "snapshot_per_thread_only": per_thread.capture,
+            "snapshot_without_allocator": no_allocator.capture}
     costs = {name: {"wall": [], "cpu": []} for name in arms}
     for i in range(repeats):
         order = list(arms.items())
-        for name, run in order[i % 3:] + order[:i % 3]:
+        for name, run in order[i % len(order):] + order[:i % len(order)]:
             gc.collect()
             wall, cpu = time.perf_counter(), time.process_time()
             run()
@@ -136,12 +139,17 @@ def against_bare_walk(capturer: Capturer, per_thread: Capturer, repeats: int) ->
             costs[name]["wall"].append(time.perf_counter() - wall)
     result: dict = {f"{name}_{kind}_seconds": distribution(values)
                     for name, kinds in costs.items() for kind, values in kinds.items()}
-    for name in ("snapshot", "snapshot_per_thread_only"):
+    for name in ("snapshot", "snapshot_per_thread_only", "snapshot_without_allocator"):
         ratios = {kind: sorted(s / w for s, w in zip(costs[name][kind], costs["walk"][kind]))
                   for kind in ("wall", "cpu")}
         result[f"{name}_ratio_p50"] = {k: round(r[len(r) // 2], 3) for k, r in ratios.items()}
         result[f"{name}_ratio_p90"] = {k: round(r[int(len(r) * 0.9)], 3)
                                        for k, r in ratios.items()}
+    # what the allocator figures add: each snapshot against the one without them, same round
+    ratios = {kind: sorted(s / w for s, w in zip(costs["snapshot"][kind],
+                                                  costs["snapshot_without_allocator"][kind]))
+              for kind in ("wall", "cpu")}
+    result["allocator_ratio_p50"] = {k: round(r[len(r) // 2], 3) for k, r in ratios.items()}
     return result
 
 
@@ -150,6 +158,16 @@ def per_thread_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
     path = work_dir / "offsets-without-arena.json"
     offsets_file.dump([replace(layout, arena=None) for layout in capturer.cache.layouts()],
                       str(path))
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),)))
+
+
+def no_allocator_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
+    """A Capturer with the layouts `capturer` resolved, their arena statistics without the
+    allocator's health members (HEALTH_FIELDS)."""
+    path = work_dir / "offsets-without-allocator.json"
+    offsets_file.dump([replace(layout, arena=replace(layout.arena, **dict.fromkeys(
+        HEALTH_FIELDS))) if layout.arena else layout for layout in capturer.cache.layouts()],
+        str(path))
     return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),)))
 
 
@@ -499,12 +517,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             log(f"snapshot: {results['snapshot']}")
             per_thread = per_thread_capturer(capturer, args.work_dir)
+            no_allocator = no_allocator_capturer(capturer, args.work_dir)
             try:
-                per_thread.capture()
-                per_thread.capture()
-                results["bare_stat_walk"] = against_bare_walk(capturer, per_thread, repeats)
+                for other in (per_thread, no_allocator, per_thread, no_allocator):
+                    other.capture()
+                results["bare_stat_walk"] = against_bare_walk(capturer, per_thread,
+                                                              no_allocator, repeats)
             finally:
                 per_thread.close()
+                no_allocator.close()
             log(f"against the bare stat walk: {results['bare_stat_walk']}")
             results["moving"] = moving_process(procs, fixtures, capturer, repeats)
             log(f"a moving process: {results['moving']}")

@@ -30,6 +30,11 @@ def steady_state(r: dict) -> list[str]:
                    f"{b['snapshot_ratio_p50']['wall']}, CPU {b['snapshot_ratio_p50']['cpu']}; "
                    f"per-thread totals only: wall {b['snapshot_per_thread_only_ratio_p50']['wall']}"
                    f", CPU {b['snapshot_per_thread_only_ratio_p50']['cpu']}")
+        if "allocator_ratio_p50" in b:  # results older than the allocator figures lack it
+            out.append(f"with / without the allocator figures, same rounds: CPU p50 "
+                       f"{b['allocator_ratio_p50']['cpu']}, wall "
+                       f"{b['allocator_ratio_p50']['wall']}; without them, snapshot/walk CPU "
+                       f"{b['snapshot_without_allocator_ratio_p50']['cpu']}")
     if "moving" in r:
         m = r["moving"]
         out.append(f"a moving process ({m['totals_source']} totals, {m['thread_caches']} "

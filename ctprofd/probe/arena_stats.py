@@ -35,7 +35,7 @@ import bisect
 import operator
 import struct
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -110,6 +110,7 @@ class ArenaTotals:
     bases: tuple[int, ...] = ()   # their base allocators' (with a health layout)
     page: int = 0                 # jemalloc's page size
     health: AllocatorHealth | None = None  # None: the layout has no health members
+    health_words: bytes = b""  # the words and base spans `health` was made from, as read
 
     @property
     def unlinked(self) -> int:
@@ -255,9 +256,11 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         if values is None:
             raise ArenaReadError("allocator statistics kept changing while read")
         health = _health(page, values[:len(words)], values[len(words):], internal, in_use)
+        words_read = b"".join(values)
     return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
                        _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]),
-                       narenas, tuple(arenas), tuple(bases), page, health)
+                       narenas, tuple(arenas), tuple(bases), page, health,
+                       words_read if words else b"")
 
 
 def _health_words(layout: ArenaLayout, arenas: list[int]) -> list[tuple[int, int]]:
@@ -341,36 +344,24 @@ def _health(page: int, words: list[bytes], spans: list[bytes], internal: int,
                            dirty=dirty * page, muzzy=muzzy * page)
 
 
-def refreshed(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
-              reader: Reader = memory.read_ranges) -> ArenaTotals | None:
-    """`last`, with its allocator health read anew, when no thread cache was linked or
-    unlinked and no arena created since it was read (one small read); else None. With
-    every live thread's counters unmoved too, nothing was allocated or freed: a thread that
+def unchanged(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
+              reader: Reader = memory.read_ranges) -> bool:
+    """Whether no thread cache was linked or unlinked, no arena created and none of the
+    allocator's health words changed since `last` was read (one small read). With every
+    live thread's counters unmoved too, nothing was allocated or freed: a thread that
     allocates gets a cache, linked when it starts to allocate and unlinked when it exits.
-    Pages still move without that (decay purges dirty pages into muzzy and retained ones):
-    the health words are read in the same call, and None (read it all) when any of them was
-    changing while copied."""
+    Pages still move without that (decay threads purge dirty pages into muzzy and
+    retained ones), hence the health words, copied once here: each equal to what it was
+    when last read twice over is a value the word held, so `last` stands as it is."""
     words = _health_words(layout, list(last.arenas)) if last.health is not None else []
     spans = _base_spans(layout, list(last.bases)) if words else []
     found = reader(pid, [(base + layout.narenas_total, 4)] + [
-        (arena + layout.arena_cache_locks, 8) for arena in last.arenas]
-        + _twice(words + spans))
+        (arena + layout.arena_cache_locks, 8) for arena in last.arenas] + words + spans)
     if any(isinstance(f, OSError) for f in found):
-        return None
+        return False
     locks = sum(_U64.unpack(f)[0] for f in found[1:1 + len(last.arenas)])  # type: ignore[arg-type]
-    if _U32.unpack(found[0])[0] != last.narenas or locks != last.cache_locks:  # type: ignore[arg-type]
-        return None
-    if not words:
-        return last
-    copies: list[bytes] = found[1 + len(last.arenas):]  # type: ignore[assignment]
-    if copies[0::2] != copies[1::2]:
-        return None
-    values = copies[0::2]
-    try:
-        return replace(last, health=_health(last.page, values[:len(words)], values[len(words):],
-                                            last.internal, last.health.allocated))  # type: ignore[union-attr]
-    except ArenaReadError:
-        return None
+    return (_U32.unpack(found[0])[0] == last.narenas and locks == last.cache_locks  # type: ignore[arg-type]
+            and b"".join(found[1 + len(last.arenas):]) == last.health_words)  # type: ignore[arg-type]
 
 
 def _check_classes(layout: ArenaLayout, size: tuple[int, ...], infos: bytes) -> None:

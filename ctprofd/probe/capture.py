@@ -28,7 +28,7 @@ from ..resolve.layout import NotJemalloc
 from ..resolve.parse_worker import WorkerLimits
 from ..resolve.resolver import BackgroundResolver
 from .arena_stats import (ArenaReadError, ArenaTotals, OverBudget, process_totals, read_totals,
-                          refreshed)
+                          unchanged)
 from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, without_inherited
 from .ptrace import Tracer
 from .quiet import KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED, QuietProcesses
@@ -498,12 +498,10 @@ class Capturer:
         if layout is None or attachment.base is None:
             return None
         basis = tuple(sorted((t.tid, t.allocated_bytes, t.deallocated_bytes) for t in threads))
-        if tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed:
-            fresh = refreshed(pid, layout, attachment.base, tracked.arena[1],
-                              self.prober.read_ranges)
-            if fresh is not None:
-                tracked.arena = (basis, fresh)
-                return fresh
+        if (tracked.arena is not None and tracked.arena[0] == basis and len(threads) == listed
+                and unchanged(pid, layout, attachment.base, tracked.arena[1],
+                              self.prober.read_ranges)):
+            return tracked.arena[1]
         if tracked.arena_skip:
             tracked.arena_skip -= 1
             if tracked.over_budget:

@@ -109,7 +109,12 @@ class ArenaLayout:
     @property
     def has_health(self) -> bool:
         """Whether the allocator's health figures can be read with this layout."""
-        return all(getattr(self, name) is not None for name in HEALTH_FIELDS)
+        return None not in (self.arena_nactive, self.arena_dirty_pages,
+                            self.arena_dirty_guarded_pages, self.arena_muzzy_pages,
+                            self.arena_muzzy_guarded_pages, self.arena_retained_pages,
+                            self.arena_retained_guarded_pages, self.arena_pac_mapped,
+                            self.arena_base, self.base_allocated, self.base_resident,
+                            self.base_mapped)
 
     @property
     def nbins(self) -> int:
