@@ -9,7 +9,7 @@ import pytest
 from ctprofd.probe import arena_stats
 from ctprofd.probe.arena_stats import (BUDGET_RANGES, MAX_ARENAS, MAX_SHARDS_PER_BIN,
                                        ArenaReadError, ArenaTotals, Budget, OverBudget,
-                                       process_totals, read_totals, refreshed)
+                                       process_totals, read_totals, unchanged)
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve.layout import ArenaLayout, TsdLayout, resolution_from_dict
 
@@ -490,17 +490,17 @@ def test_a_read_still_going_after_the_time_budget_stops(monkeypatch):
     assert memory.reads == 3  # the third read started within 2 s, the fourth after
 
 
-def test_refreshed_only_until_a_cache_is_linked_or_an_arena_created():
+def test_unchanged_only_until_a_cache_is_linked_or_an_arena_created():
     memory = process()
     last = read(memory)
-    assert refreshed(PID, LAYOUT, BASE, last, memory) is last  # no health layout: as read
+    assert unchanged(PID, LAYOUT, BASE, last, memory)  # no health layout: the counts alone
     memory.put(0x50000 + LAYOUT.arena_cache_locks, "Q", 3)  # a cache linked in arena 3
-    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
+    assert not unchanged(PID, LAYOUT, BASE, last, memory)
     memory = process(narenas=5)
-    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
+    assert not unchanged(PID, LAYOUT, BASE, last, memory)
     memory = process()
     del memory.words[0x30000 + LAYOUT.arena_cache_locks]
-    assert refreshed(PID, LAYOUT, BASE, last, memory) is None
+    assert not unchanged(PID, LAYOUT, BASE, last, memory)
 
 
 def test_a_layout_says_why_it_has_no_arena_statistics():
