@@ -239,3 +239,33 @@ def test_redis_under_load_as_its_info_memory(spawn_process, tmp_path):
         load.wait()
         engine.close()
     assert_no_thread_stopped_or_traced(redis.pid)
+
+
+def fixture_stats(fixture) -> dict[str, int]:
+    """jemalloc's own figures inside an alloc_threads fixture (its `stats` command)."""
+    fixture.send("stats")
+    line = fixture.readline()
+    assert line.startswith("STATS "), line
+    return json.loads(line[len("STATS "):])
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic", "static-stripped-buildid"])
+def test_the_fixtures_linked_against_the_debug_jemalloc(fixture_bins, spawn_fixture, variant):
+    """The alloc_threads fixture, linked statically and dynamically against the debug
+    jemalloc (its DWARF in the binary, or found through a .build-id tree): each figure
+    within 2 % of its own mallctl, asked just before and just after each snapshot."""
+    fixture = spawn_fixture(fixture_bins[variant], 8)
+    engine = Capturer(CaptureSettings(debug_dirs=(str(fixture_bins.debug_root),)))
+    try:
+        for _ in range(2):
+            before = fixture_stats(fixture)
+            [process] = engine.capture(pids=[fixture.pid]).processes
+            after = fixture_stats(fixture)
+            assert process.totals_source == ARENA, process.totals_reason
+            got = {name: getattr(process.allocator, name) for name in FIGURES}
+            print(f"{variant}: ctprofd {got}; mallctl {before} .. {after}")
+            assert_within(got, before, after)
+    finally:
+        engine.close()
+    assert after["allocated"] > 0 and after["retained"] > 0
+    assert_no_thread_stopped_or_traced(fixture.pid)
