@@ -90,7 +90,8 @@ mkdir -p "$share"
 cp -r "$repo/packaging/prometheus" "$repo/packaging/grafana" "$repo/packaging/mixin" "$share/"
 
 doc=$root/usr/share/doc/ctprofd
-install -D -m 0644 -t "$doc" "$repo/README.md" "$repo/docs/daemon.md" "$repo/docs/alerting.md"
+install -D -m 0644 -t "$doc" "$repo/README.md" "$repo/docs/daemon.md" "$repo/docs/alerting.md" \
+    "$repo/docs/allocator.md"
 install -m 0644 "$repo/packaging/debian/copyright" "$doc/copyright"
 printf '%s\n' "ctprofd ($version) unstable; urgency=medium" "" \
     "  * Built from revision $revision." "" \

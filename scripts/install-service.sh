@@ -68,6 +68,8 @@ install -D -m 0644 "$repo/packaging/systemd/ctprofd.service" "$unit"
 install -D -m 0644 "$repo/docs/daemon.md" "$prefix/share/doc/ctprofd/daemon.md"
 # the alerts' default runbook_url (packaging/mixin/config.libsonnet, runbookURLBase)
 install -D -m 0644 "$repo/docs/alerting.md" "$prefix/share/doc/ctprofd/alerting.md"
+# what the fragmentation runbook links to
+install -D -m 0644 "$repo/docs/allocator.md" "$prefix/share/doc/ctprofd/allocator.md"
 if [[ -e $config ]]; then
     log "keeping $config"
 else
