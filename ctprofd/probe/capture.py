@@ -48,6 +48,10 @@ NOT_JEMALLOC_RECHECK = 4
 # maps): a module that brings jemalloc in later (pyarrow imported after start, a plugin
 # dlopen'ed) is found within that long, and nothing is lost (the counters are cumulative).
 NOT_JEMALLOC_OBJECTS_RECHECK = 60.0
+# A thread seen before is known by the inode number of its /proc/PID/task/TID (a reused tid
+# gets another), and its stat read again once in this many snapshots, spread by tid: for
+# its name, and a state that number cannot show (a thread on its way out).
+THREAD_RECHECK = 4
 # A process whose arena statistics failed (refused, unreadable, over budget) is not read
 # again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
 # of each read cannot make ctprofd redo the whole read every snapshot.
@@ -566,7 +570,9 @@ class Capturer:
         """The threads of an attached process, read, and how many were listed; raises
         OSError when it exited."""
         assert isinstance(tracked.result, ProcessState)
-        listed = list_threads(process)
+        passes = self._passes
+        listed = list_threads(process, tracked.result.listed,
+                              lambda tid: not (tid + passes) % THREAD_RECHECK)
         return self.prober.probe(process.pid, tracked.result, listed, tally, cancel,
                                  alive=lambda: list_pids(process.path("task"))), len(listed)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import os
 
 IOV_MAX = 1024
+_WORD = (1 << 64) - 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
@@ -30,9 +32,12 @@ def read_ranges(pid: int, ranges: list[tuple[int, int]]) -> list[bytes | OSError
         batch = ranges[len(results):len(results) + IOV_MAX]
         total = sum(length for _, length in batch)
         buffer = ctypes.create_string_buffer(total)
-        local = _IoVec(ctypes.cast(buffer, ctypes.c_void_p), total)
-        remote = (_IoVec * len(batch))(*(_IoVec(addr, length) for addr, length in batch))
-        got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(batch), 0)
+        local = _IoVec(ctypes.addressof(buffer), total)
+        # the remote iovecs as one flat array of words (a ctypes object per range cost more
+        # than the call); addresses wrap to 64 bits, as ctypes' c_void_p did
+        remote = array.array("Q", [word & _WORD for pair in batch for word in pair])
+        got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote.buffer_info()[0],
+                                     len(batch), 0)
         if got < 0:
             err = ctypes.get_errno()
             failure = OSError(err, os.strerror(err))

@@ -91,6 +91,8 @@ class ProcessState:
     # snapshots still skipped, the tracer's refusal, said again while skipped)
     backoff: dict[int, tuple[int, int, int, SeizeRefused | None]] = field(
         default_factory=dict)
+    # the threads listed last: tid -> (inode of /proc/PID/task/TID, what its stat said)
+    listed: dict[int, tuple[int, ThreadInfo]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta

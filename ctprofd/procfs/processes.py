@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .containers import Container, container_from_cgroup
 
@@ -251,11 +251,18 @@ def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
 
 def list_tgids(proc_root: str) -> list[tuple[int, int]]:
     """(pid, inode number of /proc/PID) of every process, sorted by pid, from the listing
-    alone (the number is the directory entry's). The kernel flushes /proc/PID when a process
-    is reaped, so a later process with the same pid shows with another number; the same
-    number is the same process, though it may have exec'ed since. A number may also change
-    for the same process (its entry evicted from memory): a needless read, nothing lost."""
-    with os.scandir(proc_root) as entries:
+    alone (see `numbered_entries`)."""
+    return numbered_entries(proc_root)
+
+
+def numbered_entries(directory: str) -> list[tuple[int, int]]:
+    """(id, inode number) of the numeric entries of /proc or of a /proc/PID/task, sorted,
+    from the listing alone (the number is the directory entry's). The kernel flushes
+    /proc/PID and /proc/PID/task/TID when that process or thread is reaped, so a later one
+    with the same id shows with another number: the same number is the same process or
+    thread, though a process may have exec'ed since. A number may also change for the same
+    one (its entry evicted from memory): a needless read, nothing lost."""
+    with os.scandir(directory) as entries:
         found = [(int(entry.name), entry.inode()) for entry in entries if entry.name.isdigit()]
     found.sort()
     return found
@@ -271,18 +278,46 @@ class ThreadInfo:
     state: str = ""
 
 
-def list_threads(process: ProcessInfo) -> list[ThreadInfo]:
+def list_threads(process: ProcessInfo, known: dict[int, tuple[int, ThreadInfo]] | None = None,
+                 look_again: Callable[[int], bool] = lambda tid: True) -> list[ThreadInfo]:
     """The threads alive now; threads that exit while listed are left out, and so is a
-    leader that exited before the others (a zombie until they do)."""
-    threads = []
+    leader that exited before the others (a zombie until they do).
+
+    `known` maps a tid to the inode number of its /proc/PID/task/TID and what was read there
+    (kept up to date here, for the next call): a thread listed under the same number is the
+    same thread and is taken as it was, its stat not read, unless `look_again(tid)` (its
+    name, or a state the number cannot show). The leader comes from the process's stat."""
     task_dir = process.path("task")
-    for tid in list_pids(task_dir):
-        try:
-            stat = read_stat(f"{task_dir}/{tid}/stat")
-        except (OSError, ValueError, IndexError):
+    if known is None:
+        entries = [(tid, -1) for tid in list_pids(task_dir)]
+    else:
+        entries = numbered_entries(task_dir)
+    threads = []
+    kept = 0
+    for tid, inode in entries:
+        entry = known.get(tid) if known is not None else None
+        if entry is not None and entry[0] == inode and tid != process.pid and not look_again(tid):
+            threads.append(entry[1])
+            kept += 1
             continue
-        if stat.state not in ("Z", "X"):
-            threads.append(ThreadInfo(tid, stat.start_time, stat.comm, stat.state))
+        if tid == process.pid and known is not None:
+            stat = StatLine(process.comm, process.state, process.start_time)
+        else:
+            try:
+                stat = read_stat(f"{task_dir}/{tid}/stat")
+            except (OSError, ValueError, IndexError):
+                continue
+        if stat.state in ("Z", "X"):
+            continue
+        thread = ThreadInfo(tid, stat.start_time, stat.comm, stat.state)
+        threads.append(thread)
+        if known is not None:
+            known[tid] = (inode, thread)
+            kept += 1
+    if known is not None and len(known) > kept:  # forget threads gone (or zombies now)
+        alive = {thread.tid for thread in threads}
+        for tid in [tid for tid in known if tid not in alive]:
+            del known[tid]
     return threads
 
 
