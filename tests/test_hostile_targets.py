@@ -24,6 +24,8 @@ import pytest
 
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.procfs.processes import iter_processes
+from ctprofd.resolve import attach
+from ctprofd.resolve.attach import UNRESOLVED_MAX
 from ctprofd.report import tags
 from support import elf
 from support.procs import (READY, assert_no_thread_stopped_or_traced, in_group_stop, task_states,
@@ -634,6 +636,64 @@ def test_a_pid_reused_after_a_process_with_no_jemalloc_is_read_at_once(fixture_b
     assert out["reused"] == out["pid"]
     assert out["read"] == [{str(t["tid"]): [t["allocated"], t["deallocated"]]
                             for t in out["threads"]}]
+
+
+MAPPER_SCRIPT = r"""
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+folder, count = sys.argv[1], int(sys.argv[2])
+for i in range(count):
+    fd = os.open(os.path.join(folder, f"lib{i}.so"), os.O_RDONLY)
+    address = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE, fd, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    os.close(fd)
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_process_mapping_many_unknown_objects_costs_a_bounded_number_of_opens(
+        spawn_process, tmp_path, monkeypatch):
+    """A process mapping 1,000 distinct tiny ELF files executable (issue 22's attack, scaled
+    down): each snapshot opens at most UNRESOLVED_MAX of them for the background resolver,
+    not all of them again; it is pending meanwhile, never failed, and the snapshots go on."""
+    count = 1000
+    for i in range(count):  # an ELF header, and bytes that make each file distinct
+        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
+                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
+        (tmp_path / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
+                                              + bytes(4024))
+    mapper = spawn_process([sys.executable, "-c", MAPPER_SCRIPT, tmp_path, str(count)],
+                           timeout=60)
+    opened: list[str] = []
+    real_open = attach.open_followed
+
+    def opening(path: str, *args):
+        opened.append(path)
+        return real_open(path, *args)
+    monkeypatch.setattr(attach, "open_followed", opening)
+    engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
+    mapped = f"/proc/{mapper.pid}/map_files/"
+    try:
+        per_snapshot: list[int] = []
+        for _ in range(20):  # its python binary is resolved first, in the background
+            opened.clear()
+            snapshot = engine.capture()
+            assert snapshot.summary.failed == 0, snapshot.failed_pids
+            assert snapshot.summary.tgids_walked == 1
+            if per_snapshot or any(mapped in path for path in opened):
+                per_snapshot.append(sum(mapped in path for path in opened))
+                if len(per_snapshot) == 4:
+                    break
+            assert engine.attacher.background.wait_idle(60)
+    finally:
+        engine.close()
+    assert len(per_snapshot) == 4, "its objects were never looked at"
+    assert max(per_snapshot) <= UNRESOLVED_MAX, per_snapshot
+    assert snapshot.pending == 1  # 1,000 objects: not all resolved yet
 
 
 # -- a ctprofd killed mid-snapshot -----------------------------------------------------------

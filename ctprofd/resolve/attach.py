@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 # symbols (loader.py), the name only spares parsing every other mapped object for them.
 LOADER_OBJECT = re.compile(r"^(?:ld-linux[\w.-]*\.so[\d.]*|ld-[\d.]+\.so|libc\.so\.6|libc-[\d.]+\.so)$")
 LOADER_CACHE_MAX = 64
+# Code objects of one process not resolved yet (not in the cache) looked at per attach: the
+# background resolver takes no more jobs than this at a time anyway (max_jobs), so a process
+# mapping 20,000 distinct files costs this many opens per snapshot, not 20,000, and its other
+# objects wait for the next snapshots (the process stays pending meanwhile).
+UNRESOLVED_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -326,7 +331,8 @@ class Attacher:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
         exe = process.exe.removesuffix(" (deleted)")
-        pending: Pending | None = None  # every object not resolved yet is queued at once
+        pending: Pending | None = None  # objects not resolved yet are queued at once
+        unresolved = 0  # ... up to UNRESOLVED_MAX of them
         view: str | None = None  # the process's view of the files, once needed
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
@@ -347,6 +353,9 @@ class Attacher:
                                                            view), True)
             except Pending as waiting:
                 pending = waiting
+                unresolved += 1
+                if unresolved >= UNRESOLVED_MAX:
+                    break
                 continue
             if isinstance(resolution, TsdLayout) and resolution.dynamic_tls:
                 return Attachment(resolution, base=mapping.start,
