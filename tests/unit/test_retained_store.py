@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ctprofd.probe.retained import RetainedStore, Saved
+from ctprofd.probe.retained import RetainedStore, Saved, boot_id
 
 # two processes that differ in every part: exited threads, live threads, last reported
 SAVED = {
@@ -16,6 +16,7 @@ SAVED = {
                         (9100, 3800)),
     (5151, 2002): Saved((11, 0), {}, (0, 0)),
     (6161, 3003): Saved((0, 0), {(6170, 3010): (25, 1)}, (31, 2)),
+    (7272, 4004): Saved((0, 0), {(7280, 4010): (8, 3)}, (0, 0)),
 }
 
 
@@ -45,10 +46,30 @@ def test_what_was_saved_is_loaded_after_a_restart(tmp_path):
     data = json.loads((tmp_path / "state" / "retained.json").read_text())
     assert data == {
         "boot_id": "boot-a",
-        "processes": {"4242:1001": [7000, 3000], "5151:2002": [11, 0], "6161:3003": [0, 0]},
+        "processes": {"4242:1001": [7000, 3000], "5151:2002": [11, 0], "6161:3003": [0, 0],
+                      "7272:4004": [0, 0]},
         "threads": {"4242:1001": {"4242:1001": [900, 400], "4250:1100": [60, 5]},
-                    "6161:3003": {"6170:3010": [25, 1]}},
+                    "6161:3003": {"6170:3010": [25, 1]}, "7272:4004": {"7280:4010": [8, 3]}},
         "reported": {"4242:1001": [9100, 3800], "6161:3003": [31, 2]}}
+
+
+def test_the_boot_id_is_the_kernels(tmp_path):
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert boot_id() == f.read().strip() != ""
+    assert RetainedStore(None).boot_id == boot_id()
+    assert boot_id(proc_root(tmp_path, None)) == ""
+
+
+def test_a_file_of_an_older_ctprofd_or_written_by_hand_loads(tmp_path):
+    path = tmp_path / "state" / "retained.json"
+    path.parent.mkdir()
+    path.write_text('{"boot_id": "boot-a", "processes": {"1:2": [5, 4]}}')  # no threads
+    assert store(tmp_path).load() == {(1, 2): Saved((5, 4), {})}
+    # threads and a floor of processes the "processes" part does not name
+    path.write_text(json.dumps({"boot_id": "boot-a", "processes": {},
+                                "threads": {"1:2": {"3:4": [9, 1]}}, "reported": {"5:6": [7, 2]}}))
+    assert store(tmp_path).load() == {(1, 2): Saved((0, 0), {(3, 4): (9, 1)}),
+                                      (5, 6): Saved((0, 0), {}, (7, 2))}
 
 
 def test_a_file_written_under_another_boot_is_not_trusted(tmp_path, caplog):
@@ -108,6 +129,7 @@ def test_a_malformed_file_is_set_aside_with_one_warning(tmp_path, caplog, kind):
     assert (path.parent / "retained.json.corrupt").read_bytes() == path_bytes(content)
     [warning] = warnings(caplog)
     assert warning.startswith(f"setting aside unusable state file {path} (")
+    assert "None" not in warning and len(warning) > len(f"setting aside unusable state file {path} ()")
     assert store(tmp_path).load() == {}  # set aside: not warned about again
     assert len(warnings(caplog)) == 1
     loading.save(SAVED)  # the next state is written where the bad one was
@@ -126,7 +148,8 @@ def test_a_directory_that_cannot_be_used_degrades_to_memory_with_one_warning(tmp
     assert state.load() == {}
     assert state.path is None
     state.save(SAVED)
-    assert len(warnings(caplog)) == 1 and "cannot read" in warnings(caplog)[0]
+    assert warnings(caplog) == [f"cannot read {blocked / 'retained.json'} (Is a directory); "
+                                "exited-thread totals will not survive a restart"]
     assert os.listdir(blocked / "retained.json") == []
 
 
@@ -137,7 +160,9 @@ def test_a_failed_write_is_counted_warned_once_and_tried_again(tmp_path, caplog)
     state.save(SAVED)  # not taken for written: tried again
     assert state.write_failures == 2
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.startswith("cannot write ") and "a restart loses" in warning
+    assert warning == (f"cannot write {tmp_path / 'state' / 'retained.json'} (No such file or "
+                       "directory); tried again at each snapshot: until then, a restart loses "
+                       "the totals of threads that exited since the last write")
     (tmp_path / "gone").rename(tmp_path / "state")
     state.save(SAVED)
     assert state.write_failures == 2 and store(tmp_path).load() == SAVED
