@@ -100,3 +100,15 @@ def test_a_read_only_cache_trims_nothing(tmp_path):
     reader = LayoutCache(str(tmp_path), max_entries=1, writable=False)
     reader.put(key(4), layout(4))
     assert len(files(tmp_path)) == 3 and present(tmp_path, 1, 2, 3, 4) == [1, 2, 3]
+
+
+def test_a_key_written_again_takes_its_room_once(tmp_path):
+    probe = tmp_path / "probe"
+    LayoutCache(str(probe)).put(key(1), layout(1))
+    size = sum(p.stat().st_size for p in files(probe).values())
+    directory = tmp_path / "cache"
+    cache = LayoutCache(str(directory), max_bytes=2 * size + size // 2)  # room for two
+    for _ in range(5):
+        cache.put(key(1), layout(1))
+    cache.put(key(2), layout(2))
+    assert present(directory, 1, 2) == [1, 2]
