@@ -696,6 +696,47 @@ def test_a_process_mapping_many_unknown_objects_costs_a_bounded_number_of_opens(
     assert snapshot.pending == 1  # 1,000 objects: not all resolved yet
 
 
+def test_a_process_whose_maps_did_not_change_is_not_statted_mapping_by_mapping_again(
+        spawn_process, tmp_path, monkeypatch):
+    """A process looked at again while its objects are not all resolved (pending) has each
+    mapped object statted once while its maps stay the same, not at every snapshot."""
+    count = 200
+    for i in range(count):
+        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
+                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
+        (tmp_path / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
+                                              + bytes(4024))
+    mapper = spawn_process([sys.executable, "-c", MAPPER_SCRIPT, tmp_path, str(count)],
+                           timeout=60)
+    mapped = f"/proc/{mapper.pid}/map_files/"
+    statted: list[str] = []
+    real_identity = attach.identity_of
+
+    def identity(path: str):
+        statted.append(path)
+        return real_identity(path)
+    monkeypatch.setattr(attach, "identity_of", identity)
+    engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
+    try:
+        for _ in range(20):  # its python binary is resolved first, in the background
+            engine.capture()
+            assert engine.attacher.background.wait_idle(60)
+            if any(mapped in path for path in statted):
+                break
+        assert any(mapped in path for path in statted), "its objects were never looked at"
+        # the resolver takes nothing more: its objects stay unresolved, it stays pending
+        monkeypatch.setattr(engine.attacher.background, "submit", lambda *args: False)
+        per_snapshot = []
+        for _ in range(3):
+            statted.clear()
+            snapshot = engine.capture()
+            assert snapshot.pending == 1 and snapshot.summary.failed == 0
+            per_snapshot.append(sum(mapped in path for path in statted))
+    finally:
+        engine.close()
+    assert per_snapshot[1:] == [0, 0], per_snapshot
+
+
 # -- a ctprofd killed mid-snapshot -----------------------------------------------------------
 
 def test_sigkill_mid_snapshot_leaves_no_thread_stopped(fixture_bins, spawn_fixture, tmp_path):

@@ -373,5 +373,10 @@ def at_random_address(process: ProcessInfo) -> int | None:
 
 def read_maps(process: ProcessInfo) -> list[Mapping]:
     """The process's file-backed mappings; raises OSError when unreadable."""
+    return parse_maps(read_maps_text(process))
+
+
+def read_maps_text(process: ProcessInfo) -> str:
+    """The process's /proc/PID/maps as text; raises OSError when unreadable."""
     with open(process.path("maps"), "rb") as f:
-        return parse_maps(f.read().decode("utf-8", "replace"))
+        return f.read().decode("utf-8", "replace")

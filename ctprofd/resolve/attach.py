@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,7 +15,8 @@ from elftools.common.exceptions import ELFError
 
 from ..files.regular import FileRefused
 from ..files.target import open_beneath, open_followed
-from ..procfs.processes import Mapping, ProcessInfo, code_objects_digest, read_maps
+from ..procfs.processes import (Mapping, ProcessInfo, code_objects_digest, parse_maps, read_maps,
+                                read_maps_text)
 from ..report import tags
 from ..report.tags import ProbeError
 from . import elf
@@ -28,6 +30,7 @@ from .resolver import BackgroundResolver
 from .retry import RetrySchedule
 
 Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
+Found = tuple["BinaryIdentity", Opener]  # a mapped object's identity, and how to open it
 
 log = logging.getLogger(__name__)
 # The loader's objects, by the names glibc gives them; what they hold is checked by their
@@ -39,6 +42,13 @@ LOADER_CACHE_MAX = 64
 # mapping 20,000 distinct files costs this many opens per snapshot, not 20,000, and its other
 # objects wait for the next snapshots (the process stays pending meanwhile).
 UNRESOLVED_MAX = 64
+# What the stat of each mapped object gave, per process (pid, start time), while its maps
+# stay the same text: a process looked at again (pending, or failed) whose maps did not
+# change is not statted mapping by mapping again. For at most MAPS_MEMO_PROCESSES processes
+# (the least recently looked at forgotten first) and MAPS_MEMO_OBJECTS objects each, so that
+# this memory never grows with what targets map.
+MAPS_MEMO_PROCESSES = 64
+MAPS_MEMO_OBJECTS = 1024
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,8 @@ class Attacher:
         self.retries = RetrySchedule()
         self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # "loader:" + identity key
         self.own_view = _own_view()
+        self._mapped: OrderedDict[tuple[int, int], tuple[int, dict[str, Found | None]]] = (
+            OrderedDict())  # see MAPS_MEMO_PROCESSES
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -324,12 +336,34 @@ class Attacher:
                 return found
         return None
 
+    def _mapped_memo(self, process: ProcessInfo, text: str) -> dict[str, Found | None]:
+        """What the stats of `process`'s mapped objects gave while its maps were `text`
+        (map_files name -> identity and opener), empty when they were not, or changed."""
+        digest = hash(text)
+        entry = self._mapped.get(process.key)
+        if entry is None or entry[0] != digest:
+            entry = self._mapped[process.key] = (digest, {})
+        self._mapped.move_to_end(process.key)
+        while len(self._mapped) > MAPS_MEMO_PROCESSES:
+            self._mapped.popitem(last=False)
+        return entry[1]
+
     def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
         try:
-            mappings = read_maps(process)
+            text = read_maps_text(process)
         except OSError as exc:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
+        mappings = parse_maps(text)
+        memo = self._mapped_memo(process, text)
+        result = self._attach_mapped(process, mappings, memo)
+        self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
+        return result
+
+    def _attach_mapped(self, process: ProcessInfo, mappings: list[Mapping],
+                       memo: dict[str, Found | None]) -> Attachment | NotJemalloc:
+        """`_attach_shared` once the maps are read; `memo` holds (and gets) what the stat of
+        each mapped object gave."""
         exe = process.exe.removesuffix(" (deleted)")
         pending: Pending | None = None  # objects not resolved yet are queued at once
         unresolved = 0  # ... up to UNRESOLVED_MAX of them
@@ -337,7 +371,13 @@ class Attacher:
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
-            found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
+            name = mapping.map_files_name
+            if name in memo:
+                found = memo[name]
+            else:
+                found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
+                if len(memo) < MAPS_MEMO_OBJECTS:
+                    memo[name] = found
             view = view_of(process, self.own_view) if view is None else view
             if found is None and "jemalloc" in os.path.basename(mapping.path):
                 raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
