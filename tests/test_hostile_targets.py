@@ -660,19 +660,24 @@ sys.stdin.readline()
 """
 
 
+def spawn_mapper(spawn_process, directory: Path, count: int):
+    """A process mapping `count` distinct tiny ELF files (written in `directory`)
+    executable, as issue 22's attacker does."""
+    for i in range(count):  # an ELF header, and bytes that make each file distinct
+        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
+                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
+        (directory / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
+                                               + bytes(4024))
+    return spawn_process([sys.executable, "-c", MAPPER_SCRIPT, directory, str(count)],
+                         timeout=60)
+
+
 def test_a_process_mapping_many_unknown_objects_costs_a_bounded_number_of_opens(
         spawn_process, tmp_path, monkeypatch):
     """A process mapping 1,000 distinct tiny ELF files executable (issue 22's attack, scaled
     down): each snapshot opens at most UNRESOLVED_MAX of them for the background resolver,
     not all of them again; it is pending meanwhile, never failed, and the snapshots go on."""
-    count = 1000
-    for i in range(count):  # an ELF header, and bytes that make each file distinct
-        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
-                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
-        (tmp_path / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
-                                              + bytes(4024))
-    mapper = spawn_process([sys.executable, "-c", MAPPER_SCRIPT, tmp_path, str(count)],
-                           timeout=60)
+    mapper = spawn_mapper(spawn_process, tmp_path, 1000)
     opened: list[str] = []
     real_open = attach.open_followed
 
@@ -705,14 +710,7 @@ def test_a_process_whose_maps_did_not_change_is_not_statted_mapping_by_mapping_a
         spawn_process, tmp_path, monkeypatch):
     """A process looked at again while its objects are not all resolved (pending) has each
     mapped object statted once while its maps stay the same, not at every snapshot."""
-    count = 200
-    for i in range(count):
-        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
-                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
-        (tmp_path / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
-                                              + bytes(4024))
-    mapper = spawn_process([sys.executable, "-c", MAPPER_SCRIPT, tmp_path, str(count)],
-                           timeout=60)
+    mapper = spawn_mapper(spawn_process, tmp_path, 200)
     mapped = f"/proc/{mapper.pid}/map_files/"
     statted: list[str] = []
     real_identity = attach.identity_of
@@ -740,6 +738,45 @@ def test_a_process_whose_maps_did_not_change_is_not_statted_mapping_by_mapping_a
     finally:
         engine.close()
     assert per_snapshot[1:] == [0, 0], per_snapshot
+
+
+def test_a_pending_process_is_not_read_again_while_its_objects_are_being_resolved(
+        spawn_process, tmp_path, monkeypatch):
+    """A pending process's maps (20,000 lines for issue 22's attacker: 170 ms to read and
+    parse) are not read again while the objects its last look queued are still queued,
+    and are once the resolver is done with them."""
+    mapper = spawn_mapper(spawn_process, tmp_path, 200)
+    reads: list[int] = []
+    real_read = attach.read_maps_text
+
+    def read_maps_text(process):
+        reads.append(process.pid)
+        return real_read(process)
+    monkeypatch.setattr(attach, "read_maps_text", read_maps_text)
+    engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
+    background = engine.attacher.background
+    gate = threading.Event()
+    try:
+        for _ in range(20):  # its python binary is resolved first, in the background
+            engine.capture()
+            assert background.wait_idle(60)
+            if reads:
+                break
+        assert reads, "its objects were never looked at"
+        assert background.submit("a long parse", 0, lambda: gate.wait(120))  # holds the resolver
+        reads.clear()
+        assert engine.capture().pending == 1
+        assert reads == [mapper.pid]  # looked at: the next objects queued behind the long parse
+        for _ in range(3):
+            assert engine.capture().pending == 1
+        assert reads == [mapper.pid]  # not again while they are queued
+        gate.set()
+        assert background.wait_idle(60)
+        engine.capture()
+        assert reads == [mapper.pid, mapper.pid]  # resolved: looked at again
+    finally:
+        gate.set()
+        engine.close()
 
 
 # -- a ctprofd killed mid-snapshot -----------------------------------------------------------

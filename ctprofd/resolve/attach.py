@@ -187,7 +187,12 @@ def _exe_base(process: ProcessInfo, identity: BinaryIdentity) -> int | None:
 
 class Pending(Exception):
     """The binary (or a shared object) of the process is being resolved in the background:
-    the process is not attached yet, and that is no failure."""
+    the process is not attached yet, and that is no failure. `keys`: the identity keys of
+    the files it waits for."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class Attacher:
@@ -208,6 +213,9 @@ class Attacher:
         self.own_view = _own_view()
         self._mapped: OrderedDict[tuple[int, int], tuple[int, dict[str, Found | None]]] = (
             OrderedDict())  # see MAPS_MEMO_PROCESSES
+        # the files a process's last look left in the background resolver's queue (as many
+        # processes): while they are still being resolved its maps are not read again
+        self._waiting: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -259,7 +267,7 @@ class Attacher:
             resolution = self.cache.get(view_key(identity.key, view))
         if resolution is None:
             if self.background is not None and self.background.queued(identity.key):
-                raise Pending(f"{what}: being resolved")
+                raise Pending(f"{what}: being resolved", (identity.key,))
             postponed = self.retries.postponed(identity.key)
             if postponed:
                 raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
@@ -276,13 +284,14 @@ class Attacher:
                 if self.background is None:
                     resolution = self._parse(fd, st, what, object_dirs, shared)
                 else:
+                    key = BinaryIdentity.of(st).key
                     if self.background.submit(
-                            BinaryIdentity.of(st).key, st.st_uid,
+                            key, st.st_uid,
                             lambda: self._parse_quietly(fd, st, what, object_dirs, shared)):
                         self.submitted += 1
                     else:
                         os.close(fd)  # queued already, or the queues are full: next time
-                    raise Pending(f"{what}: being resolved")
+                    raise Pending(f"{what}: being resolved", (key,))
         if isinstance(resolution, LayoutFailure):  # named as this process has the file
             raise ProbeError(resolution.tag, resolution.about(what).message)
         return resolution
@@ -348,7 +357,18 @@ class Attacher:
             self._mapped.popitem(last=False)
         return entry[1]
 
+    def _still_waiting(self, process: ProcessInfo) -> bool:
+        """Whether files `process` waits for are still queued and none of those resolved
+        yet is jemalloc: its maps are not read again meanwhile (a process mapping 20,000
+        objects would cost 170 ms of reading and parsing them every snapshot)."""
+        keys = self._waiting.get(process.key, ())
+        return (self.background is not None and any(self.background.queued(k) for k in keys)
+                and not any(self.cache.holds_layout(k) for k in keys))
+
     def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
+        if self._still_waiting(process):
+            raise Pending(f"pid {process.pid}: its objects are being resolved")
+        self._waiting.pop(process.key, None)
         try:
             text = read_maps_text(process)
         except OSError as exc:
@@ -366,6 +386,7 @@ class Attacher:
         each mapped object gave."""
         exe = process.exe.removesuffix(" (deleted)")
         pending: Pending | None = None  # objects not resolved yet are queued at once
+        queued: list[str] = []  # their identity keys
         unresolved = 0  # ... up to UNRESOLVED_MAX of them
         view: str | None = None  # the process's view of the files, once needed
         for mapping in _first_mappings(mappings):
@@ -393,6 +414,7 @@ class Attacher:
                                                            view), True)
             except Pending as waiting:
                 pending = waiting
+                queued.extend(waiting.keys)
                 unresolved += 1
                 if unresolved >= UNRESOLVED_MAX:
                     break
@@ -405,6 +427,9 @@ class Attacher:
                 return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got,
                                   base=mapping.start)
         if pending is not None:
+            self._waiting[process.key] = tuple(queued)
+            while len(self._waiting) > MAPS_MEMO_PROCESSES:
+                self._waiting.popitem(last=False)
             raise pending
         return NotJemalloc(mapped=code_objects_digest(mappings))
 

@@ -333,6 +333,12 @@ class LayoutCache:
                          "tried again", len(self._imported), path)
             return True
 
+    def holds_layout(self, key: str) -> bool:
+        """Whether a layout (no negative result) is held in memory under `key` (where the
+        background resolver puts what it learns); not counted, no disk read."""
+        with self._lock:
+            return key in self._layouts.memory
+
     def get(self, key: str) -> Resolution | None:
         """The cached result for `key`, or None (counted as a miss)."""
         with self._lock:
