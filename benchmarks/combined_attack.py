@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from support.mapper import mapper_argv, write_tiny_elf_files
 from support.poker import Poker, long_cache_ring, sharded_bins_in_1024_arenas
 from support.procs import Fixture, Spawned
 
@@ -54,24 +55,6 @@ AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"
 MEMORY_LIMIT = 640 << 20  # the DaemonSet's limit (packaging/kubernetes)
 SCRAPE_ON_TIME = 1.0  # seconds: a scrape answered later than this is counted late
 BAD_ACCEPT = "application/openmetrics-text; version=abc"
-
-# A process mapping tiny ELF files, as uid 65534: argv directory count; READY, then waits.
-MAPPER = r"""
-import ctypes, mmap, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-folder, count = sys.argv[1], int(sys.argv[2])
-for i in range(count):  # libc's mmap: Python's would keep a descriptor open per mapping
-    fd = os.open(os.path.join(folder, f"lib{i}.so"), os.O_RDONLY)
-    address = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE, fd, 0)
-    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-    os.close(fd)
-print("READY", flush=True)
-sys.stdin.readline()
-"""
-
 
 class MemoryCgroup:
     """A memory cgroup (v2 if mounted, else v1) limited to `limit` bytes, for the daemon."""
@@ -154,21 +137,13 @@ class Attacks:
     def mappings(self, daemon: Daemon) -> None:
         folder = self.directory / "mappings"
         if not folder.exists():
-            self._write_elf_files(folder)
+            folder.mkdir()
+            write_tiny_elf_files(folder, self.args.mappings, owner=NOBODY)
+            as_nobody(folder)
         for _ in range(self.args.mappers):
-            mapper = self._own(Spawned([sys.executable, "-c", MAPPER, folder,
-                                        str(self.args.mappings)], prefix=AS_NOBODY))
+            mapper = self._own(Spawned(mapper_argv(folder, self.args.mappings),
+                                       prefix=AS_NOBODY))
             mapper.wait_for("READY", timeout=300)
-
-    def _write_elf_files(self, folder: Path) -> None:
-        folder.mkdir()
-        for i in range(self.args.mappings):  # an ELF header, and bytes that make it distinct
-            header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
-                      + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
-            path = folder / f"lib{i}.so"
-            path.write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little") + bytes(4024))
-            as_nobody(path)
-        as_nobody(folder)
 
     def accept(self, daemon: Daemon) -> None:
         self.accept_requests = 0

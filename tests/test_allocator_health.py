@@ -21,7 +21,7 @@ from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import HEALTH_FIELDS, TsdLayout, resolve_path
-from support.procs import assert_no_thread_stopped_or_traced, wait_until
+from support.procs import assert_no_thread_stopped_or_traced, mapped_at, wait_until
 from support.redis import Redis
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -161,16 +161,6 @@ def test_pages_that_moved_alone_are_read_again(spawn_process):
                  if address == dirty else data)
                 for (address, _), data in zip(ranges, memory.read_ranges(pid, ranges))]
     assert not unchanged(workload.pid, layout.arena, base, totals, decayed)
-
-
-def mapped_at(pid: int, name: str) -> int:
-    """Where the first page of the object called `name` is mapped in `pid`."""
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == "00000000" and fields[-1].endswith(name):
-                return int(fields[0].split("-")[0], 16)
-    raise AssertionError(f"{name} not mapped in {pid}")
 
 
 def test_absent_where_the_arena_statistics_are_not_read(spawn_process, tmp_path):

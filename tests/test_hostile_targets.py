@@ -28,6 +28,7 @@ from ctprofd.resolve import attach
 from ctprofd.resolve.attach import UNRESOLVED_MAX
 from ctprofd.report import tags
 from support import elf
+from support.mapper import mapper_argv, write_tiny_elf_files
 from support.procs import (READY, assert_no_thread_stopped_or_traced, in_group_stop, task_states,
                            wait_until)
 
@@ -643,33 +644,11 @@ def test_a_pid_reused_after_a_process_with_no_jemalloc_is_read_at_once(fixture_b
                             for t in out["threads"]}]
 
 
-MAPPER_SCRIPT = r"""
-import ctypes, mmap, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-folder, count = sys.argv[1], int(sys.argv[2])
-for i in range(count):
-    fd = os.open(os.path.join(folder, f"lib{i}.so"), os.O_RDONLY)
-    address = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE, fd, 0)
-    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-    os.close(fd)
-print("READY", flush=True)
-sys.stdin.readline()
-"""
-
-
 def spawn_mapper(spawn_process, directory: Path, count: int):
     """A process mapping `count` distinct tiny ELF files (written in `directory`)
     executable, as issue 22's attacker does."""
-    for i in range(count):  # an ELF header, and bytes that make each file distinct
-        header = (b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little")
-                  + (62).to_bytes(2, "little") + (1).to_bytes(4, "little"))
-        (directory / f"lib{i}.so").write_bytes(header.ljust(64, b"\0") + i.to_bytes(8, "little")
-                                               + bytes(4024))
-    return spawn_process([sys.executable, "-c", MAPPER_SCRIPT, directory, str(count)],
-                         timeout=60)
+    write_tiny_elf_files(directory, count)
+    return spawn_process(mapper_argv(directory, count), timeout=60)
 
 
 def test_a_process_mapping_many_unknown_objects_costs_a_bounded_number_of_opens(

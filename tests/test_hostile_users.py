@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -339,13 +340,12 @@ def test_a_debug_file_under_the_build_id_path_must_carry_that_build_id(fixture_b
     assert f"build-id {planted}: refused: its build-id {fake.hex()} is not " in caplog.text
 
 
-def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
-        fixture_bins, spawn_fixture, caplog):
-    """In a user and mount namespace of its own, the user bind-mounts a directory holding a
-    debug file (and a hard link of the binary: the same file) over the binary's directory.
-    The layout found there is cached for that view only: the same file run in ctprofd's
-    view, where no debug file lies beside it, is resolved on its own."""
-    variant = fixture_bins["static-stripped-debuglink"]
+@contextmanager
+def a_users_view(variant):
+    """A user's copy of `variant`'s binary in a directory of its own, and a second directory
+    holding a hard link of it (the same file). Yields (binary, that second directory, a
+    command prefix running a program as the user in a user and mount namespace of its own
+    where the second directory is bind-mounted over the first)."""
     shown, hidden = (Path(tempfile.mkdtemp(prefix="ctprofd-view-")) for _ in range(2))
     try:
         for directory in (shown, hidden):
@@ -355,11 +355,24 @@ def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
         shutil.copy2(variant.binary, binary)
         os.chown(binary, NOBODY, NOBODY)
         os.link(binary, hidden / binary.name)  # the same file in both directories
+        yield binary, hidden, (*AS_NOBODY, "unshare", "-Urm", "--", "sh", "-c",
+                               f'mount --bind {hidden} {shown} && exec "$0" "$@"')
+    finally:
+        shutil.rmtree(shown)
+        shutil.rmtree(hidden)
+
+
+def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
+        fixture_bins, spawn_fixture, caplog):
+    """In a user and mount namespace of its own, the user bind-mounts a directory holding a
+    debug file (and a hard link of the binary: the same file) over the binary's directory.
+    The layout found there is cached for that view only: the same file run in ctprofd's
+    view, where no debug file lies beside it, is resolved on its own."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    with a_users_view(variant) as (binary, hidden, in_its_view):
         shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
         os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
-        in_view = spawn_fixture(binary, 1, prefix=(
-            *AS_NOBODY, "unshare", "-Urm", "--", "sh", "-c",
-            f'mount --bind {hidden} {shown} && exec "$0" "$@"'))
+        in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=()))
         try:
             engine.capture(pids=[in_view.pid])
@@ -375,9 +388,6 @@ def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
         sources = sorted(layout.source for layout in engine.cache.layouts())
         assert sources == ["code: malloc/free fast paths", learned.source], sources
         assert f"{binary}: no DWARF" in caplog.text  # parsed again, in ctprofd's view
-    finally:
-        shutil.rmtree(shown)
-        shutil.rmtree(hidden)
 
 
 def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_bins,
@@ -386,21 +396,11 @@ def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_b
     points: its CRC outlasts the parser's time limit, a failure that is not retried from
     machine code. That failure is the view's: the same file run in ctprofd's view is read."""
     variant = fixture_bins["static-stripped-debuglink"]
-    shown, hidden = (Path(tempfile.mkdtemp(prefix="ctprofd-view-")) for _ in range(2))
-    try:
-        for directory in (shown, hidden):
-            os.chmod(directory, 0o755)
-            os.chown(directory, NOBODY, NOBODY)
-        binary = shown / variant.binary.name
-        shutil.copy2(variant.binary, binary)
-        os.chown(binary, NOBODY, NOBODY)
-        os.link(binary, hidden / binary.name)
+    with a_users_view(variant) as (binary, hidden, in_its_view):
         with open(hidden / variant.debug_file.name, "wb") as sparse:
             sparse.truncate(1 << 40)
         os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
-        in_view = spawn_fixture(binary, 1, prefix=(
-            *AS_NOBODY, "unshare", "-Urm", "--", "sh", "-c",
-            f'mount --bind {hidden} {shown} && exec "$0" "$@"'))
+        in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=(), parser=WorkerLimits(
             timeout=2, max_file_bytes=1 << 41)))
         try:
@@ -412,6 +412,3 @@ def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_b
             engine.close()
         assert snapshot.summary.failed == 0, snapshot.failures
         assert [p.pid for p in snapshot.processes] == [outside.pid]
-    finally:
-        shutil.rmtree(shown)
-        shutil.rmtree(hidden)

@@ -22,7 +22,8 @@ from ctprofd.resolve import arena_tables
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
-from support.procs import assert_no_thread_stopped_or_traced, open_fifo_writer, wait_until
+from support.procs import (assert_no_thread_stopped_or_traced, mapped_at, open_fifo_writer,
+                           wait_until)
 from support.redis import Redis
 from test_churn import MIB, assert_close, paused_truth
 
@@ -177,16 +178,6 @@ def test_churn_on_the_stock_library(fixture_bins, spawn_process, tmp_path):
     assert [layout.source for layout in engine.cache.layouts()] == [
         "code: malloc/free fast paths"]
     assert_no_thread_stopped_or_traced(churn.pid)
-
-
-def mapped_at(pid: int, name: str) -> int:
-    """Where the first page of the object called `name` is mapped in `pid`."""
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == "00000000" and fields[-1].endswith(name):
-                return int(fields[0].split("-")[0], 16)
-    raise AssertionError(f"{name} not mapped in {pid}")
 
 
 def test_a_table_the_live_process_contradicts_is_refused(spawn_process):

@@ -205,6 +205,16 @@ def open_fifo_writer(fifo: str | os.PathLike[str], what: str) -> TextIO:
     return open(fd, "w", buffering=1)
 
 
+def mapped_at(pid: int, name: str) -> int:
+    """Where the first page of the object called `name` is mapped in `pid`."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "00000000" and fields[-1].endswith(name):
+                return int(fields[0].split("-")[0], 16)
+    raise AssertionError(f"{name} not mapped in {pid}")
+
+
 def wait_for_exit(pid: int, hang_guard: float) -> bool:
     """Wait for any process (not only a child) to exit, through its pidfd: an event, not
     polling. False only if it still runs after `hang_guard` seconds, a guard against
