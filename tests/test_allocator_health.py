@@ -74,6 +74,15 @@ def spawn_workload(spawn_process, library: str, conf: str):
     return process, json.loads(process.readline(timeout=60))
 
 
+def settle(pid: int, arena, base: int):
+    """Arena totals of the workload once it holds still: the thread it joined tears its
+    cache down after the join returns, which moves the statistics for a moment."""
+    def attempt():
+        totals = read_totals(pid, arena, base)
+        return totals if unchanged(pid, arena, base, totals) else None
+    return wait_until(attempt, "the workload holds still", poll=0.05)
+
+
 def assert_within(got: dict, before: dict, after: dict, share: float = 0.02) -> None:
     """Each figure within `share` of the truth read just before and just after (with
     background threads, decay moves pages between the two)."""
@@ -132,6 +141,7 @@ def test_the_figures_add_no_read_call(spawn_process):
     assert isinstance(layout, TsdLayout) and layout.arena is not None
     workload, _ = spawn_workload(spawn_process, STOCK, "")
     base = mapped_at(workload.pid, "libjemalloc.so.2")
+    settle(workload.pid, layout.arena, base)
     without = dataclasses.replace(layout.arena, **{name: None for name in HEALTH_FIELDS})
     calls_with: list[int] = []
     calls_without: list[int] = []
@@ -152,8 +162,7 @@ def test_pages_that_moved_alone_are_read_again(spawn_process):
     assert isinstance(layout, TsdLayout) and layout.arena is not None
     workload, _ = spawn_workload(spawn_process, STOCK, "")
     base = mapped_at(workload.pid, "libjemalloc.so.2")
-    totals = read_totals(workload.pid, layout.arena, base)
-    assert unchanged(workload.pid, layout.arena, base, totals)
+    totals = settle(workload.pid, layout.arena, base)
     dirty = totals.arenas[0] + layout.arena.arena_dirty_pages
 
     def decayed(pid, ranges):
