@@ -248,19 +248,19 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         requested += _dot(fields[1::3], cached_sizes)
         cached += _dot([((empty - head) & 0xFFFF) >> 3 for head, empty
                         in zip(fields[0::3], fields[2::3])], cached_sizes)
-    health, page = None, 0
+    health, page, words_read = None, 0, b""
     if words:
         page = _page_size(size, nbins)
         values = _settle(reader, pid, words + spans, word_copies + _checked(
             found[len(arrays):], "base allocators"))
-        if values is None:
-            raise ArenaReadError("allocator statistics kept changing while read")
-        health = _health(page, values[:len(words)], values[len(words):], internal, in_use)
-        words_read = b"".join(values)
+        # words still changing under a busy target: no figures this time (absent, and read
+        # in full again next snapshot), the totals, which need none of them, kept
+        if values is not None:
+            health = _health(page, values[:len(words)], values[len(words):], internal, in_use)
+            words_read = b"".join(values)
     return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
                        _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]),
-                       narenas, tuple(arenas), tuple(bases), page, health,
-                       words_read if words else b"")
+                       narenas, tuple(arenas), tuple(bases), page, health, words_read)
 
 
 def _health_words(layout: ArenaLayout, arenas: list[int]) -> list[tuple[int, int]]:
@@ -353,6 +353,8 @@ def unchanged(pid: int, layout: ArenaLayout, base: int, last: ArenaTotals,
     Pages still move without that (decay threads purge dirty pages into muzzy and
     retained ones), hence the health words, copied once here: each equal to what it was
     when last read twice over is a value the word held, so `last` stands as it is."""
+    if layout.has_health and last.health is None:
+        return False  # its figures were not read last time (still moving): read in full
     words = _health_words(layout, list(last.arenas)) if last.health is not None else []
     spans = _base_spans(layout, list(last.bases)) if words else []
     found = reader(pid, [(base + layout.narenas_total, 4)] + [
