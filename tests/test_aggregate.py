@@ -192,6 +192,18 @@ def test_one_users_many_older_series_cannot_push_out_another_users_service():
     assert grouped(("pid",), max_series=6).restore(old, same_boot=False)
 
 
+def test_a_users_exited_series_never_push_out_another_users_live_ones():
+    """The share per user applies among live series and among exited ones, never across:
+    10 exited series of uid 65534 leave all four of root's live series under a cap of 4."""
+    agg = grouped(("pid",), max_series=4)
+    agg.update(snap(0, *(proc(100 + i, (1, 0), uid=65534, start=i) for i in range(10))),
+               NONE_ALIVE)
+    root = [proc(7 + i, (5, 0), start=50 + i) for i in range(4)]
+    view = agg.update(snap(1, *root), NONE_ALIVE)
+    assert [s.labels[0] for s in view.series] == ["7", "8", "9", "10"]
+    assert view.dropped == {"live": 0, "exited": 4}  # the table holds twice the cap
+
+
 def test_empty_series_are_kept_for_the_retention_then_forgotten():
     agg = grouped(("pid",), retention=10)
     agg.update(snap(0, proc(10, (5, 1))), NONE_ALIVE)

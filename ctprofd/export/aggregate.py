@@ -12,10 +12,10 @@ renaming itself stays in its series, and its current name is reported beside it
 
 Under the cap, series with live processes come first, the longest-running first (then the
 larger), and series whose processes all exited fill what is left, the most recent first: a
-flood of short-lived processes cannot keep a service that started later out. Each user (the
-uid of a series' longest-running process) gets an equal share: the series are taken in
-rounds, each user's best remaining one per round, so one user holding many series cannot
-push out another user's service however long it has run. The internal
+flood of short-lived processes cannot keep a service that started later out. Within each,
+each user (the uid of a series' longest-running process) gets an equal share: the series are
+taken in rounds, each user's best remaining one per round, so one user holding many series
+cannot push out another user's service however long it has run. The internal
 table holds at most TABLE_FACTOR x max_series series; beyond that, series whose processes all
 exited are forgotten, the least recently active first.
 """
@@ -23,7 +23,7 @@ exited are forgotten, the least recently active first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from ..report.snapshot import ARENA, AllocatorHealth, ProcessSample, Snapshot
 from .labels import UserOf, label_value, label_values, username
@@ -192,7 +192,7 @@ class Aggregator:
             total[1] += process.deallocated - process.base_deallocated
             if start < started.get(process.series, start + 1):
                 started[process.series] = start
-                self._series.setdefault(process.series, _Series()).uid = process.uid
+                self._series[process.series].uid = process.uid
 
         def rank(key: SeriesKey) -> tuple:
             if key in started:  # live: the longest-running first, then the larger
@@ -200,7 +200,7 @@ class Aggregator:
             return (1, -self._series[key].last_active, -totals[key][0])
 
         ordered = sorted(totals, key=rank)
-        exported = set(_fair_share(ordered, lambda key: self._series[key].uid, rank,
+        exported = set(_fair_share(ordered, lambda key: self._series[key].uid, started,
                                    self.max_series))
         kept = [key for key in ordered if key in exported]
         left_out = [key for key in ordered if key not in exported]
@@ -240,21 +240,18 @@ class Aggregator:
 
 
 def _fair_share(ordered: list[SeriesKey], owner: Callable[[SeriesKey], int],
-                rank: Callable[[SeriesKey], tuple], cap: int) -> list[SeriesKey]:
-    """At most `cap` of the series `ordered` (best first), in rounds: each round takes
-    every owner's best series not taken yet, best first. An owner with fewer series than
-    its share leaves the rest to the others."""
-    queues: dict[int, list[SeriesKey]] = {}
+                live: Collection[SeriesKey], cap: int) -> list[SeriesKey]:
+    """At most `cap` of the series `ordered` (best first): the live ones before those whose
+    processes all exited, and among each, in rounds: every owner's best series not taken
+    yet, best first (an owner with fewer series than its share leaves the rest to the
+    others). A series' round is its place among its owner's, and the sort is stable."""
+    depth: dict[SeriesKey, int] = {}
+    held: dict[int, int] = {}
     for key in ordered:
-        queues.setdefault(owner(key), []).append(key)
-    taken: list[SeriesKey] = []
-    depth = 0
-    while len(taken) < cap and queues:
-        round_ = sorted((keys[depth] for keys in queues.values()), key=rank)
-        taken.extend(round_[:cap - len(taken)])
-        depth += 1
-        queues = {uid: keys for uid, keys in queues.items() if len(keys) > depth}
-    return taken
+        uid = owner(key)
+        depth[key] = held.get(uid, 0)
+        held[uid] = depth[key] + 1
+    return sorted(ordered, key=lambda key: (key not in live, depth[key]))[:cap]
 
 
 def _sum(a: AllocatorHealth | None, b: AllocatorHealth | None) -> AllocatorHealth | None:
