@@ -128,3 +128,23 @@ def test_writes_that_fail_are_retried_and_no_counter_goes_back(
         assert failures(text) == 0
     finally:
         restarted.kill()
+
+
+@pytest.mark.parametrize("small_disk", ["512k"], indirect=True)
+def test_a_daemon_that_never_wrote_its_state_serves_its_series_as_they_are(
+        small_disk, tmp_path, fixture_bins, spawn_fixture):
+    """A disk full before the daemon starts: there is no written state to hold the series
+    to, so every new series is served at once (none is held back for ever), and the
+    failures are counted."""
+    binary = fixture_bins["static"]
+    fill(small_disk, "filler")
+    first = spawn_fixture(binary, 2)
+    daemon, _ = start_daemon(tmp_path, binary)
+    try:
+        scrape_when(daemon, lambda t: first.pid in allocated(t), "the first fixture is served")
+        second = spawn_fixture(binary, 2)
+        text = scrape_when(daemon, lambda t: second.pid in allocated(t),
+                           "a series that came after the failed writes is served")
+        assert failures(text) >= 1
+    finally:
+        daemon.kill()

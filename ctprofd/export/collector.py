@@ -264,8 +264,8 @@ class DaemonCollector:
             yield family
         family = CounterMetricFamily(
             "ctprofd_state_write_failures", "Writes of a state file (in state_dir) that failed, "
-            "a full disk even after using the space set aside for it; tried again every "
-            "snapshot. Meanwhile the series counters shown stay at those last written.",
+            "e.g. a full disk even after using the space set aside for it; tried again every "
+            "snapshot. While aggregate.json fails, the series shown stay at those last written.",
             labels=["file"])
         if not describe_only:
             for name, failures in sorted(state.state_write_failures.items()):

@@ -115,7 +115,7 @@ class Daemon:
         self._failed_snapshots = 0  # captures that raised: a bug, logged with its traceback
         self._overruns = 0
         self._state = ReservedWriter(
-            self._state_path, "the series counters shown stay at those last written, so that "
+            self._state_path, "the series shown stay at those last written, so that "
             "none goes back after a restart, until a write succeeds (tried again every "
             "snapshot)")
         self._saved: dict[str, Any] | None = None  # the state last written
@@ -213,7 +213,7 @@ class Daemon:
             return
         view = self.aggregator.update(
             snapshot, lambda pid, start: process_alive("/proc", pid, start))
-        if self._save_state() or self._persisted is None:
+        if self._save_state() or self._saved is None:
             # (never written yet, e.g. a disk full since start: nothing to hold to)
             self._persisted = view
         self._snapshots += 1

@@ -226,12 +226,13 @@
             },
           }),
           // State files that could not be written (a full disk even after the space set
-          // aside): the series counters served stay at those last written meanwhile.
+          // aside, or any other write error): for aggregate.json, the series served stay at those
+          // last written meanwhile.
           alert('CtprofdStateNotWritten', {
             expr: 'increase(ctprofd_state_write_failures_total{%s}[%s]) > 0' % [sel, c.failuresWindow],
             annotations: {
               summary: 'ctprofd on {{ $labels.instance }} cannot write {{ $labels.file }}',
-              description: 'ctprofd on {{ $labels.instance }} failed {{ $value | humanize }} times in the last %s to write its state file {{ $labels.file }} (a full disk, even after using the space set aside for it). It tries again every snapshot; meanwhile its series counters stay at those last written.' % minutes(c.failuresWindow),
+              description: 'ctprofd on {{ $labels.instance }} failed {{ $value | humanize }} times in the last %s to write its state file {{ $labels.file }} (e.g. a full disk, even after using the space set aside for it). It tries again every snapshot; for aggregate.json, the series it serves stay at those last written meanwhile.' % minutes(c.failuresWindow),
             },
           }),
           // Scrapes served without the samples that could not be rendered.
