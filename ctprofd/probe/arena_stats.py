@@ -257,7 +257,7 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
         # in full again next snapshot), the totals, which need none of them, kept
         if values is not None:
             health = _health(page, values[:len(words)], values[len(words):], internal, in_use)
-            words_read = b"".join(values)
+            words_read = b"".join(values) if health is not None else b""
     return ArenaTotals(requested, in_use, cached, internal, locks, len(arrays),
                        _class_size(size, _U64.unpack(stack)[0], _U64.unpack(align)[0]),
                        narenas, tuple(arenas), tuple(bases), page, health, words_read)
@@ -319,21 +319,22 @@ def _page_size(size: tuple[int, ...], nbins: int) -> int:
 
 
 def _health(page: int, words: list[bytes], spans: list[bytes], internal: int,
-            allocated: int) -> AllocatorHealth:
+            allocated: int) -> AllocatorHealth | None:
     """The figures ctl_refresh makes: arena_stats_merge and pa_shard_stats_merge per arena
     (`words`: 8 per arena, as _health_words orders them), base_stats_get per base
-    (`spans`), summed."""
+    (`spans`), summed. None when a base's sizes are out of order (jemalloc asserts
+    allocated <= resident <= mapped): forged or caught mid-update, the figures are left
+    out, not the totals, which need none of them."""
     value = [_U64.unpack(w)[0] for w in words]
     active, dirty, muzzy, retained = (sum(value[i::8]) for i in (0, 1, 3, 5))
     dirty += sum(value[2::8])
     muzzy += sum(value[4::8])
     retained += sum(value[6::8])
     base_allocated = base_resident = base_mapped = 0
-    for i, span in enumerate(spans):
+    for span in spans:
         fields = _BASE.unpack(span)
         if not fields[0] <= fields[1] <= fields[2]:
-            raise ArenaReadError(f"base allocator {i}: allocated {fields[0]:,}, resident "
-                                 f"{fields[1]:,}, mapped {fields[2]:,} out of order")
+            return None
         base_allocated += fields[0]
         base_resident += fields[1]
         base_mapped += fields[2]

@@ -10,7 +10,7 @@ from ctprofd.probe import arena_stats
 from ctprofd.probe.arena_stats import (BUDGET_RANGES, MAX_ARENAS, MAX_SHARDS_PER_BIN,
                                        ArenaReadError, ArenaTotals, Budget, OverBudget,
                                        process_totals, read_totals, unchanged)
-from ctprofd.report.snapshot import ARENA, THREADS
+from ctprofd.report.snapshot import ARENA, THREADS, AllocatorHealth
 from ctprofd.resolve.layout import ArenaLayout, TsdLayout, resolution_from_dict
 
 
@@ -72,7 +72,7 @@ LAYOUT = ArenaLayout(
     descriptor_bins=0x18, cache_bin_size=0x20, cache_bin_head=0x8, cache_bin_nrequests=0x10,
     cache_bin_empty=0x1A, bin_size=0x30, bin_nrequests=0x8, bin_curregs=0x20, arena_ind=0x4C,
     bin_info_reg_size=0x8, bin_info_slab_size=0x10, bin_info_nregs=0x18)
-SIZES = (16, 48, 112, 20480, 81920)  # three bins, two large classes
+SIZES = (16, 48, 112, 16384, 81920)  # three bins, two large classes (4 pages of 4 KiB first)
 SHARDS = (2, 1, 3)
 BIN_INFOS = ((16, 4096, 256), (48, 12288, 256), (112, 8192, 73))  # region, slab, regions
 NHBINS = 4  # the bins and the first large class are cached
@@ -193,6 +193,138 @@ def process(layout: ArenaLayout = LAYOUT, narenas: int = 4, shards=SHARDS) -> Me
 
 def read(memory: Memory, layout: ArenaLayout = LAYOUT, tsds=()) -> ArenaTotals:
     return read_totals(PID, layout, BASE, memory, tsds=tsds)
+
+
+# the allocator's health: 8 words per arena, as _health_words orders them, and a base_t
+HEALTH_WORDS = (0x5A0, 0x508, 0x580, 0x510, 0x578, 0x518, 0x570, 0x528)  # not in order
+HEALTH = dataclasses.replace(
+    LAYOUT, arena_nactive=HEALTH_WORDS[0], arena_dirty_pages=HEALTH_WORDS[1],
+    arena_dirty_guarded_pages=HEALTH_WORDS[2], arena_muzzy_pages=HEALTH_WORDS[3],
+    arena_muzzy_guarded_pages=HEALTH_WORDS[4], arena_retained_pages=HEALTH_WORDS[5],
+    arena_retained_guarded_pages=HEALTH_WORDS[6], arena_pac_mapped=HEALTH_WORDS[7],
+    arena_base=0x600, base_allocated=0x10, base_resident=0x18, base_mapped=0x20)
+PAGE = SIZES[len(SHARDS)] // 4
+WORDS = {0x10000: (40, 3, 1, 5, 2, 7, 0, 9 << 20), 0x30000: (11, 0, 4, 1, 0, 2, 3, 5 << 20),
+         0x50000: (2, 6, 0, 0, 1, 0, 1, 1 << 20)}
+BASES = {0x10000: (0x7000_0000, (1000, 4096, 2 << 20)), 0x30000: (0x7100_0000, (300, 8192, 1 << 21)),
+         0x50000: (0x7200_0000, (70, 4096, 3 << 20))}  # base_t address; allocated, resident, mapped
+
+
+def with_health(memory: Memory) -> Memory:
+    for arena, words in WORDS.items():
+        for offset, value in zip(HEALTH_WORDS, words):
+            memory.put(arena + offset, "Q", value)
+        base, (allocated, resident, mapped) = BASES[arena]
+        memory.put(arena + HEALTH.arena_base, "Q", base)
+        memory.put(base + HEALTH.base_allocated, "3Q", allocated, resident, mapped)
+    return memory
+
+
+def expected_health() -> AllocatorHealth:
+    column = [sum(w[i] for w in WORDS.values()) for i in range(8)]
+    bases = [sum(b[1][i] for b in BASES.values()) for i in range(3)]
+    active, dirty = column[0] * PAGE, (column[1] + column[2]) * PAGE
+    return AllocatorHealth(
+        allocated=expected()["in_use"], active=active, resident=bases[1] + active + dirty,
+        mapped=bases[2] + column[7], retained=(column[5] + column[6]) * PAGE,
+        metadata=bases[0] + expected()["internal"], dirty=dirty,
+        muzzy=(column[3] + column[4]) * PAGE)
+
+
+class Torn(Memory):
+    """Memory whose word at `address` reads `values` in turn, one per copy taken."""
+
+    def __init__(self, memory: Memory, address: int, values: list[int]) -> None:
+        super().__init__()
+        self.words, self.address, self.values = memory.words, address, list(values)
+
+    def __call__(self, pid: int, ranges: list[tuple[int, int]]) -> list:
+        out = super().__call__(pid, ranges)
+        for i, (address, _) in enumerate(ranges):
+            if address == self.address and self.values:
+                out[i] = struct.pack("<Q", self.values.pop(0) if len(self.values) > 1
+                                     else self.values[0])
+        return out
+
+
+def test_the_allocator_health_of_a_made_up_process():
+    HEALTH.check()
+    totals = read(with_health(process()), HEALTH)
+    assert totals.health == expected_health()
+    assert (totals.page, totals.bases) == (PAGE, tuple(b[0] for b in BASES.values()))
+    assert read(process()).health is None  # a layout without the members: no figures
+    # the figures come with the totals, not instead of them
+    assert dataclasses.replace(totals, health=None, page=0, bases=(),
+                               health_words=b"") == read(process())
+
+
+def test_a_health_word_torn_then_settled_is_read_again_and_kept():
+    address = 0x30000 + HEALTH_WORDS[1]  # arena 2's dirty pages, 0 then 5 then 5 for good
+    memory = Torn(with_health(process()), address, [0, 5, 5, 5, 5])
+    health = read(memory, HEALTH).health
+    assert health is not None and health.dirty == expected_health().dirty + 5 * PAGE
+
+
+@pytest.mark.parametrize("values", [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 6]])
+def test_a_health_word_still_changing_after_two_more_reads_leaves_the_figures_out(values):
+    """The figures are left out for this read (and the next is a full one); the totals,
+    which need none of those words, stand."""
+    address = 0x50000 + HEALTH_WORDS[0]  # 2 copies, then 2 rereads of 2 copies each
+    memory = Torn(with_health(process()), address, values)
+    totals = read(memory, HEALTH)
+    whole = read(with_health(process()), HEALTH)
+    assert totals.health is None and totals == dataclasses.replace(whole, health=None,
+                                                                   health_words=b"")
+    assert not unchanged(PID, HEALTH, BASE, totals, with_health(process()))
+
+
+def test_a_base_out_of_order_leaves_the_figures_out():
+    memory = with_health(process())
+    memory.put(0x7100_0000 + HEALTH.base_allocated, "3Q", 300, 8192, 4096)  # mapped < resident
+    totals = read(memory, HEALTH)
+    assert totals.health is None and totals.in_use == expected()["in_use"]
+    assert not unchanged(PID, HEALTH, BASE, totals, memory)
+
+
+@pytest.mark.parametrize("smallest", [20480, 8192])
+def test_a_smallest_large_class_not_four_pages_is_refused(smallest):
+    memory = with_health(process())
+    memory.put(BASE + LAYOUT.sz_index2size_tab + 8 * len(SHARDS), "Q", smallest)
+    with pytest.raises(ArenaReadError, match=f"^the smallest large class \\({smallest} bytes\\) "
+                                             "is not four pages$"):
+        read(memory, HEALTH)
+
+
+def test_unreadable_health_words_and_bases_are_refused_naming_what():
+    memory = with_health(process())
+    del memory.words[0x30000 + HEALTH.arena_base]
+    with pytest.raises(ArenaReadError, match="^arena bases: Bad address$"):
+        read(memory, HEALTH)
+    memory = with_health(process())
+    del memory.words[0x50000 + HEALTH_WORDS[7]]
+    with pytest.raises(ArenaReadError, match="^allocator statistics: Bad address$"):
+        read(memory, HEALTH)
+    memory = with_health(process())
+    del memory.words[0x7200_0000 + HEALTH.base_mapped]
+    with pytest.raises(ArenaReadError, match="^base allocators: Bad address$"):
+        read(memory, HEALTH)
+
+
+def test_unchanged_only_while_no_health_word_moved():
+    memory = with_health(process())
+    last = read(memory, HEALTH)
+    reads = memory.reads
+    assert unchanged(PID, HEALTH, BASE, last, memory)
+    assert memory.reads == reads + 1  # one small read
+    for address in (0x10000 + HEALTH_WORDS[3],  # decay: arena 0's muzzy pages
+                    0x50000 + HEALTH_WORDS[7],  # arena 3's mapped bytes
+                    0x7100_0000 + HEALTH.base_mapped):  # arena 2's base
+        moved = with_health(process())
+        moved.put(address, "Q", 12345)
+        assert not unchanged(PID, HEALTH, BASE, last, moved)
+    gone = with_health(process())
+    del gone.words[0x7200_0000 + HEALTH.base_resident]
+    assert not unchanged(PID, HEALTH, BASE, last, gone)
 
 
 def test_the_made_up_layout_is_plausible_and_its_data_distinguishes():
