@@ -120,6 +120,5 @@ class RetainedStore:
                              for (pid, start), v in saved.items() if v.reported != (0, 0)}}
         assert self._writer is not None
         if not self._writer.write(data):
-            self._written = None  # tried again at the next save
-            return
+            return  # tried again at the next save: what is on disk still differs
         self._written = saved
