@@ -32,6 +32,21 @@ def files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def disk_bytes(directory: Path) -> int:
+    """The bytes of the cache files under `directory`."""
+    return sum(p.stat().st_size for p in files(directory).values())
+
+
+def room_for_two(tmp_path: Path) -> tuple[LayoutCache, int]:
+    """A cache on `tmp_path/cache` whose byte bound holds two files but not three (one
+    measured in a probe directory first), and that bound."""
+    probe = tmp_path / "probe"
+    LayoutCache(str(probe)).put(key(1), layout(1))
+    size = disk_bytes(probe)
+    bound = 2 * size + size // 2
+    return LayoutCache(str(tmp_path / "cache"), max_bytes=bound), bound
+
+
 def present(directory: Path, *numbers: int) -> list[int]:
     """Which of `numbers` a fresh cache on `directory` finds."""
     fresh = LayoutCache(str(directory), writable=False)
@@ -59,17 +74,13 @@ def test_the_disk_forgets_the_least_recently_written(tmp_path):
 
 
 def test_the_disk_holds_no_more_bytes_than_its_bound(tmp_path):
-    probe = tmp_path / "probe"
-    LayoutCache(str(probe)).put(key(1), layout(1))
-    size = sum(p.stat().st_size for p in files(probe).values())
-    directory = tmp_path / "cache"
-    cache = LayoutCache(str(directory), max_bytes=2 * size + size // 2)  # room for two
+    cache, bound = room_for_two(tmp_path)
+    directory = Path(cache.root)
     for n in (1, 2, 3, 4):
         cache.put(key(n), layout(n))
-        on_disk = files(directory)
-        assert sum(p.stat().st_size for p in on_disk.values()) <= 2 * size + size // 2
+        assert disk_bytes(directory) <= bound
     assert present(directory, 1, 2, 3, 4) == [3, 4]
-    both = sum(p.stat().st_size for p in files(directory).values())
+    both = disk_bytes(directory)
     LayoutCache(str(directory), max_bytes=both)  # opened with room for exactly these two
     assert present(directory, 3, 4) == [3, 4]
     LayoutCache(str(directory), max_bytes=both - 1)  # a byte short: the newest stays
@@ -103,12 +114,8 @@ def test_a_read_only_cache_trims_nothing(tmp_path):
 
 
 def test_a_key_written_again_takes_its_room_once(tmp_path):
-    probe = tmp_path / "probe"
-    LayoutCache(str(probe)).put(key(1), layout(1))
-    size = sum(p.stat().st_size for p in files(probe).values())
-    directory = tmp_path / "cache"
-    cache = LayoutCache(str(directory), max_bytes=2 * size + size // 2)  # room for two
+    cache, _ = room_for_two(tmp_path)
     for _ in range(5):
         cache.put(key(1), layout(1))
     cache.put(key(2), layout(2))
-    assert present(directory, 1, 2) == [1, 2]
+    assert present(Path(cache.root), 1, 2) == [1, 2]
