@@ -134,7 +134,10 @@ class _Store:
                     self._unlink(entry.name)
                     old += 1
                 continue
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed since listed (a daemon trimming its cache)
+                continue
             found.append((st.st_mtime_ns, stem.replace("_", ":"), entry.name, int(owner),
                           st.st_size))
         for _, key, name, owner, size in sorted(found):

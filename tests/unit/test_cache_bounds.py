@@ -119,3 +119,20 @@ def test_a_key_written_again_takes_its_room_once(tmp_path):
         cache.put(key(1), layout(1))
     cache.put(key(2), layout(2))
     assert present(Path(cache.root), 1, 2) == [1, 2]
+
+
+def test_a_file_removed_between_listing_and_stat_is_passed_over(tmp_path, monkeypatch):
+    writer = LayoutCache(str(tmp_path))
+    for n in (1, 2):
+        writer.put(key(n), layout(n))
+    trimmed, scandir = files(tmp_path)[key(1)], os.scandir
+
+    def racing(path):  # a daemon trims one file after the listing, before its stat
+        entries = list(scandir(path))
+        trimmed.unlink(missing_ok=True)
+        return iter(entries)
+    monkeypatch.setattr(os, "scandir", racing)
+    reader = LayoutCache(str(tmp_path), writable=False)
+    monkeypatch.undo()
+    assert reader.directory is not None  # not degraded to memory only
+    assert [n for n in (1, 2) if reader.get(key(n)) == layout(n)] == [2]
