@@ -146,11 +146,23 @@ class _Store:
         return old
 
     def get(self, key: str) -> tuple[Resolution, float] | None:
-        entry = self.memory.get(key) or self._load(key)
+        """The entry for `key`, from memory or disk, made the most recently used."""
+        entry = self.peek(key)
         if entry is not None:
-            owner = self.used if key in self.used else self.written
-            self.remember(key, entry, owner.owner_of(key))
+            self.remember(key, entry, self.owner_of(key))
         return entry
+
+    def peek(self, key: str) -> tuple[Resolution, float] | None:
+        """The entry for `key`, from memory or disk, leaving what is used untouched."""
+        return self.memory.get(key) or self._load(key)
+
+    def owner_of(self, key: str) -> int:
+        """The owner of `key`, held in memory or on disk."""
+        return (self.used if key in self.used else self.written).owner_of(key)
+
+    def keys(self) -> list[str]:
+        """Every key held, in memory or on disk."""
+        return list(dict.fromkeys([*self.used.keys(), *self.written.keys()]))
 
     def remember(self, key: str, entry: tuple[Resolution, float], owner: int) -> None:
         self.memory[key] = entry
@@ -405,8 +417,8 @@ class LayoutCache:
         if not build_ids:
             return
         store = self._layouts
-        for key in dict.fromkeys([*store.used.keys(), *store.written.keys()]):
-            entry = store.get(key)
+        for key in store.keys():
+            entry = store.peek(key)
             if entry is not None and getattr(entry[0], "build_id", None) in build_ids:
                 store.remove(key)
 
@@ -414,11 +426,10 @@ class LayoutCache:
         """Every learned layout (key, owner, layout), from memory and disk."""
         with self._lock:
             found = []
-            for key in dict.fromkeys([*self._layouts.used.keys(),
-                                      *self._layouts.written.keys()]):
-                entry = self._layouts.get(key)
-                if entry is not None and key.startswith("build-id:"):
-                    found.append((key, self._layouts.used.owner_of(key), entry[0]))
+            for key in self._layouts.keys():
+                entry = self._layouts.peek(key) if key.startswith("build-id:") else None
+                if entry is not None:
+                    found.append((key, self._layouts.owner_of(key), entry[0]))
             return found
 
     def _degrade(self, message: str) -> None:

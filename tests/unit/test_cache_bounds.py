@@ -8,6 +8,9 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
+from ctprofd.resolve import offsets_file
 from ctprofd.resolve.cache import LayoutCache
 from ctprofd.resolve.layout import TsdLayout
 
@@ -136,3 +139,23 @@ def test_a_file_removed_between_listing_and_stat_is_passed_over(tmp_path, monkey
     monkeypatch.undo()
     assert reader.directory is not None  # not degraded to memory only
     assert [n for n in (1, 2) if reader.get(key(n)) == layout(n)] == [2]
+
+
+@pytest.mark.parametrize("look", ["offsets list", "offsets remove"])
+def test_looking_through_the_learned_layouts_uses_none_of_them(tmp_path, look):
+    def learned(n: int) -> str:
+        return f"build-id:{layout(n).build_id}:uid:0"
+    writer = LayoutCache(str(tmp_path), max_entries=3)
+    for n in (1, 2, 3):
+        writer.put(learned(n), layout(n), owner=1000)
+    imported = str(tmp_path / "imported.json")
+    offsets_file.dump([layout(7)], imported)
+    cache = LayoutCache(str(tmp_path), max_entries=3)
+    assert cache.get(learned(1)) == layout(1)  # the only one used
+    if look == "offsets list":
+        assert sorted(cache.learned()) == [(learned(n), 1000, layout(n)) for n in (1, 2, 3)]
+    else:  # every learned layout is looked at for one of the import's build
+        offsets_file.dump([], imported)
+        assert cache.refresh()
+    cache.put(key(4), layout(4), owner=1000)  # memory holds 3: the least used goes
+    assert cache.holds_layout(learned(1))
