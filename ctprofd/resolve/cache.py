@@ -12,7 +12,8 @@ push out what matters:
 - **imported** layouts (`offsets import` into `DIR/imported.json`, and the configured offsets
   files): pinned, never evicted; removed only by the operator (`offsets remove`). The file is
   looked at (a stat) at every `refresh`: a change is read again, and every failure cached
-  before it is dropped, so a binary that failed for want of these layouts is retried at once.
+  before it is dropped, so a binary that failed for want of these layouts is retried at once;
+  a file that cannot be used is logged once, and the layouts read before are kept.
 - **layouts** (`DIR/layouts/`): positive results, at most `max_entries` in memory and on
   disk, and `max_bytes` on disk.
 - **negative** results (`DIR/negative/`: "not jemalloc" and failures), bounded alike on
@@ -316,7 +317,8 @@ class LayoutCache:
 
     def refresh(self) -> bool:
         """Read `imported.json` again when it changed (a stat otherwise); whether it did.
-        Failures cached before the change are stale from then on."""
+        Failures cached before the change are stale from then on. A file that cannot be used
+        is logged once and the layouts read before are kept."""
         path = self.imported_path()
         if path is None:
             return False
@@ -332,9 +334,10 @@ class LayoutCache:
             self._imports_seen = seen
             try:
                 layouts = offsets_file.load(path) if seen is not None else []
-            except offsets_file.OffsetsFileError as exc:
-                log.warning("imported layouts unusable, none used: %s", exc)
-                layouts = []
+            except offsets_file.OffsetsFileError as exc:  # logged once: seen from now on
+                log.warning("imported layouts unusable, the %d read before are kept: %s",
+                            len(self._imported), exc)
+                return False
             before = set(self._imported)
             self._imported = {layout.build_id: layout for layout in layouts}
             self._purge_builds(before - set(self._imported))

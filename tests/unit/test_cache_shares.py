@@ -1,8 +1,9 @@
 """The layout cache's stores, on a real directory: negative results ("not jemalloc",
 failures) never push out a layout; a user over its share evicts its own layouts, never
-another user's; imported layouts are never evicted, and an import makes older failures
-stale."""
+another user's; imported layouts are never evicted, an import makes older failures stale,
+and an import file that cannot be used keeps the layouts read before."""
 
+import logging
 import os
 
 from ctprofd.resolve import offsets_file
@@ -67,3 +68,23 @@ def test_imported_layouts_are_pinned_and_an_import_makes_failures_stale(tmp_path
     assert cache.refresh()
     assert cache.get(f"build-id:{layout(7).build_id}") is None
     assert cache.get("file:8:8:8:8") is None  # removed with its import
+
+
+def test_an_unusable_import_is_logged_once_and_the_layouts_read_before_kept(tmp_path, caplog):
+    imported = tmp_path / "imported.json"
+    offsets_file.dump([layout(7)], str(imported))
+    cache = LayoutCache(str(tmp_path), max_entries=ENTRIES)
+    cache.put("file:8:8:8:8", layout(7), owner=0)  # learned through the import
+    failure = LayoutFailure("dwarf-parse-failure", "x: no DWARF")
+    cache.put("file:9:9:9:9", failure, owner=0)
+    imported.write_text(imported.read_text().replace('"layouts"', '"layouts",'))  # a typo
+    with caplog.at_level(logging.WARNING, logger="ctprofd.resolve.cache"):
+        assert not cache.refresh()
+        assert not cache.refresh()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("imported layouts unusable, the 1 read before are kept: "
+                              f"{imported}: not JSON"), warning
+    assert cache.imported() == {layout(7).build_id: layout(7)}
+    assert cache.get(f"build-id:{layout(7).build_id}") == layout(7)
+    assert cache.get("file:8:8:8:8") == layout(7)
+    assert cache.get("file:9:9:9:9") == failure  # nothing new to try it with
