@@ -182,8 +182,7 @@ class _Store:
         data = {"version": FORMAT_VERSION, "key": key, "owner": owner, "stored_at": entry[1],
                 "result": entry[0].to_dict()}
         try:
-            write_json(path, data)
-            size = os.path.getsize(path)
+            size = write_json(path, data)  # ASCII JSON: characters are bytes
         except OSError as exc:
             self._degrade(f"cannot write cache directory {self.directory}: {exc.strerror}")
             return
