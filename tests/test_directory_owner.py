@@ -116,6 +116,7 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused(tmp_path, plant):
     assert result.returncode == 78, result.stderr
     [line] = result.stderr.splitlines()
     assert f"{lock} is" in line and "remove it" in line, line
+    assert plant != "fifo" or "not a regular file (a FIFO)" in line, line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "elsewhere").exists()
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
+import sys
 import time
+
+from .regular import FileRefused, check_regular
 
 LOCK_FILE = ".lock"
 ATTEMPTS, PAUSE = 20, 0.025  # a `holder` check holds the lock for microseconds: wait it out
@@ -39,11 +41,11 @@ def _open(path: str, flags: int) -> int:
             raise LockRefused(errno.ELOOP, f"{path} is a symlink, not a lock file: remove "
                               "it") from None
         raise
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
-    if kind != stat.S_IFREG:
+    try:
+        check_regular(fd, sys.maxsize, path)  # of any size: the pid is written over it
+    except FileRefused as exc:
         os.close(fd)
-        raise LockRefused(errno.EINVAL, f"{path} is not a regular file (mode {kind:o}): "
-                          "remove it")
+        raise LockRefused(errno.EINVAL, f"{path} is {exc.strerror}: remove it") from None
     return fd
 
 
