@@ -355,7 +355,8 @@ def cmd_offsets(args: argparse.Namespace) -> int:
     if action == "list":
         if rest:
             args.error("offsets list takes no arguments")
-        return _with_capturer(args, lambda c: _offsets_list(c.cache, args.json))
+        return _with_capturer(args, lambda c: _offsets_list(c.cache, args.json),
+                              cache_writable=False)  # a listing changes nothing
     if action == "export":
         if not rest:
             args.error("offsets export takes FILE [BINARY ...]")

@@ -378,6 +378,18 @@ def test_an_import_takes_effect_in_a_running_daemon_and_remove_undoes_it(
         assert daemon.stop() == 0
 
 
+def test_offsets_list_writes_nothing_to_the_cache(tmp_path):
+    """`offsets list` only reads: it makes no directory and removes no file of an older
+    ctprofd (opened writable, the cache would do both)."""
+    cache = tmp_path / "cache"
+    (cache / "layouts").mkdir(parents=True)
+    (cache / "layouts" / "file_1_2_3_4.json").write_text("{}")  # an older ctprofd's name
+    result = cli("offsets", "list", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == [
+        "layouts", "layouts/file_1_2_3_4.json"]
+
+
 def test_sighup_reads_an_import_without_waiting_for_a_snapshot(fixture_bins, tmp_path):
     _, exported = broken_library(fixture_bins, tmp_path)
     config = write_config(tmp_path, "selection:\n  include:\n    comm: ['^ctprofd-none$']\n",
