@@ -240,10 +240,13 @@ def _offsets_export(capturer: Capturer, path: str, binaries: list[str]) -> int:
 
 def _imported_file(cache_dir: str | None) -> str | None:
     """Where `offsets import` keeps the layouts it pins; None (after saying so) without a
-    cache directory."""
+    cache directory, or when it names something else than a directory."""
     if not cache_dir:
         print("ctprofd: no cache directory for imported layouts (cache_dir is null): pass "
               "--cache-dir DIR", file=sys.stderr)
+        return None
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        print(f"ctprofd: cache_dir {cache_dir} is not a directory", file=sys.stderr)
         return None
     return os.path.join(cache_dir, IMPORTED_FILE)
 

@@ -20,6 +20,7 @@ import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report import tags
+from ctprofd.resolve import offsets_file
 from ctprofd.resolve.debughelp import how_to_get_debug_info
 from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import CTPROFD, REPO, DaemonProcess, clean_env, run_once, write_config
@@ -388,6 +389,17 @@ def test_offsets_list_writes_nothing_to_the_cache(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == [
         "layouts", "layouts/file_1_2_3_4.json"]
+
+
+@pytest.mark.parametrize("action", ["import", "remove"])
+def test_a_cache_dir_that_is_not_a_directory_is_named(tmp_path, action):
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("")
+    exported = tmp_path / "offsets.json"
+    offsets_file.dump([], str(exported))
+    argument = str(exported) if action == "import" else "ab" * 20
+    result = cli("offsets", action, argument, "--cache-dir", str(not_a_directory))
+    one_line(result, 1, f"cache_dir {not_a_directory} is not a directory")
 
 
 def test_sighup_reads_an_import_without_waiting_for_a_snapshot(fixture_bins, tmp_path):
