@@ -19,7 +19,7 @@ from .procfs.capabilities import warn_if_unprivileged
 from .report import tags
 from .report.snapshot import Snapshot
 from .resolve import needed, offsets_file
-from .resolve.cache import IMPORTED_FILE, LayoutCache
+from .resolve.cache import LayoutCache, imported_path
 from .resolve.debughelp import how_to_get_debug_info
 from .resolve.layout import LayoutFailure, NotJemalloc, TsdLayout
 from .resolve.offsets_file import OffsetsFileError
@@ -248,7 +248,7 @@ def _imported_file(cache_dir: str | None) -> str | None:
     if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
         print(f"ctprofd: cache_dir {cache_dir} is not a directory", file=sys.stderr)
         return None
-    return os.path.join(cache_dir, IMPORTED_FILE)
+    return imported_path(cache_dir)
 
 
 def _read_imported(path: str) -> list[TsdLayout] | None:
@@ -310,17 +310,16 @@ def _offsets_remove(build_ids: list[str], cache_dir: str | None) -> int:
 def _offsets_list(cache: LayoutCache, as_json: bool) -> int:
     """Every layout the cache holds: imported (pinned), configured (offsets_files), then
     learned from binaries here, with their owner."""
-    rows = []
-    for kind, pinned in (("imported", cache.imported()), ("configured", cache.configured())):
-        for build_id, layout in sorted(pinned.items()):
-            rows.append({"build_id": build_id, "kind": kind, "owner": None,
-                         "allocated_offset": layout.allocated_offset,
-                         "deallocated_offset": layout.deallocated_offset,
-                         "source": layout.source})
-    for key, owner, layout in sorted(cache.learned(), key=lambda e: e[0]):
-        rows.append({"build_id": layout.build_id, "kind": "learned", "owner": owner,
-                     "allocated_offset": layout.allocated_offset,
-                     "deallocated_offset": layout.deallocated_offset, "source": layout.source})
+    def row(layout: TsdLayout, kind: str, owner: int | None = None) -> dict[str, object]:
+        return {"build_id": layout.build_id, "kind": kind, "owner": owner,
+                "allocated_offset": layout.allocated_offset,
+                "deallocated_offset": layout.deallocated_offset, "source": layout.source}
+    rows = [row(layout, kind)
+            for kind, pinned in (("imported", cache.imported()),
+                                 ("configured", cache.configured()))
+            for _, layout in sorted(pinned.items())]
+    rows += [row(layout, "learned", owner)
+             for _, owner, layout in sorted(cache.learned(), key=lambda e: e[0])]
     if as_json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")

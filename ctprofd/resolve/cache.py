@@ -56,6 +56,12 @@ FORMAT_VERSION = 6
 IMPORTED_FILE = "imported.json"
 
 
+def imported_path(directory: str | None) -> str | None:
+    """The file holding the layouts `offsets import` pinned in cache `directory`; None
+    without one."""
+    return os.path.join(directory, IMPORTED_FILE) if directory else None
+
+
 class Shares:
     """Keys by owner, each owner's least recently used first. The victim, when a store is
     full, is the oldest key of the owner holding the most (equal shares for all owners)."""
@@ -311,14 +317,11 @@ class LayoutCache:
             for layout in layouts:
                 self._configured[layout.build_id] = layout
 
-    def imported_path(self) -> str | None:
-        return os.path.join(self.root, IMPORTED_FILE) if self.root else None
-
     def refresh(self) -> bool:
         """Read `imported.json` again when it changed (a stat otherwise); whether it did.
         Failures cached before the change are stale from then on. A file that cannot be used
         is logged once and the layouts read before are kept."""
-        path = self.imported_path()
+        path = imported_path(self.root)
         if path is None:
             return False
         try:
