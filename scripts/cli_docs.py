@@ -18,7 +18,7 @@ from ctprofd import __version__  # noqa: E402
 from ctprofd.cli import build_parser  # noqa: E402
 from ctprofd.config.settings import DEFAULT_PATH  # noqa: E402
 
-FILE_METAVARS = {"PATH", "FILE", "BINARY|export|import"}
+FILE_METAVARS = {"PATH", "FILE"}
 NAME = "export the jemalloc allocation counters of every process to Prometheus"
 DESCRIPTION = ("ctprofd reads the exact, cumulative allocation counters of every jemalloc-linked "
                "process on the host (per thread, through ptrace once and process_vm_readv "

@@ -1,4 +1,4 @@
-"""A cache written by an older ctprofd (before format 5: positive and negative results in one
+"""A cache written by an older ctprofd (before format 6: positive and negative results in one
 directory, files not named with their owner) is removed with one warning, and its binaries
 are parsed again; a file of an unknown format is set aside. Never a traceback."""
 
