@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_tgids,
-                                list_threads, read_maps, read_process)
+from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_threads,
+                                numbered_entries, read_maps, read_process)
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
@@ -235,13 +235,13 @@ class Capturer:
         waiting: list[ProcessInfo] = []  # pending: their binaries are being resolved
         # new processes listed before their parent (pid wrap): read once the parent was, so
         # that a fork() child can be told by its parent's memory and state
-        deferred: list[ProcessInfo] = []
+        deferred: list[tuple[ProcessInfo, int]] = []  # with their /proc/PID's inode
         submitted = self.attacher.submitted
         complete = True
         root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
         quiet.begin(self._passes, clock, seen)
         # a pid asked for by name is read whatever it was (inode -1 matches nothing)
-        listing = list_tgids(root) if pids is None else [(pid, -1) for pid in sorted(pids)]
+        listing = numbered_entries(root) if pids is None else [(pid, -1) for pid in sorted(pids)]
         for pid, inode in listing:
             if cancel is not None and cancel.is_set():
                 complete = False

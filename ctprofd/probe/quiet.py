@@ -4,10 +4,11 @@ unchanged one from the /proc listing alone, opening no file of it.
 
 The listing gives each pid with the inode number of its /proc/PID directory, which the
 kernel flushes when a process is reaped: another process with the same pid has another
-number and is read at once (`procfs.processes.list_tgids`). What the number cannot show (an
-exec, a rename, a new owner or unit the selection looks at) is caught by reading the process
-again once in `recheck` snapshots, spread by pid; a process with no jemalloc is also read
-when its code objects are due for another look (a module that brings jemalloc in later)."""
+number and is read at once (`procfs.processes.numbered_entries`). What the number cannot
+show (an exec, a rename, a new owner or unit the selection looks at) is caught by reading
+the process again once in `recheck` snapshots, spread by pid; a process with no jemalloc is
+also read when its code objects are due for another look (a module that brings jemalloc in
+later)."""
 
 from __future__ import annotations
 

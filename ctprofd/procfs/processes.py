@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator
+from typing import Callable
 
 from .containers import Container, container_from_cgroup
 
@@ -230,15 +230,6 @@ def gone(directory: str, start_time: int | None) -> bool:
 _SIGKILL_BIT = 1 << (9 - 1)
 
 
-def iter_processes(proc_root: str = "/proc",
-                   pids: list[int] | None = None) -> Iterator[ProcessInfo | int]:
-    """Every tgid but our own: a ProcessInfo, or the bare pid when its stat vanished."""
-    own = os.getpid()
-    for pid in (pids if pids is not None else list_pids(proc_root)):
-        if pid != own:
-            yield read_process(proc_root, pid) or pid
-
-
 def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
     """The process `pid` from its stat file; None when that vanished (it exited)."""
     directory = _prefix(proc_root) + str(pid)
@@ -247,12 +238,6 @@ def read_process(proc_root: str, pid: int) -> ProcessInfo | None:
     except (OSError, ValueError, IndexError):
         return None
     return ProcessInfo(proc_root, pid, stat, directory)
-
-
-def list_tgids(proc_root: str) -> list[tuple[int, int]]:
-    """(pid, inode number of /proc/PID) of every process, sorted by pid, from the listing
-    alone (see `numbered_entries`)."""
-    return numbered_entries(proc_root)
 
 
 def numbered_entries(directory: str) -> list[tuple[int, int]]:
