@@ -85,7 +85,7 @@ class CaptureStats:
     ptrace_stops: int
     elf_opens: int
     torn_reads: int
-    exit_races: int
+    exit_races: int  # threads gone before or while stopped, plus tgids that exited while read
     cache_hits: int
     cache_misses: int
     cache_entries: int

@@ -108,23 +108,30 @@ class Tally:
     current: tuple[int, str] | None = None  # (pid, comm) the failures that follow are of
     exit_races: int = 0  # tgids that exited while read: their failures were forgiven
     _current_failures: Counter[str] = field(default_factory=Counter)
+    _left_out_before: int = 0  # left_out when the current tgid began
 
     def begin(self, pid: int, comm: str) -> None:
         """The failures that follow are of this tgid (until the next `begin`)."""
         self.current = (pid, comm)
         self._current_failures = Counter()
+        self._left_out_before = self.left_out
 
     def failed_now(self) -> bool:
         """Whether the current tgid had a failure (any tag but `jemalloc-not-found`)."""
         return any(tag != tags.JEMALLOC_NOT_FOUND for tag in self._current_failures)
 
     def forgive(self) -> None:
-        """The current tgid exited while read: take back its failures, count an exit race."""
+        """The current tgid exited while read: take back its failures, its threads left
+        out and the tracer said to hold it; count an exit race."""
         self.failures.subtract(self._current_failures)
         self.failures = +self.failures  # no zero or negative counts left
         if self.current is not None:
             self.failed_pids.pop(self.current[0], None)
+            tracer = self.traced_by.pop(self.current[0], None)
+            if tracer is not None and tracer not in self.traced_by.values():
+                del self.tracer_names[tracer]
         self._current_failures = Counter()
+        self.left_out = self._left_out_before
         self.exit_races += 1
 
     def fail(self, tag: str, count: int = 1, reason: str = "") -> None:

@@ -179,3 +179,28 @@ def test_actionable_failures_are_listed_under_the_current_tgid_first_one_first()
 def test_probe_error_keeps_its_errno():
     assert tags.ProbeError(tags.PTRACE_SEIZE, "tid 3", errno=1).errno == 1
     assert tags.ProbeError(tags.PTRACE_SEIZE, "tid 3").errno is None
+
+
+def test_forgiving_a_tgid_takes_back_all_it_added_and_nothing_of_the_others():
+    """A tgid that exited while read: its failures, the threads it left out and the tracer
+    said to hold it are taken back; what earlier tgids added stays."""
+    tally = Tally()
+    tally.begin(10, "redis")
+    tally.fail(tags.WAITPID, reason="tid 11: no stop in 250 ms")  # as threads.py does
+    tally.left_out += 1
+    tally.begin(20, "envoy")
+    tally.fail(tags.PTRACE_TRACED, reason="tid 20: held")
+    tally.traced_by[20], tally.tracer_names[99] = 99, "strace"
+    tally.begin(30, "nginx")
+    tally.fail(tags.PTRACE_TRACED, 2, reason="tid 30: held")
+    tally.traced_by[30], tally.tracer_names[99] = 99, "strace"
+    tally.left_out += 2
+    tally.forgive()
+    tally.begin(40, "java")
+    tally.fail(tags.PTRACE_TRACED, reason="tid 40: held")
+    tally.traced_by[40], tally.tracer_names[98] = 98, "gdb"
+    tally.forgive()
+    assert tally.failures == Counter({tags.WAITPID: 1, tags.PTRACE_TRACED: 1})
+    assert set(tally.failed_pids) == {10, 20}
+    assert (tally.left_out, tally.traced_by, tally.tracer_names) == (1, {20: 99}, {99: "strace"})
+    assert tally.exit_races == 2
