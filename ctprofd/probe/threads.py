@@ -188,11 +188,11 @@ class ThreadProber:
             block = dtv.block_address(self.read_ranges, pid, loader,
                                       self._module(pid, state), thread_pointer)
         except dtv.DtvError as exc:
+            state.threads[thread.tid].unplaced = True  # not read: never reported as a zero
             if self.thread_gone(pid, thread):
                 self.exit_races += 1  # its DTV went with it: nothing to place
                 log.debug("pid %d: tid %d exited while its DTV was read: %s", pid, thread.tid, exc)
                 return
-            state.threads[thread.tid].unplaced = True
             tally.fail(tags.JEMALLOC_IN_DSO, reason=f"tid {thread.tid}: general-dynamic "
                        f"TLS: {exc}")
             return

@@ -190,3 +190,25 @@ def test_a_module_not_found_is_one_failure_per_thread_and_looked_for_again_after
     assert tally.failures == {} and tally.probed_ok == 2
     assert {s.tid: (s.allocated_bytes, s.deallocated_bytes) for s in samples} == {
         11: (5000, 3000), 12: (5000, 3000)}
+
+
+@pytest.mark.parametrize("exited", [True, False])
+def test_a_dtv_unreadable_because_its_thread_exited_is_an_exit_race(exited):
+    """A thread whose DTV cannot be read (here its thread pointer leads nowhere) is a
+    jemalloc-in-dso failure while it lives, and an exit race, in no tag, once it exited;
+    either way it is not read, nor reported as a thread without a block (a zero)."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    gone_tp = TP + 0x200000  # no pthread.dtvp there: the read faults
+    state.threads[11] = ThreadState(50, 0, thread_pointer=gone_tp)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: exited)
+    tally = Tally()
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally) == []
+    assert mem.seen[loader.fields["pthread_dtvp"].at(gone_tp)] == 1
+    if exited:
+        assert (tally.failures, prober.exit_races) == ({}, 1)
+    else:
+        assert (tally.failures, prober.exit_races) == ({tags.JEMALLOC_IN_DSO: 1}, 0)
+    assert tally.probed_ok == 0
