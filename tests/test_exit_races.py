@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
-from ctprofd.procfs.processes import read_stat
+from ctprofd.procfs.processes import ProcessInfo, read_stat
 from ctprofd.report import tags
 from support.procs import assert_no_thread_stopped_or_traced, wait_until
 
@@ -116,3 +116,39 @@ def test_a_pid_gone_between_the_listing_and_its_stat_counts_nowhere(tmp_path):
         assert engine.capture(pids=[4242]).failures == {tags.PID_MISSING: 1}
     finally:
         engine.close()
+
+
+def test_an_unexpected_error_is_warned_about_unless_the_process_exited(fixture_bins,
+                                                                       spawn_fixture, caplog,
+                                                                       monkeypatch):
+    """An unexpected error while attaching is worker-panic and a warning for a process that
+    still runs, an exit race (no tag, said at debug) for one that exited meanwhile; whether
+    it exited is asked once per process."""
+    live, dying = spawn_fixture(fixture_bins["static"], 1), spawn_fixture(fixture_bins["static"], 1)
+    engine = Capturer(CaptureSettings(debug_dirs=()))
+    asked: list[int] = []
+    exited_now = ProcessInfo.exited
+
+    def exited_counted(process: ProcessInfo) -> bool:
+        asked.append(process.pid)
+        return exited_now(process)
+
+    def attach_fails(process, identity):
+        if process.pid == dying.pid:
+            os.kill(dying.pid, signal.SIGKILL)
+            wait_until(lambda: exited(dying.pid), "the SIGKILL")
+        raise RuntimeError("made up")
+
+    monkeypatch.setattr(ProcessInfo, "exited", exited_counted)
+    engine.attacher.attach = attach_fails
+    caplog.set_level(logging.DEBUG, logger="ctprofd")
+    try:
+        snapshot = engine.capture(pids=[live.pid, dying.pid])
+    finally:
+        engine.close()
+    assert snapshot.failures == {tags.WORKER_PANIC: 1}
+    assert [f.pid for f in snapshot.failed_pids] == [live.pid]
+    assert sorted(asked) == sorted([live.pid, dying.pid])
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [f"pid {live.pid}: unexpected RuntimeError while attaching: made up"]
+    assert engine.stats.exit_races == 1

@@ -417,7 +417,7 @@ class Capturer:
         failures are taken back and said at debug only."""
         try:
             sample = self._read_process(process, tally, cancel)
-        except (ProbeError, OSError, ImageChanged) as error:
+        except Exception as error:  # tallied; one odd process must never cost the snapshot
             sample, failure = None, error
         else:
             failure = None
@@ -430,14 +430,19 @@ class Capturer:
             if failure.tag == tags.READLINK_FAILURE and failure.errno in DENIED:
                 tally.denied_tgids += 1
             self._log_failure(process, failure)
-        elif failure is not None:
+        elif isinstance(failure, (OSError, ImageChanged)):
             log.debug("pid %d: gone while probed: %s", process.pid, failure)
+        elif failure is not None:
+            log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
+                        type(failure).__name__, failure,
+                        exc_info=failure if log.isEnabledFor(logging.DEBUG) else None)
         return sample
 
     def _read_process(self, process: ProcessInfo, tally: Tally,
                       cancel: threading.Event | None) -> ProcessSample | None:
         """`_probe_process` but for exit races: failures tallied, then raised (ProbeError,
-        or OSError / ImageChanged when its /proc entries went away or it exec'ed again)."""
+        OSError / ImageChanged when its /proc entries went away or it exec'ed again, or
+        anything unexpected, as `worker-panic`)."""
         attached = False
         try:
             tracked = self._track(process)
@@ -467,12 +472,9 @@ class Capturer:
             tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE,
                        reason=f"exited while probed: {exc}")
             raise
-        except Exception as exc:  # one odd process must never cost the whole snapshot
+        except Exception as exc:  # warned about by _probe_process unless it exited
             tally.fail(tags.WORKER_PANIC, reason=f"unexpected {type(exc).__name__}: {exc}")
-            if not process.exited():
-                log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
-                            type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            return None
+            raise
         if arena is None and not threads and tracked.retained_totals() == (0, 0):
             return None  # nothing read yet: exporting zeros would fake a counter reset
         allocated, deallocated, source = process_totals(tracked.all_totals(), arena,

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -96,21 +97,14 @@ def refusal(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
     TracerPid) or a lack of privilege."""
     if gone(f"{proc_root}/{tid}", None):
         return ThreadGone(f"tid {tid}: exited (or exiting) at PTRACE_SEIZE")
-    fields = {}
     try:
-        with open(f"{proc_root}/{tid}/status", "rb") as f:
-            for line in f:
-                name, _, value = line.partition(b":")
-                if name in (b"State", b"TracerPid"):
-                    fields[name] = value.split()
+        status = read_file(f"{proc_root}/{tid}/status")
     except (FileNotFoundError, ProcessLookupError):
         return ThreadGone(f"tid {tid}: gone at PTRACE_SEIZE")
     except OSError:  # hidden from us (hidepid): say nothing more than the refusal
         return SeizeRefused(tid, 0)
-    if fields.get(b"State", [b"?"])[0] in (b"Z", b"X"):
-        return ThreadGone(f"tid {tid}: exited (a zombie) at PTRACE_SEIZE")
-    tracer = fields.get(b"TracerPid", [b"0"])[0]
-    tracer_pid = int(tracer) if tracer.isdigit() else 0
+    found = re.search(rb"^TracerPid:\s*(\d+)", status, re.M)
+    tracer_pid = int(found.group(1)) if found else 0
     return SeizeRefused(tid, tracer_pid, _comm(tracer_pid, proc_root) if tracer_pid else "")
 
 

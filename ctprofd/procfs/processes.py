@@ -146,22 +146,28 @@ class ProcessInfo:
 
     def exited(self) -> bool:
         """Whether this process has exited by now (see `gone`). A leader that is a zombie
-        while other threads of its group run on has not."""
-        if not gone(self._directory, self.start_time):
+        while other threads of its group run on has not. Each stat file is read once."""
+        try:
+            stat = read_stat(self._directory + "/stat")
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            return True
+        except OSError:
+            return False  # refused to us: not known to be gone
+        if stat.start_time != self.start_time:
+            return True  # another process under its pid
+        if not _gone(self._directory, stat, None):
             return False
         task_dir = self._directory + "/task"
         try:
-            if read_stat(self._directory + "/stat").start_time != self.start_time:
-                return True
             tids = list_pids(task_dir)
-        except (OSError, ValueError, IndexError):
+        except OSError:
             return True
         for tid in tids:
             try:
-                start = read_stat(f"{task_dir}/{tid}/stat").start_time
+                thread = read_stat(f"{task_dir}/{tid}/stat")
             except (OSError, ValueError, IndexError):
                 continue
-            if not gone(f"{task_dir}/{tid}", start):
+            if not _gone(f"{task_dir}/{tid}", thread, None):
                 return False
         return True
 
@@ -215,11 +221,21 @@ def gone(directory: str, start_time: int | None) -> bool:
     counts nowhere, and is said at debug only."""
     try:
         stat = read_stat(directory + "/stat")
-        if ((start_time is not None and stat.start_time != start_time)
-                or stat.state in ("Z", "X") or stat.exiting):
-            return True
-        status = read_file(directory + "/status")
     except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return True
+    except OSError:
+        return False
+    return _gone(directory, stat, start_time)
+
+
+def _gone(directory: str, stat: StatLine, start_time: int | None) -> bool:
+    """`gone`, its stat file read already (`stat`)."""
+    if ((start_time is not None and stat.start_time != start_time)
+            or stat.state in ("Z", "X") or stat.exiting):
+        return True
+    try:
+        status = read_file(directory + "/status")
+    except (FileNotFoundError, ProcessLookupError):
         return True
     except OSError:
         return False
