@@ -113,9 +113,11 @@ class _Tracked:
     arena_skip: int = 0  # snapshots left before they are read again
     over_budget: bool = False  # the last read would have passed the budget (warned once)
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
-    comm: str = ""  # the name it had when attached: an exec mostly renames a process
+    comm: str = ""  # the name it had when attached (for the log)
     fork: ForkOrigin | None = None  # a fork() child: what it inherited is not its own
-    objects_due: float = 0.0  # when the code objects of a process with no jemalloc are next due
+    # when the code objects of a process with no jemalloc are next looked at (the one timer
+    # of that look: quiet.py lets the process through for it); never for any other
+    objects_due: float = float("inf")
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -196,7 +198,7 @@ class Capturer:
         self._last_line: str | None = None  # the summary line last logged
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
-        self._passes = 0  # snapshots begun: spreads the re-checks of non-jemalloc processes
+        self._passes = 0  # snapshots begun: spreads the re-checks of quiet processes, threads
         self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK)  # counted unread while unchanged
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
@@ -344,14 +346,11 @@ class Capturer:
         if outcome is None or inode < 0:
             self._quiet.forget(process.pid)
             return
-        key, due = None, float("inf")
         if outcome == NOT_JEMALLOC:
-            tracked = self._tracked[process.key]
-            assert isinstance(tracked.result, NotJemalloc)
-            key = process.key
-            if tracked.result.mapped is not None:  # its code objects are looked at again
-                due = tracked.objects_due
-        self._quiet.remember(process.pid, inode, outcome, key, due)
+            self._quiet.remember(process.pid, inode, outcome, process.key,
+                                 self._tracked[process.key])
+        else:
+            self._quiet.remember(process.pid, inode, outcome)
 
     def _count_quiet(self, tally: Tally) -> None:
         """Tally the processes counted unread as reading them would have."""
@@ -588,9 +587,8 @@ class Capturer:
             return self._attach(process, None)
         if isinstance(tracked.result, NotJemalloc) and self._loaded_since(process, tracked):
             return self._attach(process, tracked)
-        if (isinstance(tracked.result, NotJemalloc) and process.comm == tracked.comm
-                and (process.pid + self._passes) % NOT_JEMALLOC_RECHECK):
-            return tracked  # most processes run no jemalloc: their exe is looked at less often
+        # a process with no jemalloc gets here once in NOT_JEMALLOC_RECHECK snapshots of a
+        # walk (quiet.py counts it unread in the others), at every capture of named pids
         identity = exe_identity(process)
         if tracked.identity != identity:
             if not same_image(process.pid, tracked.image_mark):
@@ -602,8 +600,9 @@ class Capturer:
         """Whether a process with no jemalloc mapped other code objects since it was looked
         at, checked once in NOT_JEMALLOC_OBJECTS_RECHECK seconds."""
         assert isinstance(tracked.result, NotJemalloc)
-        if tracked.result.mapped is None or self._now < tracked.objects_due:
+        if self._now < tracked.objects_due:
             return False
+        assert tracked.result.mapped is not None
         tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK
         try:
             return code_objects_digest(read_maps(process)) != tracked.result.mapped
@@ -639,9 +638,10 @@ class Capturer:
             tracked.fork = self._fork_origin(process, mark)
         tracked.reported = previous.reported if previous is not None else saved.reported
         tracked.comm = process.comm
-        # the first look at its code objects spread over the period by pid
-        tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK * (
-            1 + process.pid % 64 / 64)
+        if isinstance(result, NotJemalloc) and result.mapped is not None:
+            # the first look at its code objects spread over the period by pid
+            tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK * (
+                1 + process.pid % 64 / 64)
         self._tracked[process.key] = tracked
         return tracked
 

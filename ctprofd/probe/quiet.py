@@ -13,9 +13,16 @@ later)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 # What a process's read gave, and so what counting it without a read adds to the tally.
 KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED = range(4)
+
+
+class Timed(Protocol):
+    """What the Capturer tracks of a process with no jemalloc (capture._Tracked)."""
+
+    objects_due: float  # the monotonic time its code objects are next looked at
 
 
 @dataclass(slots=True)
@@ -25,7 +32,7 @@ class Quiet:
     inode: int  # of /proc/PID when it was read
     outcome: int  # KERNEL_THREAD, NOT_JEMALLOC, REFUSED or UNSELECTED
     key: tuple[int, int] | None  # (pid, start time) of a process the Capturer tracks
-    due: float  # the monotonic time it must be read again by (its code objects' next look)
+    tracked: Timed | None  # what it tracks of it: read again once its objects_due is past
     listed: int = 0  # the last snapshot whose listing had it
 
 
@@ -54,7 +61,7 @@ class QuietProcesses:
         then it is counted, and needs nothing more. No object is made for it."""
         entry = self._entries.get(pid)
         if (entry is None or entry.inode != inode or not (pid + self._pass) % self.recheck
-                or self._now >= entry.due):
+                or (entry.tracked is not None and self._now >= entry.tracked.objects_due)):
             return False
         entry.listed = self._pass
         self.counts[entry.outcome] += 1
@@ -63,9 +70,9 @@ class QuietProcesses:
         return True
 
     def remember(self, pid: int, inode: int, outcome: int,
-                 key: tuple[int, int] | None = None, due: float = float("inf")) -> None:
+                 key: tuple[int, int] | None = None, tracked: Timed | None = None) -> None:
         """What reading `pid` gave: it is counted unread until it is due again."""
-        self._entries[pid] = Quiet(inode, outcome, key, due, self._pass)
+        self._entries[pid] = Quiet(inode, outcome, key, tracked, self._pass)
 
     def forget(self, pid: int) -> None:
         """`pid` was read and has something to read (or was read outside a full walk)."""
