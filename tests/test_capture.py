@@ -18,6 +18,7 @@ from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSetting
 from ctprofd.procfs import processes
 from ctprofd.report import tags
 from ctprofd.report.summary import REMEDIATION_HINT
+from ctprofd.resolve import attach
 from ctprofd.resolve.cache import LayoutCache
 from support import elf
 from support.cgroups import in_cgroup, in_unit, unique_unit
@@ -123,30 +124,48 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
                                                                        spawn_fixture,
                                                                        monkeypatch):
     """A steady-state snapshot opens no file of a process known to run no jemalloc: its
-    /proc/PID/stat is read once in NOT_JEMALLOC_RECHECK snapshots (the look that catches an
-    exec), and it is still walked and tallied as if read. A jemalloc process beside it is
-    read in every snapshot."""
+    /proc/PID/stat is read and its exe stat()ed once in NOT_JEMALLOC_RECHECK snapshots (the
+    look that catches an exec), its maps not read (their look is due in a minute), and it is
+    still walked and tallied as if read. A jemalloc process beside it is read in every
+    snapshot."""
     sleeper = spawn_process(["sleep", "600"], ready=None)
     fixture = spawn_fixture(fixture_bins["static"], 2)
     watched = {sleeper.pid, fixture.pid}
     opened: list[str] = []
-    real_read_file = processes.read_file
+    looked: list[str] = []  # /proc paths stat()ed (attach.identity_of), maps read
+    real_read_file, real_identity_of = processes.read_file, attach.identity_of
+    real_read_maps_text = processes.read_maps_text
 
     def reading(path: str) -> bytes:
         opened.append(path)
         return real_read_file(path)
+
+    def stating(path: str) -> attach.BinaryIdentity:
+        looked.append(path)
+        return real_identity_of(path)
+
+    def reading_maps(process: processes.ProcessInfo) -> str:
+        looked.append(process.path("maps"))
+        return real_read_maps_text(process)
     monkeypatch.setattr(processes, "read_file", reading)
+    monkeypatch.setattr(attach, "identity_of", stating)
+    for module in (processes, attach):
+        monkeypatch.setattr(module, "read_maps_text", reading_maps)
     engine = capturer(fixture_bins, select=lambda p: p.pid in watched)
     try:
         engine.capture()  # first sight: both read
         assert f"/proc/{sleeper.pid}/stat" in opened
+        assert f"/proc/{sleeper.pid}/maps" in looked
         opened.clear()
+        looked.clear()
         snapshots = [engine.capture() for _ in range(2 * NOT_JEMALLOC_RECHECK)]
     finally:
         engine.close()
     assert opened.count(f"/proc/{sleeper.pid}/stat") == 2
     assert not [path for path in opened if path.startswith(f"/proc/{sleeper.pid}/")
                 and path != f"/proc/{sleeper.pid}/stat"]
+    assert [path for path in looked if path.startswith(f"/proc/{sleeper.pid}/")] == [
+        f"/proc/{sleeper.pid}/exe"] * 2
     assert opened.count(f"/proc/{fixture.pid}/stat") == 2 * NOT_JEMALLOC_RECHECK
     for snapshot in snapshots:
         assert snapshot.summary.tgids_walked == 2

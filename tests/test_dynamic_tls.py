@@ -89,27 +89,35 @@ def test_dlopened_general_dynamic_module_is_read_exactly(gd_build, tmp_path, mod
         target.kill()
 
 
-def test_a_module_loaded_after_the_first_look_is_found(gd_build, monkeypatch):
+@pytest.mark.parametrize("walk", [False, True])
+def test_a_module_loaded_after_the_first_look_is_found(gd_build, monkeypatch, walk):
     """A process with no jemalloc when first looked at, that dlopen()s a jemalloc module
     later, is read (exactly) once its code objects are looked at again: every
     NOT_JEMALLOC_OBJECTS_RECHECK seconds, not before (an engine with the default period,
-    beside one with 0, still finds none)."""
+    beside one with 0, still finds none). Asked for by pid, or in a walk of the host, where
+    it is counted from the /proc listing alone meanwhile and that look is what lets it
+    through (the periodic look at its exe, which would too, is switched off here)."""
     target = Spawned([gd_build["host"], gd_build["full"], "2", "2", "wait"])
-    engines = {"default": Capturer(CaptureSettings(debug_dirs=()))}
-    engines["default"].capture(pids=[target.pid])
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_RECHECK", 10 ** 9)
+    pids = None if walk else [target.pid]
+
+    def engine_now() -> Capturer:
+        return Capturer(CaptureSettings(debug_dirs=(), select=lambda p: p.pid == target.pid))
+    engines = {"default": engine_now()}
+    engines["default"].capture(pids=pids)
     monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0.0)
-    engines["every snapshot"] = Capturer(CaptureSettings(debug_dirs=()))
+    engines["every snapshot"] = engine_now()
     try:
         target.wait_for("WAITING", timeout=30)
         for engine in engines.values():
-            assert engine.capture(pids=[target.pid]).processes == ()
+            assert engine.capture(pids=pids).processes == ()
             assert engine.not_jemalloc_reason(target.pid)
         target.send("load")
         lines = [json.loads(line) for line in target.wait_for("READY", timeout=30)]
         truth = {t["tid"]: (t["allocated"], t["deallocated"]) for t in lines if "idle" not in t}
         [idle] = [t["tid"] for t in lines if "idle" in t]
-        assert engines["default"].capture(pids=[target.pid]).processes == ()
-        snapshot = engines["every snapshot"].capture(pids=[target.pid])
+        assert engines["default"].capture(pids=pids).processes == ()
+        snapshot = engines["every snapshot"].capture(pids=pids)
         assert snapshot.failures == {}, snapshot.failed_pids
         [process] = snapshot.processes
         read = {t.tid: (t.allocated_bytes, t.deallocated_bytes) for t in process.threads}
