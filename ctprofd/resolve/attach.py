@@ -103,9 +103,9 @@ def _own_view() -> tuple[int, int, int]:
 
 
 def view_of(process: ProcessInfo, own: tuple[int, int, int]) -> str:
-    """"" when the process sees the files as ctprofd does (its mount namespace and root),
-    else a name for its view: mount namespace, root directory and uid (a namespace's number
-    may be reused by another user's). One process's own when they cannot be read."""
+    """A name for the process's view of the files: its mount namespace, root directory and
+    uid (a namespace's number may be reused by another user's); one process's own when they
+    cannot be read; empty when it sees the files as ctprofd does (same namespace and root)."""
     try:
         ns, root = os.stat(process.path("ns", "mnt")), os.stat(process.path("root"))
     except OSError:

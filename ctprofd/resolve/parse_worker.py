@@ -173,7 +173,8 @@ class ParseWorker:
             self._stop(wait=2.0)
 
     def _request(self, request: dict, stream: BinaryIO,
-                 what: str) -> ObjectFacts | Resolution | LoaderFacts | int:
+                 what: str) -> (ObjectFacts | Resolution | LoaderFacts
+                                | tuple[int | None, str | None]):
         with self._lock:
             try:
                 data = self._exchange(json.dumps(request).encode(), stream.fileno())
