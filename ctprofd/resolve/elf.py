@@ -74,16 +74,13 @@ def is_shared_library(elf: ELFFile) -> bool:
 
 
 def build_id(elf: ELFFile) -> str | None:
-    """NT_GNU_BUILD_ID as lowercase hex, or None."""
+    """NT_GNU_BUILD_ID as lowercase hex, from the note segments or else the note sections;
+    None when neither has one."""
     for segment in elf.iter_segments("PT_NOTE"):
         for note in segment.iter_notes():
             if note["n_type"] == "NT_GNU_BUILD_ID":
                 return note["n_desc"]
-    for section in elf.iter_sections("SHT_NOTE"):
-        for note in section.iter_notes():
-            if note["n_type"] == "NT_GNU_BUILD_ID":
-                return note["n_desc"]
-    return None
+    return section_build_id(elf)
 
 
 def section_build_id(elf: ELFFile) -> str | None:
