@@ -40,7 +40,7 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 from ..report.snapshot import ARENA, THREADS, AllocatorHealth
-from ..resolve.layout import ArenaLayout
+from ..resolve.layout import HEALTH_ARENA_WORDS, ArenaLayout
 from . import memory
 
 MAX_ARENAS = 1024    # jemalloc's default is 4 per CPU
@@ -264,15 +264,12 @@ def read_totals(pid: int, layout: ArenaLayout, base: int,
 
 
 def _health_words(layout: ArenaLayout, arenas: list[int]) -> list[tuple[int, int]]:
-    """The ranges of each arena's words that ctl.c merges (HEALTH_FIELDS' arena words, in
-    that order), none without a health layout."""
+    """The ranges of each arena's words that ctl.c merges (HEALTH_ARENA_WORDS, in that
+    order), none without a health layout."""
     if not layout.has_health:
         return []
-    offsets = (layout.arena_nactive, layout.arena_dirty_pages, layout.arena_dirty_guarded_pages,
-               layout.arena_muzzy_pages, layout.arena_muzzy_guarded_pages,
-               layout.arena_retained_pages, layout.arena_retained_guarded_pages,
-               layout.arena_pac_mapped)
-    return [(arena + offset, 8) for arena in arenas for offset in offsets]  # type: ignore[operator]
+    offsets = [getattr(layout, name) for name in HEALTH_ARENA_WORDS]
+    return [(arena + offset, 8) for arena in arenas for offset in offsets]
 
 
 def _base_spans(layout: ArenaLayout, bases: list[int]) -> list[tuple[int, int]]:

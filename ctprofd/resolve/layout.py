@@ -40,10 +40,13 @@ BUILD_ID = re.compile(r"^[0-9a-f]{2,128}$")
 RECORD_MAX = {"bin": 1024, "bin_info": 256, "cache_bin": 256, "lstat": 256}
 
 
-HEALTH_FIELDS = ("arena_nactive", "arena_dirty_pages", "arena_dirty_guarded_pages",
-                 "arena_muzzy_pages", "arena_muzzy_guarded_pages", "arena_retained_pages",
-                 "arena_retained_guarded_pages", "arena_pac_mapped", "arena_base",
-                 "base_allocated", "base_resident", "base_mapped")
+# The ArenaLayout members of the allocator's health figures: each arena's words that ctl.c
+# merges (arena_stats reads them in this order), then its base allocator's.
+HEALTH_ARENA_WORDS = ("arena_nactive", "arena_dirty_pages", "arena_dirty_guarded_pages",
+                      "arena_muzzy_pages", "arena_muzzy_guarded_pages", "arena_retained_pages",
+                      "arena_retained_guarded_pages", "arena_pac_mapped")
+HEALTH_FIELDS = (*HEALTH_ARENA_WORDS, "arena_base", "base_allocated", "base_resident",
+                 "base_mapped")
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,7 @@ class ArenaLayout:
     @property
     def has_health(self) -> bool:
         """Whether the allocator's health figures can be read with this layout."""
-        return None not in (self.arena_nactive, self.arena_dirty_pages,
-                            self.arena_dirty_guarded_pages, self.arena_muzzy_pages,
-                            self.arena_muzzy_guarded_pages, self.arena_retained_pages,
-                            self.arena_retained_guarded_pages, self.arena_pac_mapped,
-                            self.arena_base, self.base_allocated, self.base_resident,
-                            self.base_mapped)
+        return all(getattr(self, name) is not None for name in HEALTH_FIELDS)
 
     @property
     def nbins(self) -> int:
