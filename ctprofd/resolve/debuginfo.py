@@ -71,10 +71,10 @@ def stream_crc32(stream: BinaryIO) -> int:
     return crc
 
 
-def owner_refusal(st: os.stat_result, owner: int | None) -> str | None:
+def owner_refusal(st: os.stat_result, owner: int) -> str | None:
     """Why a debug file beside an object of uid `owner` cannot vouch for it, or None: it
     must be the object owner's or root's, and writable by neither group nor others."""
-    if owner is not None and st.st_uid not in (owner, 0):
+    if st.st_uid not in (owner, 0):
         return f"owned by uid {st.st_uid}, neither the object's owner (uid {owner}) nor root"
     if st.st_mode & 0o022:
         return f"writable by {'group' if st.st_mode & 0o020 else 'others'} (mode {st.st_mode & 0o7777:o})"
@@ -82,10 +82,10 @@ def owner_refusal(st: os.stat_result, owner: int | None) -> str | None:
 
 
 def _attempt(open_file: Callable[[], tuple[int, os.stat_result]], path: str,
-             tried: list[str], owner: int | None = None,
-             beside: bool = False) -> BinaryIO | None:
+             tried: list[str], beside: int | None) -> BinaryIO | None:
     """The file `open_file` opens, or None (a missing one silently, others said in
-    `tried`). A file `beside` the object must pass `owner_refusal`."""
+    `tried`). `beside`: the owner (uid) of the object a file beside it must pass
+    `owner_refusal` for; None for a file in the operator's places, taken as it is."""
     try:
         fd, st = open_file()
     except FileNotFoundError:
@@ -93,7 +93,7 @@ def _attempt(open_file: Callable[[], tuple[int, os.stat_result]], path: str,
     except OSError as exc:
         tried.append(f"{path}: {exc.strerror or exc}")
         return None
-    if beside and (why := owner_refusal(st, owner)):
+    if beside is not None and (why := owner_refusal(st, beside)):
         os.close(fd)
         tried.append(f"{path}: refused: {why}")
         return None
@@ -102,14 +102,14 @@ def _attempt(open_file: Callable[[], tuple[int, os.stat_result]], path: str,
 
 def debug_files(build_id: str | None, link: tuple[str, int] | None,
                 object_dirs: list[ObjectDir], search: DebugSearch,
-                tried: list[str], owner: int | None = None) -> Iterator[Candidate]:
+                tried: list[str], owner: int) -> Iterator[Candidate]:
     """Every debug file that may be the object's (owned by uid `owner`), opened, in gdb's
     order; appends to `tried` why the others were not."""
     limit = search.max_bytes
     if build_id:
         for debug_dir in search.debug_dirs:
             path = build_id_path(debug_dir, build_id)
-            if stream := _attempt(lambda: open_followed(path, limit), path, tried):
+            if stream := _attempt(lambda: open_followed(path, limit), path, tried, None):
                 yield Candidate(stream, f"build-id {path}")
         tried.append(f"no .build-id/{build_id[:2]}/{build_id[2:]}.debug")
     if link:
@@ -120,11 +120,11 @@ def debug_files(build_id: str | None, link: tuple[str, int] | None,
         operators = [os.path.join(debug_dir, d.path.lstrip("/"), name)
                      for debug_dir in search.debug_dirs for d in object_dirs]
         openers = [(path, lambda d=d, path=path: open_beneath(d.root, path, limit), d.view,
-                    True) for d, path in owners]
-        openers += [(path, lambda path=path: open_followed(path, limit), "", False)
+                    owner) for d, path in owners]
+        openers += [(path, lambda path=path: open_followed(path, limit), "", None)
                     for path in operators]
         for path, open_file, view, beside in openers:
-            if stream := _attempt(open_file, f"debuglink {path}", tried, owner, beside):
+            if stream := _attempt(open_file, f"debuglink {path}", tried, beside):
                 found = True
                 yield Candidate(stream, f"debuglink {path}", crc, view)
         if not found:
@@ -135,5 +135,6 @@ def debug_files(build_id: str | None, link: tuple[str, int] | None,
         fetched = search.debuginfod.fetch(build_id)
         if fetched is None:
             tried.append(search.debuginfod.why_not(build_id))
-        elif stream := _attempt(lambda: open_followed(fetched[0], limit), fetched[0], tried):
+        elif stream := _attempt(lambda: open_followed(fetched[0], limit), fetched[0], tried,
+                                None):
             yield Candidate(stream, fetched[1])
