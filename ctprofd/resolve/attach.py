@@ -237,7 +237,7 @@ class Attacher:
         if isinstance(resolution, TsdLayout):
             base = _exe_base(process, identity) if resolution.arena is not None else None
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta(), base=base)
-        return self._attach_shared(process)
+        return self._attach_shared(process, view)
 
     def resolve_file(self, path: str) -> Resolution:
         """A file the operator names (`ctprofd offsets BINARY`), looked up and parsed as a
@@ -365,7 +365,9 @@ class Attacher:
         return (self.background is not None and any(self.background.queued(k) for k in keys)
                 and not any(self.cache.holds_layout(k) for k in keys))
 
-    def _attach_shared(self, process: ProcessInfo) -> Attachment | NotJemalloc:
+    def _attach_shared(self, process: ProcessInfo, view: str) -> Attachment | NotJemalloc:
+        """Attach through a shared object holding jemalloc; `view`: the process's view of
+        the files (view_of)."""
         if self._still_waiting(process):
             raise Pending(f"pid {process.pid}: its objects are being resolved")
         self._waiting.pop(process.key, None)
@@ -376,19 +378,18 @@ class Attacher:
                              f"pid {process.pid}: maps: {exc.strerror}") from None
         mappings = parse_maps(text)
         memo = self._mapped_memo(process, text)
-        result = self._attach_mapped(process, mappings, memo)
+        result = self._attach_mapped(process, mappings, memo, view)
         self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
         return result
 
     def _attach_mapped(self, process: ProcessInfo, mappings: list[Mapping],
-                       memo: dict[str, Found | None]) -> Attachment | NotJemalloc:
+                       memo: dict[str, Found | None], view: str) -> Attachment | NotJemalloc:
         """`_attach_shared` once the maps are read; `memo` holds (and gets) what the stat of
         each mapped object gave."""
         exe = process.exe.removesuffix(" (deleted)")
         pending: Pending | None = None  # objects not resolved yet are queued at once
         queued: list[str] = []  # their identity keys
         unresolved = 0  # ... up to UNRESOLVED_MAX of them
-        view: str | None = None  # the process's view of the files, once needed
         for mapping in _first_mappings(mappings):
             if mapping.path == exe:
                 continue
@@ -399,7 +400,6 @@ class Attacher:
                 found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
                 if len(memo) < MAPS_MEMO_OBJECTS:
                     memo[name] = found
-            view = view_of(process, self.own_view) if view is None else view
             if found is None and "jemalloc" in os.path.basename(mapping.path):
                 raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
                                  "the mapped file is gone or replaced on disk, and "
