@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.procfs.processes import read_process
+from ctprofd.resolve.attach import exe_identity
 from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import DaemonProcess, write_config
 from support import elf
@@ -412,3 +414,23 @@ def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_b
             engine.close()
         assert snapshot.summary.failed == 0, snapshot.failures
         assert [p.pid for p in snapshot.processes] == [outside.pid]
+
+
+def test_a_process_in_a_users_view_counts_one_cache_lookup(fixture_bins, spawn_fixture):
+    """The layout of a process in its own view is cached under its view's key: attaching
+    to it again is one lookup (a hit), not a miss of the plain key before it."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    with a_users_view(variant) as (binary, hidden, in_its_view):
+        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
+        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        in_view = spawn_fixture(binary, 1, prefix=in_its_view)
+        engine = Capturer(CaptureSettings(debug_dirs=()))
+        try:
+            engine.capture(pids=[in_view.pid])
+            process = read_process("/proc", in_view.pid)
+            assert process is not None
+            lookups = (engine.cache.hits, engine.cache.misses)
+            engine.attacher.attach(process, exe_identity(process))
+        finally:
+            engine.close()
+        assert (engine.cache.hits, engine.cache.misses) == (lookups[0] + 1, lookups[1])

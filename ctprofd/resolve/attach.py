@@ -96,6 +96,12 @@ def view_key(key: str, view: str) -> str:
     return f"{key}:view:{view}" if view else key
 
 
+def _cached_under(key: str, view: str) -> tuple[str, ...]:
+    """Where a file of identity `key` resolved in `view` may be cached: its plain key (what
+    every view shares) and, for a view not ctprofd's own, that view's key."""
+    return (key, view_key(key, view)) if view else (key,)
+
+
 def _own_view() -> tuple[int, int, int]:
     """ctprofd's own mount namespace and root directory."""
     ns, root = os.stat("/proc/self/ns/mnt"), os.stat("/")
@@ -262,9 +268,7 @@ class Attacher:
         that descriptor parsed in the worker (in the background resolver when there is
         one: Pending is raised meanwhile). Raises ProbeError for a LayoutFailure."""
         view = object_dirs[0].view if object_dirs else ""
-        resolution = self.cache.get(identity.key)
-        if resolution is None and view:
-            resolution = self.cache.get(view_key(identity.key, view))
+        resolution = self.cache.get(*_cached_under(identity.key, view))
         if resolution is None:
             if self.background is not None and self.background.queued(identity.key):
                 raise Pending(f"{what}: being resolved", (identity.key,))
@@ -337,8 +341,7 @@ class Attacher:
         is shown to apply to the file `facts` describe."""
         assert facts.build_id is not None
         learned = learned_key(facts.build_id, owner)
-        keys = [learned, *([view_key(learned, view)] if view else []),
-                f"build-id:{facts.build_id}"]
+        keys = [*_cached_under(learned, view), f"build-id:{facts.build_id}"]
         for key in keys:
             found = self.cache.get(key)
             if isinstance(found, TsdLayout) and applies_to(found, facts):

@@ -359,10 +359,11 @@ class LayoutCache:
         with self._lock:
             return key in self._layouts.memory
 
-    def get(self, key: str) -> Resolution | None:
-        """The cached result for `key`, or None (counted as a miss)."""
+    def get(self, *keys: str) -> Resolution | None:
+        """The cached result for the first of `keys` that has one, or None: one lookup,
+        counted once (a hit, or a miss)."""
         with self._lock:
-            found = self._get(key)
+            found = next((r for r in map(self._get, keys) if r is not None), None)
             if found is None:
                 self.misses += 1
             else:
