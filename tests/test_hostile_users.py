@@ -22,7 +22,7 @@ import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.procfs.processes import read_process
-from ctprofd.resolve.attach import exe_identity
+from ctprofd.resolve.attach import Pending, exe_identity
 from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import DaemonProcess, write_config
 from support import elf
@@ -434,3 +434,24 @@ def test_a_process_in_a_users_view_counts_one_cache_lookup(fixture_bins, spawn_f
         finally:
             engine.close()
         assert (engine.cache.hits, engine.cache.misses) == (lookups[0] + 1, lookups[1])
+
+
+def test_a_layout_found_in_a_users_view_ends_the_wait_for_it(fixture_bins, spawn_fixture):
+    """A process whose file is being resolved waits on its view's key too: the layout found
+    in its view (from the debug file beside the file there), cached under that key, is seen
+    to end the wait."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    with a_users_view(variant) as (binary, hidden, in_its_view):
+        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
+        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        in_view = spawn_fixture(binary, 1, prefix=in_its_view)
+        engine = Capturer(CaptureSettings(debug_dirs=(), background=True))
+        try:
+            process = read_process("/proc", in_view.pid)
+            assert process is not None
+            with pytest.raises(Pending) as waiting:
+                engine.attacher.attach(process, exe_identity(process))
+            assert engine.attacher.background.wait_idle(60)
+            assert any(engine.cache.holds_layout(key) for key in waiting.value.keys)
+        finally:
+            engine.close()

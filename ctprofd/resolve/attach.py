@@ -193,8 +193,8 @@ def _exe_base(process: ProcessInfo, identity: BinaryIdentity) -> int | None:
 
 class Pending(Exception):
     """The binary (or a shared object) of the process is being resolved in the background:
-    the process is not attached yet, and that is no failure. `keys`: the identity keys of
-    the files it waits for."""
+    the process is not attached yet, and that is no failure. `keys`: the cache keys the
+    files it waits for may be resolved under (each one's plain key, and its view's)."""
 
     def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
         super().__init__(message)
@@ -271,7 +271,7 @@ class Attacher:
         resolution = self.cache.get(*_cached_under(identity.key, view))
         if resolution is None:
             if self.background is not None and self.background.queued(identity.key):
-                raise Pending(f"{what}: being resolved", (identity.key,))
+                raise Pending(f"{what}: being resolved", _cached_under(identity.key, view))
             postponed = self.retries.postponed(identity.key)
             if postponed:
                 raise ProbeError(tags.DWARF_PARSE_FAILURE, f"{what}: {postponed}")
@@ -295,7 +295,7 @@ class Attacher:
                         self.submitted += 1
                     else:
                         os.close(fd)  # queued already, or the queues are full: next time
-                    raise Pending(f"{what}: being resolved", (key,))
+                    raise Pending(f"{what}: being resolved", _cached_under(key, view))
         if isinstance(resolution, LayoutFailure):  # named as this process has the file
             raise ProbeError(resolution.tag, resolution.about(what).message)
         return resolution
