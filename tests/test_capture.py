@@ -149,8 +149,7 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
         return real_read_maps_text(process)
     monkeypatch.setattr(processes, "read_file", reading)
     monkeypatch.setattr(attach, "identity_of", stating)
-    for module in (processes, attach):
-        monkeypatch.setattr(module, "read_maps_text", reading_maps)
+    monkeypatch.setattr(processes, "read_maps_text", reading_maps)  # attach's reads too
     engine = capturer(fixture_bins, select=lambda p: p.pid in watched)
     try:
         engine.capture()  # first sight: both read

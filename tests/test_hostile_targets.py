@@ -685,10 +685,12 @@ def test_a_process_mapping_many_unknown_objects_costs_a_bounded_number_of_opens(
     assert snapshot.pending == 1  # 1,000 objects: not all resolved yet
 
 
-def test_a_process_whose_maps_did_not_change_is_not_statted_mapping_by_mapping_again(
-        spawn_process, tmp_path, monkeypatch):
+@pytest.mark.parametrize("anonymous", [False, True], ids=["same maps", "anonymous memory"])
+def test_a_pending_process_has_each_code_object_statted_once_while_it_stays_mapped(
+        spawn_process, tmp_path, monkeypatch, anonymous):
     """A process looked at again while its objects are not all resolved (pending) has each
-    mapped object statted once while its maps stay the same, not at every snapshot."""
+    mapped object statted once while it stays mapped, not at every snapshot: also when the
+    process maps anonymous memory between the looks (its heap growing, or on purpose)."""
     mapper = spawn_mapper(spawn_process, tmp_path, 200)
     mapped = f"/proc/{mapper.pid}/map_files/"
     statted: list[str] = []
@@ -710,6 +712,9 @@ def test_a_process_whose_maps_did_not_change_is_not_statted_mapping_by_mapping_a
         monkeypatch.setattr(engine.attacher.background, "submit", lambda *args: False)
         per_snapshot = []
         for _ in range(3):
+            if anonymous:
+                mapper.send("map")
+                assert mapper.readline() == "MAPPED"
             statted.clear()
             snapshot = engine.capture()
             assert snapshot.pending == 1 and snapshot.summary.failed == 0
@@ -726,12 +731,12 @@ def test_a_pending_process_is_not_read_again_while_its_objects_are_being_resolve
     and are once the resolver is done with them."""
     mapper = spawn_mapper(spawn_process, tmp_path, 200)
     reads: list[int] = []
-    real_read = attach.read_maps_text
+    real_read = attach.read_maps
 
-    def read_maps_text(process):
+    def read_maps(process):
         reads.append(process.pid)
         return real_read(process)
-    monkeypatch.setattr(attach, "read_maps_text", read_maps_text)
+    monkeypatch.setattr(attach, "read_maps", read_maps)
     engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
     background = engine.attacher.background
     gate = threading.Event()

@@ -352,10 +352,22 @@ def parse_maps(text: str) -> list[Mapping]:
     return mappings
 
 
+def code_objects(mappings: list[Mapping]) -> list[Mapping]:
+    """A process's code objects: the first mapping (offset 0) of each file it maps with code
+    in it (a loaded ELF object, not a data file such as a locale archive), in address
+    order."""
+    with_code = {(m.inode, m.path) for m in mappings if "x" in m.perms}
+    firsts: dict[tuple[int, str], Mapping] = {}
+    for mapping in mappings:
+        if mapping.offset == 0 and (mapping.inode, mapping.path) in with_code:
+            firsts.setdefault((mapping.inode, mapping.path), mapping)
+    return list(firsts.values())
+
+
 def code_objects_digest(mappings: list[Mapping]) -> int:
-    """A digest of the files a process maps with code (its loaded ELF objects): it changes
-    when a module is loaded or unloaded. Only comparable within one run."""
-    return hash(frozenset((m.inode, m.path) for m in mappings if "x" in m.perms))
+    """A digest of a process's code objects (`code_objects`): it changes when a module is
+    loaded or unloaded. Only comparable within one run."""
+    return hash(frozenset((m.inode, m.path) for m in code_objects(mappings)))
 
 
 AT_RANDOM = 25  # auxv entry: address of 16 random bytes the kernel writes at each execve

@@ -15,8 +15,8 @@ from elftools.common.exceptions import ELFError
 
 from ..files.regular import FileRefused
 from ..files.target import open_beneath, open_followed
-from ..procfs.processes import (Mapping, ProcessInfo, code_objects_digest, parse_maps, read_maps,
-                                read_maps_text)
+from ..procfs.processes import (Mapping, ProcessInfo, code_objects, code_objects_digest,
+                                read_maps)
 from ..report import tags
 from ..report.tags import ProbeError
 from . import elf
@@ -31,6 +31,7 @@ from .retry import RetrySchedule
 
 Opener = Callable[[], tuple[int, os.stat_result]]  # opens a target's file once: fd, fstat
 Found = tuple["BinaryIdentity", Opener]  # a mapped object's identity, and how to open it
+Mapped = tuple[str, int, str]  # a code object as mapped: map_files name, inode and path
 
 log = logging.getLogger(__name__)
 # The loader's objects, by the names glibc gives them; what they hold is checked by their
@@ -42,11 +43,11 @@ LOADER_CACHE_MAX = 64
 # mapping 20,000 distinct files costs this many opens per snapshot, not 20,000, and its other
 # objects wait for the next snapshots (the process stays pending meanwhile).
 UNRESOLVED_MAX = 64
-# What the stat of each mapped object gave, per process (pid, start time), while its maps
-# stay the same text: a process looked at again (pending, or failed) whose maps did not
-# change is not statted mapping by mapping again. For at most MAPS_MEMO_PROCESSES processes
-# (the least recently looked at forgotten first) and MAPS_MEMO_OBJECTS objects each, so that
-# this memory never grows with what targets map.
+# What the stat of each code object gave, per process (pid, start time), while it stays
+# mapped as it was: a process looked at again (pending, or failed) is not statted object by
+# object again, whatever else it mapped since (anonymous memory, the heap growing). For at
+# most MAPS_MEMO_PROCESSES processes (the least recently looked at forgotten first) and
+# MAPS_MEMO_OBJECTS objects each, so that this memory never grows with what targets map.
 MAPS_MEMO_PROCESSES = 64
 MAPS_MEMO_OBJECTS = 1024
 
@@ -136,17 +137,6 @@ def exe_identity(process: ProcessInfo) -> BinaryIdentity:
                          exc.errno) from None
 
 
-def _first_mappings(mappings: list[Mapping]) -> list[Mapping]:
-    """The offset-0 mapping of each mapped file with code in it (a loaded ELF object,
-    not a data file such as a locale archive), in address order."""
-    with_code = {(m.inode, m.path) for m in mappings if "x" in m.perms}
-    firsts: dict[tuple[int, str], Mapping] = {}
-    for mapping in mappings:
-        if mapping.offset == 0 and (mapping.inode, mapping.path) in with_code:
-            firsts.setdefault((mapping.inode, mapping.path), mapping)
-    return list(firsts.values())
-
-
 def _mapped_file(process: ProcessInfo, mapping: Mapping,
                  max_bytes: int) -> tuple[BinaryIdentity, Opener] | None:
     """The identity of the very file behind a mapping, and how to open it.
@@ -217,7 +207,7 @@ class Attacher:
         self.retries = RetrySchedule()
         self.loaders: dict[str, LoaderFacts | LayoutFailure] = {}  # "loader:" + identity key
         self.own_view = _own_view()
-        self._mapped: OrderedDict[tuple[int, int], tuple[int, dict[str, Found | None]]] = (
+        self._mapped: OrderedDict[tuple[int, int], dict[Mapped, Found | None]] = (
             OrderedDict())  # see MAPS_MEMO_PROCESSES
         # the files a process's last look left in the background resolver's queue (as many
         # processes): while they are still being resolved its maps are not read again
@@ -348,17 +338,16 @@ class Attacher:
                 return found
         return None
 
-    def _mapped_memo(self, process: ProcessInfo, text: str) -> dict[str, Found | None]:
-        """What the stats of `process`'s mapped objects gave while its maps were `text`
-        (map_files name -> identity and opener), empty when they were not, or changed."""
-        digest = hash(text)
-        entry = self._mapped.get(process.key)
-        if entry is None or entry[0] != digest:
-            entry = self._mapped[process.key] = (digest, {})
-        self._mapped.move_to_end(process.key)
+    def _mapped_memo(self, process: ProcessInfo,
+                     objects: list[Mapping]) -> dict[Mapped, Found | None]:
+        """What the stats of `process`'s code objects gave (identity and opener), kept for
+        those of `objects` still mapped as they were."""
+        present = {(m.map_files_name, m.inode, m.path) for m in objects}
+        held = self._mapped.pop(process.key, {})
+        memo = self._mapped[process.key] = {k: v for k, v in held.items() if k in present}
         while len(self._mapped) > MAPS_MEMO_PROCESSES:
             self._mapped.popitem(last=False)
-        return entry[1]
+        return memo
 
     def _still_waiting(self, process: ProcessInfo) -> bool:
         """Whether files `process` waits for are still queued and none of those resolved
@@ -375,34 +364,34 @@ class Attacher:
             raise Pending(f"pid {process.pid}: its objects are being resolved")
         self._waiting.pop(process.key, None)
         try:
-            text = read_maps_text(process)
+            mappings = read_maps(process)
         except OSError as exc:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
-        mappings = parse_maps(text)
-        memo = self._mapped_memo(process, text)
-        result = self._attach_mapped(process, mappings, memo, view)
+        result = self._attach_mapped(process, mappings, view)
         self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
         return result
 
     def _attach_mapped(self, process: ProcessInfo, mappings: list[Mapping],
-                       memo: dict[str, Found | None], view: str) -> Attachment | NotJemalloc:
-        """`_attach_shared` once the maps are read; `memo` holds (and gets) what the stat of
-        each mapped object gave."""
+                       view: str) -> Attachment | NotJemalloc:
+        """`_attach_shared` once the maps are read; each code object is statted once while
+        it stays mapped (see MAPS_MEMO_PROCESSES)."""
         exe = process.exe.removesuffix(" (deleted)")
+        objects = code_objects(mappings)
+        memo = self._mapped_memo(process, objects)
         pending: Pending | None = None  # objects not resolved yet are queued at once
         queued: list[str] = []  # their identity keys
         unresolved = 0  # ... up to UNRESOLVED_MAX of them
-        for mapping in _first_mappings(mappings):
+        for mapping in objects:
             if mapping.path == exe:
                 continue
-            name = mapping.map_files_name
-            if name in memo:
-                found = memo[name]
+            mapped = (mapping.map_files_name, mapping.inode, mapping.path)
+            if mapped in memo:
+                found = memo[mapped]
             else:
                 found = _mapped_file(process, mapping, self.worker.limits.max_file_bytes)
                 if len(memo) < MAPS_MEMO_OBJECTS:
-                    memo[name] = found
+                    memo[mapped] = found
             if found is None and "jemalloc" in os.path.basename(mapping.path):
                 raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {mapping.path}: "
                                  "the mapped file is gone or replaced on disk, and "
@@ -444,7 +433,7 @@ class Attacher:
         found: list[tuple[LoaderFacts, int]] = []
         pending: Pending | None = None
         seen: set[str] = set()
-        for mapping in _first_mappings(mappings):
+        for mapping in code_objects(mappings):
             name = os.path.basename(mapping.path)
             kind = "ld" if name.startswith("ld") else "libc"
             if not LOADER_OBJECT.match(name) or kind in seen:

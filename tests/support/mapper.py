@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-# argv: directory count; maps lib0.so .. lib{count-1}.so, says READY, waits for a line.
+# argv: directory count; maps lib0.so .. lib{count-1}.so, says READY; then for each line read
+# maps 1 MiB of anonymous memory more and says MAPPED; exits at the end of its input.
 MAPPER_SCRIPT = r"""
 import ctypes, mmap, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -21,7 +22,11 @@ for i in range(count):  # libc's mmap: Python's would keep a descriptor open per
     assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
     os.close(fd)
 print("READY", flush=True)
-sys.stdin.readline()
+for line in sys.stdin:
+    address = libc.mmap(None, 1 << 20, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    print("MAPPED", flush=True)
 """
 
 
