@@ -22,6 +22,7 @@ import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.procfs.processes import read_process
+from ctprofd.report.snapshot import ARENA
 from ctprofd.resolve.attach import Pending, exe_identity
 from ctprofd.resolve.parse_worker import WorkerLimits
 from daemon_process import DaemonProcess, write_config
@@ -390,6 +391,33 @@ def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
         sources = sorted(layout.source for layout in engine.cache.layouts())
         assert sources == ["code: malloc/free fast paths", learned.source], sources
         assert f"{binary}: no DWARF" in caplog.text  # parsed again, in ctprofd's view
+
+
+def test_what_a_users_mount_namespace_hides_never_downgrades_ctprofds_view(fixture_bins,
+                                                                           spawn_fixture):
+    """The debug file lies beside the binary, but the user's mount namespace hides it (the
+    directory bind-mounted over the binary's holds none): read there first, the binary's
+    offsets come from machine code. That layout is the view's: the same file run in
+    ctprofd's view gets its own layout from the debug file, and the arena's totals."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    with a_users_view(variant) as (binary, hidden, in_its_view):
+        debug = binary.parent / variant.debug_file.name
+        shutil.copy2(variant.debug_file, debug)
+        os.chown(debug, NOBODY, NOBODY)
+        in_view = spawn_fixture(binary, 1, prefix=in_its_view)
+        engine = Capturer(CaptureSettings(debug_dirs=()))
+        try:
+            engine.capture(pids=[in_view.pid])
+            [learned] = engine.cache.layouts()
+            assert learned.source.startswith("code: ")
+            outside = spawn_fixture(binary, 1)
+            snapshot = engine.capture(pids=[outside.pid])
+        finally:
+            engine.close()
+        assert snapshot.summary.failed == 0, snapshot.failures
+        [process] = snapshot.processes
+        assert process.totals_source == ARENA, process.totals_reason
+        assert f"dwarf: debuglink {debug}" in {layout.source for layout in engine.cache.layouts()}
 
 
 def test_a_failure_met_in_a_users_mount_namespace_fails_only_that_view(fixture_bins,

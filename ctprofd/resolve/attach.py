@@ -92,8 +92,9 @@ def learned_key(build_id: str, owner: int) -> str:
 
 
 def view_key(key: str, view: str) -> str:
-    """A cache key for what was learned through a target's own view of the files (a debug
-    file found beside the object in its mount namespace or root): only that view hits it."""
+    """A cache key for what was learned in a target's own view of the files (its mount
+    namespace or root), where a debug file beside the object may be found or hidden (see
+    _same_in_every_view): only that view hits it."""
     return f"{key}:view:{view}" if view else key
 
 
@@ -101,6 +102,17 @@ def _cached_under(key: str, view: str) -> tuple[str, ...]:
     """Where a file of identity `key` resolved in `view` may be cached: its plain key (what
     every view shares) and, for a view not ctprofd's own, that view's key."""
     return (key, view_key(key, view)) if view else (key,)
+
+
+def _same_in_every_view(resolution: Resolution) -> bool:
+    """Whether a file resolved in a target's view of the files resolves alike in every view:
+    "not jemalloc" (told by the file alone), or a layout from DWARF no view changes (the
+    file's own, the operator's debug dirs, debuginfod, offsets files). Not a layout from a
+    debug file beside the object in that view, nor one from machine code, nor a failure: a
+    debug file beside it in another view (hidden in this one) may give another."""
+    return isinstance(resolution, NotJemalloc) or (
+        isinstance(resolution, TsdLayout) and resolution.code_source is None
+        and not resolution.view)
 
 
 def _own_view() -> tuple[int, int, int]:
@@ -307,10 +319,7 @@ class Attacher:
         self.retries.succeeded(identity.key)
         if isinstance(resolution, LayoutFailure):
             resolution = resolution.about(what)  # the path its message names, kept with it
-        # what a debug file beside the object gave, or may have made fail, holds for the
-        # view it was found in only
-        scope = (resolution.view if isinstance(resolution, TsdLayout)
-                 else view if isinstance(resolution, LayoutFailure) else "")
+        scope = "" if _same_in_every_view(resolution) else view
         if isinstance(resolution, TsdLayout) and resolution.build_id:
             self.cache.put(view_key(learned_key(resolution.build_id, st.st_uid), scope),
                            resolution, st.st_uid)

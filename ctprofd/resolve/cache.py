@@ -4,10 +4,11 @@ and optionally on disk (one JSON file per key, written atomically).
 Keys are `file:<dev>:<ino>:<size>:<mtime_ns>` (a file as the kernel names it),
 `build-id:<hex>:uid:<owner>` (a layout parsed from a file with that build-id and owner) or
 `build-id:<hex>` (imported by the operator); either of the first two ending in
-`:view:<view>` when learned from a debug file beside the object (or, for a failure, when
-such a file may have caused it) in a target's view of the files that is not ctprofd's own
-(its mount namespace or root: attach.view_of), which only processes of that view look up. Three stores, so that nothing a user makes can
-push out what matters:
+`:view:<view>` when learned in a target's view of the files that is not ctprofd's own (its
+mount namespace or root: attach.view_of), where a debug file beside the object may be found
+or hidden (all but "not jemalloc" and layouts from DWARF no view changes:
+attach._same_in_every_view), which only processes of that view look up. Three stores, so
+that nothing a user makes can push out what matters:
 
 - **imported** layouts (`offsets import` into `DIR/imported.json`, and the configured offsets
   files): pinned, never evicted; removed only by the operator (`offsets remove`). The file is
