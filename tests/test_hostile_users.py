@@ -343,6 +343,14 @@ def test_a_debug_file_under_the_build_id_path_must_carry_that_build_id(fixture_b
     assert f"build-id {planted}: refused: its build-id {fake.hex()} is not " in caplog.text
 
 
+def users_debug_file(variant, directory: Path) -> Path:
+    """`variant`'s debug file, the user's, in `directory`."""
+    debug = directory / variant.debug_file.name
+    shutil.copy2(variant.debug_file, debug)
+    os.chown(debug, NOBODY, NOBODY)
+    return debug
+
+
 @contextmanager
 def a_users_view(variant):
     """A user's copy of `variant`'s binary in a directory of its own, and a second directory
@@ -373,8 +381,7 @@ def test_a_layout_learned_in_a_users_mount_namespace_serves_only_that_view(
     view, where no debug file lies beside it, is resolved on its own."""
     variant = fixture_bins["static-stripped-debuglink"]
     with a_users_view(variant) as (binary, hidden, in_its_view):
-        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
-        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        users_debug_file(variant, hidden)
         in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=()))
         try:
@@ -401,9 +408,7 @@ def test_what_a_users_mount_namespace_hides_never_downgrades_ctprofds_view(fixtu
     ctprofd's view gets its own layout from the debug file, and the arena's totals."""
     variant = fixture_bins["static-stripped-debuglink"]
     with a_users_view(variant) as (binary, hidden, in_its_view):
-        debug = binary.parent / variant.debug_file.name
-        shutil.copy2(variant.debug_file, debug)
-        os.chown(debug, NOBODY, NOBODY)
+        debug = users_debug_file(variant, binary.parent)
         in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=()))
         try:
@@ -449,8 +454,7 @@ def test_a_process_in_a_users_view_counts_one_cache_lookup(fixture_bins, spawn_f
     to it again is one lookup (a hit), not a miss of the plain key before it."""
     variant = fixture_bins["static-stripped-debuglink"]
     with a_users_view(variant) as (binary, hidden, in_its_view):
-        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
-        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        users_debug_file(variant, hidden)
         in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=()))
         try:
@@ -470,8 +474,7 @@ def test_a_layout_found_in_a_users_view_ends_the_wait_for_it(fixture_bins, spawn
     to end the wait."""
     variant = fixture_bins["static-stripped-debuglink"]
     with a_users_view(variant) as (binary, hidden, in_its_view):
-        shutil.copy2(variant.debug_file, hidden / variant.debug_file.name)
-        os.chown(hidden / variant.debug_file.name, NOBODY, NOBODY)
+        users_debug_file(variant, hidden)
         in_view = spawn_fixture(binary, 1, prefix=in_its_view)
         engine = Capturer(CaptureSettings(debug_dirs=(), background=True))
         try:

@@ -131,18 +131,23 @@ class ProcessInfo:
         """/proc/PID/task/TID of a thread still running. A thread group leader that called
         pthread_exit stays a zombie while the others run on; it has no address space or
         root left, so its exe, maps, map_files, root and auxv are empty."""
-        task_dir = self._directory + "/task"
         try:
-            tids = list_pids(task_dir)
+            tasks = self._task_stats()
         except OSError:
             return None
-        for tid in tids:
+        return next((task for task, stat in tasks if stat.state not in ("Z", "X")), None)
+
+    def _task_stats(self) -> list[tuple[str, StatLine]]:
+        """(/proc/PID/task/TID, its stat) of each thread listed whose stat reads; raises
+        OSError when the task list cannot be read."""
+        task_dir = self._directory + "/task"
+        tasks = []
+        for tid in list_pids(task_dir):
             try:
-                if read_stat(f"{task_dir}/{tid}/stat").state not in ("Z", "X"):
-                    return f"{task_dir}/{tid}"
+                tasks.append((f"{task_dir}/{tid}", read_stat(f"{task_dir}/{tid}/stat")))
             except (OSError, ValueError, IndexError):
                 continue
-        return None
+        return tasks
 
     def exited(self) -> bool:
         """Whether this process has exited by now (see `gone`). A leader that is a zombie
@@ -157,19 +162,11 @@ class ProcessInfo:
             return True  # another process under its pid
         if not _gone(self._directory, stat, None):
             return False
-        task_dir = self._directory + "/task"
         try:
-            tids = list_pids(task_dir)
+            tasks = self._task_stats()
         except OSError:
             return True
-        for tid in tids:
-            try:
-                thread = read_stat(f"{task_dir}/{tid}/stat")
-            except (OSError, ValueError, IndexError):
-                continue
-            if not _gone(f"{task_dir}/{tid}", thread, None):
-                return False
-        return True
+        return all(_gone(task, thread, None) for task, thread in tasks)
 
     @cached_property
     def exe(self) -> str:
