@@ -273,6 +273,48 @@ def test_a_binary_slow_to_resolve_never_delays_the_others(host, fixture_bins, sp
     assert f'pid="{user.pid}"' not in text
 
 
+def test_a_resolver_kept_busy_is_not_waited_for_in_every_snapshot(fixture_bins, spawn_fixture,
+                                                                   tmp_path):
+    """A snapshot that handed the background resolver new files waits for it (its grace),
+    but after a wait that ended with the resolver still busy, the next snapshot does not
+    wait, whatever its grace: a user whose file takes the parser its whole timeout (a
+    sparse debug file whose CRC cannot end), and new binaries every snapshot, cannot make
+    every snapshot wait. The one after waits again, and reads what was resolved."""
+    variant = fixture_bins["static-stripped-debuglink"]
+    slow = tmp_path / "slow" / variant.binary.name
+    slow.parent.mkdir()
+    shutil.copy2(variant.binary, slow)
+    with open(slow.parent / variant.debug_file.name, "wb") as f:
+        f.truncate(1 << 40)  # its debuglink CRC is read to the end: the parse times out
+    copies = [tmp_path / f"new{i}" for i in range(2)]  # a new identity in each snapshot
+    for copy in copies:
+        shutil.copy2(fixture_bins["static"].binary, copy)
+    wanted: set[int] = set()
+    engine = Capturer(CaptureSettings(
+        debug_dirs=(), background=True, select=lambda p: p.pid in wanted,
+        parser=WorkerLimits(timeout=5, max_file_bytes=1 << 41), resolve_grace=0.2))
+    background = engine.attacher.background
+    try:
+        wanted.add(spawn_fixture(slow, 1).pid)
+        first = engine.capture()  # waits its 0.2 s grace: the slow parse goes on
+        assert first.pending == 1 and not background.wait_idle(0)
+        engine.settings.resolve_grace = 600.0  # a wait now would last until the resolver idles
+        new = spawn_fixture(copies[0], 1)
+        wanted.add(new.pid)
+        second = engine.capture()
+        assert not background.wait_idle(0), "the snapshot after a missed wait waited"
+        assert second.pending == 2
+        newer = spawn_fixture(copies[1], 1)
+        wanted.add(newer.pid)
+        third = engine.capture()  # the back-off is over: it waits, and reads what resolved
+        assert background.wait_idle(0)
+        read = {sample.pid for sample in third.processes}
+        assert {new.pid, newer.pid} <= read, third.failed_pids
+        assert third.pending == 0
+    finally:
+        engine.close()
+
+
 def refused_line(host: Host, binary: Path, why: str) -> str:
     """The daemon's line saying the binary's debug file was refused for `why` (a regex)."""
     return host.daemon.wait_for(rf"{re.escape(str(binary))}: no DWARF: .*refused: {why}",

@@ -56,6 +56,11 @@ THREAD_RECHECK = 4
 # again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
 # of each read cannot make ctprofd redo the whole read every snapshot.
 ARENA_BACKOFF_MAX = 64
+# A wait for the background resolver that ended with it still busy is not made again for 1,
+# 2, 4 ... snapshots, at most this many (the processes stay pending and are read once what
+# they need is resolved): a user handing it new files every snapshot cannot make every
+# snapshot wait.
+GRACE_BACKOFF_MAX = 64
 
 
 @dataclass
@@ -202,6 +207,8 @@ class Capturer:
         self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK)  # counted unread while unchanged
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
+        self._grace_misses = 0  # resolver waits in a row that ended with it still busy
+        self._grace_skip = 0  # snapshots left before the next such wait
 
     def close(self) -> None:
         """Stop the parser worker process; remove debug files downloaded to a temporary
@@ -400,13 +407,29 @@ class Capturer:
                 process.comm, binary, error)
 
     def _wait_for_resolution(self, clock: float) -> bool:
-        """Give the background resolver until `resolve_grace` seconds after the snapshot
-        began (`clock`) to finish what it was given; whether it did. Only a snapshot that
-        gave it new binaries waits: one already under way for long does not hold up the
-        next snapshots."""
+        """Whether the background resolver finished what it was given, waiting for it
+        until `resolve_grace` seconds after the snapshot began (`clock`: missed thread
+        stops and the wait share that time). Only a snapshot that gave it new binaries asks
+        (one under way for long does not hold up the next snapshots), and after a wait that
+        ended with the resolver still busy the next 1, 2, 4 ... GRACE_BACKOFF_MAX snapshots
+        ask without waiting."""
         background = self.attacher.background
-        left = clock + self.settings.resolve_grace - time.monotonic()
-        return background is not None and left > 0 and background.wait_idle(left)
+        if background is None:
+            return False
+        if self._grace_skip:
+            self._grace_skip -= 1
+            done = background.wait_idle(0)
+        else:
+            left = clock + self.settings.resolve_grace - time.monotonic()
+            if left <= 0:
+                return background.wait_idle(0)
+            done = background.wait_idle(left)
+            if not done:
+                self._grace_misses += 1
+                self._grace_skip = min(1 << (self._grace_misses - 1), GRACE_BACKOFF_MAX)
+        if done:
+            self._grace_misses = self._grace_skip = 0
+        return done
 
     def _probe_process(self, process: ProcessInfo, tally: Tally,
                        cancel: threading.Event | None) -> ProcessSample | None:
