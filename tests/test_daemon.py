@@ -185,6 +185,29 @@ def test_serves_metrics_landing_page_and_a_lint_clean_scrape(tmp_path, daemons, 
     assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
 
 
+def test_each_web_listen_address_serves_the_metrics(tmp_path, daemons, fixture_bins,
+                                                   spawn_fixture):
+    """--web.listen-address given twice, as the exporter toolkit spells it: a socket on the
+    IPv4 and one on the IPv6 loopback (ports the kernel picks), each serving the fixture's
+    exact counters."""
+    fixture = spawn_fixture(fixture_bins["static"], 2)
+    only = (f"labels: [pid]\nselection:\n  include:\n"
+            f"    exe: ['{fixture_bins['static'].binary}']\n")
+    daemon = daemons("--config", str(write_config(tmp_path, only)),
+                     "--web.listen-address", "127.0.0.1:0", "--web.listen-address", "[::1]:0")
+    urls = [daemon.wait_for(r"listening on (http://\S+)").group(1) for _ in range(2)]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", urls[0]), urls
+    assert re.fullmatch(r"http://\[::1\]:\d+", urls[1]), urls
+    series = f'{{pid="{fixture.pid}"}}'
+    for url in urls:
+        daemon.url = url
+        text = daemon.wait_for_sample("ctprofd_probe_probed_ok", 3)  # main thread and two
+        assert daemon.sample(f"ctprofd_allocated_bytes_total{series}", text) == \
+            sum(thread["allocated"] for thread in fixture.threads), url
+        assert daemon.sample(f"ctprofd_deallocated_bytes_total{series}", text) == \
+            sum(thread["deallocated"] for thread in fixture.threads), url
+
+
 def test_flags_override_the_config(tmp_path, daemons):
     daemon = daemons("--config", str(write_config(tmp_path, QUIET)), "--interval", "0.25",
                      "--listen", "127.0.0.1:0").started()
