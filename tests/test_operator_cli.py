@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -70,11 +72,38 @@ def test_log_level_before_or_after_the_subcommand(fixture_bins, spawn_fixture, w
     assert "probe:" not in quiet.stderr  # warning is the one-shot commands' default
 
 
+# Not UTC (India, no summer time; a POSIX rule, no tz database needed): a log time written
+# in local time would be 5 h 30 min off.
+NOT_UTC = {"TZ": "IST-05:30"}
+RFC3339_UTC_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def log_time(line: str, fmt: str) -> str:
+    """The timestamp a log line carries: first word (text), `time=` (logfmt), "time" (JSON)."""
+    if fmt == "json":
+        return json.loads(line)["time"]
+    if fmt == "logfmt":
+        assert line.startswith("time="), line
+        return line.split()[0].removeprefix("time=")
+    return line.split(" ", 1)[0]
+
+
+def assert_utc_between(stamp: str, start: float, end: float) -> None:
+    """RFC 3339 in UTC with milliseconds, and an instant between `start` and `end` (time.time()
+    before and after the run; the stamp is truncated to the millisecond)."""
+    assert RFC3339_UTC_MS.fullmatch(stamp), stamp
+    when = datetime.fromisoformat(stamp)
+    assert when.utcoffset() == timedelta(0), stamp
+    assert start - 0.001 <= when.timestamp() <= end, (stamp, start, end)
+
+
 @pytest.mark.parametrize("fmt", ["logfmt", "json"])
 def test_log_format(fixture_bins, spawn_fixture, fmt):
     fixture = spawn_fixture(fixture_bins["static"], 1)
+    start = time.time()
     result = cli("snapshot", "--log.level", "info", "--log.format", fmt, "--cache-dir", "",
-                 "--pid", str(fixture.pid))
+                 "--pid", str(fixture.pid), env=NOT_UTC)
+    end = time.time()
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert lines
@@ -86,7 +115,30 @@ def test_log_format(fixture_bins, spawn_fixture, fmt):
             record = {"level": line.split(" level=")[1].split()[0],
                       "msg": json.loads(line.split(" msg=", 1)[1])}
         assert record["level"] in ("debug", "info", "warning", "error")
+        assert_utc_between(log_time(line, fmt), start, end)
     assert any("probe: 1 tgids walked" in line for line in lines)
+
+
+@pytest.mark.parametrize("fmt", ["text", "logfmt", "json"])
+def test_every_run_log_line_carries_its_utc_time(tmp_path, fmt):
+    """The daemon's default text format starts each line with the time, logfmt and JSON carry
+    it as `time`: RFC 3339 in UTC with milliseconds, whatever the local time zone."""
+    flags = [] if fmt == "text" else ["--log.format", fmt]
+    start = time.time()
+    config = write_config(tmp_path, "selection: {include: {uid: [4294967294]}}\n")
+    daemon = DaemonProcess("--config", str(config), *flags, env=NOT_UTC)
+    try:
+        daemon.started()
+        daemon.stop()
+    finally:
+        daemon.kill()
+    end = time.time()
+    lines = daemon.lines + daemon.remaining_lines()
+    assert any("listening on" in line for line in lines) and len(lines) >= 2, lines
+    for line in lines:
+        assert_utc_between(log_time(line, fmt), start, end)
+    if fmt == "text":
+        assert all(line.split(" ", 1)[1].startswith("ctprofd: ") for line in lines), lines
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
