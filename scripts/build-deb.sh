@@ -8,7 +8,8 @@
 # on. It ships /usr/bin/ctprofd, the modules under /usr/lib/python3/dist-packages, the unit
 # in /lib/systemd/system (packaging/systemd/ctprofd.service with the package's paths),
 # /etc/ctprofd/ctprofd.yaml as a conffile, ctprofd(8) and the bash completion generated from
-# the argparse parser (scripts/cli_docs.py), the rules, dashboard and mixin under /usr/share/ctprofd,
+# the argparse parser (scripts/cli_docs.py), the rules, dashboard and mixin under
+# /usr/share/ctprofd (their runbook links naming the runbook page in /usr/share/doc/ctprofd),
 # and the docs, copyright and changelog. Its maintainer scripts (packaging/debian/) are
 # debhelper's systemd snippets. Version: ctprofd.__version__; revision: `git rev-parse` of the
 # checkout, stamped into ctprofd/export/REVISION.
@@ -84,10 +85,23 @@ mkdir -p "$root/usr/share/man/man8"
 install -D -m 0644 /dev/null "$root/usr/share/bash-completion/completions/ctprofd"
 "$python" "$here/cli_docs.py" bash >"$root/usr/share/bash-completion/completions/ctprofd"
 
-# Rules, alerts and dashboard as generated in the tree, and the mixin they are generated from.
+# Rules, alerts and dashboard as generated in the tree, and the mixin they are generated from,
+# with the mixin's default runbook URL base (where install-service.sh installs the runbook
+# page) replaced by the page this package installs: the alerts' links open on the host, and
+# the packaged mixin still renders the packaged rules (tests/test_deb.py checks both).
 share=$root/usr/share/ctprofd
 mkdir -p "$share"
 cp -r "$repo/packaging/prometheus" "$repo/packaging/grafana" "$repo/packaging/mixin" "$share/"
+runbooks=$(sed -n "s|^ *runbookURLBase: '\(file://[^']*\)',\$|\1|p" \
+    "$repo/packaging/mixin/config.libsonnet")
+[[ $runbooks == file:///*/alerting.md ]] ||
+    die "packaging/mixin/config.libsonnet: no default runbookURLBase file:///.../alerting.md"
+packaged_runbooks=file:///usr/share/doc/ctprofd/alerting.md
+grep -rlF --null "$runbooks" "$share" | xargs -0 -r sed -i "s|$runbooks|$packaged_runbooks|g"
+if grep -rqF "$runbooks" "$share" ||
+        ! grep -qF "$packaged_runbooks#" "$share/prometheus/ctprofd-rules.yml"; then
+    die "the runbook URLs under /usr/share/ctprofd were not rewritten to the package's docs"
+fi
 
 doc=$root/usr/share/doc/ctprofd
 install -D -m 0644 -t "$doc" "$repo/README.md" "$repo/docs/daemon.md" "$repo/docs/alerting.md" \

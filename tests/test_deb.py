@@ -1,9 +1,10 @@
 """The Debian package (scripts/build-deb.sh), built here and installed as an operator would:
 `apt-get install ./ctprofd_*.deb` into a fresh Debian 12 tree (debootstrap minbase with
 systemd, no compiler, no Python, no pip) booted with systemd as PID 1, its dependencies from
-the Debian archive only. The tests share one machine and run in file order: the package's
-files and lintian, install and start, a jemalloc service of another user read exactly, an
-upgrade to a rebuilt package of a higher version, and purge leaving nothing behind.
+the Debian archive only. The tests share one machine and run in file order: the package's files and lintian, install and start, the
+alerts' runbook links opening on the machine, a jemalloc service of another user read
+exactly, an upgrade to a rebuilt package of a higher version, and purge leaving nothing
+behind.
 """
 
 from __future__ import annotations
@@ -12,20 +13,32 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from ctprofd import __version__
 from ctprofd.cli import build_parser
 from support.guest import (TARGET_UNIT, assert_untraced, free_port, sample, start_target,
                            wait_for_metric)
 from support.machines import REPO, REPO_IGNORE, BootedMachine, cached_roots
+from support.promql import heading_anchors, iter_rules, load_rules
+
+sys.path.insert(0, str(REPO / "scripts"))
+import grafana_alerts  # noqa: E402
+import mixin  # noqa: E402
 
 CONFIG = "/etc/ctprofd/ctprofd.yaml"
 DROPIN = "/etc/systemd/system/ctprofd.service.d"
 NEWER = f"{__version__}+upgrade"
+RUNBOOK = "/usr/share/doc/ctprofd/alerting.md"
+# The packaged files with runbook links: the Prometheus rules and the Grafana-managed alerts.
+RULES = "/usr/share/ctprofd/prometheus/ctprofd-rules.yml"
+GRAFANA_ALERTS = "/usr/share/ctprofd/grafana/provisioning/alerting/ctprofd-alerts.yaml"
 # What changes in any running Debian system whatever is installed: kernel and runtime file
 # systems, logs, apt's and dpkg's own databases (dpkg -L is asked instead), caches of
 # ld.so and debconf, and systemd's own bookkeeping of the boot.
@@ -129,6 +142,28 @@ def test_the_man_page_and_completion_follow_the_parser(debs):
             for option in action.option_strings:
                 assert option.replace("-", "\\-") in man, (name, option)
                 assert option in completion, (name, option)
+
+
+def runbook_urls(rules: dict) -> list[str]:
+    """The runbook_url of every alert (every rule with annotations) in a Prometheus or
+    Grafana-provisioning rule file; as many as the tree's rules have alerts."""
+    urls = [rule["annotations"]["runbook_url"] for group in rules["groups"]
+            for rule in group["rules"] if "annotations" in rule]
+    assert len(urls) == sum("alert" in rule for rule in iter_rules(load_rules())) > 0, urls
+    return urls
+
+
+def test_the_packaged_rules_are_what_the_packaged_mixin_renders(debs, tmp_path):
+    """The runbook links name the page the package installs, in the rules, the Grafana alerts
+    and the mixin's default alike: the packaged mixin renders the packaged files."""
+    subprocess.run(["dpkg-deb", "-x", str(debs["current"]), str(tmp_path)], check=True)
+    rules = yaml.safe_load((tmp_path / RULES.lstrip("/")).read_text())
+    alerts = yaml.safe_load((tmp_path / GRAFANA_ALERTS.lstrip("/")).read_text())
+    rendered = mixin.evaluate(mixin_dir=tmp_path / "usr/share/ctprofd/mixin")["groups"]
+    assert rules == {"groups": rendered}
+    assert alerts == yaml.safe_load(grafana_alerts.render({"groups": rendered}))
+    for urls in (runbook_urls(rules), runbook_urls(alerts)):
+        assert all(url.startswith(f"file://{RUNBOOK}#") for url in urls), urls
 
 
 def test_the_completion_completes(debs, tmp_path):
@@ -253,6 +288,21 @@ def test_the_service_is_enabled_started_and_ready(machine):
     assert sample(text, "ctprofd_build_info", revision=head) == 1
     assert machine.run("ctprofd", "check-config", CONFIG).stdout.strip() == f"{CONFIG}: OK"
     assert machine.run("getent", "passwd", "ctprofd-parser", check=False).returncode == 0
+
+
+def test_the_alerts_runbook_links_open_on_the_machine(machine):
+    """Every runbook_url of the installed rules and Grafana alerts names a file on the machine,
+    and its #anchor a heading in that file."""
+    pages: dict[str, set[str]] = {}
+    for path in (RULES, GRAFANA_ALERTS):
+        for url in runbook_urls(yaml.safe_load(machine.run("cat", path).stdout)):
+            parts = urlsplit(url)
+            assert parts.scheme == "file" and parts.netloc == "", url
+            if parts.path not in pages:
+                page = machine.run("cat", parts.path, check=False)
+                assert page.returncode == 0, (url, page.stderr)
+                pages[parts.path] = heading_anchors(page.stdout)
+            assert parts.fragment in pages[parts.path], url
 
 
 @pytest.fixture(scope="module")

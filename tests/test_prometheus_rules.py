@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from ctprofd.report.summary import REMEDIATION_HINT
-from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, iter_rules,
-                            load_rules, metric_names, promtool, rule_exprs)
+from support.promql import (REPO, RULE_TESTS, RULES, exposed_metric_names, heading_anchors,
+                            iter_rules, load_rules, metric_names, promtool, rule_exprs)
 
 ALERTS = {"CtprofdDown", "CtprofdStale", "CtprofdPtracePrivilege", "CtprofdBlind",
           "CtprofdProbeFailures", "CtprofdMemoryLeakSuspected", "CtprofdSnapshotSlow",
@@ -86,14 +86,8 @@ def test_alerts_have_severity_and_annotations(alerts: dict[str, dict]) -> None:
                             annotations["runbook_url"]), name
 
 
-def _github_anchor(heading: str) -> str:
-    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return slug.replace(" ", "-")
-
-
 def test_runbook_urls_point_at_runbook_sections(alerts: dict[str, dict]) -> None:
-    headings = re.findall(r"^#+\s+(.+)$", RUNBOOK.read_text(), flags=re.MULTILINE)
-    anchors = {_github_anchor(h) for h in headings}
+    anchors = heading_anchors(RUNBOOK.read_text())
     for name, rule in alerts.items():
         anchor = rule["annotations"]["runbook_url"].partition("#")[2]
         assert anchor in anchors, f"{name}: no heading for #{anchor} in {RUNBOOK.name}"

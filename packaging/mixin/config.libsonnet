@@ -11,7 +11,9 @@
 
     // Where the runbooks (docs/alerting.md) are published; every alert's runbook_url is this
     // plus "#<alert name in lower case>". The default is where scripts/install-service.sh
-    // installs the page on a ctprofd host; point it at a URL the people paged can open.
+    // installs the page on a ctprofd host (the Debian package's copy of this file names
+    // /usr/share/doc/ctprofd/alerting.md, where it installs the page); point it at a URL the
+    // people paged can open.
     runbookURLBase: 'file:///opt/ctprofd/share/doc/ctprofd/alerting.md',
 
     // ctprofd's optional series labels that, like pid, name less than a unit: the

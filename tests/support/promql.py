@@ -24,6 +24,8 @@
         (parses every expression) or for loading into a test Prometheus.
     promtool(*args) -> subprocess.CompletedProcess
         Runs promtool from PATH; fails the calling test (never skips) when it is missing.
+    heading_anchors(markdown) -> set[str]
+        The #anchors of a Markdown page's headings, as GitHub makes them (runbook_url's).
 
 A Query has `source` ("dashboard", "record" or "alert"), `name` (panel title and refId,
 or rule name) and `expr`.
@@ -179,6 +181,13 @@ def grafana_alert_exprs(path: Path = GRAFANA_ALERTS) -> list[Query]:
     """The PromQL of each Grafana-managed alert rule, as Grafana reads it ($$ is a $)."""
     return [Query("grafana", rule["title"], rule["data"][0]["model"]["expr"].replace("$$", "$"))
             for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+\s+(.+)$", markdown, flags=re.MULTILINE)}
 
 
 def as_rule_file(queries: Sequence[Query], group: str = "ctprofd-queries") -> dict[str, Any]:
