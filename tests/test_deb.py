@@ -1,7 +1,8 @@
 """The Debian package (scripts/build-deb.sh), built here and installed as an operator would:
 `apt-get install ./ctprofd_*.deb` into a fresh Debian 12 tree (debootstrap minbase with
 systemd, no compiler, no Python, no pip) booted with systemd as PID 1, its dependencies from
-the Debian archive only. The tests share one machine and run in file order: the package's files and lintian, install and start, the
+the Debian archive only, and PyPI's hosts blocked in its /etc/hosts. The tests share one
+machine and run in file order: the package's files and lintian, install and start, the
 alerts' runbook links opening on the machine, a jemalloc service of another user read
 exactly, an upgrade to a rebuilt package of a higher version, and purge leaving nothing
 behind.
@@ -39,6 +40,8 @@ RUNBOOK = "/usr/share/doc/ctprofd/alerting.md"
 # The packaged files with runbook links: the Prometheus rules and the Grafana-managed alerts.
 RULES = "/usr/share/ctprofd/prometheus/ctprofd-rules.yml"
 GRAFANA_ALERTS = "/usr/share/ctprofd/grafana/provisioning/alerting/ctprofd-alerts.yaml"
+# PyPI's index and file hosts, which the guest resolves to an address that serves neither.
+PYPI_HOSTS = ("pypi.org", "files.pythonhosted.org")
 # What changes in any running Debian system whatever is installed: kernel and runtime file
 # systems, logs, apt's and dpkg's own databases (dpkg -L is asked instead), caches of
 # ld.so and debconf, and systemd's own bookkeeping of the boot.
@@ -229,7 +232,8 @@ def accounts(machine: BootedMachine) -> str:
 def machine(debs, fixture_bins):
     """A fresh Debian 12 tree booted; the package's dependencies installed from the archive,
     then the package with `apt-get install ./ctprofd_*.deb` (its postinst enables and starts
-    the service). A drop-in set up beforehand makes it listen on a free port here."""
+    the service), with PyPI's hosts resolving to 0.0.0.0 from before the first apt-get. A
+    drop-in set up beforehand makes it listen on a free port here."""
     roots = cached_roots()
     work = Path(tempfile.mkdtemp(prefix="ctprofd-deb-", dir="/var/tmp"))
     port = free_port()
@@ -239,6 +243,9 @@ def machine(debs, fixture_bins):
     try:
         merged = booted.merged
         copy_host_apt_sources(merged)
+        hosts = merged / "etc/hosts"
+        hosts.write_text((hosts.read_text() if hosts.exists() else "")
+                         + f"0.0.0.0 {' '.join(PYPI_HOSTS)}\n")
         dropin = merged / DROPIN.lstrip("/")
         dropin.mkdir(parents=True)
         (dropin / "listen.conf").write_text(
@@ -257,6 +264,26 @@ def machine(debs, fixture_bins):
         yield booted
     finally:
         booted.close()
+
+
+def test_pypi_was_unreachable_from_the_machine(machine):
+    """Its names resolve to 0.0.0.0 alone, and an HTTPS connection to either fails (refused,
+    or no certificate for the name if something listens there)."""
+    for host in PYPI_HOSTS:
+        resolved = machine.run("getent", "ahosts", host).stdout
+        assert {line.split()[0] for line in resolved.splitlines()} == {"0.0.0.0"}, resolved
+    attempt = machine.run("python3", "-c", """
+import socket, ssl, sys
+for host in sys.argv[1:]:
+    try:
+        with socket.create_connection((host, 443), timeout=10) as sock:
+            ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        print(host, "reachable")
+    except OSError as err:
+        print(host, "unreachable:", err)
+""", *PYPI_HOSTS)
+    assert [line.split()[:2] for line in attempt.stdout.splitlines()] == \
+        [[host, "unreachable:"] for host in PYPI_HOSTS], attempt.stdout
 
 
 def test_dependencies_come_from_debian_with_no_compiler_and_no_pip(machine):
