@@ -4,6 +4,7 @@
     fixture_bins     (session) support.build.FixtureBins: every built program/variant
     spawn_fixture    factory (binary, nthreads, *, prefix=(), timeout=10, **popen_kw) -> Fixture
     spawn_process    factory (argv, *, prefix=(), ready="READY", timeout=10, **popen_kw) -> Spawned
+    no_debuginfod    DEBUGINFOD_URLS unset for the test (tests of binaries with no debug info)
 
 Everything the spawners start is SIGKILLed at the test's teardown. Helpers for
 tests (import them): support.procs.assert_no_thread_stopped_or_traced,
@@ -100,3 +101,10 @@ def spawn_process() -> Iterator[Callable[..., Spawned]]:
     yield spawn
     for process in spawned:
         process.kill()
+
+
+@pytest.fixture
+def no_debuginfod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEBUGINFOD_URLS unset for the test: a Capturer asks the servers it names, and so do
+    the ctprofd commands a test starts (they inherit the environment)."""
+    monkeypatch.delenv("DEBUGINFOD_URLS", raising=False)

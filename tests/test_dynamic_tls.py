@@ -12,6 +12,7 @@ TLS (its counters behind each thread's DTV), found by local or prefixed symbols.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,12 +22,14 @@ import pytest
 
 from ctprofd.probe import capture
 from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report.snapshot import THREADS
 from support.procs import Spawned, assert_no_thread_stopped_or_traced
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests/fixtures"
 JEMALLOC_GD = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem-gd")
 TARGETS_VENV = Path("/var/cache/ctprofd/targets-venv")
+pytestmark = pytest.mark.usefixtures("no_debuginfod")  # Capturers in this process too
 
 
 def _required(path: Path, how: str) -> Path:
@@ -206,6 +209,11 @@ def test_pyarrow_jemalloc_pool_is_read(tmp_path):
     live = process["allocated_bytes"] - process["deallocated_bytes"]
     assert pool_bytes >= 400_000_000
     assert 0.95 * pool_bytes <= live <= 1.30 * pool_bytes, (live, pool_bytes)
+    # its jemalloc is Debian's version (5.3.0-0-g54eaed1) linked into libarrow: the Debian
+    # table's data placement is not its own, so per-thread sums, and the reason says so
+    assert process["totals_source"] == THREADS
+    assert re.match(r"no arena layout: table debian-12-libjemalloc2: its data is placed "
+                    r"otherwise \(", process["totals_reason"]), process["totals_reason"]
 
 
 def test_polars_frame_is_read(tmp_path):
@@ -221,6 +229,10 @@ def test_polars_frame_is_read(tmp_path):
     # measured 320,056,744 for 320,000,000 (x 1.0002): a counter read twice, or a word that
     # is not the counter, is far above
     assert live <= 1.10 * estimated, (live, estimated)
+    # no table for jemalloc 5.3.1: per-thread sums, and the reason says so
+    assert process["totals_source"] == THREADS
+    assert re.match(r"no arena layout: no arena layout table for jemalloc 5\.3\.1-0-g81034ce "
+                    r"\(tables: ", process["totals_reason"]), process["totals_reason"]
 
 
 @pytest.mark.parametrize("source, flags, why", [

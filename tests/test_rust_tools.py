@@ -3,7 +3,10 @@ stripped PIE, no debug info anywhere): ruff and uv, pinned in
 tests/rust-tools-requirements.txt and installed by scripts/setup.sh --test. Their counters
 are found by the scan of the code (gcc's compare with memory first, an `add` of the counter
 from memory), equal to the DWARF offsets of the same jemalloc version built here with the
-same options; ruff is read live while `ruff server` works on LSP requests.
+same options; ruff is read live while `ruff server` works on LSP requests, uv while `uv run`
+waits for its child. No arena layout table matches their jemalloc (5.3.0-1-ge13ca99, linked
+where the Rust build put it), so their totals are per-thread sums, and say so
+(docs/totals.md, "Without DWARF: layout tables").
 
 Not compared exactly: a static `_rjem_` build exports no mallctl (its local symbol is
 stripped) and no preloaded shim can interpose on it, so the live test checks that the
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
+from ctprofd.report.snapshot import THREADS
 from ctprofd.resolve.layout import TsdLayout, inspect_object, layout_from_dwarf
 from support.procs import assert_no_thread_stopped_or_traced
 
@@ -30,6 +34,9 @@ RUFF = TOOLS / "bin/ruff"
 UV = TOOLS / "bin/uv"
 RJEM = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem/lib/libjemalloc.so.2")
 REPLY_BUDGET = 60.0  # seconds for ruff to answer one request
+# why their totals are per-thread sums: no table for their jemalloc (the layout's arena_missing)
+NO_TABLE = r"no arena layout table for jemalloc 5\.3\.0-1-ge13ca99 \(tables: "
+pytestmark = pytest.mark.usefixtures("no_debuginfod")  # no debug info anywhere
 
 
 def tool(path: Path) -> Path:
@@ -77,6 +84,14 @@ def test_offsets_from_the_code_equal_the_dwarf_of_its_jemalloc(tmp_path, binary)
         dwarf.allocated_offset, dwarf.deallocated_offset)
     assert (found["allocated_offset"], found["deallocated_offset"]) == rjem_pahole()
     assert found["static_block_offset"] is not None  # local-exec, below the thread pointer
+    assert found["arena"] is None and re.match(NO_TABLE, found["arena_missing"]), found
+
+
+def assert_per_thread_totals_and_why(process) -> None:
+    """The documented fallback: per-thread sums, with the reason naming the missing table."""
+    assert process.totals_source == THREADS
+    assert re.match(f"no arena layout: {NO_TABLE}", process.totals_reason), (
+        process.totals_reason)
 
 
 class Lsp:
@@ -146,7 +161,7 @@ def test_ruff_server_counters_move_as_it_works(tmp_path):
         lsp.request("initialize", {"processId": None, "rootUri": tmp_path.as_uri(),
                                    "capabilities": {}})
         lsp.send("initialized", {}, request=False)
-        engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
+        engine = Capturer(CaptureSettings(debug_dirs=()))
         before = engine.capture(pids=[lsp.proc.pid])
         assert before.summary.failed == 0, before.failures
         [idle] = before.processes
@@ -171,6 +186,29 @@ def test_ruff_server_counters_move_as_it_works(tmp_path):
         assert worked.allocated_bytes - idle.allocated_bytes > len(big_module(3000))
         assert worked.deallocated_bytes > idle.deallocated_bytes
         assert 0 < worked.allocated_bytes - worked.deallocated_bytes
+        assert_per_thread_totals_and_why(worked)
         assert_no_thread_stopped_or_traced(lsp.proc.pid)
     finally:
         lsp.close()
+
+
+def test_uv_run_is_read_with_per_thread_totals(spawn_process, tmp_path):
+    """uv stays the parent of what `uv run` starts (offline, no project, no cache): read
+    while its child waits, through the code scan, with per-thread totals that say why."""
+    uv = spawn_process([tool(UV), "run", "--offline", "--no-project", "--no-config",
+                        "--no-cache", "--python", "/usr/bin/python3", "python3", "-c",
+                        "import sys; print('READY', flush=True); sys.stdin.readline()"],
+                       cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                       timeout=REPLY_BUDGET)
+    engine = Capturer(CaptureSettings(debug_dirs=()))
+    try:
+        snapshot = engine.capture(pids=[uv.pid])
+    finally:
+        engine.close()
+    assert snapshot.summary.failed == 0, snapshot.failures
+    [process] = snapshot.processes
+    assert process.allocated_bytes > 0 and process.threads
+    assert [layout.source for layout in engine.cache.layouts()] == [
+        "code: scan of the executable segment"]
+    assert_per_thread_totals_and_why(process)
+    assert_no_thread_stopped_or_traced(uv.pid)
