@@ -7,8 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import weakref
@@ -22,7 +20,6 @@ from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
 from support.procs import (Spawned, assert_no_thread_stopped_or_traced, open_fifo_writer,
                            wait_until)
-from support.redis import Redis
 from daemon_process import REPO
 
 MIB = 1 << 20
@@ -294,62 +291,6 @@ def test_forged_counters_never_make_a_figure_negative(family, fixture_bins, tmp_
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rpartition(")")[2].split()[1])
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def test_a_redis_bgsave_does_not_make_the_exe_series_jump(spawn_process, tmp_path):
-    """A real redis-server on Debian's stock libjemalloc.so.2 (no debug info): its BGSAVE
-    child is a fork holding a copy of the main thread's counters. The exe series' allocated
-    total neither jumps while the child runs nor after it exited (killed once read: it
-    saves a key a second, so no window to hit), measured against redis's own
-    allocator_allocated."""
-    redis = Redis(spawn_process, tmp_path, "--enable-debug-command", "yes")
-    cli = redis.cli
-    assert cli("debug", "populate", "200000", "key", "256").strip() == "OK"
-    # the child saves 1 key a second: it runs until the test kills it, after it was read
-    assert cli("config", "set", "rdb-key-save-delay", "1000000").strip() == "OK"
-    heap = int(re.search(r"^allocator_allocated:(\d+)", cli("info", "memory"), re.M)[1])
-    engine = Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
-    aggregator = Aggregator(("exe",), max_series=100, retention=3600)
-    alive = lambda pid, _start: os.path.exists(f"/proc/{pid}")  # noqa: E731
-
-    def exe_series() -> tuple[int, int]:
-        snapshot = engine.capture(pids=[redis.pid, *children_of(redis.pid)])
-        assert snapshot.summary.failed == 0, snapshot.failures
-        [series] = aggregator.update(snapshot, alive).series
-        return series.allocated_bytes, series.processes
-
-    try:
-        before, processes = exe_series()
-        assert processes == 1
-        assert "Background saving started" in cli("bgsave")
-        [child] = wait_until(lambda: children_of(redis.pid), "the BGSAVE child", poll=0.05)
-        during, processes = exe_series()
-        assert processes == 2, "the child was read while it saved"
-        assert "rdb_bgsave_in_progress:1" in cli("info", "persistence")  # it still saved
-        os.kill(child, signal.SIGKILL)  # redis reaps it and carries on
-        # each INFO allocates in redis (a client, its buffers): polled slowly
-        wait_until(lambda: "rdb_bgsave_in_progress:0" in cli("info", "persistence"),
-                   "the BGSAVE ends", poll=0.5)
-        wait_until(lambda: not os.path.exists(f"/proc/{child}"), "the child is reaped")
-        after, processes = exe_series()
-    finally:
-        engine.close()
-    print(f"redis exe series allocated: {before} before, {during} during, {after} after "
-          f"BGSAVE; allocator_allocated {heap}")
-    assert before >= heap // 2  # the main thread's counters hold the populated keys
-    assert during - before <= heap // 10 and after - before <= heap // 10
-    assert_no_thread_stopped_or_traced(redis.pid)
 
 
 PARENT_AFTER_ITS_CHILD = """

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,21 +15,23 @@ from pathlib import Path
 import pytest
 
 from ctprofd.probe.arena_stats import ArenaReadError, read_totals
-from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve import arena_tables
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from support.build import _compile
-from support.procs import (assert_no_thread_stopped_or_traced, mapped_at, open_fifo_writer,
-                           wait_until)
+from support.procs import assert_no_thread_stopped_or_traced, mapped_at, wait_until
 from support.redis import Redis
+from support.stats_shim import STOCK, StatsShim
 from test_churn import MIB, assert_close, paused_truth
+from test_stock_programs import no_debug_info
 
-STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 DEBIAN_BUILD = Path("/var/cache/ctprofd/jemalloc-5.3.0-debian/lib/libjemalloc.so.2")
 REPO = Path(__file__).resolve().parents[1]
 TABLE = "debian-12-libjemalloc2"
+# no dbgsym, no debuginfod: the Capturers look in no debug directory (no_debug_info), and
+# DEBUGINFOD_URLS, which they and the ctprofd commands run here would ask, is unset
+pytestmark = pytest.mark.usefixtures("no_debuginfod")
 
 # The python3 workloads of issue 20. Each step ends with the truth read by the program's own
 # mallctl (through ctypes: LD_PRELOAD makes the stock library's mallctl global), printed as
@@ -69,10 +70,6 @@ print("DONE", flush=True)
 """
 
 
-def no_debug_info(tmp_path) -> Capturer:
-    return Capturer(CaptureSettings(debug_dirs=(str(tmp_path / "empty"),)))
-
-
 def load_generator():
     spec = importlib.util.spec_from_file_location("arena_tables_script",
                                                   REPO / "scripts/arena_tables.py")
@@ -94,7 +91,7 @@ def test_debian_table_regenerates_from_its_reference_build():
     assert generator.render(tables) == arena_tables.TABLES.read_text()
 
 
-def test_reference_build_places_its_data_as_debian_does():
+def test_reference_build_places_its_data_as_debian_does(tmp_path):
     """Why the table applies: the stripped library's data sections are where the reference
     build has them (only the code differs), and the DWARF route on the reference build
     gives the very layout the table holds."""
@@ -104,7 +101,8 @@ def test_reference_build_places_its_data_as_debian_does():
     assert stock.code_source and stock.arena is not None and stock.arena.table == TABLE
     assert reference.dwarf_source == "embedded" and reference.arena is not None
     assert dataclasses.replace(stock.arena, table="") == reference.arena
-    out = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--cache-dir", "", STOCK],
+    out = subprocess.run([sys.executable, "-m", "ctprofd", "offsets", "--cache-dir", "",
+                          "--debug-dir", str(tmp_path / "empty"), STOCK],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert f"arena statistics:    yes (layout table {TABLE})" in out.stdout, out
 
@@ -136,7 +134,7 @@ def test_python_workloads_on_the_stock_library(spawn_process, tmp_path, mode, co
     jemalloc's own stats.allocated less what thread caches hold, at every step, never
     negative, and from the arena statistics."""
     workload = spawn_workload(spawn_process, mode, conf)
-    engine = no_debug_info(tmp_path)
+    engine = no_debug_info()
     steps = 0
     try:
         while (line := workload.readline()) != "DONE":
@@ -162,7 +160,7 @@ def test_churn_on_the_stock_library(fixture_bins, spawn_process, tmp_path):
     churn_bin = tmp_path / "churn-stock"
     _compile("churn.c", churn_bin, fixture_bins.jemalloc_dir, [STOCK, "-lpthread"])
     churn = spawn_process([churn_bin, "4", "200"])
-    engine = no_debug_info(tmp_path)
+    engine = no_debug_info()
     try:
         for _ in range(2):
             churn.send("resume")
@@ -224,32 +222,22 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
     live bytes within 1 % of jemalloc's stats.allocated (redis's allocator_allocated) less
     the bytes in thread caches, both read inside redis by an LD_PRELOAD shim around each
     snapshot."""
-    shim = tmp_path / "stats_shim.so"
-    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-pthread", "-o", shim,
-                    REPO / "tests/fixtures/stats_shim.c", STOCK], check=True)
-    fifo, out = tmp_path / "stats.fifo", tmp_path / "stats.out"
-    os.mkfifo(fifo)
+    shim = StatsShim(tmp_path)
     # maxmemory: the load loops (-l) and LPUSHes to one list, so without a bound redis grows
     # by hundreds of MB a minute for as long as the snapshots take on a busy host
     redis = Redis(spawn_process, tmp_path, "--maxmemory", "256mb",
                   "--maxmemory-policy", "allkeys-lru",
-                  env={"LD_PRELOAD": str(shim), "CTPROFD_STATS_FIFO": str(fifo),
-                       "CTPROFD_STATS_OUT": str(out), "PATH": "/usr/bin:/bin"})
-    requests = open_fifo_writer(fifo, "the shim's thread opens its FIFO")
+                  env={**shim.env, "PATH": "/usr/bin:/bin"})
 
     def truth() -> int:
-        before = len(out.read_text().splitlines()) if out.exists() else 0
-        requests.write("read\n")
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) > before,
-                   "the shim answers")
-        stats = json.loads(out.read_text().splitlines()[-1])
+        stats = shim.read()
         return stats["allocated"] - stats["tcache"]
 
     # -l: the load loops until killed, whatever the snapshots take on a busy host
     load = subprocess.Popen(["redis-benchmark", "-s", str(redis.socket), "-l", "-n", "2000000", "-c", "8",
                              "-r", "200000", "-d", "200", "-t", "set,lpush,get", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    engine = no_debug_info(tmp_path)
+    engine = no_debug_info()
     try:
         wait_until(lambda: truth() > 20 * MIB, "redis holds 20 MiB", poll=0.1)
         for _ in range(10):
@@ -264,7 +252,7 @@ def test_redis_under_load_reads_its_arena_statistics(spawn_process, tmp_path):
     finally:
         load.kill()
         load.wait()
-        requests.close()
+        shim.close()
         engine.close()
     assert_no_thread_stopped_or_traced(redis.pid)
 
@@ -281,7 +269,7 @@ def test_an_offsets_file_carries_the_table_layout(spawn_process, tmp_path):
     assert layout["arena"]["table"] == TABLE
     workload = spawn_workload(spawn_process, "free-in-thread")
     truth = json.loads(workload.readline())
-    engine = Capturer(CaptureSettings(debug_dirs=(), offsets_files=(str(exported),)))
+    engine = no_debug_info(offsets_files=(str(exported),))
     try:
         [process] = engine.capture(pids=[workload.pid]).processes
     finally:
