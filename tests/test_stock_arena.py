@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ctprofd.export.aggregate import Aggregator
 from ctprofd.probe.arena_stats import ArenaReadError, read_totals
 from ctprofd.report.snapshot import ARENA, THREADS
 from ctprofd.resolve import arena_tables
@@ -152,6 +154,98 @@ def test_python_workloads_on_the_stock_library(spawn_process, tmp_path, mode, co
         engine.close()
     assert steps == 11
     assert_no_thread_stopped_or_traced(workload.pid)
+
+
+# Issue 20's forking process: holds 256 MiB and forks a child on each FORK; a child allocates
+# nothing, it waits for its pipe to close (REAP closes them all), then exits. TRUTH prints
+# the parent's own thread.allocated/deallocated (its one thread does all its allocating).
+FORKER = r"""
+import ctypes, os, sys
+lib = ctypes.CDLL(None)
+def read(name):
+    value = ctypes.c_uint64()
+    size = ctypes.c_size_t(8)
+    assert lib.mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0
+    return value.value
+held = [bytearray(1 << 20) for _ in range(256)]
+children = {}
+print("READY", flush=True)
+while line := sys.stdin.readline():
+    if line == "FORK\n":
+        inbound, outbound = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for other in (outbound, *children.values()):
+                os.close(other)
+            os.read(inbound, 1)
+            os._exit(0)
+        os.close(inbound)
+        children[pid] = outbound
+        print("CHILD", pid, flush=True)
+    elif line == "TRUTH\n":
+        print("TRUTH", read("thread.allocated"), read("thread.deallocated"), flush=True)
+    elif line == "REAP\n":
+        for pid, outbound in children.items():
+            os.close(outbound)
+            os.waitpid(pid, 0)
+        children.clear()
+        print("REAPED", flush=True)
+"""
+
+
+def test_forks_on_the_stock_library_are_counted_once(spawn_process):
+    """Issue 20's forking process on Debian's stock library, read by the machine-code route
+    and the Debian table: a process holding 256 MiB forks six children that allocate
+    nothing. Its comm series' allocated stays within 10 % of the parent's own
+    thread.allocated after every fork and after the children are reaped (it was x12), and
+    no live figure is negative."""
+    forker = spawn_process([sys.executable, "-c", FORKER],
+                           env={"LD_PRELOAD": STOCK, "PATH": "/usr/bin:/bin"})
+    family = {forker.pid}
+    engine = no_debug_info(select=lambda p: p.pid in family)
+    aggregator = Aggregator(("comm",), max_series=100, retention=3600)
+    alive = lambda pid, _start: os.path.exists(f"/proc/{pid}")  # noqa: E731
+
+    def parents_own() -> int:
+        forker.send("TRUTH")
+        word, allocated, _ = forker.readline().split()
+        assert word == "TRUTH"
+        return int(allocated)
+
+    def check(children: int) -> None:
+        snapshot = engine.capture()
+        assert snapshot.summary.failed == 0, snapshot.failures
+        assert len(snapshot.processes) == 1 + children
+        for process in snapshot.processes:
+            assert process.totals_source == ARENA, process.totals_reason
+            assert process.allocated_bytes >= process.deallocated_bytes >= 0
+        [series] = aggregator.update(snapshot, alive).series
+        truth = parents_own()
+        print(f"{children} children: comm {series.labels[0]} allocated "
+              f"{series.allocated_bytes}, live {series.live_bytes}; parent's own {truth}")
+        assert series.processes == 1 + children
+        assert abs(series.allocated_bytes - truth) <= truth // 10, (series, truth)
+        assert series.live_bytes >= 0
+        assert series.deallocated_bytes <= series.allocated_bytes
+
+    try:
+        check(children=0)
+        assert parents_own() >= 256 * MIB
+        for children in range(1, 7):
+            forker.send("FORK")
+            word, child = forker.readline().split()
+            assert word == "CHILD"
+            family.add(int(child))
+            check(children)
+        forker.send("REAP")
+        assert forker.readline() == "REAPED"
+        check(children=0)
+    finally:
+        engine.close()
+    [layout] = engine.cache.layouts()
+    assert layout.source == "code: malloc/free fast paths"
+    assert layout.arena is not None and layout.arena.table == TABLE
+    assert_no_thread_stopped_or_traced(forker.pid)
 
 
 def test_churn_on_the_stock_library(fixture_bins, spawn_process, tmp_path):
