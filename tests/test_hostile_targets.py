@@ -25,7 +25,7 @@ import pytest
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.procfs.processes import read_process
 from ctprofd.resolve import attach
-from ctprofd.resolve.attach import UNRESOLVED_MAX
+from ctprofd.resolve.attach import PENDING_LOOKS, UNRESOLVED_MAX
 from ctprofd.report import tags
 from support import elf
 from support.mapper import mapper_argv, write_tiny_elf_files
@@ -722,6 +722,42 @@ def test_a_pending_process_has_each_code_object_statted_once_while_it_stays_mapp
     finally:
         engine.close()
     assert per_snapshot[1:] == [0, 0], per_snapshot
+
+
+def test_a_process_pending_look_after_look_is_looked_at_less_and_less_often(
+        spawn_process, tmp_path, monkeypatch):
+    """A process that stays pending look after look (issue 22's mapper: more objects than
+    PENDING_LOOKS x UNRESOLVED_MAX) has its maps read at every snapshot for PENDING_LOOKS
+    looks, then only after 1, 2, 4 ... snapshots, however soon the resolver is done."""
+    mapper = spawn_mapper(spawn_process, tmp_path, (PENDING_LOOKS + 8) * UNRESOLVED_MAX)
+    reads: list[int] = []
+    real_read = attach.read_maps
+
+    def read_maps(process):
+        reads.append(process.pid)
+        return real_read(process)
+    monkeypatch.setattr(attach, "read_maps", read_maps)
+    engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
+    background = engine.attacher.background
+    looked: list[bool] = []  # per snapshot from the first look: were its maps read
+    expected = [True] * PENDING_LOOKS + [False, True, False, False, True, False, False,
+                                         False, False, True]
+    try:
+        for _ in range(20):  # its python binary is resolved first, in the background
+            engine.capture()
+            assert background.wait_idle(60)
+            if reads:
+                break
+        assert reads, "its objects were never looked at"
+        looked.append(True)
+        while len(looked) < len(expected):
+            reads.clear()
+            assert engine.capture().pending == 1
+            assert background.wait_idle(60)  # nothing queued holds the next look back
+            looked.append(bool(reads))
+    finally:
+        engine.close()
+    assert looked == expected
 
 
 def test_a_pending_process_is_not_read_again_while_its_objects_are_being_resolved(

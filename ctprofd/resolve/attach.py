@@ -50,6 +50,16 @@ UNRESOLVED_MAX = 64
 # MAPS_MEMO_OBJECTS objects each, so that this memory never grows with what targets map.
 MAPS_MEMO_PROCESSES = 64
 MAPS_MEMO_OBJECTS = 1024
+# A process still pending after PENDING_LOOKS looks at its maps (each handing the resolver
+# up to UNRESOLVED_MAX objects) is looked at again after 1, 2, 4 ... PENDING_BACKOFF_MAX
+# snapshots, not at every one: reading and parsing the maps of a process mapping 20,000
+# objects takes ~170 ms, and one mapping more distinct objects than the cache holds stays
+# pending for ever. A process mapping up to PENDING_LOOKS x UNRESOLVED_MAX (512) objects
+# the cache does not know is attached within those looks. Looks are counted for at most
+# PENDING_PROCESSES processes (the least recently pending forgotten first).
+PENDING_LOOKS = 8
+PENDING_BACKOFF_MAX = 64
+PENDING_PROCESSES = 4096
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,8 @@ class Attacher:
         # the files a process's last look left in the background resolver's queue (as many
         # processes): while they are still being resolved its maps are not read again
         self._waiting: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
+        # per pending process: (its looks so far, snapshots left before the next one)
+        self._looks: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -369,7 +381,7 @@ class Attacher:
     def _attach_shared(self, process: ProcessInfo, view: str) -> Attachment | NotJemalloc:
         """Attach through a shared object holding jemalloc; `view`: the process's view of
         the files (view_of)."""
-        if self._still_waiting(process):
+        if self._backing_off(process) or self._still_waiting(process):
             raise Pending(f"pid {process.pid}: its objects are being resolved")
         self._waiting.pop(process.key, None)
         try:
@@ -379,7 +391,25 @@ class Attacher:
                              f"pid {process.pid}: maps: {exc.strerror}") from None
         result = self._attach_mapped(process, mappings, view)
         self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
+        self._looks.pop(process.key, None)
         return result
+
+    def _backing_off(self, process: ProcessInfo) -> bool:
+        """Whether `process`'s next look at its maps is still put off (one snapshot fewer
+        now): see PENDING_LOOKS."""
+        looks, skip = self._looks.get(process.key, (0, 0))
+        if skip:
+            self._looks[process.key] = (looks, skip - 1)
+        return skip > 0
+
+    def _looked(self, process: ProcessInfo) -> None:
+        """Count a look that left `process` pending, and put off the next (PENDING_LOOKS)."""
+        looks = self._looks.pop(process.key, (0, 0))[0] + 1
+        skip = (min(1 << (looks - PENDING_LOOKS), PENDING_BACKOFF_MAX)
+                if looks >= PENDING_LOOKS else 0)
+        self._looks[process.key] = (looks, skip)
+        while len(self._looks) > PENDING_PROCESSES:
+            self._looks.popitem(last=False)
 
     def _attach_mapped(self, process: ProcessInfo, mappings: list[Mapping],
                        view: str) -> Attachment | NotJemalloc:
@@ -431,6 +461,7 @@ class Attacher:
             self._waiting[process.key] = tuple(queued)
             while len(self._waiting) > MAPS_MEMO_PROCESSES:
                 self._waiting.popitem(last=False)
+            self._looked(process)
             raise pending
         return NotJemalloc(mapped=code_objects_digest(mappings))
 
