@@ -997,7 +997,10 @@ def test_a_thread_that_missed_its_stop_is_backed_off_then_read(fixture_bins, spa
 def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_fixture):
     """Four workers that cannot stop: the snapshot reads the threads that can stop first,
     then waits for two stuck ones (250 ms each: its 0.5 s stop wait is then spent) and
-    leaves the other two out without stopping them; the next snapshot tries those two."""
+    leaves the other two out without stopping them. Those are put off too, as the one
+    that missed its stop is (they are in an uninterruptible sleep, D, as it was): the next
+    snapshot waits for one at most, the one whose wait the spent budget cut short (which
+    says nothing against it)."""
     fixture, engine, stuck, timeouts, first = first_snapshot_reading_the_others(
         fixture_bins, spawn_fixture, 6, [0, 1, 2, 3])
     readable = {tid: c for tid, c in truth(fixture.threads).items() if tid not in stuck}
@@ -1008,11 +1011,32 @@ def test_a_snapshot_waits_on_missed_stops_within_its_budget(fixture_bins, spawn_
     assert first.failures.get(tags.WAITPID, 0) == engine.stats.stop_timeouts - timeouts <= 2
     assert by_tid(first, fixture.pid) == readable
     timeouts = engine.stats.stop_timeouts
-    second = engine.capture(pids=[fixture.pid])  # the ones that missed are backed off
+    second = engine.capture(pids=[fixture.pid])  # three backed off
     assert set(second.failures) <= {tags.WAITPID, tags.PTRACE_TRACED}, second.failures
     assert second.left_out_threads + second.failures.get(tags.PTRACE_TRACED, 0) == 4
-    assert engine.stats.stop_timeouts - timeouts <= 2
+    assert engine.stats.stop_timeouts - timeouts <= 1
     assert by_tid(second, fixture.pid) == readable
+    release_stuck(fixture, engine, stuck)
+
+
+def test_threads_in_d_the_spent_wait_did_not_reach_are_put_off_too(fixture_bins,
+                                                                    spawn_fixture):
+    """Issue 22's forty vfork-stuck workers: the budget (here one thread's wait) is spent on
+    the first that misses its stop, and the others, in an uninterruptible sleep (D) as it
+    is, are put off with it rather than waited for one by one at the next snapshots: the
+    next snapshot waits for none of them, the one after for one again."""
+    fixture = spawn_fixture(fixture_bins.hostile_threads, 4)
+    engine = capturer(fixture_bins)
+    engine.capture(pids=[spawn_fixture(fixture_bins.hostile_threads, 0).pid])  # parsed
+    engine.tracer.wait_budget = engine.tracer.stop_timeout  # no wait is cut short
+    stuck = stuck_in_vfork(fixture, [0, 1, 2, 3])
+    waits = []  # per snapshot: stop timeouts, and seizes another ctprofd held us off
+    for _ in range(3):
+        timeouts = engine.stats.stop_timeouts
+        snapshot = engine.capture(pids=[fixture.pid])
+        assert snapshot.left_out_threads + snapshot.failures.get(tags.PTRACE_TRACED, 0) == 4
+        waits.append(engine.stats.stop_timeouts - timeouts + len(snapshot.traced_by))
+    assert waits == [1, 0, 1], waits
     release_stuck(fixture, engine, stuck)
 
 

@@ -128,8 +128,13 @@ class StopTimeout(ProbeError):
 
 
 class WaitBudgetSpent(Exception):
-    """This snapshot's stop-wait budget is spent: the thread was not seized, or its stop
-    was not waited for as long as a thread's due (no fault of the thread's)."""
+    """This snapshot's stop-wait budget is spent: the thread was not seized (`reached`
+    False), or its stop was not waited for as long as a thread's due (no fault of the
+    thread's)."""
+
+    def __init__(self, message: str, reached: bool) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,8 @@ class Tracer:
         `wait_budget` seconds for stops that did not come (the thread untouched, or its
         wait, cut short by what was left, missed)."""
         if self._waited >= self.wait_budget:
-            raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent")
+            raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent",
+                                  reached=False)
         if self._thread is None:
             self._thread = _PtraceThread()
         return self._thread.call(self._thread_pointer, tid)
@@ -319,7 +325,7 @@ class Tracer:
                 if timeout < self.stop_timeout:  # the budget's miss, not the thread's
                     raise WaitBudgetSpent(f"tid {tid}: no stop within the "
                                           f"{timeout * 1000:.0f} ms left of this snapshot's "
-                                          "stop wait") from None
+                                          "stop wait", reached=True) from None
                 self.stop_timeouts += 1
                 raise
             stopped = True

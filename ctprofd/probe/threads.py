@@ -268,7 +268,12 @@ class ThreadProber:
             self.exit_races += 1
             log.debug("pid %d: %s", pid, gone)
             return
-        except WaitBudgetSpent as spent:  # tried at the next snapshot
+        except WaitBudgetSpent as spent:  # tried at the next snapshot ...
+            if not spent.reached and thread.state == "D":
+                # ... unless, in an uninterruptible sleep (as the threads that missed their
+                # stops and spent the wait likely were: forty workers in vfork waits),
+                # it is put off as they are, so that the wait is not spent every snapshot
+                self._back_off(state, thread, None)
             tally.left_out += 1
             log.debug("pid %d: %s", pid, spent)
             return
