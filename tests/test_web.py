@@ -4,9 +4,11 @@ certificates, basic auth, client certificates, and slow or oversized clients."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import http.client
 import logging
+import re
 import socket
 import ssl
 import subprocess
@@ -16,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -25,8 +28,8 @@ from prometheus_client import CollectorRegistry, Gauge
 from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
 from ctprofd.export.render import OPENMETRICS, TEXT, Exposition
-from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MAX_REQUEST_BYTES, MetricsServer,
-                                   TokenBuckets, WebConfig, network_of, parse_listen)
+from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MetricsServer, TokenBuckets,
+                                   WebConfig, network_of, parse_listen)
 from support.clock import Clock
 from support.procs import wait_until
 
@@ -264,11 +267,12 @@ def test_one_address_over_its_limit_loses_its_oldest_idle_connection(serve):
 
 def test_when_full_the_address_holding_most_gives_way(serve):
     server = serve(max_connections=6)
-    held = [socket.create_connection(("127.0.0.1", server.server_port),
-                                     source_address=(f"127.0.0.{2 + i // 3}", 0))
-            for i in range(6)]  # 3 from 127.0.0.2, 3 from 127.0.0.3
+    held = [connect_from(server, source)  # 2 from 127.0.0.2 first (the oldest), 4 from .3
+            for source in ["127.0.0.2"] * 2 + ["127.0.0.3"] * 4]
+    wait_until(lambda: server._count == 6, "all six held")
     assert get(server.url + "/metrics")[0] == 200
-    assert closed_by_server(held[0])
+    assert closed_by_server(held[2])  # the oldest of 127.0.0.3, not the oldest of all
+    assert [answered(s) for s in (held[0], held[1], held[3])] == [b"HTTP/1.0 200 OK"] * 3
     assert server.evicted == 1
     for s in held:
         s.close()
@@ -643,12 +647,110 @@ def test_the_connections_gauge_returns_to_zero_after_connections_close(serve):
         s.close()
 
 
-def test_a_request_is_bounded_to_16_kib_exactly(serve):
+def connect_from(server: MetricsServer, source: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.server_port), timeout=10,
+                                    source_address=(source, 0))
+
+
+def answered(sock: socket.socket, request: bytes = b"GET / HTTP/1.0\r\n\r\n") -> bytes:
+    """Send `request` on `sock`; its status line (b"" when the server closed it instead)."""
+    sock.settimeout(10)
+    try:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+    return reply.split(b"\r\n", 1)[0]
+
+
+def held_gauge(server: MetricsServer) -> float:
+    """ctprofd_http_connections as a scrape shows it (the scrape's own connection counts)."""
+    status, _, body = get(server.url + "/metrics")
+    assert status == 200
+    line = next(line for line in body.decode().splitlines()
+                if line.startswith("ctprofd_http_connections "))
+    return float(line.split()[1])
+
+
+@contextlib.contextmanager
+def loop_held(server: MetricsServer) -> Iterator[None]:
+    """The server's event loop held in a callback until the block ends: connections made
+    meanwhile wait in the listen backlog with their bytes in their sockets, and are then
+    accepted in one burst and admitted before any of them is read (asyncio runs the tasks
+    scheduled by accepting before the next read callbacks)."""
+    wait_until(lambda: server._loop is not None, "the event loop running")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(60)  # a hang guard: the block ends first
+
+    assert server._loop is not None
+    server._loop.call_soon_threadsafe(hold)
+    assert entered.wait(60), "the event loop never ran the hold"
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_closed_connections_are_uncounted_and_their_places_given_again(serve):
+    """The accounting of every way a connection ends (closed by its client before a byte,
+    mid-request, or after its answer) returns to where it started: the gauge a scrape shows
+    is back to 1 (the scrape itself), and the address's full allowance of connections and
+    whole requests is served again without evicting or refusing anyone. A leak in any count
+    (the total, an address's list, a network's whole requests) shows here."""
+    server = serve(deadline=300, first_byte=300, per_address=4, answering=2)  # no deadline ends one
+    idle = [connect_from(server, "127.0.0.2") for _ in range(3)]
+    talking = connect_from(server, "127.0.0.2")
+    talking.sendall(b"GET / HTTP/1.0\r\n")
+    wait_until(lambda: server._count == 4, "four held")
+    for _ in range(6):  # more than `per_address` and `answering`, one after another
+        assert held_gauge(server) >= 5  # never 1 while those four are held
+    for s in [*idle, talking]:
+        s.close()
+    wait_until(lambda: held_gauge(server) == 1, "the gauge back to the scrape alone",
+               hang_guard=60, poll=0.05)
+    again = [connect_from(server, "127.0.0.2") for _ in range(4)]  # the limit, held at once
+    wait_until(lambda: server._count == 4, "the four held", hang_guard=60)
+    assert [answered(s) for s in again] == [b"HTTP/1.0 200 OK"] * 4
+    assert (server.evicted, server.refused) == (0, 0)
+    for s in again:
+        s.close()
+
+
+def documented_request_bound() -> int:
+    """The request bound docs/daemon.md states ("a request line plus headers over N KiB ...
+    is dropped unanswered")."""
+    text = (Path(__file__).parent.parent / "docs" / "daemon.md").read_text()
+    found = re.search(r"a request line plus headers over (\d+) KiB[^;]*dropped unanswered", text)
+    assert found, "docs/daemon.md no longer states the request bound"
+    return int(found[1]) * 1024
+
+
+def in_one_burst(server: MetricsServer, data: bytes) -> bytes:
+    """Send `data` while the event loop is held, so that all of it waits in the socket when
+    the server first reads; the status line answered (b"" when dropped unanswered)."""
+    with loop_held(server):
+        s = connect_from(server, "127.0.0.1")
+        s.sendall(data)
+    with s:
+        return answered(s, b"")
+
+
+def test_a_request_is_bounded_as_documented_exactly(serve):
+    """At the documented bound the request is answered; one byte over, dropped unanswered,
+    also when the whole request is already there at the first read."""
     server = serve()
+    bound = documented_request_bound()
     line = b"GET / HTTP/1.0\r\n"
-    pad = MAX_REQUEST_BYTES - len(line) - len(b"X: \r\n\r\n")
+    pad = bound - len(line) - len(b"X: \r\n\r\n")
+    assert in_one_burst(server, line + b"X: " + b"a" * pad + b"\r\n\r\n") == b"HTTP/1.0 200 OK"
+    assert in_one_burst(server, line + b"X: " + b"a" * (pad + 1) + b"\r\n\r\n") == b""
+    assert raw(server, line + b"X: " + b"a" * (pad + 1) + b"\r\n\r\n") == b""  # in pieces too
     assert raw(server, line + b"X: " + b"a" * pad + b"\r\n\r\n").startswith(b"HTTP/1.0 200")
-    assert raw(server, line + b"X: " + b"a" * (pad + 1) + b"\r\n\r\n") == b""
 
 
 def test_the_connection_that_sent_nothing_is_evicted_before_an_older_one(serve):
@@ -666,6 +768,24 @@ def test_the_connection_that_sent_nothing_is_evicted_before_an_older_one(serve):
     assert talking.recv(12) == b"HTTP/1.0 200"
     talking.close()
     silent.close()
+
+
+def test_in_a_burst_the_silent_one_is_evicted_though_the_older_ones_bytes_are_unread(serve):
+    """Connections accepted together are admitted before any is read: the older one's
+    partial request still waits in its socket, and is seen there."""
+    server = serve(per_address=2)
+    with loop_held(server):
+        talking = connect_from(server, "127.0.0.1")
+        talking.sendall(b"GET / HTTP/1.0\r\n")
+        silent = connect_from(server, "127.0.0.1")
+        scraper = connect_from(server, "127.0.0.1")
+        scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert answered(scraper, b"") == b"HTTP/1.0 200 OK"
+    assert closed_by_server(silent)
+    assert answered(talking, b"\r\n") == b"HTTP/1.0 200 OK"
+    assert server.evicted == 1
+    for s in (talking, silent, scraper):
+        s.close()
 
 
 def stalled(server: MetricsServer, source: str, count: int) -> list[socket.socket]:
@@ -725,6 +845,23 @@ def test_a_network_full_of_unread_answers_makes_room_for_another_address(big_reg
             status, _, body = get(server.url + "/metrics")
             assert status == 200 and body.endswith(b"\n")
         assert requested(server) <= 8
+    finally:
+        server.shutdown()
+        server.server_close()
+    for s in socks:
+        s.close()
+
+
+def test_when_every_held_connection_sent_a_whole_request_the_newcomer_is_refused(big_registry):
+    server = MetricsServer("127.0.0.1:0", big_registry, WebConfig(), per_address=2,
+                           generation=lambda: big_registry)  # unchanging: rendered once
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        socks = stalled(server, "127.0.0.2", 2)  # answers that cannot fit in the buffers
+        wait_until(lambda: requested(server, "127.0.0.2") == 2, "both whole requests held")
+        with connect_from(server, "127.0.0.2") as newcomer:
+            assert closed_by_server(newcomer)
+        assert (server.refused, server.evicted, requested(server, "127.0.0.2")) == (1, 0, 2)
     finally:
         server.shutdown()
         server.server_close()

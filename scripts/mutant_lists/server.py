@@ -1,0 +1,59 @@
+"""Hand mutants of ctprofd/export/server.py's connection accounting, request bound and
+eviction order (scripts/hand_mutants.py; scores in docs/testing.md)."""
+
+F = "ctprofd/export/server.py"
+MUTANTS = [
+    ("released connection not uncounted", F,
+     "            self._count -= 1\n",
+     "            pass\n"),
+    ("released connection kept in its address's list", F,
+     "            peers.remove(connection)\n",
+     "            pass\n"),
+    ("released whole request kept in its network's list", F,
+     "            network.remove(connection)\n",
+     "            pass\n"),
+    ("a connection that ends not released", F,
+     "        finally:\n            self._release(connection)\n",
+     "        finally:\n"),
+    ("an evicted connection not released at once", F,
+     "        self._release(connection)\n        connection.writer.transport.abort()\n"
+     "        self.evicted += 1",
+     "        connection.writer.transport.abort()\n        self.evicted += 1"),
+    ("request bound raised to 32 KiB", F,
+     "MAX_REQUEST_BYTES = 16384 ",
+     "MAX_REQUEST_BYTES = 32768 "),
+    ("request bound removed", F,
+     "            if not data or len(data) >= MAX_REQUEST_BYTES:\n"
+     "                raise _Drop(\"no request\" if not data else \"request too large\")\n"
+     "            chunk = await reader.read(MAX_REQUEST_BYTES - len(data))\n",
+     "            if not data:\n"
+     "                raise _Drop(\"no request\")\n"
+     "            chunk = await reader.read(1 << 20)\n"),
+    ("first read unbounded", F,
+     "            data = await reader.read(MAX_REQUEST_BYTES)\n",
+     "            data = await reader.read(1 << 20)\n"),
+    ("request bound >= to >", F,
+     "if not data or len(data) >= MAX_REQUEST_BYTES:",
+     "if not data or len(data) > MAX_REQUEST_BYTES:"),
+    ("header-line bound removed", F,
+     "    if len(lines) > MAX_HEADERS + 3:\n",
+     "    if False:\n"),
+    ("silent connection not preferred", F,
+     "        while victim is not None and _sent_something(victim):\n",
+     "        while False:\n"),
+    ("bytes still in the socket not seen", F,
+     "    if connection.reader.received:\n        return True\n",
+     "    return connection.reader.received\n"),
+    ("a whole request evicted", F,
+     "        waiting = (c for c in peers if not c.requested)\n",
+     "        waiting = iter(peers)\n"),
+    ("when full, not the address holding the most", F,
+     "self._evict(p) for p in sorted(self._peers.values(), key=len, reverse=True)):",
+     "self._evict(p) for p in list(self._peers.values())):"),
+    ("per-address limit >= to >", F,
+     "        if len(peers) >= self.per_address and not self._evict(peers):",
+     "        if len(peers) > self.per_address and not self._evict(peers):"),
+    ("total limit >= to >", F,
+     "        if self._count >= self.max_connections and not any(",
+     "        if self._count > self.max_connections and not any("),
+]
