@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run hand-made mutants: each one small edit (an exact text and its replacement) applied
 alone to a copy of the repository's tracked files, the tests given run against it, the edit
-undone. A mutant is killed when the tests fail (a hang fails at pytest-timeout's 120 s). For refusals, bounds and fallbacks whose
+undone. A mutant is killed when the tests fail (a hang fails at pytest-timeout's 120 s);
+the tests must pass first without any. For refusals, bounds and fallbacks whose
 tests need real processes, where mutmut would take hours (docs/testing.md).
 
     .venv/bin/python scripts/hand_mutants.py scripts/mutant_lists/target.py -- tests/unit/test_target_files.py
@@ -35,6 +36,10 @@ def main(argv: list[str]) -> int:
             os.makedirs(os.path.join(tree, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(REPO, name), os.path.join(tree, name),
                          follow_symlinks=False)
+        os.chmod(tree, 0o755)  # mkdtemp's 0700 would keep ctprofd's unprivileged readers out
+        if _pytest(tree, argv[2:]).returncode != 0:  # else every mutant would count as killed
+            print(f"{argv[0]}: the tests fail without any mutant", file=sys.stderr)
+            return 2
         killed = 0
         for name, path, old, new in mutants:
             full = os.path.join(tree, path)
@@ -47,9 +52,7 @@ def main(argv: list[str]) -> int:
             with open(full, "w") as f:
                 f.write(text.replace(old, new))
             try:
-                result = subprocess.run(
-                    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                     "--timeout", "120", *argv[2:]], cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                result = _pytest(tree, argv[2:])
             finally:
                 with open(full, "w") as f:
                     f.write(text)
@@ -59,6 +62,12 @@ def main(argv: list[str]) -> int:
         return 0
     finally:
         shutil.rmtree(tree)
+
+
+def _pytest(tree: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           "--timeout", "120", *args], cwd=tree, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

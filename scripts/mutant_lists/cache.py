@@ -3,8 +3,8 @@
 F = "ctprofd/resolve/cache.py"
 MUTANTS = [
     ('memory FIFO, not LRU', F,
-     '        if entry is not None:\n            owner = self.used if key in self.used else self.written\n            self.remember(key, entry, owner.owner_of(key))',
-     '        if entry is not None and key not in self.used:\n            owner = self.used if key in self.used else self.written\n            self.remember(key, entry, owner.owner_of(key))'),
+     '        if entry is not None:\n            self.remember(key, entry, self.owner_of(key))',
+     '        if entry is not None and key not in self.used:\n            self.remember(key, entry, self.owner_of(key))'),
     ('memory bound off by one', F,
      'while len(self.used) > self.max_entries:',
      'while len(self.used) > self.max_entries + 1:'),
@@ -30,8 +30,8 @@ MUTANTS = [
      '            self._index(key, name, owner, size)\n        self.trim_disk()\n        return old',
      '            self._index(key, name, owner, size)\n        return old'),
     ('a use counts as a write', F,
-     '            self.remember(key, entry, owner.owner_of(key))\n        return entry',
-     '            self.remember(key, entry, owner.owner_of(key))\n            if key in self.written:\n                self.written.touch(key, self.written.owner_of(key))\n        return entry'),
+     '            self.remember(key, entry, self.owner_of(key))\n        return entry',
+     '            self.remember(key, entry, self.owner_of(key))\n            if key in self.written:\n                self.written.touch(key, self.written.owner_of(key))\n        return entry'),
     ('read-only cache trims', F,
      '            if self.writable:\n                self._unlink(self.files[victim][0])',
      '            if True:\n                self._unlink(self.files[victim][0])'),
