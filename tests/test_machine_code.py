@@ -488,6 +488,36 @@ def test_executable_got_slot_constant_is_the_anchor(tmp_path):
     assert (found.symbol_offset, found.allocated_offset) == (0, 0x338)
 
 
+def test_executable_got_slot_a_relocation_fills_is_refused_whatever_the_file_holds(tmp_path):
+    """An executable whose fast paths read a GOT slot that an R_X86_64_TPOFF64 fills at run
+    time (a TLS variable of another module): the bytes in the file are not what the slot
+    will hold, even when they are a plausible offset of the executable's own block."""
+    (tmp_path / "ext.s").write_text('    .section .tbss,"awT",@nobits\n    .globl ext\n'
+                                    "    .p2align 3\next: .zero 2632\n")
+    subprocess.run(["gcc", "-shared", "-nostdlib", "-o", tmp_path / "libext.so",
+                    tmp_path / "ext.s"], check=True)
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", "mine: .zero 2632",
+              "    .text", "    .globl _start", "_start: ret"]
+    for name, offset in (("malloc", 0x338), ("free", 0x348)):
+        source += [f"    .globl {name}", f"    .type {name}, @function", f"{name}:",
+                   form.format(anchor="ext@gottpoff(%rip)", offset=offset, next=offset + 8),
+                   "1:  ret", f"    .size {name}, .-{name}"]
+    (tmp_path / "exe.s").write_text("\n".join(source) + "\n")
+    exe = tmp_path / "exe"
+    subprocess.run(["gcc", "-no-pie", "-nostdlib", "-Wl,--build-id", "-o", exe,
+                    tmp_path / "exe.s", f"-L{tmp_path}", "-lext"], check=True)
+    [slot] = tpoff_slots(exe)
+    assert "filled at run time" in code_refusal(exe, shared=False)  # the file holds 0
+    with open(exe, "r+b") as stream:
+        [(vaddr, offset)] = [(s["p_vaddr"], s["p_offset"])
+                             for s in ELFFile(stream).iter_segments("PT_LOAD")
+                             if s["p_vaddr"] <= slot < s["p_vaddr"] + s["p_filesz"]]
+        stream.seek(offset + slot - vaddr)
+        stream.write((-2632).to_bytes(8, "little", signed=True))  # the block's start
+    assert "filled at run time" in code_refusal(exe, shared=False)
+
+
 SLOTS = {"negative": ("-2696", -2696), "lowest": (f"-{(1 << 20) - 1}", -(1 << 20) + 1),
          "too low": (f"-{1 << 20}", None), "zero": ("0", None), "positive": ("16", None)}
 
