@@ -21,6 +21,7 @@ import pytest
 
 from ctprofd import __version__
 from daemon_process import CTPROFD, REPO, DaemonProcess, clean_env, run_once, write_config
+from support.procs import end_vfork
 
 STUCK = 8
 HANG_GUARD = 120  # seconds: keeps a broken run from hanging, never a timing claim
@@ -404,9 +405,10 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
         tmp_path, daemons, fixture_bins, spawn_fixture):
     """/health with TLS and basic auth on: answered without credentials (/metrics is not),
     503 until the first snapshot, 200 while snapshots complete, 503 once the last completed
-    one is older than 3 intervals (a new process whose workers are stuck in vfork, which no
-    PTRACE_INTERRUPT can stop, costs each snapshot a 250 ms wait per worker while their
-    children sleep), 200 again after."""
+    one is older than 3 intervals, 200 again after. The stall: a new process whose workers
+    are stuck in vfork, which no PTRACE_INTERRUPT can stop, costs a snapshot a 250 ms wait
+    (then they are backed off, and waited for again after 1, 2, 4 ... snapshots), more
+    than the 3 intervals of 50 ms; /health is asked until one such wait is caught."""
     from test_web import openssl_cert
     cert, key = openssl_cert(tmp_path, "server")
     hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
@@ -415,7 +417,12 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
                    f"basic_auth_users:\n  prometheus: '{hashed}'\n")
     config = write_config(tmp_path, (
         f"selection:\n  include:\n    exe: ['{fixture_bins.hostile_threads}']\n"
-        f"web_config_file: {web}\n"), interval=0.2)
+        f"web_config_file: {web}\n"), interval=0.05)
+    # stuck before the daemon first sees them: a thread read once is never stopped again
+    target = spawn_fixture(fixture_bins.hostile_threads, STUCK)
+    for worker in range(STUCK):  # each child sleeps until the test kills it
+        target.send(f"vfork {worker} 600000")
+        assert target.readline().split()[0] == "VFORKING"
     daemon = daemons("--config", str(config)).started()
     client = ssl.create_default_context(cafile=str(cert))
 
@@ -428,10 +435,10 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
             return err.code, err.read().decode()
 
     def wait_health(status: int, prefix: str) -> str:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_GUARD
         while (seen := health())[0] != status:
             assert time.monotonic() < deadline, seen
-            time.sleep(0.05)
+            time.sleep(0.005)
         assert seen[1].startswith(prefix), seen
         return seen[1]
 
@@ -439,11 +446,8 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
         urllib.request.urlopen(daemon.url + "/metrics", timeout=10, context=client)
     assert refused.value.code == 401
     wait_health(200, "ok: last snapshot completed ")
-    target = spawn_fixture(fixture_bins.hostile_threads, STUCK)
-    for worker in range(STUCK):  # each child sleeps 5 s; a snapshot then takes 2 s
-        target.send(f"vfork {worker} 5000")
-        assert target.readline().split()[0] == "VFORKING"
-    # the stale answer itself: with the wait budget a stall is brief, so ask no second time
-    assert "more than 3 intervals (0.6 s)" in wait_health(503, "stale: last snapshot completed ")
+    daemon.wait_for(r"failed \(dominant: waitpid\)")  # a wait for the stuck workers
+    assert "more than 3 intervals (0.15 s)" in wait_health(503, "stale: last snapshot completed ")
+    for tid in target.worker_tids:
+        end_vfork(target.pid, tid)
     wait_health(200, "ok: ")
-    daemon.wait_for(r"failed \(dominant: waitpid\)")  # the hang was the stuck workers

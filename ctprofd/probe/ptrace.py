@@ -238,13 +238,18 @@ class Tracer:
         self._pending: set[int] = set()
         self._thread: _PtraceThread | None = None
 
-    def thread_pointer(self, tid: int) -> ThreadPointer:
+    def thread_pointer(self, tid: int, uninterruptible: bool = False) -> ThreadPointer:
         """Stop `tid` once, read its fs_base, let it go. Raises ProbeError with the tag, or
         ThreadGone when the thread exited first, WaitBudgetSpent once this snapshot waited
         `wait_budget` seconds for stops that did not come (the thread untouched, or its
-        wait, cut short by what was left, missed)."""
-        if self._waited >= self.wait_budget:
-            raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent",
+        wait, cut short by what was left, missed). A thread seen in an `uninterruptible`
+        sleep (a vfork wait, which no stop ends) is left untouched unless its whole wait
+        is left: a wait cut short would be spent for nothing."""
+        left = self.wait_budget - self._waited
+        if left <= 0 or (uninterruptible and left < self.stop_timeout):
+            raise WaitBudgetSpent(f"tid {tid}: not stopped: this snapshot's stop wait is spent"
+                                  + (" (less than a whole wait is left for a thread in an "
+                                     "uninterruptible sleep)" if left > 0 else ""),
                                   reached=False)
         if self._thread is None:
             self._thread = _PtraceThread()

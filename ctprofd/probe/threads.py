@@ -263,16 +263,18 @@ class ThreadProber:
     def _locate(self, pid: int, thread: ThreadInfo, state: ProcessState,
                 tally: Tally) -> None:
         try:
-            pointer = self.tracer.thread_pointer(thread.tid)
+            pointer = self.tracer.thread_pointer(thread.tid,
+                                                 uninterruptible=thread.state == "D")
         except ThreadGone as gone:  # an exit race: not a failure, and nothing to read
             self.exit_races += 1
             log.debug("pid %d: %s", pid, gone)
             return
         except WaitBudgetSpent as spent:  # tried at the next snapshot ...
             if not spent.reached and thread.state == "D":
-                # ... unless, in an uninterruptible sleep (as the threads that missed their
-                # stops and spent the wait likely were: forty workers in vfork waits),
-                # it is put off as they are, so that the wait is not spent every snapshot
+                # ... unless, not reached and in an uninterruptible sleep (as the threads
+                # that missed their stops and spent the wait likely were: forty workers in
+                # vfork waits), it is put off as they are: the wait is not spent anew on
+                # such threads at every snapshot
                 self._back_off(state, thread, None)
             tally.left_out += 1
             log.debug("pid %d: %s", pid, spent)

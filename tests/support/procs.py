@@ -215,6 +215,12 @@ def mapped_at(pid: int, name: str) -> int:
     raise AssertionError(f"{name} not mapped in {pid}")
 
 
+def end_vfork(pid: int, tid: int) -> None:
+    """Kill the vfork child worker `tid` of fixture `pid` waits for: its vfork ends."""
+    [child] = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    os.kill(int(child), signal.SIGKILL)
+
+
 def wait_for_exit(pid: int, hang_guard: float) -> bool:
     """Wait for any process (not only a child) to exit, through its pidfd: an event, not
     polling. False only if it still runs after `hang_guard` seconds, a guard against
