@@ -26,7 +26,7 @@ from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSetting
 from ctprofd.probe.ptrace import WaitBudgetSpent
 from ctprofd.procfs.processes import read_process
 from ctprofd.resolve import attach
-from ctprofd.resolve.attach import PENDING_LOOKS, UNRESOLVED_MAX
+from ctprofd.resolve.attach import PENDING_MAPS_LINES, UNRESOLVED_MAX
 from ctprofd.report import tags
 from support import elf
 from support.mapper import mapper_argv, write_tiny_elf_files
@@ -722,36 +722,42 @@ def test_a_pending_process_has_each_code_object_statted_once_while_it_stays_mapp
 def test_a_process_pending_look_after_look_is_looked_at_less_and_less_often(
         spawn_process, tmp_path, monkeypatch):
     """A process that stays pending look after look (issue 22's mapper: more objects than
-    PENDING_LOOKS x UNRESOLVED_MAX) has its maps read at every snapshot for PENDING_LOOKS
-    looks, then only after 1, 2, 4 ... snapshots, however soon the resolver is done."""
-    mapper = spawn_mapper(spawn_process, tmp_path, (PENDING_LOOKS + 8) * UNRESOLVED_MAX)
-    reads: list[int] = []
+    the resolver is handed in many looks) has its maps read at every snapshot until its
+    looks have read more than PENDING_MAPS_LINES lines of them, then only after 1, 2, 4 ...
+    snapshots, however soon the resolver is done."""
+    objects = PENDING_MAPS_LINES * 3 // 8  # lines of maps per look: a little more
+    mapper = spawn_mapper(spawn_process, tmp_path, objects)
+    lines: list[int] = []
     real_read = attach.read_maps
 
     def read_maps(process):
-        reads.append(process.pid)
-        return real_read(process)
+        mappings = real_read(process)
+        lines.append(len(mappings))
+        return mappings
     monkeypatch.setattr(attach, "read_maps", read_maps)
     engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
     background = engine.attacher.background
     looked: list[bool] = []  # per snapshot from the first look: were its maps read
-    expected = [True] * PENDING_LOOKS + [False, True, False, False, True, False, False,
-                                         False, False, True]
+    # the third look reads more than PENDING_MAPS_LINES in all; then 1, 2, 4 skipped
+    expected = [True] * 3 + [False, True, False, False, True, False, False, False, False,
+                             True]
     try:
         for _ in range(20):  # its python binary is resolved first, in the background
             engine.capture()
             assert background.wait_idle(60)
-            if reads:
+            if lines:
                 break
-        assert reads, "its objects were never looked at"
+        assert lines, "its objects were never looked at"
         looked.append(True)
         while len(looked) < len(expected):
-            reads.clear()
+            before = len(lines)
             assert engine.capture().pending == 1
             assert background.wait_idle(60)  # nothing queued holds the next look back
-            looked.append(bool(reads))
+            looked.append(len(lines) > before)
     finally:
         engine.close()
+    assert objects * 3 > PENDING_MAPS_LINES >= sum(lines[:2]), lines
+    assert len(expected) * UNRESOLVED_MAX < objects  # pending throughout
     assert looked == expected
 
 

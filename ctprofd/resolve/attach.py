@@ -50,14 +50,14 @@ UNRESOLVED_MAX = 64
 # MAPS_MEMO_OBJECTS objects each, so that this memory never grows with what targets map.
 MAPS_MEMO_PROCESSES = 64
 MAPS_MEMO_OBJECTS = 1024
-# A process still pending after PENDING_LOOKS looks at its maps (each handing the resolver
-# up to UNRESOLVED_MAX objects) is looked at again after 1, 2, 4 ... PENDING_BACKOFF_MAX
-# snapshots, not at every one: reading and parsing the maps of a process mapping 20,000
-# objects takes ~170 ms, and one mapping more distinct objects than the cache holds stays
-# pending for ever. A process mapping up to PENDING_LOOKS x UNRESOLVED_MAX (512) objects
-# the cache does not know is attached within those looks. Looks are counted for at most
-# PENDING_PROCESSES processes (the least recently pending forgotten first).
-PENDING_LOOKS = 8
+# A process still pending once its looks at its maps (each handing the resolver up to
+# UNRESOLVED_MAX objects) have read more than PENDING_MAPS_LINES lines in all is looked at
+# again after 1, 2, 4 ... PENDING_BACKOFF_MAX snapshots, not at every one: reading and parsing
+# the maps of a process mapping 20,000 objects takes ~170 ms, and one mapping more distinct
+# objects than the cache holds stays pending for ever. A process whose maps are a few
+# thousand lines is looked at at every snapshot until it is attached, as before. Looks are
+# counted for at most PENDING_PROCESSES processes (the least recently pending forgotten).
+PENDING_MAPS_LINES = 16_384
 PENDING_BACKOFF_MAX = 64
 PENDING_PROCESSES = 4096
 
@@ -234,8 +234,9 @@ class Attacher:
         # the files a process's last look left in the background resolver's queue (as many
         # processes): while they are still being resolved its maps are not read again
         self._waiting: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
-        # per pending process: (its looks so far, snapshots left before the next one)
-        self._looks: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()
+        # per pending process: (maps lines its looks read, looks put off since, snapshots
+        # left before the next one)
+        self._looks: OrderedDict[tuple[int, int], tuple[int, int, int]] = OrderedDict()
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -396,18 +397,21 @@ class Attacher:
 
     def _backing_off(self, process: ProcessInfo) -> bool:
         """Whether `process`'s next look at its maps is still put off (one snapshot fewer
-        now): see PENDING_LOOKS."""
-        looks, skip = self._looks.get(process.key, (0, 0))
+        now): see PENDING_MAPS_LINES."""
+        lines, misses, skip = self._looks.get(process.key, (0, 0, 0))
         if skip:
-            self._looks[process.key] = (looks, skip - 1)
+            self._looks[process.key] = (lines, misses, skip - 1)
         return skip > 0
 
-    def _looked(self, process: ProcessInfo) -> None:
-        """Count a look that left `process` pending, and put off the next (PENDING_LOOKS)."""
-        looks = self._looks.pop(process.key, (0, 0))[0] + 1
-        skip = (min(1 << (looks - PENDING_LOOKS), PENDING_BACKOFF_MAX)
-                if looks >= PENDING_LOOKS else 0)
-        self._looks[process.key] = (looks, skip)
+    def _looked(self, process: ProcessInfo, lines: int) -> None:
+        """Count a look at `lines` lines of maps that left `process` pending, and put off
+        the next once they pass PENDING_MAPS_LINES."""
+        lines_read, misses, _ = self._looks.pop(process.key, (0, 0, 0))
+        lines_read += lines
+        if lines_read > PENDING_MAPS_LINES:
+            misses += 1
+        self._looks[process.key] = (lines_read, misses,
+                                    min(1 << (misses - 1), PENDING_BACKOFF_MAX) if misses else 0)
         while len(self._looks) > PENDING_PROCESSES:
             self._looks.popitem(last=False)
 
@@ -461,7 +465,7 @@ class Attacher:
             self._waiting[process.key] = tuple(queued)
             while len(self._waiting) > MAPS_MEMO_PROCESSES:
                 self._waiting.popitem(last=False)
-            self._looked(process)
+            self._looked(process, len(mappings))
             raise pending
         return NotJemalloc(mapped=code_objects_digest(mappings))
 
