@@ -289,24 +289,24 @@ def test_a_resolver_kept_busy_is_not_waited_for_in_every_snapshot(fixture_bins, 
     copies = [tmp_path / f"new{i}" for i in range(2)]  # a new identity in each snapshot
     for copy in copies:
         shutil.copy2(fixture_bins["static"].binary, copy)
-    wanted: set[int] = set()
+    wanted: set[int] = set()  # read by pid: no walk of a busy host before the wait
     engine = Capturer(CaptureSettings(
-        debug_dirs=(), background=True, select=lambda p: p.pid in wanted,
-        parser=WorkerLimits(timeout=5, max_file_bytes=1 << 41), resolve_grace=0.2))
+        debug_dirs=(), background=True,
+        parser=WorkerLimits(timeout=10, max_file_bytes=1 << 41), resolve_grace=1.0))
     background = engine.attacher.background
     try:
         wanted.add(spawn_fixture(slow, 1).pid)
-        first = engine.capture()  # waits its 0.2 s grace: the slow parse goes on
+        first = engine.capture(pids=wanted)  # waits its 1 s grace: the slow parse goes on
         assert first.pending == 1 and not background.wait_idle(0)
         engine.settings.resolve_grace = 600.0  # a wait now would last until the resolver idles
         new = spawn_fixture(copies[0], 1)
         wanted.add(new.pid)
-        second = engine.capture()
+        second = engine.capture(pids=wanted)
         assert not background.wait_idle(0), "the snapshot after a missed wait waited"
         assert second.pending == 2
         newer = spawn_fixture(copies[1], 1)
         wanted.add(newer.pid)
-        third = engine.capture()  # the back-off is over: it waits, and reads what resolved
+        third = engine.capture(pids=wanted)  # the back-off is over: it waits, and reads what resolved
         assert background.wait_idle(0)
         read = {sample.pid for sample in third.processes}
         assert {new.pid, newer.pid} <= read, third.failed_pids
