@@ -191,20 +191,28 @@ def observe(daemon: Daemon, fixtures: list[Fixture], seconds: float) -> dict[str
     last = parse_metrics(daemon.scrape())
     elapsed = time.monotonic() - started
     snapshots = last["ctprofd_snapshots_total"] - first["ctprofd_snapshots_total"]
+    took = (last["ctprofd_snapshot_duration_seconds_sum"]
+            - first["ctprofd_snapshot_duration_seconds_sum"])
     return {"seconds": round(elapsed, 2), "snapshots": snapshots,
             "schedule_kept": round(snapshots / (elapsed / last["ctprofd_snapshot_interval_seconds"]), 3),
+            "snapshot_seconds_mean": round(took / snapshots, 3) if snapshots else None,
             "scrapes": scrapes, "scrapes_on_time": round(on_time / scrapes, 3),
             "scrapes_exact": round(exact / scrapes, 3), "rss_mib_max": round(rss_max, 1),
             "failed": last.get("ctprofd_probe_failed", 0)}
 
 
+ATTACKS = ("arena", "vfork", "mappings", "accept")
+PHASES = (*ATTACKS, "all")
+
+
 def run_phases(daemon: Daemon, fixtures: list[Fixture], attacks: Attacks,
-               duration: float) -> dict[str, dict]:
-    """Each attack alone (its processes killed after its phase), then all together."""
+               duration: float, phases: tuple[str, ...] = PHASES) -> dict[str, dict]:
+    """The baseline, then each attack alone (its processes killed after its phase), then
+    all together (of `phases`, in that order)."""
     results = {"baseline": observe(daemon, fixtures, duration)}
-    for name in ("arena", "vfork", "mappings", "accept", "all"):
+    for name in (phase for phase in PHASES if phase in phases):
         log(f"{name}: {duration:g} s")
-        for attack in (("arena", "vfork", "mappings", "accept") if name == "all" else (name,)):
+        for attack in (ATTACKS if name == "all" else (name,)):
             getattr(attacks, attack)(daemon)
         results[name] = observe(daemon, fixtures, duration)
         results[name]["accept_requests"] = attacks.accept_requests
@@ -219,7 +227,12 @@ def main() -> None:
     p.add_argument("--mappings", type=int,
                    help="tiny ELF files each mapper maps (default 20000; --quick 200)")
     p.add_argument("--mappers", type=int, help="mapping processes (default 8; --quick 2)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"phases after the baseline, comma-separated (default {','.join(PHASES)})")
     args = p.parse_args()
+    phases = tuple(args.phases.split(","))
+    if not set(phases) <= set(PHASES):
+        p.error(f"--phases: unknown phase in {args.phases!r} (known: {', '.join(PHASES)})")
     quick = args.quick
     args.duration = args.duration or (3.0 if quick else 30.0)
     args.vforks = args.vforks or (4 if quick else 40)
@@ -242,7 +255,7 @@ def main() -> None:
             wait_until(lambda: all(f'pid="{t.pid}"' in daemon.scrape().decode()
                                    for t in targets), 300, "both fixtures to be read")
             attacks = Attacks(procs, fixtures, Path(scratch), args)
-            results = run_phases(daemon, targets, attacks, args.duration)
+            results = run_phases(daemon, targets, attacks, args.duration, phases)
             daemon.stop()
         results["cgroup"] = {"limit_mib": MEMORY_LIMIT >> 20, "peak_mib": cgroup.peak_mib(),
                              "oom_kills": cgroup.oom_kills()}
@@ -253,8 +266,9 @@ def main() -> None:
     results["ratios_to_baseline"] = {
         name: {key: round(results[name][key] / base[key], 3) if base[key] else None
                for key in ("schedule_kept", "scrapes_on_time", "scrapes_exact")}
-        for name in ("arena", "vfork", "mappings", "accept", "all")}
+        for name in PHASES if name in results}
     results["config"] = {"interval": 1.0, "duration": args.duration, "vforks": args.vforks,
+                         "phases": list(phases),
                          "mappings": args.mappings, "mappers": args.mappers}
     write_result("combined_attack", args, started, host, results)
 

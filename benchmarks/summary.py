@@ -178,10 +178,14 @@ def scrape_cost(r: dict) -> list[str]:
 def combined_attack(r: dict) -> list[str]:
     out = []
     for phase in ("baseline", "arena", "vfork", "mappings", "accept", "all"):
+        if phase not in r:  # run with --phases
+            continue
         p = r[phase]
         ratio = r["ratios_to_baseline"].get(phase, {}).get("schedule_kept")
+        mean = p.get("snapshot_seconds_mean")  # result files before it have none
         out.append(f"{phase}: schedule kept {p['schedule_kept']}"
                    + (f" ({ratio} of baseline)" if ratio is not None else "")
+                   + (f", snapshots {mean} s on average" if mean is not None else "")
                    + f", scrapes within 1 s {p['scrapes_on_time']:.1%}, both fixtures exact "
                    f"in {p['scrapes_exact']:.1%} of {p['scrapes']} scrapes, RSS max "
                    f"{p['rss_mib_max']} MiB")
