@@ -1,6 +1,6 @@
-"""Steady state: the cost of one snapshot of an unchanged host, against one scrape of the
-same host by prometheus-process-exporter, the syscalls of a snapshot, and how the cost
-grows with processes and with threads per process.
+"""Steady state: the cost of one snapshot of an unchanged host, against a bare walk of its
+stat files and one scrape of the same host by prometheus-process-exporter, and the syscalls
+of a snapshot (how the cost grows with processes and threads: benchmarks/scale.py).
 
 Host: IDLE idle processes with distinct names (hostsim) plus JEMALLOC alloc_threads
 fixtures of THREADS threads each, each under its own name; the machine's own processes
@@ -33,10 +33,6 @@ come on top. Phases:
              can do while still reading every process). GET /metrics over loopback with
              urllib: wall per scrape, and CPU per scrape from the exporter's threads'
              /proc/PID/task/*/schedstat (ns) deltas.
-  processes  the main snapshot with IDLE swept so that the host has ~100 .. ~10,000
-             processes: linear fit of wall and CPU against tgids walked.
-  threads    one alloc_threads process with 1 .. 1,000 threads: linear fit of the cost of
-             capturing it (capture(pids=[pid])) and of the whole host against threads.
 
 Run: .venv/bin/python -m benchmarks.steady_state [--quick]
 """
@@ -64,7 +60,7 @@ from .processes import (Processes, count_processes, cpu_seconds, die_with_parent
                         wait_until)
 from .report import log, machine, parser, write_result
 from .simulated_host import IdleHost, add_host_options, fixtures_dir, host_size, spawn_jemalloc
-from .stats import distribution, linear_fit
+from .stats import distribution
 
 from ctprofd.export.aggregate import Aggregator  # noqa: E402
 from ctprofd.export.collector import DaemonCollector, DaemonState  # noqa: E402
@@ -400,96 +396,22 @@ def exporter_scrapes(procs: Processes, work_dir: Path, name: str, repeats: int) 
             "body_bytes": len(body)}
 
 
-# --- sweeps ---------------------------------------------------------------------------------
-
-def sweep_processes(procs: Processes, args, capturer: Capturer, idle_counts: list[int],
-                    repeats: int) -> dict:
-    points = []
-    for idle in idle_counts:
-        host = procs.own(IdleHost(procs, args.work_dir, idle, prefix="sweep-")) if idle else None
-        try:
-            timed_captures(capturer, 2)  # first sight of the new processes
-            run = timed_captures(capturer, repeats)
-        finally:
-            if host is not None:
-                procs.release(host)
-        walked = sorted(run["tgids_walked"])[len(run["tgids_walked"]) // 2]
-        points.append({"idle_added": idle, "tgids_walked": walked,
-                       "wall_seconds": distribution(run["wall_seconds"]),
-                       "cpu_seconds": distribution(run["cpu_seconds"])})
-        log(f"processes: {walked} walked: wall p50 {points[-1]['wall_seconds']['p50'] * 1e3:.2f}"
-            f" ms, cpu p50 {points[-1]['cpu_seconds']['p50'] * 1e3:.2f} ms")
-    return _fit(points, "tgids_walked", "per_process")
-
-
-def sweep_threads(procs: Processes, args, fixtures: Path, capturer: Capturer,
-                  thread_counts: list[int], repeats: int) -> dict:
-    points = []
-    for threads in thread_counts:
-        fixture = spawn_jemalloc(procs, fixtures, 1, threads, args.work_dir, name="thr")
-        try:
-            timed_captures(capturer, 2)
-            alone = timed_captures(capturer, repeats, pids=fixture.pids)
-            host = timed_captures(capturer, repeats)
-            probed = alone["last"].summary.probed_ok
-        finally:
-            procs.release(fixture)
-        points.append({"threads": threads, "probed_ok": probed,
-                       "wall_seconds": distribution(alone["wall_seconds"]),
-                       "cpu_seconds": distribution(alone["cpu_seconds"]),
-                       "host_wall_seconds": distribution(host["wall_seconds"]),
-                       "host_cpu_seconds": distribution(host["cpu_seconds"])})
-        log(f"threads: {threads}: process alone wall p50 "
-            f"{points[-1]['wall_seconds']['p50'] * 1e6:.0f} us, host wall p50 "
-            f"{points[-1]['host_wall_seconds']['p50'] * 1e3:.2f} ms")
-    fit = _fit(points, "threads", "per_thread")
-    for key in ("host_wall_seconds", "host_cpu_seconds"):
-        line = linear_fit([p["threads"] for p in points], [p[key]["p50"] for p in points])
-        fit["fits"][key] = {**line, "per_thread_us": round(line["slope"] * 1e6, 3),
-                            "intercept_ms": round(line["intercept"] * 1e3, 3)}
-    return fit
-
-
-def _fit(points: list[dict], x: str, per: str) -> dict:
-    xs = [p[x] for p in points]
-    fits = {}
-    for key in ("wall_seconds", "cpu_seconds"):
-        line = linear_fit(xs, [p[key]["p50"] for p in points])
-        fits[key] = {**line, f"{per}_us": round(line["slope"] * 1e6, 3),
-                     "intercept_ms": round(line["intercept"] * 1e3, 3)}
-    growth = (points[-1]["wall_seconds"]["p50"] / points[0]["wall_seconds"]["p50"]
-              if len(points) > 1 else None)
-    return {"points": points, "fits": fits,
-            f"{x}_growth": round(xs[-1] / xs[0], 2) if xs[0] else None,
-            "wall_growth": round(growth, 2) if growth else None}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     add_host_options(p)
     p.add_argument("--repeats", type=int, help="timed snapshots/scrapes per figure "
                    "(default 30; --quick 3)")
-    p.add_argument("--sweep-idle", metavar="N,N,...",
-                   help="idle processes added per point of the process sweep "
-                        "(default 0,200,900,2900,9900; --quick 0,20)")
-    p.add_argument("--sweep-threads", metavar="N,N,...",
-                   help="threads of the sweep's process (default 1,10,100,300,1000; "
-                        "--quick 1,4)")
     args = p.parse_args(argv)
     q = args.quick
     idle, jemalloc, threads = host_size(args)
     repeats = args.repeats or (3 if q else 30)
-    idle_points = [int(x) for x in (args.sweep_idle or ("0,20" if q else
-                                                       "0,200,900,2900,9900")).split(",")]
-    thread_points = [int(x) for x in (args.sweep_threads or ("1,4" if q else
-                                                             "1,10,100,300,1000")).split(",")]
     started, host_info = time.time(), machine()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     fixtures = fixtures_dir(args)
     results: dict = {"host": {"idle_processes": idle, "jemalloc_fixtures": jemalloc,
                               "threads_per_fixture": threads}, "repeats": repeats}
     with Processes() as procs:
-        bystanders = procs.own(IdleHost(procs, args.work_dir, idle))
+        procs.own(IdleHost(procs, args.work_dir, idle))
         spawned = spawn_jemalloc(procs, fixtures, jemalloc, threads, args.work_dir)
         own_pids = spawned.tids()
         capturer = new_capturer()
@@ -551,15 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                                              / figures["cpu_seconds"]["p50"], 4)}
             results["ratio_to_exporter_scrape_p50"] = ratios
             log(f"ratios: {ratios}")
-            procs.release(bystanders)  # the sweep starts from the bare host + the fixtures
-            results["process_sweep"] = sweep_processes(procs, args, capturer, idle_points,
-                                                       max(repeats // 2, 3))
         finally:
             procs.kill_all()
-        try:
-            results["thread_sweep"] = sweep_threads(procs, args, fixtures, capturer,
-                                                    thread_points, max(repeats // 2, 3))
-        finally:
             capturer.close()
     write_result("steady_state", args, started, host_info, results)
     return 0

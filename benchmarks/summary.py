@@ -60,10 +60,52 @@ def steady_state(r: dict) -> list[str]:
                    f"fixture {sorted(set(sc['process_vm_readv_per_pid_on_our_fixtures'].values()))}"
                    f" with {sc['remote_iovecs_per_call_on_our_fixtures']} iovecs")
     for sweep, per in (("process_sweep", "per_process_us"), ("thread_sweep", "per_thread_us")):
+        if sweep not in r:  # the sweeps moved to benchmarks/scale.py
+            continue
         f = r[sweep]["fits"]
         out.append(f"{sweep}: CPU {f['cpu_seconds'][per]} us per item + "
                    f"{f['cpu_seconds']['intercept_ms']} ms (R² {f['cpu_seconds']['r2']}); wall "
                    f"{f['wall_seconds'][per]} us per item (R² {f['wall_seconds']['r2']})")
+    return out
+
+
+def _line(fit: dict, per: str) -> str:
+    """'S us per process + I ms (R² R)' of a scale.py line (`per`: per_process_us ...)."""
+    if per not in fit:
+        return "one point, no line"
+    intercept = fit["intercept_ms"]
+    return (f"{fit[per]} us per {per.split('_')[1]} {'+' if intercept >= 0 else '-'} "
+            f"{abs(intercept)} ms (R² {fit['r2']})")
+
+
+def scale(r: dict) -> list[str]:
+    p = r["process_sweep"]
+    f, largest, out = p["fits"], p["points"][-1], []
+    out.append(f"processes {p['points'][0]['tgids_walked']} .. {largest['tgids_walked']}: "
+               f"steady-state snapshot CPU {_line(f['snapshot_cpu_seconds'], 'per_process_us')}, "
+               f"wall {_line(f['snapshot_wall_seconds'], 'per_process_us')}; bare stat walk "
+               f"CPU {_line(f['walk_cpu_seconds'], 'per_process_us')}; first snapshot wall "
+               f"{_line(f['first_snapshot_wall_seconds'], 'per_process_us')}")
+    v, d = p["at_largest"], p["daemon"]
+    out.append(f"at {v['tgids_walked']} processes: snapshot wall p50 "
+               f"{_ms(v['snapshot_wall_p50_seconds'])}, p99 {_ms(v['snapshot_wall_p99_seconds'])}"
+               f" back to back; ctprofd run --interval {d['interval_seconds']:g}: p50 "
+               f"{_ms(v['daemon_snapshot_p50_seconds'])}, max "
+               f"{_ms(v['daemon_snapshot_max_seconds'])} of {d['snapshot_seconds']['n']}; worst "
+               f"{v['share_of_interval_worst'] * 100:.2f} % of {r['interval_seconds']:g} s "
+               f"(budget {v['budget_seconds']:g} s): {v['steady_state_within_budget']}; ratio "
+               f"to the walk CPU p50 {largest['ratio_to_walk_cpu']['p50']}; first snapshot "
+               f"{v['first_snapshot_wall_seconds']:.2f} s (warm cache), "
+               f"{v['daemon_first_snapshot_seconds']:.2f} s (daemon, empty cache): "
+               f"{v['first_snapshot_within_budget']}")
+    t = r["thread_sweep"]
+    f, largest = t["fits"], t["points"][-1]
+    out.append(f"threads {t['points'][0]['threads']} .. {largest['threads']}: steady-state CPU "
+               f"{_line(f['steady_cpu_seconds'], 'per_thread_us')}, first snapshot wall "
+               f"{_line(f['first_wall_seconds'], 'per_thread_us')} "
+               f"({largest['first_ptrace_stops']} ptrace stops at {largest['threads']}); at "
+               f"{largest['threads']}: first {_ms(largest['first_wall_seconds']['p50'])}, steady "
+               f"{_ms(largest['steady_wall_seconds']['p50'])} wall p50")
     return out
 
 
@@ -195,7 +237,7 @@ def combined_attack(r: dict) -> list[str]:
     return out
 
 
-SUMMARIES = {"steady_state": steady_state, "cold_start": cold_start,
+SUMMARIES = {"steady_state": steady_state, "scale": scale, "cold_start": cold_start,
              "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
              "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost,
              "combined_attack": combined_attack}

@@ -13,8 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {
-    "steady_state": ["--idle", "5", "--jemalloc", "1", "--threads", "2", "--repeats", "2",
-                     "--sweep-idle", "0,5", "--sweep-threads", "1,2"],
+    "steady_state": ["--idle", "5", "--jemalloc", "1", "--threads", "2", "--repeats", "2"],
+    "scale": ["--sweep-idle", "0,50,100", "--jemalloc", "1", "--threads", "2", "--rounds", "2",
+              "--sweep-threads", "1,2,3", "--first-snapshots", "1"],
     "cold_start": ["--units", "3", "--structs", "5", "--repeats", "1"],
     "target_impact": ["--rounds", "1", "--fixtures-per-round", "1", "--threads", "2",
                       "--pairs", "1", "--seconds", "1"],
@@ -26,8 +27,8 @@ SMALL = {
     "scrape_cost": [],
 }
 EXPECTED = {
-    "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter",
-                     "process_sweep", "thread_sweep"),
+    "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter"),
+    "scale": ("process_sweep", "thread_sweep"),
     "cold_start": ("binary", "pahole", "daemon", "tsd_offsets", "resolve_object",
                    "code_stripped", "code_scan", "daemon_stripped", "code_stripped_found",
                    "ratios_to_pahole_p50_wall"),
@@ -56,6 +57,25 @@ def test_benchmark_runs(name: str, fixture_bins, tmp_path: Path) -> None:
     assert document["machine"]["cpus"] >= 1
     for key in EXPECTED[name]:
         assert key in document["results"], (key, sorted(document["results"]))
+    if name == "scale":  # a line (slope, intercept, R²) through every sweep's points
+        for sweep, x, per, keys in (
+                ("process_sweep", "tgids_walked", "per_process_us",
+                 ("snapshot_wall_seconds", "snapshot_cpu_seconds", "walk_cpu_seconds",
+                  "first_snapshot_wall_seconds")),
+                ("thread_sweep", "threads", "per_thread_us",
+                 ("first_wall_seconds", "steady_wall_seconds", "steady_cpu_seconds"))):
+            results = document["results"][sweep]
+            assert len(results["points"]) == 3
+            for key in keys:
+                fit = results["fits"][key]
+                assert fit["points"] == 3 and 0 <= fit["r2"] <= 1, (sweep, key, fit)
+                assert {per, "intercept_ms", f"segment_{per}"} <= fit.keys(), (sweep, key, fit)
+        threads = document["results"]["thread_sweep"]["points"]
+        # every thread of the process read, each stopped once by a first snapshot, no binary
+        # parsed again by a Capturer that reads the cache
+        assert [(p["probed_ok"], p["first_ptrace_stops"], p["first_elf_opens"])
+                for p in threads] == [(1, 1, 0), (2, 2, 0), (3, 3, 0)]
+        assert "steady_state_within_budget" in document["results"]["process_sweep"]["at_largest"]
     if name == "cold_start":  # the stripped twin is resolved from code, not found DWARF
         assert document["results"]["code_stripped_found"]["source"] == (
             "code: malloc/free fast paths")
