@@ -114,7 +114,10 @@ def process_point(capturer: Capturer, rounds: int, cache_dir: Path) -> dict:
         point["first_snapshot"] = {"wall_seconds": round(wall, 4), "cpu_seconds": round(cpu, 4),
                                    "tgids_walked": snapshot.summary.tgids_walked,
                                    "elf_opens": fresh.stats.elf_opens,
-                                   "ptrace_stops": fresh.stats.ptrace_stops}
+                                   "ptrace_stops": fresh.stats.ptrace_stops,
+                                   # threads of other jobs' processes that did not stop: each
+                                   # waited for up to the snapshot's budget (0.5 s in all)
+                                   "stop_timeouts": fresh.stats.stop_timeouts}
     finally:
         fresh.close()
     return point
