@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from ctprofd.probe import capture
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.procfs import processes
 from ctprofd.report import tags
@@ -170,6 +171,29 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
         assert snapshot.summary.tgids_walked == 2
         assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
         assert by_tid(snapshot, fixture.pid) == truth(fixture)
+
+
+def test_unchanged_maps_are_not_parsed_at_the_periodic_look(spawn_process, monkeypatch):
+    """The look at the code objects of a process with no jemalloc (here every snapshot)
+    parses its maps only when their text changed since the last look; a module loaded
+    changes it (test_dynamic_tls: test_a_module_loaded_after_the_first_look_is_found)."""
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0.0)
+    sleeper = spawn_process(["sleep", "600"], ready=None)
+    parsed: list[str] = []
+    real_parse_maps = capture.parse_maps
+
+    def parsing(text: str) -> list[processes.Mapping]:
+        parsed.append(text)
+        return real_parse_maps(text)
+    monkeypatch.setattr(capture, "parse_maps", parsing)
+    engine = Capturer()
+    try:
+        for _ in range(5):  # the first attaches (attach.py reads the maps itself)
+            snapshot = engine.capture(pids=[sleeper.pid])
+            assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    finally:
+        engine.close()
+    assert len(parsed) == 1  # the second snapshot's look; the next three saw the same text
 
 
 def test_missing_pid_is_pid_missing():
@@ -624,6 +648,7 @@ def test_a_thread_another_tracer_keeps_is_backed_off_and_still_said(fixture_bins
 
 CANCELLED_WITH_A_CHILD_LISTED_FIRST = """
 import json, os, subprocess, sys, threading
+from ctprofd.probe import capture
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.procfs import processes
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
 from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_threads,
-                                numbered_entries, read_maps, read_process)
+                                numbered_entries, parse_maps, read_maps_text, read_process)
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
@@ -123,6 +124,7 @@ class _Tracked:
     # when the code objects of a process with no jemalloc are next looked at (the one timer
     # of that look: quiet.py lets the process through for it); never for any other
     objects_due: float = float("inf")
+    maps_seen: int = 0  # hash of its maps' text at the last look (unchanged: not parsed)
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -167,6 +169,18 @@ def _why_threads(tracked: _Tracked, arena: ArenaTotals | None) -> str:
         return "the jemalloc object's load address is not known"
     return (f"no arena layout: {layout.arena_missing}" if layout.arena_missing
             else f"no arena layout (offsets from {layout.source})")
+
+
+def next_look(due: float, now: float, period: float) -> float:
+    """When a look due at `due` and made at `now` is next due: the first time after `now`
+    on its own grid (due + k * period), so that each process keeps the phase its first look
+    was spread to. `now + period` would move each look by how late its snapshot started, and
+    with an interval that divides the period the looks of many processes then pile up in
+    one snapshot (at 20,000 processes and 15 s: 0.2 to 3.8 s per snapshot). A period of 0:
+    every snapshot."""
+    if period <= 0:
+        return now
+    return due + period * (math.floor((now - due) / period) + 1)
 
 
 def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -626,11 +640,17 @@ class Capturer:
         if self._now < tracked.objects_due:
             return False
         assert tracked.result.mapped is not None
-        tracked.objects_due = self._now + NOT_JEMALLOC_OBJECTS_RECHECK
+        tracked.objects_due = next_look(tracked.objects_due, self._now,
+                                        NOT_JEMALLOC_OBJECTS_RECHECK)
         try:
-            return code_objects_digest(read_maps(process)) != tracked.result.mapped
+            text = read_maps_text(process)
         except OSError:
             return False  # it exited: the walk's next pass forgets it
+        seen = hash(text)
+        if seen == tracked.maps_seen:
+            return False  # the very maps of the last look: the same code objects
+        tracked.maps_seen = seen
+        return code_objects_digest(parse_maps(text)) != tracked.result.mapped
 
     def _attach(self, process: ProcessInfo, previous: _Tracked | None) -> _Tracked:
         """Attach to the image a process runs now. What an earlier image counted stays in
