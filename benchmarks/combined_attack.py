@@ -15,8 +15,13 @@ service). Then phases of DURATION s each, every attacker running as uid 65534 (s
             never execs: no PTRACE_INTERRUPT can stop them.
   mappings  MAPPERS processes, each mapping the same MAPPINGS distinct tiny ELF files
             executable (more than the layout cache holds).
-  accept    a client asking /metrics again and again with an unparseable `Accept` header.
-  all       every attack above at once.
+  unread    64 loopback addresses x 64 connections, each sending a whole request and never
+            reading the answer (tests/support/request_flood.py, issue 22's first HTTP
+            attack).
+  accept    a client asking /metrics as fast as it can, with an unparseable `Accept` header
+            (not one of issue 22's attacks: a client that saturates a CPU of its own).
+  all       issue 22's attacks above at once: arena, vfork, mappings, unread.
+  all+accept  those and the `Accept` flood.
 
 Per phase, from scrapes every 0.2 s: snapshots completed against DURATION / interval (the
 schedule kept, a fraction), scrapes answered within 1 s (a fraction), scrapes in which both
@@ -46,6 +51,7 @@ from support.procs import Fixture, Spawned
 
 from . import REPO
 from .daemon import Daemon, parse_metrics
+from .scrape_cost import FLOOD
 from .processes import Processes, status_kib, wait_until
 from .report import log, machine, parser, write_result
 from .simulated_host import fixtures_dir
@@ -145,6 +151,11 @@ class Attacks:
                                        prefix=AS_NOBODY))
             mapper.wait_for("READY", timeout=300)
 
+    def unread(self, daemon: Daemon) -> None:
+        flood = self._own(Spawned([sys.executable, FLOOD, daemon.port, "unread", 64, 64],
+                                  prefix=AS_NOBODY))
+        flood.wait_for("READY", timeout=120)
+
     def accept(self, daemon: Daemon) -> None:
         self.accept_requests = 0
         self._flood = threading.Thread(target=self._ask_with_bad_accept, args=(daemon.port,),
@@ -201,8 +212,9 @@ def observe(daemon: Daemon, fixtures: list[Fixture], seconds: float) -> dict[str
             "failed": last.get("ctprofd_probe_failed", 0)}
 
 
-ATTACKS = ("arena", "vfork", "mappings", "accept")
-PHASES = (*ATTACKS, "all")
+ISSUE_ATTACKS = ("arena", "vfork", "mappings", "unread")  # issue 22's
+ATTACKS = (*ISSUE_ATTACKS, "accept")
+PHASES = (*ATTACKS, "all", "all+accept")
 
 
 def run_phases(daemon: Daemon, fixtures: list[Fixture], attacks: Attacks,
@@ -212,7 +224,8 @@ def run_phases(daemon: Daemon, fixtures: list[Fixture], attacks: Attacks,
     results = {"baseline": observe(daemon, fixtures, duration)}
     for name in (phase for phase in PHASES if phase in phases):
         log(f"{name}: {duration:g} s")
-        for attack in (ATTACKS if name == "all" else (name,)):
+        together = {"all": ISSUE_ATTACKS, "all+accept": ATTACKS}
+        for attack in together.get(name, (name,)):
             getattr(attacks, attack)(daemon)
         results[name] = observe(daemon, fixtures, duration)
         results[name]["accept_requests"] = attacks.accept_requests

@@ -219,7 +219,8 @@ def scrape_cost(r: dict) -> list[str]:
 
 def combined_attack(r: dict) -> list[str]:
     out = []
-    for phase in ("baseline", "arena", "vfork", "mappings", "accept", "all"):
+    for phase in ("baseline", "arena", "vfork", "mappings", "unread", "accept", "all",
+                  "all+accept"):
         if phase not in r:  # run with --phases
             continue
         p = r[phase]

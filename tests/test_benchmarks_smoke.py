@@ -36,8 +36,8 @@ EXPECTED = {
     "footprint": ("footprint", "render"),
     "scrapers": ("responses", "verdict", "rss_mib"),
     "hostile_schedule": ("baseline", "attack", "schedule_ratio_attack_to_baseline"),
-    "combined_attack": ("baseline", "arena", "vfork", "mappings", "accept", "all", "cgroup",
-                        "ratios_to_baseline"),
+    "combined_attack": ("baseline", "arena", "vfork", "mappings", "unread", "accept", "all",
+                        "all+accept", "cgroup", "ratios_to_baseline"),
     "scrape_cost": ("baseline", "cached", "p50_ratio", "unread", "bad-auth"),
 }
 
