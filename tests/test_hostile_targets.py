@@ -719,6 +719,17 @@ def test_a_pending_process_has_each_code_object_statted_once_while_it_stays_mapp
     assert per_snapshot[1:] == [0, 0], per_snapshot
 
 
+def until_first_look(engine: Capturer, looked) -> None:
+    """Snapshots, the resolver idle after each, until `looked()` says the mapper's objects
+    were looked at (its python binary is resolved first, in the background)."""
+    for _ in range(20):
+        engine.capture()
+        assert engine.attacher.background.wait_idle(60)
+        if looked():
+            return
+    raise AssertionError("its objects were never looked at")
+
+
 def test_a_process_pending_look_after_look_is_looked_at_less_and_less_often(
         spawn_process, tmp_path, monkeypatch):
     """A process that stays pending look after look (issue 22's mapper: more objects than
@@ -742,12 +753,7 @@ def test_a_process_pending_look_after_look_is_looked_at_less_and_less_often(
     expected = [True] * 3 + [False, True, False, False, True, False, False, False, False,
                              True]
     try:
-        for _ in range(20):  # its python binary is resolved first, in the background
-            engine.capture()
-            assert background.wait_idle(60)
-            if lines:
-                break
-        assert lines, "its objects were never looked at"
+        until_first_look(engine, lambda: bool(lines))
         looked.append(True)
         while len(looked) < len(expected):
             before = len(lines)
@@ -778,12 +784,7 @@ def test_a_pending_process_is_not_read_again_while_its_objects_are_being_resolve
     background = engine.attacher.background
     gate = threading.Event()
     try:
-        for _ in range(20):  # its python binary is resolved first, in the background
-            engine.capture()
-            assert background.wait_idle(60)
-            if reads:
-                break
-        assert reads, "its objects were never looked at"
+        until_first_look(engine, lambda: bool(reads))
         assert background.submit("a long parse", 0, lambda: gate.wait(120))  # holds the resolver
         reads.clear()
         assert engine.capture().pending == 1

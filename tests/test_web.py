@@ -231,17 +231,24 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+def exchange(sock: socket.socket, data: bytes) -> bytes:
+    """Send `data` on `sock`; everything the server answers before closing (b"" when it
+    reset the connection instead)."""
+    sock.settimeout(10)
+    try:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+    return reply
+
+
 def raw(server: MetricsServer, data: bytes) -> bytes:
     """Send `data` on a fresh connection; everything the server answers before closing."""
     with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
-        try:
-            s.sendall(data)
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            reply = b""
-    return reply
+        return exchange(s, data)
 
 
 def test_a_connection_without_a_first_byte_is_closed_early(serve):
@@ -654,15 +661,7 @@ def connect_from(server: MetricsServer, source: str) -> socket.socket:
 
 def answered(sock: socket.socket, request: bytes = b"GET / HTTP/1.0\r\n\r\n") -> bytes:
     """Send `request` on `sock`; its status line (b"" when the server closed it instead)."""
-    sock.settimeout(10)
-    try:
-        sock.sendall(request)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
-    return reply.split(b"\r\n", 1)[0]
+    return exchange(sock, request).split(b"\r\n", 1)[0]
 
 
 def held_gauge(server: MetricsServer) -> float:
