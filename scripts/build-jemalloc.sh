@@ -27,11 +27,12 @@
 #                            (scripts/arena_tables.py, ctprofd/resolve/arena_tables.json)
 #   rjem-gd                  rjem's options plus --disable-initial-exec-tls: general-dynamic
 #                            TLS, as a jemalloc inside a dlopen'ed module (polars) is built
-#   rjem-gcc11 rjem-clang16  rjem's options, built as tikv-jemalloc-sys does for a release
-#                            (-O3 -ffunction-sections -fdata-sections, --disable-cxx) by
-#                            gcc 11 (the compare with memory first) and clang 16 (the
-#                            counters read through the TSD's address: %fs:0 plus its
-#                            offset, no %fs on the counters)
+#   rjem-gcc11 rjem-clang14  rjem's options, built as tikv-jemalloc-sys does for a release
+#   rjem-clang15 rjem-clang16  (-O3 -ffunction-sections -fdata-sections, --disable-cxx) by
+#                            gcc 11 (the compare with memory first), clang 14 (Debian 12's
+#                            default clang) and 15 (the size added from the size-class
+#                            table) and clang 16 (the counters read through the TSD's
+#                            address: %fs:0 plus its offset, no %fs on the counters)
 # Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
 # dir beside the target, then renamed into place, under a lock).
 set -euo pipefail
@@ -59,14 +60,14 @@ case $variant in
                             --enable-prof) ;;
     rjem-gd) CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
                              --disable-initial-exec-tls) ;;
-    rjem-gcc11 | rjem-clang16)
+    rjem-gcc11 | rjem-clang14 | rjem-clang15 | rjem-clang16)
         CC_JEMALLOC=${variant#rjem-}; CC_JEMALLOC=${CC_JEMALLOC/gcc/gcc-}
         CC_JEMALLOC=${CC_JEMALLOC/clang/clang-}
         CFLAGS_JEMALLOC="-g -O3 -ffunction-sections -fdata-sections"
         CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
                         --disable-cxx) ;;
     *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem debian" \
-           "rjem-gd rjem-gcc11 rjem-clang16)" ;;
+           "rjem-gd rjem-gcc11 rjem-clang14 rjem-clang15 rjem-clang16)" ;;
 esac
 if [[ -z $variant ]]; then
     DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
@@ -101,7 +102,7 @@ fi
 
 # Tools: dpkg-source (dpkg-dev) unpacks and patches the source package.
 tools=(dpkg-dev build-essential)
-[[ $CC_JEMALLOC == gcc ]] || tools+=("$CC_JEMALLOC")  # clang, gcc-11, clang-16: packages
+[[ $CC_JEMALLOC == gcc ]] || tools+=("$CC_JEMALLOC")  # clang, gcc-11, clang-14..16: packages
 mapfile -t missing < <(missing_packages "${tools[@]}")
 ensure_deb_src
 if ((${#missing[@]})) || ! apt-cache showsrc jemalloc 2>/dev/null | grep -q '^Package: jemalloc'; then

@@ -261,6 +261,19 @@ FORMS = {  # the fast path as each compiler writes it; {anchor}: a TPOFF GOT slo
     jae 1f
     addq %rdi, %fs:{offset}(%rcx)
 """,
+    "clang 14, 15: the size from a table, the TSD's address taken between": """
+    movq {anchor}, %r10
+    movq %fs:{offset}(%r10), %rdx
+    addq (%rcx,%rax,8), %rdx
+    cmpq %fs:{next}(%r10), %rdx
+    jae 1f
+    leaq (%rax,%rax,2), %rsi
+    movq %fs:0, %rax
+    addq %r10, %rax
+    movq %fs:0x360(%r10,%rsi,8), %rcx
+    movq %rdx, %fs:{offset}(%r10)
+    addq $1, %fs:0x368(%r10,%rsi,8)
+""",
     "clang 16: the TSD's address, %fs:0 plus the slot": """
     movq %fs:0, %rax
     addq {anchor}, %rax

@@ -47,7 +47,7 @@ VERSION_5_3 = re.compile(rb"5\.3\.\d+-\d+-g[0-9a-f]{40}")
 # cmp between r64 and %fs:disp32(base), either order: fs prefix, REX.W, opcode 3B
 # (register first) or 39 (memory first), ModRM with mod=10
 FS_COMPARE = re.compile(rb"\x64[\x48-\x4f][\x39\x3b][\x80-\xbf]", re.DOTALL)
-# mov %fs:0,r64 (the thread pointer; clang 15+ then adds the TSD's offset and reads the
+# mov %fs:0,r64 (the thread pointer; clang 16 then adds the TSD's offset and reads the
 # counters without %fs), followed within TP_COMPARE_WINDOW bytes by a cmp between r64 and
 # disp32(base), either order
 TP_LOAD = re.compile(rb"\x64[\x48\x4c]\x8b[\x04\x0c\x14\x1c\x24\x2c\x34\x3c]\x25\0\0\0\0")
@@ -146,7 +146,7 @@ class _Tracker:
     place the store back after a branch (gcc -Os), and only a register written since loses
     its meaning.
 
-    The forms accepted, any registers, as gcc 10-13 and clang 14-16 emit them (M is a
+    The forms accepted, any registers, as gcc 11-12 and clang 14-16 emit them (M is a
     counter's memory operand: %fs:off(OFFSET), off(ADDRESS) or off(TP,OFFSET); a
     general-dynamic module's ADDRESS is %rax after `lea PAIR(%rip),%rdi; call`):
       anchor   mov GOT(%rip)|$imm,R                          (an offset)
