@@ -362,11 +362,12 @@ def test_ten_thousand_threads_are_read_exactly(fixture_bins, spawn_fixture):
     engine = capturer(fixture_bins)
     snapshot = engine.capture(pids=[fixture.pid])
     # On a starved host a stop may miss its 250 ms: that thread is left out (and said so),
-    # and read at a later snapshot; nothing else may fail.
+    # and read at a later snapshot; and another session's ctprofd walking the host may hold
+    # one when it is seized (ptrace-traced, backed off, read later). Nothing else may fail.
     for _ in range(HANG_GUARD_ROUNDS):
-        assert set(snapshot.failures) <= {tags.WAITPID}, snapshot.failures
+        assert set(snapshot.failures) <= {tags.WAITPID, tags.PTRACE_TRACED}, snapshot.failures
         assert snapshot.left_out_threads >= snapshot.failures.get(tags.WAITPID, 0)
-        if not snapshot.left_out_threads:
+        if not snapshot.left_out_threads and not snapshot.failures:
             break
         snapshot = engine.capture(pids=[fixture.pid])
     assert snapshot.summary.failed == 0, snapshot.failures
@@ -902,9 +903,13 @@ def test_thread_whose_stop_comes_too_late_is_not_left_stopped(fixture_bins, spaw
     stuck = int(tid)
     wait_until(lambda: thread_state(fixture.pid, stuck) == "D",
                "the worker waiting for its vfork child")
+    threads = set(os.listdir("/proc/self/task"))
     snapshot = engine.capture(pids=[fixture.pid])
     assert snapshot.failures == {tags.WAITPID: 1}
     assert stuck not in by_tid(snapshot, fixture.pid)
+    # the snapshot's ptrace thread has ended in the kernel too, which detached the worker:
+    # a vfork ending now cannot stop it for a tracer still exiting
+    assert set(os.listdir("/proc/self/task")) <= threads
     end_vfork(fixture.pid, stuck)
     # A stop still due would come as the vfork returns, before the worker blocks again
     # (S): a worker seen blocking again has gone past it, and a stopped one stays t.

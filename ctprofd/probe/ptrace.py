@@ -41,6 +41,7 @@ HELD_BY_CTPROFD_RETRY = 0.25
 # threads not reached then are left out of that snapshot and tried at a later one.
 STOP_WAIT_BUDGET = 0.5
 MIN_STOP_WAIT = 0.01  # the last wait a nearly spent budget allows
+THREAD_EXIT_WAIT = 1.0  # for the kernel to end a ptrace thread Python has joined
 CMDLINE_READ_MAX = 4096
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,15 @@ class _PtraceThread:
         return value
 
     def stop(self) -> None:
+        """End the thread, and wait (THREAD_EXIT_WAIT at most) until the kernel has ended it
+        too: join() returns before the OS thread's exit, which is when the kernel detaches
+        its tracees, so a stop arriving in between would hold a thread until then."""
+        tid = self._thread.native_id
         self._calls.put(None)
         self._thread.join()
+        deadline = time.monotonic() + THREAD_EXIT_WAIT
+        while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+            time.sleep(0.0002)
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
