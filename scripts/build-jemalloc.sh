@@ -33,6 +33,13 @@
 #                            default clang) and 15 (the size added from the size-class
 #                            table) and clang 16 (the counters read through the TSD's
 #                            address: %fs:0 plus its offset, no %fs on the counters)
+#   rjem-gcc10 rjem-gcc13    the same by gcc 10 and gcc 13, which Debian 12 does not package:
+#                            built inside a debootstrap root of Debian 11 (bullseye, gcc 10)
+#                            or Debian 13 (trixie, its gcc-13 package), cached in
+#                            /var/cache/ctprofd/roots/jemalloc-SUITE-KEY (KEY hashes the suite
+#                            and its packages); bullseye comes from archive.debian.org once
+#                            deb.debian.org no longer has it. The library links on the host
+#                            (trixie's glibc symbols it needs are 2.34 at most, Debian 12 has 2.36)
 # Idempotent (a dir with the stamp is left alone) and atomic (built in a temp
 # dir beside the target, then renamed into place, under a lock).
 set -euo pipefail
@@ -46,6 +53,7 @@ variant=${1:-}
 CC_JEMALLOC=gcc
 CFLAGS_JEMALLOC="-g -O2"
 CONFIGURE_ARGS=()
+ROOT_SUITE="" ROOT_PACKAGES=() ROOT_MIRRORS=()  # set: build inside a debootstrap root
 TARGETS=(lib/libjemalloc.so.2 lib/libjemalloc_pic.a)
 FILES=(lib/libjemalloc_pic.a lib/libjemalloc.so.2 lib/libjemalloc.so include/jemalloc/jemalloc.h)
 case $variant in
@@ -66,8 +74,19 @@ case $variant in
         CFLAGS_JEMALLOC="-g -O3 -ffunction-sections -fdata-sections"
         CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
                         --disable-cxx) ;;
+    rjem-gcc10 | rjem-gcc13)
+        CFLAGS_JEMALLOC="-g -O3 -ffunction-sections -fdata-sections"
+        CONFIGURE_ARGS=(--with-jemalloc-prefix=_rjem_ --with-private-namespace=_rjem_
+                        --disable-cxx)
+        if [[ $variant == rjem-gcc10 ]]; then
+            ROOT_SUITE=bullseye ROOT_PACKAGES=(build-essential)
+            ROOT_MIRRORS=("$DEB_SRC_URI" http://archive.debian.org/debian)
+        else
+            CC_JEMALLOC=gcc-13
+            ROOT_SUITE=trixie ROOT_PACKAGES=(build-essential gcc-13) ROOT_MIRRORS=("$DEB_SRC_URI")
+        fi ;;
     *) die "unknown variant $variant (gcc-O3 gcc-Os clang-O2 prof je rjem debian" \
-           "rjem-gd rjem-gcc11 rjem-clang14 rjem-clang15 rjem-clang16)" ;;
+           "rjem-gd rjem-gcc10 rjem-gcc11 rjem-gcc13 rjem-clang14 rjem-clang15 rjem-clang16)" ;;
 esac
 if [[ -z $variant ]]; then
     DEST=${CTPROFD_JEMALLOC_DIR:-/var/cache/ctprofd/jemalloc-$JEMALLOC_VERSION}
@@ -102,7 +121,11 @@ fi
 
 # Tools: dpkg-source (dpkg-dev) unpacks and patches the source package.
 tools=(dpkg-dev build-essential)
-[[ $CC_JEMALLOC == gcc ]] || tools+=("$CC_JEMALLOC")  # clang, gcc-11, clang-14..16: packages
+if [[ -n $ROOT_SUITE ]]; then
+    tools+=(debootstrap debian-archive-keyring)  # the compiler is the root's
+elif [[ $CC_JEMALLOC != gcc ]]; then
+    tools+=("$CC_JEMALLOC")  # clang, gcc-11, clang-14..16: packages
+fi
 mapfile -t missing < <(missing_packages "${tools[@]}")
 ensure_deb_src
 if ((${#missing[@]})) || ! apt-cache showsrc jemalloc 2>/dev/null | grep -q '^Package: jemalloc'; then
@@ -123,6 +146,32 @@ version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
 [[ ${version%-*} == "$JEMALLOC_VERSION" ]] ||
     die "Debian ships jemalloc $version, this script expects $JEMALLOC_VERSION: update JEMALLOC_VERSION and the tests"
 
+# The debootstrap root a ROOT_SUITE variant builds in, made once: prints its path.
+build_root() {
+    local roots=/var/cache/ctprofd/roots key root mirror
+    key=$(printf '%s\n' "$ROOT_SUITE" "${ROOT_PACKAGES[@]}" | sha256sum | cut -c1-16)
+    root=$roots/jemalloc-$ROOT_SUITE-$key
+    mkdir -p "$roots"
+    if [[ ! -f $root/.ctprofd-complete ]]; then
+        rm -rf "$root"
+        : >"$root.log"
+        for mirror in "${ROOT_MIRRORS[@]}"; do
+            log "debootstrap $ROOT_SUITE (${ROOT_PACKAGES[*]}) into $root from $mirror"
+            if debootstrap --variant=minbase --include="$(IFS=,; echo "${ROOT_PACKAGES[*]}")" \
+                    "$ROOT_SUITE" "$root" "$mirror" >>"$root.log" 2>&1; then
+                rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*_Packages
+                touch "$root/.ctprofd-complete"
+                break
+            fi
+            rm -rf "$root"
+        done
+        [[ -f $root/.ctprofd-complete ]] ||
+            die "cannot fetch Debian $ROOT_SUITE with ${ROOT_PACKAGES[*]} from" \
+                "${ROOT_MIRRORS[*]} (debootstrap's output: $root.log)"
+    fi
+    echo "$root"
+}
+
 CPPFLAGS_JEMALLOC="" LDFLAGS_JEMALLOC=""
 if [[ $variant == debian ]]; then
     CFLAGS_JEMALLOC=$(dpkg-buildflags --get CFLAGS)
@@ -131,9 +180,21 @@ if [[ $variant == debian ]]; then
 fi
 log "building jemalloc $version ${variant:-(debug)}: CC=$CC_JEMALLOC" \
     "CFLAGS=\"$CFLAGS_JEMALLOC\" ${CONFIGURE_ARGS[*]} (output shown on failure only)"
-if ! (cd "$src" && ./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" \
-        CPPFLAGS="$CPPFLAGS_JEMALLOC" LDFLAGS="$LDFLAGS_JEMALLOC" \
-        "${CONFIGURE_ARGS[@]}" && make -j"$(nproc)" "${TARGETS[@]}") >"$work/build.log" 2>&1; then
+build=(./configure CC="$CC_JEMALLOC" CFLAGS="$CFLAGS_JEMALLOC" CPPFLAGS="$CPPFLAGS_JEMALLOC"
+       LDFLAGS="$LDFLAGS_JEMALLOC" "${CONFIGURE_ARGS[@]}")
+make=(make -j"$(nproc)" "${TARGETS[@]}")
+if [[ -n $ROOT_SUITE ]]; then
+    root=$(build_root)
+    # The tree is built in the root and the results copied back from there.
+    inside=$(mktemp -d "$root/tmp/jemalloc.XXXXXX")
+    trap 'rm -rf "$work" "$inside"' EXIT
+    cp -a "$src" "$inside/"
+    src=$inside/$(basename "$src")
+    runner=(chroot "$root" /usr/bin/env -C "${src#"$root"}" PATH=/usr/bin:/bin)
+else
+    runner=(env -C "$src")
+fi
+if ! ("${runner[@]}" "${build[@]}" && "${runner[@]}" "${make[@]}") >"$work/build.log" 2>&1; then
     tail -n 60 "$work/build.log" >&2
     die "jemalloc build failed"
 fi
@@ -147,6 +208,7 @@ cp "$src/include/jemalloc/jemalloc.h" "$out/include/jemalloc/"
 printf 'jemalloc %s (Debian source %s)\nconfigure CC=%s CFLAGS="%s" %s\n' \
     "$JEMALLOC_VERSION" "$version" "$CC_JEMALLOC" "$CFLAGS_JEMALLOC" "${CONFIGURE_ARGS[*]}" \
     >"$out/$STAMP"
+[[ -z $ROOT_SUITE ]] || echo "built in a Debian $ROOT_SUITE root: $root" >>"$out/$STAMP"
 
 rm -rf "$DEST"  # an incomplete leftover (no stamp), if any
 mv -T "$out" "$DEST"

@@ -28,7 +28,8 @@ packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2
-               # build-jemalloc.sh's rjem-gcc11 and rjem-clang14/15/16 compilers
+               # build-jemalloc.sh's rjem-gcc11 and rjem-clang14/15/16 compilers (its rjem-gcc10
+               # and rjem-gcc13 are built in debootstrap roots of Debian 11 and 13)
                gcc-11 clang-14 clang-15 clang-16
                util-linux libcap2-bin procps openssl curl systemd-container debootstrap podman
                lintian groff-base bash-completion "${DEBIAN_LIBRARIES[@]}")
@@ -82,8 +83,8 @@ if ((test_mode)); then
     /usr/bin/python3 -m venv --clear --system-site-packages "$debian_venv"
     "$debian_venv/bin/python" -m pip install --progress-bar off --no-deps -e "$repo"
     "$debian_venv/bin/python" -m pip install --progress-bar off pytest pytest-timeout hypothesis
-    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd rjem-gcc11 rjem-clang14 \
-                   rjem-clang15 rjem-clang16; do
+    for variant in "" gcc-O3 gcc-Os clang-O2 prof je rjem debian rjem-gd rjem-gcc10 rjem-gcc11 \
+                   rjem-gcc13 rjem-clang14 rjem-clang15 rjem-clang16; do
         "$here/build-jemalloc.sh" $variant
     done
     # jemalloc users from PyPI, read by the tests (tests/test_dynamic_tls.py,

@@ -1,6 +1,6 @@
 """Offsets from machine code across jemalloc 5.3.0 builds (scripts/build-jemalloc.sh VARIANT):
-gcc -O2/-O3/-Os, clang -O2, --enable-prof, the je_ and _rjem_ prefixes, _rjem_ by gcc 11 and
-clang 14, 15 and 16 as tikv-jemalloc-sys builds it; each linked
+gcc -O2/-O3/-Os, clang -O2, --enable-prof, the je_ and _rjem_ prefixes, _rjem_ by gcc 10, 11
+and 13 and clang 14, 15 and 16 as tikv-jemalloc-sys builds it; each linked
 statically and as a shared object, unstripped and stripped. Unstripped, the code must give
 what the object's DWARF gives; stripped, a live fixture is read through the code route alone
 and must match its own mallctl truth and the DWARF offsets of its unstripped twin."""
@@ -25,9 +25,11 @@ from support.procs import assert_no_thread_stopped_or_traced
 
 CACHE = Path("/var/cache/ctprofd")
 VARIANTS = {"gcc-O2": "", "gcc-O3": "", "gcc-Os": "", "clang-O2": "", "prof": "", "je": "je_",
-            "rjem": "_rjem_", "rjem-gcc11": "_rjem_", "rjem-clang14": "_rjem_",
-            "rjem-clang15": "_rjem_", "rjem-clang16": "_rjem_"}
-# build -> the prefix of its public functions (rjem-gcc11: compare with memory first;
+            "rjem": "_rjem_", "rjem-gcc10": "_rjem_", "rjem-gcc11": "_rjem_",
+            "rjem-gcc13": "_rjem_", "rjem-clang14": "_rjem_", "rjem-clang15": "_rjem_",
+            "rjem-clang16": "_rjem_"}
+# build -> the prefix of its public functions (rjem-gcc10 and rjem-gcc13: built in Debian 11
+# and 13 roots, Debian 12 packages neither compiler; rjem-gcc11: compare with memory first;
 # rjem-clang14/15: the size added from a table; rjem-clang16: counters read through the
 # TSD's address, without %fs)
 PLACEMENT = ("symbol_offset", "allocated_offset", "deallocated_offset", "static_block_offset",
