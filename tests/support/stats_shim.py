@@ -4,13 +4,14 @@ runs no code of ours: the LD_PRELOAD shim tests/fixtures/stats_shim.c, asked thr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 from pathlib import Path
 from typing import TextIO
 
-from support.procs import open_fifo_writer, wait_until
+from support.procs import wait_until
 
 STOCK = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 SOURCE = Path(__file__).resolve().parents[1] / "fixtures/stats_shim.c"
@@ -32,9 +33,17 @@ class StatsShim:
 
     def read(self) -> dict[str, int]:
         """One answer, after an `epoch`: stats.allocated ("allocated"), the bytes thread
-        caches hold ("tcache"), every byte jemalloc counted as requested ("requested")."""
+        caches hold ("tcache"), every byte jemalloc counted as requested ("requested").
+        Only once the target has answered something: the shim opened its FIFO before the
+        target's main() ran, so there is nothing to wait for."""
         if self._requests is None:
-            self._requests = open_fifo_writer(self.fifo, "the shim's thread opens its FIFO")
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno != errno.ENXIO, f"no process has {self.library} loaded"
+                raise
+            os.set_blocking(fd, True)
+            self._requests = open(fd, "w", buffering=1)
         self._requests.write("read\n")
 
         def answered() -> list[str] | None:  # whole lines only: one may be half written
