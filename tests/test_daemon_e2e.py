@@ -11,6 +11,9 @@ import signal
 import pytest
 
 from daemon_process import DaemonProcess, write_config
+from support.procs import wait_until
+
+HANG_GUARD = 120.0  # seconds: keeps a broken run from hanging, never a timing claim
 
 
 def truth(fixture) -> tuple[int, int]:
@@ -28,13 +31,14 @@ class Scrapes:
 
     def after_next_snapshot(self) -> Scrapes:
         """Wait until a snapshot that started after this call, and had no process pending
-        (binaries are resolved beside the snapshots), has been published."""
-        for _ in range(20):
+        (binaries are resolved beside the snapshots, however many snapshots that takes on a
+        busy host), has been published."""
+        def resolved() -> bool:
             now = self.daemon.sample("ctprofd_snapshots_total") or 0
             self.text = self.daemon.wait_for_sample("ctprofd_snapshots_total", now + 2)
-            if not self.daemon.sample("ctprofd_probe_pending", self.text):
-                return self
-        raise AssertionError(f"processes still pending: {self.text}")
+            return not self.daemon.sample("ctprofd_probe_pending", self.text)
+        wait_until(resolved, "no process pending in a snapshot", HANG_GUARD, poll=0)
+        return self
 
     def value(self, name: str, **labels: str) -> float | None:
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
