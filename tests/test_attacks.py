@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_process import DaemonProcess, write_config
+from support.procs import wait_until
 
 IDLE_CLIENTS = Path(__file__).resolve().parent / "support" / "idle_clients.py"
 REQUEST_FLOOD = Path(__file__).resolve().parent / "support" / "request_flood.py"
@@ -31,6 +32,7 @@ REQUEST_FLOOD = Path(__file__).resolve().parent / "support" / "request_flood.py"
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
           "--bounding-set=-all", "--")
 SCRAPES_NEEDED = 0.99
+HANG_GUARD = 120.0  # seconds: keeps a broken run from hanging, never a timing claim
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -87,6 +89,16 @@ class Harness:
         """A scrape after `count` more snapshots were published (the schedule holds)."""
         now = self.daemon.sample("ctprofd_snapshots_total") or 0
         return self.daemon.wait_for_sample("ctprofd_snapshots_total", now + count)
+
+    def exporting(self, pids: set[int]) -> str:
+        """A scrape after the next snapshot that exported every one of `pids`: their
+        binaries are resolved beside the snapshots, in however many a busy host takes."""
+        def exported() -> str | None:
+            text = self.next_snapshot(1)
+            found = {labels["pid"] for labels, _ in
+                     samples(text, "ctprofd_allocated_bytes_total")}
+            return text if {str(pid) for pid in pids} <= found else None
+        return wait_until(exported, f"pids {sorted(pids)} exported", HANG_GUARD, poll=0)
 
     def assert_reference_exact(self, text: str) -> None:
         allocated = sum(t["allocated"] for t in self.reference.threads)
@@ -146,13 +158,9 @@ def test_hostile_file_names_cannot_break_the_endpoint(attacked, fixture_bins, sp
         path = os.fsdecode(bytes(drop) + b"/" + name)
         subprocess.run([*NOBODY, "cp", str(fixture_bins["static"].binary), path], check=True)
         attackers.append((spawn_fixture(path, 1, prefix=NOBODY), name))
-    wanted = {str(fixture.pid) for fixture, _ in attackers}
-    for _ in range(100):  # their binaries are resolved beside the snapshots; a hang guard
-        text = harness.next_snapshot(1)
-        exes = {labels["pid"]: labels["exe"] for labels, _ in
-                samples(text, "ctprofd_allocated_bytes_total")}
-        if wanted <= exes.keys():
-            break
+    text = harness.exporting({fixture.pid for fixture, _ in attackers})
+    exes = {labels["pid"]: labels["exe"] for labels, _ in
+            samples(text, "ctprofd_allocated_bytes_total")}
     lint(text)
     for fixture, name in attackers:
         expected = (bytes(drop) + b"/" + name).decode("utf-8", "replace")
@@ -328,11 +336,8 @@ def test_nobody_cannot_stop_the_parser_worker(attacked, fixture_bins, spawn_fixt
     shutil.chown(drop, 65534, 65534)
     copy_as(NOBODY, fixture_bins["static"].binary, drop / "fresh")
     fresh = spawn_fixture(drop / "fresh", 1, prefix=NOBODY)
-    for _ in range(50):  # resolved beside the snapshots: maybe pending for a few
-        text = harness.next_snapshot()
-        exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
-        if str(fresh.pid) in exported:
-            break
+    text = harness.exporting({fresh.pid})
+    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
     assert exported[str(fresh.pid)] == sum(t["allocated"] for t in fresh.threads)
     harness.assert_reference_exact(text)
     assert parser_worker(harness.daemon) == worker  # never lost
@@ -352,12 +357,8 @@ def test_a_binary_whose_parse_lost_the_worker_is_retried_not_filed(attacked, fix
     line = harness.daemon.wait_for(r"parser worker lost while parsing (\S+): .*unresponsive")
     assert line.group(1) == str(drop / "later")
     assert "parsing it again in 1 s" in line.string
-    exported: dict[str, float] = {}
-    for _ in range(20):  # after the backoff a new worker parses it: the values are exact
-        text = harness.next_snapshot(1)
-        exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
-        if str(later.pid) in exported:
-            break
+    text = harness.exporting({later.pid})  # after the backoff a new worker parses it
+    exported = {l["pid"]: v for l, v in samples(text, "ctprofd_allocated_bytes_total")}
     assert exported[str(later.pid)] == sum(t["allocated"] for t in later.threads)
     harness.assert_reference_exact(text)
     assert parser_worker(harness.daemon) != worker
