@@ -241,11 +241,14 @@ def test_signals_racing_the_stop_are_handed_back(fixture_bins, spawn_fixture, tm
             engine.close()
         read = by_tid(snapshot, fixture.pid)
         # handlers never allocate; on a starved host a worker may miss its stop: it is left
-        # out (and said so), never read wrong
+        # out (and said so), never read wrong; and another session's ctprofd walking the
+        # host may hold one past what the storm left of the snapshot's wait budget
+        # (ptrace-traced, not left out)
         assert {tid: read[tid] for tid in workers if tid in read} == {
             tid: counters for tid, counters in workers.items() if tid in read}
-        assert len(workers) - len(set(workers) & set(read)) <= snapshot.left_out_threads
-        assert set(snapshot.failures) <= {tags.WAITPID}, snapshot.failures
+        assert len(workers) - len(set(workers) & set(read)) <= (
+            snapshot.left_out_threads + snapshot.failures.get(tags.PTRACE_TRACED, 0))
+        assert set(snapshot.failures) <= {tags.WAITPID, tags.PTRACE_TRACED}, snapshot.failures
     fixture.send("calm")
     word, usr1_sent, rt_sent = fixture.readline().split()
     assert word == "STORMED"
