@@ -115,7 +115,9 @@ class DaemonProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, timeout: float = 10) -> int:
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM, and the exit status; `timeout` is a hang guard, never a timing claim
+        (a busy host may take seconds to end a snapshot in flight and exit)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

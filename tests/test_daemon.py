@@ -273,7 +273,7 @@ def test_sigint_exits_zero_and_saves_the_series_state(tmp_path, daemons):
     daemon = daemons("--config", str(write_config(tmp_path, QUIET))).started()
     daemon.wait_for_sample("ctprofd_snapshots_total", 1)
     daemon.signal(signal.SIGINT)
-    assert daemon.proc.wait(5) == 0
+    assert daemon.proc.wait(HANG_GUARD) == 0
     state = json.loads((tmp_path / "state" / "aggregate.json").read_text())
     assert state["labels"] == ["comm", "unit"] and "boot_id" in state
 
@@ -384,7 +384,7 @@ def test_systemd_notifications_without_systemd_python(tmp_path, daemons, abstrac
         receive_until("READY=1")
         daemon.signal(signal.SIGTERM)
         receive_until("STOPPING=1")
-        assert daemon.proc.wait(5) == 0
+        assert daemon.proc.wait(HANG_GUARD) == 0
 
 
 def test_without_ptrace_capability_it_says_so_once(tmp_path):
