@@ -2,8 +2,8 @@
 
     jemalloc_dir     (session) Path of the debug jemalloc build; fails, never skips
     fixture_bins     (session) support.build.FixtureBins: every built program/variant
-    spawn_fixture    factory (binary, nthreads, *, prefix=(), timeout=10, **popen_kw) -> Fixture
-    spawn_process    factory (argv, *, prefix=(), ready="READY", timeout=10, **popen_kw) -> Spawned
+    spawn_fixture    factory (binary, nthreads, *, prefix=(), timeout=60, **popen_kw) -> Fixture
+    spawn_process    factory (argv, *, prefix=(), ready="READY", timeout=60, **popen_kw) -> Spawned
     no_debuginfod    DEBUGINFOD_URLS unset for the test (tests of binaries with no debug info)
 
 Everything the spawners start is SIGKILLed at the test's teardown. Helpers for
@@ -61,7 +61,7 @@ def _binary_path(binary: Variant | str | os.PathLike[str]) -> str:
 
 @pytest.fixture
 def spawn_fixture() -> Iterator[Callable[..., Fixture]]:
-    """Factory running alloc_threads: spawn(binary, nthreads, *, prefix=(), timeout=10, **popen_kw).
+    """Factory running alloc_threads: spawn(binary, nthreads, *, prefix=(), timeout=60, **popen_kw).
 
     `binary` is a Variant (e.g. fixture_bins["static"]) or a path. `prefix` is a
     command put before it (e.g. DROP_PTRACE_PREFIX, or ["strace", "-f", ...]).
@@ -83,7 +83,7 @@ def spawn_fixture() -> Iterator[Callable[..., Fixture]]:
 @pytest.fixture
 def spawn_process() -> Iterator[Callable[..., Spawned]]:
     """Factory for other programs (churn, alloc_loop, ...):
-    spawn(argv, *, prefix=(), ready="READY", timeout=10, **popen_kw).
+    spawn(argv, *, prefix=(), ready="READY", timeout=60, **popen_kw).
 
     Waits for the line `ready` unless it is None. `proc.pid` is the process
     started (so `prefix` should exec).
