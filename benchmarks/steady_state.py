@@ -80,8 +80,11 @@ EXPORTER_CONFIGS = {
 }
 
 
-def new_capturer() -> Capturer:
-    return Capturer(CaptureSettings(cache_dir=None, state_dir=None))
+def new_capturer(process_events: bool = True) -> Capturer:
+    """A Capturer as the daemon makes it (listening to the kernel's process events, which
+    the packaged unit does not grant: `process_events=False`)."""
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None,
+                                    process_events=process_events))
 
 
 def timed_captures(capturer: Capturer, repeats: int, pids: list[int] | None = None) -> dict:
@@ -118,12 +121,14 @@ def bare_stat_walk() -> int:
 
 
 def against_bare_walk(capturer: Capturer, per_thread: Capturer, no_allocator: Capturer,
-                      repeats: int) -> dict:
-    """Bare stat walks, snapshots, per-thread-only snapshots and snapshots without the
-    allocator's health figures, in rounds (order rotating)."""
+                      no_events: Capturer, repeats: int) -> dict:
+    """Bare stat walks, snapshots, per-thread-only snapshots, snapshots without the
+    allocator's health figures and snapshots without process events, in rounds (order
+    rotating)."""
     arms = {"walk": bare_stat_walk, "snapshot": capturer.capture,
             "snapshot_per_thread_only": per_thread.capture,
-            "snapshot_without_allocator": no_allocator.capture}
+            "snapshot_without_allocator": no_allocator.capture,
+            "snapshot_without_events": no_events.capture}
     costs = {name: {"wall": [], "cpu": []} for name in arms}
     for i in range(repeats):
         order = list(arms.items())
@@ -135,7 +140,8 @@ def against_bare_walk(capturer: Capturer, per_thread: Capturer, no_allocator: Ca
             costs[name]["wall"].append(time.perf_counter() - wall)
     result: dict = {f"{name}_{kind}_seconds": distribution(values)
                     for name, kinds in costs.items() for kind, values in kinds.items()}
-    for name in ("snapshot", "snapshot_per_thread_only", "snapshot_without_allocator"):
+    for name in ("snapshot", "snapshot_per_thread_only", "snapshot_without_allocator",
+                 "snapshot_without_events"):
         ratios = {kind: sorted(s / w for s, w in zip(costs[name][kind], costs["walk"][kind]))
                   for kind in ("wall", "cpu")}
         result[f"{name}_ratio_p50"] = {k: round(r[len(r) // 2], 3) for k, r in ratios.items()}
@@ -154,7 +160,8 @@ def per_thread_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
     path = work_dir / "offsets-without-arena.json"
     offsets_file.dump([replace(layout, arena=None) for layout in capturer.cache.layouts()],
                       str(path))
-    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),)))
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),),
+                                    process_events=True))
 
 
 def no_allocator_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
@@ -164,7 +171,8 @@ def no_allocator_capturer(capturer: Capturer, work_dir: Path) -> Capturer:
     offsets_file.dump([replace(layout, arena=replace(layout.arena, **dict.fromkeys(
         HEALTH_FIELDS))) if layout.arena else layout for layout in capturer.cache.layouts()],
         str(path))
-    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),)))
+    return Capturer(CaptureSettings(cache_dir=None, state_dir=None, offsets_files=(str(path),),
+                                    process_events=True))
 
 
 def moving_process(procs: Processes, fixtures: Path, capturer: Capturer, repeats: int) -> dict:
@@ -440,14 +448,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"snapshot: {results['snapshot']}")
             per_thread = per_thread_capturer(capturer, args.work_dir)
             no_allocator = no_allocator_capturer(capturer, args.work_dir)
+            no_events = new_capturer(process_events=False)
             try:
-                for other in (per_thread, no_allocator, per_thread, no_allocator):
+                for other in (per_thread, no_allocator, no_events) * 2:
                     other.capture()
                 results["bare_stat_walk"] = against_bare_walk(capturer, per_thread,
-                                                              no_allocator, repeats)
+                                                              no_allocator, no_events, repeats)
             finally:
                 per_thread.close()
                 no_allocator.close()
+                no_events.close()
             log(f"against the bare stat walk: {results['bare_stat_walk']}")
             results["moving"] = moving_process(procs, fixtures, capturer, repeats)
             log(f"a moving process: {results['moving']}")

@@ -120,15 +120,19 @@ def test_non_jemalloc_process_is_walked_not_failed(spawn_process):
     assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
 
 
+@pytest.mark.parametrize("heard", [False, True], ids=["no-events", "heard"])
 def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_bins,
                                                                        spawn_process,
                                                                        spawn_fixture,
-                                                                       monkeypatch):
+                                                                       monkeypatch, heard):
     """A steady-state snapshot opens no file of a process known to run no jemalloc: its
     /proc/PID/stat is read and its exe stat()ed once in NOT_JEMALLOC_RECHECK snapshots (the
     look that catches an exec), its maps not read (their look is due in a minute), and it is
-    still walked and tallied as if read. A jemalloc process beside it is read in every
-    snapshot."""
+    still walked and tallied as if read; while the kernel's process events are heard, which
+    name no event of it, not even that (their own look, once in
+    NOT_JEMALLOC_RECHECK_HEARD snapshots, made rarer here). A jemalloc process beside it is
+    read in every snapshot."""
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_RECHECK_HEARD", 10 ** 9)
     sleeper = spawn_process(["sleep", "600"], ready=None)
     fixture = spawn_fixture(fixture_bins["static"], 2)
     watched = {sleeper.pid, fixture.pid}
@@ -151,7 +155,8 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
     monkeypatch.setattr(processes, "read_file", reading)
     monkeypatch.setattr(attach, "identity_of", stating)
     monkeypatch.setattr(processes, "read_maps_text", reading_maps)  # attach's reads too
-    engine = capturer(fixture_bins, select=lambda p: p.pid in watched)
+    engine = capturer(fixture_bins, select=lambda p: p.pid in watched, process_events=heard)
+    looks = 0 if heard else 2
     try:
         engine.capture()  # first sight: both read
         assert f"/proc/{sleeper.pid}/stat" in opened
@@ -161,11 +166,11 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
         snapshots = [engine.capture() for _ in range(2 * NOT_JEMALLOC_RECHECK)]
     finally:
         engine.close()
-    assert opened.count(f"/proc/{sleeper.pid}/stat") == 2
+    assert opened.count(f"/proc/{sleeper.pid}/stat") == looks
     assert not [path for path in opened if path.startswith(f"/proc/{sleeper.pid}/")
                 and path != f"/proc/{sleeper.pid}/stat"]
     assert [path for path in looked if path.startswith(f"/proc/{sleeper.pid}/")] == [
-        f"/proc/{sleeper.pid}/exe"] * 2
+        f"/proc/{sleeper.pid}/exe"] * looks
     assert opened.count(f"/proc/{fixture.pid}/stat") == 2 * NOT_JEMALLOC_RECHECK
     for snapshot in snapshots:
         assert snapshot.summary.tgids_walked == 2

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ctprofd.probe import capture
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.probe.ptrace import WaitBudgetSpent
 from ctprofd.procfs.processes import read_process
@@ -496,20 +497,27 @@ def test_exec_of_the_same_binary_drops_the_old_thread_pointers(fixture_bins, spa
 
 @pytest.mark.parametrize("name, within, walk", [
     ("sh", 1, False), ("alloc_threads", 1, False),
-    ("sh", NOT_JEMALLOC_RECHECK, True), ("alloc_threads", NOT_JEMALLOC_RECHECK, True)])
-def test_an_exec_into_jemalloc_is_picked_up(fixture_bins, spawn_process, tmp_path, name,
-                                            within, walk):
+    ("sh", NOT_JEMALLOC_RECHECK, True), ("alloc_threads", NOT_JEMALLOC_RECHECK, True),
+    ("sh", 1, "heard"), ("alloc_threads", 1, "heard")])
+def test_an_exec_into_jemalloc_is_picked_up(fixture_bins, spawn_process, tmp_path, monkeypatch,
+                                            name, within, walk):
     """A process seen running no jemalloc (a shell script, whose name is the script's) that
     execs a jemalloc binary: asked for by pid, read at the next snapshot, whether the exec
     renamed it or the new file has the old name; in a walk of the host, where it is counted
     from the /proc listing alone while it seems unchanged, within NOT_JEMALLOC_RECHECK
-    snapshots either way; exact in every case."""
+    snapshots either way, and at the next snapshot when the kernel's process events are
+    heard (the periodic looks switched off: only the exec event can tell); exact in every
+    case."""
     script = tmp_path / name
     script.write_text(f"#!/bin/sh\necho WAITING\nread line\nexec {fixture_bins['static'].binary} 2\n")
     script.chmod(0o755)
     shell = spawn_process([script], ready="WAITING")
-    engine = capturer(fixture_bins, select=lambda p: p.pid == shell.pid)
-    pids = None if walk else [shell.pid]
+    if walk == "heard":
+        monkeypatch.setattr(capture, "NOT_JEMALLOC_RECHECK", 10 ** 9)
+        monkeypatch.setattr(capture, "NOT_JEMALLOC_RECHECK_HEARD", 10 ** 9)
+    engine = capturer(fixture_bins, select=lambda p: p.pid == shell.pid,
+                      process_events=walk == "heard")
+    pids = [shell.pid] if walk is False else None
     try:
         for _ in range(2):  # /bin/sh: no jemalloc
             assert engine.capture(pids=pids).failures == {tags.JEMALLOC_NOT_FOUND: 1}

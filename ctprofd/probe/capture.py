@@ -18,6 +18,7 @@ from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, lis
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
+from ..procfs.events import ProcessEvents
 from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
 from ..resolve import offsets_file
@@ -45,6 +46,10 @@ LOGGED_FAILURES_MAX = 4096  # (binary, tag) pairs remembered as already logged a
 # into a jemalloc binary is picked up late, never lost (the counters are cumulative), and
 # reading every stat file and exe is most of a steady-state snapshot.
 NOT_JEMALLOC_RECHECK = 4
+# While the kernel's process events are heard (`CaptureSettings.process_events`), those are
+# what tell an exec, a new owner or a rename: the others are read again only once in this
+# many snapshots, against an event the kernel could not deliver.
+NOT_JEMALLOC_RECHECK_HEARD = 32
 # ... and the code objects it maps looked at again every this many seconds (reading its
 # maps): a module that brings jemalloc in later (pyarrow imported after start, a plugin
 # dlopen'ed) is found within that long, and nothing is lost (the counters are cumulative).
@@ -82,6 +87,9 @@ class CaptureSettings:
     parser: WorkerLimits = field(default_factory=WorkerLimits)  # the sandboxed ELF/DWARF parser
     background: bool = False  # resolve new binaries beside the snapshots (the daemon)
     resolve_grace: float = 0.0  # how long into a snapshot pending binaries may be waited for
+    # listen to the kernel's process events (a long-running daemon): an unchanged process
+    # with nothing to read is then read again less often (see quiet.py)
+    process_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,16 +226,31 @@ class Capturer:
         self._denied_cause: str | None = None  # the hint last warned with, while any denied
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of quiet processes, threads
-        self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK)  # counted unread while unchanged
+        self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK, NOT_JEMALLOC_RECHECK_HEARD)
+        self._events = self._listen() if self.settings.process_events else None
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
         self._grace_misses = 0  # resolver waits in a row that ended with it still busy
         self._grace_skip = 0  # snapshots left before the next such wait
 
+    def _listen(self) -> ProcessEvents | None:
+        """The kernel's process events, when this /proc is the kernel's own namespace's."""
+        if os.path.realpath(self.settings.proc_root) != "/proc":
+            log.info("no process events: %s is not /proc", self.settings.proc_root)
+            return None
+        events = ProcessEvents()
+        if events.error is not None:
+            log.info("%s: unchanged processes are read again once in %d snapshots",
+                     events.error, NOT_JEMALLOC_RECHECK)
+            return None
+        return events
+
     def close(self) -> None:
         """Stop the parser worker process; remove debug files downloaded to a temporary
         directory."""
         self.attacher.close()
+        if self._events is not None:
+            self._events.close()
         if self._debuginfod is not None:
             self._debuginfod.close()
 
@@ -262,7 +285,8 @@ class Capturer:
         submitted = self.attacher.submitted
         complete = True
         root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
-        quiet.begin(self._passes, clock, seen)
+        changed = self._events.changed() if self._events is not None and pids is None else None
+        quiet.begin(self._passes, clock, seen, changed)
         # a pid asked for by name is read whatever it was (inode -1 matches nothing)
         listing = numbered_entries(root) if pids is None else [(pid, -1) for pid in sorted(pids)]
         for pid, inode in listing:

@@ -104,7 +104,7 @@ class Daemon:
         self._durations = Histogram(SNAPSHOT_DURATION_BUCKETS)
         self.capturer = Capturer(capture_settings(
             config, state_dir=config.state_dir, select=self._select,
-            on_thread_stop=self._thread_stops.observe, background=True,
+            on_thread_stop=self._thread_stops.observe, background=True, process_events=True,
             resolve_grace=resolve_grace(config.interval)))
         self._state_path = os.path.join(config.state_dir, STATE_FILE)
         self._boot_id = boot_id()
