@@ -13,6 +13,7 @@ import re
 import signal
 from pathlib import Path
 
+from ctprofd.probe import capture
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.procfs.processes import ProcessInfo, read_stat
 from ctprofd.report import tags
@@ -152,3 +153,22 @@ def test_an_unexpected_error_is_warned_about_unless_the_process_exited(fixture_b
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == [f"pid {live.pid}: unexpected RuntimeError while attaching: made up"]
     assert engine.stats.exit_races == 1
+
+
+def test_an_unexpected_error_after_the_read_is_worker_panic_too(fixture_bins, spawn_fixture,
+                                                                monkeypatch):
+    """An error raised once the threads were read (making the process's sample) is
+    tallied as worker-panic like one while attaching, not dropped with the sample."""
+    fixture = spawn_fixture(fixture_bins["static"], 1)
+    engine = Capturer(CaptureSettings(debug_dirs=()))
+
+    def totals_fail(*args):
+        raise RuntimeError("made up")
+    monkeypatch.setattr(capture, "process_totals", totals_fail)
+    try:
+        snapshot = engine.capture(pids=[fixture.pid])
+    finally:
+        engine.close()
+    assert snapshot.failures == {tags.WORKER_PANIC: 1}
+    assert [f.pid for f in snapshot.failed_pids] == [fixture.pid]
+    assert snapshot.processes == ()

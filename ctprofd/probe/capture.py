@@ -493,6 +493,9 @@ class Capturer:
         elif isinstance(failure, (OSError, ImageChanged)):
             log.debug("pid %d: gone while probed: %s", process.pid, failure)
         elif failure is not None:
+            if not tally.failed_now():  # raised after the read (its sample): a bug all the same
+                tally.fail(tags.WORKER_PANIC,
+                           reason=f"unexpected {type(failure).__name__}: {failure}")
             log.warning("pid %d: unexpected %s while attaching: %s", process.pid,
                         type(failure).__name__, failure,
                         exc_info=failure if log.isEnabledFor(logging.DEBUG) else None)
