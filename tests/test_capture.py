@@ -141,9 +141,9 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
     real_read_file, real_identity_of = processes.read_file, attach.identity_of
     real_read_maps_text = processes.read_maps_text
 
-    def reading(path: str) -> bytes:
+    def reading(path: str, limit: int | None = None) -> bytes:
         opened.append(path)
-        return real_read_file(path)
+        return real_read_file(path, limit)
 
     def stating(path: str) -> attach.BinaryIdentity:
         looked.append(path)

@@ -46,13 +46,20 @@ def parse_stat(text: str) -> StatLine:
                     exiting=bool(flags & PF_EXITING))
 
 
-def read_file(path: str) -> bytes:
-    """A whole (small) file with raw os calls: a steady-state snapshot reads one per process
-    and thread, and open() with its buffered file object costs about twice as much."""
+def read_file(path: str, limit: int | None = None) -> bytes:
+    """A whole small file with raw os calls (a steady-state snapshot reads one per process
+    and thread, and open() with its buffered file object costs about twice as much); with a
+    `limit`, read to its end or to that many bytes, whatever each read returns."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if limit is not None:
+            parts, size = [], 0
+            while size < limit and (chunk := os.read(fd, min(_CHUNK, limit - size))):
+                parts.append(chunk)
+                size += len(chunk)
+            return b"".join(parts)
         data = os.read(fd, _CHUNK)
-        if len(data) == _CHUNK:  # /proc files come whole when the buffer is large enough
+        if len(data) == _CHUNK:  # a one-record /proc file comes whole when it fits
             parts = [data]
             while chunk := os.read(fd, _CHUNK):
                 parts.append(chunk)
@@ -178,20 +185,18 @@ class ProcessInfo:
     def uid(self) -> int:
         """Real uid, -1 when unreadable."""
         try:
-            with open(self.path("status"), "rb") as f:
-                for line in f:
-                    if line.startswith(b"Uid:"):
-                        return int(line.split()[1])
+            status = read_file(self.path("status"))
         except OSError:
-            pass
-        return -1
+            return -1
+        start = status.find(b"\nUid:")
+        fields = status[start + 5:status.find(b"\n", start + 5)].split() if start >= 0 else []
+        return int(fields[0]) if fields and fields[0].isdigit() else -1
 
     @cached_property
     def cgroup(self) -> str:
         """/proc/PID/cgroup, '' when unreadable."""
         try:
-            with open(self.path("cgroup"), "rb") as f:
-                return f.read(_CGROUP_MAX).decode("utf-8", "replace")
+            return read_file(self.path("cgroup"), _CGROUP_MAX).decode("utf-8", "replace")
         except OSError:
             return ""
 
