@@ -178,6 +178,48 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
         assert by_tid(snapshot, fixture.pid) == truth(fixture)
 
 
+def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_bins,
+                                                                         spawn_fixture,
+                                                                         monkeypatch):
+    """While the kernel's process events are heard and name none of its threads, a jemalloc
+    process's /proc/PID/task is not listed again (its threads read as listed last); a
+    thread that ends is heard, and the next snapshot lists them again: exact before and
+    after, the ended thread's counts kept in the process's totals."""
+    monkeypatch.setattr(capture, "THREAD_RECHECK_HEARD", 10 ** 9)
+    fixture = spawn_fixture(fixture_bins["static"], 3)
+    task_dir = f"/proc/{fixture.pid}/task"
+    listings: list[str] = []
+    real_numbered_entries = processes.numbered_entries
+
+    def listing(directory: str) -> list[tuple[int, int]]:
+        listings.append(directory)
+        return real_numbered_entries(directory)
+    monkeypatch.setattr(processes, "numbered_entries", listing)
+    engine = capturer(fixture_bins, select=lambda p: p.pid == fixture.pid, process_events=True)
+    try:
+        engine.capture()
+        engine.capture()
+        listings.clear()
+        steady = [engine.capture() for _ in range(3)]
+        assert task_dir not in listings
+        for snapshot in steady:
+            assert by_tid(snapshot, fixture.pid) == truth(fixture)
+        before = process_totals(steady[-1], fixture.pid)
+        fixture.exit_thread(1)
+        after = engine.capture()
+        assert listings.count(task_dir) == 1
+        assert by_tid(after, fixture.pid) == truth(fixture)
+        assert process_totals(after, fixture.pid) >= before
+    finally:
+        engine.close()
+    assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+def process_totals(snapshot, pid: int) -> tuple[int, int]:
+    [process] = [p for p in snapshot.processes if p.pid == pid]
+    return (process.allocated_bytes, process.deallocated_bytes)
+
+
 def test_unchanged_maps_are_not_parsed_at_the_periodic_look(spawn_process, monkeypatch):
     """The look at the code objects of a process with no jemalloc (here every snapshot)
     parses its maps only when their text changed since the last look; a module loaded

@@ -4,10 +4,14 @@ cannot tell, and is refused where the kernel would not send to it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
+
 from ctprofd.procfs.events import ProcessEvents
+from support.procs import wait_until
 
 PYTHON = sys.executable
 
@@ -32,11 +36,64 @@ def test_an_exec_a_new_uid_and_a_rename_are_named() -> None:
         execed = run("/bin/true")
         setuid = child_python("import os; os.setresuid(65534, 65534, 65534)")
         renamed = child_python("import ctypes; ctypes.CDLL(None).prctl(15, b'renamed', 0, 0, 0)")
-        changed = events.changed()
+        changes = events.changed()
     finally:
         events.close()
-    assert changed is not None
-    assert {execed, setuid, renamed} <= changed
+    assert changes is not None
+    assert {execed, setuid, renamed} <= changes.processes
+    assert {execed, setuid, renamed} <= changes.threads
+
+
+THREADS = """
+import ctypes, os, sys, threading
+print("ready", flush=True)
+sys.stdin.readline()
+go = threading.Event()
+def run():
+    if {rename}:
+        ctypes.CDLL(None).prctl(15, b"worker", 0, 0, 0)
+    go.wait()
+thread = threading.Thread(target=run)
+thread.start()
+print(thread.native_id, flush=True)
+sys.stdin.readline()
+go.set()
+thread.join()
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("rename", [False, True], ids=["plain", "renamed"])
+def test_a_thread_started_renamed_or_ended_names_its_process_among_threads_only(
+        rename: bool) -> None:
+    """A thread's start, its renaming itself, and its end change the process's threads, not
+    the process (its image, owner and name)."""
+    process = subprocess.Popen([PYTHON, "-c", THREADS.format(rename=rename)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdin is not None and process.stdout is not None
+    changes = []
+    try:
+        assert process.stdout.readline() == "ready\n"  # exec'ed, before the listener
+        events = ProcessEvents()
+        try:
+            assert events.changed() is not None
+            process.stdin.write("start\n")
+            process.stdin.flush()
+            tid = int(process.stdout.readline())
+            changes.append(events.changed())
+            process.stdin.write("end\n")
+            process.stdin.flush()
+            wait_until(lambda: not os.path.exists(f"/proc/{process.pid}/task/{tid}"),
+                       "the thread's end")
+            changes.append(events.changed())
+        finally:
+            events.close()
+    finally:
+        process.communicate("quit\n", timeout=60)
+    for change in changes:  # the start (and the renaming), then the end
+        assert change is not None
+        assert process.pid in change.threads
+        assert process.pid not in change.processes
 
 
 def test_a_fork_and_an_exit_name_no_process() -> None:
@@ -55,12 +112,12 @@ def test_a_fork_and_an_exit_name_no_process() -> None:
         parent.stdin.write("fork\n")
         parent.stdin.flush()
         child = int(parent.stdout.readline())
-        changed = events.changed()
+        changes = events.changed()
     finally:
         events.close()
         parent.communicate("end\n", timeout=60)
-    assert changed is not None
-    assert parent.pid not in changed and child not in changed
+    assert changes is not None
+    assert not {parent.pid, child} & (changes.processes | changes.threads)
 
 
 def execs(count: int) -> None:
@@ -80,7 +137,7 @@ def test_events_lost_to_a_full_buffer_are_said_once() -> None:
         changed = events.changed()
     finally:
         events.close()
-    assert changed is not None and pid in changed
+    assert changed is not None and pid in changed.processes
 
 
 def test_a_call_cut_short_by_its_budget_cannot_tell_nor_can_the_next() -> None:
@@ -99,7 +156,7 @@ def test_a_call_cut_short_by_its_budget_cannot_tell_nor_can_the_next() -> None:
         changed = events.changed()
     finally:
         events.close()
-    assert changed is not None and pid in changed
+    assert changed is not None and pid in changed.processes
 
 
 def test_without_cap_net_admin_the_kernel_refuses_and_that_is_said() -> None:

@@ -18,7 +18,7 @@ from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, lis
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
-from ..procfs.events import ProcessEvents
+from ..procfs.events import Changes, ProcessEvents
 from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
 from ..resolve import offsets_file
@@ -58,6 +58,9 @@ NOT_JEMALLOC_OBJECTS_RECHECK = 60.0
 # gets another), and its stat read again once in this many snapshots, spread by tid: for
 # its name, and a state that number cannot show (a thread on its way out).
 THREAD_RECHECK = 4
+# While the kernel's process events are heard, the threads of a process they name no thread
+# event of are not listed again, but once in this many snapshots, spread by pid.
+THREAD_RECHECK_HEARD = 32
 # A process whose arena statistics failed (refused, unreadable, over budget) is not read
 # again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
 # of each read cannot make ctprofd redo the whole read every snapshot.
@@ -228,6 +231,7 @@ class Capturer:
         self._passes = 0  # snapshots begun: spreads the re-checks of quiet processes, threads
         self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK, NOT_JEMALLOC_RECHECK_HEARD)
         self._events = self._listen() if self.settings.process_events else None
+        self._heard: Changes | None = None  # what the events said since the last snapshot
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
         self._grace_misses = 0  # resolver waits in a row that ended with it still busy
@@ -285,8 +289,10 @@ class Capturer:
         submitted = self.attacher.submitted
         complete = True
         root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
-        changed = self._events.changed() if self._events is not None and pids is None else None
-        quiet.begin(self._passes, clock, seen, changed)
+        self._heard = (self._events.changed() if self._events is not None and pids is None
+                       else None)
+        quiet.begin(self._passes, clock, seen,
+                    self._heard.processes if self._heard is not None else None)
         # a pid asked for by name is read whatever it was (inode -1 matches nothing)
         listing = numbered_entries(root) if pids is None else [(pid, -1) for pid in sorted(pids)]
         for pid, inode in listing:
@@ -634,12 +640,26 @@ class Capturer:
                       cancel: threading.Event | None) -> tuple[list[ThreadSample], int]:
         """The threads of an attached process, read, and how many were listed; raises
         OSError when it exited."""
-        assert isinstance(tracked.result, ProcessState)
-        passes = self._passes
-        listed = list_threads(process, tracked.result.listed,
-                              lambda tid: not (tid + passes) % THREAD_RECHECK)
-        return self.prober.probe(process.pid, tracked.result, listed, tally, cancel,
+        state, passes = tracked.result, self._passes
+        assert isinstance(state, ProcessState)
+        if not self._same_threads(process, state):
+            state.listed_threads = list_threads(process, state.listed,
+                                                lambda tid: not (tid + passes) % THREAD_RECHECK)
+        state.listed_at = passes
+        listed = state.listed_threads
+        return self.prober.probe(process.pid, state, listed, tally, cancel,
                                  alive=lambda: list_pids(process.path("task"))), len(listed)
+
+    def _same_threads(self, process: ProcessInfo, state: ProcessState) -> bool:
+        """Whether the threads listed at the last snapshot are still the threads of
+        `process`, as the kernel's events tell: heard since, and none of its threads started,
+        ended or was renamed, nor did it exec; its leader is not a zombie (the end of a
+        leader, a whole process's as often as not, is not heard). Once in
+        THREAD_RECHECK_HEARD snapshots, spread by pid, they are listed anyway."""
+        return (self._heard is not None and state.listed_at == self._passes - 1
+                and process.pid not in self._heard.threads
+                and process.state not in ("Z", "X")
+                and bool((process.pid + self._passes) % THREAD_RECHECK_HEARD))
 
     def _track(self, process: ProcessInfo) -> _Tracked:
         """The tracked state of a process, attaching when it is new or runs another file."""

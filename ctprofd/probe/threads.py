@@ -93,6 +93,8 @@ class ProcessState:
         default_factory=dict)
     # the threads listed last: tid -> (inode of /proc/PID/task/TID, what its stat said)
     listed: dict[int, tuple[int, ThreadInfo]] = field(default_factory=dict)
+    listed_threads: list[ThreadInfo] = field(default_factory=list)  # ... as that listing gave
+    listed_at: int = -1  # the snapshot that last read them (listed, or known unchanged)
 
     def __post_init__(self) -> None:
         self.tsd_delta = self.attachment.tsd_delta

@@ -1,15 +1,16 @@
 """The kernel's process events (the proc connector, a netlink socket): which processes
-exec'ed, changed owner or were renamed since the last look, so that a snapshot need not
-read an unchanged process again to find out.
+exec'ed, changed owner or were renamed, and which started or ended a thread, since the last
+look, so that a snapshot need not read an unchanged process again to find out.
 
-The kernel reports events only to a listener in its initial pid and user namespaces with
-CAP_NET_ADMIN, and answers the request to listen with an acknowledgement before the
-request's send returns; without our own (every listener gets every listener's), the
-events are not used. After events were lost (the socket's buffer overflowed), `changed`
-says it cannot tell (None) and the caller reads processes again as it would with no events. A socket filter in the kernel
-passes only the events asked for, so forks and exits (most of a busy host's events) cost
-the socket nothing. Reading the events has a budget per call: what a host does between two
-snapshots cannot make one call run long or the set it returns grow without bound.
+The kernel reports events only to a listener with CAP_NET_ADMIN in its initial pid and user
+namespaces, and answers the request to listen with an acknowledgement before the request's
+send returns; without our own (every listener gets every listener's), the events are not
+used. A socket filter in the kernel passes only what is asked for: the forks and exits of
+whole processes, most of a busy host's events, never reach the socket. After events were
+lost (the socket's buffer overflowed), `changed` says it cannot tell (None), and the caller
+reads processes as it would with no events. Reading has a budget per call: what a host does
+between two snapshots cannot make one call run long, nor the sets it returns grow without
+bound.
 """
 
 from __future__ import annotations
@@ -19,27 +20,37 @@ import errno
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN, PROC_CN_MCAST_IGNORE = 1, 2
-PROC_EVENT_NONE, PROC_EVENT_EXEC, PROC_EVENT_UID = 0x0, 0x2, 0x4
-PROC_EVENT_GID, PROC_EVENT_COMM = 0x40, 0x200
-CHANGES = (PROC_EVENT_EXEC, PROC_EVENT_UID, PROC_EVENT_GID, PROC_EVENT_COMM)
+PROC_EVENT_NONE, PROC_EVENT_FORK, PROC_EVENT_EXEC, PROC_EVENT_UID = 0x0, 0x1, 0x2, 0x4
+PROC_EVENT_GID, PROC_EVENT_COMM, PROC_EVENT_EXIT = 0x40, 0x200, 0x80000000
 NLMSG_DONE = 3
 SO_RCVBUFFORCE = 33  # root may set a buffer above net.core.rmem_max
 SO_ATTACH_FILTER = 26
 
 # Offsets in one message: nlmsghdr (16 bytes), cn_msg (20), then proc_event: what (u32),
-# cpu (u32), timestamp (u64), then the event's data, whose first two words are the
-# thread's and its process's ids (exec, id and comm events), or the error (an ack).
+# cpu (u32), timestamp (u64), then the event's data: a thread's and its process's ids
+# (exec, id, comm and exit events; a fork's parent's, then its child's), or the error (an
+# ack). The kernel sends the whole union (24 bytes) whatever the event.
 _ACK = 16 + 12  # cn_msg's ack: an acknowledgement carries the request's + 1
 _WHAT = 16 + 20
 _DATA = _WHAT + 16
 _MESSAGE_MAX = 256  # a comm event, the largest asked for, is 16 + 20 + 16 + 24 bytes
 
+_PROCESS_CHANGES = frozenset({PROC_EVENT_EXEC, PROC_EVENT_UID, PROC_EVENT_GID})
 BUFFER_BYTES = 4 * 1024 * 1024  # kernel memory for events between two snapshots
-EVENTS_MAX = 200_000  # messages one call reads at most
+EVENTS_MAX = 65_536  # messages one call reads at most (more than the buffer holds)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What the events named since the last call."""
+
+    processes: frozenset[int]  # tgids that exec'ed, changed uid or gid, or were renamed
+    threads: frozenset[int]  # tgids that started or ended a thread, exec'ed or renamed one
 
 
 class _SockFilter(ctypes.Structure):
@@ -51,19 +62,51 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_LD, _TAX, _JEQ, _JEQ_X, _RET = 0x20, 0x07, 0x15, 0x1D, 0x06  # classic BPF opcodes
 
 
-def _filter_program(kinds: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program that keeps the messages whose `what` is one of `kinds` or an
-    ack. A load from the packet reads big-endian: the constants are this machine's bytes
-    of each value read that way."""
-    wanted = (PROC_EVENT_NONE,) + kinds
-    program = [(_BPF_LD_W_ABS, 0, 0, _WHAT)]
-    for i, kind in enumerate(wanted):
-        program.append((_BPF_JEQ_K, len(wanted) - i, 0,
-                        int.from_bytes(struct.pack("=I", kind), "big")))
-    program += [(_BPF_RET_K, 0, 0, 0), (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]
+def _big_endian(value: int) -> int:
+    """What a load from the packet (big-endian) reads of this machine's bytes of `value`."""
+    return int.from_bytes(struct.pack("=I", value), "big")
+
+
+def _filter_program() -> list[tuple[int, int, int, int]]:
+    """A classic BPF program that keeps acks, execs, uid, gid and name changes, and the start
+    and end of a thread that is not its group's leader (a fork whose child's id is not its
+    group's; an exit alike): the forks and exits of whole processes, most of a busy host's
+    events, never reach the socket (a process's start and end show in the /proc listing)."""
+    code: list[tuple[int | str, int | str, int | str, int]] = [(_LD, 0, 0, _WHAT)]
+    code += [(_JEQ, "keep", 0, _big_endian(kind)) for kind in (
+        PROC_EVENT_NONE, PROC_EVENT_EXEC, PROC_EVENT_UID, PROC_EVENT_GID, PROC_EVENT_COMM)]
+    code += [(_JEQ, 0, "exit", _big_endian(PROC_EVENT_FORK)),
+             (_LD, 0, 0, _DATA + 8), (_TAX, 0, 0, 0), (_LD, 0, 0, _DATA + 12),
+             (_JEQ_X, "drop", "keep", 0)]
+    code += [("exit", 0, 0, 0)]
+    code += [(_JEQ, 0, "drop", _big_endian(PROC_EVENT_EXIT)),
+             (_LD, 0, 0, _DATA), (_TAX, 0, 0, 0), (_LD, 0, 0, _DATA + 4),
+             (_JEQ_X, "drop", "keep", 0)]
+    code += [("drop", 0, 0, 0), (_RET, 0, 0, 0), ("keep", 0, 0, 0), (_RET, 0, 0, 0xFFFFFFFF)]
+    return _resolve(code)
+
+
+def _resolve(code: list[tuple[int | str, int | str, int | str, int]]
+             ) -> list[tuple[int, int, int, int]]:
+    """Instructions with their jumps to labels (a string in place of an opcode marks where
+    the next instruction is) turned into offsets."""
+    labels: dict[str, int] = {}
+    pc = 0
+    for op, *_ in code:
+        if isinstance(op, str):
+            labels[op] = pc
+        else:
+            pc += 1
+    program = []
+    for op, jt, jf, k in code:
+        if isinstance(op, str):
+            continue
+        pc = len(program)
+        program.append((op, labels[jt] - pc - 1 if isinstance(jt, str) else jt,
+                        labels[jf] - pc - 1 if isinstance(jf, str) else jf, k))
     return program
 
 
@@ -104,7 +147,7 @@ class ProcessEvents:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
-            _attach_filter(sock, _filter_program(CHANGES))
+            _attach_filter(sock, _filter_program())
             sock.bind((0, CN_IDX_PROC))
             sock.send(_request(PROC_CN_MCAST_LISTEN, self._ack))
         except OSError as err:
@@ -112,7 +155,7 @@ class ProcessEvents:
             self.error = f"proc connector refused: {os.strerror(err.errno or 0)}"
             return
         self._sock = sock
-        self._read_into(set())  # the ack, queued before send returned
+        self._read_into(set(), set())  # the ack, queued before send returned
         if not self._acknowledged:
             self.error = self.error or ("no acknowledgement from the proc connector (not the "
                                         "kernel's initial pid or user namespace)")
@@ -129,24 +172,25 @@ class ProcessEvents:
         self._sock.close()
         self._sock = None
 
-    def changed(self) -> set[int] | None:
-        """The tgids that exec'ed, changed uid or gid, or were renamed since the last call,
-        or None when that cannot be told: no acknowledgement yet (another namespace, or no
-        privilege to listen), events lost since the last call, or more of them than one call
-        reads (the rest are read by the next call)."""
+    def changed(self) -> Changes | None:
+        """What the events named since the last call, or None when that cannot be told: no
+        acknowledgement yet, events lost since the last call, or more of them than one call
+        reads (the rest are read by the next call, which cannot tell either)."""
         if self._sock is None:
             return None
-        tgids: set[int] = set()
-        complete = self._read_into(tgids)
+        processes: set[int] = set()
+        threads: set[int] = set()
+        complete = self._read_into(processes, threads)
         lost, self._lost = self._lost, not complete  # what is cut short is lost to the next
         if not self._acknowledged or lost or not complete:
             return None
-        return tgids
+        return Changes(frozenset(processes), frozenset(threads))
 
-    def _read_into(self, tgids: set[int]) -> bool:
-        """Read the queued messages into `tgids`; False when the budget ran out first."""
+    def _read_into(self, processes: set[int], threads: set[int]) -> bool:
+        """Read the queued messages into the tgids named; False when the budget ran out
+        first."""
         assert self._sock is not None
-        buffer, recv_into = self._buffer, self._sock.recv_into
+        buffer, recv_into, unpack = self._buffer, self._sock.recv_into, struct.unpack_from
         for _ in range(self._events_max):
             try:
                 size = recv_into(buffer)
@@ -157,18 +201,22 @@ class ProcessEvents:
                     self._lost = True
                     continue
                 raise
-            if size < _DATA + 8:
+            if size < _DATA + 16:
                 continue
-            what, = struct.unpack_from("=I", buffer, _WHAT)
+            what, = unpack("=I", buffer, _WHAT)
+            pid, tgid = unpack("=II", buffer, _DATA + 8 if what == PROC_EVENT_FORK else _DATA)
             if what == PROC_EVENT_NONE:
-                ack, = struct.unpack_from("=I", buffer, _ACK)
-                error, = struct.unpack_from("=I", buffer, _DATA)
-                if ack != self._ack + 1:
-                    continue  # another listener's
-                if error == 0:
-                    self._acknowledged = True
-                else:
-                    self.error = f"proc connector refused: {os.strerror(error)}"
+                self._acknowledge(unpack("=I", buffer, _ACK)[0], pid)
                 continue
-            tgids.add(struct.unpack_from("=I", buffer, _DATA + 4)[0])
+            threads.add(tgid)
+            if what in _PROCESS_CHANGES or (what == PROC_EVENT_COMM and pid == tgid):
+                processes.add(tgid)
         return False
+
+    def _acknowledge(self, ack: int, error: int) -> None:
+        if ack != self._ack + 1:
+            return  # another listener's
+        if error == 0:
+            self._acknowledged = True
+        else:
+            self.error = f"proc connector refused: {os.strerror(error)}"
