@@ -24,6 +24,7 @@ from ctprofd.resolve.cache import LayoutCache
 from support import elf
 from support.cgroups import in_cgroup, in_unit, unique_unit
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
+from support.stats_shim import STOCK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,6 +214,50 @@ def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_
     finally:
         engine.close()
     assert_no_thread_stopped_or_traced(fixture.pid)
+
+
+OWNER_CHANGE = """
+import os, sys
+print("READY", flush=True)
+sys.stdin.readline()
+os.setresuid(65534, 65534, 65534)
+print("DONE", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_while_heard_the_labels_are_read_again_when_the_owner_changes(spawn_process,
+                                                                      monkeypatch,
+                                                                      no_debuginfod):
+    """While the kernel's process events are heard, a jemalloc process's status (its uid)
+    is not read again while they name no change of it, and at the next snapshot once it
+    changed its uid (here python3 on Debian's stock library, which gives up root)."""
+    monkeypatch.setattr(capture, "THREAD_RECHECK", 10 ** 9)  # the cgroup's own look: none
+    target = spawn_process([sys.executable, "-c", OWNER_CHANGE],
+                           env={"LD_PRELOAD": STOCK, "PATH": "/usr/bin:/bin"})
+    status = f"/proc/{target.pid}/status"
+    opened: list[str] = []
+    real_read_file = processes.read_file
+
+    def reading(path: str, limit: int | None = None) -> bytes:
+        opened.append(path)
+        return real_read_file(path, limit)
+    monkeypatch.setattr(processes, "read_file", reading)
+    engine = Capturer(CaptureSettings(debug_dirs=(), process_events=True,
+                                      select=lambda p: p.pid == target.pid))
+    try:
+        for _ in range(2):
+            assert [p.uid for p in engine.capture().processes] == [0]
+        opened.clear()
+        for _ in range(3):
+            assert [p.uid for p in engine.capture().processes] == [0]
+        assert status not in opened
+        target.send("go")
+        target.wait_for("DONE")
+        assert [p.uid for p in engine.capture().processes] == [65534]
+        assert status in opened
+    finally:
+        engine.close()
 
 
 def process_totals(snapshot, pid: int) -> tuple[int, int]:

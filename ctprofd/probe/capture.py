@@ -18,6 +18,7 @@ from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, lis
 from ..report import tags
 from ..report.snapshot import ARENA, THREADS, ProcessSample, Snapshot, ThreadSample
 from ..procfs.capabilities import has_ptrace_capability
+from ..procfs.containers import Container
 from ..procfs.events import Changes, ProcessEvents
 from ..report.summary import Tally, denied_hint
 from ..report.tags import ProbeError
@@ -136,6 +137,8 @@ class _Tracked:
     # of that look: quiet.py lets the process through for it); never for any other
     objects_due: float = float("inf")
     maps_seen: int = 0  # hash of its maps' text at the last look (unchanged: not parsed)
+    labels: tuple[int, str, Container] | None = None  # uid, unit, container: as last read
+    labels_at: int = -1  # the snapshot that last read them (or knew them unchanged)
 
     def retained_totals(self) -> tuple[int, int]:
         """What threads no longer running (exited, or of an earlier image) counted."""
@@ -549,16 +552,29 @@ class Capturer:
         allocated, deallocated, source = process_totals(tracked.all_totals(), arena,
                                                         tracked.reported)
         tracked.reported = (allocated, deallocated)
+        uid, unit, container = self._labels(process, tracked)
         return ProcessSample(
             pid=process.pid, start_time=process.start_time, comm=process.comm,
-            exe=tracked.exe, build_id=tracked.build_id, uid=process.uid, unit=process.unit,
+            exe=tracked.exe, build_id=tracked.build_id, uid=uid, unit=unit,
             threads=tuple(threads),
             retained_allocated_bytes=allocated - sum(t.allocated_bytes for t in threads),
             retained_deallocated_bytes=deallocated - sum(t.deallocated_bytes for t in threads),
             totals_source=source, totals_reason=_why_threads(tracked, arena) if source == THREADS
-            else "", container_id=process.container.container_id,
-            pod_uid=process.container.pod_uid,
+            else "", container_id=container.container_id, pod_uid=container.pod_uid,
             allocator=arena.health if arena is not None and source == ARENA else None)
+
+    def _labels(self, process: ProcessInfo, tracked: _Tracked) -> tuple[int, str, Container]:
+        """The uid, unit and container of a process read: from its /proc files, or, while
+        the kernel's process events are heard and name no new owner or image of it since
+        the last snapshot read them, as they were then; its cgroup (which no event tells
+        a move of) is read again once in THREAD_RECHECK snapshots anyway, spread by pid."""
+        if (self._heard is None or tracked.labels is None
+                or tracked.labels_at != self._passes - 1
+                or process.pid in self._heard.processes
+                or not (process.pid + self._passes) % THREAD_RECHECK):
+            tracked.labels = (process.uid, process.unit, process.container)
+        tracked.labels_at = self._passes
+        return tracked.labels
 
     def _arena_totals(self, pid: int, tracked: _Tracked, listed: int,
                       threads: list[ThreadSample], tally: Tally) -> ArenaTotals | None:
