@@ -183,9 +183,10 @@ def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_
                                                                          spawn_fixture,
                                                                          monkeypatch):
     """While the kernel's process events are heard and name none of its threads, a jemalloc
-    process's /proc/PID/task is not listed again (its threads read as listed last); a
-    thread that ends is heard, and the next snapshot lists them again: exact before and
-    after, the ended thread's counts kept in the process's totals."""
+    process's /proc/PID/task is not listed again (its threads read as listed last), nor
+    after the read to see which ended meanwhile; a thread that ends is heard, and the next
+    snapshot lists them again: exact before and after, the ended thread's counts kept in
+    the process's totals."""
     monkeypatch.setattr(capture, "THREAD_RECHECK_HEARD", 10 ** 9)
     fixture = spawn_fixture(fixture_bins["static"], 3)
     task_dir = f"/proc/{fixture.pid}/task"
@@ -196,6 +197,12 @@ def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_
         listings.append(directory)
         return real_numbered_entries(directory)
     monkeypatch.setattr(processes, "numbered_entries", listing)
+    real_list_pids = capture.list_pids
+
+    def alive_check(directory: str) -> list[int]:  # after the read: no thread ended meanwhile
+        listings.append(directory)
+        return real_list_pids(directory)
+    monkeypatch.setattr(capture, "list_pids", alive_check)
     engine = capturer(fixture_bins, select=lambda p: p.pid == fixture.pid, process_events=True)
     try:
         engine.capture()

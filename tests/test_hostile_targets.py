@@ -384,16 +384,20 @@ def test_ten_thousand_threads_are_read_exactly(fixture_bins, spawn_fixture):
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 
+@pytest.mark.parametrize("heard", [False, True], ids=["by-pid", "walk-heard"])
 def test_churning_threads_never_report_another_threads_counters(fixture_bins,
-                                                                spawn_fixture):
+                                                                spawn_fixture, heard):
     """Threads born and dying as fast as they can, their stacks (and so their TLS) reused
     at once by the next thread. A churner's counters are only ever 0 or churn_size(tid);
     a read taken from a dead thread's reused TLS shows another tid's size. The process
     total must never be less than what its threads were last read at, and never go
-    backwards."""
+    backwards. Asked for by pid, or in a walk that hears the kernel's process events (which
+    then tell which threads may have ended during a read)."""
     fixture = spawn_fixture(fixture_bins.hostile_threads, 2)
-    engine = capturer(fixture_bins)
-    engine.capture(pids=[fixture.pid])  # parse it before the churn starts
+    engine = capturer(fixture_bins, process_events=heard,
+                      select=(lambda p: p.pid == fixture.pid) if heard else None)
+    pids = None if heard else [fixture.pid]
+    engine.capture(pids=pids)  # parse it before the churn starts
     # at most CHURNERS new tids, far below pid_max: no tid is used twice
     assert int(Path("/proc/sys/kernel/pid_max").read_text()) >= 3 * CHURNERS
     fixture.send(f"churn 2 300 {CHURNERS}")
@@ -408,7 +412,7 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
         for _ in range(HANG_GUARD_ROUNDS):  # until enough churners were read
             if churners_seen > 20:
                 break
-            snapshot = engine.capture(pids=[fixture.pid])
+            snapshot = engine.capture(pids=pids)
             assert snapshot.summary.jemalloc_detected == 1
             assert set(snapshot.failures) <= {tags.PTRACE_SEIZE, tags.PTRACE_TRACED, tags.WAITPID,
                                               tags.PROCESS_VM_READV}, snapshot.failures

@@ -664,7 +664,17 @@ class Capturer:
         state.listed_at = passes
         listed = state.listed_threads
         return self.prober.probe(process.pid, state, listed, tally, cancel,
-                                 alive=lambda: list_pids(process.path("task"))), len(listed)
+                                 alive=lambda: self._alive_threads(process)), len(listed)
+
+    def _alive_threads(self, process: ProcessInfo) -> list[int] | None:
+        """The threads of `process` alive now, after its counters were read; None when the
+        kernel's events tell that none started or ended since the snapshot began (a thread
+        that starts is heard before it runs, so before it could reuse the memory of one
+        that ended). Raises OSError when it is gone."""
+        if (self._heard is not None and self._events is not None
+                and not self._events.threads_changed(process.pid)):
+            return None
+        return list_pids(process.path("task"))
 
     def _same_threads(self, process: ProcessInfo, state: ProcessState) -> bool:
         """Whether the threads listed at the last snapshot are still the threads of

@@ -123,12 +123,13 @@ class ThreadProber:
 
     def probe(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
               cancel: threading.Event | None = None,
-              alive: Callable[[], Collection[int]] | None = None) -> list[ThreadSample]:
+              alive: Callable[[], Collection[int] | None] | None = None) -> list[ThreadSample]:
         """Read every listed thread; failures are tallied; returns the threads read.
         Raises ImageChanged, reading nothing, when the process exec'ed since it was
         attached. Once `cancel` is set, no further thread is stopped. `alive()` lists the tids
-        alive now (raising OSError when the process is gone): a thread it no longer lists
-        after the read is left out, as one that exited before being listed would be."""
+        alive now (raising OSError when the process is gone; None: every thread listed): a
+        thread it no longer lists after the read is left out, as one that exited before
+        being listed would be."""
         listed = {t.tid: t for t in threads}
         if pid not in listed and threads:
             # the leader has exited and is a zombie: its pid no longer names the address
@@ -314,7 +315,7 @@ class ThreadProber:
                                                   if known is not None else (0, 0)))
 
     def _read(self, pid: int, state: ProcessState, threads: list[ThreadInfo], tally: Tally,
-              alive: Callable[[], Collection[int]] | None) -> list[ThreadSample]:
+              alive: Callable[[], Collection[int] | None] | None) -> list[ThreadSample]:
         layout = state.attachment.layout
         span = layout.deallocated_offset - layout.allocated_offset + 8
         ranges = [(state.threads[t.tid].counters_at, span) for t in threads]
@@ -348,10 +349,10 @@ class ThreadProber:
         gone: Collection[int] = ()
         if alive is not None:
             try:
-                now = set(alive())
+                now = alive()
             except OSError:
-                now = set()
-            gone = {t.tid for t in threads} - now
+                now = ()
+            gone = {t.tid for t in threads}.difference(now) if now is not None else ()
         samples = []
         for thread, value in zip(threads, values):
             if thread.tid in gone:

@@ -42,7 +42,7 @@ _MESSAGE_MAX = 256  # a comm event, the largest asked for, is 16 + 20 + 16 + 24 
 
 _PROCESS_CHANGES = frozenset({PROC_EVENT_EXEC, PROC_EVENT_UID, PROC_EVENT_GID})
 BUFFER_BYTES = 4 * 1024 * 1024  # kernel memory for events between two snapshots
-EVENTS_MAX = 65_536  # messages one call reads at most (more than the buffer holds)
+EVENTS_MAX = 65_536  # messages read between two snapshots at most (more than the buffer holds)
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,18 @@ def _request(op: int, ack: int) -> bytes:
 
 
 class ProcessEvents:
-    """A listener for the processes that exec'ed, changed uid or gid, or were renamed."""
+    """A listener for the processes that exec'ed, changed uid or gid or were renamed, and
+    that started or ended a thread."""
 
     def __init__(self, buffer_bytes: int = BUFFER_BYTES, events_max: int = EVENTS_MAX) -> None:
         self._events_max = events_max
+        self._left = events_max  # messages still to be read before the next `changed`
         self._ack = int.from_bytes(os.urandom(4), "little") >> 1  # our ack carries it + 1
         self._acknowledged = False
-        self._lost = False  # events were lost since the last call
+        self._lost = False  # events were lost since the last `changed`
+        self._cut = False  # ... and the budget ran out with messages still queued
+        self._processes: set[int] = set()  # what the messages read since then named
+        self._threads: set[int] = set()
         self._buffer = bytearray(_MESSAGE_MAX)
         self.error: str | None = None  # why there are no events, once known
         self._sock: socket.socket | None = None
@@ -155,7 +160,7 @@ class ProcessEvents:
             self.error = f"proc connector refused: {os.strerror(err.errno or 0)}"
             return
         self._sock = sock
-        self._read_into(set(), set())  # the ack, queued before send returned
+        self._read()  # the ack, queued before send returned
         if not self._acknowledged:
             self.error = self.error or ("no acknowledgement from the proc connector (not the "
                                         "kernel's initial pid or user namespace)")
@@ -174,33 +179,44 @@ class ProcessEvents:
 
     def changed(self) -> Changes | None:
         """What the events named since the last call, or None when that cannot be told: no
-        acknowledgement yet, events lost since the last call, or more of them than one call
-        reads (the rest are read by the next call, which cannot tell either)."""
+        acknowledgement, events lost since the last call, or more of them than one
+        snapshot reads (the rest are read by the next call, which cannot tell either)."""
         if self._sock is None:
             return None
-        processes: set[int] = set()
-        threads: set[int] = set()
-        complete = self._read_into(processes, threads)
-        lost, self._lost = self._lost, not complete  # what is cut short is lost to the next
-        if not self._acknowledged or lost or not complete:
-            return None
-        return Changes(frozenset(processes), frozenset(threads))
+        self._read()
+        heard = self._acknowledged and not self._lost and not self._cut
+        changes = Changes(frozenset(self._processes), frozenset(self._threads)) if heard else None
+        self._processes.clear()
+        self._threads.clear()
+        self._lost, self._cut, self._left = self._cut, False, self._events_max
+        return changes
 
-    def _read_into(self, processes: set[int], threads: set[int]) -> bool:
-        """Read the queued messages into the tgids named; False when the budget ran out
-        first."""
+    def threads_changed(self, tgid: int) -> bool:
+        """Whether `tgid` started or ended a thread (or exec'ed, or renamed one) since the
+        last `changed`, or that cannot be told; what this reads is kept for the next
+        `changed`."""
+        if self._sock is None:
+            return True
+        self._read()
+        return self._lost or self._cut or tgid in self._threads
+
+    def _read(self) -> None:
+        """Read the queued messages, within what is left of the budget."""
         assert self._sock is not None
         buffer, recv_into, unpack = self._buffer, self._sock.recv_into, struct.unpack_from
-        for _ in range(self._events_max):
+        processes, threads = self._processes, self._threads
+        while self._left > 0:
             try:
                 size = recv_into(buffer)
             except BlockingIOError:
-                return True
+                return
             except OSError as err:
-                if err.errno == errno.ENOBUFS:  # the buffer overflowed: events were dropped
-                    self._lost = True
-                    continue
-                raise
+                if err.errno != errno.ENOBUFS:
+                    raise
+                self._lost = True  # the buffer overflowed: events were dropped
+                self._left -= 1
+                continue
+            self._left -= 1
             if size < _DATA + 16:
                 continue
             what, = unpack("=I", buffer, _WHAT)
@@ -211,7 +227,7 @@ class ProcessEvents:
             threads.add(tgid)
             if what in _PROCESS_CHANGES or (what == PROC_EVENT_COMM and pid == tgid):
                 processes.add(tgid)
-        return False
+        self._cut = True
 
     def _acknowledge(self, ack: int, error: int) -> None:
         if ack != self._ack + 1:
