@@ -184,7 +184,8 @@ def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_
                                                                          monkeypatch):
     """While the kernel's process events are heard and name none of its threads, a jemalloc
     process's /proc/PID/task is not listed again (its threads read as listed last), nor
-    after the read to see which ended meanwhile; a thread that ends is heard, and the next
+    after the read to see which ended meanwhile, and its exe not stat()ed (the AT_RANDOM
+    bytes read with the counters tell an exec); a thread that ends is heard, and the next
     snapshot lists them again: exact before and after, the ended thread's counts kept in
     the process's totals."""
     monkeypatch.setattr(capture, "THREAD_RECHECK_HEARD", 10 ** 9)
@@ -203,18 +204,34 @@ def test_while_heard_the_threads_of_an_unchanged_process_are_not_listed(fixture_
         listings.append(directory)
         return real_list_pids(directory)
     monkeypatch.setattr(capture, "list_pids", alive_check)
+    real_identity_of = attach.identity_of
+
+    def stating(path: str) -> attach.BinaryIdentity:  # the exe's identity: AT_RANDOM tells
+        listings.append(path)
+        return real_identity_of(path)
+    monkeypatch.setattr(attach, "identity_of", stating)
     engine = capturer(fixture_bins, select=lambda p: p.pid == fixture.pid, process_events=True)
     try:
         engine.capture()
         engine.capture()
         listings.clear()
         steady = [engine.capture() for _ in range(3)]
-        assert task_dir not in listings
+        assert not [path for path in listings if path.startswith(f"/proc/{fixture.pid}/")]
         for snapshot in steady:
             assert by_tid(snapshot, fixture.pid) == truth(fixture)
         before = process_totals(steady[-1], fixture.pid)
-        fixture.exit_thread(1)
-        after = engine.capture()
+        ended = fixture.exit_thread(1)
+        # the kernel says a thread ended only after its joiner woke: until the snapshot that
+        # heard it, the ended thread may still be read as listed (its last counters)
+        last = by_tid(steady[-1], fixture.pid)[ended]
+        for _ in range(HANG_GUARD_SNAPSHOTS):
+            after = engine.capture()
+            if task_dir in listings:
+                break
+            threads = by_tid(after, fixture.pid)
+            read = threads.pop(ended, last)
+            assert threads == truth(fixture)
+            assert read[0] >= last[0] and read[1] >= last[1]
         assert listings.count(task_dir) == 1
         assert by_tid(after, fixture.pid) == truth(fixture)
         assert process_totals(after, fixture.pid) >= before
@@ -265,6 +282,9 @@ def test_while_heard_the_labels_are_read_again_when_the_owner_changes(spawn_proc
         assert status in opened
     finally:
         engine.close()
+
+
+HANG_GUARD_SNAPSHOTS = 1000  # far more than the few a thread's end takes to be heard
 
 
 def process_totals(snapshot, pid: int) -> tuple[int, int]:

@@ -697,6 +697,8 @@ class Capturer:
             return self._attach(process, None)
         if isinstance(tracked.result, NotJemalloc) and self._loaded_since(process, tracked):
             return self._attach(process, tracked)
+        if self._unchanged_image(process, tracked):
+            return tracked
         # a process with no jemalloc gets here once in NOT_JEMALLOC_RECHECK snapshots of a
         # walk (quiet.py counts it unread in the others), at every capture of named pids
         identity = exe_identity(process)
@@ -705,6 +707,16 @@ class Capturer:
                 return self._attach(process, tracked)
             tracked.identity = identity  # the file was touched or renamed, not exec'ed
         return tracked  # an exec of the same file shows when its AT_RANDOM is read
+
+    def _unchanged_image(self, process: ProcessInfo, tracked: _Tracked) -> bool:
+        """Whether a jemalloc process read at the last snapshot still runs the image it was
+        attached to, as the kernel's events tell (heard since, and no exec of it), with no
+        `stat` of its exe: its AT_RANDOM bytes, read along with its counters, would tell an
+        exec the events missed."""
+        state = tracked.result
+        return (self._heard is not None and isinstance(state, ProcessState)
+                and state.image_mark is not None and state.listed_at == self._passes - 1
+                and process.pid not in self._heard.processes)
 
     def _loaded_since(self, process: ProcessInfo, tracked: _Tracked) -> bool:
         """Whether a process with no jemalloc mapped other code objects since it was looked
