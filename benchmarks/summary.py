@@ -30,6 +30,12 @@ def steady_state(r: dict) -> list[str]:
                    f"{b['snapshot_ratio_p50']['wall']}, CPU {b['snapshot_ratio_p50']['cpu']}; "
                    f"per-thread totals only: wall {b['snapshot_per_thread_only_ratio_p50']['wall']}"
                    f", CPU {b['snapshot_per_thread_only_ratio_p50']['cpu']}")
+        if "snapshot_without_events_ratio_p50" in b:  # results before the process events lack it
+            out.append(f"without the kernel's process events (the packaged unit), same rounds: "
+                       f"snapshot/walk CPU {b['snapshot_without_events_ratio_p50']['cpu']}, "
+                       f"wall {b['snapshot_without_events_ratio_p50']['wall']}; with them, "
+                       f"snapshot CPU p99/p50 "
+                       f"{b['snapshot_cpu_seconds']['p99'] / b['snapshot_cpu_seconds']['p50']:.2f}")
         if "allocator_ratio_p50" in b:  # results older than the allocator figures lack it
             out.append(f"with / without the allocator figures, same rounds: CPU p50 "
                        f"{b['allocator_ratio_p50']['cpu']}, wall "
@@ -238,7 +244,19 @@ def combined_attack(r: dict) -> list[str]:
     return out
 
 
-SUMMARIES = {"steady_state": steady_state, "scale": scale, "cold_start": cold_start,
+def process_events(r: dict) -> list[str]:
+    out = [f"a process-events listener; connector sockets on the host before the run: "
+           f"{r['connector_sockets_before']}"]
+    for name in ("fork_exit", "spawn"):
+        x = r[name]
+        out.append(f"{name}: {x['without_seconds']['p50'] * 1e6:.1f} us without, "
+                   f"{x['with_seconds']['p50'] * 1e6:.1f} us with; ratio with/without p50 "
+                   f"{x['ratio_with_to_without']['p50']} (p10 {x['ratio_with_to_without']['p10']}, "
+                   f"p90 {x['ratio_with_to_without']['p90']})")
+    return out
+
+
+SUMMARIES = {"steady_state": steady_state, "process_events": process_events, "scale": scale, "cold_start": cold_start,
              "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
              "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost,
              "combined_attack": combined_attack}

@@ -25,6 +25,7 @@ SMALL = {
     "hostile_schedule": ["--duration", "2"],
     "combined_attack": ["--duration", "2"],
     "scrape_cost": [],
+    "process_events": ["--rounds", "1"],
 }
 EXPECTED = {
     "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter"),
@@ -39,6 +40,7 @@ EXPECTED = {
     "combined_attack": ("baseline", "arena", "vfork", "mappings", "unread", "accept", "all",
                         "all+accept", "cgroup", "ratios_to_baseline"),
     "scrape_cost": ("baseline", "cached", "p50_ratio", "unread", "bad-auth"),
+    "process_events": ("fork_exit", "spawn", "connector_sockets_before"),
 }
 
 
