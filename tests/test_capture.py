@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -140,7 +141,7 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
     opened: list[str] = []
     looked: list[str] = []  # /proc paths stat()ed (attach.identity_of), maps read
     real_read_file, real_identity_of = processes.read_file, attach.identity_of
-    real_read_maps_text = processes.read_maps_text
+    real_read_maps_bytes = processes.read_maps_bytes
 
     def reading(path: str, limit: int | None = None) -> bytes:
         opened.append(path)
@@ -150,12 +151,13 @@ def test_an_unchanged_non_jemalloc_process_is_counted_from_the_listing(fixture_b
         looked.append(path)
         return real_identity_of(path)
 
-    def reading_maps(process: processes.ProcessInfo) -> str:
+    def reading_maps(process: processes.ProcessInfo) -> bytes:
         looked.append(process.path("maps"))
-        return real_read_maps_text(process)
+        return real_read_maps_bytes(process)
     monkeypatch.setattr(processes, "read_file", reading)
     monkeypatch.setattr(attach, "identity_of", stating)
-    monkeypatch.setattr(processes, "read_maps_text", reading_maps)  # attach's reads too
+    monkeypatch.setattr(processes, "read_maps_bytes", reading_maps)  # the periodic look's
+    monkeypatch.setattr(attach, "read_maps_bytes", reading_maps)  # attach's
     engine = capturer(fixture_bins, select=lambda p: p.pid in watched, process_events=heard)
     looks = 0 if heard else 2
     try:
@@ -313,6 +315,55 @@ def test_unchanged_maps_are_not_parsed_at_the_periodic_look(spawn_process, monke
     finally:
         engine.close()
     assert len(parsed) == 1  # the second snapshot's look; the next three saw the same text
+
+
+def test_processes_with_the_same_maps_are_parsed_once_and_jemalloc_is_still_found(
+        fixture_bins, spawn_process, monkeypatch):
+    """Processes whose maps read the very same (address randomization off: three `sleep`
+    processes) are found to have no jemalloc from the first one's maps alone, within one
+    snapshot: their maps are read, not parsed again, their objects not statted again. A
+    `sleep` of the same file with jemalloc preloaded maps one more object: it is parsed, and
+    jemalloc found, in the same first snapshot."""
+    same = ["setarch", "x86_64", "-R", "sleep", "600"]
+    plain = [spawn_process(same, ready=None) for _ in range(3)]
+    preloaded = spawn_process(same, ready=None, env={
+        **os.environ, "LD_PRELOAD": str(fixture_bins.jemalloc_dir / "lib" / "libjemalloc.so.2")})
+    watched = [p.pid for p in (*plain, preloaded)]
+    parsed: list[str] = []
+    stated: list[str] = []
+    real_parse_maps, real_identity_of = attach.parse_maps, attach.identity_of
+
+    def parsing(text: str) -> list[processes.Mapping]:
+        parsed.append(text)
+        return real_parse_maps(text)
+
+    def stating(path: str) -> attach.BinaryIdentity:
+        stated.append(path)
+        return real_identity_of(path)
+    monkeypatch.setattr(attach, "parse_maps", parsing)
+    monkeypatch.setattr(attach, "identity_of", stating)
+    engine = capturer(fixture_bins)
+    try:
+        sleep = os.path.realpath(shutil.which("sleep"))
+        until = time.monotonic() + 10
+        while not (all(os.readlink(f"/proc/{pid}/exe") == sleep for pid in watched)
+                   and "libjemalloc" in open(f"/proc/{preloaded.pid}/maps").read()):
+            assert time.monotonic() < until, "the sleep processes did not start"
+            time.sleep(0.01)  # setarch has not exec'ed sleep yet
+        texts = {open(f"/proc/{pid}/maps").read() for pid in watched[:3]}
+        assert len(texts) == 1  # the premise: the very same maps
+        snapshot = engine.capture(pids=watched)
+    finally:
+        engine.close()
+    assert snapshot.summary.tgids_walked == 4
+    assert snapshot.failures.get(tags.JEMALLOC_NOT_FOUND) == 3
+    assert [s.pid for s in snapshot.processes] == [preloaded.pid]
+    assert len(parsed) == 2  # the first plain sleep's maps and the preloaded one's
+    first, *others = sorted(watched[:3])  # the order they are read in
+    map_files = [path for path in stated if "/map_files/" in path]
+    assert [path for path in map_files if path.startswith(f"/proc/{first}/")]
+    assert not [path for path in map_files for pid in others
+                if path.startswith(f"/proc/{pid}/")]
 
 
 def test_missing_pid_is_pid_missing():

@@ -25,7 +25,7 @@ import pytest
 from ctprofd.probe import capture
 from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
 from ctprofd.probe.ptrace import WaitBudgetSpent
-from ctprofd.procfs.processes import read_process
+from ctprofd.procfs.processes import parse_maps, read_process
 from ctprofd.resolve import attach
 from ctprofd.resolve.attach import PENDING_MAPS_LINES, UNRESOLVED_MAX
 from ctprofd.report import tags
@@ -760,13 +760,13 @@ def test_a_process_pending_look_after_look_is_looked_at_less_and_less_often(
     objects = PENDING_MAPS_LINES * 3 // 8  # lines of maps per look: a little more
     mapper = spawn_mapper(spawn_process, tmp_path, objects)
     lines: list[int] = []
-    real_read = attach.read_maps
+    real_read = attach.read_maps_bytes
 
     def read_maps(process):
-        mappings = real_read(process)
-        lines.append(len(mappings))
-        return mappings
-    monkeypatch.setattr(attach, "read_maps", read_maps)
+        data = real_read(process)
+        lines.append(len(parse_maps(data.decode("utf-8", "replace"))))
+        return data
+    monkeypatch.setattr(attach, "read_maps_bytes", read_maps)
     engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
     background = engine.attacher.background
     looked: list[bool] = []  # per snapshot from the first look: were its maps read
@@ -795,12 +795,12 @@ def test_a_pending_process_is_not_read_again_while_its_objects_are_being_resolve
     and are once the resolver is done with them."""
     mapper = spawn_mapper(spawn_process, tmp_path, 200)
     reads: list[int] = []
-    real_read = attach.read_maps
+    real_read = attach.read_maps_bytes
 
     def read_maps(process):
         reads.append(process.pid)
         return real_read(process)
-    monkeypatch.setattr(attach, "read_maps", read_maps)
+    monkeypatch.setattr(attach, "read_maps_bytes", read_maps)
     engine = Capturer(CaptureSettings(background=True, select=lambda p: p.pid == mapper.pid))
     background = engine.attacher.background
     gate = threading.Event()

@@ -282,6 +282,7 @@ class Capturer:
         self._now = clock
         self._passes += 1
         self.cache.refresh()  # `offsets import` or `remove` since the last snapshot
+        self.attacher.begin()
         tally = Tally()
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()

@@ -393,5 +393,21 @@ def read_maps(process: ProcessInfo) -> list[Mapping]:
 
 def read_maps_text(process: ProcessInfo) -> str:
     """The process's /proc/PID/maps as text; raises OSError when unreadable."""
-    with open(process.path("maps"), "rb") as f:
-        return f.read().decode("utf-8", "replace")
+    return read_maps_bytes(process).decode("utf-8", "replace")
+
+
+def read_maps_bytes(process: ProcessInfo) -> bytes:
+    """The process's /proc/PID/maps as read, with raw os calls; raises OSError when
+    unreadable. A read may end short of the buffer before the end (seq_file stops at a
+    line), so it reads until end of file."""
+    fd = os.open(process.path("maps"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, _MAPS_CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+_MAPS_CHUNK = 64 * 1024  # most processes' maps in one read

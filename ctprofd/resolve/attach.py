@@ -4,6 +4,7 @@ Every distinct binary is parsed at most once; results are cached by identity and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from elftools.common.exceptions import ELFError
 from ..files.regular import FileRefused
 from ..files.target import open_beneath, open_followed
 from ..procfs.processes import (Mapping, ProcessInfo, code_objects, code_objects_digest,
-                                read_maps)
+                                parse_maps, read_maps, read_maps_bytes)
 from ..report import tags
 from ..report.tags import ProbeError
 from . import elf
@@ -60,6 +61,13 @@ MAPS_MEMO_OBJECTS = 1024
 PENDING_MAPS_LINES = 16_384
 PENDING_BACKOFF_MAX = 64
 PENDING_PROCESSES = 4096
+# Processes whose maps read the very same bytes (the fork() children of one parent, the
+# workers of a pool), in the same view of the files and running the same executable, map
+# the same files (device, inode, path) at the same addresses: once one of them was found to
+# have no jemalloc, every object looked up, the others with those maps have none either, and
+# their maps are neither parsed nor their objects statted and looked up again. Remembered
+# within one snapshot only (`begin`), as a digest of the maps, for at most this many.
+SHAPES_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,11 @@ class Attacher:
         # per pending process: (maps lines its looks read, looks put off since, snapshots
         # left before the next one)
         self._looks: OrderedDict[tuple[int, int], tuple[int, int, int]] = OrderedDict()
+        self._shapes: dict[bytes, NotJemalloc] = {}  # see SHAPES_MAX
+
+    def begin(self) -> None:
+        """A new snapshot: forget the maps found to have no jemalloc in the last one."""
+        self._shapes.clear()
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -258,7 +271,7 @@ class Attacher:
         if isinstance(resolution, TsdLayout):
             base = _exe_base(process, identity) if resolution.arena is not None else None
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta(), base=base)
-        return self._attach_shared(process, view)
+        return self._attach_shared(process, identity, view)
 
     def resolve_file(self, path: str) -> Resolution:
         """A file the operator names (`ctprofd offsets BINARY`), looked up and parsed as a
@@ -379,18 +392,28 @@ class Attacher:
         return (self.background is not None and any(self.background.queued(k) for k in keys)
                 and not any(self.cache.holds_layout(k) for k in keys))
 
-    def _attach_shared(self, process: ProcessInfo, view: str) -> Attachment | NotJemalloc:
-        """Attach through a shared object holding jemalloc; `view`: the process's view of
-        the files (view_of)."""
+    def _attach_shared(self, process: ProcessInfo, identity: BinaryIdentity,
+                       view: str) -> Attachment | NotJemalloc:
+        """Attach through a shared object holding jemalloc; `identity`: its executable's,
+        `view`: the process's view of the files (view_of)."""
         if self._backing_off(process) or self._still_waiting(process):
             raise Pending(f"pid {process.pid}: its objects are being resolved")
         self._waiting.pop(process.key, None)
         try:
-            mappings = read_maps(process)
+            data = read_maps_bytes(process)
         except OSError as exc:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
-        result = self._attach_mapped(process, mappings, view)
+        shape = hashlib.blake2b(data, digest_size=16,
+                                person=b"ctprofd-maps")  # see SHAPES_MAX
+        shape.update(f"\0{view}\0{identity.key}\0{process.exe}".encode("utf-8", "replace"))
+        digest = shape.digest()
+        result = self._shapes.get(digest)
+        if result is None:
+            mappings = parse_maps(data.decode("utf-8", "replace"))
+            result, complete = self._attach_mapped(process, mappings, view)
+            if complete and isinstance(result, NotJemalloc) and len(self._shapes) < SHAPES_MAX:
+                self._shapes[digest] = result
         self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
         self._looks.pop(process.key, None)
         return result
@@ -416,8 +439,9 @@ class Attacher:
             self._looks.popitem(last=False)
 
     def _attach_mapped(self, process: ProcessInfo, mappings: list[Mapping],
-                       view: str) -> Attachment | NotJemalloc:
-        """`_attach_shared` once the maps are read; each code object is statted once while
+                       view: str) -> tuple[Attachment | NotJemalloc, bool]:
+        """`_attach_shared` once the maps are read, and whether every code object's file was
+        found (none unmapped or replaced meanwhile); each code object is statted once while
         it stays mapped (see MAPS_MEMO_PROCESSES)."""
         exe = process.exe.removesuffix(" (deleted)")
         objects = code_objects(mappings)
@@ -425,6 +449,7 @@ class Attacher:
         pending: Pending | None = None  # objects not resolved yet are queued at once
         queued: list[str] = []  # their identity keys
         unresolved = 0  # ... up to UNRESOLVED_MAX of them
+        complete = True
         for mapping in objects:
             if mapping.path == exe:
                 continue
@@ -441,6 +466,7 @@ class Attacher:
                                  "/proc/PID/map_files needs CAP_SYS_ADMIN or "
                                  "CAP_CHECKPOINT_RESTORE")
             if found is None:
+                complete = False
                 continue
             identity, open_file = found
             try:
@@ -456,18 +482,18 @@ class Attacher:
                 continue
             if isinstance(resolution, TsdLayout) and resolution.dynamic_tls:
                 return Attachment(resolution, base=mapping.start,
-                                  loader=self._loader(process, mappings, mapping.path))
+                                  loader=self._loader(process, mappings, mapping.path)), True
             if isinstance(resolution, TsdLayout):
                 assert resolution.tpoff_got is not None
                 return Attachment(resolution, got_slot=mapping.start + resolution.tpoff_got,
-                                  base=mapping.start)
+                                  base=mapping.start), True
         if pending is not None:
             self._waiting[process.key] = tuple(queued)
             while len(self._waiting) > MAPS_MEMO_PROCESSES:
                 self._waiting.popitem(last=False)
             self._looked(process, len(mappings))
             raise pending
-        return NotJemalloc(mapped=code_objects_digest(mappings))
+        return NotJemalloc(mapped=code_objects_digest(mappings)), complete
 
     def _loader(self, process: ProcessInfo, mappings: list[Mapping], what: str) -> LoaderLayout:
         """The loader's layouts in this process (libc's descriptors, ld.so's symbols), from
