@@ -4,7 +4,6 @@ Every distinct binary is parsed at most once; results are cached by identity and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -66,8 +65,9 @@ PENDING_PROCESSES = 4096
 # the same files (device, inode, path) at the same addresses: once one of them was found to
 # have no jemalloc, every object looked up, the others with those maps have none either, and
 # their maps are neither parsed nor their objects statted and looked up again. Remembered
-# within one snapshot only (`begin`), as a digest of the maps, for at most this many.
-SHAPES_MAX = 4096
+# within one snapshot only (`begin`), the maps' bytes themselves (no digest to collide), for
+# at most SHAPES_MAX_BYTES of them in all.
+SHAPES_MAX_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,22 @@ def view_of(process: ProcessInfo, own: tuple[int, int, int]) -> str:
     uid (a namespace's number may be reused by another user's); one process's own when they
     cannot be read; empty when it sees the files as ctprofd does (same namespace and root)."""
     try:
-        ns, root = os.stat(process.path("ns", "mnt")), os.stat(process.path("root"))
+        ns, root = _namespace_inode(process.path("ns/mnt")), os.stat(process.path("root"))
     except OSError:
         return f"pid:{process.pid}:{process.start_time}"
-    if (ns.st_ino, root.st_dev, root.st_ino) == own:
+    if (ns, root.st_dev, root.st_ino) == own:
         return ""
-    return f"mnt:{ns.st_ino}:root:{root.st_dev}:{root.st_ino}:uid:{process.uid}"
+    return f"mnt:{ns}:root:{root.st_dev}:{root.st_ino}:uid:{process.uid}"
+
+
+def _namespace_inode(link: str) -> int:
+    """The inode number of the namespace a /proc/PID/ns/* link names ("mnt:[4026531841]"),
+    from the link's text: cheaper than a stat() through it. Raises OSError."""
+    text = os.readlink(link)
+    kind, _, rest = text.partition(":[")
+    if not kind or not rest.endswith("]") or not rest[:-1].isdecimal():
+        raise OSError(f"{link}: {text!r}: not a namespace")
+    return int(rest[:-1])
 
 
 def identity_of(path: str) -> BinaryIdentity:
@@ -245,11 +255,14 @@ class Attacher:
         # per pending process: (maps lines its looks read, looks put off since, snapshots
         # left before the next one)
         self._looks: OrderedDict[tuple[int, int], tuple[int, int, int]] = OrderedDict()
-        self._shapes: dict[bytes, NotJemalloc] = {}  # see SHAPES_MAX
+        # see SHAPES_MAX_BYTES: (view, executable's identity and path, maps) -> the result
+        self._shapes: dict[tuple[str, str, str, bytes], NotJemalloc] = {}
+        self._shapes_bytes = 0
 
     def begin(self) -> None:
         """A new snapshot: forget the maps found to have no jemalloc in the last one."""
         self._shapes.clear()
+        self._shapes_bytes = 0
 
     def close(self) -> None:
         """Stop the worker; when a background parse is still running, the worker is left
@@ -404,16 +417,15 @@ class Attacher:
         except OSError as exc:
             raise ProbeError(tags.MAPS_READ_FAILURE,
                              f"pid {process.pid}: maps: {exc.strerror}") from None
-        shape = hashlib.blake2b(data, digest_size=16,
-                                person=b"ctprofd-maps")  # see SHAPES_MAX
-        shape.update(f"\0{view}\0{identity.key}\0{process.exe}".encode("utf-8", "replace"))
-        digest = shape.digest()
-        result = self._shapes.get(digest)
+        shape = (view, identity.key, process.exe, data)  # see SHAPES_MAX_BYTES
+        result = self._shapes.get(shape)
         if result is None:
             mappings = parse_maps(data.decode("utf-8", "replace"))
             result, complete = self._attach_mapped(process, mappings, view)
-            if complete and isinstance(result, NotJemalloc) and len(self._shapes) < SHAPES_MAX:
-                self._shapes[digest] = result
+            if (complete and isinstance(result, NotJemalloc)
+                    and self._shapes_bytes + len(data) <= SHAPES_MAX_BYTES):
+                self._shapes[shape] = result
+                self._shapes_bytes += len(data)
         self._mapped.pop(process.key, None)  # attached, or no jemalloc: not looked at again
         self._looks.pop(process.key, None)
         return result
