@@ -45,14 +45,14 @@ def image_mark(process: ProcessInfo) -> tuple[int, bytes] | None:
         return None
     if address is None:
         return None
-    data = memory.read_ranges(process.pid, [(address, 16)])[0]
+    data = memory.read_range(process.pid, address, 16)
     return None if isinstance(data, OSError) else (address, data)
 
 
 def same_image(pid: int, mark: tuple[int, bytes] | None) -> bool:
     """Whether the process still runs the image whose AT_RANDOM bytes `mark` holds (False
     when unknown)."""
-    return mark is not None and memory.read_ranges(pid, [(mark[0], len(mark[1]))])[0] == mark[1]
+    return mark is not None and memory.read_range(pid, mark[0], len(mark[1])) == mark[1]
 
 
 @dataclass

@@ -278,9 +278,9 @@ class Attacher:
         exe = process.path("exe")
         view = view_of(process, self.own_view)
         resolution = self._resolve(lambda: open_followed(exe, self.worker.limits.max_file_bytes),
-                                   identity, process.exe,
-                                   object_dirs_for(process.exe, process.path("root"), view),
-                                   False)
+                                   identity, process.exe, view,
+                                   lambda: object_dirs_for(process.exe, process.path("root"),
+                                                           view), False)
         if isinstance(resolution, TsdLayout):
             base = _exe_base(process, identity) if resolution.arena is not None else None
             return Attachment(resolution, tsd_delta=resolution.static_tsd_delta(), base=base)
@@ -299,16 +299,17 @@ class Attacher:
                 return LayoutFailure(tags.DWARF_PARSE_FAILURE, f"{path}: not an ELF file: {exc}")
         try:
             return self._resolve(lambda: open_followed(path, limit), BinaryIdentity.of(st),
-                                 path, object_dirs_for(path, "/"), shared)
+                                 path, "", lambda: object_dirs_for(path, "/"), shared)
         except ProbeError as error:
             return LayoutFailure(error.tag, error.message)
 
-    def _resolve(self, open_file: Opener, identity: BinaryIdentity, what: str,
-                 object_dirs: list[ObjectDir], shared: bool) -> Resolution:
+    def _resolve(self, open_file: Opener, identity: BinaryIdentity, what: str, view: str,
+                 dirs: Callable[[], list[ObjectDir]], shared: bool) -> Resolution:
         """A binary's resolution from the cache, or by parsing it once: opened once, and
         that descriptor parsed in the worker (in the background resolver when there is
-        one: Pending is raised meanwhile). Raises ProbeError for a LayoutFailure."""
-        view = object_dirs[0].view if object_dirs else ""
+        one: Pending is raised meanwhile). Raises ProbeError for a LayoutFailure. `view`:
+        the target's view of the files (view_of); `dirs`: where its debug files may be
+        (object_dirs_for, in that view), asked only for a parse."""
         resolution = self.cache.get(*_cached_under(identity.key, view))
         if resolution is None:
             if self.background is not None and self.background.queued(identity.key):
@@ -326,6 +327,7 @@ class Attacher:
                 raise ProbeError(tags.READLINK_FAILURE, f"open {what}: {exc.strerror or exc}",
                                  exc.errno) from None
             else:
+                object_dirs = dirs()
                 if self.background is None:
                     resolution = self._parse(fd, st, what, object_dirs, shared)
                 else:
@@ -482,9 +484,9 @@ class Attacher:
                 continue
             identity, open_file = found
             try:
-                resolution = self._resolve(open_file, identity, mapping.path,
-                                           object_dirs_for(mapping.path, process.path("root"),
-                                                           view), True)
+                resolution = self._resolve(
+                    open_file, identity, mapping.path, view,
+                    lambda: object_dirs_for(mapping.path, process.path("root"), view), True)
             except Pending as waiting:
                 pending = waiting
                 queued.extend(waiting.keys)

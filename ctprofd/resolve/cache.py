@@ -79,6 +79,9 @@ class Shares:
 
     def touch(self, key: str, owner: int) -> None:
         """Add `key` for `owner`, or make it its most recently used."""
+        if self._owner.get(key) == owner:  # a hit: most of a snapshot's lookups
+            self._by_owner[owner].move_to_end(key)
+            return
         self.discard(key)
         self._by_owner.setdefault(owner, OrderedDict())[key] = None
         self._owner[key] = owner
@@ -372,7 +375,7 @@ class LayoutCache:
             return found
 
     def _get(self, key: str) -> Resolution | None:
-        if key.count(":") == 1 and key.startswith("build-id:"):
+        if key.startswith("build-id:") and key.count(":") == 1:
             build_id = key.partition(":")[2]
             return self._imported.get(build_id) or self._configured.get(build_id)
         entry = self._layouts.get(key)
