@@ -451,3 +451,12 @@ def test_health_goes_stale_while_a_snapshot_hangs_over_tls_without_credentials(
     for tid in target.worker_tids:
         end_vfork(target.pid, tid)
     wait_health(200, "ok: ")
+
+
+def test_as_root_it_listens_to_the_kernels_process_events(tmp_path, daemons):
+    """Root in the host's namespaces: the daemon hears the process events, and says so at
+    start (the one-shot commands never listen: test_process_events covers the refusals)."""
+    daemon = daemons("--config", str(write_config(tmp_path, QUIET)))
+    line = daemon.wait_for(r"listening to the kernel's process events: .*once in (\d+) snapshots")
+    assert line.group(1) == "32"
+    daemon.started()

@@ -216,6 +216,15 @@ def test_the_journal_has_the_lines_at_their_priorities(machine):
                 and "probe:" in str(e.get("MESSAGE"))], "probe lines went to stderr too"
 
 
+def test_the_unit_says_it_hears_no_process_events(machine):
+    """The unit's RestrictAddressFamilies= has no AF_NETLINK (nor does it grant
+    CAP_NET_ADMIN): the daemon says so at start, once, and reads unchanged processes again
+    once in four snapshots (docs/daemon.md, "Process events")."""
+    entry = wait_for_journal(machine, r"^no proc connector: .*: unchanged processes are read "
+                                      r"again once in 4 snapshots$")
+    assert entry["PRIORITY"] == "6"
+
+
 def test_online_security_exposure_is_at_most_3(machine):
     out = machine.run("systemd-analyze", "security", "ctprofd.service", "--no-pager").stdout
     match = re.search(r"Overall exposure level for ctprofd\.service: (\d+\.\d)", out)

@@ -250,6 +250,8 @@ class Capturer:
             log.info("%s: unchanged processes are read again once in %d snapshots",
                      events.error, NOT_JEMALLOC_RECHECK)
             return None
+        log.info("listening to the kernel's process events: unchanged processes are read "
+                 "again once in %d snapshots", NOT_JEMALLOC_RECHECK_HEARD)
         return events
 
     def close(self) -> None:
