@@ -97,14 +97,22 @@ def test_a_fifo_is_refused_without_blocking_and_closed(root):
 
 
 @pytest.fixture
-def sleeper():
-    """A real process: `sleep`, whose exe and mapped objects ctprofd would open."""
-    child = subprocess.Popen(["sleep", "600"])
+def running_cat():
+    """A real process: `cat`, whose exe and mapped objects ctprofd would open.
+
+    Popen returns when the exec has begun, before the kernel has mapped the new image's
+    interpreter; a line echoed back proves the program runs, with its objects mapped."""
+    child = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        child.stdin.write(b"ready\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"
         yield child.pid
     finally:
         child.kill()
         child.wait(timeout=60)
+        child.stdin.close()
+        child.stdout.close()
 
 
 def map_files_link(pid: int) -> tuple[str, int]:
@@ -117,9 +125,9 @@ def map_files_link(pid: int) -> tuple[str, int]:
     raise AssertionError(f"pid {pid} maps no shared object")
 
 
-def test_a_targets_exe_and_mapped_objects_are_held_to_the_size_bound(sleeper):
-    exe = f"/proc/{sleeper}/exe"
-    links = [(exe, os.stat(exe).st_size), map_files_link(sleeper)]
+def test_a_targets_exe_and_mapped_objects_are_held_to_the_size_bound(running_cat):
+    exe = f"/proc/{running_cat}/exe"
+    links = [(exe, os.stat(exe).st_size), map_files_link(running_cat)]
     before = open_descriptors()
     for link, size in links:
         with pytest.raises(FileRefused, match=f"too large \\({size} bytes, limit {size - 1}\\)"):
