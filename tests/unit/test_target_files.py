@@ -40,7 +40,26 @@ def test_dot_dot_never_leaves_the_root(root, path):
     with pytest.raises(OSError) as refused:
         open_beneath(str(root), path, 1 << 20)
     assert refused.value.errno == errno.EXDEV
+    assert (refused.value.strerror, refused.value.filename) == (os.strerror(errno.EXDEV), path)
     assert open_descriptors() == before
+
+
+def test_the_root_itself_is_a_directory_and_a_root_that_is_none_is_refused(root, tmp_path):
+    with pytest.raises(FileRefused) as refused:
+        open_beneath(str(root), "/", 1 << 20)
+    assert (refused.value.strerror, refused.value.filename) == (
+        "not a regular file (a directory)", "/")
+    os.mkfifo(tmp_path / "fifo")  # opened as a directory: never waited on for a writer
+    with pytest.raises(NotADirectoryError):
+        open_beneath(str(tmp_path / "fifo"), "/lib/libjemalloc.so", 1 << 20)
+
+
+def test_only_slashes_are_stripped_from_the_path(root):
+    (root / "Xlib.so").write_bytes(b"X")
+    (root / "lib.so").write_bytes(b"not this one")
+    fd, st = open_beneath(str(root), "/Xlib.so", 64)
+    os.close(fd)
+    assert st.st_size == 1
 
 
 @pytest.mark.parametrize("link", ["../secret", "/etc/hostname", "libjemalloc.so"])
@@ -78,8 +97,9 @@ def test_a_real_process_root_is_a_root_too(root):
 def test_the_size_bound_holds_beneath_and_a_refused_descriptor_is_closed(root, limit, refused):
     before = open_descriptors()
     if refused:
-        with pytest.raises(FileRefused, match="too large"):
+        with pytest.raises(FileRefused, match="too large") as error:
             open_beneath(str(root), "/lib/libjemalloc.so", limit)
+        assert error.value.filename == "/lib/libjemalloc.so"
     else:
         fd, _ = open_beneath(str(root), "/lib/libjemalloc.so", limit)
         os.close(fd)
@@ -91,8 +111,9 @@ def test_a_fifo_is_refused_without_blocking_and_closed(root):
     before = open_descriptors()
     for opener in (lambda: open_beneath(str(root), "/lib/fifo.so", 1 << 20),
                    lambda: open_followed(str(root / "lib" / "fifo.so"), 1 << 20)):
-        with pytest.raises(FileRefused, match="not a regular file"):
+        with pytest.raises(FileRefused, match="not a regular file") as refused:
             opener()
+        assert refused.value.filename.endswith("/lib/fifo.so")
         assert open_descriptors() == before
 
 
