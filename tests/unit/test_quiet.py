@@ -1,0 +1,102 @@
+"""probe.quiet: which remembered processes a snapshot counts without reading them, and when
+one is read again (another inode, its recheck turn, its code objects due)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctprofd.probe.quiet import (KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED,
+                                 QuietProcesses)
+
+
+@dataclass
+class Tracked:
+    objects_due: float
+
+
+def snapshot(quiet: QuietProcesses, number: int, now: float = 0.0) -> set:
+    seen: set = set()
+    quiet.begin(number, now, seen)
+    return seen
+
+
+def test_the_outcomes_are_four_distinct_indexes():
+    assert sorted((KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED)) == [0, 1, 2, 3]
+
+
+def test_a_remembered_process_is_counted_unread_per_outcome_until_its_recheck_turn():
+    quiet = QuietProcesses(recheck=5)
+    snapshot(quiet, 1)
+    quiet.remember(11, 7001, NOT_JEMALLOC)
+    quiet.remember(12, 7002, KERNEL_THREAD)
+    quiet.remember(16, 7006, UNSELECTED)
+    quiet.remember(17, 7007, REFUSED)
+    assert len(quiet) == 4
+    seen = snapshot(quiet, 2)
+    assert [quiet.skip(pid, 7000 + pid - 10) for pid in (11, 12, 16, 17)] == [True] * 4
+    assert quiet.counts == [1, 1, 1, 1]
+    assert seen == set()  # none is tracked
+    snapshot(quiet, 3)
+    assert quiet.counts == [0, 0, 0, 0]
+    # (pid + snapshot) % recheck == 0: pid 12 at snapshot 3 and pid 17 too are read again
+    assert [quiet.skip(pid, 7000 + pid - 10) for pid in (11, 12, 16, 17)] == [
+        True, False, True, False]
+    assert quiet.counts == [0, 1, 0, 1]
+
+
+def test_another_inode_is_another_process_read_at_once():
+    quiet = QuietProcesses(recheck=1000)
+    snapshot(quiet, 1)
+    quiet.remember(40, 9000, NOT_JEMALLOC)
+    snapshot(quiet, 2)
+    assert not quiet.skip(40, 9001)
+    assert not quiet.skip(41, 9000)  # never remembered
+    assert quiet.skip(40, 9000)
+    assert quiet.counts == [0, 1, 0, 0]
+
+
+def test_a_tracked_process_is_read_once_its_objects_are_due_and_its_key_is_seen():
+    quiet = QuietProcesses(recheck=1000)
+    tracked = Tracked(objects_due=50.0)
+    snapshot(quiet, 1, now=10.0)
+    quiet.remember(40, 9000, NOT_JEMALLOC, key=(40, 123), tracked=tracked)
+    seen = snapshot(quiet, 2, now=49.5)
+    assert quiet.skip(40, 9000)
+    assert seen == {(40, 123)}
+    seen = snapshot(quiet, 3, now=50.0)  # due exactly now: read
+    assert not quiet.skip(40, 9000)
+    assert seen == set() and quiet.counts == [0, 0, 0, 0]
+    tracked.objects_due = 80.0  # the read put it off
+    snapshot(quiet, 4, now=50.0)
+    assert quiet.skip(40, 9000)
+
+
+def test_a_sweep_forgets_what_the_walk_did_not_list():
+    quiet = QuietProcesses(recheck=1000)
+    snapshot(quiet, 1)
+    quiet.remember(40, 9000, NOT_JEMALLOC)
+    quiet.remember(41, 9001, NOT_JEMALLOC)
+    quiet.remember(42, 9002, REFUSED)
+    quiet.sweep()  # all were listed (remembered) in this walk
+    assert len(quiet) == 3
+    snapshot(quiet, 2)
+    assert quiet.skip(40, 9000)
+    quiet.remember(42, 9002, REFUSED)  # read again this walk: listed too
+    quiet.sweep()
+    assert len(quiet) == 2
+    snapshot(quiet, 3)
+    assert quiet.skip(40, 9000) and quiet.skip(42, 9002)
+    assert not quiet.skip(41, 9001)
+
+
+def test_forget_and_clear():
+    quiet = QuietProcesses(recheck=1000)
+    snapshot(quiet, 1)
+    quiet.remember(40, 9000, NOT_JEMALLOC)
+    quiet.remember(41, 9001, NOT_JEMALLOC)
+    quiet.forget(40)
+    quiet.forget(99)  # not remembered: nothing to do
+    snapshot(quiet, 2)
+    assert not quiet.skip(40, 9000) and quiet.skip(41, 9001)
+    quiet.clear()
+    assert len(quiet) == 0 and not quiet.skip(41, 9001)
