@@ -7,12 +7,15 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import subprocess
 from types import SimpleNamespace
 
 from ctprofd.probe.arena_stats import ArenaTotals
-from ctprofd.probe.forks import ForkOrigin, inherit_arena, inherit_thread, without_inherited
+from ctprofd.probe.forks import (ForkOrigin, inherit_arena, inherit_thread, is_fork_child,
+                                without_inherited)
 from ctprofd.probe.memory import read_ranges
-from ctprofd.probe.threads import ProcessState, ThreadState
+from ctprofd.procfs.processes import read_process
+from ctprofd.probe.threads import ProcessState, ThreadState, image_mark
 
 SPAN = 24  # thread_allocated, a word between, thread_deallocated
 
@@ -36,7 +39,7 @@ def settle(origin: ForkOrigin, address: int, own: tuple[int, int],
     copy = ThreadState(start_time=child_start, counters_at=address, allocated=own[0],
                        deallocated=own[1])
     inherit_thread(origin, copy, SPAN, child_start, read_ranges)
-    assert not origin.threads_pending and origin.parent is None
+    assert origin.threads_pending is False and origin.parent is None
     return copy
 
 
@@ -87,7 +90,7 @@ def test_the_arena_statistics_at_the_fork_are_the_first_read_less_the_childs_own
     # allocated 9 700, live 6 200: deallocated 3 500
     inherit_arena(origin, child, (1_200, 400))
     assert origin.arena_inherited == (8_500, 3_100)
-    assert not origin.arena_pending
+    assert origin.arena_pending is False
     inherit_arena(origin, child, (20_000, 9_000))  # the child did more: never negative
     assert origin.arena_inherited == (0, 0)
 
@@ -97,3 +100,34 @@ def test_without_inherited_takes_off_the_inherited_allocated_and_live():
     after = without_inherited(before, (4_000, 1_500))
     assert (after.requested, after.in_use) == (6_000, 4_500)
     assert (after.cached, after.internal) == (500, 300)
+
+
+def test_a_fork_child_holds_its_parents_at_random_bytes_and_an_execd_child_does_not():
+    """Real children of this process: one forked (waiting on a pipe, never exec'ing), one
+    exec'd (`cat`)."""
+    read_end, write_end = os.pipe()
+    forked = os.fork()
+    if forked == 0:  # the child: wait for the pipe to close, then leave at once
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    execd = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        execd.stdin.write(b"ready\n")
+        execd.stdin.flush()
+        assert execd.stdout.readline() == b"ready\n"
+        for pid, fork_child in ((forked, True), (execd.pid, False)):
+            info = read_process("/proc", pid)
+            assert info is not None and info.ppid == os.getpid()
+            mark = image_mark(info)
+            assert mark is not None
+            assert is_fork_child(info, mark) is fork_child
+            assert not is_fork_child(info, None)  # unknown: not taken for a fork child
+    finally:
+        os.close(write_end)
+        os.waitpid(forked, 0)
+        execd.kill()
+        execd.wait(timeout=60)
+        execd.stdin.close()
+        execd.stdout.close()

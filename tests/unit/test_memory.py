@@ -51,6 +51,7 @@ def test_an_unreadable_range_costs_itself_only(pages):
     assert results[2] == content[8:12]
     # runs from the last readable bytes into the unreadable page: a partial read is no read
     assert isinstance(results[3], OSError) and results[3].errno == errno.EFAULT
+    assert str(results[3]) == f"[Errno {errno.EFAULT}] range not readable"
     assert results[4] == content[16:18]
     assert isinstance(results[5], OSError) and results[5].errno == errno.EFAULT
     assert len(results) == len(ranges)
@@ -73,6 +74,14 @@ def test_more_ranges_than_one_call_takes(pages):
 def test_addresses_wrap_to_64_bits(pages):
     base, content = pages
     assert read_ranges(os.getpid(), [(base + (1 << 64), 4)]) == [content[:4]]
+    kernel = read_ranges(os.getpid(), [((1 << 64) - 4096, 8)])  # above 2**63: unsigned
+    assert isinstance(kernel[0], OSError) and kernel[0].errno == errno.EFAULT
+
+
+def test_ranges_of_no_bytes_read_as_empty(pages):
+    base, _ = pages
+    assert read_ranges(os.getpid(), [(base, 0), (base + 8, 0)]) == [b"", b""]
+    assert read_ranges(os.getpid(), []) == []
 
 
 def test_a_process_gone_fails_every_range_with_its_error(pages):

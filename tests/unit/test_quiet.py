@@ -44,6 +44,17 @@ def test_a_remembered_process_is_counted_unread_per_outcome_until_its_recheck_tu
     assert quiet.counts == [0, 1, 0, 1]
 
 
+def test_a_new_set_counts_nothing_and_each_process_adds_one():
+    quiet = QuietProcesses(recheck=1000)
+    assert quiet.counts == [0, 0, 0, 0] and len(quiet) == 0
+    snapshot(quiet, 1)
+    for pid in (40, 41, 42):
+        quiet.remember(pid, 9000 + pid, REFUSED)
+    snapshot(quiet, 2)
+    assert all(quiet.skip(pid, 9000 + pid) for pid in (40, 41, 42))
+    assert quiet.counts == [0, 0, 3, 0]
+
+
 def test_another_inode_is_another_process_read_at_once():
     quiet = QuietProcesses(recheck=1000)
     snapshot(quiet, 1)
