@@ -8,6 +8,7 @@ import ctypes
 import os
 import struct
 import subprocess
+import sys
 from types import SimpleNamespace
 
 from ctprofd.probe.arena_stats import ArenaTotals
@@ -102,32 +103,39 @@ def test_without_inherited_takes_off_the_inherited_allocated_and_live():
     assert (after.cached, after.internal) == (500, 300)
 
 
+FORKER = """
+import os, sys
+child = os.fork()
+if child == 0:
+    sys.stdin.read()
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.read()
+os.waitpid(child, 0)
+"""
+
+
 def test_a_fork_child_holds_its_parents_at_random_bytes_and_an_execd_child_does_not():
-    """Real children of this process: one forked (waiting on a pipe, never exec'ing), one
-    exec'd (`cat`)."""
-    read_end, write_end = os.pipe()
-    forked = os.fork()
-    if forked == 0:  # the child: wait for the pipe to close, then leave at once
-        os.close(write_end)
-        os.read(read_end, 1)
-        os._exit(0)
-    os.close(read_end)
+    """Real processes: a Python that forks a child which never execs, and `cat`, exec'd by
+    this process. Both wait on their stdin, closed at the end."""
+    forker = subprocess.Popen([sys.executable, "-c", FORKER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
     execd = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        forked = int(forker.stdout.readline())
         execd.stdin.write(b"ready\n")
         execd.stdin.flush()
         assert execd.stdout.readline() == b"ready\n"
-        for pid, fork_child in ((forked, True), (execd.pid, False)):
+        for pid, parent, fork_child in ((forked, forker.pid, True),
+                                        (execd.pid, os.getpid(), False)):
             info = read_process("/proc", pid)
-            assert info is not None and info.ppid == os.getpid()
+            assert info is not None and info.ppid == parent
             mark = image_mark(info)
             assert mark is not None
             assert is_fork_child(info, mark) is fork_child
             assert not is_fork_child(info, None)  # unknown: not taken for a fork child
     finally:
-        os.close(write_end)
-        os.waitpid(forked, 0)
-        execd.kill()
-        execd.wait(timeout=60)
-        execd.stdin.close()
-        execd.stdout.close()
+        for child in (forker, execd):
+            child.stdin.close()
+            child.wait(timeout=60)
+            child.stdout.close()

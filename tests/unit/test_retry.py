@@ -29,3 +29,15 @@ def test_the_table_is_bounded(monkeypatch):
         schedule.failed(key)
     assert schedule.postponed("a") is None  # the oldest went first
     assert all(schedule.postponed(k) for k in "bcd")
+
+
+def test_the_reason_says_how_long_is_left_and_an_unknown_key_succeeds_quietly():
+    clock = Clock()
+    clock.now = 1000.0
+    schedule = RetrySchedule(clock)
+    schedule.succeeded("never lost")  # nothing recorded: nothing to forget, no error
+    assert schedule.failed("k") == 1.0
+    assert schedule.failed("k") == 2.0
+    clock.now += 0.5
+    assert schedule.postponed("k") == ("parse postponed for 1.5 s: the parser worker was "
+                                       "lost on it 2 time(s) in a row")
