@@ -256,7 +256,18 @@ def process_events(r: dict) -> list[str]:
     return out
 
 
-SUMMARIES = {"steady_state": steady_state, "process_events": process_events, "scale": scale, "cold_start": cold_start,
+def first_snapshot(r: dict) -> list[str]:
+    out = [f"{r['processes']} processes ({r['idle']} idle); baseline {r['baseline']}"]
+    for mode in ("warm", "empty"):
+        x = r[mode]
+        out.append(f"{mode} cache: wall p50 {x['this']['wall']['p50']:.2f} s (baseline "
+                   f"{x['baseline']['wall']['p50']:.2f} s), CPU p50 {x['this']['cpu']['p50']:.2f} s "
+                   f"(baseline {x['baseline']['cpu']['p50']:.2f} s); ratio wall p50 "
+                   f"{x['ratio_wall']['p50']}, CPU p50 {x['ratio_cpu']['p50']}")
+    return out
+
+
+SUMMARIES = {"steady_state": steady_state, "first_snapshot": first_snapshot, "process_events": process_events, "scale": scale, "cold_start": cold_start,
              "target_impact": target_impact, "footprint": footprint, "scrapers": scrapers,
              "hostile_schedule": hostile_schedule, "scrape_cost": scrape_cost,
              "combined_attack": combined_attack}

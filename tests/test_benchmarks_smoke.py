@@ -26,6 +26,7 @@ SMALL = {
     "combined_attack": ["--duration", "2"],
     "scrape_cost": [],
     "process_events": ["--rounds", "1"],
+    "first_snapshot": ["--idle", "5", "--rounds", "1"],
 }
 EXPECTED = {
     "steady_state": ("snapshot", "bare_stat_walk", "moving", "render", "syscalls", "exporter"),
@@ -41,6 +42,7 @@ EXPECTED = {
                         "all+accept", "cgroup", "ratios_to_baseline"),
     "scrape_cost": ("baseline", "cached", "p50_ratio", "unread", "bad-auth"),
     "process_events": ("fork_exit", "spawn", "connector_sockets_before"),
+    "first_snapshot": ("warm", "empty", "processes"),
 }
 
 
