@@ -90,6 +90,10 @@ def test_no_table_for_the_version_names_both(stock):
         fields(stock, [table])
     assert str(error.value) == ("no arena layout table for jemalloc 5.3.0-0-g54eaed1 "
                                 "(tables: 5.2.1-0-g0000000)")
+    older = dataclasses.replace(table, version="4.5.0-0-g" + "1" * 40)
+    with pytest.raises(TableError) as error:
+        fields(stock, [table, older])
+    assert str(error.value).endswith("(tables: 4.5.0-0-g1111111, 5.2.1-0-g0000000)")
     with pytest.raises(TableError, match=r"\(tables: none\)$"):
         fields(stock, [])
     with open("/bin/true", "rb") as f:
@@ -109,6 +113,16 @@ def test_versions_are_listed_once_each_and_at_most_max_versions(tmp_path):
     assert versions(tmp_path, b"\0".join([made[0], made[1], made[0]])) == [
         made[0].decode(), made[1].decode()]
     assert versions(tmp_path, b"\0".join(made)) == [v.decode() for v in made[:MAX_VERSIONS]]
+
+
+def test_every_version_a_file_shows_is_named(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"5.3.0-0-g" + b"a" * 40 + b"\0" + b"5.2.1-0-g" + b"b" * 40)
+    with open(path, "rb") as f:  # refused on the versions alone: the ELF is not looked at
+        with pytest.raises(TableError) as error:
+            arena_fields(None, f, 824, 840, LOAD_PAGE, [debian()])
+    assert str(error.value).startswith(
+        "no arena layout table for jemalloc 5.3.0-0-gaaaaaaa, 5.2.1-0-gbbbbbbb (tables: ")
 
 
 def test_a_table_is_read_from_its_json(tmp_path):
