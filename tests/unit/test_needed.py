@@ -39,3 +39,40 @@ def test_a_fifo_is_not_waited_on(tmp_path):
     fifo = tmp_path / "program"
     os.mkfifo(fifo)
     assert list(needed.loaded_objects(str(fifo))) == []
+
+
+def test_ld_so_conf_lists_directories_and_follows_includes_as_the_loader_does(tmp_path):
+    conf = tmp_path / "ld.so.conf"
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "b.conf").write_text("/b/dir\n")
+    (tmp_path / "conf.d" / "a.conf").write_bytes(b"/a/dir # a comment\n/caf\xe9/dir\n")
+    (tmp_path / "abs.conf").write_text("/abs/dir\n")
+    conf.write_text("# /not/this\n  /first/dir  \n"
+                    "include conf.d/*.conf\n"          # relative to the file's directory
+                    f"include\t{tmp_path}/abs.conf\n"  # absolute, after a tab
+                    "include\n"                        # no pattern: nothing
+                    "relative/dir\n"                   # not absolute: not a directory
+                    "/last/dir#comment#more\n")
+    assert needed.conf_dirs(str(conf)) == [
+        "/first/dir", "/a/dir", "/caf\ufffd/dir", "/b/dir", "/abs/dir", "/last/dir"]
+    assert needed.conf_dirs(str(tmp_path / "missing.conf")) == []
+
+
+def test_includes_nest_four_deep_and_no_further(tmp_path):
+    for level in range(6):
+        (tmp_path / f"{level}.conf").write_text(f"/level/{level}\ninclude {level + 1}.conf\n")
+    assert needed.conf_dirs(str(tmp_path / "0.conf")) == [f"/level/{n}" for n in range(5)]
+    assert needed.conf_dirs(str(tmp_path / "2.conf"), depth=2) == ["/level/2", "/level/3",
+                                                                    "/level/4"]
+
+
+def test_only_the_first_mebibyte_of_ld_so_conf_is_read(tmp_path):
+    conf = tmp_path / "ld.so.conf"
+    first = "/early/dir\n"
+    conf.write_text(first + "#" * ((1 << 20) - len(first) - 1) + "\n/late/dir\n")
+    assert needed.conf_dirs(str(conf)) == ["/early/dir"]
+
+
+def test_the_default_is_the_hosts_ld_so_conf():
+    assert needed.conf_dirs() == needed.conf_dirs("/etc/ld.so.conf")
+    assert needed.conf_dirs()  # Debian's lists the multiarch directories
