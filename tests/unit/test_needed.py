@@ -76,3 +76,41 @@ def test_only_the_first_mebibyte_of_ld_so_conf_is_read(tmp_path):
 def test_the_default_is_the_hosts_ld_so_conf():
     assert needed.conf_dirs() == needed.conf_dirs("/etc/ld.so.conf")
     assert needed.conf_dirs()  # Debian's lists the multiarch directories
+
+
+def link(directory: Path, *flags: str) -> Path:
+    """`main` needing libfoo.so, found through the search path `flags` give the linker."""
+    program = build(directory)
+    subprocess.run(["gcc", "-o", program, directory / "main.c", "-L", directory, "-lfoo",
+                    *flags], check=True)
+    return program
+
+
+def test_rpath_and_runpath_entries_are_each_searched_with_origin_expanded(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    runpath = link(tmp_path, "-Wl,--enable-new-dtags,-rpath,/nowhere:${ORIGIN}/lib")
+    (tmp_path / "libfoo.so").rename(lib / "libfoo.so")
+    assert list(needed.loaded_objects(str(runpath)))[0] == str(lib / "libfoo.so")
+    (lib / "libfoo.so").rename(tmp_path / "libfoo.so")
+    rpath = link(tmp_path, "-Wl,--disable-new-dtags,-rpath,/nowhere:$ORIGIN/lib")
+    (tmp_path / "libfoo.so").rename(lib / "libfoo.so")
+    assert list(needed.loaded_objects(str(rpath)))[0] == str(lib / "libfoo.so")
+
+
+def test_ld_so_conf_include_patterns_may_hold_spaces(tmp_path):
+    (tmp_path / "with space.conf").write_text("/spaced/dir\n")
+    conf = tmp_path / "ld.so.conf"
+    conf.write_text("include with space.conf\n")
+    assert needed.conf_dirs(str(conf)) == ["/spaced/dir"]
+
+
+def test_objects_are_listed_once_and_the_walk_stops_after_max_objects(tmp_path, monkeypatch):
+    program = build(tmp_path)
+    everything = list(needed.loaded_objects(str(program)))
+    assert len(everything) == len(set(everything)) >= 3  # libfoo, libc, the loader
+    # the bound is checked before each object's DT_NEEDED are followed: main's two first
+    monkeypatch.setattr(needed, "MAX_OBJECTS", 1)
+    assert list(needed.loaded_objects(str(program))) == everything[:2]
+    monkeypatch.setattr(needed, "MAX_OBJECTS", 3)
+    assert list(needed.loaded_objects(str(program))) == everything[:3]
