@@ -47,12 +47,14 @@ class Memory:
         self.words: dict[int, int] = {}
         self.reads = 0
         self.seen: Counter[int] = Counter()
+        self.pids: set[int] = set()
 
     def put(self, address: int, value: int) -> None:
         self.words[address] = value
 
     def read(self, pid: int, ranges: list[tuple[int, int]]) -> list[bytes | OSError]:
         self.reads += 1
+        self.pids.add(pid)
         out: list[bytes | OSError] = []
         for address, size in ranges:
             self.seen[address] += 1
@@ -212,3 +214,84 @@ def test_a_dtv_unreadable_because_its_thread_exited_is_an_exit_race(exited):
     else:
         assert (tally.failures, prober.exit_races) == ({tags.JEMALLOC_IN_DSO: 1}, 0)
     assert tally.probed_ok == 0
+
+
+def walk(mem: Memory, loader: LoaderLayout, pid: int = 77) -> int | None:
+    module = dtv.find_module(mem.read, pid, loader, BIAS)
+    return dtv.block_address(mem.read, pid, loader, module, TP)
+
+
+def test_every_word_the_walk_reads_is_named_when_it_faults_and_read_from_that_pid():
+    """The slotinfo entry is in the second list (the first holds 2), so every kind of word
+    is read: each one unreadable in turn gives the line naming it and its address."""
+    loader = host_loader()
+    f = loader.fields
+    second_map, second_list = LINK_MAPS + 0x1000, SLOTINFO + 0x4000
+    entry = second_list + f["dtv_slotinfo_list_slotinfo"].offset + 1 * loader.slotinfo_size
+
+    def memory() -> Memory:
+        mem = layout_memory(loader)
+        mem.put(f["dtv_slotinfo_list_len"].at(SLOTINFO), 2)
+        mem.put(f["dtv_slotinfo_list_next"].at(SLOTINFO), second_list)
+        mem.put(f["dtv_slotinfo_list_len"].at(second_list), 8)
+        mem.put(f["dtv_slotinfo_gen"].at(entry), 2)
+        mem.put(f["dtv_slotinfo_map"].at(entry), second_map)
+        return mem
+    mem = memory()
+    assert walk(mem, loader) == BLOCK
+    assert mem.pids == {77}
+    named = {
+        loader.r_debug + dtv.R_DEBUG_MAP: "_r_debug.r_map",
+        LINK_MAPS: "link_map.l_addr",
+        LINK_MAPS + dtv.LINK_MAP_NEXT: "link_map.l_next",
+        f["link_map_l_tls_modid"].at(second_map): "l_tls_modid",
+        f["link_map_l_tls_offset"].at(second_map): "l_tls_offset",
+        f["rtld_global__dl_tls_dtv_slotinfo_list"].at(loader.rtld_global):
+            "_dl_tls_dtv_slotinfo_list",
+        f["dtv_slotinfo_list_len"].at(SLOTINFO): "slotinfo len",
+        f["dtv_slotinfo_list_next"].at(SLOTINFO): "slotinfo next",
+        f["dtv_slotinfo_map"].at(entry): "slotinfo map",
+        f["dtv_slotinfo_gen"].at(entry): "slotinfo gen",
+        f["pthread_dtvp"].at(TP): "pthread.dtvp",
+        f["dtv_t_counter"].at(f["dtv_dtv"].at(DTV, 0)): "dtv[0]",
+        f["dtv_t_pointer_val"].at(f["dtv_dtv"].at(DTV, 3)): "dtv[3]",
+    }
+    for address, what in named.items():
+        mem = memory()
+        del mem.words[address]
+        with pytest.raises(dtv.DtvError) as error:
+            walk(mem, loader)
+        assert str(error.value) == f"{what} at {address:#x}: Bad address"
+    mem = memory()
+    mem.put(f["dtv_slotinfo_list_next"].at(second_list), 0)
+    mem.put(f["dtv_slotinfo_list_len"].at(second_list), 1)  # index 1 is past both lists
+    with pytest.raises(dtv.DtvError) as error:
+        walk(mem, loader)
+    assert str(error.value) == "no slotinfo entry for module 3"
+
+
+def test_addresses_and_values_at_the_edges_of_user_space():
+    loader = host_loader()
+    for modid, plausible in ((0, False), (1, True)):
+        mem = layout_memory(loader, modid=modid)
+        if plausible:
+            assert dtv.find_module(mem.read, 1, loader, BIAS).modid == 1
+        else:
+            with pytest.raises(dtv.DtvError, match=f"^l_tls_modid {modid} is implausible$"):
+                dtv.find_module(mem.read, 1, loader, BIAS)
+    mem = layout_memory(loader, slot=dtv.USER_TOP)
+    with pytest.raises(dtv.DtvError, match=f"^dtv\\[3\\] holds {dtv.USER_TOP:#x}$"):
+        walk(mem, loader)
+    mem = layout_memory(loader, slot=dtv.USER_TOP - 16)
+    assert walk(mem, loader) == dtv.USER_TOP - 16
+    mem = layout_memory(loader, slot=2)  # bit 0 clear: a block, however low
+    assert walk(mem, loader) == 2
+    mem = layout_memory(loader)
+    mem.put(loader.r_debug + dtv.R_DEBUG_MAP, dtv.USER_TOP)
+    with pytest.raises(dtv.DtvError) as error:
+        walk(mem, loader)
+    assert str(error.value) == f"link_map.l_addr: address {dtv.USER_TOP:#x} outside user space"
+    mem.put(loader.r_debug + dtv.R_DEBUG_MAP, 0)  # an empty chain: nothing loaded
+    with pytest.raises(dtv.DtvError) as error:
+        walk(mem, loader)
+    assert str(error.value) == f"no link map loaded at {BIAS:#x}"
