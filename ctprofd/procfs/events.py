@@ -8,9 +8,10 @@ send returns; without our own (every listener gets every listener's), the events
 used. A socket filter in the kernel passes only what is asked for: the forks and exits of
 whole processes, most of a busy host's events, never reach the socket. After events were
 lost (the socket's buffer overflowed), `changed` says it cannot tell (None), and the caller
-reads processes as it would with no events. Reading has a budget per call: what a host does
-between two snapshots cannot make one call run long, nor the sets it returns grow without
-bound.
+reads processes as it would with no events. Reading has a budget per snapshot: what a host
+(or a user starting and ending threads on purpose) does between two snapshots cannot make a
+snapshot read long, nor the sets it keeps grow without bound; it only makes the snapshot
+read as it would with no events.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ EVENTS_MAX = 65_536  # messages read between two snapshots at most (more than th
 
 @dataclass(frozen=True)
 class Changes:
-    """What the events named since the last call."""
+    """What the events named between two snapshots."""
 
     processes: frozenset[int]  # tgids that exec'ed, changed uid or gid, or were renamed
     threads: frozenset[int]  # tgids that started or ended a thread, exec'ed or renamed one
