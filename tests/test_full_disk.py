@@ -6,15 +6,15 @@ restart; once there is room again, the state is written and the reserve made aga
 
 from __future__ import annotations
 
-import errno
 import re
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon_process import DaemonProcess, write_config
 from support.procs import wait_until
+from support.disk import fill, tmpfs
 
 MIB = 1 << 20
 SERIES = re.compile(r'^ctprofd_allocated_bytes_total\{pid="(\d+)"\} (\S+)$', re.M)
@@ -40,26 +40,11 @@ def scrape_when(daemon: DaemonProcess, check, what: str) -> str:
     return wait_until(attempt, what, poll=0.05)
 
 
-def fill(directory: Path, name: str) -> None:
-    """Write a file in `directory` until the filesystem has not one page left."""
-    with open(directory / name, "wb", buffering=0) as f:
-        for chunk in (1 << 16, 4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-
-
 @pytest.fixture
-def small_disk(tmp_path, request) -> Path:
+def small_disk(tmp_path, request) -> Iterator[Path]:
     """A tmpfs of `request.param` (mount's size=) at tmp_path/state, unmounted at teardown."""
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param},mode=0700",
-                    "ctprofd-test", state], check=True)
-    yield state
-    subprocess.run(["umount", "--lazy", state], check=True)
+    with tmpfs(tmp_path / "state", request.param) as state:
+        yield state
 
 
 def start_daemon(tmp_path: Path, binary) -> tuple[DaemonProcess, Path]:

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import pytest
 from ctprofd.files import lock
 from ctprofd.files.atomic import MIN_RESERVE, ReservedWriter, write_json
 from ctprofd.files.regular import FileRefused, check_regular, read_regular
+from support.disk import fill, tmpfs
 
 MIB = 1 << 20
 
@@ -132,26 +134,11 @@ def test_check_regular_returns_the_files_status(tmp_path):
 # -- files.atomic -------------------------------------------------------------------------
 
 @pytest.fixture
-def small_disk(tmp_path) -> Path:
+def small_disk(tmp_path) -> Iterator[Path]:
     """A real tmpfs of 6 MiB at tmp_path/disk (another filesystem than tmp_path's, so a
     rename from elsewhere would fail), unmounted at teardown."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "ctprofd-test", disk],
-                   check=True, timeout=60)
-    yield disk
-    subprocess.run(["umount", "--lazy", disk], check=True, timeout=60)
-
-
-def fill(directory: Path, name: str) -> None:
-    """Write a file in `directory` until the filesystem has not one byte left."""
-    with open(directory / name, "wb", buffering=0) as f:
-        for chunk in (1 << 16, 4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
+    with tmpfs(tmp_path / "disk", "6m") as disk:
+        yield disk
 
 
 def test_write_json_replaces_the_file_whole_and_leaves_nothing_beside_it(small_disk):
