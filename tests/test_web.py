@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import gzip
 import http.client
 import logging
 import re
+import select
 import socket
 import ssl
 import subprocess
@@ -204,8 +206,7 @@ def test_slowloris_does_not_block_a_concurrent_scrape_and_is_cut_off(serve):
         except OSError:
             closed = True
     assert closed, "a trickling client was not cut off by the deadline"
-    idle.settimeout(120)  # a hang guard
-    assert idle.recv(1) == b""  # the idle one too
+    assert closed_by_server(idle)  # the idle one too
     idle.close()
     trickle.close()
 
@@ -808,6 +809,112 @@ def big_registry():
     for i in range(40000):
         gauge.labels(f"series-{i:06d}-" + "x" * 60).set(i)
     return reg
+
+
+@pytest.fixture
+def medium_registry():
+    """About 150 kB of text: far more than a client window of 4 KiB, all of it taken by the
+    server's socket on loopback."""
+    reg = CollectorRegistry()
+    gauge = Gauge("ctprofd_test_series", "Some series.", ["name"], registry=reg)
+    for i in range(2000):
+        gauge.labels(f"series-{i:06d}-" + "x" * 40).set(i)
+    return reg
+
+
+def reset_by_server(sock: socket.socket) -> bool:
+    """Whether the server ended `sock` with a reset (waits for the end, a 60 s hang guard)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    assert poller.poll(60_000), "the server never ended the connection"
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+
+
+def served_by(server: MetricsServer, address: str) -> list:
+    """The connections held from `address`, oldest first."""
+    return list(server._peers.get(address, []))
+
+
+def answers_in_sockets(server: MetricsServer, address: str) -> list[bool]:
+    """Whether each connection held from `address` has its whole answer in its socket."""
+    return [c.answered for c in served_by(server, address)]
+
+
+def test_an_answer_never_read_ends_in_a_reset_the_client_sees(medium_registry):
+    """A closed window holds back the FIN of a plain close: the client would never see the
+    end, and the server's socket would live on in the kernel (orphaned, out of every limit)."""
+    server = MetricsServer("127.0.0.1:0", medium_registry, WebConfig(), deadline=1.0,
+                           generation=lambda: medium_registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        [unread] = stalled(server, "127.0.0.2", 1)
+        assert reset_by_server(unread)
+        half = socket.socket()  # the same after the client's own end (nc -N, say)
+        half.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        half.connect(("127.0.0.1", server.server_port))
+        half.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        half.shutdown(socket.SHUT_WR)
+        assert reset_by_server(half)
+        wait_until(lambda: server._count == 0, "both released")
+    finally:
+        server.shutdown()
+        server.server_close()
+    unread.close()
+    half.close()
+
+
+def test_a_half_closed_client_reads_the_whole_answer_then_the_end(medium_registry):
+    server = MetricsServer("127.0.0.1:0", medium_registry, WebConfig(),
+                           generation=lambda: medium_registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            s.shutdown(socket.SHUT_WR)
+            wait_until(lambda: answers_in_sockets(server, "127.0.0.1") == [True],
+                       "the answer in the socket and our end after it")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])
+        assert head.startswith(b"HTTP/1.0 200") and len(body) == length > 100_000
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_answers_in_the_socket_leave_the_answering_limits_and_make_room_first(medium_registry):
+    """A connection whose answer has left the process holds nothing of ours but a descriptor:
+    it no longer counts as a whole request, and it is the first to go for a newcomer."""
+    server = MetricsServer("127.0.0.1:0", medium_registry, WebConfig(), per_address=2,
+                           answering=1, deadline=300, generation=lambda: medium_registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        first, second = [], []
+        for held, sock in enumerate((first, second), 1):  # one after the other: answering=1
+            sock.extend(stalled(server, "127.0.0.2", 1))   # would close the first
+            wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True] * held,
+                       "its answer in its socket")
+        [first], [second] = first, second
+        assert (requested(server), server.evicted, server.refused) == (0, 0, 0)
+        [third] = stalled(server, "127.0.0.2", 1)  # over per_address: the oldest answered goes
+        assert reset_by_server(first)
+        assert (server.evicted, server.refused) == (1, 0)
+        second.settimeout(10)
+        reply = b""
+        while chunk := second.recv(65536):  # all of it, then our end
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"\n")
+        second.close()
+        wait_until(lambda: len(served_by(server, "127.0.0.2")) == 1, "the second released")
+        wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True],
+                   "the third answered")
+    finally:
+        server.shutdown()
+        server.server_close()
+    for s in (first, second, third):
+        s.close()
 
 
 def requested(server: MetricsServer, address: str | None = None) -> int:

@@ -35,7 +35,7 @@ from .render import CollectError, Exposition, negotiate
 
 log = logging.getLogger(__name__)
 
-REQUEST_DEADLINE_SECONDS = 10.0  # accept to the last byte of the answer
+REQUEST_DEADLINE_SECONDS = 10.0  # accept to the client's close after the whole answer
 FIRST_BYTE_SECONDS = 3.0         # accept (and TLS handshake) to the first request byte
 MAX_REQUEST_BYTES = 16384        # request line and headers
 MAX_HEADERS = 100
@@ -264,12 +264,14 @@ class _Reader(asyncio.StreamReader):
 @dataclass(eq=False)
 class _Connection:
     """One accepted connection; `requested` once its whole request arrived (from then on
-    it counts against the answering limits)."""
+    it counts against the answering limits), `answered` once the whole answer left the
+    process for the socket (then it no longer does)."""
 
     address: str
     reader: _Reader
     writer: asyncio.StreamWriter
     requested: bool = False
+    answered: bool = False
 
     network: str = field(init=False)
 
@@ -405,7 +407,7 @@ class MetricsServer:
             server.close()
         for peers in list(self._peers.values()):
             for connection in peers:
-                connection.writer.transport.abort()
+                _reset(connection.writer)
 
     # -- connection limits --
 
@@ -421,15 +423,18 @@ class MetricsServer:
         return True
 
     def _evict(self, peers: list[_Connection]) -> bool:
-        """Close the oldest of `peers` that has not sent a whole request, preferring one that
+        """Close the oldest of `peers` whose answer has left the process (its client has had
+        all of it), else the oldest that has not sent a whole request, preferring one that
         has sent no byte at all: a scraper's request may have arrived but not been parsed yet
         (connections accepted in one burst are admitted before any of them is read). False
-        when every one of `peers` has sent a whole request."""
-        waiting = (c for c in peers if not c.requested)
-        oldest = victim = next(waiting, None)
-        while victim is not None and _sent_something(victim):
-            victim = next(waiting, None)
-        victim = victim or oldest
+        when every one of `peers` has sent a whole request and is still being answered."""
+        victim = next((c for c in peers if c.answered), None)
+        if victim is None:
+            waiting = (c for c in peers if not c.requested)
+            oldest = victim = next(waiting, None)
+            while victim is not None and _sent_something(victim):
+                victim = next(waiting, None)
+            victim = victim or oldest
         if victim is None:
             return False
         self._close(victim)
@@ -456,7 +461,7 @@ class MetricsServer:
 
     def _close(self, connection: _Connection) -> None:
         self._release(connection)
-        connection.writer.transport.abort()
+        _reset(connection.writer)
         self.evicted += 1
 
     def _release(self, connection: _Connection) -> None:
@@ -466,6 +471,10 @@ class MetricsServer:
             self._count -= 1
             if not peers:
                 del self._peers[connection.address]
+        self._unrequest(connection)
+
+    def _unrequest(self, connection: _Connection) -> None:
+        """Take the connection out of the answering limits."""
         network = self._requested.get(connection.network, [])
         if connection in network:
             network.remove(connection)
@@ -480,7 +489,7 @@ class MetricsServer:
         if not self._admit(connection):
             self.refused += 1
             log.debug("%s: every connection sent a whole request; refused", connection.address)
-            writer.transport.abort()
+            _reset(writer)
             return
         try:
             async with asyncio.timeout(self.deadline):
@@ -491,11 +500,12 @@ class MetricsServer:
             log.error("%s: answering failed", connection.address, exc_info=True)
         finally:
             self._release(connection)
-            writer.transport.abort()
+            _reset(writer)
 
     async def _converse(self, connection: _Connection, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         web = self.web_config
+        plain = writer.transport  # under TLS, the one below that holds the encrypted bytes
         async with asyncio.timeout(self.first_byte):  # the handshake and the first byte
             if web.tls is not None:
                 await writer.start_tls(web.tls.context())
@@ -526,9 +536,12 @@ class MetricsServer:
                 for start in range(0, len(view), WRITE_CHUNK):
                     writer.write(view[start:start + WRITE_CHUNK])
                     await writer.drain()
+        writer.transport.set_write_buffer_limits(0)  # drain: until all of it is in the socket
         await writer.drain()
-        writer.close()
-        await writer.wait_closed()
+        await _until(lambda: not plain.get_write_buffer_size())
+        self._unrequest(connection)  # it holds no answer bytes in the process any more
+        connection.answered = True
+        await _hand_over(reader, writer)
 
     async def _answer(self, request: _Request, web: WebConfig, address: str) -> Answer:
         if not self._rate_allows(web.rate_limit):
@@ -640,6 +653,50 @@ def _check_sans(writer: asyncio.StreamWriter, allowed: tuple[str, ...]) -> None:
     names = {value for _, value in cert.get("subjectAltName", ())}
     if not names & set(allowed):
         raise _Drop("client certificate names none of client_allowed_sans")
+
+
+async def _hand_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End a connection whose whole answer is in its socket: send our end (FIN), wait for the
+    client's (reading and discarding what it sends), then until it has acknowledged every
+    byte, and close. The caller's deadline bounds it; past that the connection is reset.
+    (A plain close would leave an answer its client never reads to the kernel, an orphaned
+    socket sending to a closed window, which no limit of ours counts.)"""
+    if writer.can_write_eof():
+        writer.write_eof()
+    while await reader.read(MAX_REQUEST_BYTES):
+        pass
+    await _until(lambda: not _unacknowledged(writer))  # e.g. it half-closed, still reading
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, checking it at growing intervals (5 ms to 0.2 s): for
+    what no event tells (the caller's deadline bounds it)."""
+    pause = 0.005
+    while not condition():
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def _unacknowledged(writer: asyncio.StreamWriter) -> bool:
+    """Whether bytes (our FIN included) are still in the socket unacknowledged by the client."""
+    sock = writer.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close the connection with a reset, discarding what its socket still holds: the client
+    sees the end even if it reads nothing (a closed window holds back a FIN, never a RST)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, AttributeError, ValueError):  # already closed
+        pass
+    writer.transport.abort()
 
 
 def _sent_something(connection: _Connection) -> bool:
