@@ -232,6 +232,17 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+def refused_at_once(server: MetricsServer, source: str) -> bool:
+    """Whether a new connection from `source` is closed by the server before any request
+    (the reset may come before connect() has returned)."""
+    try:
+        newcomer = connect_from(server, source)
+    except ConnectionResetError:
+        return True
+    with newcomer:
+        return closed_by_server(newcomer)
+
+
 def exchange(sock: socket.socket, data: bytes) -> bytes:
     """Send `data` on `sock`; everything the server answers before closing (b"" when it
     reset the connection instead)."""
@@ -884,36 +895,40 @@ def test_a_half_closed_client_reads_the_whole_answer_then_the_end(medium_registr
         server.server_close()
 
 
-def test_answers_in_the_socket_leave_the_answering_limits_and_make_room_first(medium_registry):
+def test_answers_in_the_socket_leave_the_answering_limits_and_make_room_after_idle_ones(
+        medium_registry):
     """A connection whose answer has left the process holds nothing of ours but a descriptor:
-    it no longer counts as a whole request, and it is the first to go for a newcomer."""
+    it no longer counts as a whole request, and it goes for a newcomer, after the idle ones
+    (its client may still be reading)."""
     server = MetricsServer("127.0.0.1:0", medium_registry, WebConfig(), per_address=2,
-                           answering=1, deadline=300, generation=lambda: medium_registry)
+                           answering=1, deadline=300, first_byte=300,
+                           generation=lambda: medium_registry)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        first, second = [], []
-        for held, sock in enumerate((first, second), 1):  # one after the other: answering=1
-            sock.extend(stalled(server, "127.0.0.2", 1))   # would close the first
-            wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True] * held,
-                       "its answer in its socket")
-        [first], [second] = first, second
-        assert (requested(server), server.evicted, server.refused) == (0, 0, 0)
-        [third] = stalled(server, "127.0.0.2", 1)  # over per_address: the oldest answered goes
+        [first] = stalled(server, "127.0.0.2", 1)
+        wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True], "its answer sent")
+        idle = connect_from(server, "127.0.0.2")
+        wait_until(lambda: len(served_by(server, "127.0.0.2")) == 2, "the idle one held")
+        [second] = stalled(server, "127.0.0.2", 1)  # over per_address: the idle one goes
+        assert closed_by_server(idle)
+        wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True] * 2,
+                   "the second's answer sent")  # answering=1 did not close the first
+        assert (requested(server), server.evicted, server.refused) == (0, 1, 0)
+        [third] = stalled(server, "127.0.0.2", 1)  # now the oldest answered one goes
         assert reset_by_server(first)
-        assert (server.evicted, server.refused) == (1, 0)
+        assert (server.evicted, server.refused) == (2, 0)
         second.settimeout(10)
         reply = b""
         while chunk := second.recv(65536):  # all of it, then our end
             reply += chunk
         assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"\n")
         second.close()
-        wait_until(lambda: len(served_by(server, "127.0.0.2")) == 1, "the second released")
         wait_until(lambda: answers_in_sockets(server, "127.0.0.2") == [True],
-                   "the third answered")
+                   "the second released, the third answered")
     finally:
         server.shutdown()
         server.server_close()
-    for s in (first, second, third):
+    for s in (first, idle, second, third):
         s.close()
 
 
@@ -965,8 +980,7 @@ def test_when_every_held_connection_sent_a_whole_request_the_newcomer_is_refused
     try:
         socks = stalled(server, "127.0.0.2", 2)  # answers that cannot fit in the buffers
         wait_until(lambda: requested(server, "127.0.0.2") == 2, "both whole requests held")
-        with connect_from(server, "127.0.0.2") as newcomer:
-            assert closed_by_server(newcomer)
+        assert refused_at_once(server, "127.0.0.2")
         assert (server.refused, server.evicted, requested(server, "127.0.0.2")) == (1, 0, 2)
     finally:
         server.shutdown()

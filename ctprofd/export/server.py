@@ -423,18 +423,17 @@ class MetricsServer:
         return True
 
     def _evict(self, peers: list[_Connection]) -> bool:
-        """Close the oldest of `peers` whose answer has left the process (its client has had
-        all of it), else the oldest that has not sent a whole request, preferring one that
+        """Close the oldest of `peers` that has not sent a whole request, preferring one that
         has sent no byte at all: a scraper's request may have arrived but not been parsed yet
-        (connections accepted in one burst are admitted before any of them is read). False
-        when every one of `peers` has sent a whole request and is still being answered."""
-        victim = next((c for c in peers if c.answered), None)
-        if victim is None:
-            waiting = (c for c in peers if not c.requested)
-            oldest = victim = next(waiting, None)
-            while victim is not None and _sent_something(victim):
-                victim = next(waiting, None)
-            victim = victim or oldest
+        (connections accepted in one burst are admitted before any of them is read); else the
+        oldest whose whole answer is in its socket (a scraper still reading it loses the
+        rest). False when every one of `peers` has sent a whole request and is still being
+        answered."""
+        waiting = (c for c in peers if not c.requested)
+        oldest = victim = next(waiting, None)
+        while victim is not None and _sent_something(victim):
+            victim = next(waiting, None)
+        victim = victim or oldest or next((c for c in peers if c.answered), None)
         if victim is None:
             return False
         self._close(victim)
