@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
                 with open(full, "w") as f:
                     f.write(text)
             killed += result.returncode != 0
-            print(f"{'killed  ' if result.returncode else 'SURVIVED'} {name}", flush=True)
+            print(f"{'killed  ' if result.returncode else 'SURVIVED'} {name}"
+                  f"{_first_failure(result.stdout)}", flush=True)
         print(f"{killed}/{len(mutants)} killed")
         return 0
     finally:
@@ -66,8 +67,16 @@ def main(argv: list[str]) -> int:
 
 def _pytest(tree: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "--timeout", "120", *args], cwd=tree, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                           "--timeout", "120", "-rfE", *args], cwd=tree, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+def _first_failure(output: str) -> str:
+    """' by TEST' for the test that killed a mutant (to tell a kill from a flaky test)."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return f" by {line.split()[1]}"
+    return ""
 
 
 if __name__ == "__main__":
