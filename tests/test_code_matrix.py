@@ -7,6 +7,7 @@ and must match its own mallctl truth and the DWARF offsets of its unstripped twi
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -101,6 +102,7 @@ def facts(obj: Path, shared: bool) -> ObjectFacts:
     return found
 
 
+@functools.cache  # both tests of a build compare with it
 def dwarf_layout(build: Build) -> TsdLayout:
     obj = build.jemalloc_object(build.unstripped)
     with open(obj, "rb") as stream:
