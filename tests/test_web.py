@@ -137,6 +137,24 @@ def test_tls_with_a_self_signed_certificate(serve, tmp_path):
     assert get(server.url + "/", context=client)[0] == 200  # a bad handshake hurt nobody
 
 
+def test_a_tls_client_reading_to_the_end_gets_the_answer_and_the_servers_close(serve,
+                                                                               tmp_path):
+    """As `openssl s_client` does: read until the server's close_notify, without using
+    Content-Length. With a 300 s deadline only the server's close can end it."""
+    cert, key = openssl_cert(tmp_path, "server")
+    server = serve(web_config(tmp_path, f"tls_server_config:\n  cert_file: {cert}\n"
+                                        f"  key_file: {key.name}\n"), deadline=300)
+    client = ssl.create_default_context(cafile=str(cert))
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=60) as raw_sock:
+        with client.wrap_socket(raw_sock, server_hostname="127.0.0.1",
+                                suppress_ragged_eofs=False) as s:  # 60 s: a hang guard
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):  # b"" only after the server's close_notify
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.0 200") and b"ctprofd_test_value 42.0" in reply
+
+
 def test_client_certificates_are_required_and_verified(serve, tmp_path):
     cert, key = openssl_cert(tmp_path, "server")
     client_cert, client_key = openssl_cert(tmp_path, "client")

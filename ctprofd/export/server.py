@@ -535,9 +535,9 @@ class MetricsServer:
                 for start in range(0, len(view), WRITE_CHUNK):
                     writer.write(view[start:start + WRITE_CHUNK])
                     await writer.drain()
-        writer.transport.set_write_buffer_limits(0)  # drain: until all of it is in the socket
         await writer.drain()
-        await _until(lambda: not plain.get_write_buffer_size())
+        await _until(lambda: not writer.transport.get_write_buffer_size()  # all of it in
+                     and not plain.get_write_buffer_size())                # the socket
         self._unrequest(connection)  # it holds no answer bytes in the process any more
         connection.answered = True
         await _hand_over(reader, writer)
@@ -657,14 +657,15 @@ def _check_sans(writer: asyncio.StreamWriter, allowed: tuple[str, ...]) -> None:
 async def _hand_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """End a connection whose whole answer is in its socket: send our end (FIN), wait for the
     client's (reading and discarding what it sends), then until it has acknowledged every
-    byte, and close. The caller's deadline bounds it; past that the connection is reset.
+    byte, and close; under TLS, close, which sends close_notify after the answer and waits
+    for the client's. The caller's deadline bounds it; past that the connection is reset.
     (A plain close would leave an answer its client never reads to the kernel, an orphaned
     socket sending to a closed window, which no limit of ours counts.)"""
-    if writer.can_write_eof():
+    if writer.can_write_eof():  # plain TCP
         writer.write_eof()
-    while await reader.read(MAX_REQUEST_BYTES):
-        pass
-    await _until(lambda: not _unacknowledged(writer))  # e.g. it half-closed, still reading
+        while await reader.read(MAX_REQUEST_BYTES):
+            pass
+        await _until(lambda: not _unacknowledged(writer))  # e.g. it half-closed, still reading
     writer.close()
     await writer.wait_closed()
 
