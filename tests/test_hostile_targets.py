@@ -36,6 +36,7 @@ from support.procs import (READY, assert_no_thread_stopped_or_traced, end_vfork,
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHURNERS = 10_000
+CHURN_BATCH = 250  # churners started at a time (test_churning_threads_never_report_...)
 HANG_GUARD_ROUNDS = 5_000  # snapshots: a guard against a hang, never a timing claim
 
 
@@ -400,10 +401,10 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
     engine.capture(pids=pids)  # parse it before the churn starts
     # at most CHURNERS new tids, far below pid_max: no tid is used twice
     assert int(Path("/proc/sys/kernel/pid_max").read_text()) >= 3 * CHURNERS
-    fixture.send(f"churn 2 300 {CHURNERS}")
-    word, *managers = fixture.readline().split()
-    assert word == "CHURNING"
-    steady = {*fixture.tids, *map(int, managers)}
+    steady = set(fixture.tids)
+    managers: list[int] = []
+    batches = seen_before = 0
+    lifetime_us = 300  # each churner sleeps this long before it exits
     last: dict[int, int] = {}  # tid -> allocated as last read
     previous_total = 0
     churners_seen = 0
@@ -412,6 +413,23 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
         for _ in range(HANG_GUARD_ROUNDS):  # until enough churners were read
             if churners_seen > 20:
                 break
+            # a batch at a time, the next once the last ran out: the snapshots pace the
+            # churn, so a slow reader on a busy host is not left with every tid spent; a
+            # batch that ran out unseen makes the next one's churners live twice as long
+            if not any(Path(f"/proc/{fixture.pid}/task/{m}").exists() for m in managers):
+                if managers:
+                    fixture.send("stop")
+                    assert fixture.readline().startswith("STOPPED ")
+                    if churners_seen == seen_before:
+                        lifetime_us = min(2 * lifetime_us, 20_000)
+                assert batches < CHURNERS // CHURN_BATCH, \
+                    f"only {churners_seen} churners read in {batches} batches"
+                batches, seen_before = batches + 1, churners_seen
+                fixture.send(f"churn 2 {lifetime_us} {batches * CHURN_BATCH}")  # MAX: in all
+                word, *tids = fixture.readline().split()
+                assert word == "CHURNING"
+                managers = [int(tid) for tid in tids]
+                steady.update(managers)
             snapshot = engine.capture(pids=pids)
             assert snapshot.summary.jemalloc_detected == 1
             assert set(snapshot.failures) <= {tags.PTRACE_SEIZE, tags.PTRACE_TRACED, tags.WAITPID,
