@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import ipaddress
 import logging
+import random
 import resource
 import socket
 import ssl
@@ -491,7 +492,9 @@ class MetricsServer:
             _reset(writer)
             return
         try:
-            async with asyncio.timeout(self.deadline):
+            # spread (3/4 to all of it), so that connections made in one burst do not all
+            # end, and reconnect, in one burst that overflows the accept queue
+            async with asyncio.timeout(self.deadline * random.uniform(0.75, 1.0)):
                 await self._converse(connection, reader, writer)
         except (_Drop, TimeoutError, OSError, ssl.SSLError, EOFError) as err:
             log.debug("%s: connection closed: %s", connection.address, err or type(err).__name__)
