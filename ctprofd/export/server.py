@@ -620,12 +620,13 @@ class MetricsServer:
                                 value=self._count)
         yield CounterMetricFamily(
             "ctprofd_http_connections_evicted", "Connections closed to make room under the "
-            "connection limits (idle ones) or the limits on whole requests held per address "
-            "and network.", value=self.evicted)
+            "connection limits (idle ones, then ones whose answer is in their socket) or the "
+            "limits on whole requests held per address and network.", value=self.evicted)
         yield CounterMetricFamily(
             "ctprofd_http_connections_refused", "Connections refused because every held "
-            "connection of the address (or of all) had sent a whole request, or because "
-            "their network held the most whole requests.", value=self.refused)
+            "connection of the address (or of all) had sent a whole request and was still being "
+            "answered, or because their network held the most whole requests.",
+            value=self.refused)
         limited = CounterMetricFamily(
             "ctprofd_http_requests_limited", "Requests answered 429 Too Many Requests, by "
             "reason: rate_limit (the web config's), auth (no bcrypt check: the address failed "
@@ -668,7 +669,8 @@ async def _hand_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.write_eof()
         while await reader.read(MAX_REQUEST_BYTES):
             pass
-        await _until(lambda: not _unacknowledged(writer))  # e.g. it half-closed, still reading
+        # every byte, our FIN included, acknowledged (e.g. it half-closed, still reading)
+        await _until(lambda: not _socket_queue(writer, termios.TIOCOUTQ))
     writer.close()
     await writer.wait_closed()
 
@@ -680,15 +682,6 @@ async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.2)
-
-
-def _unacknowledged(writer: asyncio.StreamWriter) -> bool:
-    """Whether bytes (our FIN included) are still in the socket unacknowledged by the client."""
-    sock = writer.get_extra_info("socket")
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0
-    except (OSError, AttributeError, ValueError):
-        return False
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -706,11 +699,17 @@ def _sent_something(connection: _Connection) -> bool:
     """Whether bytes arrived on the connection, read by the loop or still in the socket."""
     if connection.reader.received:
         return True
-    sock = connection.writer.get_extra_info("socket")
+    return _socket_queue(connection.writer, termios.FIONREAD) > 0
+
+
+def _socket_queue(writer: asyncio.StreamWriter, request: int) -> int:
+    """Bytes queued in the connection's socket as `request` counts them (FIONREAD: received,
+    unread; TIOCOUTQ: sent, unacknowledged); 0 once the socket is closed."""
+    sock = writer.get_extra_info("socket")
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0] > 0
-    except (OSError, AttributeError):
-        return False
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    except (OSError, AttributeError, ValueError):
+        return 0
 
 
 def _source(writer: asyncio.StreamWriter) -> str:
