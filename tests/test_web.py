@@ -4,6 +4,7 @@ certificates, basic auth, client certificates, and slow or oversized clients."""
 from __future__ import annotations
 
 import base64
+import asyncio
 import contextlib
 import errno
 import gzip
@@ -30,8 +31,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from ctprofd.config.settings import ConfigError
 from ctprofd.config.web import load_web_config
 from ctprofd.export.render import OPENMETRICS, TEXT, Exposition
-from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MetricsServer, TokenBuckets,
-                                   WebConfig, network_of, parse_listen)
+from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MAX_REQUEST_BYTES,
+                                   MetricsServer, TokenBuckets, WebConfig, _bytes_unread,
+                                   _Connection, _Reader, network_of, parse_listen)
 from support.clock import Clock
 from support.procs import wait_until
 
@@ -782,21 +784,25 @@ def test_a_request_is_bounded_as_documented_exactly(serve):
     assert raw(server, line + b"X: " + b"a" * pad + b"\r\n\r\n").startswith(b"HTTP/1.0 200")
 
 
-def test_the_connection_that_sent_nothing_is_evicted_before_an_older_one(serve):
-    server = serve(per_address=2)
-    talking = socket.create_connection(("127.0.0.1", server.server_port))
-    talking.sendall(b"GET / HTTP/1.0\r\n")  # older, and sent something
-    wait_until(lambda: any(c.reader.received for p in server._peers.values() for c in p),
-               "its bytes arrived")
-    silent = socket.create_connection(("127.0.0.1", server.server_port))
-    wait_until(lambda: server._count == 2, "both held")
-    assert get(server.url + "/metrics")[0] == 200
-    assert closed_by_server(silent)
-    talking.sendall(b"\r\n")
-    talking.settimeout(10)
-    assert talking.recv(12) == b"HTTP/1.0 200"
-    talking.close()
-    silent.close()
+def test_a_scrapers_silent_connection_outlives_older_trickling_ones(serve):
+    """A scraper's connection sends nothing from its accept until its request arrives;
+    in that time a newcomer of its address closes the oldest connection without a whole
+    request, though that one sent bytes (a trickle), not the scraper's."""
+    server = serve(per_address=3)
+    trickling = [connect_from(server, "127.0.0.1") for _ in range(2)]
+    for s in trickling:
+        s.sendall(b"GET / HTTP/1.0\r\n")
+    wait_until(lambda: sum(c.reader.taken for p in server._peers.values() for c in p) == 32,
+               "the trickles read")
+    scraper = connect_from(server, "127.0.0.1")
+    wait_until(lambda: server._count == 3, "all three held")
+    newcomer = connect_from(server, "127.0.0.1")
+    assert closed_by_server(trickling[0])
+    assert answered(scraper, b"GET /metrics HTTP/1.0\r\n\r\n") == b"HTTP/1.0 200 OK"
+    assert answered(trickling[1], b"\r\n") == b"HTTP/1.0 200 OK"
+    assert server.evicted == 1
+    for s in (*trickling, scraper, newcomer):
+        s.close()
 
 
 def test_in_a_burst_the_silent_one_is_evicted_though_the_older_ones_bytes_are_unread(serve):
@@ -815,6 +821,31 @@ def test_in_a_burst_the_silent_one_is_evicted_though_the_older_ones_bytes_are_un
     assert server.evicted == 1
     for s in (talking, silent, scraper):
         s.close()
+
+
+def test_bytes_the_loop_took_from_the_socket_but_nobody_read_count_as_unread():
+    """A connection admitted in the loop turn its request arrived in has the request in its
+    reader, no longer in its socket: those bytes count as unread too (not evicted first)."""
+    async def main() -> list[bool]:
+        ours, theirs = socket.socketpair()
+        reader = _Reader()
+        transport, protocol = await asyncio.get_running_loop().create_connection(
+            lambda: asyncio.StreamReaderProtocol(reader), sock=ours)
+        connection = _Connection("127.0.0.1", reader,
+                                 asyncio.StreamWriter(transport, protocol, reader,
+                                                      asyncio.get_running_loop()))
+        seen = [_bytes_unread(connection)]
+        theirs.sendall(b"GET / HTTP/1.0\r\n")
+        while not reader.arrived:
+            await asyncio.sleep(0.01)
+        seen.append(_bytes_unread(connection))  # in the reader, none in the socket
+        await reader.read(MAX_REQUEST_BYTES)
+        seen.append(_bytes_unread(connection))
+        transport.abort()
+        theirs.close()
+        return seen
+
+    assert asyncio.run(main()) == [False, True, False]
 
 
 def stalled(server: MetricsServer, source: str, count: int) -> list[socket.socket]:

@@ -253,13 +253,20 @@ def _parse_request(data: bytes) -> _Request:
 
 
 class _Reader(asyncio.StreamReader):
-    """A stream reader that remembers whether any byte arrived (before it is read)."""
+    """A stream reader that counts the bytes that arrived and the bytes read, so that bytes
+    waiting in it unread are seen."""
 
-    received = False
+    arrived = 0
+    taken = 0
 
     def feed_data(self, data: bytes) -> None:
-        self.received = True
+        self.arrived += len(data)
         super().feed_data(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.taken += len(data)
+        return data
 
 
 @dataclass(eq=False)
@@ -288,8 +295,8 @@ class MetricsServer:
     the answer within `deadline`; one source address holds at most `per_address`
     connections and all together at most `max_connections`. When a limit is reached, the
     oldest connection that has not sent a whole request yet (of that address, else of the
-    address holding the most) is closed to make room; only when every held connection has
-    sent a whole request is the new one refused.
+    address holding the most; see `_evict`) is closed to make room; only when every held
+    connection has sent a whole request and is still being answered is the new one refused.
 
     Whole requests are limited too (answered, or waiting for an answer): `answering` per
     address, `answering_network` per /24 or /64. Over the first, the address's oldest one is
@@ -424,17 +431,18 @@ class MetricsServer:
         return True
 
     def _evict(self, peers: list[_Connection]) -> bool:
-        """Close the oldest of `peers` that has not sent a whole request, preferring one that
-        has sent no byte at all: a scraper's request may have arrived but not been parsed yet
-        (connections accepted in one burst are admitted before any of them is read); else the
-        oldest whose whole answer is in its socket (a scraper still reading it loses the
-        rest). False when every one of `peers` has sent a whole request and is still being
-        answered."""
-        waiting = (c for c in peers if not c.requested)
-        oldest = victim = next(waiting, None)
-        while victim is not None and _sent_something(victim):
-            victim = next(waiting, None)
-        victim = victim or oldest or next((c for c in peers if c.answered), None)
+        """Close the oldest of `peers` that has not sent a whole request, passing over ones
+        whose bytes wait unread (connections accepted in one burst are admitted before any
+        of them is read, and a scraper's request may be among those bytes); else the oldest
+        whose whole answer is in its socket (a scraper still reading it loses the rest).
+        Oldest first, whether it sent bytes or none: a scraper's connection is silent from
+        its accept until its request arrives, and must outlive as many newcomers as its
+        address may hold. False when every one of `peers` has sent a whole request and is
+        still being answered."""
+        waiting = [c for c in peers if not c.requested]
+        victim = next((c for c in waiting if not _bytes_unread(c)), None)
+        victim = victim or next(iter(waiting), None) or next(
+            (c for c in peers if c.answered), None)
         if victim is None:
             return False
         self._close(victim)
@@ -695,9 +703,11 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def _sent_something(connection: _Connection) -> bool:
-    """Whether bytes arrived on the connection, read by the loop or still in the socket."""
-    if connection.reader.received:
+def _bytes_unread(connection: _Connection) -> bool:
+    """Whether bytes arrived on the connection that nobody read yet (in the reader, or
+    still in the socket)."""
+    reader = connection.reader
+    if reader.arrived > reader.taken:
         return True
     return _socket_queue(connection.writer, termios.FIONREAD) > 0
 
