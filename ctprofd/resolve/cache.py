@@ -278,7 +278,6 @@ class LayoutCache:
                  max_entries: int = 4096, max_bytes: int = 16 << 20,
                  writable: bool = True) -> None:
         self.root = directory
-        self.writable = writable
         self.failure_ttl = failure_ttl
         self.hits = 0
         self.misses = 0
