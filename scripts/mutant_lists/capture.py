@@ -26,4 +26,7 @@ MUTANTS = [
     ('restart: threads of a process not attached ignored', F,
      '            retained = (retained[0] + sum(a for a, _ in saved.threads.values()),\n                        retained[1] + sum(d for _, d in saved.threads.values()))',
      '            pass'),
+    ("restart: restored state dropped when an attach fails", F,
+     "        result = self.attacher.attach(process, identity)\n        self._restored.pop(process.key, None)\n",
+     "        self._restored.pop(process.key, None)\n        result = self.attacher.attach(process, identity)\n"),
 ]
