@@ -278,21 +278,37 @@ def test_a_health_word_still_changing_after_two_more_reads_leaves_the_figures_ou
     assert not unchanged(PID, HEALTH, BASE, totals, with_health(process()))
 
 
-def test_a_base_out_of_order_leaves_the_figures_out():
+@pytest.mark.parametrize("sizes", [(300, 8192, 4096), (8193, 8192, 1 << 21)])
+def test_a_base_out_of_order_leaves_the_figures_out(sizes):
+    """jemalloc keeps a base's allocated <= resident <= mapped: a base that says otherwise
+    (mapped under resident, or allocated over it) was forged or caught mid-update."""
     memory = with_health(process())
-    memory.put(0x7100_0000 + HEALTH.base_allocated, "3Q", 300, 8192, 4096)  # mapped < resident
+    memory.put(0x7100_0000 + HEALTH.base_allocated, "3Q", *sizes)
     totals = read(memory, HEALTH)
     assert totals.health is None and totals.in_use == expected()["in_use"]
+    assert totals.health_words == b""
     assert not unchanged(PID, HEALTH, BASE, totals, memory)
 
 
-@pytest.mark.parametrize("smallest", [20480, 8192])
+def test_a_base_whose_sizes_are_all_equal_is_in_order():
+    memory = with_health(process())
+    memory.put(0x7100_0000 + HEALTH.base_allocated, "3Q", 8192, 8192, 8192)
+    assert read(memory, HEALTH).health is not None
+
+
+@pytest.mark.parametrize("smallest", [20480, 8192, 4 << 17])  # 5 pages; 2 KiB, 128 KiB ones
 def test_a_smallest_large_class_not_four_pages_is_refused(smallest):
     memory = with_health(process())
-    memory.put(BASE + LAYOUT.sz_index2size_tab + 8 * len(SHARDS), "Q", smallest)
+    memory.put(BASE + LAYOUT.sz_index2size_tab + 8 * len(SHARDS), "2Q", smallest, 8 << 17)
     with pytest.raises(ArenaReadError, match=f"^the smallest large class \\({smallest} bytes\\) "
                                              "is not four pages$"):
         read(memory, HEALTH)
+
+
+def test_the_largest_page_jemalloc_builds_with_is_read():
+    memory = with_health(process())
+    memory.put(BASE + LAYOUT.sz_index2size_tab + 8 * len(SHARDS), "2Q", 4 << 16, 8 << 17)
+    assert read(memory, HEALTH).page == 1 << 16
 
 
 def test_unreadable_health_words_and_bases_are_refused_naming_what():
@@ -470,11 +486,11 @@ def test_no_arena_0_two_slots_to_one_arena_and_a_wrong_index_are_refused():
     memory.put(BASE + LAYOUT.arenas + 8 * 3, "Q", 0x30000)
     with pytest.raises(ArenaReadError, match=r"^two arenas\[\] slots lead to the same arena$"):
         read(memory)
-    memory = process()
-    memory.put(0x50000 + LAYOUT.arena_ind, "I", 2)
-    with pytest.raises(ArenaReadError, match=r"arenas\[3\] leads to an arena whose own "
-                                             "index is 2"):
-        read(memory)
+    for layout, memory in ((LAYOUT, process()), (HEALTH, with_health(process()))):
+        memory.put(0x50000 + LAYOUT.arena_ind, "I", 2)
+        with pytest.raises(ArenaReadError, match=r"arenas\[3\] leads to an arena whose own "
+                                                 "index is 2"):
+            read(memory, layout)
 
 
 @pytest.mark.parametrize("sizes", [(0, 48, 112, 20480, 81920), (16, 48, 48, 20480, 81920),

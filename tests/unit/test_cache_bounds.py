@@ -131,7 +131,7 @@ def test_a_file_removed_between_listing_and_stat_is_passed_over(tmp_path, monkey
     trimmed, scandir = files(tmp_path)[key(1)], os.scandir
 
     def racing(path):  # a daemon trims one file after the listing, before its stat
-        entries = list(scandir(path))
+        entries = sorted(scandir(path), key=lambda e: e.path != str(trimmed))  # it first
         trimmed.unlink(missing_ok=True)
         return iter(entries)
     monkeypatch.setattr(os, "scandir", racing)

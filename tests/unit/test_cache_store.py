@@ -46,7 +46,8 @@ def test_each_lookup_counts_once_a_hit_or_a_miss():
     cache.put(key(2), layout(2))
     assert cache.get(key(1), key(2)) == layout(2)  # the second key hits: one lookup
     assert cache.get(key(2)) == layout(2)
-    assert (cache.hits, cache.misses) == (2, 1)
+    assert cache.get(key(3), key(4)) is None
+    assert (cache.hits, cache.misses) == (2, 2)
 
 
 def test_its_default_bounds_are_the_configurations():
@@ -64,11 +65,13 @@ def test_pinned_imported_and_learned_layouts_are_each_held_and_counted(tmp_path:
     learned = layout(4)
     cache.put(key(4), learned)
     cache.put(key(5), learned)  # one layout under two keys (a file's, its build's): once
-    assert len(cache) == 5
+    cache.put(key(6), layout(6))
+    assert len(cache) == 6
     assert cache.configured() == {layout(3).build_id: layout(3)}
     assert cache.get(f"build-id:{layout(3).build_id}") == layout(3)
     assert cache.get(f"build-id:{layout(1).build_id}") == layout(1)
-    assert sorted(cache.layouts(), key=lambda l: l.build_id) == [layout(n) for n in (1, 2, 3, 4)]
+    assert sorted(cache.layouts(), key=lambda l: l.build_id) == [
+        layout(n) for n in (1, 2, 3, 4, 6)]
 
 
 def test_the_learned_list_holds_build_id_keys_only(tmp_path: Path):
@@ -78,8 +81,10 @@ def test_the_learned_list_holds_build_id_keys_only(tmp_path: Path):
     assert cache.learned() == [(f"build-id:{layout(2).build_id}:uid:1000", 1000, layout(2))]
 
 
-def test_a_memory_only_cache_has_no_import_to_refresh():
-    assert LayoutCache(None).refresh() is False
+def test_a_memory_only_cache_has_no_directory_and_no_import_to_refresh():
+    cache = LayoutCache(None)
+    assert cache.directory is None
+    assert cache.refresh() is False
 
 
 # -- imports: what they make stale, and when --
