@@ -307,10 +307,11 @@ def _settle(reader: Reader, pid: int, ranges: list[tuple[int, int]],
 
 
 def _page_size(size: tuple[int, ...], nbins: int) -> int:
-    """jemalloc's page: its smallest large class is four pages (SC_LARGE_MINCLASS)."""
-    page = size[nbins] >> 2 if nbins < len(size) else 0
+    """jemalloc's page: its smallest large class is four pages (SC_LARGE_MINCLASS). A
+    checked layout has at least one large class (`ArenaLayout.check`)."""
+    page = size[nbins] >> 2
     if page & (page - 1) or not 4096 <= page <= 1 << 16:
-        raise ArenaReadError(f"the smallest large class ({size[nbins] if page else '?'} bytes) "
+        raise ArenaReadError(f"the smallest large class ({size[nbins]} bytes) "
                              "is not four pages")
     return page
 
