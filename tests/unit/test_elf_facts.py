@@ -5,6 +5,7 @@ file, and the TLS relocations, each in the shape that decides it."""
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import zlib
@@ -135,6 +136,15 @@ def test_the_tsd_symbol_of_an_object_that_is_not_elf64_decoded_by_pyelftools(tmp
     assert symbol == elf.Symbol("je_tsd_tls", 16, 3000)
 
 
+def test_a_thread_local_named_in_bytes_that_are_not_utf8_is_no_tsd(tmp_path: Path):
+    source = tmp_path / "bad.s"  # a forged name: read, replaced where not UTF-8, passed over
+    source.write_bytes(b'\t.section .tbss,"awT",@nobits\n\t.globl "je\xfftls"\n'
+                       b'\t.type "je\xfftls", @object\n\t.size "je\xfftls", 8\n'
+                       b'"je\xfftls":\n\t.zero 8\n')
+    subprocess.run(["as", "-o", tmp_path / "bad.o", source], check=True)
+    assert facts(tmp_path / "bad.o", elf.tsd_symbol) is None
+
+
 MALLCTLS = """
 int je_arrow_mallctl(void) { return 1; }
 int mallctl_not(void) { return 2; }
@@ -205,6 +215,15 @@ def test_debug_info_and_the_debuglink_a_stripped_file_keeps(tmp_path: Path):
                     stripped], check=True)
     assert not facts(stripped, elf.has_debug_info)
     assert facts(stripped, elf.debuglink) == (debug.name, zlib.crc32(debug.read_bytes()))
+    # 11 bytes and a NUL: no padding; a name not in UTF-8, each such byte replaced
+    for name in (b"prog.debugx", b"prog\xff.debug"):
+        other = tmp_path / os.fsdecode(name)
+        other.write_bytes(debug.read_bytes())
+        linked = tmp_path / "linked"
+        subprocess.run(["objcopy", "--strip-debug", f"--add-gnu-debuglink={other}", program,
+                        linked], check=True)
+        assert facts(linked, elf.debuglink) == (name.decode("utf-8", "replace"),
+                                                zlib.crc32(debug.read_bytes()))
     assert facts(build(tmp_path, MAIN, name="plain"), elf.has_debug_info) is False
 
 
