@@ -402,7 +402,9 @@ class LayoutCache:
                 self._negative.put(key, entry, owner)
 
     def layouts(self) -> list[TsdLayout]:
-        """Every layout held in memory, imported ones included, once per build."""
+        """Every layout held in memory, imported ones included, each object once (a layout
+        learned under a file's key and under its build's is one object; `offsets_file.dump`
+        keeps one per build-id)."""
         with self._lock:
             found = {id(r): r for r, _ in self._layouts.memory.values()
                      if isinstance(r, TsdLayout)}
