@@ -3,8 +3,8 @@ certificates, basic auth, client certificates, and slow or oversized clients."""
 
 from __future__ import annotations
 
-import base64
 import asyncio
+import base64
 import contextlib
 import errno
 import gzip
