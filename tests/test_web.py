@@ -823,17 +823,23 @@ def test_in_a_burst_the_silent_one_is_evicted_though_the_older_ones_bytes_are_un
         s.close()
 
 
+async def paired_connection(address: str) -> tuple[_Connection, socket.socket]:
+    """A connection from `address` on a real socket pair, and the pair's other end."""
+    ours, theirs = socket.socketpair()
+    reader = _Reader()
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(
+        lambda: asyncio.StreamReaderProtocol(reader), sock=ours)
+    return _Connection(address, reader, asyncio.StreamWriter(transport, protocol, reader,
+                                                             loop)), theirs
+
+
 def test_bytes_the_loop_took_from_the_socket_but_nobody_read_count_as_unread():
     """A connection admitted in the loop turn its request arrived in has the request in its
     reader, no longer in its socket: those bytes count as unread too (not evicted first)."""
     async def main() -> list[bool]:
-        ours, theirs = socket.socketpair()
-        reader = _Reader()
-        transport, protocol = await asyncio.get_running_loop().create_connection(
-            lambda: asyncio.StreamReaderProtocol(reader), sock=ours)
-        connection = _Connection("127.0.0.1", reader,
-                                 asyncio.StreamWriter(transport, protocol, reader,
-                                                      asyncio.get_running_loop()))
+        connection, theirs = await paired_connection("127.0.0.1")
+        reader = connection.reader
         seen = [_bytes_unread(connection)]
         theirs.sendall(b"GET / HTTP/1.0\r\n")
         while not reader.arrived:
@@ -841,11 +847,42 @@ def test_bytes_the_loop_took_from_the_socket_but_nobody_read_count_as_unread():
         seen.append(_bytes_unread(connection))  # in the reader, none in the socket
         await reader.read(MAX_REQUEST_BYTES)
         seen.append(_bytes_unread(connection))
-        transport.abort()
+        connection.writer.transport.abort()
         theirs.close()
         return seen
 
     assert asyncio.run(main()) == [False, True, False]
+
+
+@pytest.mark.parametrize("left_in_process, admitted", [(0, True), (4 << 20, False)])
+def test_an_answer_all_in_its_socket_stops_counting_before_its_wait_looks_again(
+        left_in_process, admitted):
+    """A scraper may read its whole answer and send its next request before the wait on
+    the first connection sees that the answer left the process; in a network at its limit
+    where no address holds more than one, that stale count would refuse the scraper's own
+    next request. The answering limits read the sockets at the time they decide: only an
+    answer with bytes still in the process counts."""
+    async def main() -> tuple[bool, list[str]]:
+        server = MetricsServer("127.0.0.1:0", CollectorRegistry(), WebConfig(),
+                               answering_network=2)
+        pairs = [await paired_connection(a) for a in ("127.0.0.1", "127.0.0.2", "127.0.0.1")]
+        first, other, scraper = (c for c, _ in pairs)
+        try:
+            for connection in (first, other):
+                assert server._admit_request(connection)
+            first.writer.write(b"x" * max(left_in_process, 1))  # the peer reads none
+            first.written = True
+            await asyncio.sleep(0)  # the loop's turn to write what the socket takes
+            return (server._admit_request(scraper),
+                    [c.address for c in server._requested["127.0.0.0/24"]])
+        finally:
+            for connection, theirs in pairs:
+                connection.writer.transport.abort()
+                theirs.close()
+            server.server_close()
+
+    held = ["127.0.0.2", "127.0.0.1"] if admitted else ["127.0.0.1", "127.0.0.2"]
+    assert asyncio.run(main()) == (admitted, held)
 
 
 def stalled(server: MetricsServer, source: str, count: int) -> list[socket.socket]:
@@ -897,7 +934,7 @@ def served_by(server: MetricsServer, address: str) -> list:
 
 def answers_in_sockets(server: MetricsServer, address: str) -> list[bool]:
     """Whether each connection held from `address` has its whole answer in its socket."""
-    return [c.answered for c in served_by(server, address)]
+    return [c.answered() for c in served_by(server, address)]
 
 
 def test_an_answer_never_read_ends_in_a_reset_the_client_sees(medium_registry):

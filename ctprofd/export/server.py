@@ -272,19 +272,28 @@ class _Reader(asyncio.StreamReader):
 @dataclass(eq=False)
 class _Connection:
     """One accepted connection; `requested` once its whole request arrived (from then on
-    it counts against the answering limits), `answered` once the whole answer left the
-    process for the socket (then it no longer does)."""
+    it counts against the answering limits), `written` once the whole answer was handed to
+    the transport; `answered()` once it also left the process for the socket (then it no
+    longer counts)."""
 
     address: str
     reader: _Reader
     writer: asyncio.StreamWriter
     requested: bool = False
-    answered: bool = False
+    written: bool = False
 
     network: str = field(init=False)
+    plain: asyncio.WriteTransport = field(init=False)
 
-    def __post_init__(self) -> None:  # read on every admission and release: parsed once
-        self.network = network_of(self.address)
+    def __post_init__(self) -> None:
+        self.network = network_of(self.address)  # read on every admission: parsed once
+        self.plain = self.writer.transport  # under TLS, the one below the encrypted one
+
+    def answered(self) -> bool:
+        """Whether the whole answer is in the socket, read now: a client may have read it
+        all and sent its next request before a wait for this condition looks again."""
+        return (self.written and not self.writer.transport.get_write_buffer_size()
+                and not self.plain.get_write_buffer_size())
 
 
 class MetricsServer:
@@ -442,7 +451,7 @@ class MetricsServer:
         waiting = [c for c in peers if not c.requested]
         victim = next((c for c in waiting if not _bytes_unread(c)), None)
         victim = victim or next(iter(waiting), None) or next(
-            (c for c in peers if c.answered), None)
+            (c for c in peers if c.answered()), None)
         if victim is None:
             return False
         self._close(victim)
@@ -452,6 +461,8 @@ class MetricsServer:
         """Count a whole request against the answering limits, closing another one when
         over them (see the class docstring); False when the newcomer must go instead."""
         network = self._requested.setdefault(connection.network, [])
+        for done in [c for c in network if c.answered()]:
+            network.remove(done)  # their own waits may not have looked yet
         mine = [c for c in network if c.address == connection.address]
         if len(mine) >= self.answering:
             self._close(mine[0])
@@ -515,7 +526,6 @@ class MetricsServer:
     async def _converse(self, connection: _Connection, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         web = self.web_config
-        plain = writer.transport  # under TLS, the one below that holds the encrypted bytes
         async with asyncio.timeout(self.first_byte):  # the handshake and the first byte
             if web.tls is not None:
                 await writer.start_tls(web.tls.context())
@@ -547,10 +557,9 @@ class MetricsServer:
                     writer.write(view[start:start + WRITE_CHUNK])
                     await writer.drain()
         await writer.drain()
-        await _until(lambda: not writer.transport.get_write_buffer_size()  # all of it in
-                     and not plain.get_write_buffer_size())                # the socket
+        connection.written = True
+        await _until(connection.answered)
         self._unrequest(connection)  # it holds no answer bytes in the process any more
-        connection.answered = True
         await _hand_over(reader, writer)
 
     async def _answer(self, request: _Request, web: WebConfig, address: str) -> Answer:

@@ -79,11 +79,19 @@ MUTANTS = [
      "        pass  # it holds"),
     ("an answered connection never closed for room", F,
      "        victim = victim or next(iter(waiting), None) or next(\n"
-     "            (c for c in peers if c.answered), None)\n",
+     "            (c for c in peers if c.answered()), None)\n",
      "        victim = victim or next(iter(waiting), None)\n"),
     ("an answered connection closed before an idle one", F,
      "        victim = victim or next(iter(waiting), None) or next(\n"
-     "            (c for c in peers if c.answered), None)\n",
-     "        victim = next((c for c in peers if c.answered), None) or victim or next(\n"
+     "            (c for c in peers if c.answered()), None)\n",
+     "        victim = next((c for c in peers if c.answered()), None) or victim or next(\n"
      "            iter(waiting), None)\n"),
+    ("an answer all in its socket counted until its own wait looks again", F,
+     "        for done in [c for c in network if c.answered()]:\n"
+     "            network.remove(done)  # their own waits may not have looked yet\n",
+     ""),
+    ("an answer counted out while bytes of it are still in the process", F,
+     "        return (self.written and not self.writer.transport.get_write_buffer_size()\n"
+     "                and not self.plain.get_write_buffer_size())\n",
+     "        return self.written\n"),
 ]
