@@ -306,15 +306,23 @@ FORMS = {  # the fast path as each compiler writes it; {anchor}: a TPOFF GOT slo
 }
 
 
+TLS_BLOCK = "tsd: .zero 2632\nother: .zero 64"  # 2696 bytes, the TSD first
+
+
 def assemble_forms(tmp_path: Path, functions: list[tuple[str, str, str, int, int]],
-                   exported: bool = True, executable: bool = False, data: str = "") -> Path:
+                   exported: bool = True, executable: bool = False, data: str = "",
+                   tls: str | None = TLS_BLOCK, prefix: str = "",
+                   link: tuple[str, ...] = ()) -> Path:
     """Like `assemble`, each function (name, FORMS body, anchor, offset, compared offset);
-    `executable`: a static non-PIE executable (local-exec), else a shared object."""
-    source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", "tsd: .zero 2632",
-              "other: .zero 64", "    .section .rodata", f'    .ascii "{VERSION.decode()}"',
-              "    .data", "    .p2align 3", data, "    .text", "    .globl _start",
-              "_start: ret", "    .globl mallctl", "    .type mallctl, @function",
-              "mallctl: ret", "    .size mallctl, .-mallctl"]
+    `executable`: a static non-PIE executable (local-exec), else a shared object; `tls`:
+    the .tbss section's labels (None: no TLS at all); `prefix`: mallctl's; `link`: more
+    linker arguments."""
+    source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", tls] if tls else []
+    source += ["    .section .rodata", f'    .ascii "{VERSION.decode()}"',
+               "    .data", "    .p2align 3", data, "    .text", "    .globl _start",
+               "_start: ret", f"    .globl {prefix}mallctl",
+               f"    .type {prefix}mallctl, @function", f"{prefix}mallctl: ret",
+               f"    .size {prefix}mallctl, .-{prefix}mallctl"]
     for name, form, anchor, offset, compared in functions:
         body = form.format(anchor=anchor, offset=offset, next=compared)
         source += [f"    .{'globl' if exported else 'local'} {name}",
@@ -323,8 +331,9 @@ def assemble_forms(tmp_path: Path, functions: list[tuple[str, str, str, int, int
     asm = tmp_path / "forms.s"
     asm.write_text("\n".join(source) + "\n")
     out = tmp_path / ("fast" if executable else "libfast.so")
-    link = ["-static", "-no-pie"] if executable else ["-shared"]
-    subprocess.run(["gcc", *link, "-nostdlib", "-Wl,--build-id", "-o", out, asm], check=True)
+    mode = ["-static", "-no-pie"] if executable else ["-shared"]
+    subprocess.run(["gcc", *mode, "-nostdlib", "-Wl,--build-id", *link, "-o", out, asm],
+                   check=True)
     if not exported:
         subprocess.run(["strip", out], check=True)
     return out
@@ -555,3 +564,258 @@ def _symbols(path: Path) -> dict[str, int]:
     out = subprocess.run(["nm", str(path)], capture_output=True, text=True, check=True).stdout
     return {parts[2]: int(parts[0], 16) for parts in map(str.split, out.splitlines())
             if len(parts) == 3}
+
+
+# --- placement of what the code shows, and the route's own refusals (issue 28) -----------
+
+GENERAL_DYNAMIC = """
+    .byte 0x66
+    leaq tsd@tlsgd(%rip), %rdi
+    .value 0x6666
+    rex64
+    call __tls_get_addr@PLT
+    movq {offset}(%rax), %rdx
+    addq %rsi, %rdx
+    cmpq {next}(%rax), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rax)
+"""
+TSD_SECOND = "other: .zero 64\ntsd: .zero 2632"  # the TSD 64 bytes into the block
+
+
+def general_dynamic(tmp_path: Path, visibility: str = "local") -> Path:
+    """A shared object whose malloc and free reach the TSD through `__tls_get_addr`; a
+    global `tsd` gets an R_X86_64_DTPOFF64, a local one a constant in the GOT pair."""
+    return assemble_forms(tmp_path, [("malloc", GENERAL_DYNAMIC, "", 0x338, 0x340),
+                                     ("free", GENERAL_DYNAMIC, "", 0x348, 0x350)],
+                          tls=TSD_SECOND if visibility == "local" else ".globl tsd\n" + TSD_SECOND)
+
+
+def relocations(path: Path, kind: str) -> list[int]:
+    out = subprocess.run(["readelf", "-rW", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return [int(line.split()[0], 16) for line in out.splitlines() if kind in line]
+
+
+def write_at(path: Path, vaddr: int, data: bytes) -> None:
+    """Overwrite the file's bytes that segment mapping places at `vaddr`."""
+    with open(path, "r+b") as stream:
+        [(start, offset)] = [(s["p_vaddr"], s["p_offset"])
+                             for s in ELFFile(stream).iter_segments("PT_LOAD")
+                             if s["p_vaddr"] <= vaddr < s["p_vaddr"] + s["p_filesz"]]
+        stream.seek(offset + vaddr - start)
+        stream.write(data)
+
+
+@pytest.mark.parametrize("visibility", ["local", "global"])
+def test_general_dynamic_fast_paths_are_placed_in_the_modules_block(tmp_path, visibility):
+    found = code_layout(general_dynamic(tmp_path, visibility))
+    assert found == machine_code.CodeLayout(
+        symbol_offset=64, allocated_offset=0x338, deallocated_offset=0x348,
+        static_block_offset=None, tpoff_got=None, tpoff_addend=0, tpoff_symbolic=False,
+        route="malloc/free fast paths", dynamic_tls=True)
+
+
+def test_general_dynamic_pair_with_no_plausible_offset_is_refused(tmp_path):
+    lib = general_dynamic(tmp_path)
+    [pair] = relocations(lib, "R_X86_64_DTPMOD64")
+    write_at(lib, pair + 8, (1 << 20).to_bytes(8, "little"))
+    assert code_refusal(lib) == (f"__tls_get_addr of GOT pair {pair:#x}: no plausible offset "
+                                 "in the TLS block")
+
+
+def test_pair_offset_takes_the_relocation_else_a_plausible_constant(tmp_path):
+    """The DTPOFF64's value wins over the file's word; a constant must lie in 0..1 MiB."""
+    (tmp_path / "global").mkdir()
+    lib = general_dynamic(tmp_path / "global", "global")
+    [pair] = relocations(lib, "R_X86_64_DTPMOD64")
+    write_at(lib, pair + 8, (8).to_bytes(8, "little"))  # what the relocation overwrites
+    with open(lib, "rb") as stream, mmap.mmap(stream.fileno(), 0,
+                                              access=mmap.ACCESS_READ) as view:
+        assert machine_code.Image(ELFFile(stream), view, shared=True).pair_offset(pair) == 64
+    local = general_dynamic(tmp_path)
+    [pair] = relocations(local, "R_X86_64_DTPMOD64")
+    got = {}
+    for value in (0, 64, (1 << 20) - 1, 1 << 20, (1 << 64) - 8):
+        write_at(local, pair + 8, value.to_bytes(8, "little"))
+        with open(local, "rb") as stream, mmap.mmap(stream.fileno(), 0,
+                                                    access=mmap.ACCESS_READ) as view:
+            image = machine_code.Image(ELFFile(stream), view, shared=True)
+            got[value] = image.pair_offset(pair)
+            end = max(vaddr + size for vaddr, _, size, _ in image.loads)
+            assert image.pair_offset(end + 0x1000) is None  # no word there at all
+    assert got == {0: 0, 64: 64, (1 << 20) - 1: (1 << 20) - 1, 1 << 20: None,
+                   (1 << 64) - 8: None}
+
+
+def test_a_symbolic_tpoff_slot_shifts_the_counters_by_its_addend(tmp_path):
+    """An R_X86_64_TPOFF64 naming the TSD's symbol: the symbol is the TSD, the addend
+    (forged here: linkers write 0) moves the counters; the slot is given from the first
+    page of the object, which need not be 0."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    lib = assemble_forms(tmp_path, [("malloc", form, GOT, 0x338, 0x340),
+                                    ("free", form, GOT, 0x348, 0x350)],
+                         tls=".globl tsd\n" + TLS_BLOCK, link=("-Wl,-Ttext-segment=0x201000",))
+    [slot] = tpoff_slots(lib)
+    with open(lib, "r+b") as stream:
+        rela = ELFFile(stream).get_section_by_name(".rela.dyn")
+        [index] = [i for i, rel in enumerate(rela.iter_relocations())
+                   if rel["r_offset"] == slot]
+        stream.seek(rela["sh_offset"] + index * rela["sh_entsize"] + 16)  # r_addend
+        stream.write((16).to_bytes(8, "little", signed=True))
+    assert code_layout(lib) == machine_code.CodeLayout(
+        symbol_offset=0, allocated_offset=0x348, deallocated_offset=0x358,
+        static_block_offset=None, tpoff_got=slot - 0x201000, tpoff_addend=16,
+        tpoff_symbolic=True, route="malloc/free fast paths")
+
+
+def test_a_slot_without_symbol_gives_the_tsds_place_in_the_block(tmp_path):
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    lib = assemble_forms(tmp_path, [("malloc", form, OTHER_GOT, 0x10, 0x18),
+                                    ("free", form, OTHER_GOT, 0x20, 0x28)])
+    [slot] = tpoff_slots(lib)
+    assert code_layout(lib) == machine_code.CodeLayout(
+        symbol_offset=2632, allocated_offset=0x10, deallocated_offset=0x20,
+        static_block_offset=None, tpoff_got=slot, tpoff_addend=2632, tpoff_symbolic=False,
+        route="malloc/free fast paths")
+
+
+def test_a_shared_object_whose_fast_paths_use_an_immediate_is_refused(tmp_path):
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    lib = assemble_forms(tmp_path, [("malloc", form, "$-2696", 0x338, 0x340),
+                                    ("free", form, "$-2696", 0x348, 0x350)])
+    assert code_refusal(lib) == ("a shared object whose fast paths use immediate -0xa88, "
+                                 "not a TPOFF64 slot")
+
+
+def test_an_object_without_tls_is_refused(tmp_path):
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    exe = assemble_forms(tmp_path, [("malloc", form, "$-2696", 0x338, 0x340),
+                                    ("free", form, "$-2696", 0x348, 0x350)],
+                         executable=True, tls=None)
+    assert code_refusal(exe, shared=False) == "no PT_TLS segment"
+
+
+@pytest.mark.parametrize("immediate, fits", [("$-848", True), ("$-844", False)])
+def test_counters_must_end_within_the_tls_block(tmp_path, immediate, fits):
+    """The 2696-byte block from TP - 2696: at -848 thread_deallocated (0x348) ends at its
+    last byte; 4 bytes later it does not."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    exe = assemble_forms(tmp_path, [("malloc", form, immediate, 0x338, 0x340),
+                                    ("free", form, immediate, 0x348, 0x350)],
+                         executable=True)
+    if fits:
+        assert code_layout(exe, shared=False).symbol_offset == 2696 - 848
+    else:
+        assert code_refusal(exe, shared=False) == (
+            "counters at immediate -0x34c + 0x348 lie outside the 2696-byte TLS block")
+
+
+def test_an_object_for_another_machine_is_refused(tmp_path):
+    lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340), ("free", GOT, 0x348, 0x350)])
+    with open(lib, "r+b") as stream:
+        stream.seek(18)  # e_machine
+        stream.write((183).to_bytes(2, "little"))  # EM_AARCH64
+    assert code_refusal(lib) == "the code route reads x86_64 only"
+
+
+def test_fast_paths_without_free_are_refused_with_what_each_showed(tmp_path):
+    lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340), ("free", GOT, 0x348, 0x358)])
+    assert code_refusal(lib) == (
+        "counter shapes per entry point: free: 0, malloc: 1; need thread_allocated in "
+        "malloc and thread_deallocated in free/sdallocx")
+
+
+def test_the_mallctl_prefix_names_the_entry_points(tmp_path):
+    """pyarrow's je_arrow_: its malloc and free are read, not scanned for."""
+    form = FORMS["gcc 12: cmp %fs:next,reg"]
+    lib = assemble_forms(tmp_path, [("je_arrow_malloc", form, GOT, 0x338, 0x340),
+                                    ("je_arrow_free", form, GOT, 0x348, 0x350)],
+                         prefix="je_arrow_")
+    assert code_layout(lib).route == "malloc/free fast paths"
+
+
+def test_disagreeing_anchors_are_named(tmp_path):
+    lib = assemble(tmp_path, [("malloc", GOT, 0x338, 0x340),
+                              ("free", OTHER_GOT, 0x348, 0x350)])
+    first, second = sorted(tpoff_slots(lib))
+    assert code_refusal(lib) == ("the fast paths disagree on the TLS anchor: "
+                                 f"GOT slot {first:#x}, GOT slot {second:#x}")
+
+
+def test_scan_refusals_say_what_was_found(tmp_path):
+    (tmp_path / "none").mkdir()
+    lib = assemble(tmp_path / "none", [("a", GOT, 0x338, 0x348), ("b", GOT, 0x348, 0x358)],
+                   exported=False)
+    assert code_refusal(lib) == "scan of the code found 0 counter pairs (shapes by anchor: none)"
+    two = assemble(tmp_path, [("a", GOT, 0x338, 0x340), ("b", GOT, 0x348, 0x350),
+                              ("c", OTHER_GOT, 0x10, 0x18), ("d", OTHER_GOT, 0x20, 0x28)],
+                   exported=False)
+    slots = dict(zip(("tsd", "other"), tpoff_slots(two)))  # readelf lists them in GOT order
+    message = code_refusal(two)
+    assert message.startswith("scan of the code found 2 counter pairs (shapes by anchor: ")
+    for anchor, offsets in ((slots["tsd"], "['0x338', '0x348']"),
+                            (slots["other"], "['0x10', '0x20']")):
+        assert f"GOT slot {anchor:#x}: {offsets}" in message
+    assert message.count("; ") == 1
+
+
+def test_scan_counts_candidates_in_executable_segments_only(tmp_path):
+    """As many compares and thread-pointer loads as the bound allows, in data: not code."""
+    lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
+                   exported=False,
+                   extra=f"    .data\n.rept {machine_code.MAX_SCAN_CANDIDATES}\n"
+                         "    movq %fs:0, %rax\n    cmpq 0x340(%rcx), %rdx\n"
+                         "    cmpq %fs:0x340(%rcx), %rdx\n.endr\n    .text")
+    assert code_layout(lib).route == "scan of the executable segment"
+
+
+def test_scan_takes_thread_pointer_loads_followed_by_a_compare_only(tmp_path):
+    """Loads of %fs:0 with no compare within 160 bytes after are no candidates."""
+    lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
+                   exported=False,
+                   extra=f".rept {machine_code.MAX_SCAN_CANDIDATES}\n    movq %fs:0, %rax\n"
+                         ".endr\n    .fill 200, 1, 0x90\n    cmpq 0x340(%rcx), %rdx")
+    assert code_layout(lib).route == "scan of the executable segment"
+
+
+def test_scan_bound_is_inclusive(tmp_path):
+    """Exactly MAX_SCAN_CANDIDATES compares (two of them the fast paths') are scanned."""
+    lib = assemble(tmp_path, [("je_malloc", GOT, 0x338, 0x340), ("je_free", GOT, 0x348, 0x350)],
+                   exported=False, extra=f".rept {machine_code.MAX_SCAN_CANDIDATES - 2}\n"
+                                         "    cmpq %fs:0x340(%rcx), %rdx\n.endr")
+    assert code_layout(lib).route == "scan of the executable segment"
+
+
+def test_scan_decodes_from_the_longest_lead_in_that_reaches_the_compare(tmp_path):
+    """Bytes that do not decode 25 bytes before each compare: the lead-ins from before
+    them stop there, the one from 24 bytes before reads the whole fast path."""
+    fast_path = FAST_PATH.replace("{name}:\n", "{name}:\n    .fill 32, 1, 0x90\n    .byte 0x06\n"
+                                              "    .fill 6, 1, 0x90\n")
+    source = ['    .section .tbss,"awT",@nobits', "    .p2align 3", "tsd: .zero 2632",
+              "    .section .rodata", f'    .ascii "{VERSION.decode()}"', "    .text"]
+    for name, offset in (("je_malloc", 0x338), ("je_free", 0x348)):
+        source.append(fast_path.format(name=name, anchor=GOT, offset=offset, next=offset + 8))
+    (tmp_path / "lead.s").write_text("\n".join(source) + "\n")
+    lib = tmp_path / "liblead.so"
+    subprocess.run(["gcc", "-shared", "-nostdlib", "-o", lib, tmp_path / "lead.s"], check=True)
+    subprocess.run(["strip", lib], check=True)
+    found = code_layout(lib)
+    assert (found.route, found.allocated_offset) == ("scan of the executable segment", 0x338)
+
+
+def test_bytes_at_a_segment_end_stop_there(tmp_path):
+    """A word cut by its segment's end is no TP offset, whatever its first bytes say."""
+    exe = assemble_forms(tmp_path, [], executable=True)
+    with open(exe, "rb") as stream:
+        [(vaddr, filesz)] = [(s["p_vaddr"], s["p_filesz"])
+                             for s in ELFFile(stream).iter_segments("PT_LOAD")
+                             if s["p_filesz"]][:1]
+    end = vaddr + filesz
+    write_at(exe, end - 4, (-2696).to_bytes(4, "little", signed=True))
+    with open(exe, "rb") as stream, mmap.mmap(stream.fileno(), 0,
+                                              access=mmap.ACCESS_READ) as view:
+        image = machine_code.Image(ELFFile(stream), view, shared=False)
+        assert image.bytes_at(end - 4, 8) == (-2696).to_bytes(4, "little", signed=True)
+        assert image.constant_tpoff(end - 4) is None
+        assert image.bytes_at(end, 8) == b""

@@ -20,7 +20,8 @@ Binaries that export none of those functions (a stripped executable with a prefi
 jemalloc, e.g. Rust's `_rjem_`) are scanned: each `%fs`-relative compare in the executable
 segments is decoded with the code before it, and the shapes found must name one anchor and
 one pair of counters; the scan is only trusted in a file that carries jemalloc 5.3's
-version string.
+version string. (General-dynamic code reaches the TSD through `__tls_get_addr`, not %fs:
+it is read at the entry points only.)
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ class _Tracker:
             return None
         dst, src = ops
         if name == "cmp":
-            self._compare(dst, src) or self._compare(src, dst)
+            self._compare(dst, src)
+            self._compare(src, dst)
             return None
         if dst.type == x86.X86_OP_REG:
             state = self._written(insn, dst, src) if dst.size == 8 else None
@@ -262,9 +264,9 @@ class _Tracker:
             return (_OFFSET, anchor) if anchor is not None else None
         if name == "add":
             added = self._counter_in(src)
-            if old is not None and old[0] == _COUNTER and (
-                    added is None or self.read_at.get(_family(dst.reg), -1) > self.read_at.get(
-                        _family(src.reg), -1)):
+            if old is not None and old[0] == _COUNTER and (  # both read: read_at has both
+                    added is None
+                    or self.read_at[_family(dst.reg)] > self.read_at[_family(src.reg)]):
                 return old  # the counter plus a size (or an older counter, from before)
             if added is not None:
                 return _COUNTER, added
@@ -299,13 +301,12 @@ class _Tracker:
             return _ADDRESS, Anchor("imm", mem.disp)
         return None
 
-    def _compare(self, reg_op, mem_op) -> bool:
+    def _compare(self, reg_op, mem_op) -> None:
+        """Note a compare of a register holding a counter with the field 8 bytes above."""
         fs = self._counter_operand(mem_op)
         held = self._counter_in(reg_op)
-        if fs is None or held is None or held != (fs[0], fs[1] - 8):
-            return False
-        self.compared.add((_family(reg_op.reg), *held))
-        return True
+        if fs is not None and held is not None and held == (fs[0], fs[1] - 8):
+            self.compared.add((_family(reg_op.reg), *held))
 
     def _stored(self, fs: tuple[Anchor, int]) -> CounterShape:
         self.compared = {c for c in self.compared if c[1:] != fs}
@@ -319,9 +320,8 @@ class _Tracker:
 
     def _offset_source(self, insn, src) -> Anchor | None:
         """The TSD's offset from TP in an immediate (local-exec) or a TPOFF GOT slot."""
-        if src.type == x86.X86_OP_IMM:
-            value = src.imm if src.imm < 1 << 63 else src.imm - (1 << 64)
-            return Anchor("imm", value) if -MAX_TLS_OFFSET < value < 0 else None
+        if src.type == x86.X86_OP_IMM:  # capstone gives it sign-extended
+            return Anchor("imm", src.imm) if -MAX_TLS_OFFSET < src.imm < 0 else None
         mem = src.mem
         if (src.type == x86.X86_OP_MEM and mem.base == x86.X86_REG_RIP and mem.index == 0
                 and mem.segment == 0):
@@ -490,16 +490,14 @@ def _shapes_around(image: Image, md: capstone.Cs, compare: int,
     lead-in (within the segment starting at `segment`) whose decode falls on an instruction
     boundary at the compare: one decode with details per compare."""
     for start in sorted({max(segment, compare - lead) for lead in SCAN_LEAD_INS}):
-        code = image.bytes_at(start, compare - start + SCAN_TAIL)
-        if len(code) <= compare - start:
-            continue
+        code = image.bytes_at(start, compare - start + SCAN_TAIL)  # the compare's segment
         boundary = False
         for insn_address, _, _, _ in md.disasm_lite(code[:compare - start + 16], start):
             if insn_address >= compare:
                 boundary = insn_address == compare
                 break
         if boundary:
-            return shapes_in(md, code, start, image.is_tls_slot, image.is_tls_pair)
+            return shapes_in(md, code, start, image.is_tls_slot)  # no %fs in general dynamic
     return []
 
 
@@ -524,7 +522,8 @@ def _placed(image: Image, found: CodeOffsets) -> CodeLayout:
             raise CodeError(f"a shared object whose fast paths use {anchor}, not a TPOFF64 slot")
         shift = reloc.addend if reloc.symbol is not None else 0
         symbol_offset = 0 if reloc.symbol is not None else reloc.addend
-        placement = {"static_block_offset": None, "tpoff_got": anchor.value - _first_page(image),
+        first_page = image.loads[0][0] & ~0xFFF  # the code found is in one of them
+        placement = {"static_block_offset": None, "tpoff_got": anchor.value - first_page,
                      "tpoff_addend": reloc.addend, "tpoff_symbolic": reloc.symbol is not None}
     else:
         tp_offset = anchor.value if anchor.kind == "imm" else image.constant_tpoff(anchor.value)
@@ -539,12 +538,6 @@ def _placed(image: Image, found: CodeOffsets) -> CodeLayout:
                         f"{tls.memsz}-byte TLS block")
     return CodeLayout(symbol_offset, alloc + shift, dealloc + shift, route=found.route,
                       **placement)
-
-
-def _first_page(image: Image) -> int:
-    if not image.loads:
-        raise CodeError("no PT_LOAD segment")
-    return image.loads[0][0] & ~0xFFF
 
 
 def counter_layout(stream: BinaryIO, shared: bool, scan: bool = False) -> CodeLayout:
