@@ -330,10 +330,7 @@ class _Tracker:
         return None
 
     def _kill(self, insn) -> None:
-        try:
-            _, written = insn.regs_access()
-        except capstone.CsError:
-            written = ()
+        _, written = insn.regs_access()  # a CsError: counter_layout refuses the object
         for reg in written:
             family = _family(reg)
             self.regs.pop(family, None)

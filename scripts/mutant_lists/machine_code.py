@@ -18,12 +18,12 @@ MUTANTS = [
      "    if dealloc - alloc != COUNTER_GAP:\n",
      "    if abs(dealloc - alloc) != COUNTER_GAP:\n"),
     ("a positive immediate taken as a TP offset", F,
-     "            return Anchor(\"imm\", value) if -MAX_TLS_OFFSET < value < 0 else None\n",
-     "            return Anchor(\"imm\", value) if -MAX_TLS_OFFSET < value < MAX_TLS_OFFSET "
+     "            return Anchor(\"imm\", src.imm) if -MAX_TLS_OFFSET < src.imm < 0 else None\n",
+     "            return Anchor(\"imm\", src.imm) if -MAX_TLS_OFFSET < src.imm < MAX_TLS_OFFSET "
      "else None\n"),
     ("an immediate of any size taken as a TP offset", F,
-     "            return Anchor(\"imm\", value) if -MAX_TLS_OFFSET < value < 0 else None\n",
-     "            return Anchor(\"imm\", value) if value < 0 else None\n"),
+     "            return Anchor(\"imm\", src.imm) if -MAX_TLS_OFFSET < src.imm < 0 else None\n",
+     "            return Anchor(\"imm\", src.imm) if src.imm < 0 else None\n"),
     ("any RIP-relative load taken as the TLS anchor", F,
      "            return Anchor(\"got\", slot) if self.tls_slot(slot) else None\n",
      "            return Anchor(\"got\", slot)\n"),

@@ -105,6 +105,12 @@ FOUND = {
         "    movq %fs:0x348(%rcx), %rsi\n    movq %rdx, %rax\n    addq %rsi, %rax\n"
         "    cmpq %fs:0x350(%rcx), %rax\n    jae 1f\n    movq %rax, %fs:0x348(%rcx)\n1:\n",
         [("got", SLOT, 0x348)]),
+    "a sum keeps the counter it kept, as read when the sum was made": (
+        "    movq slot(%rip), %rcx\n    movq %fs:0x328(%rcx), %rsi\n"
+        "    movq %fs:0x318(%rcx), %r8\n    movq %fs:0x338(%rcx), %rdx\n"
+        "    addq %rsi, %rdx\n    addq %r8, %rdx\n"
+        "    cmpq %fs:0x340(%rcx), %rdx\n    jae 1f\n    movq %rdx, %fs:0x338(%rcx)\n1:\n",
+        [("got", SLOT, 0x338)]),
     "a counter stored twice after one compare is one shape": (
         "    movq slot(%rip), %rcx\n    movq %fs:0x338(%rcx), %rdx\n    addq %rdi, %rdx\n"
         "    cmpq %fs:0x340(%rcx), %rdx\n    jae 1f\n    movq %rdx, %fs:0x338(%rcx)\n"
@@ -162,10 +168,20 @@ NONE = {
         "    movq slot(%rip), %rcx\n    movq %fs:0x338(%rcx), %rdx\n"
         "    movq %fs:0x338(%rcx), %rsi\n    leaq (%rdx,%rsi), %rax\n"
         "    cmpq %fs:0x340(%rcx), %rax\n    jae 1f\n    movq %rax, %fs:0x338(%rcx)\n1:\n"),
-    "a counter in through one MMX register and out of another": (
-        "    movq slot(%rip), %rcx\n    movq %fs:0x338(%rcx), %rdx\n    movq %rdx, %mm0\n"
-        "    movq %mm1, %rsi\n    cmpq %fs:0x340(%rcx), %rsi\n    jae 1f\n"
+    "a counter in through one control register and out of another": (  # no GPR family
+        "    movq slot(%rip), %rcx\n    movq %fs:0x338(%rcx), %rdx\n    movq %rdx, %cr0\n"
+        "    movq %cr2, %rsi\n    cmpq %fs:0x340(%rcx), %rsi\n    jae 1f\n"
         "    movq %rsi, %fs:0x338(%rcx)\n1:\n"),
+    "a counter used as an address by another instruction than lea": (
+        "    movq slot(%rip), %rcx\n    movq %fs:0x338(%rcx), %rsi\n    subq (%rsi), %rdx\n"
+        "    cmpq %fs:0x340(%rcx), %rdx\n    jae 1f\n    movq %rdx, %fs:0x338(%rcx)\n1:\n"),
+    "the offset plus a register that does not hold the thread pointer": (
+        "    movq slot(%rip), %rcx\n    addq %rsi, %rcx\n" + COUNT_AT.format(r="%rcx")),
+    "the offset plus a constant": (
+        "    movq slot(%rip), %rcx\n    addq $8, %rcx\n" + COUNT_AT.format(r="%rcx")),
+    "the thread pointer added to an address": (
+        "    movq %fs:0, %rax\n    addq slot(%rip), %rax\n    addq %fs:0, %rax\n"
+        + COUNT_AT.format(r="%rax")),
     "a call with no pair before it: %rax is no TSD address": (
         "    call *%r11\n" + COUNT_AT.format(r="%rax")),
     "a pair's address in another register than %rdi": (
