@@ -232,18 +232,19 @@ def expected_health() -> AllocatorHealth:
 
 
 class Torn(Memory):
-    """Memory whose word at `address` reads `values` in turn, one per copy taken."""
+    """Memory whose word at each address of `torn` reads its values in turn, one per copy
+    taken, the last for good (an OSError: that read fails)."""
 
-    def __init__(self, memory: Memory, address: int, values: list[int]) -> None:
+    def __init__(self, memory: Memory, torn: dict[int, list[int | OSError]]) -> None:
         super().__init__()
-        self.words, self.address, self.values = memory.words, address, list(values)
+        self.words, self.torn = memory.words, {a: list(v) for a, v in torn.items()}
 
     def __call__(self, pid: int, ranges: list[tuple[int, int]]) -> list:
         out = super().__call__(pid, ranges)
         for i, (address, _) in enumerate(ranges):
-            if address == self.address and self.values:
-                out[i] = struct.pack("<Q", self.values.pop(0) if len(self.values) > 1
-                                     else self.values[0])
+            if values := self.torn.get(address):
+                value = values.pop(0) if len(values) > 1 else values[0]
+                out[i] = value if isinstance(value, OSError) else struct.pack("<Q", value)
         return out
 
 
@@ -260,9 +261,28 @@ def test_the_allocator_health_of_a_made_up_process():
 
 def test_a_health_word_torn_then_settled_is_read_again_and_kept():
     address = 0x30000 + HEALTH_WORDS[1]  # arena 2's dirty pages, 0 then 5 then 5 for good
-    memory = Torn(with_health(process()), address, [0, 5, 5, 5, 5])
+    memory = Torn(with_health(process()), {address: [0, 5, 5, 5, 5]})
     health = read(memory, HEALTH).health
     assert health is not None and health.dirty == expected_health().dirty + 5 * PAGE
+
+
+def test_words_torn_in_several_arenas_each_settle_to_their_own_value():
+    """Three words of three arenas torn at once, settling after one and two rereads: each
+    range is paired with its own copies, and its own reread; the figures are those of
+    memory that held the final values all along."""
+    torn = {0x30000 + HEALTH_WORDS[1]: [0, 5, 5, 5], 0x50000 + HEALTH_WORDS[3]: [1, 7, 7, 7],
+            0x10000 + HEALTH_WORDS[0]: [2, 3, 4, 9, 9, 9]}
+    settled = {address: [values[-1]] for address, values in torn.items()}
+    health = read(Torn(with_health(process()), torn), HEALTH).health
+    assert health is not None
+    assert health == read(Torn(with_health(process()), settled), HEALTH).health
+
+
+def test_a_torn_word_that_cannot_be_read_again_is_refused_naming_what():
+    memory = Torn(with_health(process()),
+                  {0x30000 + HEALTH_WORDS[1]: [0, 5, OSError(14, "Bad address")]})
+    with pytest.raises(ArenaReadError, match="^allocator statistics: Bad address$"):
+        read(memory, HEALTH)
 
 
 @pytest.mark.parametrize("values", [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 6]])
@@ -270,7 +290,7 @@ def test_a_health_word_still_changing_after_two_more_reads_leaves_the_figures_ou
     """The figures are left out for this read (and the next is a full one); the totals,
     which need none of those words, stand."""
     address = 0x50000 + HEALTH_WORDS[0]  # 2 copies, then 2 rereads of 2 copies each
-    memory = Torn(with_health(process()), address, values)
+    memory = Torn(with_health(process()), {address: values})
     totals = read(memory, HEALTH)
     whole = read(with_health(process()), HEALTH)
     assert totals.health is None and totals == dataclasses.replace(whole, health=None,

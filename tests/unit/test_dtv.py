@@ -295,3 +295,35 @@ def test_addresses_and_values_at_the_edges_of_user_space():
     with pytest.raises(dtv.DtvError) as error:
         walk(mem, loader)
     assert str(error.value) == f"no link map loaded at {BIAS:#x}"
+
+
+def test_the_bounds_of_module_ids_slots_and_chains():
+    """Each bound on both sides: a slot holding 0 is no block; module ids below 2**20 are
+    looked for, 2**20 is not; a chain of MAX_LINK_MAPS maps is followed to its end, one
+    more map is not; a map met twice is a loop."""
+    loader = host_loader()
+    with pytest.raises(dtv.DtvError, match=r"^dtv\[3\] holds 0x0$"):
+        walk(layout_memory(loader, slot=0), loader)
+    with pytest.raises(dtv.DtvError, match=f"^l_tls_modid {dtv.MAX_MODULES} is implausible$"):
+        walk(layout_memory(loader, modid=dtv.MAX_MODULES), loader)
+    with pytest.raises(dtv.DtvError,  # plausible: looked for, past the 64-entry list
+                       match=f"^no slotinfo entry for module {dtv.MAX_MODULES - 1}$"):
+        walk(layout_memory(loader, modid=dtv.MAX_MODULES - 1), loader)
+    looping = layout_memory(loader)
+    looping.put(LINK_MAPS + 0x1000, 1)
+    looping.put(LINK_MAPS + 0x1000 + dtv.LINK_MAP_NEXT, LINK_MAPS)
+    with pytest.raises(dtv.DtvError, match="^the link map chain loops$"):
+        walk(looping, loader)
+    for maps, found in ((dtv.MAX_LINK_MAPS, True), (dtv.MAX_LINK_MAPS + 1, False)):
+        mem = layout_memory(loader)  # its second map, ours, moved to the chain's end
+        ours = LINK_MAPS + 0x1000
+        node = mem.words[loader.r_debug + dtv.R_DEBUG_MAP] = 0x1000000
+        for i in range(maps - 1):
+            mem.put(node, 0x1000 + i)  # l_addr: not our bias
+            mem.put(node + dtv.LINK_MAP_NEXT, node + 0x100 if i < maps - 2 else ours)
+            node += 0x100
+        if found:
+            assert walk(mem, loader) == BLOCK
+        else:
+            with pytest.raises(dtv.DtvError, match=f"^no link map loaded at {BIAS:#x}$"):
+                walk(mem, loader)

@@ -114,3 +114,24 @@ def test_objects_are_listed_once_and_the_walk_stops_after_max_objects(tmp_path, 
     assert list(needed.loaded_objects(str(program))) == everything[:2]
     monkeypatch.setattr(needed, "MAX_OBJECTS", 3)
     assert list(needed.loaded_objects(str(program))) == everything[:3]
+
+
+def test_a_shared_dependency_is_listed_once_and_the_bound_cuts_between_levels(tmp_path,
+                                                                             monkeypatch):
+    """main needs libA and libB, both need libC, libC needs libD (all -nostdlib: no libc in
+    the graph). Breadth first, libC once; the bound is checked before each object's
+    DT_NEEDED are followed, so the walk stops at the first object that reaches it."""
+    for name, deps in {"D": [], "C": ["D"], "B": ["C"], "A": ["C"]}.items():
+        (tmp_path / f"{name}.c").write_text(f"int {name.lower()}(void) {{ return 0; }}\n")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-nostdlib", "-o", tmp_path / f"lib{name}.so",
+                        tmp_path / f"{name}.c", f"-L{tmp_path}", "-Wl,--no-as-needed",
+                        *[f"-l{d}" for d in deps], "-Wl,-rpath,$ORIGIN"], check=True)
+    (tmp_path / "main.c").write_text("void _start(void) {}\n")
+    subprocess.run(["gcc", "-nostdlib", "-o", tmp_path / "main", tmp_path / "main.c",
+                    f"-L{tmp_path}", "-Wl,--no-as-needed", "-lA", "-lB", "-Wl,-rpath,$ORIGIN"],
+                   check=True)
+    libs = [str(tmp_path / f"lib{name}.so") for name in "ABCD"]
+    assert list(needed.loaded_objects(str(tmp_path / "main"), [])) == libs
+    for bound, listed in ((2, 2), (3, 3)):
+        monkeypatch.setattr(needed, "MAX_OBJECTS", bound)
+        assert list(needed.loaded_objects(str(tmp_path / "main"), [])) == libs[:listed]
