@@ -320,3 +320,53 @@ def test_a_dtpoff_relocations_addend_and_one_against_the_module(tmp_path: Path):
     pairs = facts(library, elf.module_tls_pairs)
     assert sorted(pairs.values(), key=lambda v: -1 if v is None else v) == [
         None, *sorted([value["gd_one"] + 16, 40])]
+
+
+def test_pairs_are_read_past_another_modules_relocations_in_any_order(tmp_path: Path):
+    """A linker may write .rela.dyn in any order: with another module's DTPMOD64 moved to
+    the front, this module's pairs are still all read."""
+    library = build(tmp_path, TLS, "-shared", "-fPIC", "-Wl,--unresolved-symbols=ignore-all",
+                    name="lib")
+    before = facts(library, elf.module_tls_pairs)
+    dynamic = facts(library, lambda e: [s.name for s in
+                                        e.get_section_by_name(".dynsym").iter_symbols()])
+    entries = rela_entries(library)
+    [other] = [at for at, sym, kind in entries
+               if kind == elf.R_X86_64_DTPMOD64 and dynamic[sym] == "gd_other"]
+    first = entries[0][0]
+    data = bytearray(library.read_bytes())
+    data[first:first + 24], data[other:other + 24] = data[other:other + 24], data[first:first + 24]
+    library.write_bytes(bytes(data))
+    assert rela_entries(library)[0][1:] == (dynamic.index("gd_other"), elf.R_X86_64_DTPMOD64)
+    assert facts(library, elf.module_tls_pairs) == before and len(before) == 3
+
+
+def test_a_string_table_without_its_final_nul_still_names_its_last_symbol(tmp_path: Path):
+    """Forged: .strtab cut before its final NUL. The last name runs to the table's end."""
+    obj = assemble(tmp_path, "--64")
+    with open(obj, "rb") as stream:
+        strtab = elf.open_elf(stream).get_section_by_name(".strtab")
+        assert strtab.data().endswith(b"\0je_tsd_tls\0")  # the TSD's name is the last
+        size = strtab["sh_size"]
+    patch(obj, section_header(obj, ".strtab") + 32, "Q", size - 1)  # sh_size
+    assert facts(obj, elf.tsd_symbol).name == "je_tsd_tls"
+
+
+def test_a_function_named_by_any_occurrence_of_its_name_in_the_strings(tmp_path: Path):
+    """Forged: `malloc`'s name points into the middle one of three other names ending in
+    it (a linker may share a name's tail): every occurrence is looked at."""
+    source = "".join(f"void {n}(void) {{}}\n" for n in ("amalloc", "bmalloc", "cmalloc",
+                                                          "malloc"))
+    library = build(tmp_path, source, "-shared", "-fPIC", "-nostdlib", name="lib")
+    subprocess.run(["strip", library], check=True)  # .dynsym alone
+    with open(library, "rb") as stream:
+        parsed = elf.open_elf(stream)
+        table = parsed.get_section_by_name(".dynsym")
+        text = parsed.get_section(table["sh_link"]).data()
+        [index] = [i for i, s in enumerate(table.iter_symbols()) if s.name == "malloc"]
+        address = table.get_symbol(index)["st_value"]
+        entry = table["sh_offset"] + index * table["sh_entsize"]
+    occurrences = [i for i in range(len(text)) if text.startswith(b"malloc\0", i)]
+    assert len(occurrences) >= 3
+    patch(library, entry, "I", occurrences[1])  # st_name
+    assert facts(library, lambda e: elf.defined_functions(e, {"malloc"}))["malloc"][0] == address
