@@ -118,6 +118,20 @@ def test_mangled_counters_read_through_the_typedef_chain(tmp_path: Path):
                                   MANGLED + "thread_deallocated", 32)
 
 
+@pytest.mark.parametrize("how", ["zlib", "zlib-gnu"])
+def test_compressed_sections_read_alike(tmp_path: Path, how: str):
+    """The linker's SHF_COMPRESSED sections, and the older .zdebug_* ones."""
+    obj = compile_c(tmp_path, "tsd.c", tsd_source(
+        "char pad[16]", f"uint64_t {MANGLED}thread_allocated",
+        f"uint64_t {MANGLED}thread_deallocated"))
+    lib = link(tmp_path, "lib.so", obj, flags=(f"-Wl,--compress-debug-sections={how}",))
+    sections = read(lib, lambda e: {s.name: s["sh_flags"] for s in e.iter_sections()})
+    assert (sections[".debug_info"] & 0x800 if how == "zlib" else ".zdebug_info" in sections)
+    assert tsd(lib) == TsdOffsets(16, 24, MANGLED + "thread_allocated",
+                                  MANGLED + "thread_deallocated", 32)
+    assert unit_names(lib) == [(0, str(tmp_path / "tsd.c"))]
+
+
 def test_plain_names_when_not_mangled(tmp_path: Path):
     """jemalloc before 5.1 did not mangle; the last counter may end the struct."""
     obj = compile_c(tmp_path, "tsd.c", tsd_source(
