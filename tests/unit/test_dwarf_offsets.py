@@ -108,7 +108,17 @@ def test_jemalloc_arena_layout(libjemalloc: Path):
     assert read(libjemalloc, dwarf.arena_offsets) == JEMALLOC_ARENA
 
 
-# -- tsd_s on objects gcc builds --
+RJEM = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem/lib/libjemalloc.so.2")
+
+
+def test_rust_jemalloc_prefixes_its_variables():
+    """tikv-jemallocator's build names them _rjem_je_arenas and so on: the same layout."""
+    assert read(RJEM, dwarf.arena_offsets) == JEMALLOC_ARENA
+    assert read(RJEM, lambda e: dwarf.tls_variable_offset(
+        e, ("tsd_tls", "je_tsd_tls", "_rjem_je_tsd_tls"))) == ("_rjem_je_tsd_tls", 0)
+
+
+# -- tsd_s on objects gcc and clang build --
 
 def test_mangled_counters_read_through_the_typedef_chain(tmp_path: Path):
     obj = compile_c(tmp_path, "tsd.c", tsd_source(
@@ -273,6 +283,30 @@ def test_big_endian_units_are_walked_by_pyelftools(tmp_path: Path):
     assert tsd(obj) == TsdOffsets(8, 16, "thread_allocated", "thread_deallocated", 24)
 
 
+@pytest.mark.parametrize("expression", [
+    "\t.byte\t0x2\n\t.byte\t0x10\n\t.uleb128 0x8\n",             # DW_OP_constu 8
+    "\t.byte\t0x2\n\t.byte\t0x38\n\t.byte\t0x96\n",                # DW_OP_lit8; DW_OP_nop
+])
+def test_a_computed_member_location_is_refused(tmp_path: Path, expression: str):
+    """Forged: gcc -gdwarf-2 writes each location as one DW_OP_plus_uconst; here the
+    deallocated counter's is edited in gcc's assembly into an expression to compute, of
+    the same length."""
+    source = tmp_path / "tsd.c"
+    source.write_text("struct tsd_s { unsigned long thread_allocated;"
+                      " unsigned long thread_deallocated; } tsd;\n")
+    assembly = tmp_path / "tsd.s"
+    subprocess.run(["gcc", "-gdwarf-2", "-gstrict-dwarf", "-dA", "-S", "-o", assembly, source],
+                   check=True)
+    plus_8 = "\t.byte\t0x2\t# DW_AT_data_member_location\n\t.byte\t0x23\t# DW_OP_plus_uconst\n" \
+             "\t.uleb128 0x8\n"
+    text = assembly.read_text()
+    assert text.count(plus_8) == 1
+    assembly.write_text(text.replace(plus_8, expression))
+    obj = tmp_path / "tsd.o"
+    subprocess.run(["gcc", "-c", "-o", obj, assembly], check=True)
+    assert tsd_refusal(obj) == "member thread_deallocated has a computed location"
+
+
 # -- the TSD variable's TLS offset --
 
 TLS_SOURCE = """extern __thread struct tsd_s { unsigned long a[4]; } je_tsd_tls;
@@ -305,7 +339,164 @@ def test_a_variable_not_thread_local_has_no_tls_offset(tmp_path: Path):
         "no TLS location for tsd_tls or missing"
 
 
-# -- arena statistics --
+# -- arena statistics on a small jemalloc built here --
+#
+# arena.c and jemalloc.c below declare jemalloc 5.3's structs, reduced to the members the
+# search reads and with padding where jemalloc has other members: mutexes whose statistics
+# sit in an anonymous struct inside an anonymous union, a flexible bins[] and qualifiers
+# on members' types. main.c, not one of jemalloc's units, has decoys.
+
+ARENA_C = """typedef unsigned long size_t;
+typedef unsigned long uint64_t;
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef struct { uint64_t n_wait; union { uint64_t n_lock_ops; char c; }; } mutex_prof_data_t;
+typedef struct { union { struct { char lock[40]; mutex_prof_data_t prof_data; };
+                         char witness[8]; }; } malloc_mutex_t;
+typedef struct { uint64_t nmalloc, ndalloc, nrequests, abandoned; } arena_stats_large_t;
+typedef struct { size_t npages; } eset_t;
+typedef struct { char mtx[8]; eset_t eset; eset_t guarded_eset; } ecache_t;
+typedef struct { char pad[8]; ecache_t ecache_dirty, ecache_muzzy, ecache_retained; } pac_t;
+typedef struct { char pad[16]; size_t nactive; pac_t pac; } pa_shard_t;
+typedef struct { size_t pac_mapped; } pac_stats_t;
+typedef struct { size_t abandoned; pac_stats_t pac_stats; } pa_shard_stats_t;
+typedef struct { size_t mapped; size_t internal; pa_shard_stats_t pa_shard_stats;
+                 arena_stats_large_t lstats[5]; } arena_stats_t;
+typedef struct { size_t reg_size; size_t slab_size; uint32_t nregs; uint32_t n_shards;
+                 char bitmap[16]; } bin_info_t;
+typedef struct { uint64_t nmalloc; uint64_t nrequests; size_t curregs; } bin_stats_t;
+typedef struct bin_s { char lock[24]; bin_stats_t stats; } bin_t;
+typedef struct { uint64_t nrequests; } cache_bin_stats_t;
+typedef struct cache_bin_s { void **stack_head; cache_bin_stats_t tstats;
+                             uint16_t low_bits_low_water, low_bits_full, low_bits_empty;
+} cache_bin_t;
+typedef struct cache_bin_array_descriptor_s cache_bin_array_descriptor_t;
+struct cache_bin_array_descriptor_s {
+    struct { cache_bin_array_descriptor_t *qre_next, *qre_prev; } link;
+    cache_bin_t *bins;
+};
+typedef struct { char pad[32]; size_t allocated, resident, mapped; } base_t;
+typedef struct arena_s {
+    unsigned nthreads[2];
+    const arena_stats_t stats;
+    struct { cache_bin_array_descriptor_t *qlh_first; } cache_bin_array_descriptor_ql;
+    malloc_mutex_t tcache_ql_mtx;
+    pa_shard_t pa_shard;
+    volatile unsigned ind;
+    base_t *base;
+    bin_t bins[];
+} arena_t;
+extern arena_t *je_arenas[7];
+arena_t *je_arenas[7];
+unsigned je_narenas_total;
+unsigned nhbins;
+size_t je_sz_index2size_tab[10];
+uint32_t je_arena_bin_offsets[3];
+const bin_info_t je_bin_infos[3];
+size_t je_tcache_bin_alloc_size;
+"""
+
+JEMALLOC_C = """typedef unsigned long uint64_t;
+struct arena_s { char other[8]; unsigned ind; } decoy;
+typedef struct { char pad[24]; struct { char pad[8]; } cache_bin_array_descriptor;
+} tcache_slow_t;
+struct tsd_s { uint64_t thread_allocated; struct { char pad[40];
+    tcache_slow_t cant_access_tsd_items_directly_use_a_getter_or_setter_tcache_slow; }; } tsd;
+static unsigned je_narenas_total = 1;
+unsigned *keep(void) { return &je_narenas_total; }
+extern unsigned long je_tcache_bin_alloc_size;
+unsigned long je_tcache_bin_alloc_alignment;
+"""
+
+MAIN_C = """struct arena_s { char mine[3]; } mine;
+struct tsd_s { char mine[3]; } my_tsd;
+static unsigned je_narenas_total = 2, je_nhbins = 3;
+unsigned *keep_main(void) { return je_nhbins ? &je_narenas_total : 0; }
+"""
+
+SMALL_ARENA = {
+    "arenas_count": 7, "nsizes": 10, "bin_info_size": 40, "bin_info_shards": 20,
+    "bin_info_reg_size": 0, "bin_info_slab_size": 8, "bin_info_nregs": 16, "arena_ind": 368,
+    "arena_internal": 16, "arena_cache_locks": 256, "arena_lstats": 40, "nlarge": 5,
+    "lstat_size": 32, "lstat_nmalloc": 0, "lstat_ndalloc": 8, "lstat_nrequests": 16,
+    "tsd_descriptor": 72, "arena_descriptors": 200, "descriptor_next": 0,
+    "descriptor_bins": 16, "cache_bin_size": 24, "cache_bin_head": 0,
+    "cache_bin_nrequests": 8, "cache_bin_empty": 20, "bin_size": 48, "bin_nrequests": 32,
+    "bin_curregs": 40,
+}
+SMALL_HEALTH = {
+    "arena_nactive": 280, "arena_dirty_pages": 304, "arena_dirty_guarded_pages": 312,
+    "arena_muzzy_pages": 328, "arena_muzzy_guarded_pages": 336, "arena_retained_pages": 352,
+    "arena_retained_guarded_pages": 360, "arena_pac_mapped": 32, "arena_base": 376,
+    "base_allocated": 32, "base_resident": 40, "base_mapped": 48,
+}
+SYMBOLS = {"arenas": "je_arenas", "narenas_total": "je_narenas_total", "nhbins": "nhbins",
+           "sz_index2size_tab": "je_sz_index2size_tab",
+           "arena_bin_offsets": "je_arena_bin_offsets", "bin_infos": "je_bin_infos",
+           "tcache_bin_alloc_size": "je_tcache_bin_alloc_size",
+           "tcache_bin_alloc_alignment": "je_tcache_bin_alloc_alignment"}
+
+
+def small_jemalloc(directory: Path, arena: str = ARENA_C, jemalloc: str = JEMALLOC_C,
+                   *flags: str, cc: str = "gcc") -> Path:
+    units = [compile_c(directory, name, source, *flags, cc=cc) for name, source in
+             (("main.c", MAIN_C), ("arena.c", arena), ("jemalloc.c", jemalloc))]
+    return link(directory, "libjemalloc.so", *units)
+
+
+def global_addresses(path: Path) -> dict[str, int]:
+    """The addresses of SYMBOLS' global definitions, from the symbol table."""
+    def read_symbols(elf: ELFFile) -> dict[str, int]:
+        values = {s.name: s["st_value"] for s in elf.get_section_by_name(".symtab").
+                  iter_symbols() if s["st_info"]["bind"] == "STB_GLOBAL"}
+        return {name: values[symbol] for name, symbol in SYMBOLS.items()}
+    return read(path, read_symbols)
+
+
+@pytest.mark.parametrize("cc, flags", [("gcc", ("-gdwarf-5",)), ("gcc", ("-gdwarf-4",)),
+                                       ("clang", ("-gdwarf-4",))])  # clang: DW_AT_count
+def test_small_jemalloc_arena_layout(tmp_path: Path, cc: str, flags: tuple[str, ...]):
+    """Variables and structs are each the first definition in jemalloc's units: a static
+    variable of the same name, an arena_s in a later unit and main.c's are not read."""
+    lib = small_jemalloc(tmp_path, ARENA_C, JEMALLOC_C, *flags, cc=cc)
+    assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA,
+                                              **SMALL_HEALTH}
+
+
+@pytest.mark.parametrize("old, new", [
+    ("base_t *base;", "void *base;"),
+    ("size_t nactive;", "size_t active;"),
+    ("size_t allocated,", "size_t allocating,"),
+])
+def test_health_offsets_are_left_out_when_a_member_is_missing(tmp_path: Path, old: str,
+                                                              new: str):
+    lib = small_jemalloc(tmp_path, ARENA_C.replace(old, new))
+    assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA}
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("volatile unsigned ind;", "unsigned index;", "struct arena_s has no member ind"),
+    ("extern arena_t *je_arenas[7];\narena_t *je_arenas[7];", "arena_t *je_arenas;",
+     "DW_TAG_pointer_type is not an array"),
+    ("cache_bin_t *bins;", "struct missing_s *bins;", "missing_s has no size"),
+    ("cache_bin_t *bins;", "void *bins;", "None has no type"),
+    ("cache_bin_array_descriptor_t *qlh_first;", "cache_bin_array_descriptor_t qlh_first[1];",
+     "DW_TAG_array_type is not a pointer"),
+])
+def test_arena_layouts_missing_what_is_read_are_refused(tmp_path: Path, old: str, new: str,
+                                                        words: str):
+    assert old in ARENA_C
+    lib = small_jemalloc(tmp_path, ARENA_C.replace(old, new))
+    assert refusal(lib, dwarf.arena_offsets) == words
+
+
+def test_tcache_slow_by_its_plain_name_or_none(tmp_path: Path):
+    plain = JEMALLOC_C.replace(MANGLED + "tcache_slow", "tcache_slow")
+    lib = small_jemalloc(tmp_path, ARENA_C, plain)
+    assert read(lib, dwarf.arena_offsets)["tsd_descriptor"] == 72
+    lib = small_jemalloc(tmp_path, ARENA_C, plain.replace("tcache_slow;", "slow;"))
+    assert refusal(lib, dwarf.arena_offsets) == "tsd_s has no member tcache_slow"
+
 
 def test_arena_search_reads_only_jemallocs_arena_units(tmp_path: Path, libjemalloc: Path):
     """tsd.c is not one of the units the arena search reads, so its tsd_s is not found;
@@ -319,14 +510,86 @@ def test_arena_search_reads_only_jemallocs_arena_units(tmp_path: Path, libjemall
         "tcache_bin_alloc_alignment, tcache_bin_alloc_size, tsd_s")
 
 
-RJEM = Path("/var/cache/ctprofd/jemalloc-5.3.0-rjem/lib/libjemalloc.so.2")
+def test_flexible_large_statistics_and_an_atomic_base_pointer(tmp_path: Path):
+    """A flexible lstats[] counts 0 large classes; `base_t *_Atomic` is read through."""
+    arena = ARENA_C.replace("arena_stats_large_t lstats[5];", "arena_stats_large_t lstats[];")
+    arena = arena.replace("base_t *base;", "base_t *_Atomic base;")
+    found = read(small_jemalloc(tmp_path, arena), dwarf.arena_offsets)
+    assert (found["nlarge"], found["arena_lstats"], found["arena_ind"], found["arena_base"],
+            found["base_mapped"]) == (0, 40, 208, 216, 48)
 
 
-def test_rust_jemalloc_prefixes_its_variables():
-    """tikv-jemallocator's build names them _rjem_je_arenas and so on: the same layout."""
-    assert read(RJEM, dwarf.arena_offsets) == JEMALLOC_ARENA
-    assert read(RJEM, lambda e: dwarf.tls_variable_offset(
-        e, ("tsd_tls", "je_tsd_tls", "_rjem_je_tsd_tls"))) == ("_rjem_je_tsd_tls", 0)
+@pytest.mark.parametrize("depth, words", [(13, None), (14, "type chain too deep")])
+def test_type_chain_limit(tmp_path: Path, depth: int, words: str | None):
+    """bin_infos' element type through const, `depth` typedefs of ours and bin_info_t:
+    up to 15 qualifiers and typedefs are stripped, 16 are too many."""
+    chain = "typedef bin_info_t chain1_t;\n" + "".join(
+        f"typedef chain{i - 1}_t chain{i}_t;\n" for i in range(2, depth + 1))
+    arena = ARENA_C.replace("extern arena_t", chain + "extern arena_t").replace(
+        "const bin_info_t je_bin_infos[3];", f"const chain{depth}_t je_bin_infos[3];")
+    lib = small_jemalloc(tmp_path, arena)
+    if words is None:
+        assert read(lib, dwarf.arena_offsets)["bin_info_nregs"] == 16
+    else:
+        assert refusal(lib, dwarf.arena_offsets) == words
+
+
+# -- the order units are searched in --
+
+def unit_order(path: Path, *args: object) -> list[str]:
+    """The basenames of the units _ordered_units yields, in order."""
+    return read(path, lambda e: [os.path.basename(dwarf._name(cu.get_top_DIE()) or "")
+                                 for cu in dwarf._ordered_units(e.get_dwarf_info(), *args)])
+
+
+@pytest.mark.parametrize("cc, flags", [("gcc", ("-gdwarf-5",)), ("gcc", ("-gdwarf-4",)),
+                                       ("clang", ("-gdwarf-5",))])  # clang: names by strx1
+def test_units_of_the_sources_first_then_the_rest_in_order(tmp_path: Path, cc: str,
+                                                            flags: tuple[str, ...]):
+    names = ("main.c", "ctl.c", "util.c", "sz.c", "tsd.c", "bin_info.c", "arena.c",
+             "tcache.c", "jemalloc.c")
+    units = [compile_c(tmp_path, name, f"int v_{name[:-2]};\n", *flags, cc=cc)
+             for name in names]
+    lib = link(tmp_path, "lib.so", *units)
+    assert unit_order(lib) == ["ctl.c", "tsd.c", "arena.c", "tcache.c", "jemalloc.c",
+                               "main.c", "util.c", "sz.c", "bin_info.c"]
+    assert unit_order(lib, dwarf.ARENA_SOURCES, False) == [
+        "sz.c", "bin_info.c", "arena.c", "tcache.c", "jemalloc.c"]
+    assert unit_order(lib, frozenset({"util.c", "main.c"})) == [
+        "main.c", "util.c", "ctl.c", "sz.c", "tsd.c", "bin_info.c", "arena.c", "tcache.c",
+        "jemalloc.c"]
+
+
+@pytest.mark.parametrize("name, rest, order", [
+    ("tsd.c", True, ["tsd.c"]), ("tsd.c", False, ["tsd.c"]),
+    ("main.c", True, ["main.c"]), ("main.c", False, []),
+])
+def test_big_endian_unit_order(tmp_path: Path, name: str, rest: bool, order: list[str]):
+    obj = compile_c(tmp_path, name, "int v;\n", "--target=s390x-linux-gnu", cc="clang")
+    assert unit_order(obj, dwarf.JEMALLOC_SOURCES, rest) == order
+
+
+def test_units_the_fast_reader_refuses_are_ordered_by_pyelftools(tmp_path: Path):
+    """Forged: the last unit's length runs 64 bytes past the section, which the fast
+    reader refuses; pyelftools still reads each unit's top DIE."""
+    table = abbrev(1, [(DW_AT_NAME, STRING)]) + b"\0"
+    units = [unit(uleb(1) + name + b"\0") for name in (b"main.c", b"tsd.c", b"util.c")]
+    units.append(unit(uleb(1) + b"ctl.c\0"))
+    units[-1] = struct.pack("<I", struct.unpack_from("<I", units[-1])[0] + 64) + units[-1][4:]
+    obj = with_sections(tmp_path, {".debug_info": b"".join(units), ".debug_abbrev": table})
+    with pytest.raises(ValueError):
+        unit_names(obj)
+    assert unit_order(obj) == ["tsd.c", "ctl.c", "main.c", "util.c"]
+    assert unit_order(obj, dwarf.JEMALLOC_SOURCES, False) == ["tsd.c", "ctl.c"]
+
+
+def test_a_name_of_a_constant_form_is_its_value(tmp_path: Path):
+    """Forged: DW_AT_name as DW_FORM_data1. The fast reader leaves it to pyelftools,
+    which gives the number; the unit is searched after jemalloc's."""
+    table = abbrev(1, [(DW_AT_NAME, 0x0B)]) + abbrev(2, [(DW_AT_NAME, STRING)]) + b"\0"
+    units = [unit(uleb(1) + b"\7"), unit(uleb(2) + b"tcache.c\0")]
+    obj = with_sections(tmp_path, {".debug_info": b"".join(units), ".debug_abbrev": table})
+    assert unit_order(obj) == ["tcache.c", "7"]
 
 
 # -- the fast reader of unit names, on units assembled here --
@@ -517,226 +780,6 @@ def test_names_not_utf8_are_read_with_replacement(tmp_path: Path):
         == [os.fsencode(source).decode("utf-8", "replace")]
 
 
-# -- arena statistics on a small jemalloc built here --
-#
-# arena.c and jemalloc.c below declare jemalloc 5.3's structs, reduced to the members the
-# search reads and with padding where jemalloc has other members: mutexes whose statistics
-# sit in an anonymous struct inside an anonymous union, a flexible bins[] and qualifiers
-# on members' types. main.c, not one of jemalloc's units, has decoys.
-
-ARENA_C = """typedef unsigned long size_t;
-typedef unsigned long uint64_t;
-typedef unsigned int uint32_t;
-typedef unsigned short uint16_t;
-typedef struct { uint64_t n_wait; union { uint64_t n_lock_ops; char c; }; } mutex_prof_data_t;
-typedef struct { union { struct { char lock[40]; mutex_prof_data_t prof_data; };
-                         char witness[8]; }; } malloc_mutex_t;
-typedef struct { uint64_t nmalloc, ndalloc, nrequests, abandoned; } arena_stats_large_t;
-typedef struct { size_t npages; } eset_t;
-typedef struct { char mtx[8]; eset_t eset; eset_t guarded_eset; } ecache_t;
-typedef struct { char pad[8]; ecache_t ecache_dirty, ecache_muzzy, ecache_retained; } pac_t;
-typedef struct { char pad[16]; size_t nactive; pac_t pac; } pa_shard_t;
-typedef struct { size_t pac_mapped; } pac_stats_t;
-typedef struct { size_t abandoned; pac_stats_t pac_stats; } pa_shard_stats_t;
-typedef struct { size_t mapped; size_t internal; pa_shard_stats_t pa_shard_stats;
-                 arena_stats_large_t lstats[5]; } arena_stats_t;
-typedef struct { size_t reg_size; size_t slab_size; uint32_t nregs; uint32_t n_shards;
-                 char bitmap[16]; } bin_info_t;
-typedef struct { uint64_t nmalloc; uint64_t nrequests; size_t curregs; } bin_stats_t;
-typedef struct bin_s { char lock[24]; bin_stats_t stats; } bin_t;
-typedef struct { uint64_t nrequests; } cache_bin_stats_t;
-typedef struct cache_bin_s { void **stack_head; cache_bin_stats_t tstats;
-                             uint16_t low_bits_low_water, low_bits_full, low_bits_empty;
-} cache_bin_t;
-typedef struct cache_bin_array_descriptor_s cache_bin_array_descriptor_t;
-struct cache_bin_array_descriptor_s {
-    struct { cache_bin_array_descriptor_t *qre_next, *qre_prev; } link;
-    cache_bin_t *bins;
-};
-typedef struct { char pad[32]; size_t allocated, resident, mapped; } base_t;
-typedef struct arena_s {
-    unsigned nthreads[2];
-    const arena_stats_t stats;
-    struct { cache_bin_array_descriptor_t *qlh_first; } cache_bin_array_descriptor_ql;
-    malloc_mutex_t tcache_ql_mtx;
-    pa_shard_t pa_shard;
-    volatile unsigned ind;
-    base_t *base;
-    bin_t bins[];
-} arena_t;
-extern arena_t *je_arenas[7];
-arena_t *je_arenas[7];
-unsigned je_narenas_total;
-unsigned nhbins;
-size_t je_sz_index2size_tab[10];
-uint32_t je_arena_bin_offsets[3];
-const bin_info_t je_bin_infos[3];
-size_t je_tcache_bin_alloc_size;
-"""
-
-JEMALLOC_C = """typedef unsigned long uint64_t;
-struct arena_s { char other[8]; unsigned ind; } decoy;
-typedef struct { char pad[24]; struct { char pad[8]; } cache_bin_array_descriptor;
-} tcache_slow_t;
-struct tsd_s { uint64_t thread_allocated; struct { char pad[40];
-    tcache_slow_t cant_access_tsd_items_directly_use_a_getter_or_setter_tcache_slow; }; } tsd;
-static unsigned je_narenas_total = 1;
-unsigned *keep(void) { return &je_narenas_total; }
-extern unsigned long je_tcache_bin_alloc_size;
-unsigned long je_tcache_bin_alloc_alignment;
-"""
-
-MAIN_C = """struct arena_s { char mine[3]; } mine;
-struct tsd_s { char mine[3]; } my_tsd;
-static unsigned je_narenas_total = 2, je_nhbins = 3;
-unsigned *keep_main(void) { return je_nhbins ? &je_narenas_total : 0; }
-"""
-
-SMALL_ARENA = {
-    "arenas_count": 7, "nsizes": 10, "bin_info_size": 40, "bin_info_shards": 20,
-    "bin_info_reg_size": 0, "bin_info_slab_size": 8, "bin_info_nregs": 16, "arena_ind": 368,
-    "arena_internal": 16, "arena_cache_locks": 256, "arena_lstats": 40, "nlarge": 5,
-    "lstat_size": 32, "lstat_nmalloc": 0, "lstat_ndalloc": 8, "lstat_nrequests": 16,
-    "tsd_descriptor": 72, "arena_descriptors": 200, "descriptor_next": 0,
-    "descriptor_bins": 16, "cache_bin_size": 24, "cache_bin_head": 0,
-    "cache_bin_nrequests": 8, "cache_bin_empty": 20, "bin_size": 48, "bin_nrequests": 32,
-    "bin_curregs": 40,
-}
-SMALL_HEALTH = {
-    "arena_nactive": 280, "arena_dirty_pages": 304, "arena_dirty_guarded_pages": 312,
-    "arena_muzzy_pages": 328, "arena_muzzy_guarded_pages": 336, "arena_retained_pages": 352,
-    "arena_retained_guarded_pages": 360, "arena_pac_mapped": 32, "arena_base": 376,
-    "base_allocated": 32, "base_resident": 40, "base_mapped": 48,
-}
-SYMBOLS = {"arenas": "je_arenas", "narenas_total": "je_narenas_total", "nhbins": "nhbins",
-           "sz_index2size_tab": "je_sz_index2size_tab",
-           "arena_bin_offsets": "je_arena_bin_offsets", "bin_infos": "je_bin_infos",
-           "tcache_bin_alloc_size": "je_tcache_bin_alloc_size",
-           "tcache_bin_alloc_alignment": "je_tcache_bin_alloc_alignment"}
-
-
-def small_jemalloc(directory: Path, arena: str = ARENA_C, jemalloc: str = JEMALLOC_C,
-                   *flags: str, cc: str = "gcc") -> Path:
-    units = [compile_c(directory, name, source, *flags, cc=cc) for name, source in
-             (("main.c", MAIN_C), ("arena.c", arena), ("jemalloc.c", jemalloc))]
-    return link(directory, "libjemalloc.so", *units)
-
-
-def global_addresses(path: Path) -> dict[str, int]:
-    """The addresses of SYMBOLS' global definitions, from the symbol table."""
-    def read_symbols(elf: ELFFile) -> dict[str, int]:
-        values = {s.name: s["st_value"] for s in elf.get_section_by_name(".symtab").
-                  iter_symbols() if s["st_info"]["bind"] == "STB_GLOBAL"}
-        return {name: values[symbol] for name, symbol in SYMBOLS.items()}
-    return read(path, read_symbols)
-
-
-@pytest.mark.parametrize("cc, flags", [("gcc", ("-gdwarf-5",)), ("gcc", ("-gdwarf-4",)),
-                                       ("clang", ("-gdwarf-4",))])  # clang: DW_AT_count
-def test_small_jemalloc_arena_layout(tmp_path: Path, cc: str, flags: tuple[str, ...]):
-    """Variables and structs are each the first definition in jemalloc's units: a static
-    variable of the same name, an arena_s in a later unit and main.c's are not read."""
-    lib = small_jemalloc(tmp_path, ARENA_C, JEMALLOC_C, *flags, cc=cc)
-    assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA,
-                                              **SMALL_HEALTH}
-
-
-@pytest.mark.parametrize("old, new", [
-    ("base_t *base;", "void *base;"),
-    ("size_t nactive;", "size_t active;"),
-    ("size_t allocated,", "size_t allocating,"),
-])
-def test_health_offsets_are_left_out_when_a_member_is_missing(tmp_path: Path, old: str,
-                                                              new: str):
-    lib = small_jemalloc(tmp_path, ARENA_C.replace(old, new))
-    assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA}
-
-
-@pytest.mark.parametrize("old, new, words", [
-    ("volatile unsigned ind;", "unsigned index;", "struct arena_s has no member ind"),
-    ("extern arena_t *je_arenas[7];\narena_t *je_arenas[7];", "arena_t *je_arenas;",
-     "DW_TAG_pointer_type is not an array"),
-    ("cache_bin_t *bins;", "struct missing_s *bins;", "missing_s has no size"),
-    ("cache_bin_t *bins;", "void *bins;", "None has no type"),
-    ("cache_bin_array_descriptor_t *qlh_first;", "cache_bin_array_descriptor_t qlh_first[1];",
-     "DW_TAG_array_type is not a pointer"),
-])
-def test_arena_layouts_missing_what_is_read_are_refused(tmp_path: Path, old: str, new: str,
-                                                        words: str):
-    assert old in ARENA_C
-    lib = small_jemalloc(tmp_path, ARENA_C.replace(old, new))
-    assert refusal(lib, dwarf.arena_offsets) == words
-
-
-def test_tcache_slow_by_its_plain_name_or_none(tmp_path: Path):
-    plain = JEMALLOC_C.replace(MANGLED + "tcache_slow", "tcache_slow")
-    lib = small_jemalloc(tmp_path, ARENA_C, plain)
-    assert read(lib, dwarf.arena_offsets)["tsd_descriptor"] == 72
-    lib = small_jemalloc(tmp_path, ARENA_C, plain.replace("tcache_slow;", "slow;"))
-    assert refusal(lib, dwarf.arena_offsets) == "tsd_s has no member tcache_slow"
-
-
-# -- hostile member locations --
-
-@pytest.mark.parametrize("expression", [
-    "\t.byte\t0x2\n\t.byte\t0x10\n\t.uleb128 0x8\n",             # DW_OP_constu 8
-    "\t.byte\t0x2\n\t.byte\t0x38\n\t.byte\t0x96\n",                # DW_OP_lit8; DW_OP_nop
-])
-def test_a_computed_member_location_is_refused(tmp_path: Path, expression: str):
-    """Forged: gcc -gdwarf-2 writes each location as one DW_OP_plus_uconst; here the
-    deallocated counter's is edited in gcc's assembly into an expression to compute, of
-    the same length."""
-    source = tmp_path / "tsd.c"
-    source.write_text("struct tsd_s { unsigned long thread_allocated;"
-                      " unsigned long thread_deallocated; } tsd;\n")
-    assembly = tmp_path / "tsd.s"
-    subprocess.run(["gcc", "-gdwarf-2", "-gstrict-dwarf", "-dA", "-S", "-o", assembly, source],
-                   check=True)
-    plus_8 = "\t.byte\t0x2\t# DW_AT_data_member_location\n\t.byte\t0x23\t# DW_OP_plus_uconst\n" \
-             "\t.uleb128 0x8\n"
-    text = assembly.read_text()
-    assert text.count(plus_8) == 1
-    assembly.write_text(text.replace(plus_8, expression))
-    obj = tmp_path / "tsd.o"
-    subprocess.run(["gcc", "-c", "-o", obj, assembly], check=True)
-    assert tsd_refusal(obj) == "member thread_deallocated has a computed location"
-
-
-# -- the order units are searched in --
-
-def unit_order(path: Path, *args: object) -> list[str]:
-    """The basenames of the units _ordered_units yields, in order."""
-    return read(path, lambda e: [os.path.basename(dwarf._name(cu.get_top_DIE()) or "")
-                                 for cu in dwarf._ordered_units(e.get_dwarf_info(), *args)])
-
-
-@pytest.mark.parametrize("cc, flags", [("gcc", ("-gdwarf-5",)), ("gcc", ("-gdwarf-4",)),
-                                       ("clang", ("-gdwarf-5",))])  # clang: names by strx1
-def test_units_of_the_sources_first_then_the_rest_in_order(tmp_path: Path, cc: str,
-                                                            flags: tuple[str, ...]):
-    names = ("main.c", "ctl.c", "util.c", "sz.c", "tsd.c", "bin_info.c", "arena.c",
-             "tcache.c", "jemalloc.c")
-    units = [compile_c(tmp_path, name, f"int v_{name[:-2]};\n", *flags, cc=cc)
-             for name in names]
-    lib = link(tmp_path, "lib.so", *units)
-    assert unit_order(lib) == ["ctl.c", "tsd.c", "arena.c", "tcache.c", "jemalloc.c",
-                               "main.c", "util.c", "sz.c", "bin_info.c"]
-    assert unit_order(lib, dwarf.ARENA_SOURCES, False) == [
-        "sz.c", "bin_info.c", "arena.c", "tcache.c", "jemalloc.c"]
-    assert unit_order(lib, frozenset({"util.c", "main.c"})) == [
-        "main.c", "util.c", "ctl.c", "sz.c", "tsd.c", "bin_info.c", "arena.c", "tcache.c",
-        "jemalloc.c"]
-
-
-@pytest.mark.parametrize("name, rest, order", [
-    ("tsd.c", True, ["tsd.c"]), ("tsd.c", False, ["tsd.c"]),
-    ("main.c", True, ["main.c"]), ("main.c", False, []),
-])
-def test_big_endian_unit_order(tmp_path: Path, name: str, rest: bool, order: list[str]):
-    obj = compile_c(tmp_path, name, "int v;\n", "--target=s390x-linux-gnu", cc="clang")
-    assert unit_order(obj, dwarf.JEMALLOC_SOURCES, rest) == order
-
-
 def test_multibyte_abbreviation_codes_and_attributes(tmp_path: Path):
     specs = [(0x2001, 0x0B), (DW_AT_NAME, STRING)]  # DW_AT_lo_user + 1, data1
     table = abbrev(1, [(DW_AT_NAME, STRING)]) + abbrev(300, specs) + abbrev(
@@ -751,50 +794,3 @@ def test_multibyte_abbreviation_codes_and_attributes(tmp_path: Path):
 def test_without_abbreviations_the_reader_declines(tmp_path: Path):
     obj = with_sections(tmp_path, {".debug_info": unit(uleb(1) + b"tsd.c\0")})
     assert unit_names(obj) is None
-
-
-def test_units_the_fast_reader_refuses_are_ordered_by_pyelftools(tmp_path: Path):
-    """Forged: the last unit's length runs 64 bytes past the section, which the fast
-    reader refuses; pyelftools still reads each unit's top DIE."""
-    table = abbrev(1, [(DW_AT_NAME, STRING)]) + b"\0"
-    units = [unit(uleb(1) + name + b"\0") for name in (b"main.c", b"tsd.c", b"util.c")]
-    units.append(unit(uleb(1) + b"ctl.c\0"))
-    units[-1] = struct.pack("<I", struct.unpack_from("<I", units[-1])[0] + 64) + units[-1][4:]
-    obj = with_sections(tmp_path, {".debug_info": b"".join(units), ".debug_abbrev": table})
-    with pytest.raises(ValueError):
-        unit_names(obj)
-    assert unit_order(obj) == ["tsd.c", "ctl.c", "main.c", "util.c"]
-    assert unit_order(obj, dwarf.JEMALLOC_SOURCES, False) == ["tsd.c", "ctl.c"]
-
-
-def test_a_name_of_a_constant_form_is_its_value(tmp_path: Path):
-    """Forged: DW_AT_name as DW_FORM_data1. The fast reader leaves it to pyelftools,
-    which gives the number; the unit is searched after jemalloc's."""
-    table = abbrev(1, [(DW_AT_NAME, 0x0B)]) + abbrev(2, [(DW_AT_NAME, STRING)]) + b"\0"
-    units = [unit(uleb(1) + b"\7"), unit(uleb(2) + b"tcache.c\0")]
-    obj = with_sections(tmp_path, {".debug_info": b"".join(units), ".debug_abbrev": table})
-    assert unit_order(obj) == ["tcache.c", "7"]
-
-
-def test_flexible_large_statistics_and_an_atomic_base_pointer(tmp_path: Path):
-    """A flexible lstats[] counts 0 large classes; `base_t *_Atomic` is read through."""
-    arena = ARENA_C.replace("arena_stats_large_t lstats[5];", "arena_stats_large_t lstats[];")
-    arena = arena.replace("base_t *base;", "base_t *_Atomic base;")
-    found = read(small_jemalloc(tmp_path, arena), dwarf.arena_offsets)
-    assert (found["nlarge"], found["arena_lstats"], found["arena_ind"], found["arena_base"],
-            found["base_mapped"]) == (0, 40, 208, 216, 48)
-
-
-@pytest.mark.parametrize("depth, words", [(13, None), (14, "type chain too deep")])
-def test_type_chain_limit(tmp_path: Path, depth: int, words: str | None):
-    """bin_infos' element type through const, `depth` typedefs of ours and bin_info_t:
-    up to 15 qualifiers and typedefs are stripped, 16 are too many."""
-    chain = "typedef bin_info_t chain1_t;\n" + "".join(
-        f"typedef chain{i - 1}_t chain{i}_t;\n" for i in range(2, depth + 1))
-    arena = ARENA_C.replace("extern arena_t", chain + "extern arena_t").replace(
-        "const bin_info_t je_bin_infos[3];", f"const chain{depth}_t je_bin_infos[3];")
-    lib = small_jemalloc(tmp_path, arena)
-    if words is None:
-        assert read(lib, dwarf.arena_offsets)["bin_info_nregs"] == 16
-    else:
-        assert refusal(lib, dwarf.arena_offsets) == words
