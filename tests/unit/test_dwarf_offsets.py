@@ -332,6 +332,16 @@ def test_tls_offset_of_the_tsd_variable(tmp_path: Path, cc: str, flags: tuple[st
     assert tls_offset(lib, "other") == ("other", 0)
 
 
+ANONYMOUS_UNION = "static union { int a; float b; };\nint *keep_anonymous() { return &a; }\n"
+
+
+def test_an_unnamed_variable_is_passed_over(tmp_path: Path):
+    """g++ gives a namespace-scope anonymous union a DW_TAG_variable without a name."""
+    lib = link(tmp_path, "lib.so", compile_c(tmp_path, "anon.cc", ANONYMOUS_UNION, cc="g++"),
+               compile_c(tmp_path, "main.c", TLS_SOURCE))
+    assert tls_offset(lib, "je_tsd_tls") == ("je_tsd_tls", 40)
+
+
 def test_a_variable_not_thread_local_has_no_tls_offset(tmp_path: Path):
     """`tsd_tls` here is a static array: DW_OP_addr, not a TLS location."""
     lib = link(tmp_path, "lib.so", compile_c(tmp_path, "tsd.c", TLS_SOURCE))
@@ -379,7 +389,7 @@ typedef struct { char pad[32]; size_t allocated, resident, mapped; } base_t;
 typedef struct arena_s {
     unsigned nthreads[2];
     const arena_stats_t stats;
-    struct { cache_bin_array_descriptor_t *qlh_first; } cache_bin_array_descriptor_ql;
+    volatile struct { cache_bin_array_descriptor_t *qlh_first; } cache_bin_array_descriptor_ql;
     malloc_mutex_t tcache_ql_mtx;
     pa_shard_t pa_shard;
     volatile unsigned ind;
@@ -463,6 +473,24 @@ def test_small_jemalloc_arena_layout(tmp_path: Path, cc: str, flags: tuple[str, 
                                               **SMALL_HEALTH}
 
 
+def test_arena_search_passes_over_unnamed_variables(tmp_path: Path):
+    units = [compile_c(tmp_path, name, source) for name, source in
+             (("main.c", MAIN_C), ("arena.c", ARENA_C), ("jemalloc.c", JEMALLOC_C))]
+    units.insert(1, compile_c(tmp_path, "sz.c", ANONYMOUS_UNION, cc="g++"))  # C++
+    lib = link(tmp_path, "libjemalloc.so", *units)
+    assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA,
+                                              **SMALL_HEALTH}
+
+
+def test_variables_by_address_index_are_not_read(tmp_path: Path):
+    """clang -gdwarf-5 locates variables by DW_OP_addrx, an index into .debug_addr, which
+    the search does not follow: none is found, and no index is taken for an address."""
+    lib = small_jemalloc(tmp_path, ARENA_C, JEMALLOC_C, "-gdwarf-5", cc="clang")
+    assert refusal(lib, dwarf.arena_offsets) == (
+        "jemalloc's units lack arena_bin_offsets, arenas, bin_infos, narenas_total, nhbins, "
+        "sz_index2size_tab, tcache_bin_alloc_alignment, tcache_bin_alloc_size")
+
+
 @pytest.mark.parametrize("old, new", [
     ("base_t *base;", "void *base;"),
     ("size_t nactive;", "size_t active;"),
@@ -476,6 +504,10 @@ def test_health_offsets_are_left_out_when_a_member_is_missing(tmp_path: Path, ol
 
 @pytest.mark.parametrize("old, new, words", [
     ("volatile unsigned ind;", "unsigned index;", "struct arena_s has no member ind"),
+    ("volatile unsigned ind;", "struct { unsigned ind; } named;",  # not in a named one
+     "struct arena_s has no member ind"),
+    ("low_bits_full, low_bits_empty;", "low_bits_full, low_bits_empty : 15;",  # DWARF 5
+     "member low_bits_empty has no DW_AT_data_member_location"),
     ("extern arena_t *je_arenas[7];\narena_t *je_arenas[7];", "arena_t *je_arenas;",
      "DW_TAG_pointer_type is not an array"),
     ("cache_bin_t *bins;", "struct missing_s *bins;", "missing_s has no size"),
