@@ -473,9 +473,12 @@ def test_small_jemalloc_arena_layout(tmp_path: Path, cc: str, flags: tuple[str, 
                                               **SMALL_HEALTH}
 
 
-def test_arena_search_passes_over_unnamed_variables(tmp_path: Path):
+def test_arena_search_passes_over_unnamed_variables_and_declarations(tmp_path: Path):
+    """A unit searched first declares arena_s and tsd_s without defining them."""
+    declarations = "struct arena_s *arena_p;\nstruct tsd_s *tsd_p;\n"
     units = [compile_c(tmp_path, name, source) for name, source in
-             (("main.c", MAIN_C), ("arena.c", ARENA_C), ("jemalloc.c", JEMALLOC_C))]
+             (("main.c", MAIN_C), ("bin_info.c", declarations), ("arena.c", ARENA_C),
+              ("jemalloc.c", JEMALLOC_C))]
     units.insert(1, compile_c(tmp_path, "sz.c", ANONYMOUS_UNION, cc="g++"))  # C++
     lib = link(tmp_path, "libjemalloc.so", *units)
     assert read(lib, dwarf.arena_offsets) == {**global_addresses(lib), **SMALL_ARENA,
