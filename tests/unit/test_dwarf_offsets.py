@@ -753,6 +753,16 @@ def test_names_from_the_string_tables(tmp_path: Path):
     assert unit_names(obj) == named(units, ["tsd.c", "ctl.c", "xyz"])
 
 
+def test_a_string_offset_past_4_gib_is_not_cut_to_32_bits(tmp_path: Path):
+    """Forged: a 64-bit unit's strp name 4 GiB + 4 into a .debug_str of 10 bytes."""
+    units = [unit(uleb(1) + struct.pack("<Q", (1 << 32) + 4), 5, 8)]
+    obj = with_sections(tmp_path, {".debug_info": b"".join(units),
+                                   ".debug_abbrev": abbrev(1, [(DW_AT_NAME, STRP)]) + b"\0",
+                                   ".debug_str": b"abc\0tsd.c\0"})
+    with pytest.raises(IndexError):
+        unit_names(obj)
+
+
 def test_what_the_reader_leaves_to_pyelftools(tmp_path: Path):
     """A name by strx1, a block before the name, strp and line_strp names without their
     tables, an abbreviation the table lacks, a null top DIE: unknown. No name: None."""
@@ -816,9 +826,12 @@ def test_names_not_utf8_are_read_with_replacement(tmp_path: Path):
 
 
 def test_multibyte_abbreviation_codes_and_attributes(tmp_path: Path):
+    """Codes of two and three bytes; 256 and 3744, listed first, are what 300 and 20000
+    would read as if a byte's bits replaced the others or every shift were 7."""
     specs = [(0x2001, 0x0B), (DW_AT_NAME, STRING)]  # DW_AT_lo_user + 1, data1
-    table = abbrev(1, [(DW_AT_NAME, STRING)]) + abbrev(300, specs) + abbrev(
-        20000, specs) + abbrev(128, specs)
+    table = abbrev(256, [(DW_AT_NAME, STRING)]) + abbrev(3744, [(DW_AT_NAME, STRING)]) + \
+        abbrev(1, [(DW_AT_NAME, STRING)]) + abbrev(300, specs) + abbrev(20000, specs) + \
+        abbrev(128, specs)
     units = [unit(uleb(300) + b"Xtsd.c\0"), unit(uleb(20000) + b"Xctl.c\0"),
              unit(uleb(128) + b"Xsz.c\0")]
     obj = with_sections(tmp_path, {".debug_info": b"".join(units),
