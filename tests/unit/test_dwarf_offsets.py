@@ -753,9 +753,14 @@ def test_names_from_the_string_tables(tmp_path: Path):
     assert unit_names(obj) == named(units, ["tsd.c", "ctl.c", "xyz"])
 
 
-def test_a_string_offset_past_4_gib_is_not_cut_to_32_bits(tmp_path: Path):
-    """Forged: a 64-bit unit's strp name 4 GiB + 4 into a .debug_str of 10 bytes."""
-    units = [unit(uleb(1) + struct.pack("<Q", (1 << 32) + 4), 5, 8)]
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("string_offset, abbrev_offset", [((1 << 32) + 4, 0), (4, 1 << 32)])
+def test_offsets_past_4_gib_are_not_cut_to_32_bits(tmp_path: Path, version: int,
+                                                   string_offset: int, abbrev_offset: int):
+    """Forged: a 64-bit unit whose strp name is 4 GiB + 4 into a .debug_str of 10 bytes,
+    or whose abbreviations are 4 GiB into a .debug_abbrev of a few."""
+    units = [unit(uleb(1) + struct.pack("<Q", string_offset), version, 8,
+                  abbrev_offset=abbrev_offset)]
     obj = with_sections(tmp_path, {".debug_info": b"".join(units),
                                    ".debug_abbrev": abbrev(1, [(DW_AT_NAME, STRP)]) + b"\0",
                                    ".debug_str": b"abc\0tsd.c\0"})
