@@ -525,6 +525,23 @@ def test_arena_layouts_missing_what_is_read_are_refused(tmp_path: Path, old: str
     assert refusal(lib, dwarf.arena_offsets) == words
 
 
+def test_an_array_without_a_subrange_is_refused(tmp_path: Path):
+    """Forged: arena.c's assembly from gcc -dA with each subrange's abbreviation given
+    the tag DW_TAG_enumerator (same length), so no array type has a subrange."""
+    source = tmp_path / "arena.c"
+    source.write_text(ARENA_C)
+    assembly = tmp_path / "arena.s"
+    subprocess.run(["gcc", "-g", "-fPIC", "-dA", "-S", "-o", assembly, source], check=True)
+    tag = "\t.uleb128 0x21\t# (TAG: DW_TAG_subrange_type)\n"
+    text = assembly.read_text()
+    assert text.count(tag) == 2
+    assembly.write_text(text.replace(tag, "\t.uleb128 0x28\n"))
+    arena = tmp_path / "arena.o"
+    subprocess.run(["gcc", "-c", "-o", arena, assembly], check=True)
+    lib = link(tmp_path, "libjemalloc.so", arena, compile_c(tmp_path, "jemalloc.c", JEMALLOC_C))
+    assert refusal(lib, dwarf.arena_offsets) == "array without a subrange"
+
+
 def test_tcache_slow_by_its_plain_name_or_none(tmp_path: Path):
     plain = JEMALLOC_C.replace(MANGLED + "tcache_slow", "tcache_slow")
     lib = small_jemalloc(tmp_path, ARENA_C, plain)
