@@ -248,13 +248,19 @@ def _member_offset(member: DIE) -> int:
 
 
 def _base_type(die: DIE) -> DIE:
+    """The base type under typedefs, qualifiers and an enumeration's underlying type;
+    never through a pointer or an array, which are no counters whatever they point to."""
     for _ in range(16):
         if die.tag == "DW_TAG_base_type":
             return die
-        if "DW_AT_type" not in die.attributes:
+        if die.tag not in _SAME_VALUE or "DW_AT_type" not in die.attributes:
             break
         die = die.get_DIE_from_attribute("DW_AT_type")
     raise DwarfError(f"type of {_name(die)} is not a base type")
+
+
+_SAME_VALUE = ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
+               "DW_TAG_atomic_type", "DW_TAG_enumeration_type")
 
 
 def _check_counter(member: DIE) -> None:

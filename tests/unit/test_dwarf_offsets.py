@@ -200,6 +200,10 @@ def test_a_chain_of_sixteen_typedefs_is_refused(tmp_path: Path):
      "type of None is not a base type"),
     (("void *thread_allocated", "uint64_t thread_deallocated"),
      "type of None is not a base type"),
+    (("uint64_t thread_allocated", "uint64_t *thread_deallocated"),  # 8 bytes, to unsigned
+     "type of None is not a base type"),
+    (("uint64_t thread_allocated[1]", "uint64_t thread_deallocated"),
+     "type of None is not a base type"),
     (("uint64_t thread_allocated",), "tsd_s has no member thread_deallocated"),
     (("uint64_t allocated", "uint64_t thread_deallocated"),
      "tsd_s has no member thread_allocated"),
