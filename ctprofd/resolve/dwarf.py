@@ -101,14 +101,10 @@ _LEB = (0x0D, 0x0F, 0x15, 0x1A, 0x1B)      # sdata, udata, ref_udata, strx, addr
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 
-def _section_bytes(section) -> bytes | memoryview | None:
-    if section is None:
-        return None
-    stream = section.stream
-    if hasattr(stream, "getbuffer"):
-        return stream.getbuffer()
-    stream.seek(0)
-    return stream.read()
+def _section_bytes(section) -> memoryview | None:
+    """A DWARF section's bytes, without a copy: pyelftools (0.29 on) reads each into a
+    BytesIO."""
+    return section.stream.getbuffer() if section is not None else None
 
 
 def _uleb(data, at: int) -> tuple[int, int]:
@@ -166,7 +162,7 @@ def _unit_names(dwarf) -> list[tuple[int, object]] | None:
     if info is None or abbrevs is None:
         return None
     strings = _section_bytes(dwarf.debug_str_sec)
-    line_strings = _section_bytes(getattr(dwarf, "debug_line_str_sec", None))
+    line_strings = _section_bytes(dwarf.debug_line_str_sec)
     names = []
     offset, size = 0, len(info)
     while offset + 11 <= size:
