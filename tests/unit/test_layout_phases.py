@@ -614,3 +614,64 @@ def test_object_dirs_for_a_deleted_executable():
     assert object_dirs_for("/opt/app/bin/server (deleted)", "/proc/7/root", "mnt:[1]") == [
         ObjectDir("/proc/7/root", "/opt/app/bin", "mnt:[1]")]
     assert object_dirs_for("/usr/bin/server", "/") == [ObjectDir("/", "/usr/bin", "")]
+
+
+FAST_PATHS = """
+    .section .tbss,"awT",@nobits
+    .globl tsd
+    .type tsd, @object
+    .size tsd, 2632
+tsd: .zero 2632
+    .section .rodata
+    .ascii "5.3.0-0-g54eaed1d8b56b1aa528be3bdd1877e59c56fa90c"
+    .text
+""" + "".join(f"""
+    .globl {name}
+    .type {name}, @function
+{name}:
+    movq tsd@gottpoff(%rip), %rcx
+    movq %fs:{offset}(%rcx), %rdx
+    addq %rdi, %rdx
+    cmpq %fs:{offset + 8}(%rcx), %rdx
+    jae 1f
+    movq %rdx, %fs:{offset}(%rcx)
+1:  ret
+    .size {name}, .-{name}
+""" for name, offset in (("malloc", 824), ("free", 840)))
+
+
+def fast_paths(directory: Path) -> Path:
+    """A shared object whose malloc and free have jemalloc's fast paths, through a TPOFF64
+    GOT slot against its exported TSD `tsd`."""
+    source = directory / "fast.s"
+    source.write_text(FAST_PATHS)
+    out = directory / "libfast.so"
+    subprocess.run(["gcc", "-shared", "-nostdlib", "-o", out, source], check=True)
+    return out
+
+
+def test_a_slot_against_the_symbol_takes_the_code_over_the_symbols_value(tmp_path: Path):
+    lib = fast_paths(tmp_path)
+    [(slot, symbol, addend)] = relocations(lib, "R_X86_64_TPOFF64")
+    assert (symbol, addend) == ("tsd", 0)
+    facts = ObjectFacts(None, elf.Symbol("tsd", 64, 2632), False, tpoff_got=slot)
+    layout = from_code(lib, facts)
+    assert (layout.symbol, layout.symbol_offset, layout.allocated_offset,
+            layout.tpoff_got, layout.tpoff_symbolic) == ("tsd", 0, 824, slot, True)
+    assert layout.arena is None
+    assert layout.arena_missing.startswith("table debian-12-libjemalloc2: its data is placed "
+                                           "otherwise (")
+
+
+def test_offsets_the_code_gives_out_of_bounds_are_refused(tmp_path: Path):
+    """Forged: the slot's relocation given an addend of 1 MiB, as no linker writes one for
+    a TSD of 2632 bytes: the counters would lie 1 MiB into the block."""
+    lib = fast_paths(tmp_path)
+    with open(lib, "rb") as stream:
+        rela = elf.open_elf(stream).get_section_by_name(".rela.dyn")
+        at = rela["sh_offset"] + 16  # the first entry's r_addend
+    data = bytearray(lib.read_bytes())
+    struct.pack_into("<q", data, at, 1 << 20)
+    lib.write_bytes(bytes(data))
+    assert from_code(lib, ObjectFacts(None, None, False, tpoff_got=0)) == LayoutFailure(
+        tags.DWARF_PARSE_FAILURE, "machine code: offsets must be integers in [0, 1 MiB)")
