@@ -491,6 +491,9 @@ def test_a_debug_file_found_by_its_debuglink(tmp_path: Path):
                                dwarf_source=f"debuglink {debug}", arena_missing=NO_ARENA,
                                view="mnt:[4026532000]")
     assert resolved(stripped).view == ""
+    # a path on disk: the debug file is looked for beside it, in ctprofd's own view
+    assert resolve_path(str(stripped), DebugSearch(())) == dataclasses.replace(layout,
+                                                                                view="")
 
 
 def test_a_debug_file_found_by_build_id(tmp_path: Path):
@@ -587,6 +590,14 @@ def test_a_not_jemalloc_answer_is_returned_as_it_is(tmp_path: Path):
         assert resolve_object(stream, "P", [], DebugSearch(())) == NotJemalloc()
 
 
+def test_resolve_object_takes_an_executable_by_default(tmp_path: Path):
+    program = executable(tmp_path)
+    with open(program, "rb") as stream:
+        layout = resolve_object(stream, "P", [], DebugSearch(()))
+    assert (layout.static_block_offset, layout.tpoff_got, layout.allocated_offset) == (
+        112, None, 24)
+
+
 def test_resolve_path_reads_a_library_as_shared(tmp_path: Path):
     lib = library(tmp_path, "libj.so", "-g", pad="initial-exec")
     layout = resolve_path(str(lib), DebugSearch(()))
@@ -675,3 +686,41 @@ def test_offsets_the_code_gives_out_of_bounds_are_refused(tmp_path: Path):
     lib.write_bytes(bytes(data))
     assert from_code(lib, ObjectFacts(None, None, False, tpoff_got=0)) == LayoutFailure(
         tags.DWARF_PARSE_FAILURE, "machine code: offsets must be integers in [0, 1 MiB)")
+
+
+def test_a_refused_debug_file_does_not_end_the_search(tmp_path: Path):
+    program = executable(tmp_path)
+    debug = tmp_path / "prog.debug"
+    stripped = split_debug(program, debug)
+    # the first candidate beside it has another CRC; the one in .debug/ is the object's
+    (tmp_path / ".debug").mkdir()
+    shutil.copy(debug, tmp_path / ".debug" / "prog.debug")
+    debug.write_bytes(b"not the debug file")
+    assert resolved(stripped).dwarf_source == f"debuglink {tmp_path / '.debug' / 'prog.debug'}"
+    # the file at the build-id path is another build's: the debuglink is still followed
+    debug_dir = tmp_path / "debug"
+    wrong = debug_dir / ".build-id" / BUILD_ID[:2] / f"{BUILD_ID[2:]}.debug"
+    wrong.parent.mkdir(parents=True)
+    (tmp_path / "o").mkdir()
+    other = executable(tmp_path / "o", "prog", build_id=OTHER_ID)
+    subprocess.run(["objcopy", "--only-keep-debug", other, wrong], check=True)
+    assert resolved(stripped, DebugSearch((str(debug_dir),))).dwarf_source == (
+        f"debuglink {tmp_path / '.debug' / 'prog.debug'}")
+
+
+def test_a_debug_file_that_is_the_objects_but_lacks_the_tsd(tmp_path: Path):
+    """Its failure is the answer of the DWARF search, said with where it was read."""
+    program = executable(tmp_path, "prog", source=SOURCE.replace("tsd_s", "tsd_t"))
+    debug = tmp_path / "prog.debug"
+    stripped = split_debug(program, debug)
+    code = code_words(stripped)
+    assert resolved(stripped, view="mnt:[1]") == LayoutFailure(
+        tags.DWARF_PARSE_FAILURE,
+        f"{stripped} (debuglink {debug}): no definition of struct tsd_s; machine code: {code}")
+
+
+def test_resolve_takes_an_executable_by_default(tmp_path: Path):
+    program = executable(tmp_path)
+    with open(program, "rb") as stream:
+        layout = resolve(InProcess(), stream, "P", [], DebugSearch(()))
+    assert (layout.static_block_offset, layout.allocated_offset) == (112, 24)
