@@ -219,6 +219,12 @@ def test_a_layout_round_trips_with_and_without_its_arena():
     assert LAYOUT.to_dict()["arena"]["bin_size"] == 224
 
 
+def test_a_layout_dict_without_an_arena_has_none():
+    data = dataclasses.replace(LAYOUT, arena=None).to_dict()
+    del data["arena"]
+    assert resolution_from_dict(data) == dataclasses.replace(LAYOUT, arena=None)
+
+
 def test_a_layout_from_a_dict_is_validated():
     data = LAYOUT.to_dict()
     data["deallocated_offset"] = 824

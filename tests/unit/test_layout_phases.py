@@ -183,6 +183,9 @@ def test_a_program_without_jemalloc_is_not_jemalloc(tmp_path: Path):
     subprocess.run(["strip", "-o", stripped, program], check=True)
     assert inspect(stripped, shared=False, what="P") == LayoutFailure(
         tags.JEMALLOC_UNREADABLE, "P: jemalloc, but no PT_TLS segment holds its thread data")
+    assert resolve_path(str(stripped), DebugSearch(())) == LayoutFailure(
+        tags.JEMALLOC_UNREADABLE,
+        f"{stripped}: jemalloc, but no PT_TLS segment holds its thread data")
     # ...not for a shared object, which needs jemalloc's version string too
     assert inspect(stripped, shared=True) == NotJemalloc()
     versioned = tmp_path / "versioned.c"
@@ -365,6 +368,9 @@ def test_what_dwarf_lacks_is_said_with_where_it_was_read(tmp_path: Path):
     assert from_dwarf(assemble(tmp_path, "", "other_tls"), nameless, "P") == LayoutFailure(
         tags.DWARF_PARSE_FAILURE, "P: no TSD symbol: no DWARF")
     assert from_dwarf(assemble(tmp_path, ""), facts, "P") == LayoutFailure(
+        tags.DWARF_PARSE_FAILURE, "P: no DWARF")
+    # the object's own symbol table names the TSD: the DWARF is not asked for it
+    assert from_dwarf(assemble(tmp_path, ""), nameless, "P") == LayoutFailure(
         tags.DWARF_PARSE_FAILURE, "P: no DWARF")
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x7fELF and then nothing an ELF file has")
@@ -588,6 +594,9 @@ def test_a_not_jemalloc_answer_is_returned_as_it_is(tmp_path: Path):
     assert resolved(program, known=lambda f: pytest.fail("asked")) == NotJemalloc()
     with open(program, "rb") as stream:
         assert resolve_object(stream, "P", [], DebugSearch(())) == NotJemalloc()
+    with open(tmp_path / "plain.c", "rb") as stream:
+        assert resolve_object(stream, "P", [], DebugSearch(())) == LayoutFailure(
+            tags.DWARF_PARSE_FAILURE, "P: malformed ELF: Magic number does not match")
 
 
 def test_resolve_object_takes_an_executable_by_default(tmp_path: Path):
@@ -717,6 +726,10 @@ def test_a_debug_file_that_is_the_objects_but_lacks_the_tsd(tmp_path: Path):
     assert resolved(stripped, view="mnt:[1]") == LayoutFailure(
         tags.DWARF_PARSE_FAILURE,
         f"{stripped} (debuglink {debug}): no definition of struct tsd_s; machine code: {code}")
+    # the same from its own DWARF
+    assert resolved(program) == LayoutFailure(
+        tags.DWARF_PARSE_FAILURE, f"{program}: no definition of struct tsd_s; machine code: "
+        f"{code_words(program)}")
 
 
 def test_resolve_takes_an_executable_by_default(tmp_path: Path):
