@@ -737,3 +737,83 @@ def test_resolve_takes_an_executable_by_default(tmp_path: Path):
     with open(program, "rb") as stream:
         layout = resolve(InProcess(), stream, "P", [], DebugSearch(()))
     assert (layout.static_block_offset, layout.allocated_offset) == (112, 24)
+
+
+GD_FAST_PATHS = """
+    .section .tbss,"awT",@nobits
+    .globl tsd
+    .type tsd, @object
+    .size tsd, 2632
+tsd: .zero 2632
+    .text
+""" + "".join(f"""
+    .globl {name}
+    .type {name}, @function
+{name}:
+    pushq %rbx
+    movq %rdi, %rbx
+    .byte 0x66
+    leaq tsd@tlsgd(%rip), %rdi
+    .value 0x6666
+    rex64
+    call __tls_get_addr@PLT
+    movq {offset}(%rax), %rdx
+    addq %rbx, %rdx
+    cmpq {offset + 8}(%rax), %rdx
+    jae 1f
+    movq %rdx, {offset}(%rax)
+1:  popq %rbx
+    ret
+    .size {name}, .-{name}
+""" for name, offset in (("malloc", 824), ("free", 840)))
+
+
+def test_general_dynamic_fast_paths_place_the_tsd_behind_the_dtv(tmp_path: Path):
+    """malloc and free reach the TSD through __tls_get_addr of the module's GOT pair."""
+    source = tmp_path / "gd.s"
+    source.write_text(GD_FAST_PATHS)
+    lib = tmp_path / "libgd.so"
+    subprocess.run(["gcc", "-shared", "-nostdlib", "-o", lib, source], check=True)
+    assert from_code(lib, ObjectFacts(None, None, False, dynamic_tls=True)) == TsdLayout(
+        None, "(stripped)", 0, 824, 840, dynamic_tls=True, dwarf_source="none",
+        code_source="malloc/free fast paths",
+        arena_missing="no arena layout table for jemalloc no version string (tables: "
+                      "5.3.0-0-g54eaed1)")
+
+
+def test_another_variables_pair_does_not_place_the_tsd(tmp_path: Path):
+    """Only the pad is reached, through its general-dynamic pair: the TSD, at another
+    offset, is placed by no relocation at all."""
+    lib = library(tmp_path, "libj.so",
+                  source=SOURCE.replace("return je_tsd_tls.between + pad_tls[1];",
+                                        "return pad_tls[1];"))
+    assert relocations(lib, "R_X86_64_DTPMOD64") and not relocations(lib, "R_X86_64_TPOFF64")
+    assert inspect(lib, shared=True, what="S") == LayoutFailure(
+        tags.JEMALLOC_UNREADABLE,
+        "S: jemalloc, but no TLS relocation of its own places its thread data")
+
+
+LOCAL_PAD = SOURCE.replace("__thread char pad_tls", "static __thread char pad_tls")
+
+
+def test_the_tsds_own_pair_wins_over_a_slot_against_the_module(tmp_path: Path):
+    """The pad (local) initial-exec through an anonymous slot, the TSD general-dynamic:
+    the slot is not the TSD's."""
+    lib = library(tmp_path, "libj.so", source=LOCAL_PAD, tsd="global-dynamic",
+                  pad="initial-exec")
+    [(_, symbol, _)] = relocations(lib, "R_X86_64_TPOFF64")
+    assert symbol is None
+    assert inspect(lib, shared=True).placement() == {
+        "static_block_offset": None, "tpoff_got": None, "tpoff_addend": 0,
+        "tpoff_symbolic": False, "dynamic_tls": True}
+
+
+def test_a_slot_against_the_module_wins_over_a_pair_that_is_not_the_tsds(tmp_path: Path):
+    """The TSD (local) initial-exec, the pad (local) general-dynamic: its pair's offset is
+    in the file, the TSD's symbol is not at a pair, and the anonymous slot is taken."""
+    lib = library(tmp_path, "libj.so", "-DTSD_STATIC", source=LOCAL_PAD)
+    [(slot, _, addend)] = relocations(lib, "R_X86_64_TPOFF64")
+    facts = inspect(lib, shared=True)
+    assert facts.symbol == elf.Symbol("je_tsd_tls", 40, 64)
+    assert (facts.tpoff_got, facts.tpoff_addend, facts.tpoff_symbolic, facts.dynamic_tls) == (
+        slot, 40, False, False)
