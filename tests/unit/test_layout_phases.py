@@ -269,7 +269,7 @@ def test_general_dynamic_is_behind_the_dtv(tmp_path: Path):
 
 def test_the_tsds_own_pair_wins_over_another_variables_initial_exec_slot(tmp_path: Path):
     lib = library(tmp_path, tsd="global-dynamic", pad="initial-exec")
-    assert relocations(lib, "R_X86_64_TPOFF64")  # the pad's, against the module
+    assert relocations(lib, "R_X86_64_TPOFF64")  # the pad's, against its own symbol
     assert inspect(lib, shared=True).placement() == {
         "static_block_offset": None, "tpoff_got": None, "tpoff_addend": 0,
         "tpoff_symbolic": False, "dynamic_tls": True}
