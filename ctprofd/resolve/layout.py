@@ -663,4 +663,4 @@ def resolve_path(path: str, search: DebugSearch) -> Resolution:
 def object_dirs_for(exe_path: str, root: str, view: str = "") -> list[ObjectDir]:
     """The directory a debuglink of `exe_path` may be relative to, as seen from `root`
     (the target's, /proc/PID/root: it may live in another mount namespace, named `view`)."""
-    return [ObjectDir(root, os.path.dirname(exe_path.removesuffix(" (deleted)")), view)]
+    return [ObjectDir(root, os.path.dirname(exe_path), view)]  # " (deleted)" is in the name
