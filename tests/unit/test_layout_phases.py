@@ -287,7 +287,8 @@ def test_an_initial_exec_slot_wins_over_another_variables_pair(tmp_path: Path):
 def test_a_stripped_library_takes_the_slot_against_the_module(tmp_path: Path):
     """No symbol names the TSD: an anonymous initial-exec slot is taken even beside a
     pair of the module (a local variable's, its offset in the file)."""
-    lib = library(tmp_path, "libj.so", "-DTSD_STATIC", "-s", tsd="initial-exec", pad="global-dynamic",
+    lib = library(tmp_path, "libj.so", "-DTSD_STATIC", "-s", tsd="initial-exec",
+                  pad="global-dynamic",
                   source=SOURCE.replace("__thread char pad_tls", "static __thread char pad_tls"))
     [(slot, _, addend)] = relocations(lib, "R_X86_64_TPOFF64")
     facts = inspect(lib, shared=True)
