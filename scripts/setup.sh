@@ -28,6 +28,7 @@ packages=("${SETUP_PACKAGES[@]}")
 if ((test_mode)); then
     packages+=(build-essential dpkg-dev prometheus prometheus-process-exporter systemd strace
                gdb debuginfod elfutils binutils pahole redis-server varnish clang libjemalloc2
+               lld  # links the big-endian objects of tests/unit/test_dwarf_offsets.py
                # build-jemalloc.sh's rjem-gcc11 and rjem-clang14/15/16 compilers (its rjem-gcc10
                # and rjem-gcc13 are built in debootstrap roots of Debian 11 and 13)
                gcc-11 clang-14 clang-15 clang-16
