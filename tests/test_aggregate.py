@@ -374,3 +374,19 @@ def test_allocator_figures_are_summed_only_when_every_process_has_them():
         ("app",)].allocator is None
     assert by_labels(aggregator.update(snap(30, replace(proc(10, (100, 0)), allocator=one)),
                                        alive_set((10, 1))))[("app",)].allocator == one
+
+
+def test_a_process_the_selection_leaves_out_is_forgotten_though_alive():
+    """After a reload that leaves a running process out: its own series goes at once, a
+    series it shares loses its counts; selected again, it counts from its counters, once."""
+    agg = grouped(("pid",), retention=10)
+    agg.update(snap(0, proc(10, (100, 40)), proc(11, (5, 0))), NONE_ALIVE)
+    both_alive = alive_set((10, 1), (11, 1))
+    view = agg.update(replace(snap(1, proc(11, (6, 0))), unselected=((10, 1),)), both_alive)
+    assert [s.labels for s in view.series] == [("11",)]
+    view = agg.update(snap(2, proc(10, (120, 50)), proc(11, (7, 0))), NONE_ALIVE)
+    assert by_labels(view)[("10",)] == SeriesValues(("10",), 120, 50, 70, 1, 1)
+    shared = grouped(("comm",))
+    shared.update(snap(0, proc(10, (100, 40)), proc(11, (5, 0))), NONE_ALIVE)
+    view = shared.update(replace(snap(1, proc(11, (6, 0))), unselected=((10, 1),)), both_alive)
+    assert view.series == (SeriesValues(("app",), 6, 0, 6, 1, 1),)

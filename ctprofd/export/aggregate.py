@@ -107,7 +107,10 @@ class Aggregator:
 
     def update(self, snapshot: Snapshot, alive: Callable[[int, int], bool]) -> AggregateView:
         """Take in one snapshot. `alive(pid, start_time)` tells whether a process missing
-        from it still runs; only processes that do not are folded away."""
+        from it still runs; only processes that do not are folded away. A process the
+        selection now leaves out (after a reload) is forgotten instead, as a label change
+        forgets every one: its series drops its counts (a counter reset), and goes at once
+        when nothing else is counted in it. Selected again, it counts from its counters."""
         now = snapshot.timestamp
         live: dict[SeriesKey, list[int]] = {}
         health: dict[SeriesKey, AllocatorHealth | None] = {}
@@ -126,9 +129,18 @@ class Aggregator:
             health[key] = (sample.allocator if counts[1] == 1
                            else _sum(health[key], sample.allocator))
         present = {sample.key for sample in snapshot.processes}
+        left_out = set(snapshot.unselected)
+        forgotten = set()
         for ident in [i for i in self._processes if i not in present]:
-            if not alive(*ident):
+            if ident in left_out:
+                forgotten.add(self._processes.pop(ident).series)
+            elif not alive(*ident):
                 self._fold(self._processes.pop(ident))
+        held = {process.series for process in self._processes.values()}
+        for key in forgotten - held:
+            series = self._series.get(key)
+            if series is not None and not (series.folded_allocated or series.folded_deallocated):
+                del self._series[key]
         for process in self._processes.values():
             self._series.setdefault(process.series, _Series()).last_active = now
         for key in [k for k, s in self._series.items() if s.last_active + self.retention < now]:

@@ -289,6 +289,7 @@ class Capturer:
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
         waiting: list[ProcessInfo] = []  # pending: their binaries are being resolved
+        unselected: list[tuple[int, int]] = []
         # new processes listed before their parent (pid wrap): read once the parent was, so
         # that a fork() child can be told by its parent's memory and state
         deferred: list[tuple[ProcessInfo, int]] = []  # with their /proc/PID's inode
@@ -321,6 +322,7 @@ class Capturer:
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 self._remember(process, inode, UNSELECTED)
+                unselected.append(process.key)
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
@@ -361,7 +363,7 @@ class Capturer:
                             failed_pids=tuple(sorted(tally.failed_pids.values(),
                                                      key=lambda f: f.pid)),
                             denied_tgids=tally.denied_tgids, pending=tally.pending,
-                            left_out_threads=tally.left_out)
+                            left_out_threads=tally.left_out, unselected=tuple(unselected))
         self.exit_races += tally.exit_races
         self._log_snapshot(snapshot)
         return snapshot
