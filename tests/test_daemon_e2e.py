@@ -209,3 +209,21 @@ def test_thread_churn_is_counted_whole_and_is_no_privilege_problem(fixture_bins,
     assert abs(deallocated - truth["deallocated"]) <= 0.02 * truth["deallocated"]
     assert abs(live - (truth["allocated"] - truth["deallocated"])) <= 1 << 20
     assert scrapes.value("ctprofd_arena_processes", pid=str(churn.pid)) == processes == 1
+
+
+def test_a_reload_that_leaves_a_read_process_out_drops_its_series(fixture_bins, spawn_fixture,
+                                                                  run_daemon, tmp_path):
+    """A process read before a reload that leaves it out is forgotten, not held as live
+    (frozen) for as long as it runs: its series goes in the first snapshot after."""
+    static = spawn_fixture(fixture_bins["static"], 1)
+    dynamic = spawn_fixture(fixture_bins["dynamic"], 1)
+    scrapes = run_daemon("pid").after_next_snapshot()
+    assert scrapes.series(pid=str(dynamic.pid))[:2] == truth(dynamic)
+    path = tmp_path / "ctprofd.yaml"
+    path.write_text(path.read_text().replace(f"{fixture_bins.root}/*",
+                                             f"{fixture_bins['static'].binary}"))
+    scrapes.daemon.signal(signal.SIGHUP)
+    scrapes.daemon.wait_for("reloaded the configuration")
+    scrapes.after_next_snapshot()
+    assert scrapes.value("ctprofd_allocated_bytes_total", pid=str(dynamic.pid)) is None
+    assert scrapes.series(pid=str(static.pid))[:2] == truth(static)

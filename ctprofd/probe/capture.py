@@ -233,6 +233,7 @@ class Capturer:
         self._ptrace_capable = has_ptrace_capability()  # which hint that is
         self._passes = 0  # snapshots begun: spreads the re-checks of quiet processes, threads
         self._quiet = QuietProcesses(NOT_JEMALLOC_RECHECK, NOT_JEMALLOC_RECHECK_HEARD)
+        self._reselecting = False  # the selection changed: name what it leaves out
         self._events = self._listen() if self.settings.process_events else None
         self._heard: Changes | None = None  # what the events said since the last snapshot
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
@@ -289,7 +290,8 @@ class Capturer:
         samples: list[ProcessSample] = []
         seen: set[tuple[int, int]] = set()
         waiting: list[ProcessInfo] = []  # pending: their binaries are being resolved
-        unselected: list[tuple[int, int]] = []
+        unselected: list[tuple[int, int]] = []  # after a selection change only
+        reselecting, self._reselecting = self._reselecting, False
         # new processes listed before their parent (pid wrap): read once the parent was, so
         # that a fork() child can be told by its parent's memory and state
         deferred: list[tuple[ProcessInfo, int]] = []  # with their /proc/PID's inode
@@ -322,7 +324,8 @@ class Capturer:
                 continue
             if self.settings.select is not None and not self.settings.select(process):
                 self._remember(process, inode, UNSELECTED)
-                unselected.append(process.key)
+                if reselecting and process.state not in ("Z", "X"):  # an exit: no exe to match
+                    unselected.append(process.key)
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
@@ -423,8 +426,10 @@ class Capturer:
         tally.denied_tgids += counts[REFUSED]
 
     def selection_changed(self) -> None:
-        """The selection's rules changed: every process is read (and selected) again."""
+        """The selection's rules changed: every process is read (and selected) again, and
+        the next snapshot names the live ones it leaves out (`Snapshot.unselected`)."""
         self._quiet.clear()
+        self._reselecting = True
 
     def _log_snapshot(self, snapshot: Snapshot) -> None:
         """The summary line at info when it differs from the last one logged, else at debug

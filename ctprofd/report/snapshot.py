@@ -107,7 +107,7 @@ class Snapshot:
     denied_tgids: int = 0  # tgids whose /proc/PID/exe was refused: ctprofd cannot see them
     pending: int = 0  # tgids whose binary is still being resolved: not read yet, not failed
     left_out_threads: int = 0  # threads whose stop did not come, or was not waited for
-    # (pid, start time) of the processes this pass found the selection leaves out
+    # (pid, start time) of the live processes a changed selection leaves out (first pass after)
     unselected: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict:
