@@ -136,11 +136,13 @@ class Aggregator:
                 forgotten.add(self._processes.pop(ident).series)
             elif not alive(*ident):
                 self._fold(self._processes.pop(ident))
-        held = {process.series for process in self._processes.values()}
-        for key in forgotten - held:
-            series = self._series.get(key)
-            if series is not None and not (series.folded_allocated or series.folded_deallocated):
-                del self._series[key]
+        if forgotten:  # only in the snapshot after a reload
+            held = {process.series for process in self._processes.values()}
+            for key in forgotten - held:
+                series = self._series.get(key)
+                if series is not None and not (series.folded_allocated
+                                               or series.folded_deallocated):
+                    del self._series[key]
         for process in self._processes.values():
             self._series.setdefault(process.series, _Series()).last_active = now
         for key in [k for k, s in self._series.items() if s.last_active + self.retention < now]:

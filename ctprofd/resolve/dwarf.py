@@ -99,6 +99,10 @@ _FIXED_SIZE = {0x05: 2, 0x06: 4, 0x07: 8, 0x0B: 1, 0x0C: 1, 0x11: 1, 0x12: 2, 0x
 _OFFSET_SIZED = (0x0E, 0x10, 0x17, 0x1F)  # strp, ref_addr (DWARF >= 3), sec_offset, line_strp
 _LEB = (0x0D, 0x0F, 0x15, 0x1A, 0x1B)      # sdata, udata, ref_udata, strx, addrx
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+# type tags that name the type below them: stripped to find a struct, an array or a pointer
+_QUALIFIERS = ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
+               "DW_TAG_atomic_type")
+_SAME_VALUE = (*_QUALIFIERS, "DW_TAG_enumeration_type")  # ... and an integer's value
 
 
 def _section_bytes(section) -> memoryview | None:
@@ -255,10 +259,6 @@ def _base_type(die: DIE) -> DIE:
     raise DwarfError(f"type of {_name(die)} is not a base type")
 
 
-_SAME_VALUE = ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
-               "DW_TAG_atomic_type", "DW_TAG_enumeration_type")
-
-
 def _check_counter(member: DIE) -> None:
     base = _base_type(member.get_DIE_from_attribute("DW_AT_type"))
     size = base.attributes["DW_AT_byte_size"].value
@@ -329,8 +329,7 @@ _PREFIXES = ("je_", "_rjem_je_", "")
 def _strip(die: DIE) -> DIE:
     """The type under typedefs and qualifiers."""
     for _ in range(16):
-        if die.tag not in ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
-                           "DW_TAG_atomic_type") or "DW_AT_type" not in die.attributes:
+        if die.tag not in _QUALIFIERS or "DW_AT_type" not in die.attributes:
             return die
         die = die.get_DIE_from_attribute("DW_AT_type")
     raise DwarfError("type chain too deep")
