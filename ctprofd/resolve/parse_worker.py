@@ -136,9 +136,9 @@ class ParseWorker:
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
         found = self._request({"op": "inspect", "what": what, "shared": shared}, stream, what)
-        if isinstance(found, (TsdLayout, tuple)):
-            return self._crashed(what, "parser answered phase 1 with something else")
-        return found
+        if isinstance(found, (ObjectFacts, NotJemalloc, LayoutFailure)):
+            return found
+        return self._crashed(what, "parser answered phase 1 with something else")
 
     def identify(self, stream: BinaryIO, what: str,
                  crc: bool) -> tuple[int | None, str | None] | LayoutFailure:
@@ -163,9 +163,9 @@ class ParseWorker:
 
     def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
-        if isinstance(found, (ObjectFacts, tuple)):
-            return self._crashed(what, "parser answered phase 2 with something else")
-        return found
+        if isinstance(found, (TsdLayout, NotJemalloc, LayoutFailure)):
+            return found
+        return self._crashed(what, "parser answered phase 2 with something else")
 
     def close(self) -> None:
         """Stop the zygote: it exits when its socket closes (killed after 2 s)."""
