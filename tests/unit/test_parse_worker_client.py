@@ -10,47 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
-import struct
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from ctprofd.report import tags
-from ctprofd.resolve import dwarf, parse_worker
+from ctprofd.resolve import parse_worker
 from ctprofd.resolve.elf import Symbol
 from ctprofd.resolve.layout import (LayoutFailure, NotJemalloc, ObjectFacts, TsdLayout,
                                     debug_identity, inspect_object, layout_from_code,
                                     layout_from_dwarf)
 from ctprofd.resolve.loader import LoaderFacts, loader_facts
 from ctprofd.resolve.parse_worker import MAX_REASON, ParseWorker, WorkerLimits
-from support.procs import is_dead, wait_for_exit, wait_until
+from support.lookalike import BUILD_ID, build_prog, sibling_cycle
+from support.procs import is_dead, wait_for_exit
 
 HANG_GUARD = 60  # seconds: only keeps a broken run from hanging, never a timing claim
-BUILD_ID = "0123456789abcdef0123456789abcdef01234567"
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
-SOURCE = r"""
-#include <stdint.h>
-struct pre { int a; int b; };  /* before tsd_s: a sibling cycle here hangs the search */
-struct pre pre_var __attribute__((used));
-struct tsd_s {
-    char before[24];
-    uint64_t cant_access_tsd_items_directly_use_a_getter_or_setter_thread_allocated;
-    uint64_t between;
-    uint64_t cant_access_tsd_items_directly_use_a_getter_or_setter_thread_deallocated;
-    char after[16];
-};
-__thread struct tsd_s je_tsd_tls __attribute__((used, tls_model("local-exec")));
-__thread char pad_tls[40] __attribute__((used, tls_model("local-exec")));
-uint64_t get(void) { return je_tsd_tls.between + pad_tls[1]; }
-int je_mallctl(void) { return 0; }
-int main(void) { return (int)get(); }
-"""
 FACTS = ObjectFacts(BUILD_ID, Symbol("je_tsd_tls", 40, 64), True, static_block_offset=112)
 LAYOUT = TsdLayout(BUILD_ID, "je_tsd_tls", 40, 24, 40, static_block_offset=112)
 
@@ -58,11 +37,7 @@ LAYOUT = TsdLayout(BUILD_ID, "je_tsd_tls", 40, 24, 40, static_block_offset=112)
 @pytest.fixture(scope="module")
 def prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A jemalloc look-alike executable with its DWARF: the TSD's counters at 24 and 40."""
-    directory = tmp_path_factory.mktemp("prog")
-    (directory / "prog.c").write_text(SOURCE)
-    subprocess.run(["gcc", "-O1", "-g", f"-Wl,--build-id=0x{BUILD_ID}", "-o",
-                    directory / "prog", directory / "prog.c"], check=True, capture_output=True)
-    return directory / "prog"
+    return build_prog(tmp_path_factory.mktemp("prog"))
 
 
 @pytest.fixture
@@ -207,25 +182,6 @@ def test_not_elf_and_a_directory_are_failures_of_the_file(worker, tmp_path):
                        "a directory: parser raised IsADirectoryError")
     finally:
         os.close(fd)
-
-
-def sibling_cycle(src: Path, dst: Path) -> None:
-    """Copy `src`, making the first DIE with a DW_AT_sibling, in the unit searched first for
-    tsd_s, its own next sibling: a parser walking the unit's children never ends."""
-    shutil.copy(src, dst)
-    with open(src, "rb") as f:
-        image = ELFFile(f)
-        unit = next(dwarf._ordered_units(image.get_dwarf_info()))
-        for die in unit.get_top_DIE().iter_children():
-            sibling = die.attributes.get("DW_AT_sibling")
-            if die.has_children and sibling is not None and sibling.form == "DW_FORM_ref4":
-                break
-        else:
-            raise AssertionError(f"{src}: no DW_AT_sibling in ref4 form")
-        at = image.get_section_by_name(".debug_info")["sh_offset"] + sibling.offset
-        with open(dst, "r+b") as out:
-            out.seek(at)
-            out.write(struct.pack("<I", die.offset - unit.cu_offset))
 
 
 def test_a_parse_that_hangs_is_killed_on_time_and_the_zygote_serves_on(prog, tmp_path):
