@@ -19,6 +19,7 @@ check."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import resource
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -47,6 +49,8 @@ from support.lookalike import BUILD_ID, build_prog, nobits_abbrev, sibling_cycle
 from support.procs import wait_for_exit, wait_until
 
 HANG_GUARD = 60  # seconds: only keeps a broken run from hanging, never a timing claim
+# each test takes under a second: a hang (a mutant that never answers) fails in 30 s
+pytestmark = pytest.mark.timeout(30)
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 2, 3, 4
 CAP_SYS_PTRACE = 19
@@ -128,6 +132,10 @@ def test_each_request_is_parsed_by_its_phase_on_the_fd_left_open(prog):
         with open(LIBC, "rb") as stream:
             assert _parse({"op": "loader", "what": "libc"}, fd) == \
                 loader_facts(stream).to_dict()
+            failed = _parse({"op": "layout", "what": "libc", "source": "embedded",
+                             "facts": facts.to_dict()}, fd)
+            assert failed == layout_from_dwarf(stream, facts, "libc", "embedded").to_dict()
+            assert failed["kind"] == "failure" and failed["message"].startswith("libc: ")
     finally:
         os.close(fd)
 
@@ -253,6 +261,34 @@ def test_whatever_the_parse_raises_is_the_answer(prog, tmp_path):
         "raised JSONDecodeError: ")
     long = serve({"op": "code", "what": "p", "facts": {"kind": "k" * 2000}}, prog, limits_for())
     assert long == {"crash": ("raised ValueError: not object facts: '" + "k" * 2000)[:MAX_REASON]}
+
+
+def test_a_child_that_cannot_be_forked_is_told(prog):
+    """fork refused (RLIMIT_NPROC, on a thread of a user whose processes it counts): the
+    answer says why, and both ends of the pipe are closed."""
+    fd = os.open(prog, os.O_RDONLY)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    before = set(os.listdir("/proc/self/fd"))
+
+    def work() -> bytes:
+        # this thread alone (the raw system call, not glibc's for every thread) becomes
+        # uid 4251, losing its capabilities; root's processes are not counted
+        assert _libc.syscall(117, 4251, 4251, 4251) == 0  # setresuid
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, hard))
+        return _serve(b'{"op": "inspect", "what": "p", "shared": false}', [fd],
+                      limits_for(), theirs)
+    try:
+        answer = on_a_thread(work)
+        after = set(os.listdir("/proc/self/fd"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the uid change made the process not
+        os.close(fd)
+        ours.close()
+        theirs.close()
+    assert answer == crash("could not be started: Resource temporarily unavailable")
+    assert after == before  # the pipe's two ends closed
 
 
 def test_a_parse_over_the_memory_limit_says_so(prog, tmp_path):
@@ -434,6 +470,7 @@ def test_held_names_the_sets_not_empty():
               "CapEff": "0000000000000000", "CapAmb": "0000010000000000"}
     assert _held(status, ("CapPrm", "CapEff", "CapAmb")) == ["CapPrm", "CapAmb"]
     assert _held(status, ("CapInh",)) == []
+    assert _held({"CapEff": "000001ffffffffff"}, ("CapEff",)) == ["CapEff"]
 
 
 def in_fork(work) -> object:
@@ -480,6 +517,12 @@ def test_reserve_lowers_setuid_and_setgid_only_with_all_it_needs():
         lowered, eff = in_fork(without(cap))["ok"]
         assert lowered is False and int(eff, 16) == full & ~(1 << cap)
 
+    def with_inheritable() -> list:
+        set_caps(full, full, 0xa0)
+        assert reserve_setid_for_worker() is True
+        return [int(thread_status()["CapInh"], 16), int(thread_status()["CapEff"], 16)]
+    assert in_fork(with_inheritable) == {"ok": [0xa0, full & ~setid]}
+
     def not_root() -> list:
         os.setresuid(0, 4248, 0)  # effective uid 4248: its capabilities go
         return [reserve_setid_for_worker()]
@@ -507,7 +550,7 @@ def refused_on_a_thread() -> None:
         assert _libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(value), 0, 0, 0) == 0
         return {**thread_status(), "pdeathsig": value.value}
     try:
-        assert _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+        assert _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0
         found = on_a_thread(work)
         assert not isinstance(found, BaseException), found
         assert _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0  # process-wide, put back below
@@ -539,7 +582,9 @@ def test_drop_privileges_refuses_when_the_daemon_is_gone():
 class Zygote:
     """`zygote` in a forked child of this process, as BOOTSTRAP runs it in the worker."""
 
-    def __init__(self, limits: WorkerLimits, parent: int | None = None) -> None:
+    def __init__(self, limits: WorkerLimits, parent: int | None = None,
+                 prepare=lambda: None) -> None:
+        """`prepare()` runs in the child first (the daemon's credentials to start from)."""
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid() if parent is None else parent
         self.pid = os.fork()
@@ -547,9 +592,14 @@ class Zygote:
             code = 0
             try:
                 keep = theirs.fileno()
-                os.closerange(3, keep)  # as Popen's close_fds in the worker
+                os.closerange(3, keep)  # as Popen's close_fds and pass_fds in the worker
                 os.closerange(keep + 1, 1 << 16)
-                zygote(str(keep), json.dumps(asdict(limits)), str(parent))
+                os.set_inheritable(keep, True)
+                args = [str(keep), json.dumps(asdict(limits)), str(parent)]
+                path = [parse_worker.PACKAGE_ROOT, *(os.path.abspath(p) for p in sys.path if p)]
+                sys.argv[:] = ["-c", json.dumps(path), *args]  # what BOOTSTRAP is given
+                prepare()
+                zygote(*args)
             except SystemExit as exc:
                 code = exc.code
             except BaseException:  # noqa: BLE001 - told by the exit status
@@ -600,6 +650,13 @@ def test_the_zygote_of_a_root_daemon_drops_everything_then_serves(prog):
                     inspect_object(stream, "prog", False).to_dict()
             assert z.ask({"op": "inspect", "what": "prog", "shared": False}, []) == {
                 "crash": "was sent no file"}
+            libc = os.open(LIBC, os.O_RDONLY)
+            try:  # one fd taken: the first, the others dropped by the kernel
+                with open(prog, "rb") as stream:
+                    assert z.ask({"op": "inspect", "what": "prog", "shared": False},
+                                 [fd, libc]) == inspect_object(stream, "prog", False).to_dict()
+            finally:
+                os.close(libc)
             assert len(os.listdir(f"/proc/{z.pid}/fd")) == open_before  # the fd closed
         finally:
             os.close(fd)
@@ -687,6 +744,118 @@ def test_a_zygote_given_a_bad_parent_refuses_in_a_fork_too():
     assert z.close() == 1
 
 
+# --- the zygote of a daemon with fewer capabilities ---------------------------------------
+
+def set_caps(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of the calling thread, for the tests' own set-up."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+    data = (Data * 2)(*(Data(effective >> s & 0xFFFFFFFF, permitted >> s & 0xFFFFFFFF,
+                             inheritable >> s & 0xFFFFFFFF) for s in (0, 32)))
+    if _libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def deny(*names: str) -> None:
+    """A seccomp filter on this thread refusing the system calls `names` with EPERM (as
+    the systemd unit's SystemCallFilter=~@privileged does); it also sets no_new_privs."""
+    seccomp = ctypes.CDLL("libseccomp.so.2")
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    context = ctypes.c_void_p(seccomp.seccomp_init(ctypes.c_uint32(0x7FFF0000)))  # allow
+    for name in names:
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        assert seccomp.seccomp_rule_add(context, ctypes.c_uint32(0x50000 | errno.EPERM),
+                                        number, 0) == 0, name
+    assert seccomp.seccomp_load(context) == 0
+
+
+FULL = int(status_of("/proc/self/status")["CapEff"], 16)
+CAP_SETPCAP = 8
+
+
+@pytest.mark.parametrize("missing", [CAP_SETPCAP, CAP_SETGID, CAP_SETUID])
+def test_a_root_zygote_spends_only_the_capabilities_it_has(missing):
+    """Without CAP_SETPCAP the bounding set stays, without CAP_SETGID the groups and gid,
+    without CAP_SETUID the uid; the rest is dropped all the same."""
+    refused_on_a_thread()
+    without = FULL & ~(1 << missing)
+    z = Zygote(limits_for(uid=4246, gid=4247), prepare=lambda: set_caps(without, without, 0))
+    try:
+        uid = "0" if missing == CAP_SETUID else "4246"
+        gid = "0" if missing == CAP_SETGID else "4247"
+        groups = len(os.getgroups()) if missing == CAP_SETGID else 0
+        assert z.hello == (f"ready uid={uid} gid={gid} groups={groups} no capabilities, "
+                           "no new privileges")
+        status = z.status()
+        assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [gid] * 4
+        bounding = int(status["CapBnd"], 16)
+        assert bounding == (int(status_of("/proc/self/status")["CapBnd"], 16)
+                            if missing == CAP_SETPCAP else 0)
+        for name in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+            assert int(status[name], 16) == 0, name
+    finally:
+        assert z.close() == 0
+
+
+def test_a_root_zygote_whose_capset_is_refused_refuses_to_serve():
+    """Root that cannot change uid and whose capset a seccomp filter refuses would keep
+    its capabilities: it says which and exits."""
+    refused_on_a_thread()
+    z = Zygote(limits_for(), prepare=lambda: deny("capset"))
+    assert z.hello == ("cannot drop privileges: capabilities left in CapPrm, CapEff, "
+                       "NoNewPrivs 1")
+    assert z.close() == 1
+
+
+PTRACE_CAPS = 1 << CAP_SYS_PTRACE | 1 << 2  # and CAP_DAC_READ_SEARCH
+
+
+def as_the_systemd_unit() -> None:
+    """The unit's daemon: a system user with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH
+    ambient, capset refused by its seccomp filter."""
+    os.setgroups([])
+    assert _libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS
+    os.setresgid(4250, 4250, 4250)
+    os.setresuid(4250, 4250, 4250)
+    set_caps(PTRACE_CAPS, PTRACE_CAPS, PTRACE_CAPS)
+    for cap in (CAP_SYS_PTRACE, 2):
+        assert _libc.prctl(47, 2, cap, 0, 0) == 0  # PR_CAP_AMBIENT_RAISE
+    deny("capset")
+
+
+def test_a_zygote_with_ambient_capabilities_execs_itself_without_them(prog):
+    """capset refused to a non-root zygote: it clears its ambient set and execs the
+    worker's interpreter once more, which starts with no capabilities but the inert
+    inheritable set, says so, and serves."""
+    refused_on_a_thread()
+    limits = limits_for()
+    z = Zygote(limits, prepare=as_the_systemd_unit)
+    try:
+        assert z.hello == ("ready uid=4250 gid=4250 groups=0 no capabilities (inheritable "
+                           f"{PTRACE_CAPS:016x}: inert under no_new_privs), no new privileges")
+        status = z.status()
+        for name in ("CapPrm", "CapEff", "CapAmb"):
+            assert int(status[name], 16) == 0, name
+        argv = Path(f"/proc/{z.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert argv[:4] == [sys.executable.encode(), b"-I", b"-c",
+                            parse_worker.BOOTSTRAP.encode()]
+        assert json.loads(argv[4])[0] == parse_worker.PACKAGE_ROOT  # given on, all of them
+        assert argv[6:] == [json.dumps(asdict(limits)).encode(), str(os.getpid()).encode()]
+        fd = os.open(prog, os.O_RDONLY)
+        try:
+            with open(prog, "rb") as stream:
+                assert z.ask({"op": "inspect", "what": "prog", "shared": False}, [fd]) == \
+                    inspect_object(stream, "prog", False).to_dict()
+        finally:
+            os.close(fd)
+    finally:
+        assert z.close() == 0
+
+
 # --- worker_identity -----------------------------------------------------------------------
 
 def fake_proc(tmp_path: Path, uid_map: str, gid_map: str | None = None,
@@ -724,6 +893,17 @@ def test_the_only_free_mapped_id_is_chosen(tmp_path):
     assert worker_identity(str(proc), user=NO_USER) == (
         start + 3, start + 3, f"uid and gid {start + 3}, which no user, group or process "
         "has now")
+
+
+def test_the_ids_in_use_are_every_uid_and_gid_of_each_process(tmp_path):
+    proc = fake_proc(tmp_path, "", pids={
+        "1": "Name:\tinit\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t9\n",
+        "20": "Uid:\t20\t20\t20\t20\nGid:\t21\t21\t21\t21\n",
+        "3": None, "4": "Uid:\tbad\n", "5": None, "6": "Gid:\t?\n",
+        "300": "Gid:\t300\t301\t302\t303\n", "abc": "Uid:\t99\n"})
+    (proc / "7" / "status").mkdir(parents=True)  # unreadable as a file
+    assert parse_worker._ids_in_use(str(proc)) == {1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 300, 301,
+                                                   302, 303}
 
 
 def test_only_ids_mapped_for_both_uid_and_gid_in_the_dynamic_range_are_free(tmp_path):

@@ -29,6 +29,8 @@ from support.lookalike import BUILD_ID, build_prog, sibling_cycle
 from support.procs import is_dead, wait_for_exit
 
 HANG_GUARD = 60  # seconds: only keeps a broken run from hanging, never a timing claim
+# each test takes under a second: a hang (a mutant that never answers) fails in 30 s
+pytestmark = pytest.mark.timeout(30)
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 FACTS = ObjectFacts(BUILD_ID, Symbol("je_tsd_tls", 40, 64), True, static_block_offset=112)
 LAYOUT = TsdLayout(BUILD_ID, "je_tsd_tls", 40, 24, 40, static_block_offset=112)
@@ -156,6 +158,20 @@ def test_a_zygote_chosen_identity_is_kept_and_logged(prog, caplog):
                                "no new privileges")
 
 
+def test_with_no_free_id_the_worker_is_nobody_with_a_warning(prog, monkeypatch, caplog):
+    monkeypatch.setattr(parse_worker, "DYNAMIC_IDS", range(0))
+    parser = ParseWorker(WorkerLimits(timeout=10))
+    try:
+        with open(prog, "rb") as stream:
+            assert isinstance(parser.inspect(stream, "prog", False), ObjectFacts)
+        assert (parser.limits.uid, parser.limits.gid) == (65534, 65534)
+        assert Path(f"/proc/{parser.pid}/status").read_text().count("\t65534") >= 8
+    finally:
+        parser.close()
+    [record] = [r for r in caplog.records if r.getMessage().startswith("parser worker identity")]
+    assert record.levelno == logging.WARNING and "nobody (65534)" in record.getMessage()
+
+
 def test_a_given_identity_is_used_as_is(prog):
     parser = ParseWorker(WorkerLimits(timeout=10, uid=4243, gid=4244))
     try:
@@ -184,7 +200,10 @@ def test_not_elf_and_a_directory_are_failures_of_the_file(worker, tmp_path):
         os.close(fd)
 
 
-def test_a_parse_that_hangs_is_killed_on_time_and_the_zygote_serves_on(prog, tmp_path):
+def test_a_parse_that_hangs_is_killed_on_time_and_the_zygote_serves_on(
+        prog, tmp_path, monkeypatch):
+    """The child's timeout ends it; the daemon waits that long and a grace period more."""
+    monkeypatch.setattr(parse_worker, "GRACE", 0.5)
     hang = tmp_path / "hang"
     sibling_cycle(prog, hang)
     parser = ParseWorker(WorkerLimits(timeout=0.5))
@@ -278,6 +297,15 @@ def test_the_worker_that_never_says_ready_is_not_started_again_for_a_while(
         assert warnings == ["parser worker cannot start: exited; not parsing binaries for 60 s"]
 
 
+def test_a_refusal_not_in_utf_8_is_told_all_the_same(monkeypatch):
+    hostile(monkeypatch, b"cannot \xff start")
+    parser = ParseWorker(WorkerLimits(timeout=10))
+    with open(LIBC, "rb") as stream:
+        result = parser.inspect(stream, "libc", True)
+    assert_crashed(result, lost=True)
+    assert result.message == "libc: parser worker cannot start: cannot \ufffd start"
+
+
 def test_the_worker_is_tried_again_after_the_backoff(monkeypatch, tmp_path, prog):
     log = tmp_path / "log"
     monkeypatch.setattr(parse_worker, "START_BACKOFF", 0.0)
@@ -341,11 +369,12 @@ GOOD_IDENTITY = {"kind": "identity", "crc": 5, "build_id": BUILD_ID}
     (reply({"kind": "nothing"}), "parser sent a malformed reply (unknown kind 'nothing')"),
     (reply({"no": "kind"}), "parser sent a malformed reply ('kind')"),
     (reply([1]), "parser sent a malformed reply ("),
-    (reply({**GOOD_IDENTITY, "crc": -1}), "a CRC32 must be a 32-bit integer"),
-    (reply({**GOOD_IDENTITY, "crc": 1 << 32}), "a CRC32 must be a 32-bit integer"),
-    (reply({**GOOD_IDENTITY, "crc": True}), "a CRC32 must be a 32-bit integer"),
-    (reply({**GOOD_IDENTITY, "crc": "5"}), "a CRC32 must be a 32-bit integer"),
-    (reply({**GOOD_IDENTITY, "build_id": "AB"}), "a build-id must be 2 to 128 lowercase hex"),
+    (reply({**GOOD_IDENTITY, "crc": -1}), "(a CRC32 must be a 32-bit integer)"),
+    (reply({**GOOD_IDENTITY, "crc": 1 << 32}), "(a CRC32 must be a 32-bit integer)"),
+    (reply({**GOOD_IDENTITY, "crc": True}), "(a CRC32 must be a 32-bit integer)"),
+    (reply({**GOOD_IDENTITY, "crc": "5"}), "(a CRC32 must be a 32-bit integer)"),
+    (reply({**GOOD_IDENTITY, "build_id": "AB"}),
+     "(a build-id must be 2 to 128 lowercase hex digits)"),
     (reply({**GOOD_IDENTITY, "build_id": 5}), "parser sent a malformed reply ("),
     (reply({"kind": "facts"}), "parser sent a malformed reply ("),
     (reply({"kind": "loader"}), "parser sent a malformed reply ("),
