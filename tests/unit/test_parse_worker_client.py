@@ -62,10 +62,11 @@ class Fd:
 
 
 def hostile(monkeypatch: pytest.MonkeyPatch, hello: bytes | None, *replies: bytes | None,
-            log: Path | None = None) -> None:
+            log: Path | None = None, linger: bool = False) -> None:
     """Zygotes started from now on are a script that says `hello` (nothing: exits at
     once), then answers each request with the next of `replies` (None: exits without
-    answering), appending each request to `log`; after the last it exits."""
+    answering), appending each request to `log`; after the last it exits (with `linger`,
+    a minute later, its socket closed or not)."""
     script = f"""
 import json, os, socket, sys
 log = {str(log) if log else None!r}
@@ -84,6 +85,9 @@ for reply in {list(replies)!r}:
     if reply is None:
         sys.exit(0)
     s.send(reply)
+if {linger!r}:
+    import time
+    time.sleep(60)
 """
     monkeypatch.setattr(parse_worker, "BOOTSTRAP", script)
 
@@ -280,6 +284,19 @@ def test_a_worker_dying_on_each_request_is_asked_twice_then_lost(monkeypatch, tm
     assert parser.pid is None
 
 
+def test_an_empty_answer_is_a_lost_worker_which_is_ended(monkeypatch, tmp_path):
+    """An empty message (what a closed socket reads as) from a zygote that still runs: it
+    is ended, not waited for, and a new one asked; twice, the worker is lost."""
+    log = tmp_path / "log"
+    hostile(monkeypatch, b"ready uid=1 test", b"", log=log, linger=True)
+    parser = ParseWorker(WorkerLimits(timeout=10))
+    with open(LIBC, "rb") as stream:
+        result = parser.loader(stream, "libc")
+    assert_crashed(result, lost=True)
+    assert result.message == "parser worker lost while parsing libc: parser worker died"
+    assert log.read_text().count("start") == 2 and parser.pid is None
+
+
 def test_the_worker_that_never_says_ready_is_not_started_again_for_a_while(
         monkeypatch, tmp_path, caplog):
     log = tmp_path / "log"
@@ -398,6 +415,20 @@ def test_a_malformed_answer_is_a_crash_of_the_file(monkeypatch, caplog, answer, 
     assert len(result.message) <= MAX_REASON
     assert (logging.WARNING, result.message) in [(r.levelno, r.getMessage())
                                                  for r in caplog.records]
+
+
+def test_the_rest_of_an_oversized_answer_is_dropped_with_it(monkeypatch):
+    """Each answer is one message: one over the bound is cut and its rest never taken for
+    the next request's answer."""
+    hostile(monkeypatch, b"ready uid=1 test", reply({"crash": "x" * 100_000}),
+            reply({"crash": "second"}))
+    parser = ParseWorker(WorkerLimits(timeout=10))
+    try:
+        with open(LIBC, "rb") as stream:
+            assert_crashed(parser.inspect(stream, "libc", True), "parser sent a malformed reply")
+            assert_crashed(parser.inspect(stream, "libc", True), "libc: parser second")
+    finally:
+        parser.close()
 
 
 def test_a_long_crash_reason_is_cut(monkeypatch):
