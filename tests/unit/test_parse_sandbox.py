@@ -412,8 +412,18 @@ def test_a_parse_child_answers_and_dies_with_its_zygote(prog, tmp_path):
     try:
         socket.send_fds(z.ours, [json.dumps({"op": "layout", "what": "hang", "source":
                                              "embedded", "facts": facts}).encode()], [fd])
-        child = wait_until(lambda: Path(f"/proc/{z.pid}/task/{z.pid}/children").read_text()
-                           .split(), "the zygote's child")[0]
+        def child_with_limits() -> str | None:
+            """The zygote's child once it has set its parent-death signal (its limits, set
+            after it, show it): the zygote killed sooner would leave it orphaned."""
+            for child in Path(f"/proc/{z.pid}/task/{z.pid}/children").read_text().split():
+                try:
+                    text = Path(f"/proc/{child}/limits").read_text()
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if proc_limit(text, "Max cpu time")[0] != "unlimited":
+                    return child
+            return None
+        child = wait_until(child_with_limits, "the zygote's child's limits")
         os.kill(z.pid, signal.SIGKILL)
         assert wait_for_exit(int(child), HANG_GUARD), "the child outlived its zygote"
     finally:
