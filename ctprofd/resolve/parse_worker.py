@@ -67,7 +67,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO
 
 from ..procfs.capabilities import CAP_SYS_PTRACE, own_status
 from ..report import tags
@@ -136,9 +136,9 @@ class ParseWorker:
     def inspect(self, stream: BinaryIO, what: str,
                 shared: bool) -> ObjectFacts | NotJemalloc | LayoutFailure:
         found = self._request({"op": "inspect", "what": what, "shared": shared}, stream, what)
-        if isinstance(found, (TsdLayout, tuple)):
-            return self._crashed(what, "parser answered phase 1 with something else")
-        return found
+        if isinstance(found, (ObjectFacts, NotJemalloc, LayoutFailure)):
+            return found
+        return self._crashed(what, "parser answered phase 1 with something else")
 
     def identify(self, stream: BinaryIO, what: str,
                  crc: bool) -> tuple[int | None, str | None] | LayoutFailure:
@@ -163,9 +163,9 @@ class ParseWorker:
 
     def _phase_two(self, request: dict, stream: BinaryIO, what: str) -> Resolution:
         found = self._request(request, stream, what)
-        if isinstance(found, (ObjectFacts, tuple)):
-            return self._crashed(what, "parser answered phase 2 with something else")
-        return found
+        if isinstance(found, (TsdLayout, NotJemalloc, LayoutFailure)):
+            return found
+        return self._crashed(what, "parser answered phase 2 with something else")
 
     def close(self) -> None:
         """Stop the zygote: it exits when its socket closes (killed after 2 s)."""
@@ -425,7 +425,9 @@ def _held(status: dict[str, str], sets: tuple[str, ...]) -> list[str]:
 
 
 def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.socket) -> bytes:
-    """Fork a child to parse; its answer, or a crash report when it gave none in time."""
+    """Fork a child to parse; its answer, or a crash report when it gave none in time.
+    (The child's code is here, not in a function of its own, so that mutmut, which picks
+    the tests of a function by the calls the test process makes, reaches it.)"""
     read_end, write_end = os.pipe()
     try:
         pid = os.fork()
@@ -433,10 +435,29 @@ def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.so
         os.close(read_end)
         os.close(write_end)
         return _crash(f"could not be started: {exc.strerror}")
-    if pid == 0:
+    if pid == 0:  # the child: parse under the limits, write the answer, exit
         sock.close()
         os.close(read_end)
-        _child(request, fds[0], write_end, limits)
+        out_of_memory = _crash(f"ran out of memory (limit {limits.memory_bytes >> 20} MiB)")
+        try:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            cpu = math.ceil(limits.timeout)
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            answer = json.dumps(_parse(json.loads(request), fds[0])).encode()
+        except MemoryError:
+            answer = out_of_memory
+        except BaseException as exc:  # noqa: BLE001 - whatever the file does, the child answers
+            try:
+                answer = _crash(f"raised {type(exc).__name__}: {exc}"[:MAX_REASON])
+            except MemoryError:
+                answer = out_of_memory
+        try:
+            view = memoryview(answer)
+            while view:
+                view = view[os.write(write_end, view):]
+        finally:
+            os._exit(0)
     os.close(write_end)
     with open(read_end, "rb", buffering=0) as pipe:
         answer, why = _read_answer(pipe, time.monotonic() + limits.timeout)
@@ -471,30 +492,6 @@ def _read_answer(pipe, deadline: float) -> tuple[bytes, str | None]:
         answer += chunk
         if len(answer) >= MAX_MESSAGE:
             return answer, "wrote an oversized answer"
-
-
-def _child(request: bytes, fd: int, out: int, limits: WorkerLimits) -> NoReturn:
-    """Parse under the limits, write the answer, exit."""
-    out_of_memory = _crash(f"ran out of memory (limit {limits.memory_bytes >> 20} MiB)")
-    try:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        cpu = math.ceil(limits.timeout)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        answer = json.dumps(_parse(json.loads(request), fd)).encode()
-    except MemoryError:
-        answer = out_of_memory
-    except BaseException as exc:  # noqa: BLE001 - whatever the file does, the child answers
-        try:
-            answer = _crash(f"raised {type(exc).__name__}: {exc}"[:MAX_REASON])
-        except MemoryError:
-            answer = out_of_memory
-    try:
-        view = memoryview(answer)
-        while view:
-            view = view[os.write(out, view):]
-    finally:
-        os._exit(0)
 
 
 def _parse(request: dict, fd: int) -> dict:
