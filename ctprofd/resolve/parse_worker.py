@@ -429,6 +429,7 @@ def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.so
     (The child's code is here, not in a function of its own, so that mutmut, which picks
     the tests of a function by the calls the test process makes, reaches it.)"""
     read_end, write_end = os.pipe()
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
@@ -441,6 +442,8 @@ def _serve(request: bytes, fds: list[int], limits: WorkerLimits, sock: socket.so
         out_of_memory = _crash(f"ran out of memory (limit {limits.memory_bytes >> 20} MiB)")
         try:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != zygote:  # it died before the line above: nobody to answer
+                os._exit(1)
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
             cpu = math.ceil(limits.timeout)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
