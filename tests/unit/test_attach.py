@@ -443,6 +443,11 @@ def test_the_shape_is_remembered_up_to_its_bound_exactly(tmp_path: Path, attache
     assert attacher.attach(first.process, identity_of(SLEEP)) == NotJemalloc()
     cache.put(key_of(lib), SHARED)
     assert attacher.attach(second.process, identity_of(SLEEP)) == NotJemalloc()
+    attacher.begin()  # the next snapshot has the whole bound again
+    cache.put(key_of(lib), NotJemalloc())
+    assert attacher.attach(first.process, identity_of(SLEEP)) == NotJemalloc()
+    cache.put(key_of(lib), SHARED)
+    assert attacher.attach(second.process, identity_of(SLEEP)) == NotJemalloc()
 
 
 def test_maps_with_a_file_not_found_are_not_remembered_as_without_jemalloc(
@@ -990,3 +995,21 @@ def test_without_map_files_the_same_inode_is_opened_inside_the_targets_root(tmp_
     assert json.loads(run.stdout) == [
         [ino["a.so"], ino["a.so"]], None, None,
         [ino["c.so"], "/lib/c.so: replaced on disk"]]
+
+
+def test_a_real_process_with_jemalloc_preloaded_is_attached_through_its_got_slot(attachers):
+    proc = subprocess.Popen(["sleep", "1000"], env={**os.environ, "LD_PRELOAD": STOCK})
+    try:
+        process = wait_mapped(proc.pid, STOCK)
+        [mapped] = [m for m in code_objects(read_maps(process)) if m.path == STOCK]
+        others = [(m.path, NotJemalloc()) for m in code_objects(read_maps(process))
+                  if m.path != STOCK]
+        attacher = attachers(cache_knowing(*others))
+        found = attacher.attach(process, exe_identity(process))
+        assert isinstance(found, Attachment) and found.base == mapped.start
+        assert found.layout.tpoff_got is not None and found.tsd_delta is None
+        assert found.got_slot == mapped.start + found.layout.tpoff_got
+        assert attacher.elf_opens == 1  # only libjemalloc.so.2 was parsed
+    finally:
+        proc.kill()
+        proc.wait()
