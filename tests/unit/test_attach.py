@@ -781,7 +781,7 @@ def test_at_most_unresolved_max_objects_are_looked_at_per_attach(
 
 def test_a_process_with_long_maps_left_pending_is_looked_at_less_and_less_often(
         tmp_path: Path, attachers, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(attach, "PENDING_MAPS_LINES", 5)  # its maps are 3 lines
+    monkeypatch.setattr(attach, "PENDING_MAPS_LINES", 3)  # its maps are 3 lines
     monkeypatch.setattr(attach, "PENDING_BACKOFF_MAX", 2)
     fake = sleeper(tmp_path, pid=34)
     resolver, gate = blocked_resolver(max_jobs=1)  # full: nothing is ever queued
@@ -799,7 +799,7 @@ def test_a_process_with_long_maps_left_pending_is_looked_at_less_and_less_often(
     finally:
         gate.set()
         resolver.wait_idle(WAIT)
-    # 3, 6 lines: looked at each time; then put off 1 snapshot, then 2, 2, ... (the bound)
+    # 3 lines, not over the bound: looked at again; 6: put off 1 snapshot, then 2, 2 ...
     assert looked == [True, True, False, True, False, False, True, False, False, True, False,
                       False]
 
@@ -837,10 +837,10 @@ def test_pending_processes_are_counted_for_a_bounded_number(tmp_path: Path, atta
     real = attach.read_maps_bytes
     monkeypatch.setattr(attach, "read_maps_bytes", lambda p: reads.append(p.pid) or real(p))
     try:
-        for process in (first, second, first):
+        for process in (first, first, second, first):
             with pytest.raises(Pending):
                 attacher.attach(process.process, identity_of(SLEEP))
-        assert reads == [36, 37, 36]  # the first's put-off look was forgotten
+        assert reads == [36, 37, 36]  # put off once; then forgotten for the second
     finally:
         gate.set()
         resolver.wait_idle(WAIT)
@@ -1013,3 +1013,127 @@ def test_a_real_process_with_jemalloc_preloaded_is_attached_through_its_got_slot
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_in_the_background_the_loaders_files_are_parsed_while_the_process_is_pending(
+        tmp_path: Path, attachers, lib_copy):
+    fake = FakeProc(tmp_path, pid=60)
+    fake.map(SLEEP)
+    libc = fake.map(LIBC)
+    ld = fake.map(LD_SO)
+    lib = lib_copy("libj.so")
+    base = fake.map(lib)
+    resolver, gate = blocked_resolver()
+    attacher = attachers(cache_knowing((lib, DYNAMIC), cache=no_jemalloc()),
+                         background=resolver)
+    try:
+        for _ in range(2):  # queued: not submitted again
+            with pytest.raises(Pending) as pending:
+                attacher.attach(fake.process, identity_of(SLEEP))
+            assert str(pending.value) == f"{LD_SO}: being resolved"
+            assert attacher.submitted == 2 and attacher.elf_opens == 0
+    finally:
+        gate.set()
+    assert resolver.wait_idle(WAIT)
+    with open(LIBC, "rb") as f, open(LD_SO, "rb") as g:
+        assert attacher.attach(fake.process, identity_of(SLEEP)) == Attachment(
+            DYNAMIC, base=base, loader=place(loader_facts(f), libc, loader_facts(g), ld))
+    assert attacher.elf_opens == 2
+
+
+def test_a_loader_job_the_resolver_refuses_is_offered_again_and_its_file_closed(
+        tmp_path: Path, attachers, lib_copy):
+    fake = FakeProc(tmp_path, pid=61)
+    fake.map(SLEEP)
+    fake.map(LIBC)
+    lib = lib_copy("libj.so")
+    fake.map(lib)
+    resolver, gate = blocked_resolver(max_per_owner=1)
+    assert resolver.submit("root's", os.stat(LIBC).st_uid, lambda: None)  # its owner: full
+    attacher = attachers(cache_knowing((lib, DYNAMIC), cache=no_jemalloc()),
+                         background=resolver)
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(2):
+            with pytest.raises(Pending) as pending:
+                attacher.attach(fake.process, identity_of(SLEEP))
+            assert str(pending.value) == f"{LIBC}: being resolved"
+        assert attacher.submitted == 0 and len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        gate.set()
+        resolver.wait_idle(WAIT)
+
+
+def test_a_loader_object_gone_does_not_end_the_search_for_the_other(tmp_path: Path,
+                                                                    attachers, lib_copy):
+    fake = FakeProc(tmp_path, pid=62)
+    fake.map(SLEEP)
+    fake.map(LD_SO, link=False)  # gone: looked past
+    fake.map(LIBC)
+    lib = lib_copy("libj.so")
+    fake.map(lib)
+    attacher = attachers(cache_knowing((lib, DYNAMIC), cache=no_jemalloc()))
+    with pytest.raises(ProbeError):
+        attacher.attach(fake.process, identity_of(SLEEP))
+    assert list(attacher.loaders) == [f"loader:{key_of(LIBC)}"] and attacher.elf_opens == 1
+
+
+def learned_for(path: str, note: str) -> TsdLayout:
+    """A layout that applies to the file at `path` (by what it says of itself), marked."""
+    from ctprofd.resolve.layout import inspect_object
+    with open(path, "rb") as stream:
+        facts = inspect_object(stream, path, True)
+    symbol = facts.symbol
+    return TsdLayout(facts.build_id, symbol.name if symbol else "(stripped)",
+                     symbol.value if symbol else 0, 824, 840, **facts.placement(),
+                     code_source=note)
+
+
+def test_a_layout_learned_from_a_file_of_the_same_build_and_owner_is_taken(attachers):
+    owner = os.stat(STOCK).st_uid
+    known = learned_for(STOCK, "learned from another copy")
+    cache = LayoutCache(None)
+    cache.put(learned_key(known.build_id, owner), known, owner)
+    attacher = attachers(cache)
+    assert attacher.resolve_file(STOCK) == known  # its code not read
+
+
+def test_a_layout_learned_in_a_view_is_taken_in_that_view(tmp_path: Path, attachers):
+    owner = os.stat(STOCK).st_uid
+    known = learned_for(STOCK, "learned in that view")
+    fake = FakeProc(tmp_path, ns=4026532000)
+    fake.map(SLEEP)
+    start = fake.map(STOCK)
+    view = view_of(fake.process, attach._own_view())
+    cache = cache_knowing((SLEEP, NotJemalloc()))
+    cache.put(view_key(learned_key(known.build_id, owner), view), known, owner)
+    found = attachers(cache).attach(fake.process, identity_of(SLEEP))
+    assert found == Attachment(known, got_slot=start + known.tpoff_got, base=start)
+
+
+def test_resolve_file_in_the_background_is_pending_under_the_files_own_key(attachers):
+    resolver, gate = blocked_resolver()
+    attacher = attachers(LayoutCache(None), background=resolver)
+    try:
+        with pytest.raises(Pending) as pending:
+            attacher.resolve_file(SLEEP)
+        assert pending.value.keys == (key_of(SLEEP),)
+    finally:
+        gate.set()
+        resolver.wait_idle(WAIT)
+
+
+def test_a_jemalloc_object_parsed_in_the_background_is_cached(tmp_path: Path, attachers):
+    fake = sleeper(tmp_path)
+    start = fake.map(STOCK)
+    resolver = BackgroundResolver()
+    cache = no_jemalloc()
+    attacher = attachers(cache, background=resolver)
+    with pytest.raises(Pending) as pending:
+        attacher.attach(fake.process, identity_of(SLEEP))
+    assert str(pending.value) == f"{STOCK}: being resolved"
+    assert resolver.wait_idle(WAIT)
+    layout = cache.get(key_of(STOCK))
+    assert isinstance(layout, TsdLayout) and layout.tpoff_got is not None
+    assert attacher.attach(fake.process, identity_of(SLEEP)) == Attachment(
+        layout, got_slot=start + layout.tpoff_got, base=start)
