@@ -5,11 +5,13 @@ one, and for a binary no package installed."""
 
 from __future__ import annotations
 
+import locale
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from ctprofd.resolve import debughelp
 from ctprofd.resolve.debughelp import (NOT_PACKAGED, how_to_get_debug_info, os_release,
                                        owning_package)
 
@@ -28,10 +30,22 @@ def test_os_release_pairs_unquoted_comments_and_other_lines_left_out(tmp_path: P
     path = tmp_path / "os-release"
     path.write_bytes(b'# a comment\n#ID=commented\nID=debian\nPRETTY_NAME="Debian 12 (x)"\n'
                      b"VERSION_CODENAME='bookworm'\n  NAME=Deb \n\nno equals sign\n"
-                     b"=no key\nEMPTY=\nBAD=\xff\n")
+                     b"=no key\nEMPTY=\nBAD=\xff\nVARIANT=\"X edition X\"\nURL=a=b\n")
     assert os_release(str(path)) == {"ID": "debian", "PRETTY_NAME": "Debian 12 (x)",
                                      "VERSION_CODENAME": "bookworm", "NAME": "Deb",
-                                     "EMPTY": "", "BAD": "\ufffd"}
+                                     "EMPTY": "", "BAD": "\ufffd", "VARIANT": "X edition X",
+                                     "URL": "a=b"}
+
+
+def test_os_release_is_read_as_utf_8_whatever_the_locale(tmp_path: Path):
+    path = tmp_path / "os-release"
+    path.write_bytes('PRETTY_NAME="Débian"\n'.encode())
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # a daemon started in an ASCII locale
+    try:
+        assert os_release(str(path)) == {"PRETTY_NAME": "Débian"}
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
 
 
 def test_an_unreadable_os_release_is_empty(tmp_path: Path):
@@ -59,6 +73,17 @@ def test_a_path_several_packages_own_names_one_of_them():
 def test_no_package_for_a_file_no_package_installed(tmp_path: Path):
     (tmp_path / "tool").write_bytes(b"\x7fELF")
     assert owning_package(str(tmp_path / "tool")) is None
+
+
+def test_a_dpkg_query_that_hangs_is_given_up_on(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexec sleep 60\n")  # a dpkg that hangs
+    (bin_dir / "dpkg-query").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(debughelp, "DPKG_TIMEOUT", 0.05)
+    assert owning_package(LIBC) is None
 
 
 def test_no_package_without_dpkg(no_dpkg: None):

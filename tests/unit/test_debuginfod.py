@@ -113,6 +113,12 @@ def downloads(directory: Path) -> list[str]:
     return sorted(os.listdir(directory / "debuginfod"))
 
 
+def test_each_servers_url_is_taken_without_its_trailing_slashes(tmp_path: Path):
+    client = DebuginfodClient(("http://a/X//", "https://b"), str(tmp_path))
+    assert client.urls == ("http://a/X", "https://b")
+    assert repr(client) == "DebuginfodClient(http://a/X https://b)"
+
+
 def test_the_defaults_five_seconds_a_gibibyte_and_five_minutes_between_asks(tmp_path: Path):
     client = DebuginfodClient(("http://a/",), str(tmp_path))
     assert (client.timeout, client.max_bytes, client.failure_ttl) == (5.0, 1 << 30, 300.0)

@@ -190,6 +190,22 @@ def test_a_segment_that_claims_bytes_past_the_end_of_the_file_gives_none(
     assert facts_of(out).sizes == {}
 
 
+def test_only_a_loaded_segment_says_where_a_values_bytes_are(built: dict[str, Path],
+                                                            tmp_path: Path):
+    out = tmp_path / "note.so"
+    copy_with_symbol_at(built["lib"], out, "_thread_db_sizeof_dtv_slotinfo", 0x900000)
+    with open(out, "rb") as f:
+        image = ELFFile(f)
+        phoff = image.header["e_phoff"]
+        [index] = [i for i, s in enumerate(image.iter_segments())
+                   if s["p_type"] == "PT_GNU_STACK"]
+    header = phoff + index * 56  # this header now claims 4 bytes at 0x900000, not loaded
+    patch(out, header + 8, "<Q", 0)  # p_offset
+    patch(out, header + 16, "<Q", 0x900000)  # p_vaddr
+    patch(out, header + 32, "<Q", 4)  # p_filesz
+    assert facts_of(out).sizes == {}
+
+
 def test_without_program_headers_nothing_is_read_and_symbols_are_still_found(
         built: dict[str, Path], tmp_path: Path):
     out = shutil.copy(built["lib"], tmp_path / "nophdr.so")
