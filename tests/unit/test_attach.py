@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import ctprofd
-from ctprofd.procfs.processes import (ProcessInfo, StatLine, code_objects,
+from ctprofd.procfs.processes import (Mapping, ProcessInfo, StatLine, code_objects,
                                       code_objects_digest, parse_maps, read_maps,
                                       read_process)
 from ctprofd.report import tags
@@ -985,6 +985,9 @@ def test_without_map_files_the_same_inode_is_opened_inside_the_targets_root(tmp_
              ["/lib/b.so", ino["a.so"], None],  # another file there now
              ["/lib/missing.so", ino["a.so"], None],
              ["/lib/c.so", ino["c.so"], str(rootfs / "lib" / "new.so")]]  # replaced after
+    # as root, map_files is not refused: an entry missing there is a file unmapped
+    assert attach._mapped_file(fake.process, Mapping(0x1000, 0x2000, "r-xp", 0, ino["a.so"],
+                                                     "/lib/a.so"), 1 << 30) is None
     package = str(Path(ctprofd.__file__).resolve().parents[1])
     run = subprocess.run(
         ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--",
