@@ -515,18 +515,17 @@ def test_a_cached_failure_is_raised_naming_the_path_this_process_has(tmp_path: P
 
 
 def test_a_file_refused_is_cached_as_a_failure_of_its_owner(tmp_path: Path, attachers):
-    fake = sleeper(tmp_path)
+    exe = owned_copy(tmp_path, SLEEP, "prog")
+    fake = FakeProc(tmp_path / "proc", exe=exe)
     cache = LayoutCache(str(tmp_path / "cache"))
     attacher = attachers(cache, limits=WorkerLimits(max_file_bytes=100))
     with pytest.raises(ProbeError) as raised:
-        attacher.attach(fake.process, identity_of(SLEEP))
+        attacher.attach(fake.process, identity_of(exe))
     assert raised.value.tag == tags.DWARF_PARSE_FAILURE
-    assert raised.value.message.startswith(f"{SLEEP}: ") and "100" in raised.value.message
-    cached = cache.get(key_of(SLEEP))
+    assert raised.value.message.startswith(f"{exe}: ") and "100" in raised.value.message
+    cached = cache.get(key_of(exe))
     assert isinstance(cached, LayoutFailure) and cached.message == raised.value.message
-    owner = os.stat(SLEEP).st_uid
-    files = [p.name for p in (tmp_path / "cache").rglob("*.json")]
-    assert any(name.endswith(f".u{owner}.json") and "file_" in name for name in files), files
+    assert cache_key_files(tmp_path / "cache") == {key_of(exe): 1000}
     assert attacher.elf_opens == 0
 
 
@@ -593,11 +592,13 @@ def test_parsing_in_a_view_caches_what_the_view_may_change_for_that_view_only(
         tmp_path: Path, attachers, lib_copy):
     fake = FakeProc(tmp_path, ns=4026532000)
     fake.map(SLEEP)
+    libc = fake.map(lib_copy("libc.so.6"))
     start = fake.map(STOCK)
     view = view_of(fake.process, attach._own_view())
     cache = cache_knowing((SLEEP, NotJemalloc()))
     attacher = attachers(cache)
     found = attacher.attach(fake.process, identity_of(SLEEP))
+    assert libc and cache.get(key_of(str(tmp_path / "lib" / "libc.so.6"))) == NotJemalloc()
     assert isinstance(found, Attachment) and found.base == start
     layout = found.layout
     assert layout.code_source is not None  # from machine code: another view may differ
@@ -1140,3 +1141,74 @@ def test_a_jemalloc_object_parsed_in_the_background_is_cached(tmp_path: Path, at
     assert isinstance(layout, TsdLayout) and layout.tpoff_got is not None
     assert attacher.attach(fake.process, identity_of(SLEEP)) == Attachment(
         layout, got_slot=start + layout.tpoff_got, base=start)
+
+
+def owned_copy(tmp_path: Path, source: str, name: str, uid: int = 1000) -> str:
+    """A copy of `source` owned by `uid`."""
+    path = tmp_path / "owned" / name
+    path.parent.mkdir(exist_ok=True)
+    shutil.copy(source, path)
+    os.chown(path, uid, uid)
+    return str(path)
+
+
+def test_what_a_parse_gives_is_cached_as_its_files_owners(tmp_path: Path, attachers):
+    lib = owned_copy(tmp_path, STOCK, "libjemalloc.so.2")
+    known = learned_for(lib, "learned from another copy")
+    cache = LayoutCache(str(tmp_path / "cache"))
+    cache.put(learned_key(known.build_id, 1000), known, 1000)
+    attacher = attachers(cache)
+    assert attacher.resolve_file(lib) == known
+    ident = BinaryIdentity.of(os.stat(lib))
+    assert cache_key_files(tmp_path / "cache") == {
+        f"build-id:{known.build_id}:uid:1000": 1000, ident.key: 1000}
+    other = owned_copy(tmp_path, LIBC, "libc.so.6")
+    assert attacher.resolve_file(other) == NotJemalloc()
+    assert cache_key_files(tmp_path / "cache")[key_of(other)] == 1000
+
+
+def cache_key_files(directory: Path) -> dict[str, int]:
+    """The keys of the cache's files on disk, and the owner each is filed under."""
+    found = {}
+    for path in directory.rglob("*.json"):
+        if path.name == "imported.json":
+            continue
+        data = json.loads(path.read_text())
+        found[data["key"]] = int(path.name.rsplit(".u", 1)[1].removesuffix(".json"))
+    return found
+
+
+def test_a_file_that_is_no_elf_is_a_failure_named_as_each_process_has_it(tmp_path: Path,
+                                                                        attachers):
+    text = tmp_path / "lib" / "libj.so"
+    text.parent.mkdir()
+    text.write_text("not an object\n" * 10)
+    other = tmp_path / "lib" / "libk.so"
+    os.link(text, other)  # the same file under another name
+    cache = no_jemalloc()
+    attacher = attachers(cache)
+    for pid, path in ((71, text), (72, other)):
+        fake = sleeper(tmp_path / str(pid), pid=pid)
+        fake.map(str(path))
+        with pytest.raises(ProbeError) as raised:
+            attacher.attach(fake.process, identity_of(SLEEP))
+        assert raised.value.tag == tags.DWARF_PARSE_FAILURE
+        assert raised.value.message.startswith(f"{path}: ")
+    assert attacher.elf_opens == 1  # parsed once, for the first
+
+
+def test_a_successful_parse_forgets_the_lost_ones(tmp_path: Path, attachers):
+    from ctprofd.resolve.parse_worker import ParseWorker
+    from ctprofd.resolve.retry import RetrySchedule
+    clock = [1000.0]
+    attacher = attachers(cache_knowing((LIBC, NotJemalloc()), (LD_SO, NotJemalloc())),
+                         limits=WorkerLimits(uid=1 << 40, gid=1 << 40))
+    attacher.retries = RetrySchedule(lambda: clock[0])
+    fake = sleeper(tmp_path)
+    with pytest.raises(ProbeError):
+        attacher.attach(fake.process, identity_of(SLEEP))  # lost once
+    clock[0] += 1.5  # its parse is due again
+    attacher.worker.close()
+    attacher.worker = ParseWorker(WorkerLimits())
+    assert attacher.attach(fake.process, identity_of(SLEEP)) == NotJemalloc()
+    assert attacher.retries.failed(key_of(SLEEP)) == 1.0  # a first loss again, not a second
