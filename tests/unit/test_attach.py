@@ -1212,3 +1212,32 @@ def test_a_successful_parse_forgets_the_lost_ones(tmp_path: Path, attachers):
     attacher.worker = ParseWorker(WorkerLimits())
     assert attacher.attach(fake.process, identity_of(SLEEP)) == NotJemalloc()
     assert attacher.retries.failed(key_of(SLEEP)) == 1.0  # a first loss again, not a second
+
+
+@pytest.fixture
+def linked_lib(tmp_path: Path) -> str:
+    """A small jemalloc look-alike library gcc builds, stripped of its DWARF, with its
+    debug file beside it under the name its debuglink gives."""
+    from test_layout_phases import library, split_debug
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir(exist_ok=True)
+    stripped = split_debug(library(tmp_path, "libj.so", "-g"), lib_dir / "libj.debug")
+    os.rename(stripped, lib_dir / "libj.so")
+    return str(lib_dir / "libj.so")
+
+
+def test_a_debug_file_beside_the_object_is_found_in_the_operators_view(attachers,
+                                                                      linked_lib: str):
+    layout = attachers(LayoutCache(None)).resolve_file(linked_lib)
+    assert isinstance(layout, TsdLayout) and layout.code_source is None
+    assert layout.dwarf_source == f"debuglink {os.path.dirname(linked_lib)}/libj.debug"
+
+
+def test_a_debug_file_beside_the_object_is_found_in_the_targets_root(tmp_path: Path,
+                                                                    attachers,
+                                                                    linked_lib: str):
+    fake = sleeper(tmp_path)
+    start = fake.map(linked_lib)
+    found = attachers(no_jemalloc()).attach(fake.process, identity_of(SLEEP))
+    assert isinstance(found, Attachment) and found.base == start
+    assert found.layout.dwarf_source == f"debuglink {os.path.dirname(linked_lib)}/libj.debug"
