@@ -79,7 +79,7 @@ def test_a_dpkg_query_that_hangs_is_given_up_on(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexec sleep 60\n")  # a dpkg that hangs
+    (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexec /bin/sleep 60\n")  # a dpkg that hangs
     (bin_dir / "dpkg-query").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setattr(debughelp, "DPKG_TIMEOUT", 0.05)
