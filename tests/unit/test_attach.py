@@ -857,10 +857,10 @@ def test_the_processes_waiting_are_remembered_for_a_bounded_number(
     real = attach.read_maps_bytes
     monkeypatch.setattr(attach, "read_maps_bytes", lambda p: reads.append(p.pid) or real(p))
     try:
-        for process in (first, second, first, second):
+        for process in (first, first, second, first, second):
             with pytest.raises(Pending):
                 attacher.attach(process.process, identity_of(SLEEP))
-        assert reads == [38, 39, 38, 39]  # each forgot the other's wait
+        assert reads == [38, 39, 38, 39]  # its own wait kept; each forgot the other's
     finally:
         gate.set()
         resolver.wait_idle(WAIT)
@@ -1241,3 +1241,34 @@ def test_a_debug_file_beside_the_object_is_found_in_the_targets_root(tmp_path: P
     found = attachers(no_jemalloc()).attach(fake.process, identity_of(SLEEP))
     assert isinstance(found, Attachment) and found.base == start
     assert found.layout.dwarf_source == f"debuglink {os.path.dirname(linked_lib)}/libj.debug"
+
+
+def test_a_wait_ends_once_the_maps_are_read_again(tmp_path: Path, attachers, lib_copy,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    lib = lib_copy("libj.so")
+    first, second = sleeper(tmp_path / "a", pid=81), sleeper(tmp_path / "b", pid=82)
+    for fake in (first, second):
+        fake.map(lib)
+    resolver, gate = blocked_resolver()
+    attacher = attachers(no_jemalloc(), background=resolver)
+    try:
+        with pytest.raises(Pending):
+            attacher.attach(first.process, identity_of(SLEEP))  # waits for lib
+    finally:
+        gate.set()
+    assert resolver.wait_idle(WAIT)
+    assert attacher.attach(first.process, identity_of(SLEEP)) == NotJemalloc()
+    attacher.cache = no_jemalloc()  # lib forgotten since (the cache's bounds)
+    attacher.begin()  # a later snapshot
+    resolver2, gate2 = blocked_resolver()
+    attacher.background = resolver2
+    try:
+        with pytest.raises(Pending):
+            attacher.attach(second.process, identity_of(SLEEP))  # lib queued again
+        with pytest.raises(Pending) as pending:
+            attacher.attach(first.process, identity_of(SLEEP))
+        assert str(pending.value) == f"{lib}: being resolved"  # its maps read: no old wait
+    finally:
+        gate2.set()
+        resolver2.wait_idle(WAIT)
+        resolver2.close()
