@@ -1272,3 +1272,86 @@ def test_a_wait_ends_once_the_maps_are_read_again(tmp_path: Path, attachers, lib
         gate2.set()
         resolver2.wait_idle(WAIT)
         resolver2.close()
+
+
+def test_maps_naming_a_file_in_bytes_not_utf_8_are_read(tmp_path: Path, attachers, lib_copy):
+    fake = sleeper(tmp_path, pid=91)
+    lib = lib_copy("libx.so")
+    start = fake.map(lib)
+    maps = (fake.dir / "maps").read_bytes().replace(b"libx.so", b"lib\xffx.so")
+    (fake.dir / "maps").write_bytes(maps)  # its map_files link is what is statted
+    attacher = attachers(cache_knowing((lib, SHARED), cache=no_jemalloc()))
+    assert attacher.attach(fake.process, identity_of(SLEEP)).got_slot == start + 0x2000
+
+
+def test_the_shapes_bound_is_for_all_the_shapes_of_a_snapshot(
+        tmp_path: Path, attachers, lib_copy, monkeypatch: pytest.MonkeyPatch):
+    lib = lib_copy("libx.so")
+    pairs = []
+    for shape in range(3):  # three shapes, two processes each
+        pair = [FakeProc(tmp_path / f"{shape}{i}", pid=10 * shape + i) for i in (1, 2)]
+        for fake in pair:
+            fake.map(SLEEP, 0x555500000000 + shape * 0x100000)
+            fake.map(lib, 0x7F0000000000)
+        pairs.append(pair)
+    size = [len((pair[0].dir / "maps").read_bytes()) for pair in pairs]
+    monkeypatch.setattr(attach, "SHAPES_MAX_BYTES", sum(size) - 1)  # room for two
+    cache = cache_knowing((SLEEP, NotJemalloc()), (lib, NotJemalloc()))
+    attacher = attachers(cache)
+    for pair in pairs:
+        assert attacher.attach(pair[0].process, identity_of(SLEEP)) == NotJemalloc()
+    cache.put(key_of(lib), SHARED)
+    kept = [attacher.attach(pair[1].process, identity_of(SLEEP)) == NotJemalloc()
+            for pair in pairs]
+    assert kept == [True, True, False]
+
+
+def test_a_process_looked_at_again_after_an_answer_stats_its_objects_again(
+        tmp_path: Path, attachers, lib_copy):
+    fake = sleeper(tmp_path, pid=92)
+    lib = lib_copy("libx.so")
+    fake.map(lib)
+    resolver, gate = blocked_resolver()
+    attacher = attachers(cache_knowing((lib, NotJemalloc()), cache=no_jemalloc()),
+                         background=resolver)
+    try:
+        assert attacher.attach(fake.process, identity_of(SLEEP)) == NotJemalloc()
+        with open(lib, "ab") as f:
+            f.write(b"changed in place")  # the same inode, another identity
+        attacher.begin()
+        with pytest.raises(Pending) as pending:
+            attacher.attach(fake.process, identity_of(SLEEP))
+        assert pending.value.keys == (key_of(lib),)
+    finally:
+        gate.set()
+        resolver.wait_idle(WAIT)
+
+
+def test_an_answer_forgets_the_looks_put_off_before_it(tmp_path: Path, attachers, lib_copy,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(attach, "PENDING_MAPS_LINES", 2)
+    fake = sleeper(tmp_path, pid=93)
+    resolver, gate = blocked_resolver(max_jobs=1)  # full: nothing is queued
+    cache = cache_knowing((SLEEP, NotJemalloc()))
+    attacher = attachers(cache, background=resolver)
+    reads: list[int] = []
+    real = attach.read_maps_bytes
+    monkeypatch.setattr(attach, "read_maps_bytes", lambda p: reads.append(1) or real(p))
+
+    def look() -> bool:
+        before = len(reads)
+        try:
+            attacher.attach(fake.process, identity_of(SLEEP))
+        except Pending:
+            pass
+        return len(reads) > before
+    try:
+        assert [look(), look()] == [True, False]  # 3 lines: put off once
+        cache_knowing((LIBC, NotJemalloc()), (LD_SO, NotJemalloc()), cache=cache)
+        assert look()  # answered: NotJemalloc
+        fake.map(lib_copy("libnew.so"))  # a module loaded since: pending again
+        attacher.begin()
+        assert [look(), look(), look()] == [True, False, True]  # as the first time
+    finally:
+        gate.set()
+        resolver.wait_idle(WAIT)
