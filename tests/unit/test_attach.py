@@ -976,19 +976,19 @@ print(json.dumps(out))
 
 def test_without_map_files_the_same_inode_is_opened_inside_the_targets_root(tmp_path: Path):
     rootfs = tmp_path / "rootfs"
-    (rootfs / "lib").mkdir(parents=True)
+    (rootfs / "Xlib").mkdir(parents=True)
     for name in ("a.so", "b.so", "c.so", "new.so"):
-        shutil.copy(LIBC, rootfs / "lib" / name)
+        shutil.copy(LIBC, rootfs / "Xlib" / name)
     fake = FakeProc(tmp_path / "proc", pid=50, fs_root=str(rootfs))
     os.chmod(fake.dir / "map_files", 0)  # refused to us, as without CAP_SYS_ADMIN
-    ino = {name: os.stat(rootfs / "lib" / name).st_ino for name in ("a.so", "b.so", "c.so")}
-    cases = [["/lib/a.so", ino["a.so"], None],
-             ["/lib/b.so", ino["a.so"], None],  # another file there now
-             ["/lib/missing.so", ino["a.so"], None],
-             ["/lib/c.so", ino["c.so"], str(rootfs / "lib" / "new.so")]]  # replaced after
+    ino = {name: os.stat(rootfs / "Xlib" / name).st_ino for name in ("a.so", "b.so", "c.so")}
+    cases = [["/Xlib/a.so", ino["a.so"], None],
+             ["/Xlib/b.so", ino["a.so"], None],  # another file there now
+             ["/Xlib/missing.so", ino["a.so"], None],
+             ["/Xlib/c.so", ino["c.so"], str(rootfs / "Xlib" / "new.so")]]  # replaced after
     # as root, map_files is not refused: an entry missing there is a file unmapped
     assert attach._mapped_file(fake.process, Mapping(0x1000, 0x2000, "r-xp", 0, ino["a.so"],
-                                                     "/lib/a.so"), 1 << 30) is None
+                                                     "/Xlib/a.so"), 1 << 30) is None
     package = str(Path(ctprofd.__file__).resolve().parents[1])
     run = subprocess.run(
         ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--",
@@ -998,7 +998,7 @@ def test_without_map_files_the_same_inode_is_opened_inside_the_targets_root(tmp_
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == [
         [ino["a.so"], ino["a.so"]], None, None,
-        [ino["c.so"], "/lib/c.so: replaced on disk"]]
+        [ino["c.so"], "/Xlib/c.so: replaced on disk"]]
 
 
 def test_a_real_process_with_jemalloc_preloaded_is_attached_through_its_got_slot(attachers):
@@ -1355,3 +1355,19 @@ def test_an_answer_forgets_the_looks_put_off_before_it(tmp_path: Path, attachers
     finally:
         gate.set()
         resolver.wait_idle(WAIT)
+
+
+def test_a_failure_parsed_in_the_background_is_cached_and_named(tmp_path: Path, attachers):
+    text = tmp_path / "lib" / "libj.so"
+    text.parent.mkdir()
+    text.write_text("not an object\n" * 10)
+    fake = sleeper(tmp_path, pid=94)
+    fake.map(str(text))
+    resolver = BackgroundResolver()
+    attacher = attachers(no_jemalloc(), background=resolver)
+    with pytest.raises(Pending):
+        attacher.attach(fake.process, identity_of(SLEEP))
+    assert resolver.wait_idle(WAIT)
+    with pytest.raises(ProbeError) as raised:
+        attacher.attach(fake.process, identity_of(SLEEP))
+    assert raised.value.message.startswith(f"{text}: ") and attacher.submitted == 1
