@@ -1371,3 +1371,17 @@ def test_a_failure_parsed_in_the_background_is_cached_and_named(tmp_path: Path, 
     with pytest.raises(ProbeError) as raised:
         attacher.attach(fake.process, identity_of(SLEEP))
     assert raised.value.message.startswith(f"{text}: ") and attacher.submitted == 1
+
+
+def test_an_executables_debug_file_beside_it_in_the_targets_root_is_found(tmp_path: Path,
+                                                                         attachers):
+    from test_layout_phases import executable, split_debug
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stripped = split_debug(executable(tmp_path, "prog"), bin_dir / "prog.debug")
+    os.rename(stripped, bin_dir / "prog")
+    fake = FakeProc(tmp_path / "proc", exe=str(bin_dir / "prog"))
+    fake.map(str(bin_dir / "prog"))
+    found = attachers(LayoutCache(None)).attach(fake.process, identity_of(str(bin_dir / "prog")))
+    assert isinstance(found, Attachment) and found.tsd_delta == found.layout.static_tsd_delta()
+    assert found.layout.dwarf_source == f"debuglink {bin_dir}/prog.debug"
