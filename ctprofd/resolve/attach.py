@@ -457,7 +457,7 @@ class Attacher:
         """`_attach_shared` once the maps are read, and whether every code object's file was
         found (none unmapped or replaced meanwhile); each code object is statted once while
         it stays mapped (see MAPS_MEMO_PROCESSES)."""
-        exe = process.exe.removesuffix(" (deleted)")
+        exe = process.exe  # as the maps name it: " (deleted)" in both once it is gone
         objects = code_objects(mappings)
         memo = self._mapped_memo(process, objects)
         pending: Pending | None = None  # objects not resolved yet are queued at once

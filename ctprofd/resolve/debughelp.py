@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 OS_RELEASE = "/etc/os-release"
+DPKG_TIMEOUT = 10.0  # seconds dpkg-query may take to say who owns a path
 
 # ID (or an ID_LIKE entry) -> (how to install the debug package of PACKAGE, debuginfod server)
 _DISTRIBUTIONS = {
@@ -46,7 +47,7 @@ def owning_package(path: str) -> str | None:
         return None
     try:
         result = subprocess.run(["dpkg-query", "-S", path], capture_output=True, text=True,
-                                timeout=10)
+                                timeout=DPKG_TIMEOUT)
     except (OSError, subprocess.SubprocessError):
         return None
     if result.returncode != 0 or ":" not in result.stdout:
@@ -77,7 +78,7 @@ def how_to_get_debug_info(binary: str, release: dict[str, str] | None = None,
                 "for it, or point DEBUGINFOD_URLS (or debuginfod_urls in the configuration) at "
                 "the distribution's debuginfod server")
     install, server = _DISTRIBUTIONS[known]
-    package = package or owning_package(binary) or "PACKAGE"
+    package = package or "PACKAGE"  # no dpkg-query to ask
     codename = release.get("VERSION_CODENAME") or "CODENAME"
     return (f"to get its debug info on {release.get('PRETTY_NAME') or known}: "
             f"{install.format(package=package, codename=codename)}; or let ctprofd fetch it: "
