@@ -350,7 +350,7 @@ class Attacher:
         identity = BinaryIdentity.of(st)  # of the file opened
         with os.fdopen(fd, "rb") as stream:
             self.elf_opens += 1
-            view = object_dirs[0].view if object_dirs else ""
+            view = object_dirs[0].view  # object_dirs_for gives one directory
             resolution = resolve(self.worker, stream, what, object_dirs, self.search, shared,
                                  known=lambda facts: self._known(facts, st.st_uid, view))
         if isinstance(resolution, LayoutFailure) and resolution.lost:
@@ -538,7 +538,7 @@ class Attacher:
             raise pending
         libc = next((f for f in found if f[0].fields), None)
         ld = next((f for f in found if "_r_debug" in f[0].symbols), None)
-        placed = (place(libc[0], libc[1], ld[0], ld[1]) if libc and ld
+        placed = (place(libc[0], ld[0], ld[1]) if libc and ld
                   else "no glibc loader (libc.so.6 and ld.so) mapped")
         if isinstance(placed, str):
             raise ProbeError(tags.JEMALLOC_IN_DSO, f"pid {process.pid}: {what}: general-dynamic "

@@ -123,9 +123,10 @@ class LoaderLayout:
     slotinfo_size: int
 
 
-def place(libc: LoaderFacts, libc_base: int, ld: LoaderFacts, ld_base: int) -> LoaderLayout | str:
-    """The layout from libc's descriptors and ld.so's symbols, at the addresses where each
-    is mapped; or why not (what is missing)."""
+def place(libc: LoaderFacts, ld: LoaderFacts, ld_base: int) -> LoaderLayout | str:
+    """The layout from libc's descriptors (offsets within glibc's structures, wherever libc
+    is mapped) and ld.so's symbols, at the address ld.so is mapped; or why not (what is
+    missing)."""
     missing = [n for n in DESCRIPTORS if n not in libc.fields] + [
         n for n in SYMBOLS if n not in ld.symbols] + [n for n in SIZES if n not in libc.sizes]
     if missing:

@@ -272,7 +272,7 @@ def test_general_dynamic_tls_is_placed_by_the_loader_mapped_first(tmp_path: Path
                                                                  lib_copy):
     fake = FakeProc(tmp_path)
     fake.map(SLEEP)
-    libc = fake.map(LIBC)
+    fake.map(LIBC)
     ld = fake.map(LD_SO)
     lib = lib_copy("libj.so")
     base = fake.map(lib)
@@ -287,7 +287,7 @@ def test_general_dynamic_tls_is_placed_by_the_loader_mapped_first(tmp_path: Path
     attacher.loaders[f"loader:{key_of(LIBC)}"] = libc_facts
     attacher.loaders[f"loader:{key_of(LD_SO)}"] = ld_facts
     assert attacher.attach(fake.process, identity_of(SLEEP)) == Attachment(
-        DYNAMIC, base=base, loader=place(libc_facts, libc, ld_facts, ld))
+        DYNAMIC, base=base, loader=place(libc_facts, ld_facts, ld))
     assert attacher.elf_opens == 0  # the other loader names were not parsed
 
 
@@ -339,7 +339,7 @@ def test_the_loaders_files_are_parsed_once_each_in_the_worker(tmp_path: Path, at
                                                               monkeypatch: pytest.MonkeyPatch):
     fake = FakeProc(tmp_path)
     fake.map(SLEEP)
-    libc = fake.map(LIBC)
+    fake.map(LIBC)
     ld = fake.map(LD_SO)
     lib = lib_copy("libj.so")
     base = fake.map(lib)
@@ -348,7 +348,7 @@ def test_the_loaders_files_are_parsed_once_each_in_the_worker(tmp_path: Path, at
     assert attacher.elf_opens == 2
     with open(LIBC, "rb") as f, open(LD_SO, "rb") as g:
         assert first == Attachment(DYNAMIC, base=base,
-                                   loader=place(loader_facts(f), libc, loader_facts(g), ld))
+                                   loader=place(loader_facts(f), loader_facts(g), ld))
     assert attacher.attach(fake.process, identity_of(SLEEP)) == first
     assert attacher.elf_opens == 2  # each loader object parsed once
     monkeypatch.setattr(attach, "LOADER_CACHE_MAX", 1)  # full: emptied before the next
@@ -1023,7 +1023,7 @@ def test_in_the_background_the_loaders_files_are_parsed_while_the_process_is_pen
         tmp_path: Path, attachers, lib_copy):
     fake = FakeProc(tmp_path, pid=60)
     fake.map(SLEEP)
-    libc = fake.map(LIBC)
+    fake.map(LIBC)
     ld = fake.map(LD_SO)
     lib = lib_copy("libj.so")
     base = fake.map(lib)
@@ -1041,7 +1041,7 @@ def test_in_the_background_the_loaders_files_are_parsed_while_the_process_is_pen
     assert resolver.wait_idle(WAIT)
     with open(LIBC, "rb") as f, open(LD_SO, "rb") as g:
         assert attacher.attach(fake.process, identity_of(SLEEP)) == Attachment(
-            DYNAMIC, base=base, loader=place(loader_facts(f), libc, loader_facts(g), ld))
+            DYNAMIC, base=base, loader=place(loader_facts(f), loader_facts(g), ld))
     assert attacher.elf_opens == 2
 
 

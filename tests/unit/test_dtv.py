@@ -34,7 +34,7 @@ BLOCK = 0x50000
 
 def host_loader() -> LoaderLayout:
     with open(LIBC, "rb") as libc, open(LD_SO, "rb") as ld:
-        placed = place(loader_facts(libc), LIBC_BASE, loader_facts(ld), LD_BASE)
+        placed = place(loader_facts(libc), loader_facts(ld), LD_BASE)
     assert isinstance(placed, LoaderLayout), placed
     return placed
 
@@ -150,7 +150,7 @@ def test_hostile_memory_is_refused():
 def test_a_loader_that_does_not_describe_itself_is_named():
     with open(LIBC, "rb") as libc:
         facts = loader_facts(libc)
-    placed = place(facts, LIBC_BASE, facts, LIBC_BASE)  # libc has no _r_debug
+    placed = place(facts, facts, LIBC_BASE)  # libc has no _r_debug
     assert isinstance(placed, str) and "_r_debug" in placed
 
 

@@ -138,7 +138,7 @@ def test_this_hosts_libc_describes_every_field_the_walk_reads_and_ld_so_its_symb
     assert (libc.sizes, libc.symbols, libc.load_page) == ({"dtv_slotinfo": 16}, {}, 0)
     assert (ld.fields, ld.sizes, set(ld.symbols), ld.load_page) == (
         {}, {}, {"_r_debug", "_rtld_global"}, 0)
-    placed = place(libc, 0x7F1000000000, ld, 0x7F0000000000)
+    placed = place(libc, ld, 0x7F0000000000)
     assert isinstance(placed, LoaderLayout)
     assert placed.r_debug == 0x7F0000000000 + ld.symbols["_r_debug"]
 
@@ -286,24 +286,24 @@ def test_the_bounds_of_plausible_facts_are_taken():
 def test_place_puts_the_symbols_where_ld_so_is_mapped_less_its_first_page(
         built: dict[str, Path]):
     facts = facts_of(built["lib"])  # both: descriptors and symbols, first page at BASE
-    placed = place(facts, 0x7F1000000000, facts, 0x7F0000000000 + BASE)
+    placed = place(facts, facts, 0x7F0000000000 + BASE)
     assert placed == LoaderLayout(0x7F0000000000 + facts.symbols["_r_debug"],
                                   0x7F0000000000 + facts.symbols["_rtld_global"],
                                   EXPECTED_FIELDS, 16)
 
 
 def test_place_names_what_the_loader_does_not_describe(built: dict[str, Path]):
-    assert place(LoaderFacts({}, {}, {}), 0, LoaderFacts({}, {}, {}), 0) == (
+    assert place(LoaderFacts({}, {}, {}), LoaderFacts({}, {}, {}), 0) == (
         "the loader does not describe " + ", ".join(DESCRIPTORS)
         + ", _r_debug, _rtld_global, dtv_slotinfo")
     facts = facts_of(built["lib"])
     without = dataclasses.replace(facts, fields={k: v for k, v in facts.fields.items()
                                                  if k != "dtv_t_counter"})
-    assert place(without, 0, facts, 0) == "the loader does not describe dtv_t_counter"
+    assert place(without, facts, 0) == "the loader does not describe dtv_t_counter"
 
 
 def test_place_refuses_pointer_fields_that_are_not_64_bits(built: dict[str, Path]):
     facts = facts_of(built["lib"])
     for name in ("pthread_dtvp", "dtv_slotinfo_map"):
         narrow = dataclasses.replace(facts, fields={**facts.fields, name: Field(0, 4)})
-        assert place(narrow, 0, facts, 0) == "the loader's descriptors are not of 64-bit fields"
+        assert place(narrow, facts, 0) == "the loader's descriptors are not of 64-bit fields"
