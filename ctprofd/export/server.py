@@ -516,7 +516,8 @@ class MetricsServer:
             async with asyncio.timeout(self.deadline * random.uniform(0.75, 1.0)):
                 await self._converse(connection, reader, writer)
         except (_Drop, TimeoutError, OSError, ssl.SSLError, EOFError) as err:
-            log.debug("%s: connection closed: %s", connection.address, err or type(err).__name__)
+            log.debug("%s: connection closed: %s", connection.address,
+                      str(err) or type(err).__name__)
         except Exception:  # noqa: BLE001 - a bug answering one client must not stop the server
             log.error("%s: answering failed", connection.address, exc_info=True)
         finally:
