@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import select
 import socket
 import ssl
@@ -156,16 +157,8 @@ def refused_at_once(server: MetricsServer, source: str) -> bool:
         sock = connect(server, source)
     except ConnectionResetError:
         return True
-    with sock:
-        return reset_by_server(sock)
-
-
-def ended_by_server(sock: socket.socket) -> bool:
-    """Whether the server closed `sock` (FIN or reset) before sending anything."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
+    with sock:  # nothing sent before the reset
+        return read_to_end(sock) == Reply(b"", True)
 
 
 @contextlib.contextmanager
@@ -220,3 +213,10 @@ def send_in_pieces(server: MetricsServer, sock: socket.socket, data: bytes,
         if start + size < len(data):
             wait_until(lambda: taken(server, sock) >= start + size, "the piece read",
                        hang_guard=HANG_GUARD)
+
+
+def unhandled_task_errors(records: list[logging.LogRecord]) -> list[str]:
+    """What asyncio logged of a connection's task ending in an exception nobody handled
+    (after a collection, so that every finished task has been freed)."""
+    return [r.getMessage() for r in records
+            if r.name == "asyncio" and r.levelno >= logging.ERROR]

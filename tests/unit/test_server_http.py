@@ -6,10 +6,11 @@ and the end of every connection (the server's FIN after a whole answer)."""
 
 from __future__ import annotations
 
+import base64
+import gc
 import email.utils
 import gzip
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -29,15 +30,22 @@ from support.clock import Clock
 from support.procs import wait_until
 from support.webserver import (HANG_GUARD, Reply, ask, connect, get, held, loop_held,
                                openssl_cert, read_to_end, send_in_pieces, serving,
-                               small_registry)
+                               small_registry, unhandled_task_errors)
 
 PASSWORD_HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4))
 OM = "application/openmetrics-text"
 
 
 def basic(user: str, password: str) -> str:
-    import base64
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture(autouse=True)
+def no_task_ends_in_an_unhandled_exception(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every connection's task ends cleanly, whatever the test made it do."""
+    yield
+    gc.collect()
+    assert not unhandled_task_errors(caplog.get_records("call") + caplog.records)
 
 
 def assert_whole(reply: Reply, status: int, body: bytes | None = None) -> None:
@@ -294,6 +302,45 @@ def test_auth_checks_waiting_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         assert server.auth_limited == 1
 
 
+class HeldUsers(dict):
+    """A real user table whose lookups from the bcrypt thread wait until released: a
+    check held in flight."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get(self, key: str, default: object = None) -> object:
+        if threading.current_thread().name.startswith("http-bcrypt"):
+            self.entered.set()
+            assert self.release.wait(60)  # a hang guard: the test releases it
+        return super().get(key, default)
+
+
+def test_checks_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one check in flight and one more waiting for it, a third is answered 429 at
+    once, from any address; when they are done, checks run again."""
+    monkeypatch.setattr(server_module, "AUTH_QUEUE", 2)
+    users = HeldUsers({"u": PASSWORD_HASH})
+    with serving(web=WebConfig(users=users)) as server:
+        first, second = connect(server), connect(server, "127.0.0.2")
+        with first, second:
+            first.sendall(b"GET / HTTP/1.0\r\nAuthorization: " + basic("u", "x").encode() +
+                          b"\r\n\r\n")
+            assert users.entered.wait(HANG_GUARD)
+            second.sendall(b"GET / HTTP/1.0\r\nAuthorization: " + basic("u", "y").encode() +
+                           b"\r\n\r\n")
+            wait_until(lambda: server._auth_waiting == 2, "the second check waiting",
+                       hang_guard=HANG_GUARD)
+            third = get(server, Authorization=basic("u", "z"), source="127.0.0.3")
+            assert third.status == 429 and server.auth_limited == 1
+            users.release.set()
+            assert [read_to_end(s).status for s in (first, second)] == [401, 401]
+        assert get(server, Authorization=basic("u", "pw"), source="127.0.0.3").status == 200
+        assert server.auth_limited == 1
+
+
 def test_the_web_config_rate_limit_applies_to_every_request() -> None:
     limit = RateLimit(interval=3600.0, burst=2)
     with serving(web=WebConfig(rate_limit=limit)) as server:
@@ -373,9 +420,20 @@ def test_a_scrape_shows_the_servers_figures_with_the_live_collector() -> None:
 def test_a_request_line_needs_three_words_and_http_1() -> None:
     with serving() as server:
         for request in (b"GET /\r\n\r\n", b"GET / HTTP/2.0\r\n\r\n", b"GET  / HTTP/1.0\r\n\r\n",
-                        b"GET / HTTP/1.0 x\r\n\r\n", b"not http at all\r\n\r\n"):
+                        b"GET / HTTP/1.0 x\r\n\r\n", b"GET / HTTP/1.0 \r\n\r\n",
+                        b"not http at all\r\n\r\n"):
             assert ask(server, request) == Reply(b"", True), request
         assert_whole(ask(server, b"GET / HTTP/1.1\n\n"), 200, LANDING_PAGE)  # bare LFs
+
+
+def test_credentials_are_taken_whole() -> None:
+    """A token ending in a letter that is also in the line's end ("X"): every character of
+    it is read."""
+    token = base64.b64encode(b"ab:secreW").decode()
+    assert token.endswith("X")
+    web = WebConfig(users={"ab": bcrypt.hashpw(b"secreW", bcrypt.gensalt(4))})
+    with serving(web=web) as server:
+        assert_whole(get(server, Authorization=f"Basic {token}"), 200)
 
 
 def test_header_names_are_case_insensitive_and_values_trimmed() -> None:
@@ -447,8 +505,13 @@ def test_the_request_bound_is_exact_whether_the_request_comes_at_once_or_in_piec
 def test_pipelined_requests_get_the_first_answer_then_the_end() -> None:
     with serving() as server:
         reply = ask(server, b"GET /metrics HTTP/1.1\r\n\r\nGET /nothing HTTP/1.1\r\n\r\n")
+        first = ask(server, b"GET /metrics HTTP/1.0\r\n\r\n"
+                            b"GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n")
     assert_whole(reply, 200)
     assert b"HTTP/1.0 404" not in reply.data
+    assert_whole(first, 200)  # the first request's headers only
+    assert "Content-Encoding" not in first.headers
+    assert b"ctprofd_test_value 42.0" in first.body
 
 
 def test_closed_without_a_request_or_mid_request_gets_nothing_and_is_released(
@@ -474,12 +537,23 @@ def test_why_a_connection_was_dropped_is_logged_at_debug(
             assert ask(server, b"GET / HTTP/1.0\r\n" + b"a" * MAX_REQUEST_BYTES) == \
                 Reply(b"", True)
             assert ask(server, b"BREW / HTCPCP/1.0\r\n\r\n") == Reply(b"", True)
+            assert ask(server, b"A" * 100 + b"\r\n\r\n") == Reply(b"", True)
+            assert ask(server, b"GET / HTTP/1.0\r\n" + b"a: b\r\n" * 200 + b"\r\n") == \
+                Reply(b"", True)
+            with connect(server) as blank:  # a blank line first: refused at once
+                blank.sendall(b"\r\n\r\n")
+                blank.shutdown(socket.SHUT_WR)
+                assert read_to_end(blank).data == b""
             with connect(server) as idle:
                 assert read_to_end(idle).reset
     messages = [r.getMessage() for r in caplog.records if r.name == "ctprofd.export.server"]
     assert messages == ["127.0.0.1: connection closed: request too large",
                         "127.0.0.1: connection closed: not an HTTP/1 request line: "
                         "'BREW / HTCPCP/1.0\\r'",
+                        "127.0.0.1: connection closed: not an HTTP/1 request line: "
+                        f"'{'A' * 80}'",
+                        "127.0.0.1: connection closed: too many header lines",
+                        "127.0.0.1: connection closed: not an HTTP/1 request line: '\\r'",
                         "127.0.0.1: connection closed: TimeoutError"]
     assert not [r for r in caplog.records if r.levelno > logging.DEBUG]
 
