@@ -22,7 +22,9 @@ from prometheus_client.registry import Collector
 from ctprofd.export.server import MetricsServer, WebConfig
 from support.procs import wait_until
 
-HANG_GUARD = 10.0  # seconds a client waits for the server: a guard, never a timing claim
+HANG_GUARD = 30.0  # seconds a client waits for the server: a guard, never a timing claim
+# deadlines of a server a test does not set: far from anything a busy host may take
+SLACK_SECONDS = 60.0
 
 
 def small_registry() -> CollectorRegistry:
@@ -48,7 +50,10 @@ class Huge:
 @contextlib.contextmanager
 def serving(collector: Collector | None = None, web: WebConfig = WebConfig(),
             listen: str = "127.0.0.1:0", **options: object) -> Iterator[MetricsServer]:
-    """A server on `listen` run by serve_forever in a thread; shut down and closed after."""
+    """A server on `listen` run by serve_forever in a thread; shut down and closed after.
+    Its deadlines are SLACK_SECONDS unless given."""
+    options.setdefault("deadline", SLACK_SECONDS)
+    options.setdefault("first_byte", SLACK_SECONDS)
     server = MetricsServer(listen, collector if collector is not None else small_registry(),
                            web, **options)  # type: ignore[arg-type]
     thread = threading.Thread(target=server.serve_forever, daemon=True)

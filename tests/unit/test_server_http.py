@@ -533,7 +533,7 @@ def test_closed_without_a_request_or_mid_request_gets_nothing_and_is_released(
 def test_why_a_connection_was_dropped_is_logged_at_debug(
         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, "ctprofd.export.server"):
-        with serving(first_byte=0.2) as server:
+        with serving() as server:
             assert ask(server, b"GET / HTTP/1.0\r\n" + b"a" * MAX_REQUEST_BYTES) == \
                 Reply(b"", True)
             assert ask(server, b"BREW / HTCPCP/1.0\r\n\r\n") == Reply(b"", True)
@@ -544,6 +544,7 @@ def test_why_a_connection_was_dropped_is_logged_at_debug(
                 blank.sendall(b"\r\n\r\n")
                 blank.shutdown(socket.SHUT_WR)
                 assert read_to_end(blank).data == b""
+            server.first_byte = 0.2  # for the connections accepted from now on
             with connect(server) as idle:
                 assert read_to_end(idle).reset
     messages = [r.getMessage() for r in caplog.records if r.name == "ctprofd.export.server"]

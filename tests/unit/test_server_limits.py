@@ -75,7 +75,8 @@ def test_a_connection_without_a_first_byte_is_reset_and_released() -> None:
     with serving(first_byte=0.2) as server, connect(server) as idle:
         assert read_to_end(idle) == RESET
         wait_until(lambda: held(server) == 0, "released", hang_guard=HANG_GUARD)
-        assert_whole_200(get(server))  # the first-byte deadline is per connection
+        server.first_byte = 60  # for the connections accepted from now on
+        assert_whole_200(get(server))
 
 
 def test_a_trickling_request_is_cut_off_by_the_deadline() -> None:
@@ -360,22 +361,26 @@ def test_closed_connections_are_uncounted_and_their_places_given_again() -> None
     """Every way a connection ends (closed before a byte, mid-request, after its answer,
     cut off by a deadline) gives its place back: the address's whole allowance is served
     again without evicting or refusing anyone."""
-    with serving(per_address=3, answering=1, first_byte=0.3, deadline=300) as server:
-        early = connect(server, "127.0.0.2")
+    with serving(per_address=4, answering=1) as server:
+        before = connect(server, "127.0.0.2")
         talking = connect(server, "127.0.0.2")
         talking.sendall(b"GET / HTTP/1.0\r\n")
         answered = connect(server, "127.0.0.2")
         assert status_line(answered) == b"HTTP/1.0 200 OK"
         wait_until(lambda: held(server) == 3, "three held", hang_guard=HANG_GUARD)
-        for sock in (talking, answered):
+        server.first_byte = 0.3  # for the connections accepted from now on
+        early = connect(server, "127.0.0.2")
+        wait_until(lambda: held(server) == 4, "four held", hang_guard=HANG_GUARD)
+        for sock in (before, talking, answered):
             sock.close()
         assert read_to_end(early) == RESET  # the first-byte deadline
         early.close()
+        server.first_byte = 60
         wait_until(lambda: held(server) == 0 and not server._peers and not server._requested,
                    "every connection released", hang_guard=HANG_GUARD)
-        again = [connect(server, "127.0.0.2") for _ in range(3)]
-        wait_until(lambda: held(server) == 3, "three held again", hang_guard=HANG_GUARD)
-        assert [status_line(s) for s in again] == [b"HTTP/1.0 200 OK"] * 3
+        again = [connect(server, "127.0.0.2") for _ in range(4)]
+        wait_until(lambda: held(server) == 4, "four held again", hang_guard=HANG_GUARD)
+        assert [status_line(s) for s in again] == [b"HTTP/1.0 200 OK"] * 4
         assert (server.evicted, server.refused) == (0, 0)
         for sock in again:
             sock.close()
