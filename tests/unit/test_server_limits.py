@@ -313,11 +313,13 @@ def test_a_network_at_its_limit_makes_room_from_the_address_holding_most(huge: H
             sock.close()
 
 
-def test_a_newcomer_holding_as_many_as_the_most_is_refused(huge: Huge) -> None:
+def test_a_newcomer_holding_as_many_as_the_most_is_refused(
+        huge: Huge, caplog: pytest.LogCaptureFixture) -> None:
     """In a full network where every address holds one, a second request of one of them
     holds as many as the most: it goes, not another address's request; a third address's
     first request takes the place of the oldest."""
-    with serving(huge, answering=3, answering_network=2, generation=lambda: 1) as server:
+    with caplog.at_level(logging.DEBUG, "ctprofd.export.server"), \
+            serving(huge, answering=3, answering_network=2, generation=lambda: 1) as server:
         socks = stalled(server, "127.0.0.2") + stalled(server, "127.0.0.3")
         wait_until(lambda: requested(server) == 2, "two held", hang_guard=HANG_GUARD)
         [second] = stalled(server, "127.0.0.3")
@@ -328,8 +330,15 @@ def test_a_newcomer_holding_as_many_as_the_most_is_refused(huge: Huge) -> None:
         wait_until(lambda: requested(server, "127.0.0.4") == 1, "the newcomer counted",
                    hang_guard=HANG_GUARD)
         assert (server.refused, server.evicted, requested(server)) == (1, 1, 2)
-        for sock in (*socks, second, newcomer):
+        [again] = stalled(server, "127.0.0.4")
+        assert read_to_end(again) == RESET
+        assert (server.refused, server.evicted, requested(server)) == (2, 1, 2)
+        for sock in (*socks, second, newcomer, again):
             sock.close()
+    refusals = [r.getMessage() for r in caplog.records if "network" in r.getMessage()]
+    assert refusals == ["127.0.0.3: connection closed: its network has the most whole "
+                        "requests held", "127.0.0.4: connection closed: its network has the "
+                        "most whole requests held"]
 
 
 def test_answers_in_their_sockets_leave_the_limits_and_go_for_room_after_idle_ones() -> None:
