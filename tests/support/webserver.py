@@ -56,7 +56,15 @@ def serving(collector: Collector | None = None, web: WebConfig = WebConfig(),
     options.setdefault("first_byte", SLACK_SECONDS)
     server = MetricsServer(listen, collector if collector is not None else small_registry(),
                            web, **options)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    failures: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            failures.append(err)
+
+    thread = threading.Thread(target=serve, daemon=True, name="serve_forever")
     thread.start()
     try:
         wait_until(lambda: server._loop is not None, "the event loop running",
@@ -67,6 +75,7 @@ def serving(collector: Collector | None = None, web: WebConfig = WebConfig(),
         server.server_close()
         thread.join(HANG_GUARD)
         assert not thread.is_alive(), "serve_forever did not return after shutdown"
+        assert not failures, f"serve_forever raised {failures[0]!r}"
 
 
 def held(server: MetricsServer) -> float:
