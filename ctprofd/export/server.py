@@ -516,7 +516,8 @@ class MetricsServer:
             async with asyncio.timeout(self.deadline * random.uniform(0.75, 1.0)):
                 await self._converse(connection, reader, writer)
         except (_Drop, TimeoutError, OSError, ssl.SSLError, EOFError) as err:
-            log.debug("%s: connection closed: %s", connection.address, err or type(err).__name__)
+            log.debug("%s: connection closed: %s", connection.address,
+                      str(err) or type(err).__name__)
         except Exception:  # noqa: BLE001 - a bug answering one client must not stop the server
             log.error("%s: answering failed", connection.address, exc_info=True)
         finally:
@@ -740,9 +741,10 @@ def _source(writer: asyncio.StreamWriter) -> str:
 
 def raise_fd_limit() -> None:
     """Raise the soft open-file limit to the hard one (at most 65536): each held connection
-    is a descriptor, and the usual soft limit is 1024."""
+    is a descriptor, and the usual soft limit is 1024. (Linux bounds the hard limit by
+    fs.nr_open: it is never RLIM_INFINITY.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    wanted = min(hard, 65536)
     if wanted > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
