@@ -48,6 +48,7 @@ def spawn_through(fifo):
         raise OSError(err, "posix_spawn")
     os.waitpid(pid.value, 0)
     say("SPAWNED", threading.get_native_id())
+    threading.Event().wait()  # parked as the workers are
 
 say("THREAD", threading.get_native_id(), fs_base())
 told = threading.Semaphore(0)
@@ -111,7 +112,8 @@ class PyThreads(Spawned):
         return int(tid)
 
     def vfork(self, fifo: Path) -> int:
-        """A new thread of the target, waiting in vfork (D) until `release(fifo)`; its tid."""
+        """A new thread of the target, waiting in vfork (D) until `release(fifo)`, then parked
+    as the workers are; its tid."""
         os.mkfifo(fifo)
         self.send(f"vfork {fifo}")
         word, tid = self.readline().split()

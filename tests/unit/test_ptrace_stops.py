@@ -70,7 +70,10 @@ def new_tracer():
     made: list[Tracer] = []
 
     def make(**kw: float) -> Tracer:
-        made.append(Tracer(**kw))
+        """A Tracer with these bounds, HANG_GUARD for the others: a thread that can stop is
+        never given up on, however busy the host."""
+        made.append(Tracer(**{"stop_timeout": HANG_GUARD, "wait_budget": HANG_GUARD,
+                              "held_retry": HANG_GUARD, **kw}))
         return made[-1]
     yield make
     for tracer in made:
@@ -145,7 +148,7 @@ def test_a_thread_another_tracer_holds_is_refused_at_once_naming_it(target, hold
     which needs a whole wait, is still stopped after it)."""
     held, other = target.workers[:2]
     holder = holders("gdb", held)
-    tracer = new_tracer(stop_timeout=HANG_GUARD, wait_budget=HANG_GUARD, held_retry=HANG_GUARD)
+    tracer = new_tracer()
     with pytest.raises(SeizeRefused) as refused:
         tracer.thread_pointer(held)
     comm = Path(f"/proc/{holder.pid}/comm").read_text().strip()
@@ -169,7 +172,7 @@ def test_a_thread_a_ctprofd_holds_is_retried_until_it_lets_go(target, holders, c
     a whole wait in it, until the next snapshot."""
     held, other = target.workers[:2]
     holder = holders("ctprofd", held)
-    tracer = new_tracer(stop_timeout=HANG_GUARD, wait_budget=HANG_GUARD, held_retry=HANG_GUARD)
+    tracer = new_tracer()
     taken: dict[str, object] = {}
 
     def read() -> None:
@@ -208,7 +211,7 @@ def test_a_ctprofd_that_keeps_holding_is_given_up_on(target, holders, bound, new
     stopped in that snapshot."""
     held, other = target.workers[:2]
     holder = holders("ctprofd", held)
-    tracer = new_tracer(stop_timeout=HANG_GUARD, wait_budget=HANG_GUARD, held_retry=HANG_GUARD)
+    tracer = new_tracer()
     setattr(tracer, bound, 0.05)
     with pytest.raises(SeizeRefused) as refused:
         tracer.thread_pointer(held)
@@ -239,7 +242,7 @@ def test_a_thread_in_a_vfork_wait_times_out_and_is_released_at_the_end(target, t
     are read, and is released when the snapshot ends, before its vfork does."""
     fifo = tmp_path / "fifo"
     stuck = target.vfork(fifo)
-    tracer = new_tracer(stop_timeout=0.05, wait_budget=HANG_GUARD)
+    tracer = new_tracer(stop_timeout=0.05)
     with pytest.raises(StopTimeout) as missed:
         tracer.thread_pointer(stuck, uninterruptible=True)
     assert (missed.value.tag, missed.value.message) == (
@@ -247,6 +250,7 @@ def test_a_thread_in_a_vfork_wait_times_out_and_is_released_at_the_end(target, t
     assert (tracer.stops, tracer.stop_timeouts, tracer.pending) == (0, 1, 1)
     state, tracing = thread_state(target.pid, stuck)
     assert str(tracing) in own_threads() and tracing != threading.get_native_id()
+    tracer.stop_timeout = HANG_GUARD
     for tid, fs_base in target.fs_base.items():
         assert tracer.thread_pointer(tid).fs_base == fs_base
     assert (tracer.stops, tracer.stop_timeouts, tracer.pending) == (4, 1, 1)
@@ -263,7 +267,7 @@ def test_a_stop_that_comes_after_its_timeout_is_let_go_at_the_end(target, tmp_pa
     it, and is let go when the snapshot ends."""
     fifo = tmp_path / "fifo"
     stuck = target.vfork(fifo)
-    tracer = new_tracer(stop_timeout=0.05, wait_budget=HANG_GUARD)
+    tracer = new_tracer(stop_timeout=0.05)
     with pytest.raises(StopTimeout):
         tracer.thread_pointer(stuck)
     tracing = thread_state(target.pid, stuck)[1]
@@ -282,7 +286,7 @@ def test_the_stop_wait_is_cut_to_what_is_left_of_the_snapshots(target, tmp_path,
     what is left (not the thread's fault: no stop timeout counted), and then no thread is
     stopped at all until the next snapshot."""
     first, second = target.vfork(tmp_path / "first"), target.vfork(tmp_path / "second")
-    tracer = new_tracer(stop_timeout=0.05, wait_budget=HANG_GUARD)
+    tracer = new_tracer(stop_timeout=0.05)
     started = time.monotonic()
     with pytest.raises(StopTimeout):
         tracer.thread_pointer(first)
@@ -303,6 +307,7 @@ def test_the_stop_wait_is_cut_to_what_is_left_of_the_snapshots(target, tmp_path,
         assert str(spent.value) == f"tid {tid}: not stopped: this snapshot's stop wait is spent"
     assert tracer.stops == 0
     tracer.end()
+    tracer.wait_budget = HANG_GUARD
     for tid, fs_base in target.fs_base.items():
         assert tracer.thread_pointer(tid).fs_base == fs_base
     tracer.end()
@@ -317,7 +322,7 @@ def test_a_thread_killed_while_its_stop_is_awaited_is_gone(tmp_path, new_tracer)
     victim, bystander = PyThreads(1), PyThreads(1)
     try:
         stuck = victim.vfork(tmp_path / "fifo")
-        tracer = new_tracer(stop_timeout=HANG_GUARD, wait_budget=HANG_GUARD)
+        tracer = new_tracer()
         taken: dict[str, BaseException] = {}
 
         def read() -> None:
