@@ -327,3 +327,73 @@ def test_the_bounds_of_module_ids_slots_and_chains():
         else:
             with pytest.raises(dtv.DtvError, match=f"^no link map loaded at {BIAS:#x}$"):
                 walk(mem, loader)
+
+
+def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_thread_pointer():
+    """The DTV walk after a real stop (a python3 target, real ptrace): the block is looked
+    for from the thread pointer the stop gave; a thread with no block yet counts zero, is
+    not stopped again, and is placed from memory once its DTV has the block; what it was
+    restored at stays its floor."""
+    from support.procs import assert_no_thread_stopped_or_traced
+    from support.pythreads import PyThreads
+    from ctprofd.procfs.processes import read_stat
+
+    loader = host_loader()
+    target = PyThreads(1)
+    tracer = Tracer(stop_timeout=60, wait_budget=60)  # a hang guard
+    try:
+        [tid] = target.workers
+        tp = target.fs_base[tid]
+        mem = layout_memory(loader, dtv_gen=1)  # the DTV is older than the module: no block
+        mem.put(loader.fields["pthread_dtvp"].at(tp), DTV)
+        for offset, value in ((824, 5000), (832, 0), (840, 3000)):
+            mem.put(BLOCK + 0x10 + offset, value)
+        layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+        state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+        stat = read_stat(f"/proc/{target.pid}/task/{tid}/stat")
+        threads = [ThreadInfo(tid, stat.start_time, stat.comm, stat.state)]
+        state.threads[tid] = ThreadState(stat.start_time, 0, 100, 4000)  # restored
+        prober = ThreadProber(tracer, read_ranges=mem.read)
+        for _ in range(2):
+            tally = Tally()
+            samples = prober.probe(target.pid, state, threads, tally)
+            tracer.end()
+            assert [(s.tid, s.allocated_bytes, s.deallocated_bytes) for s in samples] == [
+                (tid, 100, 4000)]
+            assert tally.probed_ok == 1 and not tally.failures and tracer.stops == 1
+            assert state.threads[tid].thread_pointer == tp
+        mem.put(loader.fields["dtv_t_counter"].at(loader.fields["dtv_dtv"].at(DTV, 0)), 2)
+        tally = Tally()
+        samples = prober.probe(target.pid, state, threads, tally)
+        assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000)]
+        assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 1
+        assert_no_thread_stopped_or_traced(target.pid)
+    finally:
+        tracer.end()
+        target.kill()
+
+
+@pytest.mark.parametrize("past", [0, 1])
+def test_a_block_that_puts_the_counters_past_the_address_space_is_refused(past):
+    """A TLS block plus the TSD's offset that ends the counters past the top of the address
+    space: tls-arithmetic, never read, nor counted as a thread without a block; ending at
+    the top exactly, they are read (and here the read fails)."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    symbol_offset = (1 << 64) - BLOCK - 840 - 8 + past  # the counters end at 2**64 + past
+    layout = TsdLayout(None, "je_tsd_tls", symbol_offset, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    tally = Tally()
+    tally.begin(1, "target")
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally) == []
+    assert tally.probed_ok == 0
+    if not past:
+        assert tally.failures == {tags.PROCESS_VM_READV: 1}
+        assert state.threads[11].counters_at == BLOCK + symbol_offset + 824
+        return
+    assert tally.failures == {tags.TLS_ARITHMETIC: 1}
+    assert tally.failed_pids[1].reason == (f"tid 11: TLS block {BLOCK:#x} gives counters "
+                                           "outside the address space")
+    assert state.threads[11].unplaced and not state.threads[11].counters_at
