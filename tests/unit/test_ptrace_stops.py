@@ -364,3 +364,62 @@ def test_raw_ptrace_errors_carry_their_errno():
     with pytest.raises(OSError) as failed:
         ptrace._ptrace(ptrace.PTRACE_INTERRUPT, os.getpid())
     assert (failed.value.errno, failed.value.strerror) == (errno.ESRCH, os.strerror(errno.ESRCH))
+
+
+STORM_STOPS = 1000  # stops of a storming thread: a fraction of them race a signal's
+STORM = r"""
+import os, signal, sys, threading
+r, w = os.pipe()
+os.set_blocking(r, False)
+os.set_blocking(w, False)
+signal.signal(signal.SIGRTMIN, lambda *args: None)
+signal.set_wakeup_fd(w)  # the C handler writes a byte per signal delivered
+stop = threading.Event()
+counts = [0, 0]  # sent, handled
+
+def drain():
+    try:
+        while data := os.read(r, 65536):
+            counts[1] += len(data)
+    except BlockingIOError:
+        pass
+
+def storm():  # signals to itself, each delivered as its tgkill returns
+    print("STORMING", threading.get_native_id(), flush=True)
+    me = threading.get_ident()
+    while not stop.is_set():
+        for _ in range(1000):  # fewer bytes than the pipe holds
+            signal.pthread_kill(me, signal.SIGRTMIN)
+            counts[0] += 1
+        drain()
+    drain()
+
+stormer = threading.Thread(target=storm)
+stormer.start()
+sys.stdin.readline()
+stop.set()
+stormer.join()
+print("SENT", *counts, flush=True)
+"""
+
+
+def test_a_signal_that_raced_the_stop_is_handed_back():
+    """A thread busy taking signals (here queued real-time ones it sends itself) often
+    reports their delivery stop before our PTRACE_EVENT_STOP: that signal is handed back on
+    detach, so every signal sent is handled, however many stops raced one."""
+    stormer = Spawned([sys.executable, "-c", STORM])
+    tracer = Tracer(stop_timeout=HANG_GUARD, wait_budget=HANG_GUARD)
+    try:
+        word, tid = stormer.readline().split()
+        assert word == "STORMING"
+        for _ in range(STORM_STOPS):
+            assert tracer.thread_pointer(int(tid)).fs_base
+        tracer.end()
+        assert_no_thread_stopped_or_traced(stormer.pid)
+        stormer.send("calm")
+        word, sent, handled = stormer.readline().split()
+        assert word == "SENT" and int(sent) > 0
+        assert handled == sent, f"signals lost: {sent} sent, {handled} handled"
+    finally:
+        tracer.end()
+        stormer.kill()
