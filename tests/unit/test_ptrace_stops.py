@@ -250,6 +250,8 @@ def test_a_thread_in_a_vfork_wait_times_out_and_is_released_at_the_end(target, t
     assert (tracer.stops, tracer.stop_timeouts, tracer.pending) == (0, 1, 1)
     state, tracing = thread_state(target.pid, stuck)
     assert str(tracing) in own_threads() and tracing != threading.get_native_id()
+    assert [t.name for t in threading.enumerate() if t.native_id == tracing] == [
+        "ctprofd-ptrace"]  # the name logs give it
     tracer.stop_timeout = HANG_GUARD
     for tid, fs_base in target.fs_base.items():
         assert tracer.thread_pointer(tid).fs_base == fs_base
@@ -423,3 +425,30 @@ def test_a_signal_that_raced_the_stop_is_handed_back():
     finally:
         tracer.end()
         stormer.kill()
+
+
+def test_a_stop_timeout_says_its_wait_in_whole_milliseconds():
+    assert StopTimeout(7, 0.6).message == "tid 7: no stop within 600 ms"
+    assert StopTimeout(7, 0.0004).message == "tid 7: no stop within 0 ms"
+
+
+EXITING = """
+import sys
+from ctprofd.probe.ptrace import Tracer
+tracer = Tracer(stop_timeout=60, wait_budget=60)
+print(tracer.thread_pointer(int(sys.argv[1])).fs_base, flush=True)
+"""  # and exits without tracer.end()
+
+
+def test_a_process_that_exits_without_ending_its_tracer_still_exits(target):
+    """The tracer's own thread does not keep a process (a `ctprofd snapshot` cut short)
+    from exiting."""
+    worker = target.workers[0]
+    exiting = Spawned([sys.executable, "-c", EXITING, str(worker)],
+                      cwd=str(Path(ptrace.__file__).parents[2]))
+    try:
+        assert int(exiting.readline()) == target.fs_base[worker]
+        assert exiting.proc.wait(timeout=HANG_GUARD) == 0
+    finally:
+        exiting.kill()
+    assert_no_thread_stopped_or_traced(target.pid)
