@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -192,7 +193,7 @@ def test_a_thread_a_ctprofd_holds_is_retried_until_it_lets_go(target, holders, c
     assert caplog.text.count(retried) == 1
     with pytest.raises(WaitBudgetSpent) as spent:
         tracer.thread_pointer(other, uninterruptible=True)
-    assert not spent.value.reached
+    assert spent.value.reached is False
     assert str(spent.value) == (f"tid {other}: not stopped: this snapshot's stop wait is "
                                 "spent (less than a whole wait is left for a thread in an "
                                 "uninterruptible sleep)")
@@ -219,12 +220,12 @@ def test_a_ctprofd_that_keeps_holding_is_given_up_on(target, holders, bound, new
     if bound == "held_retry":
         with pytest.raises(WaitBudgetSpent) as spent:  # less than a whole wait is left
             tracer.thread_pointer(other, uninterruptible=True)
-        assert not spent.value.reached
+        assert spent.value.reached is False
         assert tracer.thread_pointer(other).fs_base == target.fs_base[other]
     else:
         with pytest.raises(WaitBudgetSpent) as spent:
             tracer.thread_pointer(other)
-        assert not spent.value.reached
+        assert spent.value.reached is False
         assert str(spent.value) == f"tid {other}: not stopped: this snapshot's stop wait is spent"
         assert tracer.stops == 0
     tracer.end()
@@ -297,7 +298,7 @@ def test_the_stop_wait_is_cut_to_what_is_left_of_the_snapshots(target, tmp_path,
     tracer.wait_budget = spent_at_most + 0.05  # 50 ms or more left, less than a whole wait
     with pytest.raises(WaitBudgetSpent) as cut:
         tracer.thread_pointer(second)
-    assert cut.value.reached
+    assert cut.value.reached is True
     found = re.fullmatch(rf"tid {second}: no stop within the (\d+) ms left of this "
                          "snapshot's stop wait", str(cut.value))
     assert found and 50 <= int(found.group(1)) <= spent_at_most * 1000 + 1, str(cut.value)
@@ -305,7 +306,7 @@ def test_the_stop_wait_is_cut_to_what_is_left_of_the_snapshots(target, tmp_path,
     for tid in target.fs_base:
         with pytest.raises(WaitBudgetSpent) as spent:
             tracer.thread_pointer(tid)
-        assert not spent.value.reached
+        assert spent.value.reached is False
         assert str(spent.value) == f"tid {tid}: not stopped: this snapshot's stop wait is spent"
     assert tracer.stops == 0
     tracer.end()
@@ -451,4 +452,21 @@ def test_a_process_that_exits_without_ending_its_tracer_still_exits(target):
         assert exiting.proc.wait(timeout=HANG_GUARD) == 0
     finally:
         exiting.kill()
+    assert_no_thread_stopped_or_traced(target.pid)
+
+
+def test_a_zombie_refused_by_the_kernel_is_an_exit_race(target, new_tracer):
+    """PTRACE_SEIZE says EPERM for a process that has exited and is not reaped yet: that
+    is an exit race (ThreadGone), not a privilege refusal."""
+    zombie = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1]
+                   .split()[0] == "Z", "the child to exit, unreaped")
+        tracer = new_tracer()
+        with pytest.raises(ThreadGone) as gone:
+            tracer.thread_pointer(zombie.pid)
+        assert str(gone.value) == f"tid {zombie.pid}: exited (or exiting) at PTRACE_SEIZE"
+        assert tracer.thread_pointer(target.pid).fs_base == target.fs_base[target.pid]
+    finally:
+        zombie.wait()
     assert_no_thread_stopped_or_traced(target.pid)
