@@ -349,6 +349,11 @@ def holders(tmp_path):
         holder.kill()
 
 
+def let_go(holder: Spawned) -> None:
+    holder.send("go")
+    assert holder.proc.wait(timeout=HANG_GUARD) == 0
+
+
 def test_a_thread_another_tracer_holds_is_backed_off_and_still_said(target, tracer, holders):
     """ptrace-traced, naming the tracer; not seized again for 1, then 2 snapshots, and said
     again meanwhile; read once it lets go and its back-off is over."""
@@ -370,8 +375,7 @@ def test_a_thread_another_tracer_holds_is_backed_off_and_still_said(target, trac
         assert state.backoff[held][:3] == (start, misses, skip), step
         assert isinstance(state.backoff[held][3], SeizeRefused) and tally.left_out == 0
     assert tracer.stops == 3
-    holder.send("go")
-    assert holder.proc.wait(timeout=HANG_GUARD) == 0
+    let_go(holder)
     read, tally = snapshot(prober, target.pid, state, threads)  # its back-off is over
     assert read[held] == (target.fs_base[held], 0) and tally.failures == {}
     assert held not in state.backoff
@@ -565,3 +569,43 @@ def test_counter_pair_takes_the_first_and_last_words():
 def test_a_thread_counts_what_it_did_less_what_it_inherited():
     thread = ThreadState(1, 0x1000, allocated=500, deallocated=300, inherited=(200, 400))
     assert thread.counted() == (300, 0)
+
+
+def test_a_held_threads_back_off_doubles_up_to_64_snapshots(target, tracer, holders):
+    """Each miss doubles the snapshots a thread is skipped for, 1, 2, 4 ... 64, and no more."""
+    held = target.workers[0]
+    holder = holders("gdb", held)
+    prober = ThreadProber(tracer)
+    state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
+    threads = [t for t in listing(target.pid) if t.tid == held]
+    skips = []
+    while len(skips) < 8:
+        snapshot(prober, target.pid, state, threads)
+        start, misses, skip, refusal = state.backoff[held]
+        if misses > len(skips):
+            skips.append(skip)
+    assert skips == [1, 2, 4, 8, 16, 32, 64, 64]
+    let_go(holder)
+    assert_no_thread_stopped_or_traced(target.pid)
+
+
+def test_the_back_off_of_a_thread_that_exited_or_was_reborn_is_forgotten(target, tracer,
+                                                                         holders):
+    """A backed-off thread no longer listed, or listed in a new life (another start time),
+    loses its back-off: a new life is tried at once."""
+    held, other = target.workers[:2]
+    holding = [holders("gdb", held), holders("gdb", other)]
+    prober = ThreadProber(tracer)
+    state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
+    threads = [t for t in listing(target.pid) if t.tid in (held, other)]
+    snapshot(prober, target.pid, state, threads)
+    assert set(state.backoff) == {held, other}
+    reborn = [ThreadInfo(t.tid, t.start_time + 1, t.comm, t.state) for t in threads
+              if t.tid == held]
+    read, tally = snapshot(prober, target.pid, state, reborn)
+    assert list(state.backoff) == [held] and state.backoff[held][:3] == (
+        reborn[0].start_time, 1, 1)  # tried at once, held still: backed off anew
+    assert tally.failures == {tags.PTRACE_TRACED: 1} and tracer.stops == 0
+    for holder in holding:
+        let_go(holder)
+    assert_no_thread_stopped_or_traced(target.pid)
