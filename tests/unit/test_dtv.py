@@ -397,3 +397,27 @@ def test_a_block_that_puts_the_counters_past_the_address_space_is_refused(past):
     assert tally.failed_pids[1].reason == (f"tid 11: TLS block {BLOCK:#x} gives counters "
                                            "outside the address space")
     assert state.threads[11].unplaced and not state.threads[11].counters_at
+
+
+def test_a_module_not_found_is_looked_for_again_after_at_most_64_snapshots():
+    """The snapshots between two walks that miss the module double, and stop at 64; each
+    thread's failure says why, in its words."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    mem.put(LINK_MAPS + 0x1000, 1)  # not our bias: the walk misses the module
+    mem.put(LINK_MAPS + 0x1000 + dtv.LINK_MAP_NEXT, 0)
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    skips = []
+    while len(skips) < 8:
+        tally = Tally()
+        tally.begin(1, "target")
+        prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally)
+        assert tally.failed_pids[1].reason == (
+            f"tid 11: general-dynamic TLS: no link map loaded at {BIAS:#x}")
+        why, misses, skip = state.module_failure
+        if misses > len(skips):
+            skips.append(skip)
+    assert skips == [2, 4, 8, 16, 32, 64, 64, 64]
