@@ -12,6 +12,7 @@ those are served for chosen addresses, the rest is the target's real memory."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import sys
@@ -238,9 +239,12 @@ def test_a_restored_thread_keeps_its_floor_when_located(target, tracer):
     assert_no_thread_stopped_or_traced(target.pid)
 
 
-def test_a_thread_that_misses_its_stop_is_backed_off_then_read(target, tracer, tmp_path):
-    """A thread in a vfork wait misses its stop: `waitpid` and left out; it is not tried
-    for 1 snapshot, tried and missed, then not for 2, ... and read once it can stop."""
+def test_a_thread_that_misses_its_stop_is_backed_off_then_read(target, tracer, tmp_path,
+                                                              caplog):
+    """A thread in a vfork wait misses its stop: `waitpid` and left out (said at debug
+    level); it is not tried for 1 snapshot, tried and missed, then not for 2, ... and read
+    once it can stop."""
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
     fifo = tmp_path / "fifo"
     stuck = target.vfork(fifo)
     prober = ThreadProber(tracer)
@@ -257,8 +261,9 @@ def test_a_thread_that_misses_its_stop_is_backed_off_then_read(target, tracer, t
         assert (tally.left_out, tracer.stop_timeouts - timeouts) == (1, missed)
     start = [t.start_time for t in threads if t.tid == stuck][0]
     assert state.backoff[stuck][:3] == (start, 3, 4)
-    if missed:
-        assert tally.failed_pids[target.pid].reason == f"tid {stuck}: no stop within 50 ms"
+    assert tally.failed_pids[target.pid].reason == f"tid {stuck}: no stop within 50 ms"
+    assert caplog.messages == 3 * [f"pid {target.pid}: waitpid: tid {stuck}: no stop within "
+                                   "50 ms"]
     target.release(fifo, stuck)
     tracer.stop_timeout = HANG_GUARD
     stat = read_stat(f"/proc/{target.pid}/task/{stuck}/stat")
@@ -274,7 +279,7 @@ def test_a_thread_that_misses_its_stop_is_backed_off_then_read(target, tracer, t
 
 
 def test_threads_in_uninterruptible_sleep_left_unreached_are_put_off(target, tracer,
-                                                                    tmp_path):
+                                                                    tmp_path, caplog):
     """Two threads in vfork waits: the first spends the stop wait, the second is not even
     seized (less than a whole wait left) and is put off as the first is; a thread not in
     such a sleep that the spent wait leaves out is tried again at the next snapshot."""
@@ -284,7 +289,10 @@ def test_threads_in_uninterruptible_sleep_left_unreached_are_put_off(target, tra
     threads = listing(target.pid)
     snapshot(prober, target.pid, state, [t for t in threads if t.tid not in (first, second)])
     tracer.stop_timeout = tracer.wait_budget = 0.05
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
     read, tally = snapshot(prober, target.pid, state, threads)
+    assert caplog.messages[1] == (f"pid {target.pid}: tid {second}: not stopped: this "
+                                  "snapshot's stop wait is spent")
     assert read == {tid: (base, 0) for tid, base in target.fs_base.items()}
     assert (tally.failures, tally.left_out) == ({tags.WAITPID: 1}, 2)
     assert sorted(b[1:] for b in state.backoff.values()) == [(1, 1, None), (1, 1, None)]
@@ -382,9 +390,12 @@ def test_a_thread_another_tracer_holds_is_backed_off_and_still_said(target, trac
     assert_no_thread_stopped_or_traced(target.pid)
 
 
-def test_a_privilege_refusal_is_not_backed_off_and_a_gone_thread_is_an_exit_race(tracer):
+def test_a_privilege_refusal_is_not_backed_off_and_a_gone_thread_is_an_exit_race(tracer,
+                                                                                  caplog):
     """A thread of this very process cannot be seized (ptrace-seize, tried again at every
-    snapshot); a tid that names no thread is an exit race, in no tag."""
+    snapshot); a tid that names no thread is an exit race, in no tag. Both are said at
+    debug level."""
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
     own = listing(os.getpid())[0]
     nothing = ThreadInfo(int(Path("/proc/sys/kernel/pid_max").read_text()), 1, "gone", "S")
     prober = ThreadProber(tracer)
@@ -397,6 +408,9 @@ def test_a_privilege_refusal_is_not_backed_off_and_a_gone_thread_is_an_exit_race
             f"tid {own.tid}: PTRACE_SEIZE: EPERM (not permitted)")
         assert state.backoff == {} and state.threads == {}
     assert prober.exit_races == 2
+    assert caplog.messages == 2 * [
+        f"pid {os.getpid()}: ptrace-seize: tid {own.tid}: PTRACE_SEIZE: EPERM (not permitted)",
+        f"pid {os.getpid()}: tid {nothing.tid}: gone before PTRACE_SEIZE"]
 
 
 @pytest.mark.parametrize("end, ok", [(1 << 64, True), ((1 << 64) + 1, False)])
