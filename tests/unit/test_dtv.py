@@ -7,6 +7,7 @@ zeros."""
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections import Counter
 
@@ -421,3 +422,17 @@ def test_a_module_not_found_is_looked_for_again_after_at_most_64_snapshots():
         if misses > len(skips):
             skips.append(skip)
     assert skips == [2, 4, 8, 16, 32, 64, 64, 64]
+
+
+def test_a_dtv_gone_with_its_thread_is_said_at_debug_level(caplog):
+    loader = host_loader()
+    mem = layout_memory(loader)
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP + 0x200000)  # nothing there
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: True)
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], Tally()) == []
+    dtvp = loader.fields["pthread_dtvp"].at(TP + 0x200000)
+    assert caplog.messages == [  # pid 1, not listed, is read through its thread 11
+        f"pid 11: tid 11 exited while its DTV was read: pthread.dtvp at {dtvp:#x}: Bad address"]
