@@ -412,7 +412,9 @@ def test_a_module_not_found_is_looked_for_again_after_at_most_64_snapshots():
     state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
     prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
     skips = []
-    while len(skips) < 8:
+    for _ in range(1000):  # a guard against a back-off that never grows
+        if len(skips) == 8:
+            break
         tally = Tally()
         tally.begin(1, "target")
         prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally)

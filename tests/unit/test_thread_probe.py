@@ -593,7 +593,9 @@ def test_a_held_threads_back_off_doubles_up_to_64_snapshots(target, tracer, hold
     state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
     threads = [t for t in listing(target.pid) if t.tid == held]
     skips = []
-    while len(skips) < 8:
+    for _ in range(1000):  # a guard against a back-off that never grows
+        if len(skips) == 8:
+            break
         snapshot(prober, target.pid, state, threads)
         start, misses, skip, refusal = state.backoff[held]
         if misses > len(skips):
