@@ -25,6 +25,7 @@ from ctprofd.probe.ptrace import (SeizeRefused, StopTimeout, ThreadGone, Tracer,
                                   WaitBudgetSpent)
 from ctprofd.report import tags
 from ctprofd.report.tags import ProbeError
+from support.i386 import build_pause
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 from support.pythreads import PyThreads, thread_state
 
@@ -473,25 +474,9 @@ def test_a_zombie_refused_by_the_kernel_is_an_exit_race(target, new_tracer):
     assert_no_thread_stopped_or_traced(target.pid)
 
 
-PAUSE_I386 = """
-.globl _start
-_start:
-    mov $29, %eax  # pause(), i386 numbering
-    int $0x80
-    jmp _start
-"""
-
-
 @pytest.fixture(scope="module")
 def i386_program(tmp_path_factory) -> Path:
-    """A static 32-bit x86 program that only pauses, assembled and linked here."""
-    where = tmp_path_factory.mktemp("i386")
-    (where / "pause.s").write_text(PAUSE_I386)
-    subprocess.run(["as", "--32", "-o", str(where / "pause.o"), str(where / "pause.s")],
-                   check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-o", str(where / "pause"), str(where / "pause.o")],
-                   check=True)
-    return where / "pause"
+    return build_pause(tmp_path_factory.mktemp("i386"))
 
 
 def test_a_32_bit_process_has_no_fs_base_to_read(i386_program, new_tracer):

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import struct
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -30,7 +31,8 @@ from ctprofd.report import tags
 from ctprofd.report.summary import Tally
 from ctprofd.resolve.attach import Attachment
 from ctprofd.resolve.layout import TsdLayout
-from support.procs import Spawned, assert_no_thread_stopped_or_traced
+from support.i386 import build_pause
+from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 from support.pythreads import PyThreads
 
 DELTA = 8  # addr(tsd) - fs_base
@@ -625,3 +627,24 @@ def test_the_back_off_of_a_thread_that_exited_or_was_reborn_is_forgotten(target,
     for holder in holding:
         let_go(holder)
     assert_no_thread_stopped_or_traced(target.pid)
+
+
+def test_a_thread_whose_registers_cannot_be_read_fails_and_is_tried_again(tracer, tmp_path):
+    """A 32-bit process has no fs_base in its register set: get-regset, said with its
+    reason, and not put off (nothing says a later snapshot would fare differently, nor
+    worse)."""
+    process = subprocess.Popen([str(build_pause(tmp_path))])
+    try:
+        wait_until(lambda: read_stat(f"/proc/{process.pid}/stat").state == "S", "the pause")
+        prober = ThreadProber(tracer)
+        state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
+        for stops in (1, 2):
+            read, tally = snapshot(prober, process.pid, state, listing(process.pid))
+            assert (read, tally.failures, tally.left_out) == ({}, {tags.GET_REGSET: 1}, 0)
+            assert tally.failed_pids[process.pid].reason == (
+                f"tid {process.pid}: short register set (68 bytes)")
+            assert (state.backoff, state.threads, tracer.stops) == ({}, {}, stops)
+        assert_no_thread_stopped_or_traced(process.pid)
+    finally:
+        process.kill()
+        process.wait()
