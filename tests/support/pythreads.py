@@ -6,9 +6,12 @@ vfork meanwhile, in state D)."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 from support.procs import READY, Spawned, wait_until
 
@@ -127,3 +130,16 @@ class PyThreads(Spawned):
         fd = os.open(fifo, os.O_WRONLY)  # its reader, the vfork child, has it open already
         os.close(fd)
         assert self.readline().split() == ["SPAWNED", str(tid)]
+
+
+TEST_HANG_GUARD = 30.0  # seconds a test of ptrace may take before the run is ended
+
+
+@pytest.fixture
+def hang_guard():
+    """End the test process, with every thread's traceback, if the test hangs (a tracer
+    whose thread never answers would otherwise hold the run for ever): a guard against a
+    hang, never a timing claim."""
+    faulthandler.dump_traceback_later(TEST_HANG_GUARD, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -22,6 +22,7 @@ from ctprofd.report.summary import Tally
 from ctprofd.resolve.attach import Attachment
 from ctprofd.resolve.layout import TsdLayout
 from ctprofd.resolve.loader import LoaderLayout, loader_facts, place
+from support.pythreads import hang_guard  # noqa: F401 (a fixture)
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 LD_SO = "/lib64/ld-linux-x86-64.so.2"
@@ -330,7 +331,8 @@ def test_the_bounds_of_module_ids_slots_and_chains():
                 walk(mem, loader)
 
 
-def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_thread_pointer():
+def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_thread_pointer(
+        hang_guard):
     """The DTV walk after a real stop (a python3 target, real ptrace): the block is looked
     for from the thread pointer the stop gave; a thread with no block yet counts zero, is
     not stopped again, and is placed from memory once its DTV has the block; what it was

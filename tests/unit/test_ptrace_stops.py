@@ -27,7 +27,7 @@ from ctprofd.report import tags
 from ctprofd.report.tags import ProbeError
 from support.i386 import build_pause
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
-from support.pythreads import PyThreads, thread_state
+from support.pythreads import PyThreads, hang_guard, thread_state
 
 HANG_GUARD = 60.0  # seconds: a bound that ends a hang, never a timing claim
 
@@ -40,6 +40,12 @@ if libc.ptrace(0x4206, tid, None, None) != 0:  # PTRACE_SEIZE: traced, left runn
 print("HELD", flush=True)
 sys.stdin.readline()  # held until told; exiting lets it go
 """
+
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard(hang_guard):
+    """Every test here stops threads through a Tracer's own thread."""
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from ctprofd.resolve.attach import Attachment
 from ctprofd.resolve.layout import TsdLayout
 from support.i386 import build_pause
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
-from support.pythreads import PyThreads
+from support.pythreads import PyThreads, hang_guard
 
 DELTA = 8  # addr(tsd) - fs_base
 LAYOUT = TsdLayout(None, "je_tsd_tls", 0, 8, 24)  # thread_allocated at +8, deallocated +24
@@ -89,6 +89,12 @@ def listing(pid: int) -> list[ThreadInfo]:
 
 def by_tid(samples) -> dict[int, tuple[int, int]]:
     return {s.tid: (s.allocated_bytes, s.deallocated_bytes) for s in samples}
+
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard(hang_guard):
+    """Every test here stops threads through a Tracer's own thread."""
 
 
 @pytest.fixture
