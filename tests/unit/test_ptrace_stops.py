@@ -449,10 +449,11 @@ print(tracer.thread_pointer(int(sys.argv[1])).fs_base, flush=True)
 """  # and exits without tracer.end()
 
 
-def test_a_process_that_exits_without_ending_its_tracer_still_exits(target):
+def test_a_process_that_exits_without_ending_its_tracer_still_exits(target, new_tracer):
     """The tracer's own thread does not keep a process (a `ctprofd snapshot` cut short)
-    from exiting."""
+    from exiting. (The same read here first: mutmut then knows this test reaches it.)"""
     worker = target.workers[0]
+    assert new_tracer().thread_pointer(worker).fs_base == target.fs_base[worker]
     exiting = Spawned([sys.executable, "-c", EXITING, str(worker)],
                       cwd=str(Path(ptrace.__file__).parents[2]))
     try:
