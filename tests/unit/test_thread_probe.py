@@ -591,6 +591,8 @@ def test_counter_pair_takes_the_first_and_last_words():
 def test_a_thread_counts_what_it_did_less_what_it_inherited():
     thread = ThreadState(1, 0x1000, allocated=500, deallocated=300, inherited=(200, 400))
     assert thread.counted() == (300, 0)
+    thread = ThreadState(1, 0x1000, allocated=100, deallocated=300, inherited=(200, 100))
+    assert thread.counted() == (0, 200)
 
 
 def test_a_held_threads_back_off_doubles_up_to_64_snapshots(target, tracer, holders):
