@@ -370,6 +370,7 @@ def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_threa
         samples = prober.probe(target.pid, state, threads, tally)
         assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000)]
         assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 1
+        assert mem.pids == {tid}  # the leader not listed: read through the thread
         assert_no_thread_stopped_or_traced(target.pid)
     finally:
         tracer.end()

@@ -656,3 +656,25 @@ def test_a_thread_whose_registers_cannot_be_read_fails_and_is_tried_again(tracer
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_thread_in_uninterruptible_sleep_is_not_seized_for_less_than_a_whole_wait(
+        target, tracer, tmp_path):
+    """Listed in D, a thread is left untouched (and put off) when less than a whole stop
+    wait is left of the snapshot's, rather than seized for a wait cut short; with whole
+    waits left, each thread that misses its stop is left out."""
+    first, second = target.vfork(tmp_path / "first"), target.vfork(tmp_path / "second")
+    prober = ThreadProber(tracer)
+    state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
+    stuck = [t for t in listing(target.pid) if t.tid in (first, second)]
+    tracer.wait_budget = 0.05  # less than the stop timeout (the hang guard)
+    read, tally = snapshot(prober, target.pid, state, stuck[:1])
+    assert (read, tally.failures, tally.left_out, tracer.stops) == ({}, {}, 1, 0)
+    assert state.backoff[first][1:] == (1, 1, None) and tracer.pending == 0
+    state.backoff.clear()
+    tracer.stop_timeout, tracer.wait_budget = 0.05, HANG_GUARD  # two whole waits
+    read, tally = snapshot(prober, target.pid, state, stuck)
+    assert (read, tally.failures, tally.left_out) == ({}, {tags.WAITPID: 2}, 2)
+    target.release(tmp_path / "first", first)
+    target.release(tmp_path / "second", second)
+    assert_no_thread_stopped_or_traced(target.pid)
