@@ -441,3 +441,39 @@ def test_a_dtv_gone_with_its_thread_is_said_at_debug_level(caplog):
     dtvp = loader.fields["pthread_dtvp"].at(TP + 0x200000)
     assert caplog.messages == [  # pid 1, not listed, is read through its thread 11
         f"pid 11: tid 11 exited while its DTV was read: pthread.dtvp at {dtvp:#x}: Bad address"]
+
+
+def test_a_real_threads_dtv_unreadable_is_a_failure_while_it_lives_then_an_exit_race(
+        hang_guard):
+    """After a real stop, a thread whose DTV cannot be read is a jemalloc-in-dso failure
+    while /proc shows it alive; once its process is killed, each later look at it is an
+    exit race."""
+    from support.procs import assert_no_thread_stopped_or_traced
+    from support.pythreads import PyThreads
+    from ctprofd.procfs.processes import read_stat
+
+    loader = host_loader()
+    target = PyThreads(1)
+    tracer = Tracer(stop_timeout=60, wait_budget=60)  # a hang guard
+    try:
+        [tid] = target.workers
+        mem = layout_memory(loader)  # nothing at this thread's pthread.dtvp
+        layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+        state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+        stat = read_stat(f"/proc/{target.pid}/task/{tid}/stat")
+        threads = [ThreadInfo(tid, stat.start_time, stat.comm, stat.state)]
+        prober = ThreadProber(tracer, read_ranges=mem.read)  # /proc says who is gone
+        tally = Tally()
+        assert prober.probe(target.pid, state, threads, tally) == []
+        tracer.end()
+        assert (tally.failures, prober.exit_races) == ({tags.JEMALLOC_IN_DSO: 1}, 0)
+        assert state.threads[tid].thread_pointer == target.fs_base[tid]
+        assert_no_thread_stopped_or_traced(target.pid)  # before it is killed
+        target.kill()
+        for races in (1, 2):
+            tally = Tally()
+            assert prober.probe(target.pid, state, threads, tally) == []
+            assert (tally.failures, prober.exit_races) == ({}, races)
+    finally:
+        tracer.end()
+        target.kill()
