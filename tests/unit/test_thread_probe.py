@@ -662,7 +662,7 @@ def test_a_thread_whose_registers_cannot_be_read_fails_and_is_tried_again(tracer
 
 
 def test_a_thread_in_uninterruptible_sleep_is_not_seized_for_less_than_a_whole_wait(
-        target, tracer, tmp_path):
+        target, tracer, tmp_path, caplog):
     """Listed in D, a thread is left untouched (and put off) when less than a whole stop
     wait is left of the snapshot's, rather than seized for a wait cut short; with whole
     waits left, each thread that misses its stop is left out."""
@@ -671,8 +671,12 @@ def test_a_thread_in_uninterruptible_sleep_is_not_seized_for_less_than_a_whole_w
     state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
     stuck = [t for t in listing(target.pid) if t.tid in (first, second)]
     tracer.wait_budget = 0.05  # less than the stop timeout (the hang guard)
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
     read, tally = snapshot(prober, target.pid, state, stuck[:1])
     assert (read, tally.failures, tally.left_out, tracer.stops) == ({}, {}, 1, 0)
+    assert caplog.messages == [
+        f"pid {target.pid}: tid {first}: not stopped: this snapshot's stop wait is spent "
+        "(less than a whole wait is left for a thread in an uninterruptible sleep)"]
     assert state.backoff[first][1:] == (1, 1, None) and tracer.pending == 0
     state.backoff.clear()
     tracer.stop_timeout, tracer.wait_budget = 0.05, HANG_GUARD  # two whole waits
