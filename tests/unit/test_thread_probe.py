@@ -675,7 +675,7 @@ def test_a_thread_in_uninterruptible_sleep_is_not_seized_for_less_than_a_whole_w
     read, tally = snapshot(prober, target.pid, state, stuck[:1])
     assert (read, tally.failures, tally.left_out, tracer.stops) == ({}, {}, 1, 0)
     assert caplog.messages == [
-        f"pid {target.pid}: tid {first}: not stopped: this snapshot's stop wait is spent "
+        f"pid {first}: tid {first}: not stopped: this snapshot's stop wait is spent "
         "(less than a whole wait is left for a thread in an uninterruptible sleep)"]
     assert state.backoff[first][1:] == (1, 1, None) and tracer.pending == 0
     state.backoff.clear()
