@@ -198,7 +198,7 @@ def test_a_thread_a_ctprofd_holds_is_retried_until_it_lets_go(target, holders, c
         reader.join(HANG_GUARD)
     assert "error" not in taken, taken
     assert taken["pointer"].fs_base == target.fs_base[held]
-    assert caplog.text.count(retried) == 1
+    assert caplog.messages.count(retried) == 1  # said once, in these words
     with pytest.raises(WaitBudgetSpent) as spent:
         tracer.thread_pointer(other, uninterruptible=True)
     assert spent.value.reached is False
