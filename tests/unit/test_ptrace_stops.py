@@ -504,3 +504,28 @@ def test_a_32_bit_process_has_no_fs_base_to_read(i386_program, new_tracer):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_retry_is_charged_on_top_of_the_waits_already_spent(target, holders, tmp_path,
+                                                               new_tracer):
+    """The stop wait spent on a missed stop and then on retrying a thread a ctprofd holds
+    add up: a budget above the retry alone but not above both is spent."""
+    stuck = target.vfork(tmp_path / "fifo")
+    held, other = target.workers[:2]
+    holder = holders("ctprofd", held)
+    tracer = new_tracer(stop_timeout=0.2, held_retry=0.05)
+    with pytest.raises(StopTimeout):  # at least 0.2 s of the stop wait spent
+        tracer.thread_pointer(stuck)
+    started = time.monotonic()
+    with pytest.raises(SeizeRefused):  # retried for 0.05 s
+        tracer.thread_pointer(held)
+    retry_at_most = time.monotonic() - started
+    tracer.stop_timeout = HANG_GUARD
+    tracer.wait_budget = retry_at_most  # more than the retry alone, less than both
+    with pytest.raises(WaitBudgetSpent) as spent:
+        tracer.thread_pointer(other)
+    assert spent.value.reached is False
+    tracer.end()
+    let_go(holder)
+    target.release(tmp_path / "fifo", stuck)
+    assert_no_thread_stopped_or_traced(target.pid)
