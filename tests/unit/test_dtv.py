@@ -342,39 +342,56 @@ def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_threa
     from ctprofd.procfs.processes import read_stat
 
     loader = host_loader()
-    target = PyThreads(1)
+    target = PyThreads(2)
     tracer = Tracer(stop_timeout=60, wait_budget=60)  # a hang guard
     try:
-        [tid] = target.workers
+        tid, fresh = target.workers  # the second not restored: no floor
         tp = target.fs_base[tid]
         mem = layout_memory(loader, dtv_gen=1)  # the DTV is older than the module: no block
         mem.put(loader.fields["pthread_dtvp"].at(tp), DTV)
+        mem.put(loader.fields["pthread_dtvp"].at(target.fs_base[fresh]), DTV)  # shared here
         for offset, value in ((824, 5000), (832, 0), (840, 3000)):
             mem.put(BLOCK + 0x10 + offset, value)
         layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
         state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
-        stat = read_stat(f"/proc/{target.pid}/task/{tid}/stat")
-        threads = [ThreadInfo(tid, stat.start_time, stat.comm, stat.state)]
-        state.threads[tid] = ThreadState(stat.start_time, 0, 100, 4000)  # restored
+        stats = {t: read_stat(f"/proc/{target.pid}/task/{t}/stat") for t in (tid, fresh)}
+        threads = [ThreadInfo(t, st.start_time, st.comm, st.state) for t, st in stats.items()]
+        state.threads[tid] = ThreadState(stats[tid].start_time, 0, 100, 4000)  # restored
         prober = ThreadProber(tracer, read_ranges=mem.read)
         for _ in range(2):
             tally = Tally()
             samples = prober.probe(target.pid, state, threads, tally)
             tracer.end()
-            assert [(s.tid, s.allocated_bytes, s.deallocated_bytes) for s in samples] == [
-                (tid, 100, 4000)]
-            assert tally.probed_ok == 1 and not tally.failures and tracer.stops == 1
+            assert [(s.tid, s.comm, s.allocated_bytes, s.deallocated_bytes)
+                    for s in samples] == [(tid, stats[tid].comm, 100, 4000),
+                                          (fresh, stats[fresh].comm, 0, 0)]
+            assert tally.probed_ok == 2 and not tally.failures and tracer.stops == 2
             assert state.threads[tid].thread_pointer == tp
         mem.put(loader.fields["dtv_t_counter"].at(loader.fields["dtv_dtv"].at(DTV, 0)), 2)
         tally = Tally()
         samples = prober.probe(target.pid, state, threads, tally)
-        assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000)]
-        assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 1
-        assert mem.pids == {tid}  # the leader not listed: read through the thread
+        assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000),
+                                                                               (5000, 3000)]
+        assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 2
+        assert mem.pids == {tid}  # the leader not listed: read through the first thread
         assert_no_thread_stopped_or_traced(target.pid)
     finally:
         tracer.end()
         target.kill()
+
+
+@pytest.mark.parametrize("address", [0, 1])
+def test_a_block_that_puts_the_counters_at_address_zero_is_refused(address):
+    """The counters must start above address 0: at 1 they are read (the read fails)."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    layout = TsdLayout(None, "je_tsd_tls", address - BLOCK - 824, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    tally = Tally()
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally) == []
+    assert tally.failures == {tags.PROCESS_VM_READV if address else tags.TLS_ARITHMETIC: 1}
 
 
 @pytest.mark.parametrize("past", [0, 1])

@@ -122,6 +122,8 @@ def snapshot(prober: ThreadProber, pid: int, state: ProcessState,
         samples = prober.probe(pid, state, threads, tally, **kw)
     finally:
         prober.tracer.end()
+    comms = {t.tid: t.comm for t in threads}
+    assert all(s.comm == comms[s.tid] for s in samples)  # each named as listed
     return by_tid(samples), tally
 
 
@@ -190,7 +192,7 @@ def test_an_unreadable_thread_fails_alone_and_keeps_its_counters(target, tracer)
     prober = ThreadProber(tracer, read_ranges=reader)
     state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
     threads = listing(target.pid)
-    worker = target.workers[2]
+    worker = target.workers[0]  # the threads after it are read all the same
     snapshot(prober, target.pid, state, threads)
     reader.serve[target.fs_base[worker] + 16] = OSError(errno.EFAULT, "Bad address")
     read, tally = snapshot(prober, target.pid, state, threads)
@@ -308,6 +310,8 @@ def test_threads_in_uninterruptible_sleep_left_unreached_are_put_off(target, tra
     assert (tally.failures, tally.left_out) == ({tags.WAITPID: 1}, 2)
     assert sorted(b[1:] for b in state.backoff.values()) == [(1, 1, None), (1, 1, None)]
     assert tracer.stop_timeouts == 1
+    read, tally = snapshot(prober, target.pid, state, threads)  # both skipped
+    assert (tally.failures, tally.left_out, tracer.stop_timeouts) == ({}, 2, 1)
     # a thread left out by a spent wait, listed as running: tried at the next snapshot
     state.backoff.clear()
     worker = target.workers[0]
@@ -540,7 +544,7 @@ def test_threads_gone_after_the_read_are_left_out(target, tracer):
     prober = ThreadProber(tracer, read_ranges=reader)
     state = ProcessState(Attachment(LAYOUT, tsd_delta=DELTA))
     threads = listing(target.pid)
-    worker = target.workers[2]
+    worker = target.workers[0]  # the threads after it are reported all the same
     snapshot(prober, target.pid, state, threads)
     reader.serve[target.fs_base[worker] + 16] = counters(1 << 62, 1 << 61)
     everyone = set(target.fs_base)
