@@ -373,6 +373,8 @@ def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_threa
         assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000),
                                                                                (5000, 3000)]
         assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 2
+        samples = prober.probe(target.pid, state, threads, Tally())  # placed: memory only
+        assert len(samples) == 2 and tracer.stops == 2 and state.retained_allocated == 0
         assert mem.pids == {tid}  # the leader not listed: read through the first thread
         assert_no_thread_stopped_or_traced(target.pid)
     finally:
