@@ -203,7 +203,8 @@ class ThreadProber:
             return
         layout = state.attachment.layout
         address = block + layout.symbol_offset + layout.allocated_offset
-        if not 0 < address < address + layout.deallocated_offset + 8 <= ADDRESS_LIMIT:
+        end = address - layout.allocated_offset + layout.deallocated_offset + 8
+        if not 0 < address < end <= ADDRESS_LIMIT:
             state.threads[thread.tid].unplaced = True
             tally.fail(tags.TLS_ARITHMETIC, reason=f"tid {thread.tid}: TLS block {block:#x} "
                        "gives counters outside the address space")

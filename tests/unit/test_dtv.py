@@ -7,6 +7,7 @@ zeros."""
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections import Counter
 
@@ -21,6 +22,7 @@ from ctprofd.report.summary import Tally
 from ctprofd.resolve.attach import Attachment
 from ctprofd.resolve.layout import TsdLayout
 from ctprofd.resolve.loader import LoaderLayout, loader_facts, place
+from support.pythreads import hang_guard  # noqa: F401 (a fixture)
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 LD_SO = "/lib64/ld-linux-x86-64.so.2"
@@ -327,3 +329,170 @@ def test_the_bounds_of_module_ids_slots_and_chains():
         else:
             with pytest.raises(dtv.DtvError, match=f"^no link map loaded at {BIAS:#x}$"):
                 walk(mem, loader)
+
+
+def test_a_general_dynamic_thread_is_stopped_once_and_placed_from_its_real_thread_pointer(
+        hang_guard):
+    """The DTV walk after a real stop (a python3 target, real ptrace): the block is looked
+    for from the thread pointer the stop gave; a thread with no block yet counts zero, is
+    not stopped again, and is placed from memory once its DTV has the block; what it was
+    restored at stays its floor."""
+    from support.procs import assert_no_thread_stopped_or_traced
+    from support.pythreads import PyThreads
+    from ctprofd.procfs.processes import read_stat
+
+    loader = host_loader()
+    target = PyThreads(2)
+    tracer = Tracer(stop_timeout=60, wait_budget=60)  # a hang guard
+    try:
+        tid, fresh = target.workers  # the second not restored: no floor
+        tp = target.fs_base[tid]
+        mem = layout_memory(loader, dtv_gen=1)  # the DTV is older than the module: no block
+        mem.put(loader.fields["pthread_dtvp"].at(tp), DTV)
+        mem.put(loader.fields["pthread_dtvp"].at(target.fs_base[fresh]), DTV)  # shared here
+        for offset, value in ((824, 5000), (832, 0), (840, 3000)):
+            mem.put(BLOCK + 0x10 + offset, value)
+        layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+        state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+        stats = {t: read_stat(f"/proc/{target.pid}/task/{t}/stat") for t in (tid, fresh)}
+        threads = [ThreadInfo(t, st.start_time, st.comm, st.state) for t, st in stats.items()]
+        state.threads[tid] = ThreadState(stats[tid].start_time, 0, 100, 4000)  # restored
+        prober = ThreadProber(tracer, read_ranges=mem.read)
+        for _ in range(2):
+            tally = Tally()
+            samples = prober.probe(target.pid, state, threads, tally)
+            tracer.end()
+            assert [(s.tid, s.comm, s.allocated_bytes, s.deallocated_bytes)
+                    for s in samples] == [(tid, stats[tid].comm, 100, 4000),
+                                          (fresh, stats[fresh].comm, 0, 0)]
+            assert tally.probed_ok == 2 and not tally.failures and tracer.stops == 2
+            assert state.threads[tid].thread_pointer == tp
+        mem.put(loader.fields["dtv_t_counter"].at(loader.fields["dtv_dtv"].at(DTV, 0)), 2)
+        tally = Tally()
+        samples = prober.probe(target.pid, state, threads, tally)
+        assert [(s.allocated_bytes, s.deallocated_bytes) for s in samples] == [(5000, 4000),
+                                                                               (5000, 3000)]
+        assert state.threads[tid].counters_at == BLOCK + 0x10 + 824 and tracer.stops == 2
+        samples = prober.probe(target.pid, state, threads, Tally())  # placed: memory only
+        assert len(samples) == 2 and tracer.stops == 2 and state.retained_allocated == 0
+        assert mem.pids == {tid}  # the leader not listed: read through the first thread
+        assert_no_thread_stopped_or_traced(target.pid)
+    finally:
+        tracer.end()
+        target.kill()
+
+
+@pytest.mark.parametrize("address", [0, 1])
+def test_a_block_that_puts_the_counters_at_address_zero_is_refused(address):
+    """The counters must start above address 0: at 1 they are read (the read fails)."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    layout = TsdLayout(None, "je_tsd_tls", address - BLOCK - 824, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    tally = Tally()
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally) == []
+    assert tally.failures == {tags.PROCESS_VM_READV if address else tags.TLS_ARITHMETIC: 1}
+
+
+@pytest.mark.parametrize("past", [0, 1])
+def test_a_block_that_puts_the_counters_past_the_address_space_is_refused(past):
+    """A TLS block plus the TSD's offset that ends the counters past the top of the address
+    space: tls-arithmetic, never read, nor counted as a thread without a block; ending at
+    the top exactly, they are read (and here the read fails)."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    symbol_offset = (1 << 64) - BLOCK - 840 - 8 + past  # the counters end at 2**64 + past
+    layout = TsdLayout(None, "je_tsd_tls", symbol_offset, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    tally = Tally()
+    tally.begin(1, "target")
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally) == []
+    assert tally.probed_ok == 0
+    if not past:
+        assert tally.failures == {tags.PROCESS_VM_READV: 1}
+        assert state.threads[11].counters_at == BLOCK + symbol_offset + 824
+        return
+    assert tally.failures == {tags.TLS_ARITHMETIC: 1}
+    assert tally.failed_pids[1].reason == (f"tid 11: TLS block {BLOCK:#x} gives counters "
+                                           "outside the address space")
+    assert state.threads[11].unplaced and not state.threads[11].counters_at
+
+
+def test_a_module_not_found_is_looked_for_again_after_at_most_64_snapshots():
+    """The snapshots between two walks that miss the module double, and stop at 64; each
+    thread's failure says why, in its words."""
+    loader = host_loader()
+    mem = layout_memory(loader)
+    mem.put(LINK_MAPS + 0x1000, 1)  # not our bias: the walk misses the module
+    mem.put(LINK_MAPS + 0x1000 + dtv.LINK_MAP_NEXT, 0)
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP)
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: False)
+    skips = []
+    for _ in range(1000):  # a guard against a back-off that never grows
+        if len(skips) == 8:
+            break
+        tally = Tally()
+        tally.begin(1, "target")
+        prober.probe(1, state, [ThreadInfo(11, 50, "worker")], tally)
+        assert tally.failed_pids[1].reason == (
+            f"tid 11: general-dynamic TLS: no link map loaded at {BIAS:#x}")
+        why, misses, skip = state.module_failure
+        if misses > len(skips):
+            skips.append(skip)
+    assert skips == [2, 4, 8, 16, 32, 64, 64, 64]
+
+
+def test_a_dtv_gone_with_its_thread_is_said_at_debug_level(caplog):
+    loader = host_loader()
+    mem = layout_memory(loader)
+    layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+    state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+    state.threads[11] = ThreadState(50, 0, thread_pointer=TP + 0x200000)  # nothing there
+    prober = ThreadProber(Tracer(), read_ranges=mem.read, thread_gone=lambda *_: True)
+    caplog.set_level(logging.DEBUG, logger="ctprofd.probe.threads")
+    assert prober.probe(1, state, [ThreadInfo(11, 50, "worker")], Tally()) == []
+    dtvp = loader.fields["pthread_dtvp"].at(TP + 0x200000)
+    assert caplog.messages == [  # pid 1, not listed, is read through its thread 11
+        f"pid 11: tid 11 exited while its DTV was read: pthread.dtvp at {dtvp:#x}: Bad address"]
+
+
+def test_a_real_threads_dtv_unreadable_is_a_failure_while_it_lives_then_an_exit_race(
+        hang_guard):
+    """After a real stop, a thread whose DTV cannot be read is a jemalloc-in-dso failure
+    while /proc shows it alive; once its process is killed, each later look at it is an
+    exit race."""
+    from support.procs import assert_no_thread_stopped_or_traced
+    from support.pythreads import PyThreads
+    from ctprofd.procfs.processes import read_stat
+
+    loader = host_loader()
+    target = PyThreads(1)
+    tracer = Tracer(stop_timeout=60, wait_budget=60)  # a hang guard
+    try:
+        [tid] = target.workers
+        mem = layout_memory(loader)  # nothing at this thread's pthread.dtvp
+        layout = TsdLayout(None, "je_tsd_tls", 0x10, 824, 840, dynamic_tls=True)
+        state = ProcessState(Attachment(layout, base=BIAS, loader=loader))
+        stat = read_stat(f"/proc/{target.pid}/task/{tid}/stat")
+        threads = [ThreadInfo(tid, stat.start_time, stat.comm, stat.state)]
+        prober = ThreadProber(tracer, read_ranges=mem.read)  # /proc says who is gone
+        tally = Tally()
+        assert prober.probe(target.pid, state, threads, tally) == []
+        tracer.end()
+        assert (tally.failures, prober.exit_races) == ({tags.JEMALLOC_IN_DSO: 1}, 0)
+        assert state.threads[tid].thread_pointer == target.fs_base[tid]
+        assert_no_thread_stopped_or_traced(target.pid)  # before it is killed
+        target.kill()
+        for races in (1, 2):
+            tally = Tally()
+            assert prober.probe(target.pid, state, threads, tally) == []
+            assert (tally.failures, prober.exit_races) == ({}, races)
+    finally:
+        tracer.end()
+        target.kill()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ctprofd.probe.ptrace import SeizeRefused, ThreadGone, is_ctprofd, refusal
+from ctprofd.probe.ptrace import (CMDLINE_READ_MAX, SeizeRefused, ThreadGone, is_ctprofd,
+                                  refusal)
 from ctprofd.report import tags
 
 
@@ -85,4 +86,40 @@ def test_other_tracers_are_not_ctprofd(tmp_path, words):
 
 
 def test_a_vanished_tracer_is_not_ctprofd(tmp_path):
+    assert not is_ctprofd(9, str(tmp_path))
+
+
+def test_the_refusals_say_which_thread(tmp_path):
+    """Each outcome names the tid: a zombie, one whose status is hidden
+    from us (nothing more is said), and one whose status names no tracer."""
+    status(tmp_path, 7, "Z (zombie)", 0)
+    assert str(refusal(7, str(tmp_path))) == "tid 7: exited (or exiting) at PTRACE_SEIZE"
+    status(tmp_path, 9, "S (sleeping)", 0)
+    (tmp_path / "9" / "status").unlink()
+    (tmp_path / "9" / "status").mkdir()  # unreadable (EISDIR), as hidepid would make it
+    hidden = refusal(9, str(tmp_path))
+    assert isinstance(hidden, SeizeRefused)
+    assert (hidden.tag, hidden.tracer, hidden.tracer_comm) == (tags.PTRACE_SEIZE, 0, "")
+    assert hidden.message == "tid 9: PTRACE_SEIZE: EPERM (not permitted)"
+    status(tmp_path, 10, "S (sleeping)", 0)
+    text = (tmp_path / "10" / "status").read_text()
+    (tmp_path / "10" / "status").write_text(text.replace("TracerPid:\t0\n", ""))
+    untraced = refusal(10, str(tmp_path))
+    assert (untraced.tag, untraced.tracer, untraced.tracer_comm) == (tags.PTRACE_SEIZE, 0, "")
+
+
+def test_a_tracer_comm_not_in_utf8_is_still_named(tmp_path):
+    status(tmp_path, 7, "S (sleeping)", 4242)
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "comm").write_bytes(b"gdb\xff\n")
+    found = refusal(7, str(tmp_path))
+    assert found.tracer_comm == "gdb\ufffd"
+
+
+@pytest.mark.parametrize("words", [("python3", "-X", "dev", "ctprofd"),
+                                   ("x" * CMDLINE_READ_MAX, "ctprofd")])
+def test_only_the_first_words_of_a_bounded_cmdline_are_looked_at(tmp_path, words):
+    """ctprofd is named in the first three words, within the first CMDLINE_READ_MAX
+    bytes: a later word does not make a tracer a ctprofd."""
+    cmdline(tmp_path, 9, *words)
     assert not is_ctprofd(9, str(tmp_path))
