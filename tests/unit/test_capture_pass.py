@@ -1,0 +1,463 @@
+"""One probe pass (ctprofd/probe/capture.py) over a /proc of the test's own processes: a
+directory of links to /proc/PID of only what the test started, so that no other process of
+the host (another ctprofd, other tests) changes what a pass counts. Real processes with
+Debian's jemalloc preloaded (a small Python program allocating on command, `sleep`), real
+ptrace, real state files; the layout of that jemalloc resolved once per module into a
+shared cache directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from ctprofd.probe import arena_stats, capture
+from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.report import tags
+from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample, Snapshot
+from ctprofd.resolve import offsets_file
+from ctprofd.resolve.debuginfo import DebugSearch
+from ctprofd.resolve.layout import TsdLayout, resolve_path
+from ctprofd.resolve.parse_worker import WorkerLimits
+from support.procs import Spawned, assert_no_thread_stopped_or_traced, is_dead, wait_until
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's, stripped
+PYTHON = "/usr/bin/python3"
+
+# A program that allocates on command, each command answered by one line.
+AGENT = r"""
+import os, sys, threading, queue
+kept, parked, gate = [], [], threading.Event()
+
+def reply(*words):
+    print(*words, flush=True)
+
+def parked_thread(size, ready):
+    kept.append(bytearray(size))
+    ready.put(threading.get_native_id())
+    gate.wait()
+
+reply("READY")
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "alloc":  # the main thread allocates and keeps
+        kept.append(bytearray(int(args[0])))
+        reply("OK")
+    elif cmd == "park":  # a thread allocates and waits
+        ready = queue.Queue()
+        thread = threading.Thread(target=parked_thread, args=(int(args[0]), ready))
+        thread.start()
+        parked.append(thread)
+        reply("TID", ready.get())
+    elif cmd == "release":  # the parked threads exit
+        gate.set()
+        for thread in parked:
+            thread.join()
+        parked.clear()
+        gate.clear()
+        reply("OK")
+    elif cmd == "burst":  # a thread allocates and exits before anything reads it
+        thread = threading.Thread(target=lambda: kept.append(bytearray(int(args[0]))))
+        thread.start()
+        thread.join()
+        reply("OK")
+    elif cmd == "fork":  # a child that allocates and sleeps
+        pid = os.fork()
+        if pid == 0:
+            kept.append(bytearray(int(args[0])))
+            os.write(1, b"CHILD\n")
+            threading.Event().wait()
+        reply("PID", pid)
+    elif cmd == "zombie":  # a child that exits, never reaped
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        reply("PID", pid)
+    elif cmd == "exec":
+        env = dict(os.environ)
+        if args[0] == "-":
+            env.pop("LD_PRELOAD", None)
+            args = args[1:]
+        os.execve(args[0], args, env)
+"""
+
+
+@dataclasses.dataclass
+class Agent:
+    """One running agent (or whatever it exec'ed)."""
+
+    process: Spawned
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def ask(self, line: str) -> list[str]:
+        self.process.send(line)
+        return self.process.readline().split()
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A cache directory that knows every object the agent maps (filled by one capture),
+    and an offsets file of Debian's jemalloc without its arena statistics."""
+    cache = tmp_path_factory.mktemp("cache")
+    sleeper = Spawned(["sleep", "600"], env={**os.environ, "LD_PRELOAD": JEMALLOC})
+    agent = Spawned([PYTHON, "-c", AGENT], env={**os.environ, "LD_PRELOAD": JEMALLOC})
+    try:
+        agent.wait_for("READY")
+        engine = Capturer(CaptureSettings(debug_dirs=(), cache_dir=str(cache)))
+        try:
+            assert len(engine.capture(pids=[sleeper.pid, agent.pid]).processes) == 2
+        finally:
+            engine.close()
+    finally:
+        sleeper.kill()
+        agent.kill()
+    layout = resolve_path(JEMALLOC, DebugSearch(()))
+    assert isinstance(layout, TsdLayout) and layout.arena is not None
+    no_arena = tmp_path_factory.mktemp("offsets") / "offsets.json"
+    offsets_file.dump([dataclasses.replace(layout, arena=None, arena_missing="left out")],
+                      str(no_arena))
+    return {"cache": str(cache), "no_arena": str(no_arena)}
+
+
+class Host:
+    """The test's own /proc: links to the /proc/PID of the processes it starts."""
+
+    def __init__(self, root: Path, layouts: dict[str, str]) -> None:
+        self.root = root
+        self.layouts = layouts
+        root.mkdir()
+        (root / "sys").symlink_to("/proc/sys")  # the boot id of the state file
+        self.spawned: list[Spawned] = []
+        self.engines: list[Capturer] = []
+        self.traced: list[int] = []
+        self.script = root.parent / "agent.py"
+        self.script.write_text(AGENT)
+
+    def add(self, pid: int) -> int:
+        (self.root / str(pid)).symlink_to(f"/proc/{pid}")
+        return pid
+
+    def remove(self, pid: int) -> None:
+        (self.root / str(pid)).unlink()
+
+    def spawn(self, argv: Sequence[str], jemalloc: bool = True) -> Spawned:
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        if jemalloc:
+            env["LD_PRELOAD"] = JEMALLOC
+        process = Spawned(argv, env=env)
+        self.spawned.append(process)
+        self.add(process.pid)
+        return process
+
+    def sleeper(self, jemalloc: bool = True) -> int:
+        """A `sleep` (with jemalloc or not): one thread that allocated at start, then idle."""
+        pid = self.spawn(["sleep", "600"], jemalloc).pid
+        wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep")
+                   and (not jemalloc or JEMALLOC in Path(f"/proc/{pid}/maps").read_text()),
+                   "sleep running")
+        if jemalloc:
+            self.traced.append(pid)
+        return pid
+
+    def agent(self) -> Agent:
+        agent = Agent(self.spawn([PYTHON, str(self.script)]))
+        agent.process.wait_for("READY")
+        self.traced.append(agent.pid)
+        return agent
+
+    def capturer(self, **settings: object) -> Capturer:
+        settings.setdefault("cache_dir", self.layouts["cache"])
+        engine = Capturer(CaptureSettings(proc_root=str(self.root), debug_dirs=(),
+                                          **settings))  # type: ignore[arg-type]
+        self.engines.append(engine)
+        return engine
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+        for pid in self.traced:
+            if not is_dead(pid):
+                assert_no_thread_stopped_or_traced(pid)
+        for process in self.spawned:
+            process.kill()
+
+
+@pytest.fixture
+def host(tmp_path: Path, layouts: dict[str, str]) -> Iterator[Host]:
+    host = Host(tmp_path / "proc", layouts)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+def sample(snapshot: Snapshot, pid: int) -> ProcessSample:
+    [found] = [p for p in snapshot.processes if p.pid == pid]
+    return found
+
+
+def totals(process: ProcessSample) -> tuple[int, int]:
+    return process.allocated_bytes, process.deallocated_bytes
+
+
+def counts(snapshot: Snapshot) -> tuple:
+    """What a snapshot tallied, without the samples' values."""
+    return (snapshot.summary, dict(snapshot.failures), snapshot.denied_tgids,
+            snapshot.pending, sorted(p.pid for p in snapshot.processes),
+            [(f.pid, f.tag) for f in snapshot.failed_pids])
+
+
+# --- the tally of a walk ---------------------------------------------------------------
+
+def test_a_walk_tallies_each_kind_of_process_once_and_the_same_in_every_pass(host: Host):
+    """jemalloc read, no jemalloc, a kernel thread, an entry gone before its stat was read
+    (an exit race, counted nowhere) and ctprofd's own process (not walked): the same
+    summary in every pass, whether a quiet process is read again or counted unread."""
+    jemalloc = host.sleeper()
+    plain = host.sleeper(jemalloc=False)
+    host.add(2)  # kthreadd
+    host.add(os.getpid())
+    gone = host.spawn(["sleep", "600"], jemalloc=False)
+    gone.kill()
+    engine = host.capturer()
+    first = engine.capture()
+    assert first.summary.tgids_walked == 3
+    assert first.summary.jemalloc_detected == 1
+    assert first.summary.probed_ok == 1
+    assert first.summary.failed == 0
+    assert first.failures == {tags.JEMALLOC_NOT_FOUND: 1, tags.READLINK_FAILURE: 1}
+    assert first.denied_tgids == 0 and first.failed_pids == ()
+    assert [p.pid for p in first.processes] == [jemalloc]
+    assert engine.stats.exit_races == 1
+    assert engine.not_jemalloc_reason(plain) is not None
+    assert engine.not_jemalloc_reason(jemalloc) is None
+    for n in range(2 * NOT_JEMALLOC_RECHECK):
+        again = engine.capture()
+        assert counts(again) == counts(first), n
+        assert totals(sample(again, jemalloc)) == totals(sample(first, jemalloc))
+    assert engine.stats.exit_races == 1 + 2 * NOT_JEMALLOC_RECHECK
+
+
+def test_a_pid_asked_for_that_does_not_exist_is_walked_and_failed(host: Host):
+    """A pid named that has no /proc entry is `pid-missing`, listed as a failed pid; a pid
+    named is read whatever it was at the last pass."""
+    plain = host.sleeper(jemalloc=False)
+    engine = host.capturer()
+    missing = 4194304 + 1  # above any pid_max
+    for _ in range(2):
+        snapshot = engine.capture(pids=[missing, plain])
+        assert snapshot.summary.tgids_walked == 2
+        assert snapshot.summary.failed == 1
+        assert snapshot.summary.dominant_failure == tags.PID_MISSING
+        assert snapshot.failures == {tags.PID_MISSING: 1, tags.JEMALLOC_NOT_FOUND: 1}
+        [failed] = snapshot.failed_pids
+        assert (failed.pid, failed.tag, failed.reason) == (missing, tags.PID_MISSING,
+                                                            "no such process")
+    assert engine.stats.exit_races == 0
+
+
+def test_a_kernel_thread_named_is_unreadable_not_denied(host: Host):
+    """kthreadd has no exe: `readlink-failure`, not failed, not denied, in every pass."""
+    host.add(2)
+    engine = host.capturer()
+    for _ in range(2):
+        snapshot = engine.capture(pids=[2])
+        assert snapshot.failures == {tags.READLINK_FAILURE: 1}
+        assert snapshot.denied_tgids == 0 and snapshot.summary.failed == 0
+        assert snapshot.summary.tgids_walked == 1
+
+
+def test_a_zombie_is_an_exit_race_whose_failures_are_taken_back(host: Host):
+    """A process that exited (a zombie, never reaped) has no exe: what failed is taken back
+    and counted as an exit race, not as a failure, in a walk and when named."""
+    agent = host.agent()
+    zombie = int(agent.ask("zombie")[1])
+    wait_until(lambda: is_dead(zombie), "the child a zombie")
+    host.add(zombie)
+    engine = host.capturer()
+    walked = engine.capture()
+    assert walked.summary.tgids_walked == 2
+    assert walked.failures == {} and walked.summary.failed == 0
+    assert [p.pid for p in walked.processes] == [agent.pid]
+    assert engine.stats.exit_races == 1
+    named = engine.capture(pids=[zombie])
+    assert named.failures == {} and named.processes == ()
+    assert engine.stats.exit_races == 2
+
+
+def test_a_failure_raised_while_reading_costs_that_process_only(host: Host,
+                                                                caplog: pytest.LogCaptureFixture):
+    """Whatever goes wrong while a process is read (here the thread-stop hook raises) is
+    that process's `worker-panic`, warned about; the others are read."""
+    first = host.sleeper()
+    second = host.sleeper()
+    calls: list[float] = []
+
+    def hook(seconds: float) -> None:
+        calls.append(seconds)
+        if len(calls) == 1:
+            raise RuntimeError("hook broke")
+
+    engine = host.capturer(on_thread_stop=hook)
+    with caplog.at_level(logging.WARNING, logger="ctprofd.probe.capture"):
+        snapshot = engine.capture()
+    assert snapshot.failures == {tags.WORKER_PANIC: 1}
+    assert snapshot.summary.failed == 1 and snapshot.summary.probed_ok == 1
+    [failed] = snapshot.failed_pids
+    assert failed.pid == first and failed.reason == "unexpected RuntimeError: hook broke"
+    assert [p.pid for p in snapshot.processes] == [second]
+    assert f"pid {first}: unexpected RuntimeError while attaching: hook broke" in caplog.text
+    again = engine.capture()  # the failure was that snapshot's only
+    assert again.failures == {} and {p.pid for p in again.processes} == {first, second}
+
+
+# --- the selection ---------------------------------------------------------------------
+
+def test_processes_left_out_by_the_selection_are_not_walked_and_named_after_a_change(
+        host: Host):
+    """A process the selection leaves out is not walked, counted or read; after the rules
+    change, the next pass (only) names the live ones left out, never a zombie."""
+    agent = host.agent()
+    zombie = int(agent.ask("zombie")[1])
+    wait_until(lambda: is_dead(zombie), "the child a zombie")
+    host.add(zombie)
+    plain = host.sleeper(jemalloc=False)
+    chosen = {agent.pid}
+    engine = host.capturer(select=lambda p: p.pid in chosen)
+    for _ in range(NOT_JEMALLOC_RECHECK + 1):
+        snapshot = engine.capture()
+        assert snapshot.summary.tgids_walked == 1
+        assert [p.pid for p in snapshot.processes] == [agent.pid]
+        assert snapshot.failures == {} and snapshot.unselected == ()
+    chosen.clear()
+    chosen.add(plain)
+    engine.selection_changed()
+    changed = engine.capture()
+    assert changed.summary.tgids_walked == 1
+    assert changed.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    start = int(Path(f"/proc/{agent.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    assert changed.unselected == ((agent.pid, start),)
+    for _ in range(NOT_JEMALLOC_RECHECK + 1):
+        later = engine.capture()
+        assert later.unselected == () and later.summary.tgids_walked == 1
+        assert later.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+
+
+# --- processes that cannot be seen -----------------------------------------------------
+
+DENIED_PASSES = 3
+
+
+def _capture_as_nobody(root: str, pipe: int) -> None:
+    """In a forked child: drop to nobody (no capability left), take DENIED_PASSES
+    snapshots, write what they tallied and the warnings to `pipe`."""
+    warnings: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("ctprofd").addHandler(Keep())
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    engine = Capturer(CaptureSettings(proc_root=root, debug_dirs=(), cache_dir=None))
+    passes = []
+    for _ in range(DENIED_PASSES):
+        snapshot = engine.capture()
+        passes.append([snapshot.denied_tgids, dict(snapshot.failures),
+                       snapshot.summary.tgids_walked, snapshot.summary.failed])
+    os.write(pipe, json.dumps({"passes": passes, "warnings": warnings}).encode())
+
+
+def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_about_once(
+        host: Host):
+    """Without privilege, a root process's exe link is refused (EACCES): denied, a
+    `readlink-failure` but not failed, in every pass (read again or counted unread), and
+    the cause warned about once."""
+    pids = [host.sleeper(jemalloc=False), host.sleeper(jemalloc=False)]
+    root = Path(tempfile.mkdtemp(prefix="ctprofd-test-proc-"))  # pytest's tmp_path is 0700
+    os.chmod(root, 0o755)
+    for pid in pids:
+        (root / str(pid)).symlink_to(f"/proc/{pid}")
+    try:
+        result = _denied_passes(root)
+    finally:
+        shutil.rmtree(root)
+    assert result["passes"] == [[2, {tags.READLINK_FAILURE: 2}, 2, 0]] * DENIED_PASSES
+    [warning] = [w for w in result["warnings"] if "cannot be seen" in w]
+    assert warning.startswith("2 processes cannot be seen: reading their /proc/PID/exe "
+                              "was refused (EACCES/EPERM); ")
+
+
+def _denied_passes(root: Path) -> dict:
+    """What `_capture_as_nobody` wrote, run in a forked child."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.close(read)
+            _capture_as_nobody(str(root), write)
+            status = 0
+        except BaseException as exc:
+            os.write(2, repr(exc).encode())
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(data)
+
+
+# --- exec -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("into", ["same-file", "other-file"])
+def test_an_exec_keeps_the_earlier_images_totals_beneath_the_new_ones(host: Host, into: str):
+    """Before and after an exec, a thread allocates and exits before any pass reads it:
+    only each image's arena statistics know it. After the exec the total is the earlier
+    image's last total plus everything the new image counted (as a ctprofd that never saw
+    the earlier image reads it), for deallocated bytes too; and the bytes not in a live
+    thread are what is retained."""
+    agent = host.agent()
+    agent.ask("alloc 200000")
+    agent.ask("burst 3000000")  # the earlier image's arena statistics alone know it
+    engine = host.capturer()
+    before = sample(engine.capture(), agent.pid)
+    assert before.totals_source == ARENA
+    assert before.allocated_bytes > sum(t.allocated_bytes for t in before.threads) + 1000000
+    if into == "same-file":
+        agent.process.send(f"exec {PYTHON} {host.script}")
+    else:  # a copy of the interpreter: another file, told by its identity
+        copy = host.root.parent / "python3"
+        shutil.copy(os.path.realpath(PYTHON), copy)
+        agent.process.send(f"exec {copy} {host.script}")
+    agent.process.wait_for("READY")
+    agent.ask("burst 5000000")  # the new image's arena statistics alone know it
+    after = sample(engine.capture(), agent.pid)
+    fresh = sample(host.capturer().capture(), agent.pid)  # the new image alone
+    assert after.totals_source == fresh.totals_source == ARENA
+    assert fresh.allocated_bytes > sum(t.allocated_bytes for t in fresh.threads) + 1000000
+    # the earlier image counts with the larger of its last total and its threads' sums
+    earlier = (max(before.allocated_bytes, sum(t.allocated_bytes for t in before.threads)),
+               max(before.deallocated_bytes, sum(t.deallocated_bytes for t in before.threads)))
+    assert totals(after) == (earlier[0] + fresh.allocated_bytes,
+                             earlier[1] + fresh.deallocated_bytes)
+    assert (after.retained_allocated_bytes
+            == after.allocated_bytes - sum(t.allocated_bytes for t in after.threads))
+    assert (after.retained_deallocated_bytes
+            == after.deallocated_bytes - sum(t.deallocated_bytes for t in after.threads))
+    assert totals(sample(engine.capture(), agent.pid)) == totals(after)  # unchanged: the same
