@@ -106,27 +106,33 @@ class Agent:
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A cache directory that knows every object the agent maps (filled by one capture),
-    and an offsets file of Debian's jemalloc without its arena statistics."""
-    cache = tmp_path_factory.mktemp("cache")
-    sleeper = Spawned(["sleep", "600"], env={**os.environ, "LD_PRELOAD": JEMALLOC})
-    agent = Spawned([PYTHON, "-c", AGENT], env={**os.environ, "LD_PRELOAD": JEMALLOC})
-    try:
-        agent.wait_for("READY")
-        engine = Capturer(CaptureSettings(debug_dirs=(), cache_dir=str(cache)))
-        try:
-            assert len(engine.capture(pids=[sleeper.pid, agent.pid]).processes) == 2
-        finally:
-            engine.close()
-    finally:
-        sleeper.kill()
-        agent.kill()
+    """An offsets file of Debian's jemalloc without its arena statistics, and two cache
+    directories that know every object the agent and `sleep` map (each filled by one
+    capture): one with jemalloc's layout as resolved, one for engines given that file
+    (a layout in the cache would be used before it)."""
     layout = resolve_path(JEMALLOC, DebugSearch(()))
     assert isinstance(layout, TsdLayout) and layout.arena is not None
     no_arena = tmp_path_factory.mktemp("offsets") / "offsets.json"
     offsets_file.dump([dataclasses.replace(layout, arena=None, arena_missing="left out")],
                       str(no_arena))
-    return {"cache": str(cache), "no_arena": str(no_arena)}
+    found = {"no_arena": str(no_arena)}
+    sleeper = Spawned(["sleep", "600"], env={**os.environ, "LD_PRELOAD": JEMALLOC})
+    agent = Spawned([PYTHON, "-c", AGENT], env={**os.environ, "LD_PRELOAD": JEMALLOC})
+    try:
+        agent.wait_for("READY")
+        for name, offsets in (("cache", ()), ("no_arena_cache", (str(no_arena),))):
+            cache = tmp_path_factory.mktemp(name)
+            engine = Capturer(CaptureSettings(debug_dirs=(), cache_dir=str(cache),
+                                              offsets_files=offsets))
+            try:
+                assert len(engine.capture(pids=[sleeper.pid, agent.pid]).processes) == 2
+            finally:
+                engine.close()
+            found[name] = str(cache)
+    finally:
+        sleeper.kill()
+        agent.kill()
+    return found
 
 
 class Host:
@@ -176,7 +182,8 @@ class Host:
         return agent
 
     def capturer(self, **settings: object) -> Capturer:
-        settings.setdefault("cache_dir", self.layouts["cache"])
+        settings.setdefault("cache_dir", self.layouts[
+            "no_arena_cache" if settings.get("offsets_files") else "cache"])
         engine = Capturer(CaptureSettings(proc_root=str(self.root), debug_dirs=(),
                                           **settings))  # type: ignore[arg-type]
         self.engines.append(engine)
@@ -461,3 +468,211 @@ def test_an_exec_keeps_the_earlier_images_totals_beneath_the_new_ones(host: Host
     assert (after.retained_deallocated_bytes
             == after.deallocated_bytes - sum(t.deallocated_bytes for t in after.threads))
     assert totals(sample(engine.capture(), agent.pid)) == totals(after)  # unchanged: the same
+
+
+def test_an_exec_into_a_program_without_jemalloc_and_back_keeps_the_first_images_totals(
+        host: Host):
+    """An image without jemalloc between two that have it: the first image's total still
+    counts beneath the last one's, and the process is reported again once it has jemalloc."""
+    agent = host.agent()
+    agent.ask("park 1000000")
+    engine = host.capturer()
+    before = sample(engine.capture(), agent.pid)
+    wrapper = host.root.parent / "wrapper.sh"
+    wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
+    agent.process.send(f"exec - /bin/sh {wrapper}")
+    shell = os.path.realpath("/bin/sh")
+    wait_until(lambda: os.readlink(f"/proc/{agent.pid}/exe") == shell, "the shell running")
+    between = engine.capture()
+    assert agent.pid not in {p.pid for p in between.processes}
+    assert between.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    assert engine.not_jemalloc_reason(agent.pid)
+    agent.process.send("go")
+    agent.process.wait_for("READY")
+    for _ in range(NOT_JEMALLOC_RECHECK):  # an image without jemalloc is looked at again
+        snapshot = engine.capture()          # once in that many passes
+        if agent.pid in {p.pid for p in snapshot.processes}:
+            break
+    after = sample(snapshot, agent.pid)
+    fresh = sample(host.capturer().capture(), agent.pid)
+    earlier = (max(before.allocated_bytes, sum(t.allocated_bytes for t in before.threads)),
+               max(before.deallocated_bytes, sum(t.deallocated_bytes for t in before.threads)))
+    assert totals(after) == (earlier[0] + fresh.allocated_bytes,
+                             earlier[1] + fresh.deallocated_bytes)
+
+
+# --- a restart: the state file --------------------------------------------------------
+
+def _keep_only(state: Path, kept: str) -> None:
+    """Drop the other part of the state file (as an older ctprofd wrote it, or hand-made)."""
+    if kept == "both":
+        return
+    saved = json.loads((state / "retained.json").read_text())
+    saved.pop("threads" if kept == "reported" else "reported")
+    (state / "retained.json").write_text(json.dumps(saved))
+
+
+def _first_run(host: Host, agent: Agent, state: Path) -> tuple[ProcessSample, tuple[int, int]]:
+    """A first ctprofd reads the agent with a thread parked (per-thread sums: its layout
+    has no arena statistics), and stops; the thread exits while none runs. Returns what it
+    read and that thread's last counters."""
+    tid = int(agent.ask("park 1500000")[1])
+    first = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
+    read = sample(first.capture(), agent.pid)
+    first.close()
+    assert read.totals_source == THREADS
+    [gone] = [(t.allocated_bytes, t.deallocated_bytes) for t in read.threads if t.tid == tid]
+    assert gone[0] >= 1500000
+    agent.ask("release")
+    return read, gone
+
+
+def _alone(host: Host, pid: int) -> ProcessSample:
+    """The process as a ctprofd without state reads it (its live threads only)."""
+    return sample(host.capturer(offsets_files=(host.layouts["no_arena"],)).capture(), pid)
+
+
+@pytest.mark.parametrize("kept", ["threads", "reported", "both"])
+def test_a_restart_keeps_a_thread_that_exited_while_no_ctprofd_ran(host: Host, tmp_path: Path,
+                                                                   kept: str):
+    """What the state file kept of a thread that exited while no ctprofd ran still counts
+    after a restart, whichever part of the file kept it: the thread's last counters, or
+    the total last reported as a floor."""
+    agent = host.agent()
+    state = tmp_path / "state"
+    state.mkdir()
+    read, gone = _first_run(host, agent, state)
+    _keep_only(state, kept)
+    restarted = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
+    after = sample(restarted.capture(), agent.pid)
+    alone = _alone(host, agent.pid)
+    assert after.totals_source == THREADS
+    assert alone.allocated_bytes < read.allocated_bytes  # the live threads alone fall short
+    if kept == "reported":
+        assert totals(after) == (max(read.allocated_bytes, alone.allocated_bytes),
+                                 max(read.deallocated_bytes, alone.deallocated_bytes))
+    else:
+        assert totals(after) == (alone.allocated_bytes + gone[0],
+                                 alone.deallocated_bytes + gone[1])
+    assert totals(sample(restarted.capture(), agent.pid)) == totals(after)
+
+
+def test_a_restart_that_cannot_attach_at_first_keeps_the_saved_state(host: Host,
+                                                                     tmp_path: Path):
+    """Restarted, ctprofd cannot read the process at first (its files are refused: over
+    the size bound), and is restarted again with a bound that lets it: the thread saved by
+    the first run still counts, once."""
+    agent = host.agent()
+    state = tmp_path / "state"
+    state.mkdir()
+    read, gone = _first_run(host, agent, state)
+    refused = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],),
+                            cache_dir=None, parser=WorkerLimits(max_file_bytes=1))
+    snapshot = refused.capture()
+    assert snapshot.processes == () and snapshot.summary.failed == 1
+    refused.close()
+    again = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
+    after = sample(again.capture(), agent.pid)
+    alone = _alone(host, agent.pid)
+    assert totals(after) == (alone.allocated_bytes + gone[0], alone.deallocated_bytes + gone[1])
+
+
+def test_a_restart_that_finds_an_image_without_jemalloc_keeps_the_saved_threads(
+        host: Host, tmp_path: Path):
+    """While no ctprofd runs, a thread exits and the process execs a shell; restarted,
+    ctprofd finds the shell, then the jemalloc program it execs: the saved threads (all the
+    state file kept) count the first image beneath the last."""
+    agent = host.agent()
+    state = tmp_path / "state"
+    state.mkdir()
+    read, gone = _first_run(host, agent, state)
+    _keep_only(state, "threads")
+    wrapper = host.root.parent / "wrapper.sh"
+    wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
+    agent.process.send(f"exec - /bin/sh {wrapper}")
+    shell = os.path.realpath("/bin/sh")
+    wait_until(lambda: os.readlink(f"/proc/{agent.pid}/exe") == shell, "the shell running")
+    restarted = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
+    assert restarted.capture().processes == ()
+    agent.process.send("go")
+    agent.process.wait_for("READY")
+    for _ in range(NOT_JEMALLOC_RECHECK):
+        snapshot = restarted.capture()
+        if snapshot.processes:
+            break
+    after = sample(snapshot, agent.pid)
+    alone = _alone(host, agent.pid)
+    assert totals(after) == (read.allocated_bytes + alone.allocated_bytes,
+                             read.deallocated_bytes + alone.deallocated_bytes)
+
+
+def test_the_state_file_keeps_live_processes_only_and_not_after_a_cancelled_pass(
+        host: Host, tmp_path: Path):
+    """Each complete walk writes what the processes alive carry (none for a process
+    without jemalloc); a process gone is dropped from it; a pass cancelled writes nothing,
+    and forgets nothing."""
+    agent = host.agent()
+    host.sleeper(jemalloc=False)
+    state = tmp_path / "state"
+    state.mkdir()
+    engine = host.capturer(state_dir=str(state))
+    read = sample(engine.capture(), agent.pid)
+    saved = json.loads((state / "retained.json").read_text())
+    start = read.start_time
+    assert list(saved["reported"]) == [f"{agent.pid}:{start}"]
+    assert saved["reported"][f"{agent.pid}:{start}"] == list(totals(read))
+    (state / "retained.json").unlink()
+    import threading
+    cancel = threading.Event()
+    cancel.set()
+    cancelled = engine.capture(cancel=cancel)
+    assert cancelled.processes == () and cancelled.summary.tgids_walked == 0
+    assert not (state / "retained.json").exists()
+    host.remove(agent.pid)
+    engine.capture()
+    saved = json.loads((state / "retained.json").read_text())
+    assert saved["reported"] == {} or f"{agent.pid}:{start}" not in saved["reported"]
+    assert f"{agent.pid}:{start}" not in saved["processes"]
+
+
+# --- the arena statistics ---------------------------------------------------------------
+
+def test_arena_statistics_refused_fall_back_to_thread_sums_and_back_off(
+        host: Host, monkeypatch: pytest.MonkeyPatch):
+    """Arena statistics that cannot be used (here: more arenas than the bound allows) give
+    the per-thread sums with the reason, no failure; they are not read again for 1, then
+    3 passes, and used again at the first read that works."""
+    pid = host.sleeper()
+    engine = host.capturer()
+    assert sample(engine.capture(), pid).totals_source == ARENA
+    host.remove(pid)  # a pass without it: read anew below
+    engine.capture()
+    host.add(pid)
+    monkeypatch.setattr(arena_stats, "MAX_ARENAS", 0)
+    sources = []
+    for n in range(8):
+        if n == 3:  # after the second failure
+            monkeypatch.setattr(arena_stats, "MAX_ARENAS", 1024)
+        snapshot = engine.capture()
+        assert snapshot.failures == {} and snapshot.summary.failed == 0
+        process = sample(snapshot, pid)
+        sources.append(process.totals_source)
+        if process.totals_source == THREADS:
+            assert process.totals_reason.startswith(
+                "arena statistics refused: implausible counts: ")
+        else:
+            assert process.totals_reason == ""
+    # failed at 0 (skip 1), at 2 (skip 3): read again at 6
+    assert sources == [THREADS] * 6 + [ARENA] * 2
+
+
+def test_a_layout_without_arena_statistics_says_why_totals_are_thread_sums(host: Host):
+    """Offsets imported without the arena statistics: per-thread sums, and the reason."""
+    pid = host.sleeper()
+    engine = host.capturer(offsets_files=(host.layouts["no_arena"],))
+    process = sample(engine.capture(), pid)
+    assert process.totals_source == THREADS
+    assert process.totals_reason == "no arena layout: left out"
+    assert process.allocator is None
+    assert any(layout.dwarf_source == f"imported from {host.layouts['no_arena']}"
+               for layout in engine.cache.layouts())
