@@ -69,17 +69,22 @@ for line in sys.stdin:
         thread.join()
         reply("OK")
     elif cmd == "fork":  # a child that allocates and sleeps
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             kept.append(bytearray(int(args[0])))
-            os.write(1, b"CHILD\n")
+            os.write(w, b"x")
             threading.Event().wait()
+        os.read(r, 1)
         reply("PID", pid)
     elif cmd == "zombie":  # a child that exits, never reaped
         pid = os.fork()
         if pid == 0:
             os._exit(0)
         reply("PID", pid)
+    elif cmd == "uid":  # another owner
+        os.setresuid(int(args[0]), int(args[0]), int(args[0]))
+        reply("OK")
     elif cmd == "exec":
         env = dict(os.environ)
         if args[0] == "-":
@@ -676,3 +681,154 @@ def test_a_layout_without_arena_statistics_says_why_totals_are_thread_sums(host:
     assert process.allocator is None
     assert any(layout.dwarf_source == f"imported from {host.layouts['no_arena']}"
                for layout in engine.cache.layouts())
+
+
+# --- fork children -----------------------------------------------------------------------
+
+def test_a_fork_child_reports_only_what_it_allocated_after_the_fork(host: Host):
+    """A fork() child's thread starts with its parent's counters and arenas: read after its
+    parent in a walk, it reports only what it allocated itself; read with no parent known
+    (named alone), nothing of what it had at its first read."""
+    agent = host.agent()
+    agent.ask("alloc 3000000")
+    child = host.add(int(agent.ask("fork 1000000")[1]))
+    host.traced.append(child)
+    engine = host.capturer()
+    snapshot = engine.capture()
+    parent, forked = sample(snapshot, agent.pid), sample(snapshot, child)
+    assert parent.allocated_bytes > 3000000
+    assert 1000000 <= forked.allocated_bytes < 1200000, forked
+    assert forked.deallocated_bytes < 100000
+    assert [t.allocated_bytes for t in forked.threads] == [forked.allocated_bytes]
+    assert totals(sample(engine.capture(), child)) == totals(forked)
+    alone = sample(host.capturer().capture(pids=[child]), child)
+    assert totals(alone) == (0, 0)
+
+
+# --- the kernel's process events ---------------------------------------------------------
+
+@pytest.fixture
+def heard(host: Host) -> Callable[..., Capturer]:
+    """A Capturer of the real /proc that hears the kernel's process events, selecting only
+    the test's own processes (those linked in `host`)."""
+    def make(**settings: object) -> Capturer:
+        ours = host.root
+        engine = Capturer(CaptureSettings(
+            debug_dirs=(), cache_dir=host.layouts["cache"], process_events=True,
+            select=lambda p: (ours / str(p.pid)).is_symlink(),
+            **settings))  # type: ignore[arg-type]
+        host.engines.append(engine)
+        assert engine._events is not None, "no process events on this host"
+        return engine
+    return make
+
+
+def test_while_events_are_heard_new_and_ended_threads_an_exec_and_a_new_owner_show(
+        host: Host, heard: Callable[..., Capturer]):
+    """Listening to the kernel's events, a pass takes an unchanged process's threads, image
+    and owner as they were: each change an event tells still shows in the next pass."""
+    agent = host.agent()
+    engine = heard()
+    first = sample(engine.capture(), agent.pid)
+    assert [t.tid for t in first.threads] == [agent.pid]
+    assert first.uid == 0
+    assert totals(sample(engine.capture(), agent.pid)) == totals(first)
+    tid = int(agent.ask("park 2000000")[1])
+    parked = sample(engine.capture(), agent.pid)
+    assert sorted(t.tid for t in parked.threads) == sorted([agent.pid, tid])
+    assert parked.allocated_bytes >= first.allocated_bytes + 2000000
+    agent.ask("release")
+    released = sample(engine.capture(), agent.pid)
+    assert [t.tid for t in released.threads] == [agent.pid]
+    assert released.allocated_bytes >= parked.allocated_bytes
+    agent.process.send(f"exec {PYTHON} {host.script}")
+    agent.process.wait_for("READY")
+    agent.ask("burst 3000000")
+    after = sample(engine.capture(), agent.pid)
+    fresh = sample(host.capturer().capture(), agent.pid)
+    assert after.allocated_bytes == max(released.allocated_bytes, sum(
+        t.allocated_bytes for t in released.threads)) + fresh.allocated_bytes
+    agent.ask("uid 65534")
+    for _ in range(3):
+        assert sample(engine.capture(), agent.pid).uid == 65534
+    assert snapshot_walked(engine) == 1
+
+
+def snapshot_walked(engine: Capturer) -> int:
+    return engine.capture().summary.tgids_walked
+
+
+def test_without_proc_as_root_no_events_are_listened_to(host: Host,
+                                                        caplog: pytest.LogCaptureFixture):
+    """Process events are the kernel's namespace's: with another proc root, none are
+    listened to, and passes read as without them."""
+    pid = host.sleeper()
+    with caplog.at_level(logging.INFO, logger="ctprofd.probe.capture"):
+        engine = host.capturer(process_events=True)
+    assert f"no process events: {host.root} is not /proc" in caplog.text
+    for _ in range(3):
+        assert [p.pid for p in engine.capture().processes] == [pid]
+
+
+# --- logs and counters -------------------------------------------------------------------
+
+def test_the_summary_line_is_logged_at_info_only_when_it_changes(
+        host: Host, caplog: pytest.LogCaptureFixture):
+    """A host that does not change would repeat the same line every interval: at debug."""
+    host.sleeper()
+    engine = host.capturer()
+    levels = []
+    for n in range(4):
+        if n == 2:
+            host.sleeper(jemalloc=False)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.capture"):
+            snapshot = engine.capture()
+        [record] = [r for r in caplog.records if r.getMessage() == snapshot.summary.log_line()]
+        levels.append(record.levelno)
+    assert levels == [logging.INFO, logging.DEBUG, logging.INFO, logging.DEBUG]
+
+
+def test_a_binary_that_fails_is_logged_at_info_once_per_binary_and_tag(
+        host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """A failure is news once for each binary: at info the first time, then at debug; the
+    set of those already said is bounded (forgotten whole when full)."""
+    monkeypatch.setattr(capture, "LOGGED_FAILURES_MAX", 1)
+    agent = host.agent()
+    sleeper = host.sleeper()
+    engine = host.capturer(cache_dir=None, parser=WorkerLimits(max_file_bytes=1))
+    said = []
+    for pids in ([sleeper], [sleeper], [agent.pid], [sleeper]):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.capture"):
+            snapshot = engine.capture(pids=pids)
+        assert snapshot.summary.failed == 1 and snapshot.processes == ()
+        [record] = [r for r in caplog.records if r.getMessage().startswith(f"pid {pids[0]} (")]
+        said.append(record.levelno)
+        assert snapshot.failed_pids[0].tag in record.getMessage()
+    assert said == [logging.INFO, logging.DEBUG, logging.INFO, logging.INFO]
+
+
+def test_the_stats_count_what_the_passes_did(host: Host, tmp_path: Path):
+    """Thread stops, cache use, exit races and state writes that failed, cumulative."""
+    pid = host.sleeper()
+    state = tmp_path / "state"
+    state.mkdir()
+    engine = host.capturer(cache_dir=str(tmp_path / "cache"), state_dir=str(state))
+    state.rmdir()
+    state.write_text("")  # no longer a directory: the state cannot be written
+    engine.capture()
+    stats = engine.stats
+    assert stats.ptrace_stops == 1 and stats.stop_timeouts == 0
+    assert stats.exit_races == 0 and stats.torn_reads == 0
+    assert stats.cache_misses > 0 and stats.cache_entries > 0 and stats.cache_hits == 0
+    assert stats.elf_opens > 0
+    assert stats.state_write_failures == 1
+    engine.capture()  # its thread located: read without a stop
+    assert engine.stats.ptrace_stops == 1
+    host.remove(pid)
+    engine.capture()  # gone from the walk: forgotten
+    host.add(pid)
+    engine.capture()
+    assert engine.stats.ptrace_stops == 2
+    assert engine.stats.cache_hits > 0
