@@ -832,3 +832,38 @@ def test_the_stats_count_what_the_passes_did(host: Host, tmp_path: Path):
     engine.capture()
     assert engine.stats.ptrace_stops == 2
     assert engine.stats.cache_hits > 0
+
+
+# --- binaries resolved in the background ------------------------------------------------
+
+def test_a_process_pending_resolution_is_counted_pending_then_read(host: Host, tmp_path: Path):
+    """Without a grace, a process whose binaries the background resolver still works on is
+    pending (not read, not failed) and read by a later pass once they are resolved."""
+    pid = host.sleeper()
+    engine = host.capturer(cache_dir=str(tmp_path / "cache"), background=True)
+    first = engine.capture()
+    assert first.pending == 1 and first.processes == ()
+    assert first.summary.tgids_walked == 1 and first.summary.failed == 0
+    assert first.summary.jemalloc_detected == 0 and first.failures == {}
+    later = wait_until(lambda: [s for s in [engine.capture()] if s.processes],
+                       "the process read once resolved", poll=0.05)[0]
+    assert [p.pid for p in later.processes] == [pid] and later.pending == 0
+    assert later.summary.jemalloc_detected == 1 and later.summary.probed_ok == 1
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["walk", "named"])
+def test_with_a_grace_a_pending_process_is_read_in_the_same_pass(host: Host, tmp_path: Path,
+                                                                 named: bool):
+    """With a grace, the pass that gave the resolver new binaries waits for it, then reads
+    the processes that were pending: in the same snapshot, counted once."""
+    pid = host.sleeper()
+    plain = host.sleeper(jemalloc=False)
+    cache = tmp_path / "cache"  # every object known but jemalloc: one to resolve
+    shutil.copytree(host.layouts["no_arena_cache"], cache)
+    engine = host.capturer(cache_dir=str(cache), background=True, resolve_grace=120.0)
+    snapshot = engine.capture(pids=[pid, plain] if named else None)
+    assert [p.pid for p in snapshot.processes] == [pid]
+    assert snapshot.pending == 0
+    assert snapshot.summary.tgids_walked == 2 and snapshot.summary.jemalloc_detected == 1
+    assert snapshot.summary.probed_ok == 1 and snapshot.summary.failed == 0
+    assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
