@@ -85,6 +85,12 @@ for line in sys.stdin:
     elif cmd == "uid":  # another owner
         os.setresuid(int(args[0]), int(args[0]), int(args[0]))
         reply("OK")
+    elif cmd == "dlopen":  # jemalloc brought in later, and allocating
+        import ctypes
+        lib = ctypes.CDLL(args[0])
+        lib.malloc.restype = ctypes.c_void_p
+        kept.append(lib.malloc(int(args[1])))
+        reply("OK")
     elif cmd == "exec":
         env = dict(os.environ)
         if args[0] == "-":
@@ -161,8 +167,8 @@ class Host:
     def remove(self, pid: int) -> None:
         (self.root / str(pid)).unlink()
 
-    def spawn(self, argv: Sequence[str], jemalloc: bool = True) -> Spawned:
-        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    def spawn(self, argv: Sequence[str], jemalloc: bool = True, **env: str) -> Spawned:
+        env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, **env}
         if jemalloc:
             env["LD_PRELOAD"] = JEMALLOC
         process = Spawned(argv, env=env)
@@ -180,8 +186,8 @@ class Host:
             self.traced.append(pid)
         return pid
 
-    def agent(self) -> Agent:
-        agent = Agent(self.spawn([PYTHON, str(self.script)]))
+    def agent(self, jemalloc: bool = True, **env: str) -> Agent:
+        agent = Agent(self.spawn([PYTHON, str(self.script)], jemalloc, **env))
         agent.process.wait_for("READY")
         self.traced.append(agent.pid)
         return agent
@@ -386,7 +392,14 @@ def _capture_as_nobody(root: str, pipe: int) -> None:
     os.setresuid(65534, 65534, 65534)
     engine = Capturer(CaptureSettings(proc_root=root, debug_dirs=(), cache_dir=None))
     passes = []
-    for _ in range(DENIED_PASSES):
+    links = sorted(os.listdir(root))
+    for n in range(DENIED_PASSES + 2):
+        if n == DENIED_PASSES:  # none denied for a pass: the next one is warned about again
+            for link in links:
+                os.rename(os.path.join(root, link), os.path.join(root, "away" + link))
+        elif n == DENIED_PASSES + 1:
+            for link in links:
+                os.rename(os.path.join(root, "away" + link), os.path.join(root, link))
         snapshot = engine.capture()
         passes.append([snapshot.denied_tgids, dict(snapshot.failures),
                        snapshot.summary.tgids_walked, snapshot.summary.failed])
@@ -397,20 +410,24 @@ def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_abou
         host: Host):
     """Without privilege, a root process's exe link is refused (EACCES): denied, a
     `readlink-failure` but not failed, in every pass (read again or counted unread), and
-    the cause warned about once."""
+    the cause warned about once while any is denied, again after a pass with none."""
     pids = [host.sleeper(jemalloc=False), host.sleeper(jemalloc=False)]
     root = Path(tempfile.mkdtemp(prefix="ctprofd-test-proc-"))  # pytest's tmp_path is 0700
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o777)  # the child renames its links
     for pid in pids:
         (root / str(pid)).symlink_to(f"/proc/{pid}")
     try:
         result = _denied_passes(root)
     finally:
         shutil.rmtree(root)
-    assert result["passes"] == [[2, {tags.READLINK_FAILURE: 2}, 2, 0]] * DENIED_PASSES
-    [warning] = [w for w in result["warnings"] if "cannot be seen" in w]
-    assert warning.startswith("2 processes cannot be seen: reading their /proc/PID/exe "
-                              "was refused (EACCES/EPERM); ")
+    denied = [2, {tags.READLINK_FAILURE: 2}, 2, 0]
+    assert result["passes"] == [denied] * DENIED_PASSES + [[0, {}, 0, 0], denied]
+    warnings = [w for w in result["warnings"] if "cannot be seen" in w]
+    assert len(warnings) == 2  # once, and again after a pass with none denied
+    for warning in warnings:
+        assert warning.startswith("2 processes cannot be seen: reading their /proc/PID/exe "
+                                  "was refused (EACCES/EPERM); ")
+        assert "CAP_SYS_PTRACE" in warning
 
 
 def _denied_passes(root: Path) -> dict:
@@ -867,3 +884,24 @@ def test_with_a_grace_a_pending_process_is_read_in_the_same_pass(host: Host, tmp
     assert snapshot.summary.tgids_walked == 2 and snapshot.summary.jemalloc_detected == 1
     assert snapshot.summary.probed_ok == 1 and snapshot.summary.failed == 0
     assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+
+
+# --- code objects mapped later -----------------------------------------------------------
+
+def test_a_process_that_loads_jemalloc_later_is_read_once_its_objects_are_looked_at_again(
+        host: Host, monkeypatch: pytest.MonkeyPatch):
+    """A process without jemalloc at first dlopen()s it later (a module imported late): the
+    next look at its code objects (here every pass: a period of 0) finds it and reads it;
+    looks that find the same maps change nothing."""
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0)
+    # room in the static TLS block for an initial-exec jemalloc loaded late
+    agent = host.agent(jemalloc=False, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=65536")
+    engine = host.capturer()
+    for _ in range(3):
+        snapshot = engine.capture()
+        assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1} and snapshot.processes == ()
+    assert agent.ask(f"dlopen {JEMALLOC} 2000000") == ["OK"]
+    loaded = engine.capture()
+    assert loaded.failures == {} and loaded.summary.jemalloc_detected == 1
+    assert sample(loaded, agent.pid).allocated_bytes >= 2000000
+    assert engine.not_jemalloc_reason(agent.pid) is None
