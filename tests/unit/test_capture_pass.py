@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -905,3 +906,75 @@ def test_a_process_that_loads_jemalloc_later_is_read_once_its_objects_are_looked
     assert loaded.failures == {} and loaded.summary.jemalloc_detected == 1
     assert sample(loaded, agent.pid).allocated_bytes >= 2000000
     assert engine.not_jemalloc_reason(agent.pid) is None
+
+
+# --- a fork child listed before its parent -----------------------------------------------
+
+LOW_CHILD = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Allocates, then forks (clone3 with set_tid) a child under the highest free pid below its
+   own, as after a pid wrap; the child allocates argv[1] bytes and waits. Prints its pid. */
+int main(int argc, char **argv) {
+    size_t size = strtoul(argv[1], NULL, 10);
+    volatile char *mine = malloc(4 << 20);
+    mine[0] = 1;
+    int fds[2];
+    if (pipe(fds)) return 1;
+    long child = -1;
+    for (pid_t want = getpid() - 1; want > 300 && child < 0; want--) {
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.exit_signal = SIGCHLD;
+        args.set_tid = (uintptr_t)&want;
+        args.set_tid_size = 1;
+        child = syscall(SYS_clone3, &args, sizeof args);
+        if (child < 0 && errno != EEXIST) { perror("clone3"); return 1; }
+    }
+    if (child == 0) {
+        volatile char *own = malloc(size);
+        own[0] = 1;
+        if (write(fds[1], "x", 1) != 1) _exit(1);
+        for (;;) pause();
+    }
+    char c;
+    if (child < 0 || read(fds[0], &c, 1) != 1) return 1;
+    printf("%ld\n", child);
+    fflush(stdout);
+    for (;;) pause();
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def low_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("low_child") / "low_child.c"
+    source.write_text(LOW_CHILD)
+    binary = source.with_suffix("")
+    subprocess.run(["cc", "-O1", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def test_a_fork_child_with_a_lower_pid_than_its_parent_is_read_after_it(host: Host,
+                                                                       low_child: Path):
+    """After a pid wrap a fork() child can be listed before its parent: it is read after
+    the parent all the same, and so reports only what it allocated itself."""
+    parent = host.spawn([str(low_child), "1000000"])
+    child = host.add(int(parent.readline()))
+    host.traced += [parent.pid, child]
+    assert child < parent.pid
+    engine = host.capturer()
+    snapshot = engine.capture()
+    assert snapshot.summary.tgids_walked == 2 and snapshot.summary.probed_ok == 2
+    assert sample(snapshot, parent.pid).allocated_bytes >= 4 << 20
+    forked = sample(snapshot, child)
+    assert 1000000 <= forked.allocated_bytes < 1200000, forked
