@@ -27,6 +27,7 @@ from ctprofd.resolve import offsets_file
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import TsdLayout, resolve_path
 from ctprofd.resolve.parse_worker import WorkerLimits
+from support.cgroups import in_unit, unique_unit
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, is_dead, wait_until
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's, stripped
@@ -97,6 +98,9 @@ for line in sys.stdin:
         if args[0] == "-":
             env.pop("LD_PRELOAD", None)
             args = args[1:]
+        elif args[0] == "+":
+            env["LD_PRELOAD"] = args[1]
+            args = args[2:]
         os.execve(args[0], args, env)
 """
 
@@ -493,24 +497,37 @@ def test_an_exec_keeps_the_earlier_images_totals_beneath_the_new_ones(host: Host
     assert totals(sample(engine.capture(), agent.pid)) == totals(after)  # unchanged: the same
 
 
+@pytest.mark.parametrize("between", ["shell", "same-file"])
 def test_an_exec_into_a_program_without_jemalloc_and_back_keeps_the_first_images_totals(
-        host: Host):
-    """An image without jemalloc between two that have it: the first image's total still
-    counts beneath the last one's, and the process is reported again once it has jemalloc."""
+        host: Host, between: str, monkeypatch: pytest.MonkeyPatch):
+    """An image without jemalloc between two that have it (a shell, or the same program
+    without jemalloc preloaded): the first image's total still counts beneath the last
+    one's, and the process is reported again once it has jemalloc."""
     agent = host.agent()
     agent.ask("park 1000000")
     engine = host.capturer()
     before = sample(engine.capture(), agent.pid)
-    wrapper = host.root.parent / "wrapper.sh"
-    wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
-    agent.process.send(f"exec - /bin/sh {wrapper}")
-    shell = os.path.realpath("/bin/sh")
-    wait_until(lambda: os.readlink(f"/proc/{agent.pid}/exe") == shell, "the shell running")
-    between = engine.capture()
-    assert agent.pid not in {p.pid for p in between.processes}
-    assert between.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    if between == "shell":
+        wrapper = host.root.parent / "wrapper.sh"
+        wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
+        agent.process.send(f"exec - /bin/sh {wrapper}")
+        shell = os.path.realpath("/bin/sh")
+        wait_until(lambda: os.readlink(f"/proc/{agent.pid}/exe") == shell, "the shell running")
+        assert agent.pid not in {p.pid for p in engine.capture().processes}
+    else:
+        monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0)
+        agent.process.send(f"exec - {PYTHON} {host.script}")
+        agent.process.wait_for("READY")
+        changed = engine.capture()  # told by the image's AT_RANDOM, read with the threads
+        assert changed.processes == () and changed.summary.failed == 0
+    gap = engine.capture()
+    assert agent.pid not in {p.pid for p in gap.processes}
+    assert gap.failures == {tags.JEMALLOC_NOT_FOUND: 1} and gap.summary.jemalloc_detected == 0
     assert engine.not_jemalloc_reason(agent.pid)
-    agent.process.send("go")
+    if between == "shell":
+        agent.process.send("go")
+    else:  # the same file again: told by a look at its code objects (every pass here)
+        agent.process.send(f"exec + {JEMALLOC} {PYTHON} {host.script}")
     agent.process.wait_for("READY")
     for _ in range(NOT_JEMALLOC_RECHECK):  # an image without jemalloc is looked at again
         snapshot = engine.capture()          # once in that many passes
@@ -756,8 +773,10 @@ def test_while_events_are_heard_new_and_ended_threads_an_exec_and_a_new_owner_sh
     assert sorted(t.tid for t in parked.threads) == sorted([agent.pid, tid])
     assert parked.allocated_bytes >= first.allocated_bytes + 2000000
     agent.ask("release")
-    released = sample(engine.capture(), agent.pid)
-    assert [t.tid for t in released.threads] == [agent.pid]
+    # the end of a thread is told after a join returns: it may take another pass
+    released = wait_until(lambda: [p for p in [sample(engine.capture(), agent.pid)]
+                                   if [t.tid for t in p.threads] == [agent.pid]],
+                          "the thread that ended left out", poll=0.05)[0]
     assert released.allocated_bytes >= parked.allocated_bytes
     agent.process.send(f"exec {PYTHON} {host.script}")
     agent.process.wait_for("READY")
@@ -978,3 +997,47 @@ def test_a_fork_child_with_a_lower_pid_than_its_parent_is_read_after_it(host: Ho
     assert sample(snapshot, parent.pid).allocated_bytes >= 4 << 20
     forked = sample(snapshot, child)
     assert 1000000 <= forked.allocated_bytes < 1200000, forked
+
+
+# --- another tracer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arena", [True, False], ids=["arena", "no-arena"])
+def test_a_process_another_tracer_holds_is_read_from_its_arena_statistics_or_not_at_all(
+        host: Host, arena: bool):
+    """A process whose only thread another tracer holds: its thread is not read (the
+    tracer named); with arena statistics its totals come from them, without them and with
+    nothing read before, no sample (zeros would fake a counter reset)."""
+    pid = host.sleeper()
+    tracer = Spawned(["strace", "-qq", "-o", "/dev/null", "-p", str(pid)])
+    try:
+        wait_until(lambda: Path(f"/proc/{pid}/status").read_text().count(
+            f"TracerPid:\t{tracer.pid}\n"), "strace attached")
+        engine = host.capturer(**({} if arena else {
+            "offsets_files": (host.layouts["no_arena"],)}))
+        snapshot = engine.capture()
+        assert snapshot.traced_by == {pid: tracer.pid}
+        assert snapshot.failures == {tags.PTRACE_TRACED: 1}
+        if arena:
+            [process] = snapshot.processes
+            assert process.threads == () and process.totals_source == ARENA
+            assert process.allocated_bytes > 0
+        else:
+            assert snapshot.processes == ()
+    finally:
+        tracer.kill()
+    wait_until(lambda: "TracerPid:\t0\n" in Path(f"/proc/{pid}/status").read_text(),
+               "strace gone")
+
+
+def test_while_events_are_heard_a_move_to_another_cgroup_shows_within_the_recheck(
+        host: Host, heard: Callable[..., Capturer]):
+    """No event tells a move to another cgroup: the unit is read again once in
+    THREAD_RECHECK passes all the same."""
+    agent = host.agent()
+    engine = heard()
+    assert sample(engine.capture(), agent.pid).unit == sample(engine.capture(), agent.pid).unit
+    unit = unique_unit()
+    with in_unit(agent.pid, unit):
+        units = [sample(engine.capture(), agent.pid).unit
+                 for _ in range(capture.THREAD_RECHECK)]
+        assert units[-1] == unit
