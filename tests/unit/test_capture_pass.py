@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -253,7 +254,11 @@ def test_a_walk_tallies_each_kind_of_process_once_and_the_same_in_every_pass(hos
     gone = host.spawn(["sleep", "600"], jemalloc=False)
     gone.kill()
     engine = host.capturer()
+    began, clock = time.time(), time.monotonic()
     first = engine.capture()
+    took = time.monotonic() - clock
+    assert began <= first.timestamp <= time.time()
+    assert 0 < first.duration_seconds <= took
     assert first.summary.tgids_walked == 3
     assert first.summary.jemalloc_detected == 1
     assert first.summary.probed_ok == 1
@@ -276,16 +281,15 @@ def test_a_pid_asked_for_that_does_not_exist_is_walked_and_failed(host: Host):
     named is read whatever it was at the last pass."""
     plain = host.sleeper(jemalloc=False)
     engine = host.capturer()
-    missing = 4194304 + 1  # above any pid_max
+    missing = [4194304 + 2, 4194304 + 1]  # above any pid_max
     for _ in range(2):
-        snapshot = engine.capture(pids=[missing, plain])
-        assert snapshot.summary.tgids_walked == 2
-        assert snapshot.summary.failed == 1
+        snapshot = engine.capture(pids=[*missing, plain])
+        assert snapshot.summary.tgids_walked == 3
+        assert snapshot.summary.failed == 2
         assert snapshot.summary.dominant_failure == tags.PID_MISSING
-        assert snapshot.failures == {tags.PID_MISSING: 1, tags.JEMALLOC_NOT_FOUND: 1}
-        [failed] = snapshot.failed_pids
-        assert (failed.pid, failed.tag, failed.reason) == (missing, tags.PID_MISSING,
-                                                            "no such process")
+        assert snapshot.failures == {tags.PID_MISSING: 2, tags.JEMALLOC_NOT_FOUND: 1}
+        assert [(f.pid, f.tag, f.reason) for f in snapshot.failed_pids] == [
+            (pid, tags.PID_MISSING, "no such process") for pid in sorted(missing)]
     assert engine.stats.exit_races == 0
 
 
@@ -1016,6 +1020,7 @@ def test_a_process_another_tracer_holds_is_read_from_its_arena_statistics_or_not
             "offsets_files": (host.layouts["no_arena"],)}))
         snapshot = engine.capture()
         assert snapshot.traced_by == {pid: tracer.pid}
+        assert snapshot.tracer_names == {tracer.pid: "strace"}
         assert snapshot.failures == {tags.PTRACE_TRACED: 1}
         if arena:
             [process] = snapshot.processes
