@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -159,7 +160,9 @@ class Host:
         self.root = root
         self.layouts = layouts
         root.mkdir()
-        (root / "sys").symlink_to("/proc/sys")  # the boot id of the state file
+        self.boot_id = str(uuid.uuid4())  # the state file's, read from this root
+        (root / "sys" / "kernel" / "random").mkdir(parents=True)
+        (root / "sys" / "kernel" / "random" / "boot_id").write_text(self.boot_id + "\n")
         self.spawned: list[Spawned] = []
         self.engines: list[Capturer] = []
         self.traced: list[int] = []
@@ -293,12 +296,19 @@ def test_a_pid_asked_for_that_does_not_exist_is_walked_and_failed(host: Host):
     assert engine.stats.exit_races == 0
 
 
-def test_a_kernel_thread_named_is_unreadable_not_denied(host: Host):
-    """kthreadd has no exe: `readlink-failure`, not failed, not denied, in every pass."""
+def test_a_kernel_thread_named_is_unreadable_not_denied(host: Host,
+                                                        caplog: pytest.LogCaptureFixture):
+    """kthreadd has no exe: `readlink-failure`, not failed, not denied, in every pass; said
+    at debug only."""
     host.add(2)
     engine = host.capturer()
     for _ in range(2):
-        snapshot = engine.capture(pids=[2])
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.capture"):
+            snapshot = engine.capture(pids=[2])
+        [said] = [r for r in caplog.records if r.getMessage().startswith("pid 2 (")]
+        assert said.levelno == logging.DEBUG
+        assert said.getMessage() == "pid 2 (kthreadd) pid 2: readlink-failure: pid 2: a kernel thread"
         assert snapshot.failures == {tags.READLINK_FAILURE: 1}
         assert snapshot.denied_tgids == 0 and snapshot.summary.failed == 0
         assert snapshot.summary.tgids_walked == 1
@@ -662,6 +672,7 @@ def test_the_state_file_keeps_live_processes_only_and_not_after_a_cancelled_pass
     engine = host.capturer(state_dir=str(state))
     read = sample(engine.capture(), agent.pid)
     saved = json.loads((state / "retained.json").read_text())
+    assert saved["boot_id"] == host.boot_id
     start = read.start_time
     assert list(saved["reported"]) == [f"{agent.pid}:{start}"]
     assert saved["reported"][f"{agent.pid}:{start}"] == list(totals(read))
@@ -1046,3 +1057,12 @@ def test_while_events_are_heard_a_move_to_another_cgroup_shows_within_the_rechec
         units = [sample(engine.capture(), agent.pid).unit
                  for _ in range(capture.THREAD_RECHECK)]
         assert units[-1] == unit
+
+
+def test_listening_to_process_events_is_said_with_the_recheck_it_allows(
+        host: Host, heard: Callable[..., Capturer], caplog: pytest.LogCaptureFixture):
+    """The log says which recheck applies: events heard, the rarer one."""
+    with caplog.at_level(logging.INFO, logger="ctprofd.probe.capture"):
+        heard()
+    assert ("listening to the kernel's process events: unchanged processes are read again "
+            f"once in {capture.NOT_JEMALLOC_RECHECK_HEARD} snapshots") in caplog.messages
