@@ -1066,3 +1066,27 @@ def test_listening_to_process_events_is_said_with_the_recheck_it_allows(
         heard()
     assert ("listening to the kernel's process events: unchanged processes are read again "
             f"once in {capture.NOT_JEMALLOC_RECHECK_HEARD} snapshots") in caplog.messages
+
+
+# --- the settings given to the layout cache ---------------------------------------------
+
+@pytest.mark.parametrize("bounds", [{"cache_max_entries": 1}, {"cache_max_bytes": 1000},
+                                    {"cache_writable": False}],
+                         ids=["max-entries", "max-bytes", "read-only"])
+def test_the_layout_cache_keeps_what_the_settings_allow(host: Host, tmp_path: Path,
+                                                        bounds: dict):
+    """`sleep` with jemalloc needs several objects resolved: each store of the cache
+    directory keeps them within its bounds, or nothing when the directory is not the
+    Capturer's to write."""
+    sleeper = host.sleeper()
+    cache = tmp_path / "cache"
+    engine = host.capturer(cache_dir=str(cache), **bounds)
+    assert [p.pid for p in engine.capture().processes] == [sleeper]
+    stores = {store: [f.stat().st_size for f in (cache / store).glob("*.json")]
+              for store in ("layouts", "negative")}
+    if "cache_writable" in bounds:
+        assert stores == {"layouts": [], "negative": []}
+    elif "cache_max_entries" in bounds:
+        assert [len(sizes) for sizes in stores.values()] == [1, 1]
+    else:
+        assert stores["negative"] and all(sum(sizes) <= 1000 for sizes in stores.values())
