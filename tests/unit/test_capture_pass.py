@@ -51,7 +51,9 @@ def parked_thread(size, ready):
 reply("READY")
 for line in sys.stdin:
     cmd, *args = line.split()
-    if cmd == "alloc":  # the main thread allocates and keeps
+    if cmd == "ping":  # answered once the reading of commands allocated what it needs
+        reply("OK")
+    elif cmd == "alloc":  # the main thread allocates and keeps
         kept.append(bytearray(int(args[0])))
         reply("OK")
     elif cmd == "park":  # a thread allocates and waits
@@ -121,6 +123,12 @@ class Agent:
         self.process.send(line)
         return self.process.readline().split()
 
+    def ready(self) -> None:
+        """Wait for the program (after a start or an exec) to be idle: READY, and one
+        command answered (reading the first allocates the input's buffers)."""
+        self.process.wait_for("READY")
+        assert self.ask("ping") == ["OK"]
+
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -188,16 +196,16 @@ class Host:
     def sleeper(self, jemalloc: bool = True) -> int:
         """A `sleep` (with jemalloc or not): one thread that allocated at start, then idle."""
         pid = self.spawn(["sleep", "600"], jemalloc).pid
-        wait_until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep")
-                   and (not jemalloc or JEMALLOC in Path(f"/proc/{pid}/maps").read_text()),
-                   "sleep running")
+        # asleep: in clock_nanosleep (230) or nanosleep (35), done allocating
+        wait_until(lambda: Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("230", "35"),
+                   "sleep asleep")
         if jemalloc:
             self.traced.append(pid)
         return pid
 
     def agent(self, jemalloc: bool = True, **env: str) -> Agent:
         agent = Agent(self.spawn([PYTHON, str(self.script)], jemalloc, **env))
-        agent.process.wait_for("READY")
+        agent.ready()
         self.traced.append(agent.pid)
         return agent
 
@@ -235,6 +243,27 @@ def sample(snapshot: Snapshot, pid: int) -> ProcessSample:
 
 def totals(process: ProcessSample) -> tuple[int, int]:
     return process.allocated_bytes, process.deallocated_bytes
+
+
+def between(host: Host, pid: int, read: Callable[[], ProcessSample],
+            **settings: object) -> tuple[ProcessSample, ProcessSample, ProcessSample]:
+    """`read()`, between two reads of `pid` by ctprofds that never saw it before (made with
+    `settings`): the program's own bytes since its last image began, before and after. An
+    idle Python still allocates and frees a buffer around each read of its input: a read
+    that comes at such a moment moves within these bounds."""
+    low = sample(host.capturer(**settings).capture(), pid)
+    value = read()
+    high = sample(host.capturer(**settings).capture(), pid)
+    return low, value, high
+
+
+def within(value: ProcessSample, earlier: tuple[int, int], low: ProcessSample,
+           high: ProcessSample) -> None:
+    """`value`'s totals are `earlier` plus what the image counted between `low` and `high`."""
+    assert (earlier[0] + low.allocated_bytes <= value.allocated_bytes
+            <= earlier[0] + high.allocated_bytes), (earlier, low, value, high)
+    assert (earlier[1] + low.deallocated_bytes <= value.deallocated_bytes
+            <= earlier[1] + high.deallocated_bytes), (earlier, low, value, high)
 
 
 def counts(snapshot: Snapshot) -> tuple:
@@ -493,17 +522,16 @@ def test_an_exec_keeps_the_earlier_images_totals_beneath_the_new_ones(host: Host
         copy = host.root.parent / "python3"
         shutil.copy(os.path.realpath(PYTHON), copy)
         agent.process.send(f"exec {copy} {host.script}")
-    agent.process.wait_for("READY")
+    agent.ready()
     agent.ask("burst 5000000")  # the new image's arena statistics alone know it
-    after = sample(engine.capture(), agent.pid)
-    fresh = sample(host.capturer().capture(), agent.pid)  # the new image alone
-    assert after.totals_source == fresh.totals_source == ARENA
-    assert fresh.allocated_bytes > sum(t.allocated_bytes for t in fresh.threads) + 1000000
+    # the new image alone: as read by a ctprofd that never saw the earlier one
+    low, after, high = between(host, agent.pid, lambda: sample(engine.capture(), agent.pid))
+    assert after.totals_source == high.totals_source == ARENA
+    assert high.allocated_bytes > sum(t.allocated_bytes for t in high.threads) + 1000000
     # the earlier image counts with the larger of its last total and its threads' sums
     earlier = (max(before.allocated_bytes, sum(t.allocated_bytes for t in before.threads)),
                max(before.deallocated_bytes, sum(t.deallocated_bytes for t in before.threads)))
-    assert totals(after) == (earlier[0] + fresh.allocated_bytes,
-                             earlier[1] + fresh.deallocated_bytes)
+    within(after, earlier, low, high)
     assert (after.retained_allocated_bytes
             == after.allocated_bytes - sum(t.allocated_bytes for t in after.threads))
     assert (after.retained_deallocated_bytes
@@ -511,9 +539,9 @@ def test_an_exec_keeps_the_earlier_images_totals_beneath_the_new_ones(host: Host
     assert totals(sample(engine.capture(), agent.pid)) == totals(after)  # unchanged: the same
 
 
-@pytest.mark.parametrize("between", ["shell", "same-file"])
+@pytest.mark.parametrize("middle", ["shell", "same-file"])
 def test_an_exec_into_a_program_without_jemalloc_and_back_keeps_the_first_images_totals(
-        host: Host, between: str, monkeypatch: pytest.MonkeyPatch):
+        host: Host, middle: str, monkeypatch: pytest.MonkeyPatch):
     """An image without jemalloc between two that have it (a shell, or the same program
     without jemalloc preloaded): the first image's total still counts beneath the last
     one's, and the process is reported again once it has jemalloc."""
@@ -521,7 +549,7 @@ def test_an_exec_into_a_program_without_jemalloc_and_back_keeps_the_first_images
     agent.ask("park 1000000")
     engine = host.capturer()
     before = sample(engine.capture(), agent.pid)
-    if between == "shell":
+    if middle == "shell":
         wrapper = host.root.parent / "wrapper.sh"
         wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
         agent.process.send(f"exec - /bin/sh {wrapper}")
@@ -531,28 +559,29 @@ def test_an_exec_into_a_program_without_jemalloc_and_back_keeps_the_first_images
     else:
         monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0)
         agent.process.send(f"exec - {PYTHON} {host.script}")
-        agent.process.wait_for("READY")
+        agent.ready()
         changed = engine.capture()  # told by the image's AT_RANDOM, read with the threads
         assert changed.processes == () and changed.summary.failed == 0
     gap = engine.capture()
     assert agent.pid not in {p.pid for p in gap.processes}
     assert gap.failures == {tags.JEMALLOC_NOT_FOUND: 1} and gap.summary.jemalloc_detected == 0
     assert engine.not_jemalloc_reason(agent.pid)
-    if between == "shell":
+    if middle == "shell":
         agent.process.send("go")
     else:  # the same file again: told by a look at its code objects (every pass here)
         agent.process.send(f"exec + {JEMALLOC} {PYTHON} {host.script}")
-    agent.process.wait_for("READY")
-    for _ in range(NOT_JEMALLOC_RECHECK):  # an image without jemalloc is looked at again
-        snapshot = engine.capture()          # once in that many passes
-        if agent.pid in {p.pid for p in snapshot.processes}:
-            break
-    after = sample(snapshot, agent.pid)
-    fresh = sample(host.capturer().capture(), agent.pid)
+    agent.ready()
+    def reported() -> ProcessSample:
+        for _ in range(NOT_JEMALLOC_RECHECK):  # an image without jemalloc is looked at again
+            snapshot = engine.capture()          # once in that many passes
+            if agent.pid in {p.pid for p in snapshot.processes}:
+                break
+        return sample(snapshot, agent.pid)
+
+    low, after, high = between(host, agent.pid, reported)
     earlier = (max(before.allocated_bytes, sum(t.allocated_bytes for t in before.threads)),
                max(before.deallocated_bytes, sum(t.deallocated_bytes for t in before.threads)))
-    assert totals(after) == (earlier[0] + fresh.allocated_bytes,
-                             earlier[1] + fresh.deallocated_bytes)
+    within(after, earlier, low, high)
 
 
 # --- a restart: the state file --------------------------------------------------------
@@ -581,11 +610,6 @@ def _first_run(host: Host, agent: Agent, state: Path) -> tuple[ProcessSample, tu
     return read, gone
 
 
-def _alone(host: Host, pid: int) -> ProcessSample:
-    """The process as a ctprofd without state reads it (its live threads only)."""
-    return sample(host.capturer(offsets_files=(host.layouts["no_arena"],)).capture(), pid)
-
-
 @pytest.mark.parametrize("kept", ["threads", "reported", "both"])
 def test_a_restart_keeps_a_thread_that_exited_while_no_ctprofd_ran(host: Host, tmp_path: Path,
                                                                    kept: str):
@@ -598,17 +622,16 @@ def test_a_restart_keeps_a_thread_that_exited_while_no_ctprofd_ran(host: Host, t
     read, gone = _first_run(host, agent, state)
     _keep_only(state, kept)
     restarted = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
-    after = sample(restarted.capture(), agent.pid)
-    alone = _alone(host, agent.pid)
+    low, after, high = between(host, agent.pid, lambda: sample(restarted.capture(), agent.pid),
+                               offsets_files=(host.layouts["no_arena"],))
     assert after.totals_source == THREADS
-    assert alone.allocated_bytes < read.allocated_bytes  # the live threads alone fall short
-    if kept == "reported":
-        assert totals(after) == (max(read.allocated_bytes, alone.allocated_bytes),
-                                 max(read.deallocated_bytes, alone.deallocated_bytes))
+    assert high.allocated_bytes < read.allocated_bytes  # the live threads alone fall short
+    if kept == "reported":  # the floor of the total last reported
+        assert totals(after) == (max(read.allocated_bytes, after.allocated_bytes),
+                                 max(read.deallocated_bytes, after.deallocated_bytes))
+        assert after.allocated_bytes == read.allocated_bytes
     else:
-        assert totals(after) == (alone.allocated_bytes + gone[0],
-                                 alone.deallocated_bytes + gone[1])
-    assert totals(sample(restarted.capture(), agent.pid)) == totals(after)
+        within(after, gone, low, high)
 
 
 def test_a_restart_that_cannot_attach_at_first_keeps_the_saved_state(host: Host,
@@ -626,9 +649,9 @@ def test_a_restart_that_cannot_attach_at_first_keeps_the_saved_state(host: Host,
     assert snapshot.processes == () and snapshot.summary.failed == 1
     refused.close()
     again = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
-    after = sample(again.capture(), agent.pid)
-    alone = _alone(host, agent.pid)
-    assert totals(after) == (alone.allocated_bytes + gone[0], alone.deallocated_bytes + gone[1])
+    low, after, high = between(host, agent.pid, lambda: sample(again.capture(), agent.pid),
+                               offsets_files=(host.layouts["no_arena"],))
+    within(after, gone, low, high)
 
 
 def test_a_restart_that_finds_an_image_without_jemalloc_keeps_the_saved_threads(
@@ -649,15 +672,17 @@ def test_a_restart_that_finds_an_image_without_jemalloc_keeps_the_saved_threads(
     restarted = host.capturer(state_dir=str(state), offsets_files=(host.layouts["no_arena"],))
     assert restarted.capture().processes == ()
     agent.process.send("go")
-    agent.process.wait_for("READY")
-    for _ in range(NOT_JEMALLOC_RECHECK):
-        snapshot = restarted.capture()
-        if snapshot.processes:
-            break
-    after = sample(snapshot, agent.pid)
-    alone = _alone(host, agent.pid)
-    assert totals(after) == (read.allocated_bytes + alone.allocated_bytes,
-                             read.deallocated_bytes + alone.deallocated_bytes)
+    agent.ready()
+    def reported() -> ProcessSample:
+        for _ in range(NOT_JEMALLOC_RECHECK):
+            snapshot = restarted.capture()
+            if snapshot.processes:
+                break
+        return sample(snapshot, agent.pid)
+
+    low, after, high = between(host, agent.pid, reported,
+                               offsets_files=(host.layouts["no_arena"],))
+    within(after, totals(read), low, high)
 
 
 def test_the_state_file_keeps_live_processes_only_and_not_after_a_cancelled_pass(
@@ -796,12 +821,11 @@ def test_while_events_are_heard_new_and_ended_threads_an_exec_and_a_new_owner_sh
                           "the thread that ended left out", poll=0.05)[0]
     assert released.allocated_bytes >= parked.allocated_bytes
     agent.process.send(f"exec {PYTHON} {host.script}")
-    agent.process.wait_for("READY")
+    agent.ready()
     agent.ask("burst 3000000")
-    after = sample(engine.capture(), agent.pid)
-    fresh = sample(host.capturer().capture(), agent.pid)
-    assert after.allocated_bytes == max(released.allocated_bytes, sum(
-        t.allocated_bytes for t in released.threads)) + fresh.allocated_bytes
+    low, after, high = between(host, agent.pid, lambda: sample(engine.capture(), agent.pid))
+    earlier = max(released.allocated_bytes, sum(t.allocated_bytes for t in released.threads))
+    assert earlier + low.allocated_bytes <= after.allocated_bytes <= earlier + high.allocated_bytes
     agent.ask("uid 65534")
     for _ in range(3):
         assert sample(engine.capture(), agent.pid).uid == 65534
