@@ -428,11 +428,14 @@ def _capture_as_nobody(root: str, pipe: int) -> None:
     """In a forked child: drop to nobody (no capability left), take DENIED_PASSES
     snapshots, write what they tallied and the warnings to `pipe`."""
     warnings: list[str] = []
+    said: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.levelno >= logging.WARNING:
                 warnings.append(record.getMessage())
+            elif record.levelno == logging.INFO and "read again" in record.getMessage():
+                said.append(record.getMessage())
 
     logging.getLogger("ctprofd").addHandler(Keep())
     os.setgroups([])
@@ -451,7 +454,11 @@ def _capture_as_nobody(root: str, pipe: int) -> None:
         snapshot = engine.capture()
         passes.append([snapshot.denied_tgids, dict(snapshot.failures),
                        snapshot.summary.tgids_walked, snapshot.summary.failed])
-    os.write(pipe, json.dumps({"passes": passes, "warnings": warnings}).encode())
+    logging.getLogger("ctprofd").setLevel(logging.INFO)
+    # no privilege to listen to the kernel's process events either: said, and done without
+    unheard = Capturer(CaptureSettings(debug_dirs=(), cache_dir=None, process_events=True))
+    unheard.close()
+    os.write(pipe, json.dumps({"passes": passes, "warnings": warnings, "said": said}).encode())
 
 
 def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_about_once(
@@ -476,6 +483,9 @@ def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_abou
         assert warning.startswith("2 processes cannot be seen: reading their /proc/PID/exe "
                                   "was refused (EACCES/EPERM); ")
         assert "CAP_SYS_PTRACE" in warning
+    [unheard] = result["said"]
+    assert unheard.endswith(": unchanged processes are read again once in "
+                            f"{NOT_JEMALLOC_RECHECK} snapshots"), unheard
 
 
 def _denied_passes(root: Path) -> dict:
