@@ -361,10 +361,13 @@ def test_a_zombie_is_an_exit_race_whose_failures_are_taken_back(host: Host):
     assert engine.stats.exit_races == 2
 
 
+@pytest.mark.parametrize("level", [logging.WARNING, logging.DEBUG], ids=["warning", "debug"])
 def test_a_failure_raised_while_reading_costs_that_process_only(host: Host,
-                                                                caplog: pytest.LogCaptureFixture):
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                level: int):
     """Whatever goes wrong while a process is read (here the thread-stop hook raises) is
-    that process's `worker-panic`, warned about; the others are read."""
+    that process's `worker-panic`, warned about (with its traceback at debug); the others
+    are read."""
     first = host.sleeper()
     second = host.sleeper()
     calls: list[float] = []
@@ -375,8 +378,10 @@ def test_a_failure_raised_while_reading_costs_that_process_only(host: Host,
             raise RuntimeError("hook broke")
 
     engine = host.capturer(on_thread_stop=hook)
-    with caplog.at_level(logging.WARNING, logger="ctprofd.probe.capture"):
+    with caplog.at_level(level, logger="ctprofd.probe.capture"):
         snapshot = engine.capture()
+    [warned] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (warned.exc_info is not None) == (level == logging.DEBUG)
     assert snapshot.failures == {tags.WORKER_PANIC: 1}
     assert snapshot.summary.failed == 1 and snapshot.summary.probed_ok == 1
     [failed] = snapshot.failed_pids
