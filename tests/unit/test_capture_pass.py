@@ -1140,3 +1140,50 @@ def test_the_layout_cache_keeps_what_the_settings_allow(host: Host, tmp_path: Pa
         assert [len(sizes) for sizes in stores.values()] == [1, 1]
     else:
         assert stores["negative"] and all(sum(sizes) <= 1000 for sizes in stores.values())
+
+
+def test_arena_statistics_over_budget_are_failed_in_every_pass_and_warned_once_in_a_row(
+        host: Host, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A read of the arena statistics that would pass its budget (here made 64 bytes: the
+    real Budget, smaller) is `arena-budget` with its reason in every pass until a read
+    fits, read again after 1, then 3 passes; warned about at its first failure in a row
+    only."""
+    real = arena_stats.Budget
+    agent = host.agent()
+    engine = host.capturer()
+
+    def small(reader):
+        return real(reader, max_bytes=64)
+
+    monkeypatch.setattr(arena_stats, "Budget", small)
+    sources, warned = [], []
+    for n in range(8):
+        if n == 3:  # after the second failure: the next read (at 6) fits
+            monkeypatch.setattr(arena_stats, "Budget", real)
+        if n == 7:  # something allocated (a read again), over the budget again
+            agent.ask("alloc 100000")
+            monkeypatch.setattr(arena_stats, "Budget", small)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ctprofd.probe.capture"):
+            snapshot = engine.capture()
+        process = sample(snapshot, agent.pid)
+        sources.append(process.totals_source)
+        warned.append(len(caplog.records))
+        if process.totals_source == THREADS:
+            reason = (f"pid {agent.pid}: arena statistics over budget: reading ")
+            assert process.totals_reason.startswith(reason), process.totals_reason
+            assert process.totals_reason.endswith(" bytes passes the budget of 64 per snapshot; "
+                                                  "per-thread sums instead")
+            assert snapshot.failures == {tags.ARENA_BUDGET: 1}
+            [failed] = snapshot.failed_pids
+            assert (failed.pid, failed.tag, failed.reason) == (
+                agent.pid, tags.ARENA_BUDGET, process.totals_reason)
+        else:
+            assert snapshot.failures == {} and process.totals_reason == ""
+    assert sources == [THREADS] * 6 + [ARENA] + [THREADS]
+    assert warned == [1, 0, 0, 0, 0, 0, 0, 1]
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"{process.totals_reason} (python3, {os.path.realpath(PYTHON)}): a process that "
+        "declares more arenas, bins or thread caches than a real jemalloc has, or rewrote "
+        "its allocator's memory")
