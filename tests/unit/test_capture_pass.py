@@ -1010,7 +1010,7 @@ LOW_CHILD = r"""
 #include <unistd.h>
 
 /* Allocates, then forks (clone3 with set_tid) a child under the highest free pid below its
-   own, as after a pid wrap; the child allocates argv[1] bytes and waits. Prints its pid. */
+   own, as after a pid wrap; the child allocates argv[1] bytes (and frees 4 KiB) and waits. Prints its pid. */
 int main(int argc, char **argv) {
     size_t size = strtoul(argv[1], NULL, 10);
     volatile char *mine = malloc(4 << 20);
@@ -1030,13 +1030,15 @@ int main(int argc, char **argv) {
     if (child == 0) {
         volatile char *own = malloc(size);
         own[0] = 1;
+        void *volatile freed = malloc(4096);  /* volatile: the pair is not optimised away */
+        free(freed);
         if (write(fds[1], "x", 1) != 1) _exit(1);
         for (;;) pause();
     }
-    char c;
+    char c, line[32];  /* no stdio: the parent allocates and frees nothing after the fork */
     if (child < 0 || read(fds[0], &c, 1) != 1) return 1;
-    printf("%ld\n", child);
-    fflush(stdout);
+    int n = snprintf(line, sizeof line, "%ld\n", child);
+    if (write(1, line, n) != n) return 1;
     for (;;) pause();
 }
 """
@@ -1065,6 +1067,8 @@ def test_a_fork_child_with_a_lower_pid_than_its_parent_is_read_after_it(host: Ho
     assert sample(snapshot, parent.pid).allocated_bytes >= 4 << 20
     forked = sample(snapshot, child)
     assert 1000000 <= forked.allocated_bytes < 1200000, (forked, snapshot, engine.stats)
+    [thread] = forked.threads  # its parent did nothing since: exactly the child's own
+    assert (thread.allocated_bytes, thread.deallocated_bytes) == ((1 << 20) + 4096, 4096)
 
 
 # --- another tracer ------------------------------------------------------------------------
