@@ -894,8 +894,10 @@ def test_the_summary_line_is_logged_at_info_only_when_it_changes(
     assert levels == [logging.INFO, logging.DEBUG, logging.INFO, logging.DEBUG]
 
 
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
 def test_a_binary_that_fails_is_logged_at_info_once_per_binary_and_tag(
-        host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+        host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        level: int):
     """A failure is news once for each binary: at info the first time, then at debug; the
     set of those already said is bounded (forgotten whole when full)."""
     monkeypatch.setattr(capture, "LOGGED_FAILURES_MAX", 1)
@@ -905,13 +907,16 @@ def test_a_binary_that_fails_is_logged_at_info_once_per_binary_and_tag(
     said = []
     for pids in ([sleeper], [sleeper], [agent.pid], [sleeper]):
         caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.capture"):
+        with caplog.at_level(level, logger="ctprofd.probe.capture"):
             snapshot = engine.capture(pids=pids)
         assert snapshot.summary.failed == 1 and snapshot.processes == ()
-        [record] = [r for r in caplog.records if r.getMessage().startswith(f"pid {pids[0]} (")]
-        said.append(record.levelno)
-        assert snapshot.failed_pids[0].tag in record.getMessage()
-    assert said == [logging.INFO, logging.DEBUG, logging.INFO, logging.INFO]
+        records = [r for r in caplog.records if r.getMessage().startswith(f"pid {pids[0]} (")]
+        said.append(records[0].levelno if records else None)
+        for record in records:
+            assert snapshot.failed_pids[0].tag in record.getMessage()
+    # at info, a repeat is not said at all
+    assert said == [logging.INFO, None if level == logging.INFO else logging.DEBUG,
+                    logging.INFO, logging.INFO]
 
 
 def test_the_stats_count_what_the_passes_did(host: Host, tmp_path: Path):
