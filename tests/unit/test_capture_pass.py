@@ -155,6 +155,23 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             finally:
                 engine.close()
             found[name] = str(cache)
+        # every object of a `sleep` with jemalloc but jemalloc itself (its dependencies
+        # preloaded instead): a process that needs one binary resolved
+        needs = Spawned(["sleep", "600"], env={**os.environ, "LD_PRELOAD": " ".join(
+            ("libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"))})
+        try:
+            cache = tmp_path_factory.mktemp("all_but_jemalloc")
+            engine = Capturer(CaptureSettings(debug_dirs=(), cache_dir=str(cache)))
+            try:
+                wait_until(lambda: "libstdc++" in Path(f"/proc/{needs.pid}/maps").read_text(),
+                           "sleep's libraries mapped")
+                assert engine.capture(pids=[needs.pid]).failures == {
+                    tags.JEMALLOC_NOT_FOUND: 1}
+            finally:
+                engine.close()
+            found["all_but_jemalloc"] = str(cache)
+        finally:
+            needs.kill()
     finally:
         sleeper.kill()
         agent.kill()
@@ -969,10 +986,11 @@ def test_with_a_grace_a_pending_process_is_read_in_the_same_pass(host: Host, tmp
     pid = host.sleeper()
     plain = host.sleeper(jemalloc=False)
     cache = tmp_path / "cache"  # every object known but jemalloc: one to resolve
-    shutil.copytree(host.layouts["no_arena_cache"], cache)
+    shutil.copytree(host.layouts["all_but_jemalloc"], cache)
     engine = host.capturer(cache_dir=str(cache), background=True, resolve_grace=120.0)
     snapshot = engine.capture(pids=[pid, plain] if named else None)
     assert [p.pid for p in snapshot.processes] == [pid]
+    assert sample(snapshot, pid).totals_source == ARENA
     assert snapshot.pending == 0
     assert snapshot.summary.tgids_walked == 2 and snapshot.summary.jemalloc_detected == 1
     assert snapshot.summary.probed_ok == 1 and snapshot.summary.failed == 0
