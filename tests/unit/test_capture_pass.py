@@ -1002,9 +1002,9 @@ def test_with_a_grace_a_pending_process_is_read_in_the_same_pass(host: Host, tmp
 def test_a_process_that_loads_jemalloc_later_is_read_once_its_objects_are_looked_at_again(
         host: Host, monkeypatch: pytest.MonkeyPatch):
     """A process without jemalloc at first dlopen()s it later (a module imported late): the
-    next look at its code objects (here every pass: a period of 0) finds it and reads it;
-    looks that find the same maps change nothing."""
-    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 0)
+    next look at its code objects (here at every pass: a period of a microsecond) finds it
+    and reads it; looks that find the same maps change nothing."""
+    monkeypatch.setattr(capture, "NOT_JEMALLOC_OBJECTS_RECHECK", 1e-6)
     # room in the static TLS block for an initial-exec jemalloc loaded late
     agent = host.agent(jemalloc=False, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=65536")
     engine = host.capturer()
@@ -1217,3 +1217,29 @@ def test_arena_statistics_over_budget_are_failed_in_every_pass_and_warned_once_i
         f"{process.totals_reason} (python3, {os.path.realpath(PYTHON)}): a process that "
         "declares more arenas, bins or thread caches than a real jemalloc has, or rewrote "
         "its allocator's memory")
+
+
+def test_the_next_look_keeps_to_its_grid_for_periods_under_a_second():
+    """`next_look` on its grid (due + k * period) for a period of a second or less too;
+    a period of 0 is every snapshot."""
+    assert capture.next_look(10.0, 10.5, 1.0) == 11.0
+    assert capture.next_look(10.0, 10.3, 0.25) == 10.5
+    assert capture.next_look(10.0, 10.3, 0.0) == 10.3
+
+
+def test_a_layout_without_arena_statistics_or_a_reason_names_where_it_came_from(
+        host: Host, tmp_path: Path):
+    """Offsets imported without the arena statistics and without saying why: the reason
+    names where the offsets came from."""
+    [layout] = offsets_file.load(host.layouts["no_arena"])
+    offsets = tmp_path / "offsets.json"
+    offsets_file.dump([dataclasses.replace(layout, arena_missing="")], str(offsets))
+    cache = tmp_path / "cache"  # every object known but jemalloc: the file's layout is used
+    shutil.copytree(host.layouts["all_but_jemalloc"], cache)
+    pid = host.sleeper()
+    engine = host.capturer(offsets_files=(str(offsets),), cache_dir=str(cache))
+    process = sample(engine.capture(), pid)
+    [pinned] = engine.cache.layouts()
+    assert process.totals_source == THREADS
+    assert process.totals_reason == f"no arena layout (offsets from {pinned.source})"
+    assert pinned.source
