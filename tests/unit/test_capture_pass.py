@@ -1249,3 +1249,22 @@ def test_a_layout_without_arena_statistics_or_a_reason_names_where_it_came_from(
     assert process.totals_source == THREADS
     assert process.totals_reason == f"no arena layout (offsets from {pinned.source})"
     assert pinned.source
+
+
+def test_a_pid_named_is_read_whatever_it_was_at_the_last_capture(host: Host):
+    """A capture of named pids reads each of them: one without jemalloc at the last capture
+    that has exec'ed a program with jemalloc since is read at once, not counted unread as
+    a quiet process of a walk would be."""
+    agent = host.agent()
+    wrapper = host.root.parent / "wrapper.sh"
+    wrapper.write_text(f"read go\nLD_PRELOAD={JEMALLOC} exec {PYTHON} {host.script}\n")
+    agent.process.send(f"exec - /bin/sh {wrapper}")
+    shell = os.path.realpath("/bin/sh")
+    wait_until(lambda: os.readlink(f"/proc/{agent.pid}/exe") == shell, "the shell running")
+    engine = host.capturer()
+    for _ in range(2):
+        assert engine.capture(pids=[agent.pid]).failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    agent.process.send("go")
+    agent.ready()
+    for _ in range(NOT_JEMALLOC_RECHECK):
+        assert [p.pid for p in engine.capture(pids=[agent.pid]).processes] == [agent.pid]
