@@ -1038,14 +1038,9 @@ LOW_CHILD = r"""
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* Allocates, then forks (clone3 with set_tid) a child under the highest free pid below its
-   own, as after a pid wrap; the child allocates argv[1] bytes (and frees 4 KiB) and waits. Prints its pid. */
-int main(int argc, char **argv) {
-    size_t size = strtoul(argv[1], NULL, 10);
-    volatile char *mine = malloc(4 << 20);
-    mine[0] = 1;
-    int fds[2];
-    if (pipe(fds)) return 1;
+/* A fork (clone3 with set_tid) under the highest free pid below this process's own, as
+   after a pid wrap; -1 when none is free. */
+static long fork_below(void) {
     long child = -1;
     for (pid_t want = getpid() - 1; want > 300 && child < 0; want--) {
         struct clone_args args;
@@ -1054,19 +1049,45 @@ int main(int argc, char **argv) {
         args.set_tid = (uintptr_t)&want;
         args.set_tid_size = 1;
         child = syscall(SYS_clone3, &args, sizeof args);
-        if (child < 0 && errno != EEXIST) { perror("clone3"); return 1; }
+        if (child < 0 && errno != EEXIST) return -1;
     }
+    return child;
+}
+
+/* Allocates 4 MiB, then forks a child under a lower pid, which allocates 2 MiB and forks
+   a grandchild under a lower pid still, which allocates argv[1] bytes and frees 4 KiB.
+   Each waits; after the fork, none allocates or frees anything but that (no stdio).
+   Prints "CHILD GRANDCHILD". */
+int main(int argc, char **argv) {
+    size_t size = strtoul(argv[1], NULL, 10);
+    volatile char *mine = malloc(4 << 20);
+    mine[0] = 1;
+    int up[2], down[2];  /* grandchild to child, child to this process */
+    if (pipe(up) || pipe(down)) return 1;
+    long child = fork_below();
     if (child == 0) {
-        volatile char *own = malloc(size);
+        volatile char *own = malloc(2 << 20);
         own[0] = 1;
-        void *volatile freed = malloc(4096);  /* volatile: the pair is not optimised away */
-        free(freed);
-        if (write(fds[1], "x", 1) != 1) _exit(1);
+        long grandchild = fork_below();
+        if (grandchild == 0) {
+            volatile char *last = malloc(size);
+            last[0] = 1;
+            void *volatile freed = malloc(4096);  /* volatile: the pair is not optimised away */
+            free(freed);
+            long done = 0;
+            if (write(up[1], &done, sizeof done) != sizeof done) _exit(1);
+            for (;;) pause();
+        }
+        long got;  /* the grandchild's word, then this one's */
+        if (grandchild < 0 || read(up[0], &got, sizeof got) != sizeof got) _exit(1);
+        if (write(down[1], &grandchild, sizeof grandchild) != sizeof grandchild) _exit(1);
         for (;;) pause();
     }
-    char c, line[32];  /* no stdio: the parent allocates and frees nothing after the fork */
-    if (child < 0 || read(fds[0], &c, 1) != 1) return 1;
-    int n = snprintf(line, sizeof line, "%ld\n", child);
+    long grandchild;
+    if (child < 0 || read(down[0], &grandchild, sizeof grandchild) != sizeof grandchild)
+        return 1;
+    char line[64];
+    int n = snprintf(line, sizeof line, "%ld %ld\n", child, grandchild);
     if (write(1, line, n) != n) return 1;
     for (;;) pause();
 }
@@ -1082,22 +1103,25 @@ def low_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-def test_a_fork_child_with_a_lower_pid_than_its_parent_is_read_after_it(host: Host,
-                                                                       low_child: Path):
-    """After a pid wrap a fork() child can be listed before its parent: it is read after
-    the parent all the same, and so reports only what it allocated itself."""
-    parent = host.spawn([str(low_child), "1000000"])
-    child = host.add(int(parent.readline()))
-    host.traced += [parent.pid, child]
-    assert child < parent.pid
+def test_fork_children_with_lower_pids_than_their_parents_are_read_after_them(
+        host: Host, low_child: Path):
+    """After a pid wrap a fork() child can be listed before its parent, and that parent
+    before its own: each is read after its parent all the same, and so reports only what
+    it did itself."""
+    top = host.spawn([str(low_child), "1000000"])
+    child, grandchild = (host.add(int(pid)) for pid in top.readline().split())
+    host.traced += [top.pid, child, grandchild]
+    assert grandchild < child < top.pid
     engine = host.capturer()
     snapshot = engine.capture()
-    assert snapshot.summary.tgids_walked == 2 and snapshot.summary.probed_ok == 2
-    assert sample(snapshot, parent.pid).allocated_bytes >= 4 << 20
-    forked = sample(snapshot, child)
-    assert 1000000 <= forked.allocated_bytes < 1200000, (forked, snapshot, engine.stats)
-    [thread] = forked.threads  # its parent did nothing since: exactly the child's own
-    assert (thread.allocated_bytes, thread.deallocated_bytes) == ((1 << 20) + 4096, 4096)
+    assert snapshot.summary.tgids_walked == 3 and snapshot.summary.probed_ok == 3, (
+        top.pid, child, grandchild, sorted(os.listdir(host.root)), snapshot.processes)
+    assert sample(snapshot, top.pid).allocated_bytes >= 4 << 20
+    # neither did anything after its fork but this: exactly their own bytes
+    for pid, own in ((child, (2 << 20, 0)), (grandchild, ((1 << 20) + 4096, 4096))):
+        [thread] = sample(snapshot, pid).threads
+        assert (thread.allocated_bytes, thread.deallocated_bytes) == own, (pid, snapshot)
+        assert own[0] <= sample(snapshot, pid).allocated_bytes < own[0] + 100000
 
 
 # --- another tracer ------------------------------------------------------------------------
