@@ -197,6 +197,25 @@ def next_look(due: float, now: float, period: float) -> float:
     return due + period * (math.floor((now - due) / period) + 1)
 
 
+def _parents_first(deferred: list[tuple[ProcessInfo, int]]) -> list[tuple[ProcessInfo, int]]:
+    """The processes held back for their parent, each after its parent when that was held
+    back too: after a pid wrap a whole subtree can have lower pids than the ancestor it
+    started under (a fork child read before its parent takes all it had for inherited)."""
+    by_pid = {process.pid: (process, inode) for process, inode in deferred}
+    ordered: list[tuple[ProcessInfo, int]] = []
+    placed: set[int] = set()
+    for process, _ in deferred:
+        chain = []  # this process and its held-back ancestors not placed yet
+        while process.pid not in placed:
+            placed.add(process.pid)
+            chain.append(by_pid[process.pid])
+            if process.ppid not in by_pid:
+                break
+            process = by_pid[process.ppid][0]
+        ordered += reversed(chain)
+    return ordered
+
+
 def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     return max(a[0], b[0]), max(a[1], b[1])
 
@@ -333,7 +352,7 @@ class Capturer:
                 deferred.append((process, inode))
                 continue
             self._probe_into(process, inode, tally, cancel, samples, waiting)
-        for process, inode in deferred:
+        for process, inode in _parents_first(deferred):
             if cancel is not None and cancel.is_set():
                 complete = False
                 break
