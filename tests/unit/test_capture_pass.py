@@ -1054,10 +1054,19 @@ static long fork_below(void) {
     return child;
 }
 
+/* A fork under the pid the kernel gives next (above this one's but after a wrap). */
+static long fork_any(void) {
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.exit_signal = SIGCHLD;
+    return syscall(SYS_clone3, &args, sizeof args);
+}
+
 /* Allocates 4 MiB, then forks a child under a lower pid, which allocates 2 MiB and forks
-   a grandchild under a lower pid still, which allocates argv[1] bytes and frees 4 KiB.
-   Each waits; after the fork, none allocates or frees anything but that (no stdio).
-   Prints "CHILD GRANDCHILD". */
+   a grandchild under a lower pid still, which allocates argv[1] bytes and frees 4 KiB,
+   and another one under the next pid, which allocates 512 KiB. Each waits; after the
+   fork, none allocates or frees anything but that (no stdio). Prints "CHILD GRANDCHILD
+   OTHER". */
 int main(int argc, char **argv) {
     size_t size = strtoul(argv[1], NULL, 10);
     volatile char *mine = malloc(4 << 20);
@@ -1080,14 +1089,23 @@ int main(int argc, char **argv) {
         }
         long got;  /* the grandchild's word, then this one's */
         if (grandchild < 0 || read(up[0], &got, sizeof got) != sizeof got) _exit(1);
-        if (write(down[1], &grandchild, sizeof grandchild) != sizeof grandchild) _exit(1);
+        long other = fork_any();
+        if (other == 0) {
+            volatile char *last = malloc(512 << 10);
+            last[0] = 1;
+            long done = 0;
+            if (write(up[1], &done, sizeof done) != sizeof done) _exit(1);
+            for (;;) pause();
+        }
+        if (other < 0 || read(up[0], &got, sizeof got) != sizeof got) _exit(1);
+        long pids[2] = {grandchild, other};
+        if (write(down[1], pids, sizeof pids) != sizeof pids) _exit(1);
         for (;;) pause();
     }
-    long grandchild;
-    if (child < 0 || read(down[0], &grandchild, sizeof grandchild) != sizeof grandchild)
-        return 1;
+    long pids[2];
+    if (child < 0 || read(down[0], pids, sizeof pids) != sizeof pids) return 1;
     char line[64];
-    int n = snprintf(line, sizeof line, "%ld %ld\n", child, grandchild);
+    int n = snprintf(line, sizeof line, "%ld %ld %ld\n", child, pids[0], pids[1]);
     if (write(1, line, n) != n) return 1;
     for (;;) pause();
 }
@@ -1106,19 +1124,20 @@ def low_child(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fork_children_with_lower_pids_than_their_parents_are_read_after_them(
         host: Host, low_child: Path):
     """After a pid wrap a fork() child can be listed before its parent, and that parent
-    before its own: each is read after its parent all the same, and so reports only what
-    it did itself."""
+    before its own; a child listed after its parent may find it held back for its own:
+    each is read after its parent all the same, and so reports only what it did itself."""
     top = host.spawn([str(low_child), "1000000"])
-    child, grandchild = (host.add(int(pid)) for pid in top.readline().split())
-    host.traced += [top.pid, child, grandchild]
-    assert grandchild < child < top.pid
+    child, grandchild, other = (host.add(int(pid)) for pid in top.readline().split())
+    host.traced += [top.pid, child, grandchild, other]
+    assert grandchild < child < top.pid and child < other
     engine = host.capturer()
     snapshot = engine.capture()
-    assert snapshot.summary.tgids_walked == 3 and snapshot.summary.probed_ok == 3, (
+    assert snapshot.summary.tgids_walked == 4 and snapshot.summary.probed_ok == 4, (
         top.pid, child, grandchild, sorted(os.listdir(host.root)), snapshot.processes)
     assert sample(snapshot, top.pid).allocated_bytes >= 4 << 20
-    # neither did anything after its fork but this: exactly their own bytes
-    for pid, own in ((child, (2 << 20, 0)), (grandchild, ((1 << 20) + 4096, 4096))):
+    # none did anything after its fork but this: exactly their own bytes
+    for pid, own in ((child, (2 << 20, 0)), (grandchild, ((1 << 20) + 4096, 4096)),
+                     (other, (512 << 10, 0))):
         [thread] = sample(snapshot, pid).threads
         assert (thread.allocated_bytes, thread.deallocated_bytes) == own, (pid, snapshot)
         assert own[0] <= sample(snapshot, pid).allocated_bytes < own[0] + 100000
