@@ -314,6 +314,7 @@ class Capturer:
         # new processes listed before their parent (pid wrap): read once the parent was, so
         # that a fork() child can be told by its parent's memory and state
         deferred: list[tuple[ProcessInfo, int]] = []  # with their /proc/PID's inode
+        held: set[int] = set()  # their pids: a new child of one of them waits with it
         submitted = self.attacher.submitted
         complete = True
         root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
@@ -348,8 +349,10 @@ class Capturer:
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
-            if process.ppid > process.pid and process.key not in self._tracked:
+            if ((process.ppid > process.pid or process.ppid in held)
+                    and process.key not in self._tracked):
                 deferred.append((process, inode))
+                held.add(process.pid)
                 continue
             self._probe_into(process, inode, tally, cancel, samples, waiting)
         for process, inode in _parents_first(deferred):
