@@ -765,7 +765,7 @@ def test_the_state_file_keeps_live_processes_only_and_not_after_a_cancelled_pass
 # --- the arena statistics ---------------------------------------------------------------
 
 def test_arena_statistics_refused_fall_back_to_thread_sums_and_back_off(
-        host: Host, monkeypatch: pytest.MonkeyPatch):
+        host: Host, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """Arena statistics that cannot be used (here: more arenas than the bound allows) give
     the per-thread sums with the reason, no failure; they are not read again for 1, then
     3 passes, and used again at the first read that works."""
@@ -780,10 +780,15 @@ def test_arena_statistics_refused_fall_back_to_thread_sums_and_back_off(
     for n in range(8):
         if n == 3:  # after the second failure
             monkeypatch.setattr(arena_stats, "MAX_ARENAS", 1024)
-        snapshot = engine.capture()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="ctprofd.probe.capture"):
+            snapshot = engine.capture()
         assert snapshot.failures == {} and snapshot.summary.failed == 0
         process = sample(snapshot, pid)
         sources.append(process.totals_source)
+        said = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"pid {pid}: arena statistics: ")]
+        assert len(said) == (n in (0, 2)), said  # at debug, when a read is refused
         if process.totals_source == THREADS:
             assert process.totals_reason.startswith(
                 "arena statistics refused: implausible counts: ")
