@@ -521,6 +521,7 @@ def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_abou
                                   "was refused (EACCES/EPERM); ")
         assert "CAP_SYS_PTRACE" in warning
     [unheard] = result["said"]
+    assert unheard.startswith(("no proc connector: ", "proc connector refused: ")), unheard
     assert unheard.endswith(": unchanged processes are read again once in "
                             f"{NOT_JEMALLOC_RECHECK} snapshots"), unheard
 
@@ -989,6 +990,20 @@ def test_a_process_pending_resolution_is_counted_pending_then_read(host: Host, t
                        "the process read once resolved", poll=0.05)[0]
     assert [p.pid for p in later.processes] == [pid] and later.pending == 0
     assert later.summary.jemalloc_detected == 1 and later.summary.probed_ok == 1
+
+
+def test_without_a_grace_a_pass_does_not_wait_for_the_resolver(host: Host, tmp_path: Path):
+    """With no grace, a pass that gave the resolver a binary does not wait for it: the
+    process is pending, even when that binary is the only one it needs."""
+    pid = host.sleeper()
+    cache = tmp_path / "cache"  # every object known but jemalloc: one to resolve
+    shutil.copytree(host.layouts["all_but_jemalloc"], cache)
+    engine = host.capturer(cache_dir=str(cache), background=True)
+    snapshot = engine.capture()
+    assert snapshot.pending == 1 and snapshot.processes == ()
+    later = wait_until(lambda: [s for s in [engine.capture()] if s.processes],
+                       "the process read once resolved", poll=0.05)[0]
+    assert [p.pid for p in later.processes] == [pid]
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["walk", "named"])
