@@ -1023,6 +1023,17 @@ def test_with_a_grace_a_pending_process_is_read_in_the_same_pass(host: Host, tmp
     assert snapshot.summary.tgids_walked == 2 and snapshot.summary.jemalloc_detected == 1
     assert snapshot.summary.probed_ok == 1 and snapshot.summary.failed == 0
     assert snapshot.failures == {tags.JEMALLOC_NOT_FOUND: 1}
+    # a wait that ended with the resolver done leaves no back-off: the next pass that
+    # gives it a binary (a copy of `sleep`, another file) waits again
+    copy = tmp_path / "sleep"
+    shutil.copy("/usr/bin/sleep", copy)
+    other = host.spawn([str(copy), "600"]).pid
+    host.traced.append(other)
+    wait_until(lambda: Path(f"/proc/{other}/syscall").read_text().split()[0] in ("230", "35"),
+               "the copy asleep")
+    again = engine.capture(pids=[pid, plain, other] if named else None)
+    assert sorted(p.pid for p in again.processes) == sorted([pid, other])
+    assert again.pending == 0
 
 
 # --- code objects mapped later -----------------------------------------------------------
