@@ -197,6 +197,25 @@ def next_look(due: float, now: float, period: float) -> float:
     return due + period * (math.floor((now - due) / period) + 1)
 
 
+def _parents_first(deferred: list[tuple[ProcessInfo, int]]) -> list[tuple[ProcessInfo, int]]:
+    """The processes held back for their parent, each after its parent when that was held
+    back too: after a pid wrap a whole subtree can have lower pids than the ancestor it
+    started under (a fork child read before its parent takes all it had for inherited)."""
+    by_pid = {process.pid: (process, inode) for process, inode in deferred}
+    ordered: list[tuple[ProcessInfo, int]] = []
+    placed: set[int] = set()
+    for process, _ in deferred:
+        chain = []  # this process and its held-back ancestors not placed yet
+        while process.pid not in placed:
+            placed.add(process.pid)
+            chain.append(by_pid[process.pid])
+            if process.ppid not in by_pid:
+                break
+            process = by_pid[process.ppid][0]
+        ordered += reversed(chain)
+    return ordered
+
+
 def _larger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     return max(a[0], b[0]), max(a[1], b[1])
 
@@ -295,6 +314,7 @@ class Capturer:
         # new processes listed before their parent (pid wrap): read once the parent was, so
         # that a fork() child can be told by its parent's memory and state
         deferred: list[tuple[ProcessInfo, int]] = []  # with their /proc/PID's inode
+        held: set[int] = set()  # their pids: a new child of one of them waits with it
         submitted = self.attacher.submitted
         complete = True
         root, own, quiet = self.settings.proc_root, os.getpid(), self._quiet
@@ -329,11 +349,13 @@ class Capturer:
                 continue
             tally.tgids_walked += 1
             seen.add(process.key)
-            if process.ppid > process.pid and process.key not in self._tracked:
+            if ((process.ppid > process.pid or process.ppid in held)
+                    and process.key not in self._tracked):
                 deferred.append((process, inode))
+                held.add(process.pid)
                 continue
             self._probe_into(process, inode, tally, cancel, samples, waiting)
-        for process, inode in deferred:
+        for process, inode in _parents_first(deferred):
             if cancel is not None and cancel.is_set():
                 complete = False
                 break
