@@ -24,6 +24,7 @@ from ctprofd.resolve import attach
 from ctprofd.resolve.cache import LayoutCache
 from support import elf
 from support.cgroups import in_cgroup, in_unit, unique_unit
+from support.holders import hold_script
 from support.procs import DROP_PTRACE_PREFIX, assert_no_thread_stopped_or_traced
 from support.stats_shim import STOCK
 
@@ -730,23 +731,9 @@ def test_a_process_in_a_pod_shaped_cgroup_has_its_container_id_and_pod_uid(fixtu
     assert process["unit"] == f"cri-containerd-{container_id}.scope"
 
 
-HOLDER = """#!{python}
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-tid = int(sys.argv[1])
-if libc.ptrace(0x4206, tid, None, None) != 0:  # PTRACE_SEIZE: traced, left running
-    sys.exit(f"PTRACE_SEIZE {{tid}}: errno {{ctypes.get_errno()}}")
-print("HELD", flush=True)
-sys.stdin.readline()  # held until told; exiting lets it go
-"""
-
-
 def hold(spawn_process, tmp_path, name: str, tid: int):
     """A process called `name` that keeps `tid` seized until sent a line."""
-    script = tmp_path / name
-    script.write_text(HOLDER.format(python=sys.executable))
-    script.chmod(0o755)
-    return spawn_process([script, str(tid)], ready="HELD")
+    return spawn_process([hold_script(tmp_path, name), str(tid)], ready="HELD")
 
 
 def test_a_thread_another_ctprofd_holds_is_read_once_it_lets_go(fixture_bins, spawn_fixture,

@@ -10,7 +10,6 @@ import pwd
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -18,11 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from ctprofd.probe.capture import Capturer, CaptureSettings
 from ctprofd.report import tags
-from ctprofd.resolve import dwarf
 from ctprofd.resolve.debuginfo import DebugSearch
 from ctprofd.resolve.layout import (LayoutFailure, ObjectFacts, TsdLayout, object_dirs_for, resolve,
                                     resolve_object)
@@ -31,6 +28,7 @@ from ctprofd.resolve.parse_worker import (NOBODY, PACKAGE_ROOT, ParseWorker, Wor
 from support import elf as support_elf
 from support.build import MODES
 from support.inotify import ReadWatch
+from support.lookalike import nobits_abbrev, sibling_cycle
 from support.procs import is_dead, wait_for_exit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,45 +70,6 @@ def in_process(path: Path | str, search: DebugSearch = DebugSearch(()), shared: 
 def status(pid: int | str) -> dict[str, str]:
     text = Path(f"/proc/{pid}/status").read_text()
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-
-
-def section_header(path: Path, name: str) -> int:
-    """File offset of the section header of `name`."""
-    with open(path, "rb") as f:
-        image = ELFFile(f)
-        index = next(i for i, s in enumerate(image.iter_sections()) if s.name == name)
-        return image["e_shoff"] + index * image["e_shentsize"]
-
-
-def sibling_cycle(src: Path, dst: Path) -> None:
-    """Copy `src`, making the first DIE with a DW_AT_sibling, in the unit searched first for
-    tsd_s, its own next sibling: a parser walking the unit's children never ends."""
-    shutil.copy(src, dst)
-    with open(src, "rb") as f:
-        image = ELFFile(f)
-        unit = next(dwarf._ordered_units(image.get_dwarf_info()))
-        for die in unit.get_top_DIE().iter_children():
-            sibling = die.attributes.get("DW_AT_sibling")
-            if die.has_children and sibling is not None and sibling.form == "DW_FORM_ref4":
-                break
-        else:
-            raise AssertionError(f"{src}: no DW_AT_sibling in ref4 form")
-        at = image.get_section_by_name(".debug_info")["sh_offset"] + sibling.offset
-        with open(dst, "r+b") as out:
-            out.seek(at)
-            out.write(struct.pack("<I", die.offset - unit.cu_offset))
-
-
-def nobits_abbrev(src: Path, dst: Path, size: int) -> None:
-    """Copy `src`, turning .debug_abbrev into a SHT_NOBITS section of `size` bytes, which a
-    reader materialises as that many zero bytes."""
-    shutil.copy(src, dst)
-    header = section_header(src, ".debug_abbrev")
-    with open(dst, "r+b") as out:
-        out.seek(header + 4)
-        out.write(struct.pack("<I", 8))  # sh_type = SHT_NOBITS
-        out.seek(header + 32)
-        out.write(struct.pack("<Q", size))  # sh_size
 
 
 def assert_parse_failure(result, *words: str) -> None:

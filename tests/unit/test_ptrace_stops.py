@@ -25,22 +25,12 @@ from ctprofd.probe.ptrace import (SeizeRefused, StopTimeout, ThreadGone, Tracer,
                                   WaitBudgetSpent)
 from ctprofd.report import tags
 from ctprofd.report.tags import ProbeError
+from support.holders import holders, let_go  # noqa: F401 - holders is a fixture
 from support.i386 import build_pause
 from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 from support.pythreads import PyThreads, hang_guard, thread_state
 
 HANG_GUARD = 60.0  # seconds: a bound that ends a hang, never a timing claim
-
-HOLDER = """#!{python}
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-tid = int(sys.argv[1])
-if libc.ptrace(0x4206, tid, None, None) != 0:  # PTRACE_SEIZE: traced, left running
-    sys.exit(f"PTRACE_SEIZE {{tid}}: errno {{ctypes.get_errno()}}")
-print("HELD", flush=True)
-sys.stdin.readline()  # held until told; exiting lets it go
-"""
-
 
 
 @pytest.fixture(autouse=True)
@@ -53,24 +43,6 @@ def target():
     process = PyThreads(3)
     yield process
     process.kill()
-
-
-@pytest.fixture
-def holders(tmp_path):
-    started: list[Spawned] = []
-
-    def hold(name: str, tid: int) -> Spawned:
-        """A process whose script is called `name` that keeps `tid` seized until sent a line."""
-        script = tmp_path / name
-        script.write_text(HOLDER.format(python=sys.executable))
-        script.chmod(0o755)
-        holder = Spawned([script, str(tid)])
-        started.append(holder)
-        holder.wait_for("HELD")
-        return holder
-    yield hold
-    for holder in started:
-        holder.kill()
 
 
 @pytest.fixture
@@ -87,11 +59,6 @@ def new_tracer():
     yield make
     for tracer in made:
         tracer.end()
-
-
-def let_go(holder: Spawned) -> None:
-    holder.send("go")
-    assert holder.proc.wait(timeout=HANG_GUARD) == 0
 
 
 def own_threads() -> set[str]:

@@ -16,7 +16,6 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -31,8 +30,9 @@ from ctprofd.report import tags
 from ctprofd.report.summary import Tally
 from ctprofd.resolve.attach import Attachment
 from ctprofd.resolve.layout import TsdLayout
+from support.holders import holders, let_go  # noqa: F401 - holders is a fixture
 from support.i386 import build_pause
-from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
+from support.procs import assert_no_thread_stopped_or_traced, wait_until
 from support.pythreads import PyThreads, hang_guard
 
 DELTA = 8  # addr(tsd) - fs_base
@@ -40,16 +40,6 @@ LAYOUT = TsdLayout(None, "je_tsd_tls", 0, 8, 24)  # thread_allocated at +8, deal
 SPAN = 24
 HANG_GUARD = 60.0
 _WORDS = struct.Struct("<QQQ")
-
-HOLDER = """#!{python}
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-tid = int(sys.argv[1])
-if libc.ptrace(0x4206, tid, None, None) != 0:  # PTRACE_SEIZE: traced, left running
-    sys.exit(f"PTRACE_SEIZE {{tid}}: errno {{ctypes.get_errno()}}")
-print("HELD", flush=True)
-sys.stdin.readline()  # held until told; exiting lets it go
-"""
 
 
 class Reader:
@@ -89,7 +79,6 @@ def listing(pid: int) -> list[ThreadInfo]:
 
 def by_tid(samples) -> dict[int, tuple[int, int]]:
     return {s.tid: (s.allocated_bytes, s.deallocated_bytes) for s in samples}
-
 
 
 @pytest.fixture(autouse=True)
@@ -352,29 +341,6 @@ def test_threads_that_may_not_stop_are_tried_last(target, tracer, tmp_path):
     assert set(read) == {other.tid} and tracer.stops == 2
     target.release(tmp_path / "fifo", stuck)
     assert_no_thread_stopped_or_traced(target.pid)
-
-
-@pytest.fixture
-def holders(tmp_path):
-    started: list[Spawned] = []
-
-    def hold(name: str, tid: int) -> Spawned:
-        """A process whose script is called `name` that keeps `tid` seized until sent a line."""
-        script = tmp_path / name
-        script.write_text(HOLDER.format(python=sys.executable))
-        script.chmod(0o755)
-        holder = Spawned([script, str(tid)])
-        started.append(holder)
-        holder.wait_for("HELD")
-        return holder
-    yield hold
-    for holder in started:
-        holder.kill()
-
-
-def let_go(holder: Spawned) -> None:
-    holder.send("go")
-    assert holder.proc.wait(timeout=HANG_GUARD) == 0
 
 
 def test_a_thread_another_tracer_holds_is_backed_off_and_still_said(target, tracer, holders):
