@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import errno
 import gzip
 import http.client
@@ -21,7 +20,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -36,6 +34,7 @@ from ctprofd.export.server import (AUTH_BURST, AUTH_PER_SECOND, MAX_REQUEST_BYTE
                                    _Connection, _Reader, network_of, parse_listen)
 from support.clock import Clock
 from support.procs import wait_until
+from support.webserver import loop_held
 
 
 @pytest.fixture
@@ -703,28 +702,6 @@ def held_gauge(server: MetricsServer) -> float:
     line = next(line for line in body.decode().splitlines()
                 if line.startswith("ctprofd_http_connections "))
     return float(line.split()[1])
-
-
-@contextlib.contextmanager
-def loop_held(server: MetricsServer) -> Iterator[None]:
-    """The server's event loop held in a callback until the block ends: connections made
-    meanwhile wait in the listen backlog with their bytes in their sockets, and are then
-    accepted in one burst and admitted before any of them is read (asyncio runs the tasks
-    scheduled by accepting before the next read callbacks)."""
-    wait_until(lambda: server._loop is not None, "the event loop running")
-    entered, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        release.wait(60)  # a hang guard: the block ends first
-
-    assert server._loop is not None
-    server._loop.call_soon_threadsafe(hold)
-    assert entered.wait(60), "the event loop never ran the hold"
-    try:
-        yield
-    finally:
-        release.set()
 
 
 def test_closed_connections_are_uncounted_and_their_places_given_again(serve):

@@ -179,7 +179,9 @@ def refused_at_once(server: MetricsServer, source: str) -> bool:
 def loop_held(server: MetricsServer) -> Iterator[None]:
     """The server's event loop held in a callback until the block ends: connections made
     meanwhile wait in the listen backlog with their bytes in their sockets, and are then
-    accepted in one burst and admitted before any of them is read."""
+    accepted in one burst and admitted before any of them is read (asyncio runs the tasks
+    scheduled by accepting before the next read callbacks)."""
+    wait_until(lambda: server._loop is not None, "the event loop running")
     entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
