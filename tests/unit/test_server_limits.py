@@ -48,6 +48,18 @@ def requested(server: MetricsServer, address: str | None = None) -> int:
             continue
 
 
+def answered_from(server: MetricsServer, address: str) -> int:
+    """Connections from `address` whose whole request arrived and whose whole answer is in
+    their socket (no count of requests alone tells it: before a request is read, nothing
+    counts it either)."""
+    while True:
+        try:
+            return sum(1 for c in list(server._peers.get(address, []))
+                       if c.requested and c.answered())
+        except RuntimeError:
+            continue
+
+
 def held_from(server: MetricsServer, address: str) -> int:
     while True:
         try:
@@ -347,14 +359,14 @@ def test_answers_in_their_sockets_leave_the_limits_and_go_for_room_after_idle_on
     idle ones (its client may still be reading)."""
     with serving(per_address=2, answering=1, deadline=300, first_byte=300) as server:
         [first] = stalled(server, "127.0.0.2")  # a small answer: all in the socket
-        wait_until(lambda: held_from(server, "127.0.0.2") == 1 and requested(server) == 0,
+        wait_until(lambda: answered_from(server, "127.0.0.2") == 1 and requested(server) == 0,
                    "its answer in its socket", hang_guard=HANG_GUARD)
         idle = connect(server, "127.0.0.2")
         wait_until(lambda: held_from(server, "127.0.0.2") == 2, "the idle one held",
                    hang_guard=HANG_GUARD)
         [second] = stalled(server, "127.0.0.2")  # the idle one goes, not the answered one
         assert read_to_end(idle) == RESET
-        wait_until(lambda: held_from(server, "127.0.0.2") == 2 and requested(server) == 0,
+        wait_until(lambda: answered_from(server, "127.0.0.2") == 2 and requested(server) == 0,
                    "the second answered", hang_guard=HANG_GUARD)
         assert (server.evicted, server.refused) == (1, 0)
         [third] = stalled(server, "127.0.0.2")  # now the oldest answered one goes
