@@ -30,7 +30,7 @@ from support.clock import Clock
 from support.procs import wait_until
 from support.webserver import (HANG_GUARD, Reply, ask, connect, get, held, loop_held,
                                openssl_cert, read_to_end, send_in_pieces, serving,
-                               small_registry, unhandled_task_errors)
+                               small_registry, taken, unhandled_task_errors)
 
 PASSWORD_HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4))
 OM = "application/openmetrics-text"
@@ -216,6 +216,40 @@ def test_renders_and_bcrypt_run_in_threads_of_their_own() -> None:
     assert (loop, again) == (loop_thread, loop_thread) and check.startswith("http-bcrypt_")
 
 
+class HeldCollector:
+    """A real registry's metrics, whose first collection waits until released."""
+
+    def __init__(self) -> None:
+        self.registry = small_registry()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def collect(self) -> Iterator:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(60)  # a hang guard: the test releases it
+        return self.registry.collect()
+
+
+def test_renders_run_one_at_a_time() -> None:
+    """A render asked for while another is in flight (another format of the same snapshot)
+    waits for the render thread instead of starting a second one."""
+    collector = HeldCollector()
+    request = b"GET /metrics HTTP/1.0\r\n%s\r\n"
+    with serving(collector) as server:
+        first, second = connect(server), connect(server, "127.0.0.2")
+        with first, second:
+            first.sendall(request % b"")
+            assert collector.entered.wait(HANG_GUARD)
+            openmetrics = request % b"Accept: application/openmetrics-text; version=1.0.0\r\n"
+            second.sendall(openmetrics)
+            wait_until(lambda: taken(server, second) == len(openmetrics), "the second read",
+                       hang_guard=HANG_GUARD)
+            collector.release.set()
+            assert [read_to_end(s).status for s in (first, second)] == [200, 200]
+    assert not [t for t in threading.enumerate() if t.name == "http-render_1"]
+
+
 def test_one_render_per_snapshot_and_a_prerender_makes_the_next_one() -> None:
     state = [object()]
     collector = Threads()
@@ -320,7 +354,7 @@ class HeldUsers(dict):
 
 def test_checks_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """With one check in flight and one more waiting for it, a third is answered 429 at
-    once, from any address; when they are done, checks run again."""
+    once, from any address; when they are done, checks run again. Checks run one at a time."""
     monkeypatch.setattr(server_module, "AUTH_QUEUE", 2)
     users = HeldUsers({"u": PASSWORD_HASH})
     with serving(web=WebConfig(users=users)) as server:
@@ -337,6 +371,9 @@ def test_checks_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
             assert third.status == 429 and server.auth_limited == 1
             users.release.set()
             assert [read_to_end(s).status for s in (first, second)] == [401, 401]
+        # one bcrypt at a time: the second check, submitted while the first was held, waited
+        # for its thread instead of starting a second one
+        assert not [t for t in threading.enumerate() if t.name == "http-bcrypt_1"]
         assert get(server, Authorization=basic("u", "pw"), source="127.0.0.3").status == 200
         assert server.auth_limited == 1
 
@@ -541,8 +578,7 @@ def test_why_a_connection_was_dropped_is_logged_at_debug(
             assert ask(server, b"GET / HTTP/1.0\r\n" + b"a: b\r\n" * 200 + b"\r\n") == \
                 Reply(b"", True)
             with connect(server) as blank:  # a blank line first: refused at once
-                blank.sendall(b"\r\n\r\n")
-                blank.shutdown(socket.SHUT_WR)
+                blank.sendall(b"\r\n\r\n")  # (no shutdown: the reset may be here already)
                 assert read_to_end(blank).data == b""
             server.first_byte = 0.2  # for the connections accepted from now on
             with connect(server) as idle:
