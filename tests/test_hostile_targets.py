@@ -456,7 +456,6 @@ def test_churning_threads_never_report_another_threads_counters(fixture_bins,
     assert churners_seen > 20, f"only {churners_seen} churners read in {HANG_GUARD_ROUNDS} snapshots"
     assert not foreign, f"(tid, its size, allocated, deallocated) read from other threads: " \
                         f"{foreign[:10]} ({len(foreign)} of {churners_seen})"
-    assert engine.tracer.pending == 0
     assert_no_thread_stopped_or_traced(fixture.pid)
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..backoff import backoff
 from ..procfs.processes import gone, read_file
 from ..report import tags
 from ..report.tags import ProbeError
@@ -33,6 +34,11 @@ USER_REGS_WORDS = 27  # sizeof(struct user_regs_struct) / 8 on x86_64
 FS_BASE_WORD = 21
 STOP_TIMEOUT = 0.25
 SPIN_SECONDS = 0.001  # poll without sleeping this long before backing off
+# Pauses (first, longest) between polls for: a stop, a thread another ctprofd holds, the
+# kernel's end of the ptrace thread.
+STOP_POLL_PAUSES = (0.0001, 0.002)
+HELD_RETRY_PAUSES = (0.0005, 0.01)
+THREAD_EXIT_PAUSES = (0.0002, 0.002)
 # Another ctprofd (a second daemon, a `ctprofd snapshot` beside the service) holds a thread
 # for the microseconds of one register read: its seize is retried this long, not failed.
 HELD_BY_CTPROFD_RETRY = 0.25
@@ -154,7 +160,7 @@ def _wait_for_stop(tid: int, started: float, timeout: float) -> int:
     the target stays stopped for as short a time as possible."""
     deadline = started + timeout
     spin_until = time.monotonic() + SPIN_SECONDS
-    pause = 0.0001
+    pauses = backoff(*STOP_POLL_PAUSES)
     while True:
         try:
             waited, status = os.waitpid(tid, os.WNOHANG | WALL)
@@ -170,8 +176,16 @@ def _wait_for_stop(tid: int, started: float, timeout: float) -> int:
         if now < spin_until:
             os.sched_yield()
             continue
-        time.sleep(pause)
-        pause = min(pause * 2, 0.002)
+        time.sleep(next(pauses))
+
+
+def _detach(tid: int, signal: int) -> None:
+    """PTRACE_DETACH, handing `signal` back; a thread that has not stopped yet (ESRCH: its
+    stop did not come in time) stays attached until the ptrace thread ends."""
+    try:
+        _ptrace(PTRACE_DETACH, tid, 0, signal)
+    except OSError:
+        pass
 
 
 def _read_fs_base(tid: int) -> int:
@@ -212,8 +226,9 @@ class _PtraceThread:
         self._calls.put(None)
         self._thread.join()
         deadline = time.monotonic() + THREAD_EXIT_WAIT
+        pauses = backoff(*THREAD_EXIT_PAUSES)
         while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
-            time.sleep(0.0002)
+            time.sleep(next(pauses))
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -231,8 +246,11 @@ class Tracer:
     of the Tracer's own, started on demand and ended by `end()` after each snapshot: a
     thread whose stop did not come in time (a vfork parent, an uninterruptible sleep) and
     so could not be detached is released then, instead of stopping later and staying
-    stopped until a next snapshot detaches it; the ones whose stop has arrived meanwhile
-    are detached first."""
+    stopped until a next snapshot detaches it. The kernel detaches every tracee of an
+    exiting tracer and restarts the ones stopped for it (ptrace(2): "If the tracer dies, all
+    tracees are automatically detached and restarted, unless they were in group-stop"),
+    with the signal of a signal-delivery stop still to be delivered; `end()` waits until it
+    has."""
 
     def __init__(self, stop_timeout: float = STOP_TIMEOUT,
                  held_retry: float = HELD_BY_CTPROFD_RETRY,
@@ -243,7 +261,6 @@ class Tracer:
         self.stops = 0
         self.stop_timeouts = 0  # threads that did not stop in time, ever
         self._waited = 0.0  # of the budget, spent in this snapshot
-        self._pending: set[int] = set()
         self._thread: _PtraceThread | None = None
 
     def thread_pointer(self, tid: int, uninterruptible: bool = False) -> ThreadPointer:
@@ -264,12 +281,11 @@ class Tracer:
         return self._thread.call(self._thread_pointer, tid)
 
     def end(self) -> None:
-        """Detach what can be, then end the ptrace thread, so the kernel detaches the rest."""
+        """End the ptrace thread, so the kernel detaches the threads whose stop did not come
+        in time, and start the next snapshot's stop wait."""
         if self._thread is not None:
-            self._thread.call(self._release_pending)
             self._thread.stop()
             self._thread = None
-        self._pending.clear()
         self._waited = 0.0
 
     def _seize(self, tid: int) -> None:
@@ -278,7 +294,7 @@ class Tracer:
         held_by = 0  # the ctprofd seen holding it
         retried_from = 0.0
         untraced_refusals = 0  # refused with no tracer left: it may have just let go
-        pause = 0.0005
+        pauses = backoff(*HELD_RETRY_PAUSES)
         try:
             while True:
                 try:
@@ -309,8 +325,7 @@ class Tracer:
                 limit = min(self.held_retry, self.wait_budget - self._waited)
                 if not held_by or time.monotonic() >= retried_from + limit:
                     raise why
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
+                time.sleep(next(pauses))
         finally:
             if retried_from:
                 self._waited += time.monotonic() - retried_from
@@ -319,7 +334,6 @@ class Tracer:
         self._seize(tid)
         stopped_at = time.monotonic()
         signal_to_forward = 0
-        stopped = False
         try:
             try:
                 _ptrace(PTRACE_INTERRUPT, tid)
@@ -341,42 +355,11 @@ class Tracer:
                                           "stop wait", reached=True) from None
                 self.stop_timeouts += 1
                 raise
-            stopped = True
             self.stops += 1
             if status >> 16 != PTRACE_EVENT_STOP:
                 # A signal-delivery stop raced our interrupt: hand the signal back on detach.
                 signal_to_forward = os.WSTOPSIG(status)
             fs_base = _read_fs_base(tid)
         finally:
-            self._detach(tid, signal_to_forward, stopped)
+            _detach(tid, signal_to_forward)
         return ThreadPointer(fs_base, time.monotonic() - stopped_at)
-
-    def _detach(self, tid: int, signal: int, stopped: bool) -> None:
-        try:
-            _ptrace(PTRACE_DETACH, tid, 0, signal)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH and not stopped and os.path.exists(f"/proc/{tid}"):
-                self._pending.add(tid)  # still running toward our stop: detach it later
-
-    def _release_pending(self) -> None:
-        """Detach the threads whose stop arrived after we gave up waiting."""
-        for tid in list(self._pending):
-            try:
-                waited, status = os.waitpid(tid, os.WNOHANG | WALL)
-            except ChildProcessError:
-                self._pending.discard(tid)
-                continue
-            if waited == tid:
-                signal = 0
-                if os.WIFSTOPPED(status) and status >> 16 != PTRACE_EVENT_STOP:
-                    signal = os.WSTOPSIG(status)
-                try:
-                    _ptrace(PTRACE_DETACH, tid, 0, signal)
-                except OSError:
-                    pass
-                self._pending.discard(tid)
-
-    @property
-    def pending(self) -> int:
-        """Threads still attached, waiting for their stop to detach them."""
-        return len(self._pending)

@@ -647,7 +647,8 @@ def test_a_thread_in_uninterruptible_sleep_is_not_seized_for_less_than_a_whole_w
     assert caplog.messages == [
         f"pid {first}: tid {first}: not stopped: this snapshot's stop wait is spent "
         "(less than a whole wait is left for a thread in an uninterruptible sleep)"]
-    assert state.backoff[first][1:] == (1, 1, None) and tracer.pending == 0
+    assert state.backoff[first][1:] == (1, 1, None)
+    assert_no_thread_stopped_or_traced(target.pid)  # untouched
     state.backoff.clear()
     tracer.stop_timeout, tracer.wait_budget = 0.05, HANG_GUARD  # two whole waits
     read, tally = snapshot(prober, target.pid, state, stuck)
