@@ -74,6 +74,15 @@ class ThreadGone(Exception):
     """The thread exited before or while being stopped: an exit race, not a failure."""
 
 
+def failure(exc: OSError, tid: int, request: str, tag: str) -> ThreadGone | ProbeError:
+    """What a ptrace `request` that failed with `exc` means: ESRCH is the thread gone (or
+    no longer stopped for us), an exit race; any other errno is the step's failure `tag`."""
+    if exc.errno == errno.ESRCH:
+        return ThreadGone(f"tid {tid}: gone at {request}")
+    return ProbeError(tag, f"tid {tid}: {request}: {errno.errorcode.get(exc.errno, '?')} "
+                           f"({exc.strerror})")
+
+
 class SeizeRefused(ProbeError):
     """PTRACE_SEIZE refused with EPERM; `tracer` is the thread already tracing it, named
     `tracer_comm` (`ptrace-traced`: another tracer holds it), or 0 when none (`ptrace-seize`:
@@ -193,10 +202,8 @@ def _read_fs_base(tid: int) -> int:
     iov = _IoVec(ctypes.cast(regs, ctypes.c_void_p), ctypes.sizeof(regs))
     try:
         _ptrace(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:  # killed (SIGKILL) while stopped
-            raise ThreadGone(f"tid {tid}: exited while stopped") from None
-        raise ProbeError(tags.GET_REGSET, f"tid {tid}: PTRACE_GETREGSET: {exc.strerror}") from None
+    except OSError as exc:  # ESRCH: killed (SIGKILL) while stopped
+        raise failure(exc, tid, "PTRACE_GETREGSET", tags.GET_REGSET) from None
     if iov.len < (FS_BASE_WORD + 1) * 8:
         raise ProbeError(tags.GET_REGSET, f"tid {tid}: short register set ({iov.len} bytes)")
     return regs[FS_BASE_WORD]
@@ -301,13 +308,8 @@ class Tracer:
                     _ptrace(PTRACE_SEIZE, tid)
                     return
                 except OSError as exc:
-                    if exc.errno == errno.ESRCH:
-                        raise ThreadGone(f"tid {tid}: gone before PTRACE_SEIZE") from None
                     if exc.errno != errno.EPERM:
-                        raise ProbeError(tags.PTRACE_SEIZE,
-                                         f"tid {tid}: PTRACE_SEIZE: "
-                                         f"{errno.errorcode.get(exc.errno, '?')} "
-                                         f"({exc.strerror})") from None
+                        raise failure(exc, tid, "PTRACE_SEIZE", tags.PTRACE_SEIZE) from None
                 why = refusal(tid)
                 if not isinstance(why, SeizeRefused):
                     raise why
@@ -338,10 +340,7 @@ class Tracer:
             try:
                 _ptrace(PTRACE_INTERRUPT, tid)
             except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    raise ThreadGone(f"tid {tid}: exited before PTRACE_INTERRUPT") from None
-                raise ProbeError(tags.PTRACE_INTERRUPT,
-                                 f"tid {tid}: PTRACE_INTERRUPT: {exc.strerror}") from None
+                raise failure(exc, tid, "PTRACE_INTERRUPT", tags.PTRACE_INTERRUPT) from None
             # what is left of the budget, but never so little that a healthy thread misses
             timeout = min(self.stop_timeout,
                           max(self.wait_budget - self._waited, MIN_STOP_WAIT))

@@ -94,7 +94,7 @@ def test_a_tid_that_names_no_thread_is_gone_before_the_seize(target, new_tracer)
     tracer = new_tracer()
     with pytest.raises(ThreadGone) as gone:
         tracer.thread_pointer(tid)
-    assert str(gone.value) == f"tid {tid}: gone before PTRACE_SEIZE"
+    assert str(gone.value) == f"tid {tid}: gone at PTRACE_SEIZE"
     assert tracer.thread_pointer(target.pid).fs_base == target.fs_base[target.pid]
     tracer.end()
     assert tracer.stops == 1
@@ -313,7 +313,7 @@ def test_a_thread_killed_while_its_stop_is_awaited_is_gone(tmp_path, new_tracer)
         reader.join(HANG_GUARD)
         assert isinstance(taken.get("error"), ThreadGone), taken
         assert str(taken["error"]) in (f"tid {stuck}: exited while being stopped",
-                                       f"tid {stuck}: exited before PTRACE_INTERRUPT")
+                                       f"tid {stuck}: gone at PTRACE_INTERRUPT")
         assert (tracer.stops, tracer.stop_timeouts) == (0, 0)
         [(tid, fs_base)] = list(bystander.fs_base.items())[1:]
         assert tracer.thread_pointer(tid).fs_base == fs_base
@@ -330,7 +330,20 @@ def test_a_thread_not_stopped_by_us_has_no_register_set(target):
     tid = target.workers[0]
     with pytest.raises(ThreadGone) as gone:
         ptrace._read_fs_base(tid)
-    assert str(gone.value) == f"tid {tid}: exited while stopped"
+    assert str(gone.value) == f"tid {tid}: gone at PTRACE_GETREGSET"
+    assert_no_thread_stopped_or_traced(target.pid)
+
+
+def test_a_request_refused_for_another_reason_than_an_exit_is_the_steps_failure(target):
+    """Any errno but ESRCH is the step's failure tag, naming the request and the errno: here
+    PTRACE_SEIZE with an option the kernel does not know (EIO); nothing is attached."""
+    tid = target.workers[0]
+    with pytest.raises(OSError) as refused:
+        ptrace._ptrace(ptrace.PTRACE_SEIZE, tid, 0, 1 << 30)
+    why = ptrace.failure(refused.value, tid, "PTRACE_SEIZE", tags.PTRACE_SEIZE)
+    assert type(why) is ProbeError
+    assert (why.tag, why.message) == (tags.PTRACE_SEIZE, f"tid {tid}: PTRACE_SEIZE: EIO "
+                                                         "(Input/output error)")
     assert_no_thread_stopped_or_traced(target.pid)
 
 

@@ -391,7 +391,7 @@ def test_a_privilege_refusal_is_not_backed_off_and_a_gone_thread_is_an_exit_race
     assert prober.exit_races == 2
     assert caplog.messages == 2 * [
         f"pid {os.getpid()}: ptrace-seize: tid {own.tid}: PTRACE_SEIZE: EPERM (not permitted)",
-        f"pid {os.getpid()}: tid {nothing.tid}: gone before PTRACE_SEIZE"]
+        f"pid {os.getpid()}: tid {nothing.tid}: gone at PTRACE_SEIZE"]
 
 
 @pytest.mark.parametrize("end, ok", [(1 << 64, True), ((1 << 64) + 1, False)])
