@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
+from ..backoff import Skips
 from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_threads,
                                 numbered_entries, parse_maps, read_maps_text, read_process)
 from ..report import tags
@@ -63,8 +64,8 @@ THREAD_RECHECK = 4
 # event of are not listed again, but once in this many snapshots, spread by pid.
 THREAD_RECHECK_HEARD = 32
 # A process whose arena statistics failed (refused, unreadable, over budget) is not read
-# again for 2, 4, ... snapshots, at most this many: a failure it makes on purpose at the end
-# of each read cannot make ctprofd redo the whole read every snapshot.
+# again for 1, 2, 4 ... snapshots, at most this many: a failure it makes on purpose at the
+# end of each read cannot make ctprofd redo the whole read every snapshot.
 ARENA_BACKOFF_MAX = 64
 # A wait for the background resolver that ended with it still busy is not made again for 1,
 # 2, 4 ... snapshots, at most this many (the processes stay pending and are read once what
@@ -127,8 +128,8 @@ class _Tracked:
     # the last arena statistics read, and the threads' counters they were read with
     arena: tuple[tuple[tuple[int, int, int], ...], ArenaTotals] | None = None
     arena_refused: str = ""  # why the last read of its arena statistics was not used
-    arena_failures: int = 0  # consecutive failed reads of its arena statistics
-    arena_skip: int = 0  # snapshots left before they are read again
+    # after failed reads of its arena statistics in a row, the snapshots that do not read them
+    arena_skips: Skips = field(default_factory=lambda: Skips(ARENA_BACKOFF_MAX))
     over_budget: bool = False  # the last read would have passed the budget (warned once)
     image_mark: tuple[int, bytes] | None = None  # AT_RANDOM of the image attached to
     comm: str = ""  # the name it had when attached (for the log)
@@ -257,8 +258,9 @@ class Capturer:
         self._heard: Changes | None = None  # what the events said since the last snapshot
         self.exit_races = 0  # processes that exited while read (threads: prober.exit_races)
         self._now = time.monotonic()  # when the snapshot under way began
-        self._grace_misses = 0  # resolver waits in a row that ended with it still busy
-        self._grace_skip = 0  # snapshots left before the next such wait
+        # after resolver waits in a row that ended with it still busy, the snapshots that
+        # do not wait
+        self._grace_skips = Skips(GRACE_BACKOFF_MAX)
 
     def _listen(self) -> ProcessEvents | None:
         """The kernel's process events, when this /proc is the kernel's own namespace's."""
@@ -495,8 +497,7 @@ class Capturer:
         background = self.attacher.background
         if background is None:
             return False
-        if self._grace_skip:
-            self._grace_skip -= 1
+        if self._grace_skips.skip():
             done = background.wait_idle(0)
         else:
             left = clock + self.settings.resolve_grace - time.monotonic()
@@ -504,10 +505,9 @@ class Capturer:
                 return background.wait_idle(0)
             done = background.wait_idle(left)
             if not done:
-                self._grace_misses += 1
-                self._grace_skip = min(1 << (self._grace_misses - 1), GRACE_BACKOFF_MAX)
+                self._grace_skips.failed()
         if done:
-            self._grace_misses = self._grace_skip = 0
+            self._grace_skips.succeeded()
         return done
 
     def _probe_process(self, process: ProcessInfo, tally: Tally,
@@ -625,8 +625,7 @@ class Capturer:
                 and unchanged(pid, layout, attachment.base, tracked.arena[1],
                               self.prober.read_ranges)):
             return tracked.arena[1]
-        if tracked.arena_skip:
-            tracked.arena_skip -= 1
+        if tracked.arena_skips.skip():
             if tracked.over_budget:
                 tally.fail(tags.ARENA_BUDGET, reason=tracked.arena_refused)
             return None
@@ -637,7 +636,8 @@ class Capturer:
         except ArenaReadError as exc:
             self._arena_failed(pid, tracked, exc, tally)
             return None
-        tracked.arena_refused, tracked.arena_failures, tracked.over_budget = "", 0, False
+        tracked.arena_refused, tracked.over_budget = "", False
+        tracked.arena_skips.succeeded()
         if tracked.fork is not None:
             if tracked.fork.arena_pending:
                 inherit_arena(tracked.fork, totals, tracked.all_totals())
@@ -653,8 +653,7 @@ class Capturer:
         """Fall back to per-thread sums and back off; over the budget, also tally and (the
         first time in a row) warn."""
         tracked.arena = None
-        tracked.arena_failures += 1
-        tracked.arena_skip = min(1 << tracked.arena_failures, ARENA_BACKOFF_MAX) - 1
+        tracked.arena_skips.failed()
         if not isinstance(error, OverBudget):
             log.debug("pid %d: arena statistics: %s", pid, error)
             tracked.arena_refused = f"arena statistics refused: {error}"

@@ -769,7 +769,7 @@ def test_arena_statistics_refused_fall_back_to_thread_sums_and_back_off(
         host: Host, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """Arena statistics that cannot be used (here: more arenas than the bound allows) give
     the per-thread sums with the reason, no failure; they are not read again for 1, then
-    3 passes, and used again at the first read that works."""
+    2 passes, and used again at the first read that works."""
     pid = host.sleeper()
     engine = host.capturer()
     assert sample(engine.capture(), pid).totals_source == ARENA
@@ -797,8 +797,8 @@ def test_arena_statistics_refused_fall_back_to_thread_sums_and_back_off(
         error = process.totals_reason.removeprefix("arena statistics refused: ")
         # said at debug when a read is refused
         assert said == ([f"pid {pid}: arena statistics: {error}"] if n in (0, 2) else []), said
-    # failed at 0 (skip 1), at 2 (skip 3): read again at 6
-    assert sources == [THREADS] * 6 + [ARENA] * 2
+    # failed at 0 (skip 1), at 2 (skip 2): read again at 5
+    assert sources == [THREADS] * 5 + [ARENA] * 3
 
 
 def test_a_layout_without_arena_statistics_says_why_totals_are_thread_sums(host: Host):
@@ -1258,7 +1258,7 @@ def test_arena_statistics_over_budget_are_failed_in_every_pass_and_warned_once_i
         host: Host, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """A read of the arena statistics that would pass its budget (here made 64 bytes: the
     real Budget, smaller) is `arena-budget` with its reason in every pass until a read
-    fits, read again after 1, then 3 passes; warned about at its first failure in a row
+    fits, read again after 1, then 2 passes; warned about at its first failure in a row
     only."""
     real = arena_stats.Budget
     agent = host.agent()
@@ -1270,7 +1270,7 @@ def test_arena_statistics_over_budget_are_failed_in_every_pass_and_warned_once_i
     monkeypatch.setattr(arena_stats, "Budget", small)
     sources, warned = [], []
     for n in range(8):
-        if n == 3:  # after the second failure: the next read (at 6) fits
+        if n == 3:  # after the second failure: the next read (at 5) fits
             monkeypatch.setattr(arena_stats, "Budget", real)
         if n == 7:  # something allocated (a read again), over the budget again
             agent.ask("alloc 100000")
@@ -1292,7 +1292,7 @@ def test_arena_statistics_over_budget_are_failed_in_every_pass_and_warned_once_i
                 agent.pid, tags.ARENA_BUDGET, process.totals_reason)
         else:
             assert snapshot.failures == {} and process.totals_reason == ""
-    assert sources == [THREADS] * 6 + [ARENA] + [THREADS]
+    assert sources == [THREADS] * 5 + [ARENA] * 2 + [THREADS]
     assert warned == [1, 0, 0, 0, 0, 0, 0, 1]
     [record] = caplog.records
     assert record.getMessage() == (
