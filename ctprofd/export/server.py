@@ -32,7 +32,6 @@ import bcrypt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..backoff import backoff
 from .render import CollectError, Exposition, negotiate
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ AUTH_SOURCES = 4096              # addresses whose failures are remembered
 WRITE_CHUNK = 65536              # an answer is written this much at a time (bounded buffers)
 FD_RESERVE = 256                 # descriptors kept for everything but connections
 LISTEN_BACKLOG = 512
-UNTIL_PAUSES = (0.005, 0.2)       # first and longest pause polling what no event tells
 HEALTH_PATH = "/health"
 _AUTH_CACHE_SIZE = 256
 # Checked for unknown users so that a wrong name costs as much as a wrong password.
@@ -696,11 +694,12 @@ async def _hand_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 
 async def _until(condition: Callable[[], bool]) -> None:
-    """Wait until `condition()` holds, checking it at growing intervals (UNTIL_PAUSES): for
+    """Wait until `condition()` holds, checking it at growing intervals (5 ms to 0.2 s): for
     what no event tells (the caller's deadline bounds it)."""
-    pauses = backoff(*UNTIL_PAUSES)
+    pause = 0.005
     while not condition():
-        await asyncio.sleep(next(pauses))
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

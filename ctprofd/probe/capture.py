@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-from ..backoff import Skips
+from .backoff import Skips
 from ..procfs.processes import (ProcessInfo, code_objects_digest, list_pids, list_threads,
                                 numbered_entries, parse_maps, read_maps_text, read_process)
 from ..report import tags

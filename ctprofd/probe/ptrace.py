@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..backoff import backoff
+from .backoff import backoff
 from ..procfs.processes import gone, read_file
 from ..report import tags
 from ..report.tags import ProbeError

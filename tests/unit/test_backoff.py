@@ -1,11 +1,12 @@
-"""The pauses between polls (ctprofd/backoff.py) that the ptrace waits and the HTTP
-endpoint's drain use: they start short, double, and stop growing at the longest."""
+"""Backing off (ctprofd/probe/backoff.py): the pauses between the ptrace waits' polls start
+short, double, and stop growing at the longest; the chances let pass after failures in a
+row (the arena read, the resolver wait) grow 1, 2, 4 ... and start again after a success."""
 
 from __future__ import annotations
 
 from itertools import islice
 
-from ctprofd.backoff import Skips, backoff
+from ctprofd.probe.backoff import Skips, backoff
 
 
 def test_pauses_double_from_the_first_and_stay_at_the_longest():

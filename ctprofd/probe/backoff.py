@@ -1,8 +1,7 @@
-"""Backing off: growing pauses between polls, for what no event tells (a stop, a kernel's
-end of a thread, a socket's queue drained), short at first so what comes at once is seen at
-once, then longer so a long wait costs few wake-ups (the caller's deadline bounds the
-wait); and chances let pass after failures in a row (a snapshot's arena read, its wait for
-the resolver)."""
+"""Backing off: growing pauses between polls, for what no event tells (a stop, the kernel's
+end of a thread), short at first so what comes at once is seen at once, then longer so a
+long wait costs few wake-ups (the caller's deadline bounds the wait); and chances let pass
+after failures in a row (a snapshot's arena read, its wait for the resolver)."""
 
 from __future__ import annotations
 
