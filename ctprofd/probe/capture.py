@@ -37,7 +37,8 @@ from .forks import ForkOrigin, inherit_arena, inherit_thread, is_fork_child, wit
 from .ptrace import Tracer
 from .quiet import KERNEL_THREAD, NOT_JEMALLOC, REFUSED, UNSELECTED, QuietProcesses
 from .retained import RetainedStore, Saved
-from .threads import ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark, same_image
+from .threads import (ImageChanged, ProcessState, ThreadProber, ThreadState, image_mark,
+                      memory_pid, same_image)
 
 log = logging.getLogger(__name__)
 DENIED = frozenset({errno.EACCES, errno.EPERM})  # not ENOENT: kernel threads, exit races
@@ -565,7 +566,9 @@ class Capturer:
                 threads, listed = self._read_threads(process, tracked, tally, cancel)
             if tracked.fork is not None and tracked.fork.threads_pending:
                 threads = self._inherit_thread(process, tracked, threads)
-            arena = self._arena_totals(process.pid, tracked, listed, threads, tally)
+            assert isinstance(tracked.result, ProcessState)  # read: attached
+            arena = self._arena_totals(memory_pid(process.pid, tracked.result.listed_threads),
+                                       tracked, listed, threads, tally)
         except Pending:  # its binary is being resolved in the background
             tally.pending += 1
             return None

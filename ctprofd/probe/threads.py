@@ -55,6 +55,14 @@ def same_image(pid: int, mark: tuple[int, bytes] | None) -> bool:
     return mark is not None and memory.read_range(pid, mark[0], len(mark[1])) == mark[1]
 
 
+def memory_pid(pid: int, threads: list[ThreadInfo]) -> int:
+    """The id that names a process's address space for process_vm_readv: its pid, or, once
+    its leader has exited (a zombie, whose pid no longer does), a live listed thread's tid."""
+    if threads and pid not in {t.tid for t in threads}:
+        return threads[0].tid
+    return pid
+
+
 @dataclass
 class ThreadState:
     """What is known about one thread (tid + start time) across snapshots."""
@@ -131,10 +139,7 @@ class ThreadProber:
         thread it no longer lists after the read is left out, as one that exited before
         being listed would be."""
         listed = {t.tid: t for t in threads}
-        if pid not in listed and threads:
-            # the leader has exited and is a zombie: its pid no longer names the address
-            # space for process_vm_readv, any live thread's tid does
-            pid = threads[0].tid
+        pid = memory_pid(pid, threads)
         for tid in [tid for tid, s in state.threads.items()
                     if tid not in listed or listed[tid].start_time != s.start_time]:
             state.retire(tid)

@@ -3,7 +3,7 @@ directory of links to /proc/PID of only what the test started, so that no other 
 the host (another ctprofd, other tests) changes what a pass counts; the agent, a small
 Python program allocating on command with Debian's jemalloc preloaded; the layout of that
 jemalloc resolved once per module into shared cache directories. Tests import the
-`layouts` and `host` fixtures from here."""
+`layouts`, `host` and `heard` fixtures from here."""
 
 from __future__ import annotations
 
@@ -254,6 +254,22 @@ def host(tmp_path: Path, layouts: dict[str, str]) -> Iterator[Host]:
         yield host
     finally:
         host.close()
+
+
+@pytest.fixture
+def heard(host: Host) -> Callable[..., Capturer]:
+    """A Capturer of the real /proc that hears the kernel's process events, selecting only
+    the test's own processes (those linked in `host`)."""
+    def make(**settings: object) -> Capturer:
+        ours = host.root
+        engine = Capturer(CaptureSettings(
+            debug_dirs=(), cache_dir=host.layouts["cache"], process_events=True,
+            select=lambda p: (ours / str(p.pid)).is_symlink(),
+            **settings))  # type: ignore[arg-type]
+        host.engines.append(patient(engine))
+        assert engine._events is not None, "no process events on this host"
+        return engine
+    return make
 
 
 def sample(snapshot: Snapshot, pid: int) -> ProcessSample:

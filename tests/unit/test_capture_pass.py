@@ -27,7 +27,7 @@ from ctprofd.resolve import offsets_file
 from ctprofd.resolve.parse_worker import WorkerLimits
 from support.cgroups import in_unit, unique_unit
 from support.capture_host import (JEMALLOC, PYTHON, Agent, Host, between, counts,  # noqa: F401
-                                  host, layouts, patient, sample, totals, within)
+                                  heard, host, layouts, sample, totals, within)
 
 from support.procs import Spawned, is_dead, wait_until
 
@@ -570,22 +570,6 @@ def test_a_fork_child_reports_only_what_it_allocated_after_the_fork(host: Host):
 
 
 # --- the kernel's process events ---------------------------------------------------------
-
-@pytest.fixture
-def heard(host: Host) -> Callable[..., Capturer]:
-    """A Capturer of the real /proc that hears the kernel's process events, selecting only
-    the test's own processes (those linked in `host`)."""
-    def make(**settings: object) -> Capturer:
-        ours = host.root
-        engine = Capturer(CaptureSettings(
-            debug_dirs=(), cache_dir=host.layouts["cache"], process_events=True,
-            select=lambda p: (ours / str(p.pid)).is_symlink(),
-            **settings))  # type: ignore[arg-type]
-        host.engines.append(patient(engine))
-        assert engine._events is not None, "no process events on this host"
-        return engine
-    return make
-
 
 def test_while_events_are_heard_new_and_ended_threads_an_exec_and_a_new_owner_show(
         host: Host, heard: Callable[..., Capturer]):
