@@ -577,7 +577,7 @@ class Capturer:
             raise
         except (OSError, ImageChanged) as exc:  # it exited (or exec'ed again) meanwhile
             tally.fail(tags.PID_MISSING if attached else tags.READLINK_FAILURE,
-                       reason=f"exited while probed: {exc}")
+                       reason=f"gone while probed: {exc}")
             raise
         except Exception as exc:  # warned about by _probe_process unless it exited
             tally.fail(tags.WORKER_PANIC, reason=f"unexpected {type(exc).__name__}: {exc}")
