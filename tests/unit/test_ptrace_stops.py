@@ -347,6 +347,39 @@ def test_a_request_refused_for_another_reason_than_an_exit_is_the_steps_failure(
     assert_no_thread_stopped_or_traced(target.pid)
 
 
+def test_an_errno_without_a_name_is_still_the_steps_failure_with_its_text():
+    """An errno Python has no name for is said as `?`, with the kernel's text."""
+    why = ptrace.failure(OSError(4000, "Unknown error 4000"), 12, "PTRACE_INTERRUPT",
+                         tags.PTRACE_INTERRUPT)
+    assert type(why) is ProbeError
+    assert (why.tag, why.message) == (tags.PTRACE_INTERRUPT, "tid 12: PTRACE_INTERRUPT: ? "
+                                                             "(Unknown error 4000)")
+
+
+def test_a_tracer_that_lets_go_before_its_refusal_is_looked_at_is_seized_again(
+        target, holders, new_tracer, monkeypatch):
+    """The kernel refused the seize because another tracer held the thread, which let go
+    before the refusal was looked at (the status says no tracer): the seize is tried once
+    more, and the thread read, rather than failed as a privilege refusal."""
+    held = target.workers[0]
+    holder = holders("gdb", held)
+    looked: list[int] = []
+    real = ptrace.refusal
+
+    def tracer_gone_first(tid: int, proc_root: str = "/proc") -> ProbeError | ThreadGone:
+        if not looked:
+            let_go(holder)  # exited: the kernel detached the thread as the holder ended
+        looked.append(tid)
+        return real(tid, proc_root)
+
+    monkeypatch.setattr(ptrace, "refusal", tracer_gone_first)
+    tracer = new_tracer()
+    assert tracer.thread_pointer(held).fs_base == target.fs_base[held]
+    assert looked == [held]
+    tracer.end()
+    assert_no_thread_stopped_or_traced(target.pid)
+
+
 def test_raw_ptrace_errors_carry_their_errno():
     """The raw call raises OSError with the call's errno and its text."""
     with pytest.raises(OSError) as failed:
