@@ -10,23 +10,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ctprofd.probe import arena_stats, capture
-from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSettings
+from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer
 from ctprofd.procfs.processes import ProcessInfo
 from ctprofd.report import tags
 from ctprofd.report.snapshot import ProcessSample
-from support.capture_host import (JEMALLOC, PYTHON, Agent, Host, between, host,  # noqa: F401
-                                  layouts, patient, sample, totals, within)
-from support.procs import Spawned, wait_until
+from support.capture_host import (FORK_BELOW, JEMALLOC, PYTHON, Agent, Host,  # noqa: F401
+                                  between, heard, host, layouts, sample, totals, within)
+from support.procs import Spawned, assert_no_thread_stopped_or_traced, wait_until
 
 # --- a small C program -------------------------------------------------------------------
 
@@ -62,22 +63,7 @@ static void two_threads(void) {
     if (pthread_create(&thread, NULL, worker, NULL) || read(ready[0], &x, 1) != 1) _exit(1);
 }
 
-/* A fork (clone3 with set_tid) under the highest free pid below this one, as after a pid
-   wrap; -1 when none is free. */
-static long fork_below(void) {
-    long child = -1;
-    for (pid_t want = getpid() - 1; want > 300 && child < 0; want--) {
-        struct clone_args args;
-        memset(&args, 0, sizeof args);
-        args.exit_signal = SIGCHLD;
-        args.set_tid = (uintptr_t)&want;
-        args.set_tid_size = 1;
-        child = syscall(SYS_clone3, &args, sizeof args);
-        if (child < 0 && errno != EEXIST) return -1;
-    }
-    return child;
-}
-
+""" + FORK_BELOW + r"""
 static void say(long pid) {  /* no stdio buffer: nothing allocated */
     char line[32];
     int n = snprintf(line, sizeof line, "%ld\n", pid);
@@ -208,22 +194,6 @@ def stops_until_cancel(engine: Capturer, of: set[int], cancel: threading.Event) 
 
 
 # --- which passes read a process again ----------------------------------------------------
-
-@pytest.fixture
-def heard(host: Host) -> Iterator[Callable[..., Capturer]]:
-    """A Capturer of the real /proc that hears the kernel's process events, selecting only
-    the test's own processes (those linked in `host`)."""
-    def make(**settings: object) -> Capturer:
-        ours = host.root
-        engine = Capturer(CaptureSettings(
-            debug_dirs=(), cache_dir=host.layouts["cache"], process_events=True,
-            select=lambda p: (ours / str(p.pid)).is_symlink(),
-            **settings))  # type: ignore[arg-type]
-        host.engines.append(patient(engine))
-        assert engine._events is not None, "no process events on this host"
-        return engine
-    yield make
-
 
 PASSES = 2 * NOT_JEMALLOC_RECHECK + 1
 
@@ -359,19 +329,43 @@ def test_a_thread_whose_stop_does_not_come_is_counted_left_out(host: Host, progr
 
 # --- cancelled passes and fork children listed before their parents -------------------------
 
+def orphan_sleeper(host: Host) -> int:
+    """A `sleep` with jemalloc whose parent exited at once: reparented, its parent's pid is
+    below its own (unlike a child of the test process once pids wrapped), so the walk reads
+    it in its turn, never held back for a parent. The caller kills it."""
+    started = subprocess.run(["sh", "-c", f"LD_PRELOAD={JEMALLOC} sleep 600 "
+                              ">/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+    pid = host.add(int(started.stdout))
+    host.traced.append(pid)
+    wait_until(lambda: Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("230", "35"),
+               "sleep asleep")
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid < pid, f"reparented to {ppid}, a subreaper above {pid}"
+    return pid
+
+
 def test_a_pass_cancelled_midway_keeps_what_it_read_before(host: Host):
-    """A cancel that comes while the second of two processes is looked at: the first,
-    read before it, is in the snapshot with its thread."""
-    first, second = sorted([host.sleeper(), host.sleeper()])
-    cancel = threading.Event()
+    """A cancel that comes while the second of two processes is looked at in the walk: the
+    first, read before it, is in the snapshot with its thread."""
+    orphans: list[int] = []
+    try:
+        orphans = [orphan_sleeper(host), orphan_sleeper(host)]
+        first, second = sorted(orphans)
+        cancel = threading.Event()
 
-    def select(process: ProcessInfo) -> bool:
-        if process.pid == second:
-            cancel.set()
-        return True
+        def select(process: ProcessInfo) -> bool:
+            if process.pid == second:
+                cancel.set()
+            return True
 
-    snapshot = host.capturer(select=select).capture(cancel=cancel)
-    assert [t.tid for t in sample(snapshot, first).threads] == [first]
+        snapshot = host.capturer(select=select).capture(cancel=cancel)
+        assert [t.tid for t in sample(snapshot, first).threads] == [first]
+        for pid in orphans:
+            assert_no_thread_stopped_or_traced(pid)
+    finally:
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_pass_cancelled_after_the_walk_reaches_no_held_back_child_and_writes_no_state(
