@@ -103,6 +103,27 @@ for line in sys.stdin:
 """
 
 
+# C: a fork under a lower pid (needs <errno.h>, <linux/sched.h>, <signal.h>, <stdint.h>,
+# <string.h>, <sys/syscall.h>, <unistd.h>)
+FORK_BELOW = r"""
+/* A fork (clone3 with set_tid) under the highest free pid below this process's own, as
+   after a pid wrap; -1 when none is free. */
+static long fork_below(void) {
+    long child = -1;
+    for (pid_t want = getpid() - 1; want > 300 && child < 0; want--) {
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.exit_signal = SIGCHLD;
+        args.set_tid = (uintptr_t)&want;
+        args.set_tid_size = 1;
+        child = syscall(SYS_clone3, &args, sizeof args);
+        if (child < 0 && errno != EEXIST) return -1;
+    }
+    return child;
+}
+"""
+
+
 @dataclasses.dataclass
 class Agent:
     """One running agent (or whatever it exec'ed)."""

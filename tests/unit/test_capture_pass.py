@@ -26,8 +26,9 @@ from ctprofd.report.snapshot import ARENA, THREADS, ProcessSample
 from ctprofd.resolve import offsets_file
 from ctprofd.resolve.parse_worker import WorkerLimits
 from support.cgroups import in_unit, unique_unit
-from support.capture_host import (JEMALLOC, PYTHON, Agent, Host, between, counts,  # noqa: F401
-                                  heard, host, layouts, sample, totals, within)
+from support.capture_host import (FORK_BELOW, JEMALLOC, PYTHON, Agent, Host,  # noqa: F401
+                                  between, counts, heard, host, layouts, sample, totals,
+                                  within)
 
 from support.procs import Spawned, is_dead, wait_until
 
@@ -784,22 +785,7 @@ LOW_CHILD = r"""
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* A fork (clone3 with set_tid) under the highest free pid below this process's own, as
-   after a pid wrap; -1 when none is free. */
-static long fork_below(void) {
-    long child = -1;
-    for (pid_t want = getpid() - 1; want > 300 && child < 0; want--) {
-        struct clone_args args;
-        memset(&args, 0, sizeof args);
-        args.exit_signal = SIGCHLD;
-        args.set_tid = (uintptr_t)&want;
-        args.set_tid_size = 1;
-        child = syscall(SYS_clone3, &args, sizeof args);
-        if (child < 0 && errno != EEXIST) return -1;
-    }
-    return child;
-}
-
+""" + FORK_BELOW + r"""
 /* A fork under the pid the kernel gives next (above this one's but after a wrap). */
 static long fork_any(void) {
     struct clone_args args;

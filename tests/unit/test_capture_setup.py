@@ -7,7 +7,6 @@ preloaded, a real debuginfod-protocol server on loopback, real ptrace."""
 from __future__ import annotations
 
 import ctypes
-import http.server
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from ctprofd.report import tags
 from ctprofd.report.summary import REFUSED_DESPITE_PRIVILEGE_HINT
 from ctprofd.resolve.parse_worker import WorkerLimits
 from support.capture_host import JEMALLOC, Host, host, layouts  # noqa: F401
+from support.debuginfod_server import DebuginfodServer
 from support.procs import Spawned, is_dead, wait_until
 
 JEMALLOC_BUILD_ID = "1d5163c246dc9cd2b4d339f2ac42efd95c6e0ae1"  # Debian 12's libjemalloc2
@@ -33,37 +33,6 @@ WAIT = 60.0  # a hang guard, never a timing claim
 
 
 # --- debuginfod and the debug search --------------------------------------------------------
-
-class Debuginfod:
-    """A debuginfod-protocol server on loopback serving `body` as the debug file of every
-    build-id; `asked` lists the paths requested."""
-
-    def __init__(self, body: bytes) -> None:
-        self.asked: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.asked.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_port}"
-        self.thread = threading.Thread(target=self.http.serve_forever, args=(0.01,),
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
-
 
 def resolving_jemalloc(host: Host, tmp_path: Path, **settings: object) -> tuple[Capturer, Path]:
     """A Capturer whose cache knows every object of a `sleep` with jemalloc but jemalloc
@@ -89,7 +58,8 @@ def test_the_debuginfod_servers_named_are_asked_and_downloads_kept_in_a_writable
     Capturer may write there, elsewhere when not. Here the server sends no ELF file: the
     offsets come from jemalloc's machine code, and the process is read all the same."""
     served = b"not an ELF file"
-    server = Debuginfod(served)
+    server = DebuginfodServer()
+    server.files[JEMALLOC_BUILD_ID] = served
     try:
         monkeypatch.delenv("DEBUGINFOD_URLS", raising=False)
         settings: dict[str, object] = {}
@@ -128,7 +98,8 @@ def test_a_debug_file_larger_than_the_parsers_bound_is_not_opened(
     """`parser.max_file_bytes` bounds the debug files the search opens too: a download one
     byte over it is refused for its size (jemalloc itself, under it, is read)."""
     bound = os.path.getsize(JEMALLOC) + 4096
-    server = Debuginfod(b"x" * (bound + 1))
+    server = DebuginfodServer()
+    server.files[JEMALLOC_BUILD_ID] = b"x" * (bound + 1)
     try:
         monkeypatch.delenv("DEBUGINFOD_URLS", raising=False)
         pid = host.sleeper()

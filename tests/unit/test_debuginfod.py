@@ -7,7 +7,6 @@ for every build-id; and what `why_not` says of each."""
 
 from __future__ import annotations
 
-import http.server
 import logging
 import os
 import socket
@@ -19,74 +18,17 @@ from pathlib import Path
 import pytest
 
 from ctprofd.resolve.debuginfod import DebuginfodClient, describe_error, urls_from_environment
+from support.debuginfod_server import DebuginfodServer
 
 BUILD_ID = "ab" * 20
 OTHER_ID = "cd" * 20
 WAIT = 30.0  # a hang guard, never a timing claim
 
 
-class Server:
-    """A debuginfod-protocol server on loopback: `files` by build-id are served, `codes` by
-    build-id answered with that status, any other build-id 404; `hold` build-ids get
-    half their file and then wait for `release`; `endless` build-ids get bytes until the
-    client hangs up. `asked` lists the paths requested."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.codes: dict[str, int] = {}
-        self.hold: set[str] = set()
-        self.endless: set[str] = set()
-        self.release = threading.Event()
-        self.asked: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.asked.append(self.path)
-                parts = self.path.split("/")
-                build_id = parts[2] if len(parts) == 4 and parts[3] == "debuginfo" else ""
-                if build_id in server.endless:
-                    self.send_response(200)
-                    self.end_headers()
-                    try:
-                        while True:
-                            self.wfile.write(b"e" * 65536)
-                    except OSError:
-                        return
-                body = server.files.get(build_id)
-                code = server.codes.get(build_id, 200 if body is not None else 404)
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                if build_id in server.hold:
-                    half = len(body) // 2
-                    self.wfile.write(body[:half])
-                    self.wfile.flush()
-                    server.release.wait(WAIT)
-                    self.wfile.write(body[half:])
-                else:
-                    self.wfile.write(body or b"")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_port}"
-        self.thread = threading.Thread(target=self.http.serve_forever, args=(0.01,),
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.http.shutdown()
-        self.http.server_close()
-
-
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
+def servers() -> Iterator[list[DebuginfodServer]]:
     """Two servers."""
-    running = [Server(), Server()]
+    running = [DebuginfodServer(), DebuginfodServer()]
     yield running
     for server in running:
         server.close()
@@ -124,7 +66,7 @@ def test_the_defaults_five_seconds_a_gibibyte_and_five_minutes_between_asks(tmp_
     assert (client.timeout, client.max_bytes, client.failure_ttl) == (5.0, 1 << 30, 300.0)
 
 
-def test_a_debug_file_is_downloaded_once_beside_no_part_file(servers: list[Server],
+def test_a_debug_file_is_downloaded_once_beside_no_part_file(servers: list[DebuginfodServer],
                                                               tmp_path: Path):
     server = servers[0]
     server.files[BUILD_ID] = b"debug info"
@@ -139,7 +81,7 @@ def test_a_debug_file_is_downloaded_once_beside_no_part_file(servers: list[Serve
 
 
 def test_the_bytes_go_to_a_hidden_part_file_beside_the_target_until_whole(
-        servers: list[Server], tmp_path: Path):
+        servers: list[DebuginfodServer], tmp_path: Path):
     server = servers[0]
     server.files[BUILD_ID] = b"0123456789" * 100
     server.hold.add(BUILD_ID)
@@ -164,7 +106,7 @@ def test_the_bytes_go_to_a_hidden_part_file_beside_the_target_until_whole(
 
 
 def test_without_a_cache_dir_downloads_go_to_a_temporary_directory_close_removes(
-        servers: list[Server]):
+        servers: list[DebuginfodServer]):
     server = servers[0]
     server.files[BUILD_ID] = b"x"
     client = DebuginfodClient((server.url,), None)
@@ -183,7 +125,7 @@ def test_without_a_cache_dir_downloads_go_to_a_temporary_directory_close_removes
     assert not Path(again[0]).exists()
 
 
-def test_a_download_directory_that_cannot_be_made_is_said(servers: list[Server], tmp_path: Path,
+def test_a_download_directory_that_cannot_be_made_is_said(servers: list[DebuginfodServer], tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture):
     (tmp_path / "file").write_text("")
     client = DebuginfodClient((servers[0].url,), str(tmp_path / "file"))
@@ -194,7 +136,7 @@ def test_a_download_directory_that_cannot_be_made_is_said(servers: list[Server],
     assert servers[0].asked == []
 
 
-def test_no_servers_or_an_implausible_build_id_asks_nothing(servers: list[Server],
+def test_no_servers_or_an_implausible_build_id_asks_nothing(servers: list[DebuginfodServer],
                                                              tmp_path: Path):
     server = servers[0]
     assert DebuginfodClient((), str(tmp_path)).fetch(BUILD_ID) is None
@@ -208,7 +150,7 @@ def test_no_servers_or_an_implausible_build_id_asks_nothing(servers: list[Server
 
 
 def test_a_build_id_a_server_lacks_is_not_asked_of_it_again_but_others_are(
-        servers: list[Server], tmp_path: Path):
+        servers: list[DebuginfodServer], tmp_path: Path):
     first, second = servers
     second.files[OTHER_ID] = b"other"
     client = DebuginfodClient((first.url, second.url), str(tmp_path))
@@ -221,7 +163,7 @@ def test_a_build_id_a_server_lacks_is_not_asked_of_it_again_but_others_are(
     assert second.asked == [f"/buildid/{BUILD_ID}/debuginfo", f"/buildid/{OTHER_ID}/debuginfo"]
 
 
-def test_an_error_status_is_said_with_its_code(servers: list[Server], tmp_path: Path,
+def test_an_error_status_is_said_with_its_code(servers: list[DebuginfodServer], tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture):
     server = servers[0]
     server.codes[BUILD_ID] = 500
@@ -234,7 +176,7 @@ def test_an_error_status_is_said_with_its_code(servers: list[Server], tmp_path: 
     assert client.why_not(OTHER_ID) == f"debuginfod: not asked: {server.url}"
 
 
-def test_a_remembered_failure_is_forgotten_after_its_time(servers: list[Server],
+def test_a_remembered_failure_is_forgotten_after_its_time(servers: list[DebuginfodServer],
                                                           tmp_path: Path, refused_url: str):
     server = servers[0]
     client = DebuginfodClient((refused_url, server.url), str(tmp_path), failure_ttl=0.0)
@@ -245,7 +187,7 @@ def test_a_remembered_failure_is_forgotten_after_its_time(servers: list[Server],
 
 
 def test_a_server_down_is_not_asked_again_for_any_build_id_and_the_next_one_is(
-        servers: list[Server], tmp_path: Path, refused_url: str,
+        servers: list[DebuginfodServer], tmp_path: Path, refused_url: str,
         caplog: pytest.LogCaptureFixture):
     server = servers[0]
     server.files[OTHER_ID] = b"other"
@@ -274,7 +216,7 @@ def test_a_server_that_does_not_answer_times_out(silent_url: str, tmp_path: Path
     (100, 100, True), (101, 100, False),
     ((1 << 20) + 11, (1 << 20) + 10, False),  # over the cap in its second chunk
     ((1 << 20) + 10, (1 << 20) + 10, True)])
-def test_the_size_cap_from_its_last_byte_taken(servers: list[Server], tmp_path: Path,
+def test_the_size_cap_from_its_last_byte_taken(servers: list[DebuginfodServer], tmp_path: Path,
                                                size: int, cap: int, taken: bool):
     server = servers[0]
     server.files[BUILD_ID] = b"d" * size
@@ -288,7 +230,7 @@ def test_the_size_cap_from_its_last_byte_taken(servers: list[Server], tmp_path: 
         assert downloads(tmp_path) == []
 
 
-def test_an_endless_body_is_cut_off_at_the_cap(servers: list[Server], tmp_path: Path):
+def test_an_endless_body_is_cut_off_at_the_cap(servers: list[DebuginfodServer], tmp_path: Path):
     server = servers[0]
     server.endless.add(BUILD_ID)
     client = DebuginfodClient((server.url,), str(tmp_path), max_bytes=1 << 20)
