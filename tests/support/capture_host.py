@@ -293,6 +293,30 @@ def heard(host: Host) -> Callable[..., Capturer]:
     return make
 
 
+def written_in_a_child(work: Callable[[int], None]) -> bytes:
+    """What `work(fd)`, run in a forked child of the test process, wrote to `fd` (for what
+    must not change the test process itself: its uid, its namespaces); the child must end
+    with status 0 (an exception in it is written to stderr)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.close(read)
+            work(write)
+            status = 0
+        except BaseException as exc:
+            os.write(2, repr(exc).encode())
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return data
+
+
 def sample(snapshot: Snapshot, pid: int) -> ProcessSample:
     [found] = [p for p in snapshot.processes if p.pid == pid]
     return found

@@ -28,7 +28,7 @@ from ctprofd.resolve.parse_worker import WorkerLimits
 from support.cgroups import in_unit, unique_unit
 from support.capture_host import (FORK_BELOW, JEMALLOC, PYTHON, Agent, Host,  # noqa: F401
                                   between, counts, heard, host, layouts, sample, totals,
-                                  within)
+                                  within, written_in_a_child)
 
 from support.procs import Spawned, is_dead, wait_until
 
@@ -258,24 +258,7 @@ def test_processes_whose_exe_is_refused_are_denied_in_every_pass_and_warned_abou
 
 def _denied_passes(root: Path) -> dict:
     """What `_capture_as_nobody` wrote, run in a forked child."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        status = 1
-        try:
-            os.close(read)
-            _capture_as_nobody(str(root), write)
-            status = 0
-        except BaseException as exc:
-            os.write(2, repr(exc).encode())
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(data)
+    return json.loads(written_in_a_child(lambda fd: _capture_as_nobody(str(root), fd)))
 
 
 # --- exec -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from ctprofd.probe.capture import NOT_JEMALLOC_RECHECK, Capturer, CaptureSetting
 from ctprofd.report import tags
 from ctprofd.report.summary import REFUSED_DESPITE_PRIVILEGE_HINT
 from ctprofd.resolve.parse_worker import WorkerLimits
-from support.capture_host import JEMALLOC, Host, host, layouts  # noqa: F401
+from support.capture_host import (JEMALLOC, Host, host, layouts,  # noqa: F401
+                                  written_in_a_child)
 from support.debuginfod_server import DebuginfodServer
 from support.procs import Spawned, is_dead, wait_until
 
@@ -331,23 +332,7 @@ def test_processes_refused_despite_the_privilege_are_warned_about_once_with_what
     sleeper = Spawned(["sleep", "600"], user=65534)
     host.spawned.append(sleeper)
     host.add(sleeper.pid)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        status = 1
-        try:
-            os.close(read)
-            _capture_in_a_user_namespace(str(host.root), write)
-            status = 0
-        except BaseException as exc:
-            os.write(2, repr(exc).encode())
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    data = written_in_a_child(lambda fd: _capture_in_a_user_namespace(str(host.root), fd))
     passes = json.loads(data)
     assert [denied for denied, _ in passes] == [1, 1, 1]
     assert [len(warned) for _, warned in passes] == [1, 0, 0]
