@@ -165,7 +165,9 @@ def test_a_jemalloc_process_that_became_a_zombie_is_an_exit_race_in_every_pass(h
     engine = host.capturer()
     assert sorted(p.pid for p in engine.capture().processes) == sorted([agent.pid, child])
     os.kill(child, signal.SIGKILL)
-    wait_until(lambda: is_dead(child), "the child a zombie")
+    # the whole group gone, not only its leader: a thread still exiting would be read
+    wait_until(lambda: is_dead(child) and os.listdir(f"/proc/{child}/task") == [str(child)],
+               "the child a zombie, its other thread gone")
     for n in range(1, NOT_JEMALLOC_RECHECK + 2):
         snapshot = engine.capture()
         assert [p.pid for p in snapshot.processes] == [agent.pid]
